@@ -1,0 +1,148 @@
+//! Decompression of compressed clusters (spec: "Compressed Clusters Descriptor").
+//!
+//! A compressed cluster must decompress to exactly one cluster, as QEMU requires; the input
+//! may carry trailing bytes (the rest of its last 512-byte sector), which are ignored.
+
+use crate::error::{Error, Result};
+use crate::header::CompressionType;
+
+/// Decompress `input` into `out`, which must be filled exactly.
+/// Returns the decoder's complaint on failure; the caller adds where.
+pub(crate) fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), String> {
+    match kind {
+        CompressionType::Zlib => inflate(input, out),
+        CompressionType::Zstd => unzstd(input, out),
+    }
+}
+
+/// Whether this build can decompress `kind`; the error names the cargo feature.
+pub(crate) fn check_available(kind: CompressionType) -> Result<()> {
+    match kind {
+        CompressionType::Zlib if !cfg!(feature = "zlib") => {
+            Err(Error::FeatureDisabled { feature: "zlib" })
+        }
+        CompressionType::Zstd if !cfg!(feature = "zstd") => {
+            Err(Error::FeatureDisabled { feature: "zstd" })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(feature = "zlib")]
+fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    use flate2::{Decompress, FlushDecompress, Status};
+    // Raw deflate, no zlib header: QEMU compresses with windowBits -12.
+    let mut d = Decompress::new(false);
+    let status = d
+        .decompress(input, out, FlushDecompress::Finish)
+        .map_err(|e| e.to_string())?;
+    let filled = d.total_out() == out.len() as u64;
+    match status {
+        Status::StreamEnd | Status::BufError | Status::Ok if filled => Ok(()),
+        _ => Err(format!(
+            "deflate stream gave {} of {} bytes",
+            d.total_out(),
+            out.len()
+        )),
+    }
+}
+
+#[cfg(not(feature = "zlib"))]
+fn inflate(_input: &[u8], _out: &mut [u8]) -> Result<(), String> {
+    Err("built without the `zlib` feature".to_owned())
+}
+
+#[cfg(feature = "zstd")]
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let mut decoder = Decoder::new().map_err(|e| e.to_string())?;
+    let mut inb = InBuffer::around(input);
+    let mut outb = OutBuffer::around(out);
+    // Streaming, as QEMU does: the frame is followed by sector padding that a one-shot
+    // decoder would try to parse as another frame.
+    let mut remaining_hint = 1;
+    while outb.pos() < outb.capacity() {
+        let (in_before, out_before) = (inb.pos(), outb.pos());
+        remaining_hint = decoder
+            .run(&mut inb, &mut outb)
+            .map_err(|e| e.to_string())?;
+        if remaining_hint == 0 {
+            break;
+        }
+        if inb.pos() == in_before && outb.pos() == out_before {
+            return Err("zstd stream ended early".to_owned());
+        }
+    }
+    if outb.pos() != outb.capacity() {
+        return Err(format!(
+            "zstd frame gave {} of {} bytes",
+            outb.pos(),
+            outb.capacity()
+        ));
+    }
+    if remaining_hint != 0 {
+        // The output is full; the frame must end here too (QEMU: "frame fully flushed").
+        let mut probe = [0u8; 1];
+        let mut probe_out = OutBuffer::around(&mut probe[..]);
+        let hint = decoder
+            .run(&mut inb, &mut probe_out)
+            .map_err(|e| e.to_string())?;
+        if hint != 0 || probe_out.pos() != 0 {
+            return Err("zstd frame is longer than a cluster".to_owned());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "zstd"))]
+fn unzstd(_input: &[u8], _out: &mut [u8]) -> Result<(), String> {
+    Err("built without the `zstd` feature".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "zlib")]
+    #[test]
+    fn raw_deflate_round_trip_with_trailing_garbage() {
+        use flate2::{write::DeflateEncoder, Compression};
+        use std::io::Write;
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let mut enc = DeflateEncoder::new(Vec::new(), Compression::default());
+        enc.write_all(&data).unwrap();
+        let mut compressed = enc.finish().unwrap();
+        compressed.extend([0xAA; 300]); // sector padding
+        let mut out = vec![0; 4096];
+        decompress(CompressionType::Zlib, &compressed, &mut out).unwrap();
+        assert_eq!(out, data);
+        let mut too_big = vec![0; 8192];
+        assert!(decompress(CompressionType::Zlib, &compressed, &mut too_big).is_err());
+        assert!(decompress(CompressionType::Zlib, &[0xff; 64], &mut out).is_err());
+    }
+
+    #[cfg(feature = "zstd")]
+    #[test]
+    fn zstd_round_trip_with_trailing_garbage() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
+        let mut compressed = zstd::bulk::compress(&data, 3).unwrap();
+        compressed.extend([0x55; 200]);
+        let mut out = vec![0; 65536];
+        decompress(CompressionType::Zstd, &compressed, &mut out).unwrap();
+        assert_eq!(out, data);
+        let mut short = vec![0; 1000];
+        assert!(decompress(CompressionType::Zstd, &compressed, &mut short).is_err());
+        let mut long = vec![0; 70000];
+        assert!(decompress(CompressionType::Zstd, &compressed, &mut long).is_err());
+        assert!(decompress(
+            CompressionType::Zstd,
+            &[0x28, 0xb5, 0x2f, 0xfd, 1, 2],
+            &mut out
+        )
+        .is_err());
+    }
+}

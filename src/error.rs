@@ -1,0 +1,216 @@
+//! The crate's error type.
+
+use std::io;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which kind of feature bit a [`Error::UnsupportedFeature`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FeatureKind {
+    /// Incompatible features (header bytes 72-79): a reader that does not know one must refuse.
+    Incompatible,
+    /// Compatible features (header bytes 80-87): safe to ignore.
+    Compatible,
+    /// Autoclear features (header bytes 88-95): cleared by writers that do not know them.
+    Autoclear,
+}
+
+impl std::fmt::Display for FeatureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FeatureKind::Incompatible => "incompatible",
+            FeatureKind::Compatible => "compatible",
+            FeatureKind::Autoclear => "autoclear",
+        })
+    }
+}
+
+/// Everything that can go wrong while opening or reading an image.
+///
+/// Variants fall in four groups a program can tell apart: the input is not qcow2
+/// ([`Error::NotQcow2`]), it uses something this crate does not read
+/// ([`Error::UnsupportedVersion`], [`Error::UnsupportedFeature`], [`Error::Encrypted`],
+/// [`Error::FeatureDisabled`]), it is malformed ([`Error::Malformed`] and the variants that
+/// carry a file offset), it needs a file the caller did not supply or allow
+/// ([`Error::BackingMissing`], [`Error::DataFileMissing`], [`Error::FileRefused`]), or the
+/// underlying I/O failed ([`Error::Io`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The first four bytes are not `QFI\xfb`.
+    #[error("not a qcow2 image (magic {found:#010x}, expected 0x514649fb)")]
+    NotQcow2 {
+        /// The magic number found at offset 0.
+        found: u32,
+    },
+
+    /// The header's version is neither 2 nor 3.
+    #[error("unsupported qcow2 version {version} (only versions 2 and 3 exist)")]
+    UnsupportedVersion {
+        /// The version field, header bytes 4-7.
+        version: u32,
+    },
+
+    /// The image sets a feature bit this crate does not handle.
+    #[error("unsupported qcow2 {kind} feature: bit {bit} ({name})")]
+    UnsupportedFeature {
+        /// Which feature field the bit is in.
+        kind: FeatureKind,
+        /// The bit number.
+        bit: u8,
+        /// The name from the image's feature-name table, or the spec's name, or `unknown`.
+        name: String,
+    },
+
+    /// The image is encrypted; this crate does not decrypt.
+    #[error("encrypted images are not supported (crypt_method {method}: {name})")]
+    Encrypted {
+        /// The header's `crypt_method` (1 = AES, 2 = LUKS).
+        method: u32,
+        /// The method's name.
+        name: &'static str,
+    },
+
+    /// The image has the corrupt bit set: QEMU found inconsistent metadata in it.
+    #[error("image is marked corrupt (incompatible feature bit 1); run `qemu-img check -r all`")]
+    Corrupt,
+
+    /// Reading the image needs a cargo feature this build was compiled without.
+    #[error("reading this image needs the `{feature}` cargo feature, which is disabled")]
+    FeatureDisabled {
+        /// The cargo feature's name.
+        feature: &'static str,
+    },
+
+    /// The image is malformed: a field or table holds a value QEMU would not accept.
+    #[error("malformed image: {what} (at file offset {offset:#x})")]
+    Malformed {
+        /// What is wrong.
+        what: String,
+        /// The file offset of the bad field or structure.
+        offset: u64,
+    },
+
+    /// A compressed cluster failed to decompress to exactly one cluster.
+    #[error("compressed cluster at guest offset {guest_offset:#x} (host {host_offset:#x}) is corrupt: {reason}")]
+    BadCompressedCluster {
+        /// The guest offset of the cluster.
+        guest_offset: u64,
+        /// The host offset of the compressed data.
+        host_offset: u64,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// A value read from the image exceeds one of the [`Limits`](crate::Limits) in force.
+    #[error("{what} needs {requested} bytes, over the limit of {limit}")]
+    LimitExceeded {
+        /// What would have been allocated or followed.
+        what: &'static str,
+        /// How much the image asked for.
+        requested: u64,
+        /// The limit.
+        limit: u64,
+    },
+
+    /// A read needs the backing image, but none is attached.
+    #[error("image has backing file {name:?} but none is attached; open with Qcow2::open_path or attach one")]
+    BackingMissing {
+        /// The backing-file name from the header.
+        name: String,
+    },
+
+    /// The image keeps its data in an external data file, but none is attached.
+    #[error("image keeps its data in an external data file {name:?}, but none is attached")]
+    DataFileMissing {
+        /// The data-file name from the header extension, if any.
+        name: String,
+    },
+
+    /// The open policy refused to open a file the image names.
+    #[error("refused to open {path:?} ({role}): {reason}")]
+    FileRefused {
+        /// The path the image asked for, after resolution.
+        path: std::path::PathBuf,
+        /// What the file was for (`backing file`, `external data file`).
+        role: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// A backing chain is deeper than allowed or loops back on itself.
+    #[error("backing chain problem at {path:?}: {reason}")]
+    BackingChain {
+        /// The image at which the problem was found.
+        path: std::path::PathBuf,
+        /// What is wrong (loop, too deep).
+        reason: String,
+    },
+
+    /// The backing file's format is one this crate does not read.
+    #[error("unsupported backing file format {format:?} for {path:?} (qcow2 and raw are read)")]
+    UnsupportedBackingFormat {
+        /// The format name, from the header or probed.
+        format: String,
+        /// The backing file.
+        path: std::path::PathBuf,
+    },
+
+    /// No snapshot has the id or name asked for.
+    #[error("no snapshot with id or name {0:?}")]
+    NoSuchSnapshot(String),
+
+    /// The underlying source failed.
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        /// What was being read.
+        context: String,
+        /// The error from the source.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Build a [`Error::Malformed`].
+    pub(crate) fn malformed(what: impl Into<String>, offset: u64) -> Self {
+        Error::Malformed {
+            what: what.into(),
+            offset,
+        }
+    }
+
+    /// Build an [`Error::Io`] with what was being read.
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The [`io::ErrorKind`] this error maps to in [`std::io::Error`].
+    pub fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Io { source, .. } => source.kind(),
+            Error::UnsupportedVersion { .. }
+            | Error::UnsupportedFeature { .. }
+            | Error::Encrypted { .. }
+            | Error::FeatureDisabled { .. }
+            | Error::UnsupportedBackingFormat { .. } => io::ErrorKind::Unsupported,
+            Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
+            Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
+            Error::LimitExceeded { .. } => io::ErrorKind::OutOfMemory,
+            Error::NoSuchSnapshot(_) => io::ErrorKind::NotFound,
+            _ => io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        // The kind carries the class; the payload keeps the context for people.
+        io::Error::new(e.io_kind(), e)
+    }
+}

@@ -1,0 +1,66 @@
+//! Read qcow2 virtual disk images, the native format of QEMU/KVM.
+//!
+//! Open an image with [`Qcow2::open`] (any [`positioned_io::ReadAt`] source) or
+//! [`Qcow2::open_path`] (a path, following its backing chain), then read the guest disk
+//! through a [`Reader`], which implements [`positioned_io::ReadAt`]:
+//!
+//! ```
+//! use positioned_io::ReadAt;
+//!
+//! let bytes = std::fs::read("fixtures/v3-64k-basic.qcow2")?; // any ReadAt works, Vec<u8> too
+//! let image = qcow2::Qcow2::open(bytes)?;
+//! println!("{} bytes in {}-byte clusters", image.guest_size(), image.cluster_size());
+//! let reader = image.reader()?;
+//! let mut buf = vec![0u8; 4096];
+//! reader.read_exact_at(64 * 1024, &mut buf)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Every value read from the image is checked before use: hostile images give an [`Error`],
+//! never a panic, a hang or an allocation the file cannot justify (see [`Limits`]).
+#![forbid(unsafe_code)]
+// Image bytes are untrusted: outside tests, no panicking shortcuts, no unchecked indexing
+// and no unchecked arithmetic.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
+
+mod bitmap;
+mod bytes;
+mod compress;
+mod error;
+mod feature;
+mod header;
+mod image;
+mod info;
+mod io;
+mod limits;
+mod open;
+mod options;
+mod reader;
+mod snapshot;
+mod table;
+
+pub use bitmap::Bitmap;
+pub use error::{Error, FeatureKind, Result};
+pub use feature::{
+    Feature, FeatureName, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+};
+pub use header::{
+    BitmapsExtension, CompressionType, EncryptionExtension, Extension, ExtensionKind, Header,
+    MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
+};
+pub use image::Qcow2;
+pub use info::{ChainEntry, ImageInfo};
+pub use limits::Limits;
+pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
+pub use reader::Reader;
+pub use snapshot::Snapshot;

@@ -1,0 +1,82 @@
+//! Bounds on what an image may make the reader allocate or follow.
+
+/// Limits checked before every allocation or traversal sized by values read from the image.
+///
+/// The defaults accept every image QEMU itself opens (they are QEMU's own limits) while
+/// keeping a hostile image from making the reader allocate more than a few tens of MiB.
+///
+/// ```
+/// let mut limits = qcow2::Limits::default();
+/// limits.l2_cache_bytes = 1 << 20; // keep at most 1 MiB of L2 tables in memory
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest L1 table, in bytes (QEMU: `QCOW_MAX_L1_SIZE`, 32 MiB).
+    pub max_l1_bytes: u64,
+    /// Largest refcount table, in bytes (QEMU: `QCOW_MAX_REFTABLE_SIZE`, 8 MiB).
+    pub max_refcount_table_bytes: u64,
+    /// Most internal snapshots (QEMU: `QCOW_MAX_SNAPSHOTS`, 65536).
+    pub max_snapshots: u64,
+    /// Largest snapshot table, in bytes (QEMU: `QCOW_MAX_SNAPSHOTS_SIZE`, 64 MiB).
+    pub max_snapshot_table_bytes: u64,
+    /// Largest extra data of one snapshot entry (QEMU: `QCOW_MAX_SNAPSHOT_EXTRA_DATA`, 1 KiB).
+    pub max_snapshot_extra_bytes: u64,
+    /// Most bitmaps in the bitmaps extension (QEMU: `QCOW2_MAX_BITMAPS`, 65535).
+    pub max_bitmaps: u64,
+    /// Largest bitmap directory, in bytes (QEMU: `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`, 64 MiB).
+    pub max_bitmap_directory_bytes: u64,
+    /// Longest backing-file name (QEMU: 1023 bytes).
+    pub max_backing_name_bytes: u64,
+    /// Deepest backing chain followed by [`Qcow2::open_path`](crate::Qcow2::open_path).
+    pub max_chain_depth: u32,
+    /// Bytes of L2 tables kept in each image's cache (at least one table is always kept).
+    pub l2_cache_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_l1_bytes: 32 << 20,
+            max_refcount_table_bytes: 8 << 20,
+            max_snapshots: 65536,
+            max_snapshot_table_bytes: 64 << 20,
+            max_snapshot_extra_bytes: 1024,
+            max_bitmaps: 65535,
+            max_bitmap_directory_bytes: 64 << 20,
+            max_backing_name_bytes: 1023,
+            max_chain_depth: 64,
+            l2_cache_bytes: 32 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// No limits beyond what the format itself can express. For trusted images only.
+    pub fn unlimited() -> Self {
+        Limits {
+            max_l1_bytes: u64::MAX,
+            max_refcount_table_bytes: u64::MAX,
+            max_snapshots: u64::MAX,
+            max_snapshot_table_bytes: u64::MAX,
+            max_snapshot_extra_bytes: u64::MAX,
+            max_bitmaps: u64::MAX,
+            max_bitmap_directory_bytes: u64::MAX,
+            max_backing_name_bytes: u64::MAX,
+            max_chain_depth: u32::MAX,
+            l2_cache_bytes: 32 << 20,
+        }
+    }
+
+    /// Fail with [`Error::LimitExceeded`](crate::Error::LimitExceeded) when `requested > limit`.
+    pub(crate) fn check(what: &'static str, requested: u64, limit: u64) -> crate::Result<()> {
+        if requested > limit {
+            return Err(crate::Error::LimitExceeded {
+                what,
+                requested,
+                limit,
+            });
+        }
+        Ok(())
+    }
+}

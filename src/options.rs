@@ -1,0 +1,105 @@
+//! How an image is opened: limits, and which other files may be opened on its behalf.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::limits::Limits;
+
+/// What a file named by an image is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileRole {
+    /// A backing image (qcow2 or raw).
+    Backing,
+    /// An external data file.
+    DataFile,
+}
+
+impl FileRole {
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            FileRole::Backing => "backing file",
+            FileRole::DataFile => "external data file",
+        }
+    }
+}
+
+/// The signature of a [`FilePolicy::Callback`].
+pub type OpenFileFn = dyn Fn(&Path, FileRole) -> io::Result<File> + Send + Sync;
+
+/// Which files [`Qcow2::open_path`](crate::Qcow2::open_path) may open besides the image itself.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum FilePolicy {
+    /// Open every backing file and data file the chain names, as `qemu-img` does.
+    #[default]
+    Any,
+    /// Open no other file: an image that names one is refused.
+    Nothing,
+    /// Open only files whose canonical path (symlinks resolved) lies under this directory.
+    Under(PathBuf),
+    /// Let the callback open each file, or refuse it by returning an error
+    /// (`PermissionDenied` is reported as a refusal).
+    Callback(Arc<OpenFileFn>),
+}
+
+impl fmt::Debug for FilePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FilePolicy::Any => f.write_str("Any"),
+            FilePolicy::Nothing => f.write_str("Nothing"),
+            FilePolicy::Under(dir) => f.debug_tuple("Under").field(dir).finish(),
+            FilePolicy::Callback(_) => f.write_str("Callback(..)"),
+        }
+    }
+}
+
+/// Options for opening an image.
+///
+/// ```
+/// use qcow2::{FilePolicy, OpenOptions, Qcow2};
+///
+/// // Follow backing files, but only inside the fixtures directory.
+/// let options = OpenOptions::new().files(FilePolicy::Under("fixtures".into()));
+/// let image = Qcow2::open_path_with("fixtures/chain-top.qcow2", &options)?;
+/// assert!(image.has_backing_attached());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    /// Bounds on what the image may make the reader allocate.
+    pub limits: Limits,
+    /// Which other files may be opened ([`Qcow2::open_path`](crate::Qcow2::open_path) only).
+    pub files: FilePolicy,
+    /// Read clusters the chain does not hold as zeros instead of opening the backing file.
+    pub backing_as_zeros: bool,
+}
+
+impl OpenOptions {
+    /// Default options: QEMU's limits, and backing files followed as `qemu-img` does.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set the limits.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Set which other files may be opened.
+    pub fn files(mut self, policy: FilePolicy) -> Self {
+        self.files = policy;
+        self
+    }
+
+    /// Read unallocated clusters as zeros and open no backing file.
+    pub fn backing_as_zeros(mut self, yes: bool) -> Self {
+        self.backing_as_zeros = yes;
+        self
+    }
+}

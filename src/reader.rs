@@ -1,0 +1,318 @@
+//! [`Reader`]: guest reads through the L1 and L2 tables.
+
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use positioned_io::{ReadAt, Size};
+
+use crate::bytes::low_bits;
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::image::{Backing, Qcow2};
+use crate::io::{be_u64_table, read_metadata, read_up_to};
+use crate::table::{self, Mapping};
+
+/// Reads guest data of one image: the active disk, or an internal snapshot.
+///
+/// Implements [`positioned_io::ReadAt`] and [`positioned_io::Size`]. Reads may have any
+/// length and start anywhere; a read starting at or past the end returns 0 bytes, one that
+/// crosses it is short. Clusters contiguous in the file are read with one call to the source.
+pub struct Reader<'a, I> {
+    image: &'a Qcow2<I>,
+    l1: Arc<[u64]>,
+    size: u64,
+    /// The last compressed cluster decompressed: (host offset, cluster). Small sequential
+    /// reads inside one compressed cluster decompress it once.
+    last_compressed: Mutex<Option<(u64, Vec<u8>)>>,
+}
+
+/// A stretch of guest bytes with one way of reading, being grown cluster by cluster.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    Data { host: u64 },
+    Zero,
+    Unallocated,
+}
+
+impl<'a, I: ReadAt> Reader<'a, I> {
+    pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, size: u64) -> Self {
+        Reader {
+            image,
+            l1,
+            size,
+            last_compressed: Mutex::new(None),
+        }
+    }
+
+    /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
+    pub fn guest_size(&self) -> u64 {
+        self.size
+    }
+
+    /// The image this reader reads.
+    pub fn image(&self) -> &'a Qcow2<I> {
+        self.image
+    }
+
+    /// Fill all of `buf` from guest offset `pos`, which with `buf` must lie within the guest.
+    ///
+    /// Guest offsets stay below 2^63 (the size is checked at open), so sums of an offset and
+    /// a buffer length cannot overflow.
+    pub(crate) fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let geometry = &self.image.geometry;
+        let unit_bits = geometry.unit_bits();
+        let l2_bits = geometry
+            .cluster_bits
+            .saturating_add(self.image.header.l2_entries().trailing_zeros());
+        let mut pending: Option<Pending> = None;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = pos.saturating_add(done as u64);
+            let table = self.l2_table(guest >> l2_bits)?;
+            // Walk units to the end of this L2 table's span or of the buffer.
+            let span_left = remaining_in_block(guest, l2_bits);
+            let stop = done.saturating_add(clamp_len(span_left, buf.len().saturating_sub(done)));
+            while done < stop {
+                let guest = pos.saturating_add(done as u64);
+                let len = clamp_len(
+                    remaining_in_block(guest, unit_bits),
+                    stop.saturating_sub(done),
+                );
+                let mapping = match &table {
+                    None => Mapping::Unallocated,
+                    Some((at, t)) => self.mapping_in(t, *at, guest)?,
+                };
+                let run = match mapping {
+                    Mapping::Data { host_offset } => Run::Data {
+                        host: host_offset | low_bits(guest, unit_bits),
+                    },
+                    Mapping::Zero => Run::Zero,
+                    Mapping::Unallocated => Run::Unallocated,
+                    Mapping::Compressed {
+                        host_offset,
+                        len: clen,
+                    } => {
+                        self.flush(pending.take(), pos, buf)?;
+                        self.read_compressed(guest, host_offset, clen, part(buf, done, len)?)?;
+                        done = done.saturating_add(len);
+                        continue;
+                    }
+                };
+                pending = match pending.take() {
+                    Some(p) if p.continues_with(run) => Some(Pending {
+                        len: p.len.saturating_add(len),
+                        ..p
+                    }),
+                    finished => {
+                        self.flush(finished, pos, buf)?;
+                        Some(Pending { run, guest, len })
+                    }
+                };
+                done = done.saturating_add(len);
+            }
+        }
+        self.flush(pending, pos, buf)
+    }
+
+    /// The L2 table covering L1 index `l1_index`, with its file offset; `None` if unallocated.
+    fn l2_table(&self, l1_index: u64) -> Result<Option<(u64, Arc<[u64]>)>> {
+        let Some(&entry) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
+            return Ok(None); // past the L1 table: unallocated, as QEMU reads it
+        };
+        let entry_at = self
+            .image
+            .header
+            .l1_table_offset()
+            .saturating_add(l1_index.saturating_mul(8));
+        let Some(offset) = table::l2_table_offset(entry, &self.image.geometry, entry_at)? else {
+            return Ok(None);
+        };
+        let cache = &self.image.l2_cache;
+        if let Some(t) = cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&offset)
+        {
+            return Ok(Some((offset, Arc::clone(t))));
+        }
+        let bytes = read_metadata(
+            &self.image.io,
+            offset,
+            self.image.cluster_size(),
+            "L2 table",
+        )?;
+        let t: Arc<[u64]> = Arc::from(be_u64_table(&bytes));
+        cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .put(offset, Arc::clone(&t));
+        Ok(Some((offset, t)))
+    }
+
+    /// Decode the L2 entry for `guest` in `table` (found at file offset `at`).
+    fn mapping_in(&self, t: &[u64], at: u64, guest: u64) -> Result<Mapping> {
+        let g = &self.image.geometry;
+        let index_bits = self.image.header.l2_entries().trailing_zeros();
+        let index = low_bits(guest >> g.cluster_bits, index_bits) as usize;
+        let (entry, bitmap, word) = if g.extended_l2 {
+            let word = index.saturating_mul(2);
+            (t.get(word), t.get(word.saturating_add(1)), word)
+        } else {
+            (t.get(index), Some(&0), index)
+        };
+        let (Some(&entry), Some(&bitmap)) = (entry, bitmap) else {
+            return Err(Error::malformed("L2 index outside its table", at));
+        };
+        let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
+        table::decode_l2(
+            entry,
+            bitmap,
+            sub,
+            g,
+            at.saturating_add((word as u64).saturating_mul(8)),
+        )
+    }
+
+    /// Read a finished run into its part of `buf` (which starts at guest offset `pos`).
+    fn flush(&self, pending: Option<Pending>, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(Pending { run, guest, len }) = pending else {
+            return Ok(());
+        };
+        let out = part(buf, guest.saturating_sub(pos) as usize, len)?;
+        match run {
+            Run::Zero => out.fill(0),
+            Run::Data { host } => self.read_data(host, out)?,
+            Run::Unallocated => self.read_unallocated(guest, out)?,
+        }
+        Ok(())
+    }
+
+    fn read_data(&self, host: u64, out: &mut [u8]) -> Result<()> {
+        let src = self.image.data_source();
+        let got = read_up_to(src, host, out)
+            .map_err(|e| Error::io(format!("reading data at host offset {host:#x}"), e))?;
+        if got == 0 && !out.is_empty() {
+            return Err(Error::malformed(
+                "data cluster lies past the end of the file",
+                host,
+            ));
+        }
+        // A cluster cut short by the end of the file reads as zeros there, as in QEMU.
+        out.get_mut(got..).unwrap_or_default().fill(0);
+        Ok(())
+    }
+
+    fn read_unallocated(&self, guest: u64, out: &mut [u8]) -> Result<()> {
+        match &self.image.backing {
+            Some(Backing::Source { source, .. }) => source.read_guest(guest, out),
+            Some(Backing::Zeros) => {
+                out.fill(0);
+                Ok(())
+            }
+            None => match self.image.header.backing_file() {
+                Some(name) => Err(Error::BackingMissing {
+                    name: name.to_owned(),
+                }),
+                None => {
+                    out.fill(0);
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Copy the part of a compressed cluster that `out` covers, decompressing it unless it is
+    /// the one decompressed last.
+    fn read_compressed(&self, guest: u64, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
+        let cluster_bits = self.image.geometry.cluster_bits;
+        let within = low_bits(guest, cluster_bits) as usize;
+        let guest_cluster = guest ^ within as u64;
+        let copy_out = |data: &[u8], out: &mut [u8]| -> Result<()> {
+            let src = data
+                .get(within..within.saturating_add(out.len()))
+                .ok_or_else(|| Error::malformed("read crosses a compressed cluster", host))?;
+            out.copy_from_slice(src);
+            Ok(())
+        };
+        let mut last = self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, data)) = last.as_ref().filter(|(at, _)| *at == host) {
+            return copy_out(data, out);
+        }
+        let kind = self.image.header.compression_type();
+        compress::check_available(kind)?;
+        // The 13-bit sector count bounds this to two clusters.
+        let mut input = vec![0u8; len as usize];
+        read_up_to(&self.image.io, host, &mut input)
+            .map_err(|e| Error::io(format!("reading compressed cluster at {host:#x}"), e))?;
+        // The descriptor rounds up to whole sectors, which may run past the end of the file:
+        // that tail stays zero, as QEMU reads it.
+        let mut data = vec![0u8; self.image.cluster_size() as usize];
+        compress::decompress(kind, &input, &mut data).map_err(|reason| {
+            Error::BadCompressedCluster {
+                guest_offset: guest_cluster,
+                host_offset: host,
+                reason,
+            }
+        })?;
+        copy_out(&data, out)?;
+        *last = Some((host, data));
+        Ok(())
+    }
+}
+
+/// A run being grown: how it reads, where it starts in the guest, how long it is.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    run: Run,
+    guest: u64,
+    len: usize,
+}
+
+impl Pending {
+    /// Whether `next` continues this run without a gap in the file.
+    fn continues_with(&self, next: Run) -> bool {
+        match (self.run, next) {
+            (Run::Data { host: a }, Run::Data { host: b }) => {
+                a.checked_add(self.len as u64) == Some(b)
+            }
+            (Run::Zero, Run::Zero) | (Run::Unallocated, Run::Unallocated) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Bytes from `offset` to the end of its aligned block of `1 << bits` bytes.
+fn remaining_in_block(offset: u64, bits: u32) -> u64 {
+    (1u64 << bits).saturating_sub(low_bits(offset, bits))
+}
+
+/// `a` clamped to `max`, as a length.
+fn clamp_len(a: u64, max: usize) -> usize {
+    usize::try_from(a).map_or(max, |a| a.min(max))
+}
+
+/// `len` bytes of `buf` from `from`; the caller's bookkeeping keeps them in range.
+fn part(buf: &mut [u8], from: usize, len: usize) -> Result<&mut [u8]> {
+    buf.get_mut(from..from.saturating_add(len))
+        .ok_or_else(|| Error::malformed("internal error: read range outside the buffer", 0))
+}
+
+impl<I: ReadAt> ReadAt for Reader<'_, I> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if pos >= self.size {
+            return Ok(0);
+        }
+        let len = clamp_len(self.size.saturating_sub(pos), buf.len());
+        self.read_guest(pos, part(buf, 0, len)?)?;
+        Ok(len)
+    }
+}
+
+impl<I: ReadAt> Size for Reader<'_, I> {
+    fn size(&self) -> io::Result<Option<u64>> {
+        Ok(Some(self.size))
+    }
+}

@@ -1,0 +1,289 @@
+//! L1 and L2 table entries (spec: "Cluster mapping") and what they resolve to.
+//!
+//! Decoding is pure: an entry plus the image geometry gives a [`Mapping`] or an error.
+
+use crate::bytes::low_bits;
+use crate::error::{Error, Result};
+
+/// L1 entry bits 9-55: the L2 table's host offset.
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Standard L2 entry bits 9-55: the data cluster's host offset.
+const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L2 entry bit 62: the cluster is compressed.
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// L2 entry bit 63: refcount is exactly one (and, with an external data file, "allocated").
+const OFLAG_COPIED: u64 = 1 << 63;
+/// Standard L2 entry bit 0: the cluster reads as zeros.
+const OFLAG_ZERO: u64 = 1;
+/// Compressed data is counted in 512-byte sectors.
+const COMPRESSED_SECTOR: u64 = 512;
+/// Subclusters per cluster with extended L2 entries.
+const SUBCLUSTER_BITS: u32 = 5;
+/// Extended L2 bitmap, low half: subcluster `i` is allocated.
+const SUB_ALLOC_MASK: u64 = 0xffff_ffff;
+
+/// The layout facts needed to decode entries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub cluster_bits: u32,
+    pub extended_l2: bool,
+    /// With an external data file, offset 0 plus the COPIED bit is a real cluster.
+    pub external_data: bool,
+}
+
+impl Geometry {
+    /// log2 of the smallest unit with its own mapping: a subcluster or a cluster. Extended L2
+    /// needs cluster_bits >= 14, so this is at least 9.
+    pub fn unit_bits(&self) -> u32 {
+        if self.extended_l2 {
+            self.cluster_bits.saturating_sub(SUBCLUSTER_BITS)
+        } else {
+            self.cluster_bits
+        }
+    }
+}
+
+/// What one cluster or subcluster of the guest reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mapping {
+    /// Not allocated here: reads from the backing image, or zeros without one.
+    Unallocated,
+    /// Reads as zeros, hiding any backing data.
+    Zero,
+    /// Stored as is at this host offset (of the unit's first byte).
+    Data { host_offset: u64 },
+    /// Compressed; the whole cluster decompresses from `len` bytes at `host_offset`.
+    Compressed { host_offset: u64, len: u64 },
+}
+
+/// An L1 entry's L2 table offset, `None` when the L2 table is unallocated.
+pub(crate) fn l2_table_offset(
+    entry: u64,
+    geometry: &Geometry,
+    entry_at: u64,
+) -> Result<Option<u64>> {
+    let offset = entry & L1_OFFSET_MASK;
+    if offset == 0 {
+        return Ok(None);
+    }
+    if low_bits(offset, geometry.cluster_bits) != 0 {
+        return Err(Error::malformed(
+            format!("L2 table offset {offset:#x} is not cluster aligned"),
+            entry_at,
+        ));
+    }
+    Ok(Some(offset))
+}
+
+/// Decode one L2 entry for subcluster `sub` (always 0 without extended L2).
+/// `bitmap` is the extended entry's second word; `entry_at` is where the entry sits, for errors.
+pub(crate) fn decode_l2(
+    entry: u64,
+    bitmap: u64,
+    sub: u32,
+    geometry: &Geometry,
+    entry_at: u64,
+) -> Result<Mapping> {
+    if entry & OFLAG_COMPRESSED != 0 {
+        return decode_compressed(entry, geometry, entry_at);
+    }
+    let host = entry & L2_OFFSET_MASK;
+    let allocated = host != 0 || (geometry.external_data && entry & OFLAG_COPIED != 0);
+    if !geometry.extended_l2 {
+        if entry & OFLAG_ZERO != 0 {
+            return Ok(Mapping::Zero);
+        }
+        if !allocated {
+            return Ok(Mapping::Unallocated);
+        }
+        return data_at(host, 0, geometry, entry_at);
+    }
+    let alloc = bitmap & SUB_ALLOC_MASK;
+    let zero = bitmap >> 32;
+    let bit = 1u64.checked_shl(sub).unwrap_or(0);
+    let sub_alloc = alloc & bit != 0;
+    let sub_zero = zero & bit != 0;
+    if !allocated {
+        if alloc != 0 {
+            return Err(Error::malformed(
+                "unallocated cluster has allocated subclusters",
+                entry_at,
+            ));
+        }
+        return Ok(if sub_zero {
+            Mapping::Zero
+        } else {
+            Mapping::Unallocated
+        });
+    }
+    if alloc & zero != 0 {
+        return Err(Error::malformed(
+            "subcluster marked both allocated and zero",
+            entry_at,
+        ));
+    }
+    if sub_zero {
+        Ok(Mapping::Zero)
+    } else if sub_alloc {
+        // sub < 32 and the unit is at most 64 KiB: within one cluster.
+        data_at(
+            host,
+            u64::from(sub) << geometry.unit_bits(),
+            geometry,
+            entry_at,
+        )
+    } else {
+        Ok(Mapping::Unallocated)
+    }
+}
+
+fn data_at(host: u64, within: u64, geometry: &Geometry, entry_at: u64) -> Result<Mapping> {
+    if low_bits(host, geometry.cluster_bits) != 0 {
+        return Err(Error::malformed(
+            format!("data cluster offset {host:#x} is not cluster aligned"),
+            entry_at,
+        ));
+    }
+    Ok(Mapping::Data {
+        host_offset: host | within,
+    })
+}
+
+/// The compressed descriptor: the split between offset and sector count moves with
+/// cluster_bits (spec: x = 62 - (cluster_bits - 8)).
+fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<Mapping> {
+    if geometry.external_data {
+        return Err(Error::malformed(
+            "compressed cluster in an image with an external data file",
+            entry_at,
+        ));
+    }
+    // cluster_bits is 9..=21, so sector_bits is 1..=13 and shift 49..=61.
+    let sector_bits = geometry.cluster_bits.saturating_sub(8);
+    let shift = 62u32.saturating_sub(sector_bits);
+    let host_offset = low_bits(entry, shift);
+    let extra_sectors = low_bits(entry >> shift, sector_bits);
+    // At most 2^13 sectors of 512 bytes: no overflow.
+    let sectors_len = extra_sectors
+        .saturating_add(1)
+        .saturating_mul(COMPRESSED_SECTOR);
+    let len = sectors_len.saturating_sub(low_bits(host_offset, COMPRESSED_SECTOR.trailing_zeros()));
+    Ok(Mapping::Compressed { host_offset, len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G64K: Geometry = Geometry {
+        cluster_bits: 16,
+        extended_l2: false,
+        external_data: false,
+    };
+    const G64K_EXT: Geometry = Geometry {
+        cluster_bits: 16,
+        extended_l2: true,
+        external_data: false,
+    };
+
+    #[test]
+    fn l1_entries() {
+        assert_eq!(l2_table_offset(0, &G64K, 0).unwrap(), None);
+        // COPIED bit set, offset 0x30000.
+        assert_eq!(
+            l2_table_offset(0x8000_0000_0003_0000, &G64K, 0).unwrap(),
+            Some(0x30000)
+        );
+        assert!(l2_table_offset(0x8000_0000_0003_0200, &G64K, 0).is_err());
+    }
+
+    #[test]
+    fn standard_l2_entries() {
+        assert_eq!(decode_l2(0, 0, 0, &G64K, 0).unwrap(), Mapping::Unallocated);
+        assert_eq!(decode_l2(1, 0, 0, &G64K, 0).unwrap(), Mapping::Zero);
+        // Zero flag with a preallocated cluster still reads zeros.
+        assert_eq!(
+            decode_l2(0x8000_0000_0005_0001, 0, 0, &G64K, 0).unwrap(),
+            Mapping::Zero
+        );
+        assert_eq!(
+            decode_l2(0x8000_0000_0005_0000, 0, 0, &G64K, 0).unwrap(),
+            Mapping::Data {
+                host_offset: 0x50000
+            }
+        );
+        assert!(decode_l2(0x8000_0000_0005_0200, 0, 0, &G64K, 0).is_err());
+    }
+
+    #[test]
+    fn external_data_offset_zero_is_allocated_when_copied() {
+        let g = Geometry {
+            external_data: true,
+            ..G64K
+        };
+        assert_eq!(
+            decode_l2(OFLAG_COPIED, 0, 0, &g, 0).unwrap(),
+            Mapping::Data { host_offset: 0 }
+        );
+        assert_eq!(decode_l2(0, 0, 0, &g, 0).unwrap(), Mapping::Unallocated);
+        assert_eq!(
+            decode_l2(OFLAG_COPIED, 0, 0, &G64K, 0).unwrap(),
+            Mapping::Unallocated
+        );
+    }
+
+    #[test]
+    fn compressed_descriptor_split_depends_on_cluster_bits() {
+        // 64 KiB clusters: x = 62 - 8 = 54; 3 extra sectors, offset 0x12345.
+        let entry = OFLAG_COMPRESSED | (3u64 << 54) | 0x12345;
+        assert_eq!(
+            decode_l2(entry, 0, 0, &G64K, 0).unwrap(),
+            Mapping::Compressed {
+                host_offset: 0x12345,
+                len: 4 * 512 - 0x145
+            }
+        );
+        // 512-byte clusters: x = 61, one bit of sector count.
+        let g512 = Geometry {
+            cluster_bits: 9,
+            ..G64K
+        };
+        let entry = OFLAG_COMPRESSED | (1u64 << 61) | 0x400;
+        assert_eq!(
+            decode_l2(entry, 0, 0, &g512, 0).unwrap(),
+            Mapping::Compressed {
+                host_offset: 0x400,
+                len: 1024
+            }
+        );
+    }
+
+    #[test]
+    fn subclusters() {
+        let entry = 0x8000_0000_0005_0000;
+        let bitmap = (1u64 << (32 + 2)) | 0b0010; // sub 1 allocated, sub 2 zero
+        assert_eq!(
+            decode_l2(entry, bitmap, 0, &G64K_EXT, 0).unwrap(),
+            Mapping::Unallocated
+        );
+        assert_eq!(
+            decode_l2(entry, bitmap, 1, &G64K_EXT, 0).unwrap(),
+            Mapping::Data {
+                host_offset: 0x50000 + 2048
+            }
+        );
+        assert_eq!(
+            decode_l2(entry, bitmap, 2, &G64K_EXT, 0).unwrap(),
+            Mapping::Zero
+        );
+        // The zero flag of the first word means nothing with extended L2.
+        assert_eq!(
+            decode_l2(1, 0, 0, &G64K_EXT, 0).unwrap(),
+            Mapping::Unallocated
+        );
+        // Allocated and zero at once is invalid.
+        assert!(decode_l2(entry, (1u64 << 33) | 0b10, 0, &G64K_EXT, 0).is_err());
+        // Allocated subclusters without a host cluster are invalid.
+        assert!(decode_l2(0, 1, 3, &G64K_EXT, 0).is_err());
+    }
+}
