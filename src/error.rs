@@ -182,6 +182,12 @@ impl Error {
         }
     }
 
+    /// Wrap an I/O error with what was being done, for callers that mix their own I/O with
+    /// the crate's.
+    pub fn from_io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::io(context, source)
+    }
+
     /// Build an [`Error::Io`] with what was being read.
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {

@@ -532,6 +532,8 @@ impl Header {
                 self.backing_format = Some(lossy(data));
             }
             ExtensionKind::FeatureNames => self.feature_names = feature::parse_feature_names(data),
+            // Without the autoclear bit the extension is stale: QEMU ignores it, and so do we.
+            ExtensionKind::Bitmaps if self.autoclear_features & feature::AUTOCLEAR_BITMAPS == 0 => {}
             ExtensionKind::Bitmaps => {
                 self.bitmaps = parse_bitmaps_ext(data, offset, self.cluster_bits, limits)?
             }

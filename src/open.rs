@@ -122,7 +122,7 @@ fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
 }
 
 /// Resolve a name from an image header against the directory of the image naming it.
-fn resolve(image: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn resolve(image: &Path, name: &str) -> Result<PathBuf> {
     let name = name.strip_prefix("file:").unwrap_or(name);
     if has_protocol(name) {
         return Err(Error::FileRefused {
