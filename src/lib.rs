@@ -32,6 +32,11 @@
     )
 )]
 
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 mod bitmap;
 mod bytes;
 mod compress;
