@@ -59,6 +59,17 @@ fn sha_of(reader: &impl ReadAt, size: u64, chunk: usize) -> String {
         .collect()
 }
 
+/// The cargo feature a compressed fixture needs, when this build lacks it.
+fn needs_disabled_feature(name: &str) -> Option<&'static str> {
+    if name.starts_with("zstd-") && !cfg!(feature = "zstd") {
+        return Some("zstd");
+    }
+    if name.starts_with("zlib-") && !cfg!(feature = "zlib") {
+        return Some("zlib");
+    }
+    None
+}
+
 #[test]
 fn every_fixture_reads_as_qemu_read_it() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
@@ -91,6 +102,18 @@ fn every_fixture_reads_as_qemu_read_it() {
             }
         };
         let size = reader.guest_size();
+        if let Some(feature) = needs_disabled_feature(&e.image) {
+            let mut buf = vec![0u8; size as usize];
+            let err = reader.read_exact_at(0, &mut buf).expect_err("compressed image without its feature");
+            let inner = err.get_ref().and_then(|e| e.downcast_ref::<qcow2::Error>());
+            assert!(
+                matches!(inner, Some(qcow2::Error::FeatureDisabled { feature: f }) if *f == feature),
+                "{}: expected FeatureDisabled({feature}), got {err}",
+                e.image
+            );
+            checked += 1;
+            continue;
+        }
         if size != e.size {
             failures.push(format!(
                 "{}@{:?}: size {size}, qemu says {}",
