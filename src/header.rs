@@ -533,7 +533,8 @@ impl Header {
             }
             ExtensionKind::FeatureNames => self.feature_names = feature::parse_feature_names(data),
             // Without the autoclear bit the extension is stale: QEMU ignores it, and so do we.
-            ExtensionKind::Bitmaps if self.autoclear_features & feature::AUTOCLEAR_BITMAPS == 0 => {}
+            ExtensionKind::Bitmaps if self.autoclear_features & feature::AUTOCLEAR_BITMAPS == 0 => {
+            }
             ExtensionKind::Bitmaps => {
                 self.bitmaps = parse_bitmaps_ext(data, offset, self.cluster_bits, limits)?
             }
@@ -806,4 +807,308 @@ fn parse_bitmaps_ext(
         directory_size,
         directory_offset,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid v3 header for a 1 GiB image with 64 KiB clusters, padded to one cluster.
+    fn valid_v3() -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend(MAGIC.to_be_bytes()); // 0: magic
+        h.extend(3u32.to_be_bytes()); // 4: version
+        h.extend(0u64.to_be_bytes()); // 8: backing_file_offset
+        h.extend(0u32.to_be_bytes()); // 16: backing_file_size
+        h.extend(16u32.to_be_bytes()); // 20: cluster_bits
+        h.extend((1u64 << 30).to_be_bytes()); // 24: size
+        h.extend(0u32.to_be_bytes()); // 32: crypt_method
+        h.extend(2u32.to_be_bytes()); // 36: l1_size
+        h.extend(0x30000u64.to_be_bytes()); // 40: l1_table_offset
+        h.extend(0x10000u64.to_be_bytes()); // 48: refcount_table_offset
+        h.extend(1u32.to_be_bytes()); // 56: refcount_table_clusters
+        h.extend(0u32.to_be_bytes()); // 60: nb_snapshots
+        h.extend(0u64.to_be_bytes()); // 64: snapshots_offset
+        h.extend(0u64.to_be_bytes()); // 72: incompatible_features
+        h.extend(0u64.to_be_bytes()); // 80: compatible_features
+        h.extend(0u64.to_be_bytes()); // 88: autoclear_features
+        h.extend(4u32.to_be_bytes()); // 96: refcount_order
+        h.extend(112u32.to_be_bytes()); // 100: header_length
+        h.push(0); // 104: compression_type
+        h.extend([0u8; 7]); // 105: padding
+        h.resize(65536, 0); // end-of-extensions marker and the rest of the cluster
+        h
+    }
+
+    fn set_u32(h: &mut [u8], at: usize, v: u32) {
+        h[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    fn set_u64(h: &mut [u8], at: usize, v: u64) {
+        h[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+    fn parse(h: &[u8]) -> Result<Header> {
+        Header::parse(h, &Limits::default())
+    }
+    fn malformed_at(r: Result<Header>) -> u64 {
+        match r {
+            Err(Error::Malformed { offset, .. }) => offset,
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+    fn push_ext(h: &mut Vec<u8>, at: &mut usize, magic: u32, data: &[u8]) {
+        let mut ext = magic.to_be_bytes().to_vec();
+        ext.extend((data.len() as u32).to_be_bytes());
+        ext.extend(data);
+        while ext.len() % 8 != 0 {
+            ext.push(0);
+        }
+        h[*at..*at + ext.len()].copy_from_slice(&ext);
+        *at += ext.len();
+    }
+
+    #[test]
+    fn valid_header_parses() {
+        let h = parse(&valid_v3()).unwrap();
+        assert_eq!(h.version(), 3);
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.size(), 1 << 30);
+        assert_eq!(h.refcount_bits(), 16);
+        assert_eq!(h.compression_type(), CompressionType::Zlib);
+        assert!(h.extensions().is_empty());
+    }
+
+    #[test]
+    fn v2_header_has_v3_defaults() {
+        let mut b = valid_v3();
+        set_u32(&mut b, 4, 2);
+        // v2 has no fields past 72: whatever lies there is extension space.
+        b[72..112].fill(0);
+        let h = parse(&b).unwrap();
+        assert_eq!(h.header_length(), 72);
+        assert_eq!(h.refcount_order(), 4);
+        assert_eq!(h.incompatible_features(), 0);
+    }
+
+    #[test]
+    fn magic_and_version() {
+        let mut b = valid_v3();
+        b[0] = b'X';
+        assert!(matches!(parse(&b), Err(Error::NotQcow2 { .. })));
+        for v in [1, 4] {
+            let mut b = valid_v3();
+            set_u32(&mut b, 4, v);
+            assert!(
+                matches!(parse(&b), Err(Error::UnsupportedVersion { version }) if version == v)
+            );
+        }
+        assert!(matches!(parse(&[0x51, 0x46]), Err(Error::NotQcow2 { .. })));
+    }
+
+    #[test]
+    fn cluster_bits_range() {
+        for bits in [0, 8, 22, 63] {
+            let mut b = valid_v3();
+            set_u32(&mut b, 20, bits);
+            assert_eq!(malformed_at(parse(&b)), 20, "cluster_bits {bits}");
+        }
+    }
+
+    #[test]
+    fn header_length_rules() {
+        let mut b = valid_v3();
+        set_u32(&mut b, 100, 100);
+        assert_eq!(malformed_at(parse(&b)), 100);
+        set_u32(&mut b, 100, 65544);
+        assert_eq!(malformed_at(parse(&b)), 100);
+        // Exactly 104: no compression type byte, zlib implied.
+        set_u32(&mut b, 100, 104);
+        b[104] = 1;
+        assert_eq!(parse(&b).unwrap().compression_type(), CompressionType::Zlib);
+    }
+
+    #[test]
+    fn table_alignment_and_size() {
+        let mut b = valid_v3();
+        set_u64(&mut b, 40, 0x30200); // L1 not cluster aligned
+        assert_eq!(malformed_at(parse(&b)), 40);
+        let mut b = valid_v3();
+        set_u32(&mut b, 36, 1); // 1 GiB needs 2 L1 entries with 64 KiB clusters
+        assert_eq!(malformed_at(parse(&b)), 36);
+        let mut b = valid_v3();
+        set_u32(&mut b, 36, (32 << 20) / 8 + 1); // over QEMU's 32 MiB L1
+        assert!(matches!(parse(&b), Err(Error::LimitExceeded { .. })));
+        let mut b = valid_v3();
+        set_u64(&mut b, 48, 0x10100); // refcount table unaligned
+        assert_eq!(malformed_at(parse(&b)), 48);
+        let mut b = valid_v3();
+        set_u32(&mut b, 56, 0); // no refcount table
+        assert_eq!(malformed_at(parse(&b)), 56);
+        let mut b = valid_v3();
+        set_u32(&mut b, 56, 129); // over QEMU's 8 MiB refcount table
+        assert!(matches!(parse(&b), Err(Error::LimitExceeded { .. })));
+        let mut b = valid_v3();
+        set_u32(&mut b, 60, 65537); // too many snapshots
+        assert!(matches!(parse(&b), Err(Error::LimitExceeded { .. })));
+        let mut b = valid_v3();
+        set_u32(&mut b, 60, 1);
+        set_u64(&mut b, 64, 0x12345); // snapshot table unaligned
+        assert_eq!(malformed_at(parse(&b)), 64);
+        let mut b = valid_v3();
+        set_u64(&mut b, 24, u64::MAX - 5); // virtual size near 2^64
+        assert_eq!(malformed_at(parse(&b)), 24);
+    }
+
+    #[test]
+    fn refcount_order_and_crypt_method() {
+        let mut b = valid_v3();
+        set_u32(&mut b, 96, 7);
+        assert_eq!(malformed_at(parse(&b)), 96);
+        let mut b = valid_v3();
+        set_u32(&mut b, 32, 1);
+        assert!(matches!(parse(&b), Err(Error::Encrypted { method: 1, .. })));
+        set_u32(&mut b, 32, 2);
+        assert!(matches!(
+            parse(&b),
+            Err(Error::Encrypted {
+                method: 2,
+                name: "LUKS"
+            })
+        ));
+        set_u32(&mut b, 32, 3);
+        assert_eq!(malformed_at(parse(&b)), 32);
+    }
+
+    #[test]
+    fn feature_bits() {
+        let mut b = valid_v3();
+        set_u64(&mut b, 72, INCOMPAT_DIRTY_BIT);
+        assert!(parse(&b).unwrap().is_dirty());
+        set_u64(&mut b, 72, 2);
+        assert!(matches!(parse(&b), Err(Error::Corrupt)));
+        set_u64(&mut b, 72, 1 << 9);
+        assert!(matches!(
+            parse(&b),
+            Err(Error::UnsupportedFeature { bit: 9, ref name, .. }) if name == "unknown"
+        ));
+        // With a feature-name table, the refusal uses the image's own name for the bit.
+        let mut at = 112;
+        let mut entry = vec![0u8, 9];
+        entry.extend(b"teleportation");
+        entry.resize(48, 0);
+        push_ext(&mut b, &mut at, EXT_FEATURE_NAMES, &entry);
+        assert!(matches!(
+            parse(&b),
+            Err(Error::UnsupportedFeature { bit: 9, ref name, .. }) if name == "teleportation"
+        ));
+        // Compatible and autoclear bits never stop the open.
+        let mut b = valid_v3();
+        set_u64(&mut b, 80, u64::MAX);
+        set_u64(&mut b, 88, 1 << 40);
+        assert!(parse(&b).is_ok());
+        // Extended L2 needs clusters of 16 KiB or more.
+        let mut b = valid_v3();
+        set_u64(&mut b, 72, INCOMPAT_EXTL2);
+        set_u32(&mut b, 20, 12);
+        set_u32(&mut b, 36, 2048);
+        set_u64(&mut b, 40, 0x30000);
+        assert_eq!(malformed_at(parse(&b[..4096])), 20);
+    }
+
+    const INCOMPAT_DIRTY_BIT: u64 = feature::INCOMPAT_DIRTY;
+    use crate::feature::INCOMPAT_EXTL2;
+
+    #[test]
+    fn compression_type_needs_its_bit() {
+        let mut b = valid_v3();
+        b[104] = 1;
+        assert_eq!(malformed_at(parse(&b)), 72);
+        set_u64(&mut b, 72, feature::INCOMPAT_COMPRESSION);
+        assert_eq!(parse(&b).unwrap().compression_type(), CompressionType::Zstd);
+        b[104] = 0;
+        assert_eq!(malformed_at(parse(&b)), 72);
+        b[104] = 2;
+        assert_eq!(malformed_at(parse(&b)), 104);
+    }
+
+    #[test]
+    fn extensions_and_backing_name() {
+        let mut b = valid_v3();
+        let mut at = 112;
+        push_ext(&mut b, &mut at, EXT_BACKING_FORMAT, b"qcow2");
+        push_ext(&mut b, &mut at, 0x1234_5678, b"unknown stuff");
+        push_ext(&mut b, &mut at, EXT_DATA_FILE, b"data.raw");
+        let name = b"base image.qcow2";
+        b[1024..1024 + name.len()].copy_from_slice(name);
+        set_u64(&mut b, 8, 1024);
+        set_u32(&mut b, 16, name.len() as u32);
+        let h = parse(&b).unwrap();
+        assert_eq!(h.backing_format(), Some("qcow2"));
+        assert_eq!(h.data_file(), Some("data.raw"));
+        assert_eq!(h.backing_file(), Some("base image.qcow2"));
+        let kinds: Vec<_> = h.extensions().iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ExtensionKind::BackingFormat,
+                ExtensionKind::Unknown(0x1234_5678),
+                ExtensionKind::DataFile
+            ]
+        );
+        assert_eq!(h.extensions()[1].len, 13);
+
+        // A repeated known extension is refused.
+        let mut r = b.clone();
+        let mut at2 = at;
+        push_ext(&mut r, &mut at2, EXT_BACKING_FORMAT, b"raw");
+        assert_eq!(malformed_at(parse(&r)), at as u64 + 8);
+        // An extension running past the backing-file name (the extension area's end).
+        let mut r = b.clone();
+        r[at..at + 8].copy_from_slice(&[0x12, 0x34, 0x56, 0x78, 0, 0, 0x10, 0]);
+        assert_eq!(malformed_at(parse(&r)), at as u64);
+        // Backing format names of 16 bytes or more are refused, as QEMU refuses them.
+        let mut r = valid_v3();
+        let mut a = 112;
+        push_ext(&mut r, &mut a, EXT_BACKING_FORMAT, b"0123456789abcdef");
+        assert_eq!(malformed_at(parse(&r)), 120);
+        // Backing name too long, or starting past the first cluster.
+        let mut r = b.clone();
+        set_u32(&mut r, 16, 1024);
+        assert_eq!(malformed_at(parse(&r)), 16);
+        let mut r = b.clone();
+        set_u64(&mut r, 8, 65537);
+        assert_eq!(malformed_at(parse(&r)), 8);
+    }
+
+    #[test]
+    fn bitmaps_extension_rules() {
+        let ext = |nb: u32, reserved: u32, size: u64, offset: u64| {
+            let mut d = nb.to_be_bytes().to_vec();
+            d.extend(reserved.to_be_bytes());
+            d.extend(size.to_be_bytes());
+            d.extend(offset.to_be_bytes());
+            d
+        };
+        let with = |data: &[u8], autoclear: u64| {
+            let mut b = valid_v3();
+            set_u64(&mut b, 88, autoclear);
+            let mut at = 112;
+            push_ext(&mut b, &mut at, EXT_BITMAPS, data);
+            parse(&b)
+        };
+        let h = with(&ext(1, 0, 64, 0x40000), 1).unwrap();
+        assert_eq!(h.bitmaps().unwrap().directory_offset, 0x40000);
+        // Without the autoclear bit the extension is ignored, as QEMU ignores it.
+        assert!(with(&ext(0, 7, 64, 0x40001), 0)
+            .unwrap()
+            .bitmaps()
+            .is_none());
+        assert!(with(&ext(1, 7, 64, 0x40000), 1).is_err());
+        assert!(with(&ext(0, 0, 64, 0x40000), 1).is_err());
+        assert!(with(&ext(1, 0, 64, 0x40001), 1).is_err());
+        assert!(matches!(
+            with(&ext(70000, 0, 64, 0x40000), 1),
+            Err(Error::LimitExceeded { .. })
+        ));
+        assert!(with(&ext(1, 0, 64, 0x40000)[..16], 1).is_err());
+    }
 }

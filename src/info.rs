@@ -87,7 +87,9 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
         backing_filename: h.backing_file().map(str::to_owned),
         backing_filename_format: h.backing_format().map(str::to_owned),
         full_backing_filename: match (view.path(), h.backing_file()) {
-            (Some(path), Some(name)) => crate::open::resolve(path, name).ok().map(|p| p.display().to_string()),
+            (Some(path), Some(name)) => crate::open::resolve(path, name)
+                .ok()
+                .map(|p| p.display().to_string()),
             _ => None,
         },
         data_file: h.data_file().map(str::to_owned),
@@ -194,9 +196,17 @@ impl std::fmt::Display for ImageInfo {
         }
         if !self.snapshots.is_empty() {
             writeln!(f, "Snapshot list:")?;
-            writeln!(f, "{:<8}{:<18}{:>12} {:>20} {:>16}", "ID", "TAG", "VM_SIZE", "DATE (s)", "VM_CLOCK (ns)")?;
+            writeln!(
+                f,
+                "{:<8}{:<18}{:>12} {:>20} {:>16}",
+                "ID", "TAG", "VM_SIZE", "DATE (s)", "VM_CLOCK (ns)"
+            )?;
             for s in &self.snapshots {
-                writeln!(f, "{:<8}{:<18}{:>12} {:>20} {:>16}", s.id, s.name, s.vm_state_size, s.date_sec, s.vm_clock_nsec)?;
+                writeln!(
+                    f,
+                    "{:<8}{:<18}{:>12} {:>20} {:>16}",
+                    s.id, s.name, s.vm_state_size, s.date_sec, s.vm_clock_nsec
+                )?;
             }
         }
         writeln!(f, "Format specific information:")?;
@@ -206,7 +216,13 @@ impl std::fmt::Display for ImageInfo {
         if !self.bitmaps.is_empty() {
             writeln!(f, "    bitmaps:")?;
             for b in &self.bitmaps {
-                writeln!(f, "        {} (granularity {}, flags [{}])", b.name, b.granularity, b.flag_names().join(", "))?;
+                writeln!(
+                    f,
+                    "        {} (granularity {}, flags [{}])",
+                    b.name,
+                    b.granularity,
+                    b.flag_names().join(", ")
+                )?;
             }
         }
         writeln!(f, "    refcount bits: {}", self.refcount_bits)?;
@@ -219,7 +235,13 @@ impl std::fmt::Display for ImageInfo {
         writeln!(f, "    dirty: {}", self.dirty)?;
         for (depth, link) in self.backing_chain.iter().enumerate() {
             let name = link.filename.as_deref().unwrap_or("(attached source)");
-            writeln!(f, "backing chain [{}]: {name} ({}, {} bytes)", depth.saturating_add(1), link.format, link.virtual_size)?;
+            writeln!(
+                f,
+                "backing chain [{}]: {name} ({}, {} bytes)",
+                depth.saturating_add(1),
+                link.format,
+                link.virtual_size
+            )?;
         }
         Ok(())
     }
@@ -293,7 +315,9 @@ fn quote(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)))
+            }
             c => out.push(c),
         }
     }

@@ -234,12 +234,18 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             out.copy_from_slice(src);
             Ok(())
         };
-        let mut last = self
-            .last_compressed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, data)) = last.as_ref().filter(|(at, _)| *at == host) {
-            return copy_out(data, out);
+        let cached = |last: &Option<(u64, Vec<u8>)>, out: &mut [u8]| match last {
+            Some((at, data)) if *at == host => copy_out(data, out).map(|()| true),
+            _ => Ok(false),
+        };
+        if cached(
+            &self
+                .last_compressed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            out,
+        )? {
+            return Ok(());
         }
         let kind = self.image.header.compression_type();
         compress::check_available(kind)?;
@@ -250,6 +256,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         // The descriptor rounds up to whole sectors, which may run past the end of the file:
         // that tail stays zero, as QEMU reads it.
         let mut data = vec![0u8; self.image.cluster_size() as usize];
+        // Decompress without holding the lock, so threads sharing this reader overlap.
         compress::decompress(kind, &input, &mut data).map_err(|reason| {
             Error::BadCompressedCluster {
                 guest_offset: guest_cluster,
@@ -258,7 +265,10 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             }
         })?;
         copy_out(&data, out)?;
-        *last = Some((host, data));
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((host, data));
         Ok(())
     }
 }
