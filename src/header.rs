@@ -855,7 +855,7 @@ mod tests {
             other => panic!("expected Malformed, got {other:?}"),
         }
     }
-    fn push_ext(h: &mut Vec<u8>, at: &mut usize, magic: u32, data: &[u8]) {
+    fn push_ext(h: &mut [u8], at: &mut usize, magic: u32, data: &[u8]) {
         let mut ext = magic.to_be_bytes().to_vec();
         ext.extend((data.len() as u32).to_be_bytes());
         ext.extend(data);

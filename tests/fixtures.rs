@@ -84,7 +84,7 @@ fn every_fixture_reads_as_qemu_read_it() {
     for e in entries.iter().filter(|e| e.sha != "-") {
         let image = match Qcow2::open_path(dir.join(&e.image)) {
             Ok(i) => i,
-            Err(err) if matches!(err, qcow2::Error::Corrupt) => continue,
+            Err(qcow2::Error::Corrupt) => continue,
             Err(err) => {
                 failures.push(format!("{}: open: {err}", e.image));
                 continue;
@@ -104,7 +104,9 @@ fn every_fixture_reads_as_qemu_read_it() {
         let size = reader.guest_size();
         if let Some(feature) = needs_disabled_feature(&e.image) {
             let mut buf = vec![0u8; size as usize];
-            let err = reader.read_exact_at(0, &mut buf).expect_err("compressed image without its feature");
+            let err = reader
+                .read_exact_at(0, &mut buf)
+                .expect_err("compressed image without its feature");
             let inner = err.get_ref().and_then(|e| e.downcast_ref::<qcow2::Error>());
             assert!(
                 matches!(inner, Some(qcow2::Error::FeatureDisabled { feature: f }) if *f == feature),
