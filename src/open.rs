@@ -108,17 +108,42 @@ fn open_chain_link(
     Ok(image)
 }
 
-/// QEMU's rule without a backing format: probe the content; a qcow2 magic means qcow2 and
-/// anything else is raw.
+/// QEMU's rule without a backing format: probe the content. qcow2's magic means qcow2; the
+/// magic of another format QEMU knows means that format (which we then refuse rather than
+/// misread as raw); anything else is raw.
 fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
-    let mut magic = [0u8; 4];
-    let got = read_up_to(file, 0, &mut magic)
+    let mut head = [0u8; 512];
+    let got = read_up_to(file, 0, &mut head)
         .map_err(|e| Error::io(format!("probing {}", path.display()), e))?;
-    Ok(if got == 4 && u32::from_be_bytes(magic) == MAGIC {
-        "qcow2"
-    } else {
-        "raw"
-    })
+    Ok(probe_bytes(head.get(..got).unwrap_or_default()))
+}
+
+/// The format whose signature starts `head`, as QEMU's format probes would name it.
+fn probe_bytes(head: &[u8]) -> &'static str {
+    const SIGNATURES: &[(usize, &[u8], &str)] = &[
+        (0, b"KDMV", "vmdk"),
+        (0, b"# Disk DescriptorFile", "vmdk"),
+        (0, b"vhdxfile", "vhdx"),
+        (0, b"conectix", "vpc"),
+        (0, b"QED\0", "qed"),
+        (0, b"LUKS\xba\xbe", "luks"),
+        (0, b"WithoutFreeSpace", "parallels"),
+        (0, b"WithouFreSpacExt", "parallels"),
+        (0, b"XenIxHYPVFS", "bochs"),
+        (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+    ];
+    if head.get(..4) == Some(&MAGIC.to_be_bytes()[..]) {
+        // Version 1 is the old qcow format, not qcow2.
+        return if head.get(4..8) == Some(&1u32.to_be_bytes()[..]) {
+            "qcow"
+        } else {
+            "qcow2"
+        };
+    }
+    SIGNATURES
+        .iter()
+        .find(|(at, sig, _)| head.get(*at..at.saturating_add(sig.len())) == Some(*sig))
+        .map_or("raw", |(_, _, name)| *name)
 }
 
 /// Resolve a name from an image header against the directory of the image naming it.
@@ -206,5 +231,20 @@ mod tests {
         assert!(resolve(img, "nbd://host/export").is_err());
         assert!(resolve(img, "json:{\"driver\":\"file\"}").is_err());
         assert!(!has_protocol("dir/with:colon"));
+    }
+
+    #[test]
+    fn probing_names_formats_it_does_not_read() {
+        let mut qcow2 = MAGIC.to_be_bytes().to_vec();
+        qcow2.extend(3u32.to_be_bytes());
+        assert_eq!(probe_bytes(&qcow2), "qcow2");
+        qcow2[4..8].copy_from_slice(&1u32.to_be_bytes());
+        assert_eq!(probe_bytes(&qcow2), "qcow");
+        assert_eq!(probe_bytes(b"KDMV\x01\x00"), "vmdk");
+        let mut vdi = vec![0u8; 0x44];
+        vdi[0x40..].copy_from_slice(b"\x7f\x10\xda\xbe");
+        assert_eq!(probe_bytes(&vdi), "vdi");
+        assert_eq!(probe_bytes(b"just some disk bytes"), "raw");
+        assert_eq!(probe_bytes(b""), "raw");
     }
 }
