@@ -3,20 +3,108 @@
 //! A compressed cluster must decompress to exactly one cluster, as QEMU requires; the input
 //! may carry trailing bytes (the rest of its last 512-byte sector), which are ignored.
 
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use lru::LruCache;
+
 use crate::error::{Error, Result};
 use crate::header::CompressionType;
 
-/// Decompress `input` into `out`, which must be filled exactly.
-/// Returns the decoder's complaint on failure; the caller adds where.
+/// Decompressed clusters kept per image, in bytes (at least two clusters).
+const CACHE_BYTES: u64 = 8 << 20;
+/// Idle decoders kept for reuse: creating a zstd context costs more than a small cluster.
+const MAX_IDLE_DECODERS: usize = 8;
+
+/// Recently decompressed clusters by host offset, and idle decoders, shared by every reader
+/// of an image: small sequential reads, and overlays reading a compressed backing image,
+/// decompress each cluster once.
+pub(crate) struct ClusterCache {
+    inner: Mutex<CacheState>,
+}
+
+struct CacheState {
+    clusters: LruCache<u64, Arc<[u8]>>,
+    idle: Vec<Decompressor>,
+}
+
+impl ClusterCache {
+    pub(crate) fn new(cluster_bits: u32) -> Self {
+        let clusters = (CACHE_BYTES >> cluster_bits).max(2) as usize;
+        let capacity = NonZeroUsize::new(clusters).unwrap_or(NonZeroUsize::MIN);
+        ClusterCache {
+            inner: Mutex::new(CacheState {
+                clusters: LruCache::new(capacity),
+                idle: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cluster compressed at `host`, if decompressed recently.
+    pub(crate) fn get(&self, host: u64) -> Option<Arc<[u8]>> {
+        self.lock().clusters.get(&host).cloned()
+    }
+
+    /// Decompress `input` into a new cluster of `cluster_size` bytes and remember it. The
+    /// lock is not held while decompressing, so threads overlap.
+    pub(crate) fn decompress(
+        &self,
+        host: u64,
+        kind: CompressionType,
+        input: &[u8],
+        cluster_size: usize,
+    ) -> Result<Arc<[u8]>, String> {
+        let mut decoder = self.lock().idle.pop().unwrap_or_default();
+        let mut data = vec![0u8; cluster_size];
+        let result = decoder.decompress(kind, input, &mut data);
+        let data: Arc<[u8]> = Arc::from(data);
+        let mut inner = self.lock();
+        if inner.idle.len() < MAX_IDLE_DECODERS {
+            inner.idle.push(decoder);
+        }
+        result?;
+        inner.clusters.put(host, Arc::clone(&data));
+        Ok(data)
+    }
+}
+
+/// Reusable decoder state for both compression types.
+#[derive(Default)]
+pub(crate) struct Decompressor {
+    #[cfg(feature = "zlib")]
+    inflate: Option<flate2::Decompress>,
+    #[cfg(feature = "zstd")]
+    zstd: Option<zstd::stream::raw::Decoder<'static>>,
+}
+
+impl Decompressor {
+    /// Decompress `input` into `out`, which must be filled exactly.
+    /// Returns the decoder's complaint on failure; the caller adds where.
+    pub(crate) fn decompress(
+        &mut self,
+        kind: CompressionType,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), String> {
+        match kind {
+            CompressionType::Zlib => self.inflate(input, out),
+            CompressionType::Zstd => self.unzstd(input, out),
+        }
+    }
+}
+
+/// Decompress once with a fresh decoder (tests and one-off uses).
+#[cfg(test)]
 pub(crate) fn decompress(
     kind: CompressionType,
     input: &[u8],
     out: &mut [u8],
 ) -> Result<(), String> {
-    match kind {
-        CompressionType::Zlib => inflate(input, out),
-        CompressionType::Zstd => unzstd(input, out),
-    }
+    Decompressor::default().decompress(kind, input, out)
 }
 
 /// Whether this build can decompress `kind`; the error names the cargo feature.
@@ -32,75 +120,84 @@ pub(crate) fn check_available(kind: CompressionType) -> Result<()> {
     }
 }
 
-#[cfg(feature = "zlib")]
-fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    use flate2::{Decompress, FlushDecompress, Status};
-    // Raw deflate, no zlib header: QEMU compresses with windowBits -12.
-    let mut d = Decompress::new(false);
-    let status = d
-        .decompress(input, out, FlushDecompress::Finish)
-        .map_err(|e| e.to_string())?;
-    let filled = d.total_out() == out.len() as u64;
-    match status {
-        Status::StreamEnd | Status::BufError | Status::Ok if filled => Ok(()),
-        _ => Err(format!(
-            "deflate stream gave {} of {} bytes",
-            d.total_out(),
-            out.len()
-        )),
-    }
-}
-
-#[cfg(not(feature = "zlib"))]
-fn inflate(_input: &[u8], _out: &mut [u8]) -> Result<(), String> {
-    Err("built without the `zlib` feature".to_owned())
-}
-
-#[cfg(feature = "zstd")]
-fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut decoder = Decoder::new().map_err(|e| e.to_string())?;
-    let mut inb = InBuffer::around(input);
-    let mut outb = OutBuffer::around(out);
-    // Streaming, as QEMU does: the frame is followed by sector padding that a one-shot
-    // decoder would try to parse as another frame.
-    let mut remaining_hint = 1;
-    while outb.pos() < outb.capacity() {
-        let (in_before, out_before) = (inb.pos(), outb.pos());
-        remaining_hint = decoder
-            .run(&mut inb, &mut outb)
+impl Decompressor {
+    #[cfg(feature = "zlib")]
+    fn inflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+        use flate2::{Decompress, FlushDecompress, Status};
+        // Raw deflate, no zlib header: QEMU compresses with windowBits -12.
+        let d = self.inflate.get_or_insert_with(|| Decompress::new(false));
+        d.reset(false);
+        let status = d
+            .decompress(input, out, FlushDecompress::Finish)
             .map_err(|e| e.to_string())?;
-        if remaining_hint == 0 {
-            break;
-        }
-        if inb.pos() == in_before && outb.pos() == out_before {
-            return Err("zstd stream ended early".to_owned());
-        }
-    }
-    if outb.pos() != outb.capacity() {
-        return Err(format!(
-            "zstd frame gave {} of {} bytes",
-            outb.pos(),
-            outb.capacity()
-        ));
-    }
-    if remaining_hint != 0 {
-        // The output is full; the frame must end here too (QEMU: "frame fully flushed").
-        let mut probe = [0u8; 1];
-        let mut probe_out = OutBuffer::around(&mut probe[..]);
-        let hint = decoder
-            .run(&mut inb, &mut probe_out)
-            .map_err(|e| e.to_string())?;
-        if hint != 0 || probe_out.pos() != 0 {
-            return Err("zstd frame is longer than a cluster".to_owned());
+        let filled = d.total_out() == out.len() as u64;
+        match status {
+            Status::StreamEnd | Status::BufError | Status::Ok if filled => Ok(()),
+            _ => Err(format!(
+                "deflate stream gave {} of {} bytes",
+                d.total_out(),
+                out.len()
+            )),
         }
     }
-    Ok(())
-}
 
-#[cfg(not(feature = "zstd"))]
-fn unzstd(_input: &[u8], _out: &mut [u8]) -> Result<(), String> {
-    Err("built without the `zstd` feature".to_owned())
+    #[cfg(not(feature = "zlib"))]
+    fn inflate(&mut self, _input: &[u8], _out: &mut [u8]) -> Result<(), String> {
+        Err("built without the `zlib` feature".to_owned())
+    }
+
+    #[cfg(feature = "zstd")]
+    fn unzstd(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+        use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+        let decoder = match &mut self.zstd {
+            Some(d) => {
+                d.reinit().map_err(|e| e.to_string())?;
+                d
+            }
+            none => none.insert(Decoder::new().map_err(|e| e.to_string())?),
+        };
+        let mut inb = InBuffer::around(input);
+        let mut outb = OutBuffer::around(out);
+        // Streaming, as QEMU does: the frame is followed by sector padding that a one-shot
+        // decoder would try to parse as another frame.
+        let mut remaining_hint = 1;
+        while outb.pos() < outb.capacity() {
+            let (in_before, out_before) = (inb.pos(), outb.pos());
+            remaining_hint = decoder
+                .run(&mut inb, &mut outb)
+                .map_err(|e| e.to_string())?;
+            if remaining_hint == 0 {
+                break;
+            }
+            if inb.pos() == in_before && outb.pos() == out_before {
+                return Err("zstd stream ended early".to_owned());
+            }
+        }
+        if outb.pos() != outb.capacity() {
+            return Err(format!(
+                "zstd frame gave {} of {} bytes",
+                outb.pos(),
+                outb.capacity()
+            ));
+        }
+        if remaining_hint != 0 {
+            // The output is full; the frame must end here too (QEMU: "frame fully flushed").
+            let mut probe = [0u8; 1];
+            let mut probe_out = OutBuffer::around(&mut probe[..]);
+            let hint = decoder
+                .run(&mut inb, &mut probe_out)
+                .map_err(|e| e.to_string())?;
+            if hint != 0 || probe_out.pos() != 0 {
+                return Err("zstd frame is longer than a cluster".to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "zstd"))]
+    fn unzstd(&mut self, _input: &[u8], _out: &mut [u8]) -> Result<(), String> {
+        Err("built without the `zstd` feature".to_owned())
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use lru::LruCache;
 use positioned_io::ReadAt;
 
 use crate::bitmap::{self, Bitmap};
+use crate::compress::ClusterCache;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
 use crate::io::{be_u64_table, check_within, read_metadata, read_up_to};
@@ -94,6 +95,7 @@ pub struct Qcow2<I> {
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) bitmaps: Vec<Bitmap>,
     pub(crate) l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
+    pub(crate) compressed: ClusterCache,
     pub(crate) backing: Option<Backing>,
     pub(crate) data_file: Option<Box<dyn ReadAt + Send + Sync>>,
     pub(crate) path: Option<PathBuf>,
@@ -136,6 +138,7 @@ impl<I: ReadAt> Qcow2<I> {
             snapshots,
             bitmaps,
             l2_cache: Mutex::new(LruCache::new(capacity)),
+            compressed: ClusterCache::new(geometry.cluster_bits),
             backing: None,
             data_file: None,
             path: None,

@@ -1,7 +1,7 @@
 //! [`Reader`]: guest reads through the L1 and L2 tables.
 
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use positioned_io::{ReadAt, Size};
 
@@ -21,9 +21,6 @@ pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
     l1: Arc<[u64]>,
     size: u64,
-    /// The last compressed cluster decompressed: (host offset, cluster). Small sequential
-    /// reads inside one compressed cluster decompress it once.
-    last_compressed: Mutex<Option<(u64, Vec<u8>)>>,
 }
 
 /// A stretch of guest bytes with one way of reading, being grown cluster by cluster.
@@ -36,12 +33,7 @@ enum Run {
 
 impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, size: u64) -> Self {
-        Reader {
-            image,
-            l1,
-            size,
-            last_compressed: Mutex::new(None),
-        }
+        Reader { image, l1, size }
     }
 
     /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
@@ -234,18 +226,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             out.copy_from_slice(src);
             Ok(())
         };
-        let cached = |last: &Option<(u64, Vec<u8>)>, out: &mut [u8]| match last {
-            Some((at, data)) if *at == host => copy_out(data, out).map(|()| true),
-            _ => Ok(false),
-        };
-        if cached(
-            &self
-                .last_compressed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-            out,
-        )? {
-            return Ok(());
+        let cache = &self.image.compressed;
+        if let Some(data) = cache.get(host) {
+            return copy_out(&data, out);
         }
         let kind = self.image.header.compression_type();
         compress::check_available(kind)?;
@@ -255,20 +238,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             .map_err(|e| Error::io(format!("reading compressed cluster at {host:#x}"), e))?;
         // The descriptor rounds up to whole sectors, which may run past the end of the file:
         // that tail stays zero, as QEMU reads it.
-        let mut data = vec![0u8; self.image.cluster_size() as usize];
-        // Decompress without holding the lock, so threads sharing this reader overlap.
-        compress::decompress(kind, &input, &mut data).map_err(|reason| {
-            Error::BadCompressedCluster {
+        let data = cache
+            .decompress(host, kind, &input, self.image.cluster_size() as usize)
+            .map_err(|reason| Error::BadCompressedCluster {
                 guest_offset: guest_cluster,
                 host_offset: host,
                 reason,
-            }
-        })?;
+            })?;
         copy_out(&data, out)?;
-        *self
-            .last_compressed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((host, data));
         Ok(())
     }
 }
