@@ -4,6 +4,7 @@
 //! may carry trailing bytes (the rest of its last 512-byte sector), which are ignored.
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lru::LruCache;
@@ -21,6 +22,8 @@ const MAX_IDLE_DECODERS: usize = 8;
 /// decompress each cluster once.
 pub(crate) struct ClusterCache {
     inner: Mutex<CacheState>,
+    /// Clusters decompressed so far (tests check that re-reads hit the cache).
+    decompressed: AtomicU64,
 }
 
 struct CacheState {
@@ -37,6 +40,7 @@ impl ClusterCache {
                 clusters: LruCache::new(capacity),
                 idle: Vec::new(),
             }),
+            decompressed: AtomicU64::new(0),
         }
     }
 
@@ -47,6 +51,12 @@ impl ClusterCache {
     /// The cluster compressed at `host`, if decompressed recently.
     pub(crate) fn get(&self, host: u64) -> Option<Arc<[u8]>> {
         self.lock().clusters.get(&host).cloned()
+    }
+
+    /// How many clusters were decompressed so far.
+    #[cfg(test)]
+    pub(crate) fn decompressed(&self) -> u64 {
+        self.decompressed.load(Ordering::Relaxed)
     }
 
     /// Decompress `input` into a new cluster of `cluster_size` bytes and remember it. The
@@ -60,6 +70,7 @@ impl ClusterCache {
     ) -> Result<Arc<[u8]>, String> {
         let mut decoder = self.lock().idle.pop().unwrap_or_default();
         let mut data = vec![0u8; cluster_size];
+        self.decompressed.fetch_add(1, Ordering::Relaxed);
         let result = decoder.decompress(kind, input, &mut data);
         let data: Arc<[u8]> = Arc::from(data);
         let mut inner = self.lock();

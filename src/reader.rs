@@ -303,3 +303,36 @@ impl<I: ReadAt> Size for Reader<'_, I> {
         Ok(Some(self.size))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Qcow2;
+    use positioned_io::ReadAt;
+
+    #[cfg(feature = "zlib")]
+    #[test]
+    fn small_sequential_reads_decompress_each_cluster_once() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/zlib-64k-convert.qcow2"
+        );
+        let image = Qcow2::open(std::fs::File::open(path).unwrap()).unwrap();
+        let reader = image.reader().unwrap();
+        let mut sector = [0u8; 512];
+        // 256 KiB in 512-byte reads: four 64 KiB clusters.
+        for i in 0..512u64 {
+            reader.read_exact_at(i * 512, &mut sector).unwrap();
+        }
+        let first = image.compressed.decompressed();
+        assert!(
+            first > 0 && first <= 4,
+            "{first} decompressions for 4 clusters"
+        );
+        // Again, through a second reader of the same image: all cached.
+        let again = image.reader().unwrap();
+        for i in 0..512u64 {
+            again.read_exact_at(i * 512, &mut sector).unwrap();
+        }
+        assert_eq!(image.compressed.decompressed(), first);
+    }
+}
