@@ -19,7 +19,11 @@ fn main() -> ExitCode {
         eprintln!("usage: info [--json] [--follow] IMAGE");
         return ExitCode::from(2);
     };
-    let policy = if follow { FilePolicy::Any } else { FilePolicy::Nothing };
+    let policy = if follow {
+        FilePolicy::Any
+    } else {
+        FilePolicy::Nothing
+    };
     let options = OpenOptions::new().files(policy);
     let image = match open(path, &options, follow) {
         Ok(image) => image,
@@ -42,7 +46,8 @@ fn main() -> ExitCode {
 fn open(path: &str, options: &OpenOptions, follow: bool) -> qcow2::Result<Qcow2<std::fs::File>> {
     match Qcow2::open_path_with(path, options) {
         Err(qcow2::Error::FileRefused { .. }) if !follow => {
-            let file = std::fs::File::open(path).map_err(|e| qcow2::Error::from_io("opening the image", e))?;
+            let file = std::fs::File::open(path)
+                .map_err(|e| qcow2::Error::from_io("opening the image", e))?;
             Qcow2::open(file)
         }
         other => other,

@@ -46,7 +46,11 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
-fn convert(input: &str, output: &str, snapshot: Option<&str>) -> Result<u64, Box<dyn std::error::Error>> {
+fn convert(
+    input: &str,
+    output: &str,
+    snapshot: Option<&str>,
+) -> Result<u64, Box<dyn std::error::Error>> {
     let image = Qcow2::open_path(input)?;
     let reader = match snapshot {
         Some(s) => image.snapshot_reader(s)?,
