@@ -207,7 +207,6 @@ impl Error {
             | Error::UnsupportedBackingFormat { .. } => io::ErrorKind::Unsupported,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
-            Error::LimitExceeded { .. } => io::ErrorKind::OutOfMemory,
             Error::NoSuchSnapshot(_) => io::ErrorKind::NotFound,
             _ => io::ErrorKind::InvalidData,
         }
