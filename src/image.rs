@@ -24,6 +24,8 @@ pub(crate) trait GuestSource: Send + Sync {
     fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()>;
     /// Guest size in bytes.
     fn guest_size(&self) -> u64;
+    /// The file it was opened from, when known.
+    fn path(&self) -> Option<&std::path::Path>;
     /// The image, when this source is a qcow2 image (for the backing chain in `info`).
     fn as_image(&self) -> Option<&dyn ImageView> {
         None
@@ -43,6 +45,7 @@ pub(crate) trait ImageView: Send + Sync {
 struct RawSource<B> {
     source: B,
     size: u64,
+    path: Option<PathBuf>,
 }
 
 impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
@@ -56,6 +59,9 @@ impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
     }
     fn guest_size(&self) -> u64 {
         self.size
+    }
+    fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
     }
 }
 
@@ -156,9 +162,10 @@ impl<I: ReadAt> Qcow2<I> {
         self.header.cluster_size()
     }
 
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes: the header's size rounded down to a 512-byte sector, as
+    /// QEMU counts it (qemu-img itself only writes multiples of 512).
     pub fn guest_size(&self) -> u64 {
-        self.header.size()
+        self.header.size() & !511
     }
 
     /// The internal snapshots, in table order.
@@ -230,8 +237,18 @@ impl<I: ReadAt> Qcow2<I> {
     /// Read guest data for unallocated clusters from a raw source of `size` bytes.
     /// Bytes past its end read as zeros.
     pub fn set_backing_raw<B: ReadAt + Send + Sync + 'static>(&mut self, source: B, size: u64) {
+        self.set_backing_raw_from(source, size, None);
+    }
+
+    /// [`Qcow2::set_backing_raw`] for a file opened by path.
+    pub(crate) fn set_backing_raw_from<B: ReadAt + Send + Sync + 'static>(
+        &mut self,
+        source: B,
+        size: u64,
+        path: Option<PathBuf>,
+    ) {
         self.backing = Some(Backing::Source {
-            source: Box::new(RawSource { source, size }),
+            source: Box::new(RawSource { source, size, path }),
             format: "raw",
         });
     }
@@ -292,7 +309,10 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
         Ok(())
     }
     fn guest_size(&self) -> u64 {
-        self.header.size()
+        Qcow2::guest_size(self)
+    }
+    fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
     }
     fn as_image(&self) -> Option<&dyn ImageView> {
         Some(self)
@@ -357,13 +377,13 @@ fn read_snapshots<I: ReadAt>(io: &I, header: &Header, limits: &Limits) -> Result
             header::SNAPSHOT_HEADER_LEN,
             "snapshot table entry",
         )?;
-        let len = snapshot::entry_len(&fixed, offset, limits)?;
-        total = total.saturating_add(len);
+        let (len, padded) = snapshot::entry_len(&fixed, offset, limits)?;
+        total = total.saturating_add(padded);
         Limits::check("snapshot table", total, limits.max_snapshot_table_bytes)?;
         let entry = read_metadata(io, offset, len, "snapshot table entry")?;
         snapshots.push(snapshot::parse_entry(&entry, offset)?);
         offset = offset
-            .checked_add(len)
+            .checked_add(padded)
             .ok_or_else(|| Error::malformed("snapshot table offset overflows", offset))?;
     }
     Ok(snapshots)

@@ -76,7 +76,7 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
         filename: view.path().map(|p| p.display().to_string()),
         format: "qcow2",
         compat: if h.version() >= 3 { "1.1" } else { "0.10" },
-        virtual_size: h.size(),
+        virtual_size: h.size() & !511, // QEMU counts whole sectors
         cluster_size: h.cluster_size(),
         compression_type: h.compression_type().name(),
         refcount_bits: h.refcount_bits(),
@@ -106,9 +106,7 @@ fn chain_below(view: &dyn ImageView) -> Vec<ChainEntry> {
     while let Some(Backing::Source { source, format }) = current {
         let image = source.as_image();
         chain.push(ChainEntry {
-            filename: image
-                .and_then(|i| i.path())
-                .map(|p| p.display().to_string()),
+            filename: source.path().map(|p| p.display().to_string()),
             format: (*format).to_owned(),
             virtual_size: source.guest_size(),
         });

@@ -96,7 +96,9 @@ fn open_chain_link(
                     Error::io(format!("reading the size of {}", backing_path.display()), e)
                 })?
                 .len();
-            image.set_backing_raw(file, size);
+            // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
+            let size = size.checked_next_multiple_of(512).unwrap_or(size);
+            image.set_backing_raw_from(file, size, Some(backing_path));
         }
         _ => {
             return Err(Error::UnsupportedBackingFormat {

@@ -33,8 +33,10 @@ pub struct Snapshot {
     pub icount: Option<u64>,
 }
 
-/// Total length of the entry whose 40-byte fixed part is `fixed`, padding included.
-pub(crate) fn entry_len(fixed: &[u8], at: u64, limits: &Limits) -> Result<u64> {
+/// Length of the entry whose 40-byte fixed part is `fixed`: `(data, padded)`. Only the data
+/// need be in the file (QEMU does not write the last entry's padding); the next entry starts
+/// after the padding.
+pub(crate) fn entry_len(fixed: &[u8], at: u64, limits: &Limits) -> Result<(u64, u64)> {
     let bad = || Error::malformed("snapshot table entry is truncated", at);
     let id_len = be_u16(fixed, 12).ok_or_else(bad)?;
     let name_len = be_u16(fixed, 14).ok_or_else(bad)?;
@@ -48,7 +50,7 @@ pub(crate) fn entry_len(fixed: &[u8], at: u64, limits: &Limits) -> Result<u64> {
     let raw = [u64::from(extra_len), u64::from(id_len), u64::from(name_len)]
         .iter()
         .fold(SNAPSHOT_HEADER_LEN, |sum, part| sum.saturating_add(*part));
-    align8(raw).ok_or_else(bad)
+    Ok((raw, align8(raw).ok_or_else(bad)?))
 }
 
 /// Parse one whole entry (as long as [`entry_len`] said).
@@ -107,10 +109,9 @@ mod tests {
         let mut extra = 1234u64.to_be_bytes().to_vec(); // vm_state_size_large
         extra.extend((1u64 << 30).to_be_bytes()); // disk_size
         let e = entry(&extra, "1", "before-upgrade");
-        assert_eq!(
-            entry_len(&e, 0, &Limits::default()).unwrap(),
-            e.len() as u64
-        );
+        let (data, padded) = entry_len(&e, 0, &Limits::default()).unwrap();
+        assert_eq!(padded, e.len() as u64);
+        assert_eq!(data, 40 + 16 + 1 + 14);
         let s = parse_entry(&e, 0).unwrap();
         assert_eq!(s.id, "1");
         assert_eq!(s.name, "before-upgrade");

@@ -264,3 +264,15 @@ fn header_facts_of_fixtures() {
         .unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn guest_size_counts_whole_sectors_like_qemu() {
+    // qemu-img info reports a header size of 1000448 + 100 as 1000448.
+    let mut bytes = std::fs::read(fixture("v3-odd-size.qcow2")).unwrap();
+    bytes[24..32].copy_from_slice(&(1_000_448u64 + 100).to_be_bytes());
+    let image = Qcow2::open(bytes).unwrap();
+    assert_eq!(image.header().size(), 1_000_548);
+    assert_eq!(image.guest_size(), 1_000_448);
+    assert_eq!(image.reader().unwrap().guest_size(), 1_000_448);
+    assert_eq!(image.info().virtual_size, 1_000_448);
+}
