@@ -1,5 +1,6 @@
 //! [`Qcow2`]: an opened image, its metadata, and the sources it reads data from.
 
+use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -76,6 +77,28 @@ pub(crate) enum Backing {
     Zeros,
 }
 
+/// L2 tables by file offset. The keys are cluster-aligned offsets chosen by the image: a
+/// multiplicative hash spreads them well and costs a fraction of SipHash on every read.
+pub(crate) type L2Cache = LruCache<u64, Arc<[u64]>, BuildHasherDefault<OffsetHasher>>;
+
+/// Fibonacci hashing of one `u64` key.
+#[derive(Default)]
+pub(crate) struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// An opened qcow2 image.
 ///
 /// Opening reads and validates the header, its extensions, the active L1 table, the snapshot
@@ -100,7 +123,7 @@ pub struct Qcow2<I> {
     pub(crate) l1: Arc<[u64]>,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) bitmaps: Vec<Bitmap>,
-    pub(crate) l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
+    pub(crate) l2_cache: Mutex<L2Cache>,
     pub(crate) compressed: ClusterCache,
     pub(crate) backing: Option<Backing>,
     pub(crate) data_file: Option<Box<dyn ReadAt + Send + Sync>>,
@@ -121,6 +144,7 @@ impl<I: ReadAt> Qcow2<I> {
         let header = read_header(&io, &limits)?;
         let geometry = Geometry {
             cluster_bits: header.cluster_bits(),
+            index_bits: header.l2_entries().trailing_zeros(),
             extended_l2: header.has_extended_l2(),
             external_data: header.has_data_file_bit(),
         };
@@ -143,7 +167,7 @@ impl<I: ReadAt> Qcow2<I> {
             l1,
             snapshots,
             bitmaps,
-            l2_cache: Mutex::new(LruCache::new(capacity)),
+            l2_cache: Mutex::new(LruCache::with_hasher(capacity, Default::default())),
             compressed: ClusterCache::new(geometry.cluster_bits),
             backing: None,
             data_file: None,
@@ -363,7 +387,7 @@ pub(crate) fn read_l1<I: ReadAt + ?Sized>(io: &I, offset: u64, entries: u32) -> 
         u64::from(entries).saturating_mul(TABLE_ENTRY_LEN),
         "L1 table",
     )?;
-    Ok(Arc::from(be_u64_table(&bytes)))
+    Ok(be_u64_table(&bytes))
 }
 
 fn read_snapshots<I: ReadAt>(io: &I, header: &Header, limits: &Limits) -> Result<Vec<Snapshot>> {

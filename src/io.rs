@@ -83,8 +83,8 @@ pub(crate) fn check_within<R: ReadAt + ?Sized>(
     Ok(())
 }
 
-/// Decode a big-endian table of `u64` entries.
-pub(crate) fn be_u64_table(bytes: &[u8]) -> Vec<u64> {
+/// Decode a big-endian table of `u64` entries, straight into shared storage.
+pub(crate) fn be_u64_table(bytes: &[u8]) -> std::sync::Arc<[u64]> {
     bytes
         .chunks_exact(8)
         .map(|c| c.try_into().map(u64::from_be_bytes).unwrap_or(0))

@@ -53,9 +53,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         let geometry = &self.image.geometry;
         let unit_bits = geometry.unit_bits();
-        let l2_bits = geometry
-            .cluster_bits
-            .saturating_add(self.image.header.l2_entries().trailing_zeros());
+        let l2_bits = geometry.l2_bits();
         let mut pending: Option<Pending> = None;
         let mut done = 0usize;
         while done < buf.len() {
@@ -133,7 +131,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             self.image.cluster_size(),
             "L2 table",
         )?;
-        let t: Arc<[u64]> = Arc::from(be_u64_table(&bytes));
+        let t: Arc<[u64]> = be_u64_table(&bytes);
         cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -144,8 +142,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     /// Decode the L2 entry for `guest` in `table` (found at file offset `at`).
     fn mapping_in(&self, t: &[u64], at: u64, guest: u64) -> Result<Mapping> {
         let g = &self.image.geometry;
-        let index_bits = self.image.header.l2_entries().trailing_zeros();
-        let index = low_bits(guest >> g.cluster_bits, index_bits) as usize;
+        let index = low_bits(guest >> g.cluster_bits, g.index_bits) as usize;
         let (entry, bitmap, word) = if g.extended_l2 {
             let word = index.saturating_mul(2);
             (t.get(word), t.get(word.saturating_add(1)), word)

@@ -26,12 +26,19 @@ const SUB_ALLOC_MASK: u64 = 0xffff_ffff;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Geometry {
     pub cluster_bits: u32,
+    /// log2 of the entries in one L2 table.
+    pub index_bits: u32,
     pub extended_l2: bool,
     /// With an external data file, offset 0 plus the COPIED bit is a real cluster.
     pub external_data: bool,
 }
 
 impl Geometry {
+    /// log2 of the guest bytes one L2 table maps.
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits.saturating_add(self.index_bits)
+    }
+
     /// log2 of the smallest unit with its own mapping: a subcluster or a cluster. Extended L2
     /// needs cluster_bits >= 14, so this is at least 9.
     pub fn unit_bits(&self) -> u32 {
@@ -177,11 +184,13 @@ mod tests {
 
     const G64K: Geometry = Geometry {
         cluster_bits: 16,
+        index_bits: 13,
         extended_l2: false,
         external_data: false,
     };
     const G64K_EXT: Geometry = Geometry {
         cluster_bits: 16,
+        index_bits: 12,
         extended_l2: true,
         external_data: false,
     };
