@@ -575,15 +575,13 @@ impl Header {
         }
         let len = u64::from(self.backing_file_size);
         let room = cluster_size.saturating_sub(self.backing_file_offset);
-        if len > room || len > limits.max_backing_name_bytes {
+        if len > room {
             return Err(Error::malformed(
-                format!(
-                    "backing file name of {len} bytes is too long (at most {})",
-                    room.min(limits.max_backing_name_bytes)
-                ),
+                format!("backing file name of {len} bytes runs past the first cluster"),
                 16,
             ));
         }
+        Limits::check("backing file name", len, limits.max_backing_name_bytes)?;
         let name = usize::try_from(self.backing_file_offset)
             .ok()
             .and_then(|at| field(cluster0, at, len as usize))
@@ -1070,9 +1068,17 @@ mod tests {
         let mut a = 112;
         push_ext(&mut r, &mut a, EXT_BACKING_FORMAT, b"0123456789abcdef");
         assert_eq!(malformed_at(parse(&r)), 120);
-        // Backing name too long, or starting past the first cluster.
+        // Backing name over QEMU's 1023 bytes, or running past the first cluster.
         let mut r = b.clone();
         set_u32(&mut r, 16, 1024);
+        assert!(matches!(
+            parse(&r),
+            Err(Error::LimitExceeded {
+                requested: 1024,
+                ..
+            })
+        ));
+        set_u32(&mut r, 16, 65536 - 1000);
         assert_eq!(malformed_at(parse(&r)), 16);
         let mut r = b.clone();
         set_u64(&mut r, 8, 65537);

@@ -130,7 +130,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             offset,
             self.image.cluster_size(),
             "L2 table",
-        )?;
+        )
+        .map_err(|e| match e {
+            // Point at the L1 entry that names the missing table.
+            Error::Malformed { what, .. } => {
+                Error::malformed(format!("{what} (L2 table at {offset:#x})"), entry_at)
+            }
+            other => other,
+        })?;
         let t: Arc<[u64]> = be_u64_table(&bytes);
         cache
             .lock()

@@ -96,6 +96,13 @@ pub(crate) fn decode_l2(
     }
     let host = entry & L2_OFFSET_MASK;
     let allocated = host != 0 || (geometry.external_data && entry & OFLAG_COPIED != 0);
+    // QEMU checks a host offset's alignment whatever the flags say, zero clusters included.
+    if low_bits(host, geometry.cluster_bits) != 0 {
+        return Err(Error::malformed(
+            format!("data cluster offset {host:#x} is not cluster aligned"),
+            entry_at,
+        ));
+    }
     if !geometry.extended_l2 {
         if entry & OFLAG_ZERO != 0 {
             return Ok(Mapping::Zero);
@@ -103,7 +110,7 @@ pub(crate) fn decode_l2(
         if !allocated {
             return Ok(Mapping::Unallocated);
         }
-        return data_at(host, 0, geometry, entry_at);
+        return Ok(Mapping::Data { host_offset: host });
     }
     let alloc = bitmap & SUB_ALLOC_MASK;
     let zero = bitmap >> 32;
@@ -133,27 +140,12 @@ pub(crate) fn decode_l2(
         Ok(Mapping::Zero)
     } else if sub_alloc {
         // sub < 32 and the unit is at most 64 KiB: within one cluster.
-        data_at(
-            host,
-            u64::from(sub) << geometry.unit_bits(),
-            geometry,
-            entry_at,
-        )
+        Ok(Mapping::Data {
+            host_offset: host | u64::from(sub) << geometry.unit_bits(),
+        })
     } else {
         Ok(Mapping::Unallocated)
     }
-}
-
-fn data_at(host: u64, within: u64, geometry: &Geometry, entry_at: u64) -> Result<Mapping> {
-    if low_bits(host, geometry.cluster_bits) != 0 {
-        return Err(Error::malformed(
-            format!("data cluster offset {host:#x} is not cluster aligned"),
-            entry_at,
-        ));
-    }
-    Ok(Mapping::Data {
-        host_offset: host | within,
-    })
 }
 
 /// The compressed descriptor: the split between offset and sector count moves with
@@ -222,6 +214,9 @@ mod tests {
             }
         );
         assert!(decode_l2(0x8000_0000_0005_0200, 0, 0, &G64K, 0).is_err());
+        // A preallocated zero cluster must be aligned too, as QEMU requires.
+        assert!(decode_l2(0x8000_0000_0005_0201, 0, 0, &G64K, 0).is_err());
+        assert!(decode_l2(0x8000_0000_0005_0200, 1 << 32, 0, &G64K_EXT, 0).is_err());
     }
 
     #[test]

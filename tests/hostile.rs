@@ -539,17 +539,3 @@ fn corpus_tests_and_cases_tsv_agree() {
     assert!(CASES.len() >= 60, "only {} refusal cases", CASES.len());
 }
 
-/// Print what the crate does with every case:
-/// `cargo test --test hostile -- --ignored --nocapture show_outcomes`.
-#[test]
-#[ignore = "diagnostic listing, not a check"]
-fn show_outcomes() {
-    for &(name, stage, pattern) in CASES {
-        let outcome = guarded(name, move || attempt(name, stage));
-        let got = match outcome {
-            Outcome::Refused { when, error } => format!("{when}: {error:?}"),
-            other => format!("{other:?}"),
-        };
-        println!("{name:32} {:8} {pattern}\n    -> {got}", stage.name());
-    }
-}
