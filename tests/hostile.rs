@@ -538,4 +538,3 @@ fn corpus_tests_and_cases_tsv_agree() {
     assert!(total < CORPUS_BUDGET, "corpus is {total} bytes");
     assert!(CASES.len() >= 60, "only {} refusal cases", CASES.len());
 }
-
