@@ -131,7 +131,8 @@ fn open_policies() {
     // An image naming no other file opens under any policy.
     Qcow2::open_path_with(fixture("v2-64k.qcow2"), &nothing).unwrap();
 
-    let elsewhere = std::env::temp_dir();
+    // The backing file lies in fixtures/, not in this subdirectory of it.
+    let elsewhere = fixture("hostile");
     let under = OpenOptions::new().files(FilePolicy::Under(elsewhere));
     let err = Qcow2::open_path_with(fixture("chain-top.qcow2"), &under)
         .err()
