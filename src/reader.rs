@@ -64,14 +64,12 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             let stop = done.saturating_add(clamp_len(span_left, buf.len().saturating_sub(done)));
             while done < stop {
                 let guest = pos.saturating_add(done as u64);
-                let len = clamp_len(
-                    remaining_in_block(guest, unit_bits),
-                    stop.saturating_sub(done),
-                );
-                let mapping = match &table {
-                    None => Mapping::Unallocated,
-                    Some((at, t)) => self.mapping_in(t, *at, guest)?,
+                // Without an L2 table the whole span is one unallocated run.
+                let (mapping, unit) = match &table {
+                    None => (Mapping::Unallocated, l2_bits),
+                    Some((at, t)) => (self.mapping_in(t, *at, guest)?, unit_bits),
                 };
+                let len = clamp_len(remaining_in_block(guest, unit), stop.saturating_sub(done));
                 let run = match mapping {
                     Mapping::Data { host_offset } => Run::Data {
                         host: host_offset | low_bits(guest, unit_bits),
