@@ -185,11 +185,18 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let src = self.image.data_source();
         let got = read_up_to(src, host, out)
             .map_err(|e| Error::io(format!("reading data at host offset {host:#x}"), e))?;
-        if got == 0 && !out.is_empty() {
-            return Err(Error::malformed(
-                "data cluster lies past the end of the file",
-                host,
-            ));
+        if got < out.len() {
+            // The file ends inside this run: a cluster cut short by the end of the file is
+            // fine (QEMU reads zeros there), one that starts past it is not.
+            let end = host.saturating_add(got as u64);
+            let bits = self.image.geometry.cluster_bits;
+            let next_cluster = end.saturating_add(low_bits(remaining_in_block(end, bits), bits));
+            if next_cluster < host.saturating_add(out.len() as u64) {
+                return Err(Error::malformed(
+                    "data cluster lies past the end of the file",
+                    next_cluster,
+                ));
+            }
         }
         // A cluster cut short by the end of the file reads as zeros there, as in QEMU.
         out.get_mut(got..).unwrap_or_default().fill(0);

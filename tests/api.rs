@@ -277,3 +277,30 @@ fn guest_size_counts_whole_sectors_like_qemu() {
     assert_eq!(image.reader().unwrap().guest_size(), 1_000_448);
     assert_eq!(image.info().virtual_size, 1_000_448);
 }
+
+#[test]
+fn data_cluster_wholly_past_the_end_of_the_file_is_an_error() {
+    // Full preallocation: the last data clusters end the file, contiguous with the ones before.
+    let mut bytes = std::fs::read(fixture("prealloc-full.qcow2")).unwrap();
+    let image = Qcow2::open(bytes.clone()).unwrap();
+    let cluster = image.cluster_size() as usize;
+    let size = image.guest_size() as usize;
+    // Cut half a cluster: the last cluster is short and reads as zeros there, like QEMU.
+    bytes.truncate(bytes.len() - cluster / 2);
+    let image = Qcow2::open(bytes.clone()).unwrap();
+    let mut buf = vec![0xAAu8; size];
+    image.reader().unwrap().read_exact_at(0, &mut buf).unwrap();
+    assert!(buf[size - cluster / 2..].iter().all(|&b| b == 0));
+    // Cut a whole cluster more: one read spanning both clusters must not invent zeros.
+    bytes.truncate(bytes.len() - cluster);
+    let image = Qcow2::open(bytes).unwrap();
+    let err = image
+        .reader()
+        .unwrap()
+        .read_exact_at(0, &mut buf)
+        .unwrap_err();
+    assert!(
+        matches!(qcow2_error(&err), Error::Malformed { what, .. } if what.contains("past the end")),
+        "{err}"
+    );
+}
