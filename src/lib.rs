@@ -18,6 +18,20 @@
 //!
 //! Every value read from the image is checked before use: hostile images give an [`Error`],
 //! never a panic, a hang or an allocation the file cannot justify (see [`Limits`]).
+//!
+//! # What else
+//!
+//! - **Backing chains and data files.** [`Qcow2::open`] reads only the source it is given;
+//!   attach a backing image ([`Qcow2::set_backing_image`], [`Qcow2::set_backing_raw`]) or an
+//!   external data file ([`Qcow2::set_data_file`]) yourself, or let [`Qcow2::open_path_with`]
+//!   open them under a [`FilePolicy`].
+//! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
+//! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
+//!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
+//! - **Threads.** `Qcow2<I>` and [`Reader`] are `Send + Sync` when `I` is: share one image
+//!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
+//! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed
+//!   clusters; without one, such a cluster reads as [`Error::FeatureDisabled`].
 #![forbid(unsafe_code)]
 // Image bytes are untrusted: outside tests, no panicking shortcuts, no unchecked indexing
 // and no unchecked arithmetic.
