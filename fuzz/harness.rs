@@ -1,0 +1,298 @@
+//! Open-and-read harness shared by the fuzz targets (`fuzz/fuzz_targets/*.rs`) and the
+//! deterministic mutation test (`tests/mutation.rs`, which includes this file with `#[path]`).
+//!
+//! Errors are expected and ignored: hostile images must give an `Err`, never a panic, a hang or
+//! an unbounded allocation. Besides "no panic", the harness checks the `ReadAt` contract of
+//! `Reader` (lengths of reads near and past the end) and that one read returns the same bytes
+//! as the same range read in two pieces.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use positioned_io::{ReadAt, Size};
+use qcow2::{Limits, OpenOptions, Qcow2, Reader};
+
+/// Guest reads that returned data / that returned an error (statistics for the tests).
+pub static READS_OK: AtomicU64 = AtomicU64::new(0);
+pub static READS_ERR: AtomicU64 = AtomicU64::new(0);
+
+/// Largest single guest read the harness makes.
+pub const MAX_READ: usize = 64 * 1024;
+/// Random reads per active reader.
+pub const READS: usize = 64;
+/// Random reads per snapshot reader.
+pub const SNAPSHOT_READS: usize = 16;
+/// Snapshot readers opened per image.
+pub const MAX_SNAPSHOT_READERS: usize = 4;
+
+/// Tight limits: nothing an image says can make the reader hold more than a few MiB.
+pub fn tight_limits() -> Limits {
+    let mut l = Limits::default();
+    l.l2_cache_bytes = 1 << 20;
+    l.max_l1_bytes = 1 << 20;
+    l.max_refcount_table_bytes = 1 << 20;
+    l.max_snapshots = 64;
+    l.max_snapshot_table_bytes = 64 << 10;
+    l.max_bitmaps = 64;
+    l.max_bitmap_directory_bytes = 64 << 10;
+    l.max_chain_depth = 4;
+    l
+}
+
+/// Options with [`tight_limits`].
+pub fn tight_options() -> OpenOptions {
+    OpenOptions::new().limits(tight_limits())
+}
+
+/// A tiny deterministic PRNG (xorshift64*), so runs are reproducible without `rand`.
+#[derive(Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> Self {
+        // Never zero: xorshift would stay at zero.
+        XorShift((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform-ish in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// FNV-1a: a seed for the read plan, derived from the input bytes.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Open `bytes` with tight limits and read across the guest. Never panics unless the crate
+/// does (or breaks the `ReadAt` contract).
+pub fn open_and_read(bytes: &[u8]) {
+    let seed = fnv1a(bytes);
+    if let Ok(image) = Qcow2::open_with(bytes.to_vec(), &tight_options()) {
+        exercise(&image, seed);
+    }
+}
+
+/// Touch every metadata accessor, then read from the active reader and a few snapshot readers.
+pub fn exercise<I: ReadAt + Send + Sync>(image: &Qcow2<I>, seed: u64) {
+    let h = image.header();
+    let _ = (
+        h.version(),
+        h.cluster_bits(),
+        h.cluster_size(),
+        h.size(),
+        h.l1_size(),
+        h.l1_table_offset(),
+        h.refcount_table_offset(),
+        h.nb_snapshots(),
+        h.snapshots_offset(),
+        h.incompatible_features(),
+        h.compression_type(),
+        h.header_length(),
+    );
+    let _ = (
+        h.extensions().len(),
+        h.feature_names().len(),
+        h.features().len(),
+        h.backing_file(),
+        h.backing_format(),
+        h.data_file(),
+        h.is_dirty(),
+        h.has_extended_l2(),
+    );
+    let _ = format!("{h:?}");
+    let _ = (image.cluster_size(), image.guest_size());
+    let info = image.info();
+    let _ = info.to_json();
+    let _ = format!("{info:?}");
+    for s in image.snapshots() {
+        let _ = format!("{s:?}");
+    }
+    for b in image.bitmaps() {
+        let _ = format!("{b:?}");
+    }
+
+    let mut rng = XorShift::new(seed);
+    if let Ok(reader) = image.reader() {
+        read_across(&reader, image.cluster_size(), &mut rng, READS);
+    }
+    for snap in image.snapshots().iter().take(MAX_SNAPSHOT_READERS) {
+        for key in [&snap.id, &snap.name] {
+            if let Ok(reader) = image.snapshot_reader(key) {
+                read_across(&reader, image.cluster_size(), &mut rng, SNAPSHOT_READS);
+            }
+        }
+    }
+}
+
+/// Read the first and last cluster and `count` ranges of up to [`MAX_READ`] bytes at offsets
+/// chosen by `rng` (often cluster aligned, sometimes crossing the end of the guest).
+pub fn read_across<I: ReadAt>(
+    reader: &Reader<'_, I>,
+    cluster: u64,
+    rng: &mut XorShift,
+    count: usize,
+) {
+    let size = reader.guest_size();
+    assert_eq!(
+        reader.size().ok().flatten(),
+        Some(size),
+        "Size::size disagrees with guest_size"
+    );
+    let cluster = cluster.clamp(1, MAX_READ as u64);
+    let mut buf = vec![0u8; MAX_READ];
+
+    // Past the end: always Ok(0).
+    for pos in [size, size.saturating_add(1), u64::MAX] {
+        if let Ok(n) = reader.read_at(pos, &mut buf[..16]) {
+            assert_eq!(
+                n, 0,
+                "read at {pos:#x} past the end ({size:#x}) returned {n}"
+            );
+        }
+    }
+    if size == 0 {
+        return;
+    }
+
+    let mut plan = vec![
+        (0, cluster as usize),
+        (size.saturating_sub(cluster), cluster as usize),
+    ];
+    for _ in 0..count {
+        let pos = match rng.below(4) {
+            0 => rng.below(size),
+            1 => rng.below(size) / cluster * cluster,
+            2 => size.saturating_sub(rng.below(MAX_READ as u64 + 1)),
+            _ => (rng.below(size) / cluster * cluster).saturating_sub(rng.below(16)),
+        };
+        let len = match rng.below(3) {
+            0 => rng.below(MAX_READ as u64 + 1) as usize,
+            1 => (rng.below(512) + 1) as usize,
+            _ => cluster as usize,
+        };
+        plan.push((pos, len));
+    }
+
+    for (i, (pos, len)) in plan.into_iter().enumerate() {
+        let buf = &mut buf[..len];
+        let Ok(n) = reader.read_at(pos, buf) else {
+            READS_ERR.fetch_add(1, Relaxed);
+            continue;
+        };
+        READS_OK.fetch_add(1, Relaxed);
+        let expect = size.saturating_sub(pos).min(len as u64) as usize;
+        assert_eq!(
+            n, expect,
+            "read of {len} at {pos:#x} (guest size {size:#x}) returned {n}, expected {expect}"
+        );
+        // Every fourth read: the same range in two pieces must give the same bytes.
+        if i % 4 == 0 && n > 1 {
+            let cut = (rng.below(n as u64 - 1) + 1) as usize;
+            let mut again = vec![0u8; n];
+            let (a, b) = again.split_at_mut(cut);
+            let first = reader.read_at(pos, a);
+            let second = reader.read_at(pos + cut as u64, b);
+            if let (Ok(na), Ok(nb)) = (first, second) {
+                assert_eq!(
+                    (na, nb),
+                    (a.len(), b.len()),
+                    "split read lengths at {pos:#x}"
+                );
+                assert!(
+                    again[..] == buf[..n],
+                    "read of {n} at {pos:#x} differs from the same range read as {cut} + {}",
+                    n - cut
+                );
+            }
+        }
+    }
+}
+
+/// The three parts of an `open_with_backing` input and its flags.
+pub struct BackingInput<'a> {
+    pub flags: u8,
+    pub top: &'a [u8],
+    pub backing: &'a [u8],
+    pub raw: &'a [u8],
+}
+
+/// Flag: attach the raw slice as the top image's data file.
+pub const FLAG_TOP_DATA_FILE: u8 = 1;
+/// Flag: attach the raw slice as the backing image's data file.
+pub const FLAG_BACKING_DATA_FILE: u8 = 2;
+/// Flag: attach the raw slice as the backing image's own raw backing file.
+pub const FLAG_BACKING_RAW: u8 = 4;
+/// Flag: read the top image over zeros instead of the backing image.
+pub const FLAG_TOP_ZEROS: u8 = 8;
+
+/// Split an `open_with_backing` input: `[flags][top_len u32 LE][backing_len u32 LE]` then the
+/// top image, the backing image and the raw slice (lengths are clamped to what is there).
+pub fn split_backing_input(data: &[u8]) -> Option<BackingInput<'_>> {
+    let (head, rest) = data.split_at_checked(9)?;
+    let flags = head[0];
+    let top_len = u32::from_le_bytes(head[1..5].try_into().ok()?) as usize;
+    let backing_len = u32::from_le_bytes(head[5..9].try_into().ok()?) as usize;
+    let (top, rest) = rest.split_at(top_len.min(rest.len()));
+    let (backing, raw) = rest.split_at(backing_len.min(rest.len()));
+    Some(BackingInput {
+        flags,
+        top,
+        backing,
+        raw,
+    })
+}
+
+/// Build an `open_with_backing` input (for seeds and tests).
+pub fn join_backing_input(flags: u8, top: &[u8], backing: &[u8], raw: &[u8]) -> Vec<u8> {
+    let mut out = vec![flags];
+    out.extend_from_slice(&(top.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(backing.len() as u32).to_le_bytes());
+    out.extend_from_slice(top);
+    out.extend_from_slice(backing);
+    out.extend_from_slice(raw);
+    out
+}
+
+/// Open the top image with a backing image (and data files) attached as the flags say, then
+/// read across the top image, which reads through to the backing image.
+pub fn open_with_backing(data: &[u8]) {
+    let Some(input) = split_backing_input(data) else {
+        return;
+    };
+    let options = tight_options();
+    let Ok(mut top) = Qcow2::open_with(input.top.to_vec(), &options) else {
+        return;
+    };
+    if input.flags & FLAG_TOP_DATA_FILE != 0 {
+        top.set_data_file(input.raw.to_vec());
+    }
+    if input.flags & FLAG_TOP_ZEROS != 0 {
+        top.set_backing_zeros();
+    } else if let Ok(mut backing) = Qcow2::open_with(input.backing.to_vec(), &options) {
+        if input.flags & FLAG_BACKING_DATA_FILE != 0 {
+            backing.set_data_file(input.raw.to_vec());
+        }
+        if input.flags & FLAG_BACKING_RAW != 0 {
+            backing.set_backing_raw(input.raw.to_vec(), input.raw.len() as u64);
+        }
+        top.set_backing_image(backing);
+    } else if input.flags & FLAG_BACKING_RAW != 0 {
+        top.set_backing_raw(input.backing.to_vec(), input.backing.len() as u64);
+    }
+    exercise(&top, fnv1a(data));
+}
