@@ -25,6 +25,8 @@
 //!   attach a backing image ([`Qcow2::set_backing_image`], [`Qcow2::set_backing_raw`]) or an
 //!   external data file ([`Qcow2::set_data_file`]) yourself, or let [`Qcow2::open_path_with`]
 //!   open them under a [`FilePolicy`].
+//! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
+//!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
 //! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
 //!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
@@ -55,6 +57,7 @@ mod bitmap;
 mod bytes;
 mod compress;
 mod error;
+mod extent;
 mod feature;
 mod header;
 mod image;
@@ -69,6 +72,7 @@ mod table;
 
 pub use bitmap::Bitmap;
 pub use error::{Error, FeatureKind, Result};
+pub use extent::{Extent, ExtentKind};
 pub use feature::{
     Feature, FeatureName, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,

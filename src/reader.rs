@@ -103,7 +103,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     }
 
     /// The L2 table covering L1 index `l1_index`, with its file offset; `None` if unallocated.
-    fn l2_table(&self, l1_index: u64) -> Result<Option<(u64, Arc<[u64]>)>> {
+    pub(crate) fn l2_table(&self, l1_index: u64) -> Result<Option<(u64, Arc<[u64]>)>> {
         let Some(&entry) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
             return Ok(None); // past the L1 table: unallocated, as QEMU reads it
         };
@@ -145,7 +145,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     }
 
     /// Decode the L2 entry for `guest` in `table` (found at file offset `at`).
-    fn mapping_in(&self, t: &[u64], at: u64, guest: u64) -> Result<Mapping> {
+    pub(crate) fn mapping_in(&self, t: &[u64], at: u64, guest: u64) -> Result<Mapping> {
         let g = &self.image.geometry;
         let index = low_bits(guest >> g.cluster_bits, g.index_bits) as usize;
         let (entry, bitmap, word) = if g.extended_l2 {
@@ -281,7 +281,7 @@ impl Pending {
 }
 
 /// Bytes from `offset` to the end of its aligned block of `1 << bits` bytes.
-fn remaining_in_block(offset: u64, bits: u32) -> u64 {
+pub(crate) fn remaining_in_block(offset: u64, bits: u32) -> u64 {
     (1u64 << bits).saturating_sub(low_bits(offset, bits))
 }
 

@@ -1,0 +1,117 @@
+//! Where guest data is stored: the allocation map, like `qemu-img map`.
+
+use positioned_io::ReadAt;
+
+use crate::error::Result;
+use crate::reader::{remaining_in_block, Reader};
+use crate::table::Mapping;
+
+/// Most clusters (or subclusters) one [`Reader::extent_at`] call looks at, so that every call
+/// is bounded whatever the image holds; the extent returned is then cut short there.
+const MAX_UNITS_PER_CALL: u32 = 1 << 16;
+
+/// How one stretch of the guest disk is stored in this image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ExtentKind {
+    /// Stored as is, starting at this offset of the image file (or of its external data file).
+    Data {
+        /// Host offset of the extent's first byte.
+        host_offset: u64,
+    },
+    /// Stored compressed in the image file.
+    Compressed,
+    /// Reads as zeros, hiding any backing data.
+    Zero,
+    /// Not stored in this image: reads from the backing image, or as zeros without one.
+    Unallocated,
+}
+
+/// A stretch of the guest disk stored one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Extent {
+    /// Guest offset of its first byte.
+    pub start: u64,
+    /// Its length in bytes (never 0).
+    pub length: u64,
+    /// How it is stored.
+    pub kind: ExtentKind,
+}
+
+impl ExtentKind {
+    fn of(mapping: Mapping, within_unit: u64) -> Self {
+        match mapping {
+            Mapping::Data { host_offset } => ExtentKind::Data {
+                host_offset: host_offset | within_unit,
+            },
+            Mapping::Compressed { .. } => ExtentKind::Compressed,
+            Mapping::Zero => ExtentKind::Zero,
+            Mapping::Unallocated => ExtentKind::Unallocated,
+        }
+    }
+
+    /// Whether `next`, found `gap` bytes after the start of an extent of this kind,
+    /// continues it.
+    fn continued_by(self, next: ExtentKind, gap: u64) -> bool {
+        match (self, next) {
+            (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
+                a.checked_add(gap) == Some(b)
+            }
+            (a, b) => a == b,
+        }
+    }
+}
+
+impl<I: ReadAt> Reader<'_, I> {
+    /// The longest extent stored one way that starts at guest offset `pos`, or `None` at or
+    /// past the end of the guest. Walk the whole disk by calling it again at the end of each
+    /// extent:
+    ///
+    /// ```
+    /// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+    /// let reader = image.reader()?;
+    /// let mut pos = 0;
+    /// while let Some(extent) = reader.extent_at(pos)? {
+    ///     println!("{:>10} {:>8} {:?}", extent.start, extent.length, extent.kind);
+    ///     pos += extent.length;
+    /// }
+    /// assert_eq!(pos, image.guest_size());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    ///
+    /// The map is this image's own, like `qemu-img map` of one layer: a backing image's
+    /// clusters show as [`ExtentKind::Unallocated`].
+    pub fn extent_at(&self, pos: u64) -> Result<Option<Extent>> {
+        let size = self.guest_size();
+        if pos >= size {
+            return Ok(None);
+        }
+        let geometry = &self.image().geometry;
+        let l2_bits = geometry.l2_bits();
+        let mut kind: Option<ExtentKind> = None;
+        let mut end = pos;
+        for _ in 0..MAX_UNITS_PER_CALL {
+            if end >= size {
+                break;
+            }
+            let (mapping, unit_bits) = match self.l2_table(end >> l2_bits)? {
+                None => (Mapping::Unallocated, l2_bits),
+                Some((at, t)) => (self.mapping_in(&t, at, end)?, geometry.unit_bits()),
+            };
+            let within = crate::bytes::low_bits(end, unit_bits);
+            let here = ExtentKind::of(mapping, within);
+            match kind {
+                None => kind = Some(here),
+                Some(k) if k.continued_by(here, end.saturating_sub(pos)) => {}
+                Some(_) => break,
+            }
+            let step = remaining_in_block(end, unit_bits).min(size.saturating_sub(end));
+            end = end.saturating_add(step);
+        }
+        Ok(kind.map(|kind| Extent {
+            start: pos,
+            length: end.saturating_sub(pos),
+            kind,
+        }))
+    }
+}
