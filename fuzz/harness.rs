@@ -169,6 +169,24 @@ pub fn read_across<I: ReadAt>(
         return;
     }
 
+    // The allocation map: contiguous, non-empty extents that stay inside the guest.
+    let mut pos = rng.below(size);
+    for _ in 0..32 {
+        match reader.extent_at(pos) {
+            Ok(Some(e)) => {
+                assert_eq!(e.start, pos, "extent starts where asked");
+                assert!(e.length > 0, "empty extent at {pos:#x}");
+                assert!(e.start + e.length <= size, "extent past the end");
+                pos = e.start + e.length;
+            }
+            Ok(None) => {
+                assert!(pos >= size, "no extent at {pos:#x} inside the guest");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+
     let mut plan = vec![
         (0, cluster as usize),
         (size.saturating_sub(cluster), cluster as usize),
