@@ -22,6 +22,7 @@ const MAX_IDLE_DECODERS: usize = 8;
 /// decompress each cluster once.
 pub(crate) struct ClusterCache {
     inner: Mutex<CacheState>,
+    cluster_bits: u32,
     /// Clusters decompressed so far (tests check that re-reads hit the cache).
     decompressed: AtomicU64,
 }
@@ -36,6 +37,7 @@ impl ClusterCache {
         let clusters = (CACHE_BYTES >> cluster_bits).max(2) as usize;
         let capacity = NonZeroUsize::new(clusters).unwrap_or(NonZeroUsize::MIN);
         ClusterCache {
+            cluster_bits,
             inner: Mutex::new(CacheState {
                 clusters: LruCache::new(capacity),
                 idle: Vec::new(),
@@ -68,7 +70,11 @@ impl ClusterCache {
         input: &[u8],
         cluster_size: usize,
     ) -> Result<Arc<[u8]>, String> {
-        let mut decoder = self.lock().idle.pop().unwrap_or_default();
+        let mut decoder = self
+            .lock()
+            .idle
+            .pop()
+            .unwrap_or_else(|| Decompressor::new(self.cluster_bits));
         let mut data = vec![0u8; cluster_size];
         self.decompressed.fetch_add(1, Ordering::Relaxed);
         let result = decoder.decompress(kind, input, &mut data);
@@ -84,8 +90,11 @@ impl ClusterCache {
 }
 
 /// Reusable decoder state for both compression types.
-#[derive(Default)]
 pub(crate) struct Decompressor {
+    /// log2 of the largest window a zstd frame may ask for: a cluster. A hostile frame
+    /// header could otherwise make libzstd allocate up to 128 MiB.
+    #[cfg_attr(not(feature = "zstd"), allow(dead_code))]
+    window_log_max: u32,
     #[cfg(feature = "zlib")]
     inflate: Option<flate2::Decompress>,
     #[cfg(feature = "zstd")]
@@ -93,6 +102,18 @@ pub(crate) struct Decompressor {
 }
 
 impl Decompressor {
+    /// A decoder for clusters of `1 << cluster_bits` bytes.
+    pub(crate) fn new(cluster_bits: u32) -> Self {
+        Decompressor {
+            // zstd's smallest window is 1 KiB.
+            window_log_max: cluster_bits.max(10),
+            #[cfg(feature = "zlib")]
+            inflate: None,
+            #[cfg(feature = "zstd")]
+            zstd: None,
+        }
+    }
+
     /// Decompress `input` into `out`, which must be filled exactly.
     /// Returns the decoder's complaint on failure; the caller adds where.
     pub(crate) fn decompress(
@@ -115,7 +136,8 @@ pub(crate) fn decompress(
     input: &[u8],
     out: &mut [u8],
 ) -> Result<(), String> {
-    Decompressor::default().decompress(kind, input, out)
+    let cluster_bits = out.len().max(1).ilog2();
+    Decompressor::new(cluster_bits).decompress(kind, input, out)
 }
 
 /// Whether this build can decompress `kind`; the error names the cargo feature.
@@ -165,7 +187,14 @@ impl Decompressor {
                 d.reinit().map_err(|e| e.to_string())?;
                 d
             }
-            none => none.insert(Decoder::new().map_err(|e| e.to_string())?),
+            none => {
+                let mut d = Decoder::new().map_err(|e| e.to_string())?;
+                d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+                    self.window_log_max,
+                ))
+                .map_err(|e| e.to_string())?;
+                none.insert(d)
+            }
         };
         let mut inb = InBuffer::around(input);
         let mut outb = OutBuffer::around(out);
@@ -252,5 +281,23 @@ mod tests {
             &mut out
         )
         .is_err());
+    }
+
+    #[cfg(feature = "zstd")]
+    #[test]
+    fn zstd_frame_asking_for_a_window_bigger_than_a_cluster_is_refused() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
+        // A streaming encoder with a 16 MiB window and no pledged size keeps that window in
+        // the frame header: a decoder would have to allocate it.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(24))
+            .unwrap();
+        enc.include_contentsize(false).unwrap();
+        enc.write_all(&data).unwrap();
+        let frame = enc.finish().unwrap();
+        let mut out = vec![0; 65536];
+        let err = decompress(CompressionType::Zstd, &frame, &mut out).unwrap_err();
+        assert!(err.contains("memory") || err.contains("window"), "{err}");
     }
 }
