@@ -313,12 +313,11 @@ impl<I: ReadAt> Size for Reader<'_, I> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "zlib"))]
 mod tests {
     use crate::Qcow2;
     use positioned_io::ReadAt;
 
-    #[cfg(feature = "zlib")]
     #[test]
     fn small_sequential_reads_decompress_each_cluster_once() {
         let path = concat!(
