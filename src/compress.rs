@@ -56,7 +56,7 @@ impl ClusterCache {
     }
 
     /// How many clusters were decompressed so far.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "zlib"))]
     pub(crate) fn decompressed(&self) -> u64 {
         self.decompressed.load(Ordering::Relaxed)
     }
