@@ -129,8 +129,8 @@ impl Decompressor {
     }
 }
 
-/// Decompress once with a fresh decoder (tests and one-off uses).
-#[cfg(test)]
+/// Decompress once with a fresh decoder (tests).
+#[cfg(all(test, any(feature = "zlib", feature = "zstd")))]
 pub(crate) fn decompress(
     kind: CompressionType,
     input: &[u8],
@@ -240,7 +240,7 @@ impl Decompressor {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "zlib", feature = "zstd")))]
 mod tests {
     use super::*;
 
