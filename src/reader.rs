@@ -1,13 +1,14 @@
 //! [`Reader`]: guest reads through the L1 and L2 tables.
 
 use std::io;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, OnceLock, PoisonError};
 
 use positioned_io::{ReadAt, Size};
 
 use crate::bytes::low_bits;
-use crate::compress;
+use crate::compress::{self, ClusterCache};
 use crate::error::{Error, Result};
+use crate::header::CompressionType;
 use crate::image::{Backing, Qcow2};
 use crate::io::{be_u64_table, read_metadata, read_up_to};
 use crate::table::{self, Mapping};
@@ -55,6 +56,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let unit_bits = geometry.unit_bits();
         let l2_bits = geometry.l2_bits();
         let mut pending: Option<Pending> = None;
+        let mut batch: Vec<CompressedPart> = Vec::new();
         let mut done = 0usize;
         while done < buf.len() {
             let guest = pos.saturating_add(done as u64);
@@ -78,10 +80,20 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                     Mapping::Unallocated => Run::Unallocated,
                     Mapping::Compressed {
                         host_offset,
-                        len: clen,
+                        len: input_len,
                     } => {
+                        // Runs only grow by contiguous guest bytes: end the pending one here.
                         self.flush(pending.take(), pos, buf)?;
-                        self.read_compressed(guest, host_offset, clen, part(buf, done, len)?)?;
+                        batch.push(CompressedPart {
+                            guest,
+                            host: host_offset,
+                            input_len,
+                            at: done,
+                            len,
+                        });
+                        if batch.len() >= COMPRESSED_BATCH {
+                            self.read_compressed(&mut batch, buf)?;
+                        }
                         done = done.saturating_add(len);
                         continue;
                     }
@@ -99,6 +111,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 done = done.saturating_add(len);
             }
         }
+        self.read_compressed(&mut batch, buf)?;
         self.flush(pending, pos, buf)
     }
 
@@ -224,39 +237,142 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     /// Copy the part of a compressed cluster that `out` covers, decompressing it unless it is
     /// the one decompressed last.
-    fn read_compressed(&self, guest: u64, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
-        let cluster_bits = self.image.geometry.cluster_bits;
-        let within = low_bits(guest, cluster_bits) as usize;
-        let guest_cluster = guest ^ within as u64;
-        let copy_out = |data: &[u8], out: &mut [u8]| -> Result<()> {
-            let src = data
-                .get(within..within.saturating_add(out.len()))
-                .ok_or_else(|| Error::malformed("read crosses a compressed cluster", host))?;
-            out.copy_from_slice(src);
-            Ok(())
-        };
-        let cache = &self.image.compressed;
-        if let Some(data) = cache.get(host) {
-            return copy_out(&data, out);
+    /// Read the compressed parts gathered in `batch` into `buf`, and empty the batch. Each
+    /// cluster is decompressed once (unless cached), several at a time on their own threads
+    /// when there is enough work; the file itself is read on this thread only.
+    fn read_compressed(&self, batch: &mut Vec<CompressedPart>, buf: &mut [u8]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
         }
-        let kind = self.image.header.compression_type();
-        compress::check_available(kind)?;
+        let cache = &self.image.compressed;
+        let cluster_bits = self.image.geometry.cluster_bits;
+        let mut clusters: Vec<Cluster> = Vec::new();
+        for p in batch.iter() {
+            if clusters.iter().any(|c| c.host == p.host) {
+                continue;
+            }
+            let data = cache.get(p.host);
+            let input = match data {
+                Some(_) => Vec::new(),
+                None => self.compressed_input(p.host, p.input_len)?,
+            };
+            clusters.push(Cluster {
+                host: p.host,
+                guest: p.guest ^ low_bits(p.guest, cluster_bits),
+                input,
+                data,
+            });
+        }
+        decompress_all(
+            cache,
+            self.image.header.compression_type(),
+            self.image.cluster_size() as usize,
+            &mut clusters,
+        )?;
+        for p in batch.drain(..) {
+            let data = clusters
+                .iter()
+                .find(|c| c.host == p.host)
+                .and_then(|c| c.data.as_deref())
+                .ok_or_else(|| {
+                    Error::malformed("internal error: cluster not decompressed", p.host)
+                })?;
+            let within = low_bits(p.guest, cluster_bits) as usize;
+            let src = data
+                .get(within..within.saturating_add(p.len))
+                .ok_or_else(|| Error::malformed("read crosses a compressed cluster", p.host))?;
+            part(buf, p.at, p.len)?.copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// The compressed bytes of the cluster at `host`. The descriptor rounds up to whole
+    /// sectors, which may run past the end of the file: that tail stays zero, as QEMU reads it.
+    fn compressed_input(&self, host: u64, len: u64) -> Result<Vec<u8>> {
+        compress::check_available(self.image.header.compression_type())?;
         // The 13-bit sector count bounds this to two clusters.
         let mut input = vec![0u8; len as usize];
         read_up_to(&self.image.io, host, &mut input)
             .map_err(|e| Error::io(format!("reading compressed cluster at {host:#x}"), e))?;
-        // The descriptor rounds up to whole sectors, which may run past the end of the file:
-        // that tail stays zero, as QEMU reads it.
-        let data = cache
-            .decompress(host, kind, &input, self.image.cluster_size() as usize)
-            .map_err(|reason| Error::BadCompressedCluster {
-                guest_offset: guest_cluster,
-                host_offset: host,
-                reason,
-            })?;
-        copy_out(&data, out)?;
-        Ok(())
+        Ok(input)
     }
+}
+
+/// Compressed parts gathered by one read before they are decompressed together; the bound
+/// keeps the compressed input held at once to 64 clusters at most.
+const COMPRESSED_BATCH: usize = 32;
+
+/// Uncompressed bytes of work below which decompressing on other threads does not pay.
+const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+/// Part of a compressed cluster to be copied into `buf[at..at + len]`.
+struct CompressedPart {
+    guest: u64,
+    host: u64,
+    input_len: u64,
+    at: usize,
+    len: usize,
+}
+
+/// A compressed cluster of a batch: its input, then its data.
+struct Cluster {
+    host: u64,
+    guest: u64,
+    input: Vec<u8>,
+    data: Option<Arc<[u8]>>,
+}
+
+/// Decompress every cluster that has no data yet, on up to as many threads as the machine
+/// has cores when the work is large enough to pay for them.
+fn decompress_all(
+    cache: &ClusterCache,
+    kind: CompressionType,
+    cluster_size: usize,
+    clusters: &mut [Cluster],
+) -> Result<()> {
+    let decompress = |c: &mut Cluster| -> Result<()> {
+        if c.data.is_none() {
+            let data = cache
+                .decompress(c.host, kind, &c.input, cluster_size)
+                .map_err(|reason| Error::BadCompressedCluster {
+                    guest_offset: c.guest,
+                    host_offset: c.host,
+                    reason,
+                })?;
+            c.data = Some(data);
+        }
+        Ok(())
+    };
+    let work = clusters.iter().filter(|c| c.data.is_none()).count();
+    let threads = parallelism().min(work);
+    if threads <= 1 || work.saturating_mul(cluster_size) < PARALLEL_MIN_BYTES {
+        return clusters.iter_mut().try_for_each(decompress);
+    }
+    let share = clusters.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut chunks = clusters.chunks_mut(share);
+        let mine = chunks.next();
+        let others: Vec<_> = chunks
+            .map(|chunk| scope.spawn(move || chunk.iter_mut().try_for_each(decompress)))
+            .collect();
+        let mut result = mine.map_or(Ok(()), |c| c.iter_mut().try_for_each(decompress));
+        for handle in others {
+            let joined = handle.join().unwrap_or_else(|_| {
+                Err(Error::malformed(
+                    "internal error: a decompression thread panicked",
+                    0,
+                ))
+            });
+            result = result.and(joined);
+        }
+        result
+    })
+}
+
+/// Cores to decompress on, looked up once.
+fn parallelism() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
 
 /// A run being grown: how it reads, where it starts in the guest, how long it is.
@@ -342,5 +458,43 @@ mod tests {
             again.read_exact_at(i * 512, &mut sector).unwrap();
         }
         assert_eq!(image.compressed.decompressed(), first);
+    }
+
+    #[test]
+    fn a_corrupt_cluster_among_many_names_its_guest_offset() {
+        use crate::table::Mapping;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/zlib-64k-convert.qcow2"
+        );
+        let mut bytes = std::fs::read(path).unwrap();
+        let (host, guest) = {
+            let image = Qcow2::open(bytes.clone()).unwrap();
+            let reader = image.reader().unwrap();
+            let (at, table) = reader.l2_table(0).unwrap().unwrap();
+            (0..16u64)
+                .map(|i| i << 16)
+                .filter_map(|g| match reader.mapping_in(&table, at, g).unwrap() {
+                    Mapping::Compressed { host_offset, .. } => Some((host_offset, g)),
+                    _ => None,
+                })
+                .nth(3)
+                .expect("a fourth compressed cluster")
+        };
+        bytes[host as usize..host as usize + 64].fill(0xff);
+        let image = Qcow2::open(bytes).unwrap();
+        let mut all = vec![0u8; image.guest_size() as usize];
+        // One read over every cluster: the batch is decompressed on several threads.
+        let err = image
+            .reader()
+            .unwrap()
+            .read_exact_at(0, &mut all)
+            .unwrap_err();
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<crate::Error>());
+        assert!(
+            matches!(inner, Some(crate::Error::BadCompressedCluster { guest_offset, host_offset, .. })
+                if *guest_offset == guest && *host_offset == host),
+            "{err}"
+        );
     }
 }
