@@ -129,6 +129,8 @@ pub struct Qcow2<I> {
     pub(crate) data_file: Option<Box<dyn ReadAt + Send + Sync>>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) limits: Limits,
+    /// Most threads one read decompresses on.
+    pub(crate) threads: usize,
 }
 
 impl<I: ReadAt> Qcow2<I> {
@@ -173,6 +175,9 @@ impl<I: ReadAt> Qcow2<I> {
             data_file: None,
             path: None,
             limits,
+            threads: options
+                .decompression_threads
+                .unwrap_or_else(default_threads),
         })
     }
 
@@ -359,6 +364,11 @@ impl<I: ReadAt + Send + Sync> ImageView for Qcow2<I> {
     fn backing(&self) -> Option<&Backing> {
         self.backing.as_ref()
     }
+}
+
+/// One decompression thread per core, up to 8.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 fn read_header<I: ReadAt>(io: &I, limits: &Limits) -> Result<Header> {

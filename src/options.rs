@@ -77,6 +77,9 @@ pub struct OpenOptions {
     pub files: FilePolicy,
     /// Read clusters the chain does not hold as zeros instead of opening the backing file.
     pub backing_as_zeros: bool,
+    /// Most threads one read may use to decompress compressed clusters (the calling thread
+    /// included); `None` means one per core, up to 8. `Some(1)` never starts a thread.
+    pub decompression_threads: Option<usize>,
 }
 
 impl OpenOptions {
@@ -100,6 +103,12 @@ impl OpenOptions {
     /// Read unallocated clusters as zeros and open no backing file.
     pub fn backing_as_zeros(mut self, yes: bool) -> Self {
         self.backing_as_zeros = yes;
+        self
+    }
+
+    /// Use at most `threads` threads per read to decompress (1: only the calling thread).
+    pub fn decompression_threads(mut self, threads: usize) -> Self {
+        self.decompression_threads = Some(threads.max(1));
         self
     }
 }

@@ -1,7 +1,7 @@
 //! [`Reader`]: guest reads through the L1 and L2 tables.
 
 use std::io;
-use std::sync::{Arc, OnceLock, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use positioned_io::{ReadAt, Size};
 
@@ -264,6 +264,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             });
         }
         decompress_all(
+            self.image.threads,
             cache,
             self.image.header.compression_type(),
             self.image.cluster_size() as usize,
@@ -322,9 +323,10 @@ struct Cluster {
     data: Option<Arc<[u8]>>,
 }
 
-/// Decompress every cluster that has no data yet, on up to as many threads as the machine
-/// has cores when the work is large enough to pay for them.
+/// Decompress every cluster that has no data yet, on up to `max_threads` threads when the
+/// work is large enough to pay for them.
 fn decompress_all(
+    max_threads: usize,
     cache: &ClusterCache,
     kind: CompressionType,
     cluster_size: usize,
@@ -344,7 +346,7 @@ fn decompress_all(
         Ok(())
     };
     let work = clusters.iter().filter(|c| c.data.is_none()).count();
-    let threads = parallelism().min(work);
+    let threads = max_threads.min(work);
     if threads <= 1 || work.saturating_mul(cluster_size) < PARALLEL_MIN_BYTES {
         return clusters.iter_mut().try_for_each(decompress);
     }
@@ -367,12 +369,6 @@ fn decompress_all(
         }
         result
     })
-}
-
-/// Cores to decompress on, looked up once.
-fn parallelism() -> usize {
-    static CORES: OnceLock<usize> = OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
 
 /// A run being grown: how it reads, where it starts in the guest, how long it is.

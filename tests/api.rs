@@ -304,3 +304,19 @@ fn data_cluster_wholly_past_the_end_of_the_file_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn decompression_threads_do_not_change_what_is_read() {
+    let read_all = |options: &OpenOptions| {
+        let image = Qcow2::open_path_with(fixture("zlib-64k-convert.qcow2"), options).unwrap();
+        let mut all = vec![0u8; image.guest_size() as usize];
+        image.reader().unwrap().read_exact_at(0, &mut all).unwrap();
+        all
+    };
+    let one = read_all(&OpenOptions::new().decompression_threads(1));
+    let four = read_all(&OpenOptions::new().decompression_threads(4));
+    let default = read_all(&OpenOptions::new());
+    assert_eq!(one, four);
+    assert_eq!(one, default);
+    assert!(one.iter().any(|&b| b != 0));
+}
