@@ -129,12 +129,16 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return Ok(None);
         };
         let cache = &self.image.l2_cache;
-        if let Some(t) = cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&offset)
         {
-            return Ok(Some((offset, Arc::clone(t))));
+            let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+            // Sequential reads ask for the same table again and again: the most recently used
+            // one needs no hashing and no reordering.
+            if let Some((_, t)) = cache.peek_mru().filter(|(&k, _)| k == offset) {
+                return Ok(Some((offset, Arc::clone(t))));
+            }
+            if let Some(t) = cache.get(&offset) {
+                return Ok(Some((offset, Arc::clone(t))));
+            }
         }
         let bytes = read_metadata(
             &self.image.io,
