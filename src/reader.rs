@@ -1,6 +1,7 @@
 //! [`Reader`]: guest reads through the L1 and L2 tables.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use positioned_io::{ReadAt, Size};
@@ -22,6 +23,9 @@ pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
     l1: Arc<[u64]>,
     size: u64,
+    /// Where the last read ended: a read starting there is sequential, and reads ahead
+    /// through compressed clusters.
+    last_end: AtomicU64,
 }
 
 /// A stretch of guest bytes with one way of reading, being grown cluster by cluster.
@@ -34,7 +38,12 @@ enum Run {
 
 impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, size: u64) -> Self {
-        Reader { image, l1, size }
+        Reader {
+            image,
+            l1,
+            size,
+            last_end: AtomicU64::new(u64::MAX),
+        }
     }
 
     /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
@@ -55,6 +64,8 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let geometry = &self.image.geometry;
         let unit_bits = geometry.unit_bits();
         let l2_bits = geometry.l2_bits();
+        let end = pos.saturating_add(buf.len() as u64);
+        let sequential = self.last_end.swap(end, Ordering::Relaxed) == pos;
         let mut pending: Option<Pending> = None;
         let mut batch: Vec<CompressedPart> = Vec::new();
         let mut done = 0usize;
@@ -92,7 +103,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                             len,
                         });
                         if batch.len() >= COMPRESSED_BATCH {
-                            self.read_compressed(&mut batch, buf)?;
+                            self.read_compressed(&mut batch, buf, false)?;
                         }
                         done = done.saturating_add(len);
                         continue;
@@ -111,7 +122,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 done = done.saturating_add(len);
             }
         }
-        self.read_compressed(&mut batch, buf)?;
+        self.read_compressed(&mut batch, buf, sequential)?;
         self.flush(pending, pos, buf)
     }
 
@@ -244,7 +255,12 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     /// Read the compressed parts gathered in `batch` into `buf`, and empty the batch. Each
     /// cluster is decompressed once (unless cached), several at a time on their own threads
     /// when there is enough work; the file itself is read on this thread only.
-    fn read_compressed(&self, batch: &mut Vec<CompressedPart>, buf: &mut [u8]) -> Result<()> {
+    fn read_compressed(
+        &self,
+        batch: &mut Vec<CompressedPart>,
+        buf: &mut [u8],
+        read_ahead: bool,
+    ) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -265,7 +281,13 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 guest: p.guest ^ low_bits(p.guest, cluster_bits),
                 input,
                 data,
+                ahead: false,
             });
+        }
+        if read_ahead && self.image.threads > 1 {
+            if let Some(last) = batch.last() {
+                self.add_read_ahead(&mut clusters, last.guest);
+            }
         }
         decompress_all(
             self.image.threads,
@@ -301,6 +323,45 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             .map_err(|e| Error::io(format!("reading compressed cluster at {host:#x}"), e))?;
         Ok(input)
     }
+
+    /// Add the compressed clusters that follow `guest` (in its L2 table, up to
+    /// [`READ_AHEAD_BYTES`] of them) to `clusters`, so a sequential reader's next reads find
+    /// them decompressed, on several threads. Best effort: anything odd ends the read-ahead.
+    fn add_read_ahead(&self, clusters: &mut Vec<Cluster>, guest: u64) {
+        let geometry = &self.image.geometry;
+        let count = (READ_AHEAD_BYTES >> geometry.cluster_bits).max(1);
+        let Ok(Some((at, table))) = self.l2_table(guest >> geometry.l2_bits()) else {
+            return;
+        };
+        let first = (guest >> geometry.cluster_bits).saturating_add(1);
+        for index in first..first.saturating_add(count) {
+            let next = index << geometry.cluster_bits;
+            // Stay in this reader's guest and in this L2 table.
+            if next >= self.size || next >> geometry.l2_bits() != guest >> geometry.l2_bits() {
+                break;
+            }
+            let (host_offset, len) = match self.mapping_in(&table, at, next) {
+                Ok(Mapping::Compressed { host_offset, len }) => (host_offset, len),
+                Ok(_) => continue, // mixed images: look past uncompressed clusters
+                Err(_) => break,
+            };
+            if clusters.iter().any(|c| c.host == host_offset)
+                || self.image.compressed.get(host_offset).is_some()
+            {
+                continue;
+            }
+            let Ok(input) = self.compressed_input(host_offset, len) else {
+                break;
+            };
+            clusters.push(Cluster {
+                host: host_offset,
+                guest: next,
+                input,
+                data: None,
+                ahead: true,
+            });
+        }
+    }
 }
 
 /// Compressed parts gathered by one read before they are decompressed together; the bound
@@ -325,7 +386,13 @@ struct Cluster {
     guest: u64,
     input: Vec<u8>,
     data: Option<Arc<[u8]>>,
+    /// Read ahead, not asked for: a failure to decompress it is not this read's error.
+    ahead: bool,
 }
+
+/// How much a sequential reader decompresses ahead of itself, in guest bytes (at least one
+/// cluster): enough to keep every core busy, well inside the decompressed-cluster cache.
+const READ_AHEAD_BYTES: u64 = 1 << 20;
 
 /// Decompress every cluster that has no data yet, on up to `max_threads` threads when the
 /// work is large enough to pay for them.
@@ -338,14 +405,18 @@ fn decompress_all(
 ) -> Result<()> {
     let decompress = |c: &mut Cluster| -> Result<()> {
         if c.data.is_none() {
-            let data = cache
-                .decompress(c.host, kind, &c.input, cluster_size)
-                .map_err(|reason| Error::BadCompressedCluster {
-                    guest_offset: c.guest,
-                    host_offset: c.host,
-                    reason,
-                })?;
-            c.data = Some(data);
+            match cache.decompress(c.host, kind, &c.input, cluster_size) {
+                Ok(data) => c.data = Some(data),
+                // A cluster read ahead reports its error when a read asks for it.
+                Err(_) if c.ahead => {}
+                Err(reason) => {
+                    return Err(Error::BadCompressedCluster {
+                        guest_offset: c.guest,
+                        host_offset: c.host,
+                        reason,
+                    })
+                }
+            }
         }
         Ok(())
     };
@@ -436,28 +507,40 @@ mod tests {
 
     #[test]
     fn small_sequential_reads_decompress_each_cluster_once() {
+        use crate::OpenOptions;
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/fixtures/zlib-64k-convert.qcow2"
         );
-        let image = Qcow2::open(std::fs::File::open(path).unwrap()).unwrap();
-        let reader = image.reader().unwrap();
+        let file = || std::fs::File::open(path).unwrap();
         let mut sector = [0u8; 512];
-        // 256 KiB in 512-byte reads: four 64 KiB clusters.
-        for i in 0..512u64 {
-            reader.read_exact_at(i * 512, &mut sector).unwrap();
-        }
-        let first = image.compressed.decompressed();
-        assert!(
-            first > 0 && first <= 4,
-            "{first} decompressions for 4 clusters"
-        );
+        let whole_image_in_sectors = |reader: &crate::Reader<'_, std::fs::File>| {
+            let mut sector = [0u8; 512];
+            for i in 0..reader.guest_size() / 512 {
+                reader.read_exact_at(i * 512, &mut sector).unwrap();
+            }
+        };
+        // Without read-ahead: one decompression per compressed cluster, however many reads.
+        let single = OpenOptions::new().decompression_threads(1);
+        let image = Qcow2::open_with(file(), &single).unwrap();
+        whole_image_in_sectors(&image.reader().unwrap());
+        let clusters = image.compressed.decompressed();
+        assert!(clusters > 4, "{clusters} compressed clusters");
         // Again, through a second reader of the same image: all cached.
-        let again = image.reader().unwrap();
-        for i in 0..512u64 {
-            again.read_exact_at(i * 512, &mut sector).unwrap();
-        }
-        assert_eq!(image.compressed.decompressed(), first);
+        whole_image_in_sectors(&image.reader().unwrap());
+        assert_eq!(image.compressed.decompressed(), clusters);
+
+        // With read-ahead: the second sequential read decompresses the clusters ahead, and
+        // still each only once.
+        let two = OpenOptions::new().decompression_threads(2);
+        let image = Qcow2::open_with(file(), &two).unwrap();
+        let reader = image.reader().unwrap();
+        reader.read_exact_at(0, &mut sector).unwrap();
+        assert_eq!(image.compressed.decompressed(), 1);
+        reader.read_exact_at(512, &mut sector).unwrap();
+        assert!(image.compressed.decompressed() > 1, "read ahead");
+        whole_image_in_sectors(&reader);
+        assert_eq!(image.compressed.decompressed(), clusters);
     }
 
     #[test]
@@ -494,6 +577,44 @@ mod tests {
         assert!(
             matches!(inner, Some(crate::Error::BadCompressedCluster { guest_offset, host_offset, .. })
                 if *guest_offset == guest && *host_offset == host),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_cluster_read_ahead_fails_only_the_read_that_asks_for_it() {
+        use crate::table::Mapping;
+        use crate::OpenOptions;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/zlib-64k-convert.qcow2"
+        );
+        let mut bytes = std::fs::read(path).unwrap();
+        let compressed: Vec<(u64, u64)> = {
+            let image = Qcow2::open(bytes.clone()).unwrap();
+            let reader = image.reader().unwrap();
+            let (at, table) = reader.l2_table(0).unwrap().unwrap();
+            (0..16u64)
+                .map(|i| i << 16)
+                .filter_map(|g| match reader.mapping_in(&table, at, g).unwrap() {
+                    Mapping::Compressed { host_offset, .. } => Some((host_offset, g)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (good, bad) = (compressed[1].1, compressed[2]);
+        bytes[bad.0 as usize..bad.0 as usize + 64].fill(0xff);
+        let options = OpenOptions::new().decompression_threads(2);
+        let image = Qcow2::open_with(bytes, &options).unwrap();
+        let reader = image.reader().unwrap();
+        let mut sector = [0u8; 512];
+        // Sequential reads in a good cluster read the bad one ahead: no error yet.
+        reader.read_exact_at(good, &mut sector).unwrap();
+        reader.read_exact_at(good + 512, &mut sector).unwrap();
+        let err = reader.read_exact_at(bad.1, &mut sector).unwrap_err();
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<crate::Error>());
+        assert!(
+            matches!(inner, Some(crate::Error::BadCompressedCluster { guest_offset, .. }) if *guest_offset == bad.1),
             "{err}"
         );
     }
