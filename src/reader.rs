@@ -334,6 +334,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return;
         };
         let first = (guest >> geometry.cluster_bits).saturating_add(1);
+        let mut added = 0u64;
         for index in first..first.saturating_add(count) {
             let next = index << geometry.cluster_bits;
             // Stay in this reader's guest and in this L2 table.
@@ -348,6 +349,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             if clusters.iter().any(|c| c.host == host_offset)
                 || self.image.compressed.get(host_offset).is_some()
             {
+                if added == 0 {
+                    // The last read-ahead is still ahead of us: let the reader catch up, so
+                    // the next one is a batch worth sharing between threads.
+                    return;
+                }
                 continue;
             }
             let Ok(input) = self.compressed_input(host_offset, len) else {
@@ -360,6 +366,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 data: None,
                 ahead: true,
             });
+            added = added.saturating_add(1);
         }
     }
 }
@@ -420,19 +427,21 @@ fn decompress_all(
         }
         Ok(())
     };
-    let work = clusters.iter().filter(|c| c.data.is_none()).count();
+    // Share out only the clusters still to decompress: cached ones cost nothing.
+    let mut todo: Vec<&mut Cluster> = clusters.iter_mut().filter(|c| c.data.is_none()).collect();
+    let work = todo.len();
     let threads = max_threads.min(work);
     if threads <= 1 || work.saturating_mul(cluster_size) < PARALLEL_MIN_BYTES {
-        return clusters.iter_mut().try_for_each(decompress);
+        return todo.into_iter().try_for_each(decompress);
     }
-    let share = clusters.len().div_ceil(threads);
+    let share = work.div_ceil(threads);
     std::thread::scope(|scope| {
-        let mut chunks = clusters.chunks_mut(share);
+        let mut chunks = todo.chunks_mut(share);
         let mine = chunks.next();
         let others: Vec<_> = chunks
-            .map(|chunk| scope.spawn(move || chunk.iter_mut().try_for_each(decompress)))
+            .map(|chunk| scope.spawn(move || chunk.iter_mut().try_for_each(|c| decompress(c))))
             .collect();
-        let mut result = mine.map_or(Ok(()), |c| c.iter_mut().try_for_each(decompress));
+        let mut result = mine.map_or(Ok(()), |c| c.iter_mut().try_for_each(|c| decompress(c)));
         for handle in others {
             let joined = handle.join().unwrap_or_else(|_| {
                 Err(Error::malformed(
