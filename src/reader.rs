@@ -511,8 +511,23 @@ impl<I: ReadAt> Size for Reader<'_, I> {
 
 #[cfg(all(test, feature = "zlib"))]
 mod tests {
+    use crate::table::Mapping;
     use crate::Qcow2;
     use positioned_io::ReadAt;
+
+    /// (host offset, guest offset) of the compressed clusters among the first 16 of `bytes`.
+    fn compressed_clusters(bytes: &[u8]) -> Vec<(u64, u64)> {
+        let image = Qcow2::open(bytes.to_vec()).unwrap();
+        let reader = image.reader().unwrap();
+        let (at, table) = reader.l2_table(0).unwrap().unwrap();
+        (0..16u64)
+            .map(|i| i << image.geometry.cluster_bits)
+            .filter_map(|g| match reader.mapping_in(&table, at, g).unwrap() {
+                Mapping::Compressed { host_offset, .. } => Some((host_offset, g)),
+                _ => None,
+            })
+            .collect()
+    }
 
     #[test]
     fn small_sequential_reads_decompress_each_cluster_once() {
@@ -554,25 +569,12 @@ mod tests {
 
     #[test]
     fn a_corrupt_cluster_among_many_names_its_guest_offset() {
-        use crate::table::Mapping;
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/fixtures/zlib-64k-convert.qcow2"
         );
         let mut bytes = std::fs::read(path).unwrap();
-        let (host, guest) = {
-            let image = Qcow2::open(bytes.clone()).unwrap();
-            let reader = image.reader().unwrap();
-            let (at, table) = reader.l2_table(0).unwrap().unwrap();
-            (0..16u64)
-                .map(|i| i << 16)
-                .filter_map(|g| match reader.mapping_in(&table, at, g).unwrap() {
-                    Mapping::Compressed { host_offset, .. } => Some((host_offset, g)),
-                    _ => None,
-                })
-                .nth(3)
-                .expect("a fourth compressed cluster")
-        };
+        let (host, guest) = compressed_clusters(&bytes)[3];
         bytes[host as usize..host as usize + 64].fill(0xff);
         let image = Qcow2::open(bytes).unwrap();
         let mut all = vec![0u8; image.guest_size() as usize];
@@ -592,25 +594,13 @@ mod tests {
 
     #[test]
     fn a_corrupt_cluster_read_ahead_fails_only_the_read_that_asks_for_it() {
-        use crate::table::Mapping;
         use crate::OpenOptions;
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/fixtures/zlib-64k-convert.qcow2"
         );
         let mut bytes = std::fs::read(path).unwrap();
-        let compressed: Vec<(u64, u64)> = {
-            let image = Qcow2::open(bytes.clone()).unwrap();
-            let reader = image.reader().unwrap();
-            let (at, table) = reader.l2_table(0).unwrap().unwrap();
-            (0..16u64)
-                .map(|i| i << 16)
-                .filter_map(|g| match reader.mapping_in(&table, at, g).unwrap() {
-                    Mapping::Compressed { host_offset, .. } => Some((host_offset, g)),
-                    _ => None,
-                })
-                .collect()
-        };
+        let compressed = compressed_clusters(&bytes);
         let (good, bad) = (compressed[1].1, compressed[2]);
         bytes[bad.0 as usize..bad.0 as usize + 64].fill(0xff);
         let options = OpenOptions::new().decompression_threads(2);

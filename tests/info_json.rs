@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use qcow2::Qcow2;
 use serde_json::Value;
 
@@ -27,15 +25,9 @@ fn to_json_matches_qemu_img_info() {
     let Some(qemu) = common::Qemu::find_or_skip("to_json_matches_qemu_img_info") else {
         return;
     };
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let manifest = std::fs::read_to_string(dir.join("manifest.tsv")).unwrap();
+    let dir = common::fixtures_dir();
     let mut compared = 0;
-    for name in manifest
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split('\t').next())
-        .filter(|n| !n.contains('@'))
-    {
+    for name in common::fixture_images().iter().map(String::as_str) {
         let image = match Qcow2::open_path(dir.join(name)) {
             Ok(image) => image,
             // Refused on purpose (corrupt, encrypted): covered by the API tests.

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use qcow2::{ExtentKind, Qcow2};
 use serde_json::Value;
 
@@ -52,14 +50,11 @@ fn extents_match_qemu_img_map() {
     let Some(qemu) = common::Qemu::find_or_skip("extents_match_qemu_img_map") else {
         return;
     };
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let manifest = std::fs::read_to_string(dir.join("manifest.tsv")).unwrap();
+    let dir = common::fixtures_dir();
     let mut compared = 0;
-    for name in manifest
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split('\t').next())
-        .filter(|n| !n.contains('@'))
+    for name in common::fixture_images()
+        .iter()
+        .map(String::as_str)
         // Preallocated clusters: QEMU looks into the file for holes and reports those as
         // zeros, a property of the host file rather than of the image.
         .filter(|n| !n.starts_with("prealloc-"))

@@ -387,3 +387,21 @@ impl Rng {
         }
     }
 }
+
+/// The committed fixtures directory.
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The images listed in `fixtures/manifest.tsv` (snapshot lines `IMAGE@SNAP` left out).
+pub fn fixture_images() -> Vec<String> {
+    let manifest = std::fs::read_to_string(fixtures_dir().join("manifest.tsv"))
+        .unwrap_or_else(|e| panic!("reading fixtures/manifest.tsv: {e}"));
+    manifest
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split('\t').next())
+        .filter(|n| !n.is_empty() && !n.contains('@'))
+        .map(str::to_owned)
+        .collect()
+}
