@@ -5,13 +5,13 @@
 //! crate's own single-threaded read of the whole guest. Either way the reference is first
 //! checked against the SHA-256 in `fixtures/manifest.tsv`, so this test needs no QEMU.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 use std::sync::Barrier;
 
 use positioned_io::ReadAt;
 use qcow2::{Limits, OpenOptions, Qcow2};
-use sha2::{Digest, Sha256};
 
 const THREADS: usize = 8;
 const READS_PER_THREAD: usize = 500;
@@ -21,28 +21,9 @@ const MAX_READ: u64 = 192 * 1024;
 /// clusters), extended L2 subclusters, and a three-image backing chain.
 const IMAGES: &[&str] = &["zlib-4k-mixed.qcow2", "extl2-64k.qcow2", "chain-top.qcow2"];
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-/// xorshift64*: deterministic offsets and lengths without `rand`.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn manifest_sha(name: &str) -> String {
-    let text = std::fs::read_to_string(fixtures().join("manifest.tsv")).expect("manifest.tsv");
+    let text =
+        std::fs::read_to_string(common::fixtures_dir().join("manifest.tsv")).expect("manifest.tsv");
     text.lines()
         .map(|l| l.split('\t').collect::<Vec<_>>())
         .find(|cols| cols[0] == name)
@@ -50,41 +31,8 @@ fn manifest_sha(name: &str) -> String {
         .to_owned()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn have_qemu_img() -> bool {
-    Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new() -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("qcow2-threads-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The whole guest, read by one thread with one reader.
-fn single_threaded(path: &Path) -> Vec<u8> {
+fn single_threaded(path: &std::path::Path) -> Vec<u8> {
     let image = Qcow2::open_path(path).expect("open");
     let reader = image.reader().expect("reader");
     let mut out = vec![0u8; usize::try_from(image.guest_size()).expect("size")];
@@ -97,11 +45,11 @@ fn single_threaded(path: &Path) -> Vec<u8> {
 }
 
 /// The reference bytes of `name`, checked against the manifest.
-fn reference(name: &str, tmp: &TempDir) -> Vec<u8> {
-    let path = fixtures().join(name);
-    let (bytes, source) = if have_qemu_img() {
-        let out = tmp.0.join(format!("{name}.raw"));
-        let status = Command::new("qemu-img")
+fn reference(name: &str, tmp: &common::TempDir) -> Vec<u8> {
+    let path = common::fixtures_dir().join(name);
+    let (bytes, source) = if let Some(qemu_img) = common::find_tool("qemu-img", "QEMU_IMG") {
+        let out = tmp.join(format!("{name}.raw"));
+        let status = Command::new(qemu_img)
             .args(["convert", "-O", "raw"])
             .arg(&path)
             .arg(&out)
@@ -115,7 +63,7 @@ fn reference(name: &str, tmp: &TempDir) -> Vec<u8> {
         (single_threaded(&path), "single-threaded read (no qemu-img)")
     };
     assert_eq!(
-        sha256_hex(&bytes),
+        common::sha256_hex(&bytes),
         manifest_sha(name),
         "reference for {name} from {source} does not match fixtures/manifest.tsv"
     );
@@ -136,7 +84,8 @@ fn hammer(name: &str, image: &Qcow2<std::fs::File>, truth: &[u8], seed: u64) {
         for t in 0..THREADS {
             let (shared, start) = (&shared, &start);
             s.spawn(move || {
-                let mut rng = Rng((seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1);
+                let mut rng =
+                    common::Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 let own = image.reader().expect("reader");
                 let mut buf = vec![0u8; MAX_READ as usize];
                 start.wait();
@@ -184,10 +133,10 @@ fn hammer(name: &str, image: &Qcow2<std::fs::File>, truth: &[u8], seed: u64) {
 
 #[test]
 fn eight_threads_read_the_same_bytes_as_the_raw_conversion() {
-    let tmp = TempDir::new();
+    let tmp = common::TempDir::new("threads");
     for (k, name) in IMAGES.iter().enumerate() {
         let truth = reference(name, &tmp);
-        let path = fixtures().join(name);
+        let path = common::fixtures_dir().join(name);
 
         // Default limits: every L2 table fits in the cache.
         let image = Qcow2::open_path(&path).expect("open");
