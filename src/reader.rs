@@ -65,7 +65,10 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let unit_bits = geometry.unit_bits();
         let l2_bits = geometry.l2_bits();
         let end = pos.saturating_add(buf.len() as u64);
-        let sequential = self.last_end.swap(end, Ordering::Relaxed) == pos;
+        // A heuristic, so a plain load and store (no read-modify-write on the hot path): two
+        // threads racing on one reader at worst read ahead once too often or too rarely.
+        let sequential = self.last_end.load(Ordering::Relaxed) == pos;
+        self.last_end.store(end, Ordering::Relaxed);
         let mut pending: Option<Pending> = None;
         let mut batch: Vec<CompressedPart> = Vec::new();
         let mut done = 0usize;
