@@ -448,10 +448,8 @@ impl Header {
                 20,
             ));
         }
-        if self.has_data_file_bit() && self.data_file.is_none() {
-            // Allowed: QEMU then needs the data file named in its options. We keep going and
-            // require the caller to attach one before reading.
-        }
+        // The data-file bit without a name is allowed: QEMU then takes the file from its
+        // options, and `Qcow2::reader` requires the caller to attach one.
         Ok(())
     }
 
