@@ -38,3 +38,8 @@ pub(crate) fn low_bits(x: u64, bits: u32) -> u64 {
 pub(crate) fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// `bytes` up to its first NUL: how QEMU reads names it stores as C strings.
+pub(crate) fn until_nul(bytes: &[u8]) -> &[u8] {
+    bytes.split(|&b| b == 0).next().unwrap_or_default()
+}

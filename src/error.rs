@@ -2,6 +2,8 @@
 
 use std::io;
 
+use crate::feature::FeatureName;
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -53,15 +55,17 @@ pub enum Error {
         version: u32,
     },
 
-    /// The image sets a feature bit this crate does not handle.
-    #[error("unsupported qcow2 {kind} feature: bit {bit} ({name})")]
+    /// The image sets feature bits this crate does not handle.
+    #[error("unsupported qcow2 {kind} feature: {}", describe_features(all))]
     UnsupportedFeature {
-        /// Which feature field the bit is in.
+        /// Which feature field the bits are in.
         kind: FeatureKind,
-        /// The bit number.
+        /// The lowest such bit.
         bit: u8,
-        /// The name from the image's feature-name table, or the spec's name, or `unknown`.
+        /// Its name from the image's feature-name table, or the spec's name, or `unknown`.
         name: String,
+        /// Every such bit, each with its name, lowest first.
+        all: Vec<FeatureName>,
     },
 
     /// The image is encrypted; this crate does not decrypt.
@@ -162,6 +166,69 @@ pub enum Error {
     #[error("no snapshot with id or name {0:?}")]
     NoSuchSnapshot(String),
 
+    /// A table or structure lies (partly) past the end of the file.
+    #[error("{what} at file offset {offset:#x} ({len} bytes) runs past the end of the file")]
+    PastEnd {
+        /// What it is (`L1 table`, `L2 table`, `data cluster`, ...).
+        what: &'static str,
+        /// Its file offset.
+        offset: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+
+    /// An offset that must be cluster aligned is not.
+    #[error(
+        "{what} offset {offset:#x} is not cluster aligned (field or entry at file offset {at:#x})"
+    )]
+    Misaligned {
+        /// What the offset locates (`L2 table`, `data cluster`, ...).
+        what: &'static str,
+        /// The offset found.
+        offset: u64,
+        /// The file offset of the field or table entry holding it.
+        at: u64,
+    },
+
+    /// With an external data file, a data cluster must sit at its own guest offset.
+    #[error("external data file host cluster offset {host_offset:#x} does not match guest cluster offset {guest_offset:#x} (L2 entry at file offset {entry_at:#x})")]
+    DataFileOffsetMismatch {
+        /// The host offset the L2 entry names.
+        host_offset: u64,
+        /// The guest offset of the cluster.
+        guest_offset: u64,
+        /// The file offset of the L2 entry.
+        entry_at: u64,
+    },
+
+    /// An L2 entry is invalid for this image (a zero flag in a version 2 image, a compressed
+    /// cluster with an external data file, contradictory subcluster bits).
+    #[error("invalid L2 entry {entry:#018x} at file offset {entry_at:#x}: {reason}")]
+    InvalidL2Entry {
+        /// The entry's first 64-bit word.
+        entry: u64,
+        /// Its file offset.
+        entry_at: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A file the image names is not a regular file (a FIFO, socket, directory or, unless
+    /// allowed, a device), so it is not opened or not read.
+    #[error("{path:?} ({role}) is not a regular file: it is a {kind}")]
+    NotRegularFile {
+        /// The path.
+        path: std::path::PathBuf,
+        /// What the file was for.
+        role: &'static str,
+        /// What it is instead.
+        kind: &'static str,
+    },
+
+    /// A bug in this crate: an internal invariant did not hold. Please report it.
+    #[error("internal error in the qcow2 crate: {0}")]
+    Internal(&'static str),
+
     /// The underlying source failed.
     #[error("I/O error while {context}: {source}")]
     Io {
@@ -207,10 +274,20 @@ impl Error {
             | Error::UnsupportedBackingFormat { .. } => io::ErrorKind::Unsupported,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
+            Error::Internal(_) => io::ErrorKind::Other,
             Error::NoSuchSnapshot(_) => io::ErrorKind::NotFound,
             _ => io::ErrorKind::InvalidData,
         }
     }
+}
+
+/// "bit 9 (name), bit 12 (unknown)".
+fn describe_features(all: &[FeatureName]) -> String {
+    let parts: Vec<String> = all
+        .iter()
+        .map(|f| format!("bit {} ({})", f.bit, f.name))
+        .collect();
+    parts.join(", ")
 }
 
 impl From<Error> for io::Error {

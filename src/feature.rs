@@ -13,9 +13,9 @@ pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible bit 4: L2 entries are 128 bits with 32 subclusters each.
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
-/// Incompatible bits this reader knows how to read (all but the corrupt bit).
-pub(crate) const INCOMPAT_SUPPORTED: u64 =
-    INCOMPAT_DIRTY | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+/// Incompatible bits QEMU knows (`QCOW2_INCOMPAT_MASK`): any other is refused, by name.
+pub(crate) const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
 /// Compatible bit 0: refcount updates may be deferred.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;

@@ -3,8 +3,11 @@
 //! Parsing is pure: [`Header::parse`] takes the bytes of the first cluster and applies the
 //! checks QEMU's `qcow2_do_open` applies, so every rule can be tested on a byte array.
 
-use crate::bytes::{align8, be_u32, be_u64, field, lossy, low_bits};
+use std::path::Path;
+
+use crate::bytes::{be_u32, be_u64, field, lossy, low_bits, until_nul};
 use crate::error::{Error, FeatureKind, Result};
+use crate::extension::{self, BitmapsExtension, EncryptionExtension, Extension, Extensions};
 use crate::feature::{self, Feature, FeatureName};
 use crate::limits::Limits;
 
@@ -27,19 +30,28 @@ pub(crate) const TABLE_ENTRY_LEN: u64 = 8;
 /// Size of a snapshot table entry's fixed part (`QCowSnapshotHeader`).
 pub(crate) const SNAPSHOT_HEADER_LEN: u64 = 40;
 
-// Header extension types (spec: "Header extensions").
-const EXT_END: u32 = 0x0000_0000;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
-const EXT_ENCRYPTION: u32 = 0x0537_be77;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
-/// QEMU keeps the backing format in a 16-byte buffer: names of 16 bytes or more are refused.
-const MAX_BACKING_FORMAT_LEN: u32 = 15;
-/// Bitmaps extension: nb_bitmaps u32, reserved u32, directory size u64, directory offset u64.
-const BITMAPS_EXT_LEN: u32 = 24;
-/// Full disk encryption header pointer: offset u64, length u64.
-const ENCRYPTION_EXT_LEN: u32 = 16;
+/// Byte offsets of the header fields (spec: "Header"); version 3 fields start at 72.
+mod at {
+    pub const MAGIC: u64 = 0;
+    pub const VERSION: u64 = 4;
+    pub const BACKING_FILE_OFFSET: u64 = 8;
+    pub const BACKING_FILE_SIZE: u64 = 16;
+    pub const CLUSTER_BITS: u64 = 20;
+    pub const SIZE: u64 = 24;
+    pub const CRYPT_METHOD: u64 = 32;
+    pub const L1_SIZE: u64 = 36;
+    pub const L1_TABLE_OFFSET: u64 = 40;
+    pub const REFCOUNT_TABLE_OFFSET: u64 = 48;
+    pub const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
+    pub const NB_SNAPSHOTS: u64 = 60;
+    pub const SNAPSHOTS_OFFSET: u64 = 64;
+    pub const INCOMPATIBLE_FEATURES: u64 = 72;
+    pub const COMPATIBLE_FEATURES: u64 = 80;
+    pub const AUTOCLEAR_FEATURES: u64 = 88;
+    pub const REFCOUNT_ORDER: u64 = 96;
+    pub const HEADER_LENGTH: u64 = 100;
+    pub const COMPRESSION_TYPE: u64 = 104;
+}
 
 /// How compressed clusters are compressed (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,68 +71,6 @@ impl CompressionType {
             CompressionType::Zstd => "zstd",
         }
     }
-}
-
-/// What a header extension is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ExtensionKind {
-    /// Backing file format name (`0xe2792aca`).
-    BackingFormat,
-    /// Feature name table (`0x6803f857`).
-    FeatureNames,
-    /// Bitmaps (`0x23852875`).
-    Bitmaps,
-    /// Full disk encryption header pointer (`0x0537be77`).
-    Encryption,
-    /// External data file name (`0x44415441`).
-    DataFile,
-    /// A type this crate does not know; kept so callers can see it.
-    Unknown(u32),
-}
-
-impl ExtensionKind {
-    fn from_magic(magic: u32) -> Self {
-        match magic {
-            EXT_BACKING_FORMAT => ExtensionKind::BackingFormat,
-            EXT_FEATURE_NAMES => ExtensionKind::FeatureNames,
-            EXT_BITMAPS => ExtensionKind::Bitmaps,
-            EXT_ENCRYPTION => ExtensionKind::Encryption,
-            EXT_DATA_FILE => ExtensionKind::DataFile,
-            other => ExtensionKind::Unknown(other),
-        }
-    }
-}
-
-/// A header extension found in the first cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Extension {
-    /// Its type.
-    pub kind: ExtensionKind,
-    /// File offset of its data (just past its 8-byte type and length).
-    pub offset: u64,
-    /// Length of its data, without padding.
-    pub len: u32,
-}
-
-/// The bitmaps extension: where the persistent dirty bitmap directory is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BitmapsExtension {
-    /// Number of bitmaps in the directory.
-    pub nb_bitmaps: u32,
-    /// Size of the bitmap directory in bytes.
-    pub directory_size: u64,
-    /// File offset of the bitmap directory.
-    pub directory_offset: u64,
-}
-
-/// The full-disk-encryption header pointer extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EncryptionExtension {
-    /// File offset of the encryption header (LUKS).
-    pub offset: u64,
-    /// Its length.
-    pub length: u64,
 }
 
 /// The parsed and validated image header, with its extensions.
@@ -144,13 +94,13 @@ pub struct Header {
     refcount_order: u32,
     header_length: u32,
     compression_type: CompressionType,
-    extensions: Vec<Extension>,
-    feature_names: Vec<FeatureName>,
-    backing_file: Option<String>,
-    backing_format: Option<String>,
-    data_file: Option<String>,
-    bitmaps: Option<BitmapsExtension>,
-    encryption: Option<EncryptionExtension>,
+    ext: Extensions,
+    /// The backing file name's bytes, up to its first NUL; `None` when absent or empty.
+    backing_file: Option<Vec<u8>>,
+    /// The same, as text (lossy where it is not UTF-8).
+    backing_file_text: Option<String>,
+    /// The data file name as text.
+    data_file_text: Option<String>,
 }
 
 fn short(what: &str) -> Error {
@@ -161,22 +111,22 @@ fn short(what: &str) -> Error {
 /// much of the file is the first cluster.
 pub(crate) fn probe_cluster_bits(prefix: &[u8]) -> Result<u32> {
     check_magic_and_version(prefix)?;
-    let bits = be_u32(prefix, 20).ok_or_else(|| short("the header"))?;
+    let bits = be_u32(prefix, at::CLUSTER_BITS as usize).ok_or_else(|| short("the header"))?;
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
         return Err(Error::malformed(
             format!("cluster_bits {bits} out of range {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"),
-            20,
+            at::CLUSTER_BITS,
         ));
     }
     Ok(bits)
 }
 
 fn check_magic_and_version(buf: &[u8]) -> Result<u32> {
-    let magic = be_u32(buf, 0).ok_or(Error::NotQcow2 { found: 0 })?;
+    let magic = be_u32(buf, at::MAGIC as usize).ok_or(Error::NotQcow2 { found: 0 })?;
     if magic != MAGIC {
         return Err(Error::NotQcow2 { found: magic });
     }
-    let version = be_u32(buf, 4).ok_or_else(|| short("the header"))?;
+    let version = be_u32(buf, at::VERSION as usize).ok_or_else(|| short("the header"))?;
     if version != 2 && version != 3 {
         return Err(Error::UnsupportedVersion { version });
     }
@@ -192,46 +142,43 @@ impl Header {
         let version = check_magic_and_version(cluster0)?;
         let cluster_bits = probe_cluster_bits(cluster0)?;
         let cluster_size = 1u64 << cluster_bits;
-        let u32_at = |at: usize| be_u32(cluster0, at).ok_or_else(|| short("the header"));
-        let u64_at = |at: usize| be_u64(cluster0, at).ok_or_else(|| short("the header"));
+        let u32_at = |at: u64| be_u32(cluster0, at as usize).ok_or_else(|| short("the header"));
+        let u64_at = |at: u64| be_u64(cluster0, at as usize).ok_or_else(|| short("the header"));
 
         let mut h = Header {
             version,
-            backing_file_offset: u64_at(8)?,
-            backing_file_size: u32_at(16)?,
+            backing_file_offset: u64_at(at::BACKING_FILE_OFFSET)?,
+            backing_file_size: u32_at(at::BACKING_FILE_SIZE)?,
             cluster_bits,
-            size: u64_at(24)?,
-            crypt_method: u32_at(32)?,
-            l1_size: u32_at(36)?,
-            l1_table_offset: u64_at(40)?,
-            refcount_table_offset: u64_at(48)?,
-            refcount_table_clusters: u32_at(56)?,
-            nb_snapshots: u32_at(60)?,
-            snapshots_offset: u64_at(64)?,
+            size: u64_at(at::SIZE)?,
+            crypt_method: u32_at(at::CRYPT_METHOD)?,
+            l1_size: u32_at(at::L1_SIZE)?,
+            l1_table_offset: u64_at(at::L1_TABLE_OFFSET)?,
+            refcount_table_offset: u64_at(at::REFCOUNT_TABLE_OFFSET)?,
+            refcount_table_clusters: u32_at(at::REFCOUNT_TABLE_CLUSTERS)?,
+            nb_snapshots: u32_at(at::NB_SNAPSHOTS)?,
+            snapshots_offset: u64_at(at::SNAPSHOTS_OFFSET)?,
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
             refcount_order: 4,
             header_length: V2_HEADER_LEN,
             compression_type: CompressionType::Zlib,
-            extensions: Vec::new(),
-            feature_names: Vec::new(),
+            ext: Extensions::default(),
             backing_file: None,
-            backing_format: None,
-            data_file: None,
-            bitmaps: None,
-            encryption: None,
+            backing_file_text: None,
+            data_file_text: None,
         };
         if version >= 3 {
-            h.incompatible_features = u64_at(72)?;
-            h.compatible_features = u64_at(80)?;
-            h.autoclear_features = u64_at(88)?;
-            h.refcount_order = u32_at(96)?;
-            h.header_length = u32_at(100)?;
+            h.incompatible_features = u64_at(at::INCOMPATIBLE_FEATURES)?;
+            h.compatible_features = u64_at(at::COMPATIBLE_FEATURES)?;
+            h.autoclear_features = u64_at(at::AUTOCLEAR_FEATURES)?;
+            h.refcount_order = u32_at(at::REFCOUNT_ORDER)?;
+            h.header_length = u32_at(at::HEADER_LENGTH)?;
             h.check_header_length(cluster_size)?;
-            if h.header_length > 104 {
+            if u64::from(h.header_length) > at::COMPRESSION_TYPE {
                 let byte = *cluster0
-                    .get(104)
+                    .get(at::COMPRESSION_TYPE as usize)
                     .ok_or_else(|| short("the compression type"))?;
                 h.compression_type = match byte {
                     0 => CompressionType::Zlib,
@@ -239,16 +186,20 @@ impl Header {
                     other => {
                         return Err(Error::malformed(
                             format!("unknown compression type {other}"),
-                            104,
+                            at::COMPRESSION_TYPE,
                         ))
                     }
                 };
             }
         }
+        h.check_backing_file_offset(cluster_size)?;
+        h.check_compression_bit()?;
+        h.check_features(cluster0, cluster_size, limits)?;
         h.check_fields(cluster_size, limits)?;
         h.read_extensions(cluster0, cluster_size, limits)?;
         h.read_backing_file_name(cluster0, cluster_size, limits)?;
-        h.check_features()?;
+        h.backing_file_text = h.backing_file.as_deref().map(lossy);
+        h.data_file_text = h.ext.data_file.as_deref().map(lossy);
         Ok(h)
     }
 
@@ -256,7 +207,7 @@ impl Header {
         if self.header_length < V3_MIN_HEADER_LEN {
             return Err(Error::malformed(
                 format!("header_length {} shorter than 104", self.header_length),
-                100,
+                at::HEADER_LENGTH,
             ));
         }
         if u64::from(self.header_length) > cluster_size {
@@ -265,7 +216,20 @@ impl Header {
                     "header_length {} exceeds the cluster size {cluster_size}",
                     self.header_length
                 ),
-                100,
+                at::HEADER_LENGTH,
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_backing_file_offset(&self, cluster_size: u64) -> Result<()> {
+        if self.backing_file_offset > cluster_size {
+            return Err(Error::malformed(
+                format!(
+                    "backing file offset {:#x} is past the first cluster",
+                    self.backing_file_offset
+                ),
+                at::BACKING_FILE_OFFSET,
             ));
         }
         Ok(())
@@ -273,22 +237,13 @@ impl Header {
 
     /// The checks of `qcow2_do_open` on the fixed fields, in its order.
     fn check_fields(&self, cluster_size: u64, limits: &Limits) -> Result<()> {
-        if self.backing_file_offset > cluster_size {
-            return Err(Error::malformed(
-                format!(
-                    "backing file offset {:#x} is past the first cluster",
-                    self.backing_file_offset
-                ),
-                8,
-            ));
-        }
         if self.refcount_order > MAX_REFCOUNT_ORDER {
             return Err(Error::malformed(
                 format!(
                     "refcount_order {} over {MAX_REFCOUNT_ORDER}",
                     self.refcount_order
                 ),
-                96,
+                at::REFCOUNT_ORDER,
             ));
         }
         match self.crypt_method {
@@ -308,25 +263,34 @@ impl Header {
             other => {
                 return Err(Error::malformed(
                     format!("unknown crypt_method {other}"),
-                    32,
+                    at::CRYPT_METHOD,
                 ));
             }
         }
         self.check_refcount_table(cluster_size, limits)?;
         self.check_snapshot_table(limits)?;
-        self.check_l1_table(limits)?;
-        self.check_compression_bit()
+        self.check_l1_table(limits)
     }
 
     fn check_refcount_table(&self, cluster_size: u64, limits: &Limits) -> Result<()> {
         let bytes = u64::from(self.refcount_table_clusters)
             .checked_mul(cluster_size)
-            .ok_or_else(|| Error::malformed("refcount table size overflows", 56))?;
+            .ok_or_else(|| {
+                Error::malformed("refcount table size overflows", at::REFCOUNT_TABLE_CLUSTERS)
+            })?;
         Limits::check("refcount table", bytes, limits.max_refcount_table_bytes)?;
         if self.refcount_table_clusters == 0 {
-            return Err(Error::malformed("image has no refcount table", 56));
+            return Err(Error::malformed(
+                "image has no refcount table",
+                at::REFCOUNT_TABLE_CLUSTERS,
+            ));
         }
-        self.check_table_placement("refcount table", self.refcount_table_offset, bytes, 48)
+        self.check_table_placement(
+            "refcount table",
+            self.refcount_table_offset,
+            bytes,
+            at::REFCOUNT_TABLE_OFFSET,
+        )
     }
 
     fn check_snapshot_table(&self, limits: &Limits) -> Result<()> {
@@ -337,11 +301,16 @@ impl Header {
         )?;
         let bytes = u64::from(self.nb_snapshots)
             .checked_mul(SNAPSHOT_HEADER_LEN)
-            .ok_or_else(|| Error::malformed("snapshot table size overflows", 60))?;
+            .ok_or_else(|| Error::malformed("snapshot table size overflows", at::NB_SNAPSHOTS))?;
         if self.nb_snapshots == 0 {
             return Ok(());
         }
-        self.check_table_placement("snapshot table", self.snapshots_offset, bytes, 64)
+        self.check_table_placement(
+            "snapshot table",
+            self.snapshots_offset,
+            bytes,
+            at::SNAPSHOTS_OFFSET,
+        )
     }
 
     fn check_l1_table(&self, limits: &Limits) -> Result<()> {
@@ -350,18 +319,21 @@ impl Header {
         if self.size > i64::MAX as u64 {
             return Err(Error::malformed(
                 format!("virtual size {:#x} is too big", self.size),
-                24,
+                at::SIZE,
             ));
         }
         let bytes = u64::from(self.l1_size).saturating_mul(TABLE_ENTRY_LEN);
         Limits::check("L1 table", bytes, limits.max_l1_bytes)?;
         let needed = self.l1_entries_for(self.size).ok_or_else(|| {
-            Error::malformed(format!("virtual size {:#x} is too big", self.size), 24)
+            Error::malformed(
+                format!("virtual size {:#x} is too big", self.size),
+                at::SIZE,
+            )
         })?;
         if needed > i32::MAX as u64 {
             return Err(Error::malformed(
                 format!("virtual size {:#x} is too big", self.size),
-                24,
+                at::SIZE,
             ));
         }
         if u64::from(self.l1_size) < needed {
@@ -370,13 +342,13 @@ impl Header {
                     "L1 table has {} entries, the virtual size needs {needed}",
                     self.l1_size
                 ),
-                36,
+                at::L1_SIZE,
             ));
         }
         if self.l1_size == 0 {
             return Ok(());
         }
-        self.check_table_placement("L1 table", self.l1_table_offset, bytes, 40)
+        self.check_table_placement("L1 table", self.l1_table_offset, bytes, at::L1_TABLE_OFFSET)
     }
 
     /// QEMU's `validate_table_offset`: cluster aligned, and the end must not overflow.
@@ -416,28 +388,46 @@ impl Header {
         match (self.compression_type, bit_set) {
             (CompressionType::Zlib, true) => Err(Error::malformed(
                 "compression type incompatible bit set with zlib compression",
-                72,
+                at::INCOMPATIBLE_FEATURES,
             )),
             (CompressionType::Zstd, false) => Err(Error::malformed(
                 "compression type is zstd but the incompatible bit is not set",
-                72,
+                at::INCOMPATIBLE_FEATURES,
             )),
             _ => Ok(()),
         }
     }
 
-    /// Refuse incompatible bits we cannot read, naming them from the image's own table.
-    fn check_features(&self) -> Result<()> {
+    /// Refuse incompatible bits we cannot read, every one named from the image's own table
+    /// (read best effort, as QEMU reads it for this message), then the corrupt bit.
+    fn check_features(&self, cluster0: &[u8], cluster_size: u64, limits: &Limits) -> Result<()> {
+        let unknown = self.incompatible_features & !feature::INCOMPAT_KNOWN;
+        if unknown != 0 {
+            let names = self
+                .extensions_best_effort(cluster0, cluster_size, limits)
+                .feature_names;
+            let kind = FeatureKind::Incompatible;
+            let all: Vec<FeatureName> = (0..64u8)
+                .filter(|&bit| unknown & (1u64 << bit) != 0)
+                .map(|bit| FeatureName {
+                    kind,
+                    bit,
+                    name: feature::name_of(kind, bit, &names).unwrap_or_else(|| "unknown".into()),
+                })
+                .collect();
+            let (bit, name) = all
+                .first()
+                .map(|f| (f.bit, f.name.clone()))
+                .unwrap_or_default();
+            return Err(Error::UnsupportedFeature {
+                kind,
+                bit,
+                name,
+                all,
+            });
+        }
         if self.incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
             return Err(Error::Corrupt);
-        }
-        let unknown = self.incompatible_features & !feature::INCOMPAT_SUPPORTED;
-        if unknown != 0 {
-            let bit = unknown.trailing_zeros() as u8;
-            let kind = FeatureKind::Incompatible;
-            let name = feature::name_of(kind, bit, &self.feature_names)
-                .unwrap_or_else(|| "unknown".to_owned());
-            return Err(Error::UnsupportedFeature { kind, bit, name });
         }
         if self.has_extended_l2() && self.cluster_bits < MIN_CLUSTER_BITS + 5 {
             return Err(Error::malformed(
@@ -445,7 +435,7 @@ impl Header {
                     "extended L2 entries need clusters of at least 16 KiB, not {}",
                     self.cluster_size()
                 ),
-                20,
+                at::CLUSTER_BITS,
             ));
         }
         // The data-file bit without a name is allowed: QEMU then takes the file from its
@@ -453,8 +443,22 @@ impl Header {
         Ok(())
     }
 
-    /// Walk the extensions from the end of the header to the backing-file name (or the end of
-    /// the cluster), as `qcow2_read_extensions` does.
+    /// The extensions as far as they parse, for naming unknown feature bits.
+    fn extensions_best_effort(
+        &self,
+        cluster0: &[u8],
+        cluster_size: u64,
+        limits: &Limits,
+    ) -> Extensions {
+        let mut probe = self.clone();
+        match probe.read_extensions(cluster0, cluster_size, limits) {
+            Ok(()) => probe.ext,
+            Err(_) => Extensions::default(),
+        }
+    }
+
+    /// The extensions, from the end of the header (byte 72 for version 2, `header_length` for
+    /// version 3) to the backing-file name or the end of the cluster, as QEMU reads them.
     fn read_extensions(
         &mut self,
         cluster0: &[u8],
@@ -466,102 +470,18 @@ impl Header {
         } else {
             cluster_size
         };
-        let mut offset = u64::from(self.header_length);
-        while offset < end {
-            let Some(at) = usize::try_from(offset)
-                .ok()
-                .filter(|&at| at < cluster0.len())
-            else {
-                break; // past the end of the file: reads as zeros, an end marker
-            };
-            let magic = be_u32(cluster0, at).unwrap_or(EXT_END);
-            if magic == EXT_END {
-                break;
-            }
-            let len = be_u32(cluster0, at.saturating_add(4)).unwrap_or(0);
-            let data_at = offset.saturating_add(8);
-            if data_at > end || u64::from(len) > end.saturating_sub(data_at) {
-                return Err(Error::malformed(
-                    format!("header extension {magic:#010x} of {len} bytes runs past {end:#x}"),
-                    offset,
-                ));
-            }
-            let data = usize::try_from(data_at)
-                .ok()
-                .and_then(|d| field(cluster0, d, len as usize))
-                .ok_or_else(|| {
-                    Error::malformed(
-                        format!("header extension {magic:#010x} runs past the end of the file"),
-                        offset,
-                    )
-                })?;
-            self.take_extension(ExtensionKind::from_magic(magic), data, data_at, limits)?;
-            offset = data_at.saturating_add(align8(u64::from(len)).unwrap_or(u64::MAX));
-        }
+        let ctx = extension::Context {
+            cluster_bits: self.cluster_bits,
+            autoclear_features: self.autoclear_features,
+            crypt_method: self.crypt_method,
+            limits,
+        };
+        self.ext = extension::parse_all(cluster0, u64::from(self.header_length), end, &ctx)?;
         Ok(())
     }
 
-    fn take_extension(
-        &mut self,
-        kind: ExtensionKind,
-        data: &[u8],
-        offset: u64,
-        limits: &Limits,
-    ) -> Result<()> {
-        let len = data.len() as u32;
-        if !matches!(kind, ExtensionKind::Unknown(_))
-            && self.extensions.iter().any(|e| e.kind == kind)
-        {
-            // QEMU lets the last one win; two different answers to one question is an attack
-            // surface, so we refuse.
-            return Err(Error::malformed(
-                format!("header extension {kind:?} appears twice"),
-                offset,
-            ));
-        }
-        match kind {
-            ExtensionKind::BackingFormat => {
-                if len > MAX_BACKING_FORMAT_LEN {
-                    return Err(Error::malformed(
-                        format!("backing format name of {len} bytes is too long"),
-                        offset,
-                    ));
-                }
-                self.backing_format = Some(lossy(data));
-            }
-            ExtensionKind::FeatureNames => self.feature_names = feature::parse_feature_names(data),
-            // Without the autoclear bit the extension is stale: QEMU ignores it, and so do we.
-            ExtensionKind::Bitmaps if self.autoclear_features & feature::AUTOCLEAR_BITMAPS == 0 => {
-            }
-            ExtensionKind::Bitmaps => {
-                self.bitmaps = parse_bitmaps_ext(data, offset, self.cluster_bits, limits)?
-            }
-            ExtensionKind::Encryption => {
-                if len != ENCRYPTION_EXT_LEN {
-                    return Err(Error::malformed(
-                        format!("encryption header extension of {len} bytes, expected 16"),
-                        offset,
-                    ));
-                }
-                self.encryption = Some(EncryptionExtension {
-                    offset: be_u64(data, 0).unwrap_or(0),
-                    length: be_u64(data, 8).unwrap_or(0),
-                });
-            }
-            ExtensionKind::DataFile => {
-                Limits::check(
-                    "data file name",
-                    u64::from(len),
-                    limits.max_backing_name_bytes,
-                )?;
-                self.data_file = Some(lossy(data));
-            }
-            ExtensionKind::Unknown(_) => {}
-        }
-        self.extensions.push(Extension { kind, offset, len });
-        Ok(())
-    }
-
+    /// The backing file name: at most 1023 bytes inside the first cluster, and to QEMU a C
+    /// string, so it ends at its first NUL; an empty name means no backing file.
     fn read_backing_file_name(
         &mut self,
         cluster0: &[u8],
@@ -576,20 +496,23 @@ impl Header {
         if len > room {
             return Err(Error::malformed(
                 format!("backing file name of {len} bytes runs past the first cluster"),
-                16,
+                at::BACKING_FILE_SIZE,
             ));
         }
         Limits::check("backing file name", len, limits.max_backing_name_bytes)?;
         let name = usize::try_from(self.backing_file_offset)
             .ok()
-            .and_then(|at| field(cluster0, at, len as usize))
+            .and_then(|offset| field(cluster0, offset, len as usize))
             .ok_or_else(|| {
                 Error::malformed(
                     "backing file name runs past the end of the file",
                     self.backing_file_offset,
                 )
             })?;
-        self.backing_file = Some(lossy(name));
+        let name = until_nul(name);
+        if !name.is_empty() {
+            self.backing_file = Some(name.to_vec());
+        }
         Ok(())
     }
 
@@ -673,50 +596,72 @@ impl Header {
     }
     /// The header extensions found, in order, unknown ones included.
     pub fn extensions(&self) -> &[Extension] {
-        &self.extensions
+        &self.ext.list
     }
     /// The feature-name table, empty when the image has none.
     pub fn feature_names(&self) -> &[FeatureName] {
-        &self.feature_names
+        &self.ext.feature_names
     }
     /// Every feature bit that is set, of the three kinds, with its name.
     pub fn features(&self) -> Vec<Feature> {
         let mut all = feature::features_set(
             FeatureKind::Incompatible,
             self.incompatible_features,
-            &self.feature_names,
+            &self.ext.feature_names,
         );
         all.extend(feature::features_set(
             FeatureKind::Compatible,
             self.compatible_features,
-            &self.feature_names,
+            &self.ext.feature_names,
         ));
         all.extend(feature::features_set(
             FeatureKind::Autoclear,
             self.autoclear_features,
-            &self.feature_names,
+            &self.ext.feature_names,
         ));
         all
     }
-    /// The backing file name, as stored in the image.
+    /// The backing file name as text (lossy where the stored bytes are not UTF-8). Like QEMU,
+    /// the name ends at its first NUL, and an empty name means no backing file.
     pub fn backing_file(&self) -> Option<&str> {
+        self.backing_file_text.as_deref()
+    }
+    /// The backing file name's bytes, exactly as stored (up to the first NUL).
+    pub fn backing_file_bytes(&self) -> Option<&[u8]> {
         self.backing_file.as_deref()
     }
-    /// The backing file format from the backing-format extension (`qcow2`, `raw`, ...).
+    /// The backing file name as a path, from its bytes (so names that are not UTF-8 still
+    /// find their file on Unix).
+    pub fn backing_file_path(&self) -> Option<&Path> {
+        self.backing_file.as_deref().map(bytes_path)
+    }
+    /// The backing file format from the backing-format extension (`qcow2`, `raw`, ...), up to
+    /// its first NUL; `None` when absent or empty (the backing file is then probed).
     pub fn backing_format(&self) -> Option<&str> {
-        self.backing_format.as_deref()
+        self.ext.backing_format.as_deref()
     }
-    /// The external data file name from its extension.
+    /// The external data file name recorded in its extension, as text, whether or not the
+    /// image uses it (`qemu-img info` reports it either way). Only
+    /// [`Header::external_data_file`] is ever opened.
     pub fn data_file(&self) -> Option<&str> {
-        self.data_file.as_deref()
+        self.data_file_text.as_deref()
     }
-    /// The bitmaps extension, when present.
+    /// The external data file that holds the guest data: the recorded name, as a path, when
+    /// incompatible bit 2 says the image has one. Without the bit QEMU ignores the name and
+    /// reads the data from the image itself, and so does this crate.
+    pub fn external_data_file(&self) -> Option<&Path> {
+        if !self.has_data_file_bit() {
+            return None;
+        }
+        self.ext.data_file.as_deref().map(bytes_path)
+    }
+    /// The bitmaps extension, when present and valid (the autoclear bit set).
     pub fn bitmaps(&self) -> Option<&BitmapsExtension> {
-        self.bitmaps.as_ref()
+        self.ext.bitmaps.as_ref()
     }
     /// The encryption header pointer, when present.
     pub fn encryption(&self) -> Option<&EncryptionExtension> {
-        self.encryption.as_ref()
+        self.ext.encryption.as_ref()
     }
     /// Dirty bit: the image was not closed cleanly. It still reads correctly.
     pub fn is_dirty(&self) -> bool {
@@ -757,57 +702,23 @@ impl Header {
     }
 }
 
-/// Parse the bitmaps extension with QEMU's checks.
-fn parse_bitmaps_ext(
-    data: &[u8],
-    offset: u64,
-    cluster_bits: u32,
-    limits: &Limits,
-) -> Result<Option<BitmapsExtension>> {
-    if data.len() != BITMAPS_EXT_LEN as usize {
-        return Err(Error::malformed(
-            format!("bitmaps extension of {} bytes, expected 24", data.len()),
-            offset,
-        ));
-    }
-    let nb_bitmaps = be_u32(data, 0).unwrap_or(0);
-    let reserved = be_u32(data, 4).unwrap_or(0);
-    let directory_size = be_u64(data, 8).unwrap_or(0);
-    let directory_offset = be_u64(data, 16).unwrap_or(0);
-    if reserved != 0 {
-        return Err(Error::malformed(
-            "bitmaps extension reserved field is not zero",
-            offset,
-        ));
-    }
-    if nb_bitmaps == 0 {
-        return Err(Error::malformed(
-            "bitmaps extension with zero bitmaps",
-            offset,
-        ));
-    }
-    Limits::check("bitmap count", u64::from(nb_bitmaps), limits.max_bitmaps)?;
-    Limits::check(
-        "bitmap directory",
-        directory_size,
-        limits.max_bitmap_directory_bytes,
-    )?;
-    if low_bits(directory_offset, cluster_bits) != 0 {
-        return Err(Error::malformed(
-            format!("bitmap directory offset {directory_offset:#x} is not cluster aligned"),
-            offset,
-        ));
-    }
-    Ok(Some(BitmapsExtension {
-        nb_bitmaps,
-        directory_size,
-        directory_offset,
-    }))
+/// A name stored as bytes, as a path: byte for byte on Unix, lossily elsewhere.
+#[cfg(unix)]
+fn bytes_path(bytes: &[u8]) -> &Path {
+    use std::os::unix::ffi::OsStrExt;
+    Path::new(std::ffi::OsStr::from_bytes(bytes))
+}
+
+/// A name stored as bytes, as a path: byte for byte on Unix, lossily elsewhere.
+#[cfg(not(unix))]
+fn bytes_path(bytes: &[u8]) -> &Path {
+    Path::new(std::str::from_utf8(bytes).unwrap_or_default())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::extension::{ExtensionKind, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_NAMES};
 
     /// A valid v3 header for a 1 GiB image with 64 KiB clusters, padded to one cluster.
     fn valid_v3() -> Vec<u8> {
@@ -1081,38 +992,5 @@ mod tests {
         let mut r = b.clone();
         set_u64(&mut r, 8, 65537);
         assert_eq!(malformed_at(parse(&r)), 8);
-    }
-
-    #[test]
-    fn bitmaps_extension_rules() {
-        let ext = |nb: u32, reserved: u32, size: u64, offset: u64| {
-            let mut d = nb.to_be_bytes().to_vec();
-            d.extend(reserved.to_be_bytes());
-            d.extend(size.to_be_bytes());
-            d.extend(offset.to_be_bytes());
-            d
-        };
-        let with = |data: &[u8], autoclear: u64| {
-            let mut b = valid_v3();
-            set_u64(&mut b, 88, autoclear);
-            let mut at = 112;
-            push_ext(&mut b, &mut at, EXT_BITMAPS, data);
-            parse(&b)
-        };
-        let h = with(&ext(1, 0, 64, 0x40000), 1).unwrap();
-        assert_eq!(h.bitmaps().unwrap().directory_offset, 0x40000);
-        // Without the autoclear bit the extension is ignored, as QEMU ignores it.
-        assert!(with(&ext(0, 7, 64, 0x40001), 0)
-            .unwrap()
-            .bitmaps()
-            .is_none());
-        assert!(with(&ext(1, 7, 64, 0x40000), 1).is_err());
-        assert!(with(&ext(0, 0, 64, 0x40000), 1).is_err());
-        assert!(with(&ext(1, 0, 64, 0x40001), 1).is_err());
-        assert!(matches!(
-            with(&ext(70000, 0, 64, 0x40000), 1),
-            Err(Error::LimitExceeded { .. })
-        ));
-        assert!(with(&ext(1, 0, 64, 0x40000)[..16], 1).is_err());
     }
 }

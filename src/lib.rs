@@ -57,6 +57,7 @@ mod bitmap;
 mod bytes;
 mod compress;
 mod error;
+mod extension;
 mod extent;
 mod feature;
 mod header;
@@ -72,15 +73,13 @@ mod table;
 
 pub use bitmap::Bitmap;
 pub use error::{Error, FeatureKind, Result};
+pub use extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};
 pub use extent::{Extent, ExtentKind};
 pub use feature::{
     Feature, FeatureName, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
-pub use header::{
-    BitmapsExtension, CompressionType, EncryptionExtension, Extension, ExtensionKind, Header,
-    MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
-};
+pub use header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 pub use image::Qcow2;
 pub use info::{ChainEntry, ImageInfo};
 pub use limits::Limits;

@@ -302,10 +302,10 @@ hostile_cases! {
     bitmaps_dir_past_eof: "bitmaps-dir-past-eof", Open => Error::Malformed { .. },
     // Feature bits and compression type.
     incompat_bit9: "incompat-bit9", Open => Error::UnsupportedFeature {
-        kind: FeatureKind::Incompatible, bit: 9, name
+        kind: FeatureKind::Incompatible, bit: 9, name, ..
     } if name == "unknown",
     incompat_bit9_named: "incompat-bit9-named", Open => Error::UnsupportedFeature {
-        kind: FeatureKind::Incompatible, bit: 9, name
+        kind: FeatureKind::Incompatible, bit: 9, name, ..
     } if name == "hostile feature nine",
     corrupt_bit: "corrupt-bit", Open => Error::Corrupt,
     compression_type_2: "compression-type-2", Open => Error::Malformed { offset: 104, .. },
