@@ -297,13 +297,14 @@ pub fn open_with_backing(data: &[u8]) {
         return;
     };
     if input.flags & FLAG_TOP_DATA_FILE != 0 {
-        top.set_data_file(input.raw.to_vec());
+        // Refused (an error) for images without the data-file bit: fine either way.
+        let _ = top.set_data_file(input.raw.to_vec());
     }
     if input.flags & FLAG_TOP_ZEROS != 0 {
         top.set_backing_zeros();
     } else if let Ok(mut backing) = Qcow2::open_with(input.backing.to_vec(), &options) {
         if input.flags & FLAG_BACKING_DATA_FILE != 0 {
-            backing.set_data_file(input.raw.to_vec());
+            let _ = backing.set_data_file(input.raw.to_vec());
         }
         if input.flags & FLAG_BACKING_RAW != 0 {
             backing.set_backing_raw(input.raw.to_vec(), input.raw.len() as u64);

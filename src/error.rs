@@ -133,6 +133,11 @@ pub enum Error {
         name: String,
     },
 
+    /// A data file was attached to an image that keeps its data in itself (incompatible bit
+    /// 2 clear); QEMU: "'data-file' can only be set for images with an external data file".
+    #[error("the image has no external data file (incompatible bit 2 is clear): its data is in the image itself")]
+    DataFileNotUsed,
+
     /// The open policy refused to open a file the image names.
     #[error("refused to open {path:?} ({role}): {reason}")]
     FileRefused {

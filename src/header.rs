@@ -197,6 +197,7 @@ impl Header {
         h.check_features(cluster0, cluster_size, limits)?;
         h.check_fields(cluster_size, limits)?;
         h.read_extensions(cluster0, cluster_size, limits)?;
+        h.check_data_file_raw()?;
         h.read_backing_file_name(cluster0, cluster_size, limits)?;
         h.backing_file_text = h.backing_file.as_deref().map(lossy);
         h.data_file_text = h.ext.data_file.as_deref().map(lossy);
@@ -217,6 +218,17 @@ impl Header {
                     self.header_length
                 ),
                 at::HEADER_LENGTH,
+            ));
+        }
+        Ok(())
+    }
+
+    /// QEMU: "data-file-raw requires a data file".
+    fn check_data_file_raw(&self) -> Result<()> {
+        if self.is_data_file_raw() && !self.has_data_file_bit() {
+            return Err(Error::malformed(
+                "data_file_raw (autoclear bit 1) is set but the image has no external data file",
+                at::AUTOCLEAR_FEATURES,
             ));
         }
         Ok(())

@@ -149,6 +149,7 @@ impl<I: ReadAt> Qcow2<I> {
             index_bits: header.l2_entries().trailing_zeros(),
             extended_l2: header.has_extended_l2(),
             external_data: header.has_data_file_bit(),
+            pre_v3: header.version() < 3,
         };
         check_within(
             &io,
@@ -162,7 +163,7 @@ impl<I: ReadAt> Qcow2<I> {
         let tables = (limits.l2_cache_bytes >> header.cluster_bits()).max(1);
         let capacity = NonZeroUsize::new(usize::try_from(tables).unwrap_or(usize::MAX))
             .unwrap_or(NonZeroUsize::MIN);
-        Ok(Qcow2 {
+        let mut image = Qcow2 {
             io,
             header,
             geometry,
@@ -178,7 +179,11 @@ impl<I: ReadAt> Qcow2<I> {
             threads: options
                 .decompression_threads
                 .unwrap_or_else(default_threads),
-        })
+        };
+        if options.backing_as_zeros && image.header.backing_file().is_some() {
+            image.set_backing_zeros();
+        }
+        Ok(image)
     }
 
     /// The parsed header, with its extensions and feature names.
@@ -223,7 +228,12 @@ impl<I: ReadAt> Qcow2<I> {
     /// is not attached. A missing backing file is reported by the read that needs it.
     pub fn reader(&self) -> Result<Reader<'_, I>> {
         self.check_data_file()?;
-        Ok(Reader::new(self, Arc::clone(&self.l1), self.guest_size()))
+        Ok(Reader::new(
+            self,
+            Arc::clone(&self.l1),
+            self.header.l1_table_offset(),
+            self.guest_size(),
+        ))
     }
 
     /// A reader of an internal snapshot, found by id or else by name (as `qemu-img` does).
@@ -260,7 +270,7 @@ impl<I: ReadAt> Qcow2<I> {
             ));
         }
         let l1 = read_l1(&self.io, snap.l1_table_offset, snap.l1_size)?;
-        Ok(Reader::new(self, l1, size))
+        Ok(Reader::new(self, l1, snap.l1_table_offset, size))
     }
 
     /// Read guest data for unallocated clusters from a raw source of `size` bytes.
@@ -297,8 +307,15 @@ impl<I: ReadAt> Qcow2<I> {
     }
 
     /// Attach the external data file that holds the guest data (incompatible bit 2).
-    pub fn set_data_file<D: ReadAt + Send + Sync + 'static>(&mut self, data: D) {
+    ///
+    /// Fails, as QEMU does, for an image without that bit: its data is in the image itself,
+    /// whatever data-file name its header may record.
+    pub fn set_data_file<D: ReadAt + Send + Sync + 'static>(&mut self, data: D) -> Result<()> {
+        if !self.header.has_data_file_bit() {
+            return Err(Error::DataFileNotUsed);
+        }
         self.data_file = Some(Box::new(data));
+        Ok(())
     }
 
     /// Whether a backing source (or explicit zeros) is attached.
@@ -311,9 +328,8 @@ impl<I: ReadAt> Qcow2<I> {
             return Err(Error::DataFileMissing {
                 name: self
                     .header
-                    .data_file()
-                    .unwrap_or("(no name in header)")
-                    .to_owned(),
+                    .external_data_file()
+                    .map_or_else(|| "(no name in header)".into(), |p| p.display().to_string()),
             });
         }
         Ok(())
@@ -322,8 +338,8 @@ impl<I: ReadAt> Qcow2<I> {
     /// Where guest data clusters live: the external data file when there is one.
     pub(crate) fn data_source(&self) -> &dyn ReadAt {
         match &self.data_file {
-            Some(d) => d.as_ref(),
-            None => &self.io,
+            Some(d) if self.header.has_data_file_bit() => d.as_ref(),
+            _ => &self.io,
         }
     }
 }

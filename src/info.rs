@@ -86,7 +86,7 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
         corrupt: h.is_corrupt(),
         backing_filename: h.backing_file().map(str::to_owned),
         backing_filename_format: h.backing_format().map(str::to_owned),
-        full_backing_filename: match (view.path(), h.backing_file()) {
+        full_backing_filename: match (view.path(), h.backing_file_path()) {
             (Some(path), Some(name)) => crate::open::resolve(path, name)
                 .ok()
                 .map(|p| p.display().to_string()),

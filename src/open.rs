@@ -29,10 +29,13 @@ impl Qcow2<File> {
     }
 
     /// Open an image by path, opening other files only as `options.files` allows.
+    ///
+    /// The image itself and every file it names must be regular files (block devices too
+    /// when [`OpenOptions::allow_devices`] says so): a FIFO, socket, directory or character
+    /// device is an [`Error::NotRegularFile`] at once, never a blocked open.
     pub fn open_path_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
-        let file =
-            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let file = checked_open(path, "image", options.allow_devices)?;
         let mut visited = HashSet::new();
         visited.insert(canonical(path)?);
         open_chain_link(file, path.to_path_buf(), options, &mut visited, 0)
@@ -50,17 +53,17 @@ fn open_chain_link(
 ) -> Result<Qcow2<File>> {
     let mut image = Qcow2::open_with(file, options)?;
     image.path = Some(path.clone());
-    if let Some(name) = image.header().data_file().map(str::to_owned) {
+    // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
+    if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
         let data_path = resolve(&path, &name)?;
-        let data = open_allowed(&data_path, FileRole::DataFile, &options.files)?;
-        image.set_data_file(data);
+        let data = open_allowed(&data_path, FileRole::DataFile, options)?;
+        image.set_data_file(data)?;
     }
-    let Some(name) = image.header().backing_file().map(str::to_owned) else {
+    let Some(name) = image.header().backing_file_path().map(Path::to_path_buf) else {
         return Ok(image);
     };
-    if options.backing_as_zeros {
-        image.set_backing_zeros();
-        return Ok(image);
+    if image.has_backing_attached() {
+        return Ok(image); // backing_as_zeros
     }
     let next_depth = depth.saturating_add(1);
     if next_depth > options.limits.max_chain_depth {
@@ -73,7 +76,7 @@ fn open_chain_link(
         });
     }
     let backing_path = resolve(&path, &name)?;
-    let file = open_allowed(&backing_path, FileRole::Backing, &options.files)?;
+    let file = open_allowed(&backing_path, FileRole::Backing, options)?;
     if !visited.insert(canonical(&backing_path).unwrap_or_else(|_| backing_path.clone())) {
         return Err(Error::BackingChain {
             path: backing_path,
@@ -111,36 +114,49 @@ fn open_chain_link(
 }
 
 /// QEMU's rule without a backing format: probe the content. qcow2's magic means qcow2; the
-/// magic of another format QEMU knows means that format (which we then refuse rather than
-/// misread as raw); anything else is raw.
+/// signature of another format QEMU probes means that format (which we then refuse rather
+/// than misread as raw); anything else is raw.
 fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
     let mut head = [0u8; 512];
     let got = read_up_to(file, 0, &mut head)
         .map_err(|e| Error::io(format!("probing {}", path.display()), e))?;
-    Ok(probe_bytes(head.get(..got).unwrap_or_default()))
+    Ok(probe_bytes(head.get(..got).unwrap_or_default(), path))
 }
 
-/// The format whose signature starts `head`, as QEMU's format probes would name it.
-fn probe_bytes(head: &[u8]) -> &'static str {
+/// The format QEMU's probes (`bdrv_probe` of each driver) would pick for a file starting with
+/// `head`: the magics and the version fields those probes check. QEMU's dmg probe looks only
+/// at the name.
+fn probe_bytes(head: &[u8], path: &Path) -> &'static str {
+    /// (offset, signature, format); the qcow and qcow2 magic is handled apart (its version).
     const SIGNATURES: &[(usize, &[u8], &str)] = &[
         (0, b"KDMV", "vmdk"),
+        (0, b"COWD", "vmdk"),
         (0, b"# Disk DescriptorFile", "vmdk"),
         (0, b"vhdxfile", "vhdx"),
         (0, b"conectix", "vpc"),
         (0, b"QED\0", "qed"),
         (0, b"LUKS\xba\xbe", "luks"),
-        (0, b"WithoutFreeSpace", "parallels"),
-        (0, b"WithouFreSpacExt", "parallels"),
-        (0, b"XenIxHYPVFS", "bochs"),
+        (0, b"WithoutFreeSpace\x02\0\0\0", "parallels"),
+        (0, b"WithouFreSpacExt\x02\0\0\0", "parallels"),
+        (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n", "cloop"),
         (0x40, b"\x7f\x10\xda\xbe", "vdi"),
     ];
     if head.get(..4) == Some(&MAGIC.to_be_bytes()[..]) {
-        // Version 1 is the old qcow format, not qcow2.
-        return if head.get(4..8) == Some(&1u32.to_be_bytes()[..]) {
-            "qcow"
-        } else {
-            "qcow2"
+        return match head
+            .get(4..8)
+            .and_then(|v| v.try_into().ok())
+            .map(u32::from_be_bytes)
+        {
+            Some(1) => "qcow",
+            Some(v) if v >= 2 => "qcow2",
+            _ => "raw",
         };
+    }
+    if is_bochs(head) {
+        return "bochs";
+    }
+    if path.extension().is_some_and(|e| e == "dmg") && path.file_stem().is_some() {
+        return "dmg";
     }
     SIGNATURES
         .iter()
@@ -148,27 +164,65 @@ fn probe_bytes(head: &[u8]) -> &'static str {
         .map_or("raw", |(_, _, name)| *name)
 }
 
-/// Resolve a name from an image header against the directory of the image naming it.
-pub(crate) fn resolve(image: &Path, name: &str) -> Result<PathBuf> {
-    let name = name.strip_prefix("file:").unwrap_or(name);
-    if has_protocol(name) {
+/// Bochs: a C-string magic, type "Redolog", subtype "Growing" and version 1 or 2.
+fn is_bochs(head: &[u8]) -> bool {
+    let c_string = |at: usize, len: usize| {
+        head.get(at..at.saturating_add(len))
+            .map(crate::bytes::until_nul)
+    };
+    let version = head
+        .get(64..68)
+        .and_then(|v| v.try_into().ok())
+        .map(u32::from_le_bytes);
+    c_string(0, 32) == Some(&b"Bochs Virtual HD Image"[..])
+        && c_string(32, 16) == Some(&b"Redolog"[..])
+        && c_string(48, 16) == Some(&b"Growing"[..])
+        && matches!(version, Some(0x0001_0000 | 0x0002_0000))
+}
+
+/// Resolve a name from an image header as QEMU does: a protocol name (`nbd:`, `json:`, ...)
+/// is refused; `file:NAME` is NAME as given (relative to the current directory, as QEMU's
+/// file protocol takes it); an absolute name is itself; any other name is relative to the
+/// directory of the image naming it.
+pub(crate) fn resolve(image: &Path, name: &Path) -> Result<PathBuf> {
+    let bytes = name.as_os_str().as_encoded_bytes();
+    if let Some(rest) = bytes.strip_prefix(b"file:") {
+        // `rest` is `bytes` less an ASCII prefix: still a valid encoding.
+        let rest = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("file:"))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bytes_path(rest));
+        return Ok(rest);
+    }
+    if has_protocol(bytes) {
         return Err(Error::FileRefused {
-            path: PathBuf::from(name),
+            path: name.to_path_buf(),
             role: "backing or data file",
             reason: "protocol and json: file names are not supported".to_owned(),
         });
     }
-    let name = Path::new(name);
     if name.is_absolute() {
         return Ok(name.to_path_buf());
     }
     Ok(image.parent().unwrap_or(Path::new("")).join(name))
 }
 
+#[cfg(unix)]
+fn bytes_path(bytes: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+}
+
+#[cfg(not(unix))]
+fn bytes_path(bytes: &[u8]) -> PathBuf {
+    PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
+}
+
 /// QEMU's `path_has_protocol`: a colon before any slash.
-fn has_protocol(name: &str) -> bool {
-    match name.find(':') {
-        Some(colon) => !name[..colon].contains('/'),
+fn has_protocol(name: &[u8]) -> bool {
+    match name.iter().position(|&b| b == b':') {
+        Some(colon) => !name.get(..colon).unwrap_or_default().contains(&b'/'),
         None => false,
     }
 }
@@ -178,38 +232,227 @@ fn canonical(path: &Path) -> Result<PathBuf> {
         .map_err(|e| Error::io(format!("resolving {}", path.display()), e))
 }
 
-fn open_allowed(path: &Path, role: FileRole, policy: &FilePolicy) -> Result<File> {
+/// Open a file the image names, as the policy allows, and check what was opened.
+fn open_allowed(path: &Path, role: FileRole, options: &OpenOptions) -> Result<File> {
     let refuse = |reason: String| Error::FileRefused {
         path: path.to_path_buf(),
         role: role.describe(),
         reason,
     };
-    let open = || {
-        File::open(path)
-            .map_err(|e| Error::io(format!("opening {} {}", role.describe(), path.display()), e))
-    };
-    match policy {
-        FilePolicy::Any => open(),
+    let devices = options.allow_devices;
+    match &options.files {
+        FilePolicy::Any => checked_open(path, role.describe(), devices),
         FilePolicy::Nothing => Err(refuse("the open policy allows no other files".to_owned())),
         FilePolicy::Under(dir) => {
-            let dir = canonical(dir)?;
-            let target = canonical(path)?;
-            if !target.starts_with(&dir) {
-                return Err(refuse(format!("it is not under {}", dir.display())));
-            }
-            // Open the resolved path so a symlink swapped in after the check cannot escape.
-            File::open(&target).map_err(|e| Error::io(format!("opening {}", target.display()), e))
+            let file = beneath::open(dir, path, role.describe()).map_err(|e| match e {
+                beneath::Failure::Outside(reason) => refuse(reason),
+                beneath::Failure::Error(e) => e,
+            })?;
+            check_file_type(&file, path, role.describe(), devices)?;
+            Ok(file)
         }
-        FilePolicy::Callback(f) => f(path, role).map_err(|e| match e.kind() {
-            io::ErrorKind::PermissionDenied => refuse(e.to_string()),
-            _ => Error::io(format!("opening {} {}", role.describe(), path.display()), e),
+        FilePolicy::Callback(f) => {
+            let file = f(path, role).map_err(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => refuse(e.to_string()),
+                _ => Error::io(format!("opening {} {}", role.describe(), path.display()), e),
+            })?;
+            check_file_type(&file, path, role.describe(), devices)?;
+            Ok(file)
+        }
+    }
+}
+
+/// Open `path` read-only without blocking (a FIFO opens at once in non-blocking mode), then
+/// refuse anything but a regular file (or a block device, when allowed).
+fn checked_open(path: &Path, role: &'static str, devices: bool) -> Result<File> {
+    let file = sys::open_nonblocking(path)
+        .map_err(|e| Error::io(format!("opening {role} {}", path.display()), e))?;
+    check_file_type(&file, path, role, devices)?;
+    Ok(file)
+}
+
+/// Refuse an opened file that is not a regular file (block devices pass when allowed).
+fn check_file_type(file: &File, path: &Path, role: &'static str, devices: bool) -> Result<()> {
+    let kind = sys::file_kind(file)
+        .map_err(|e| Error::io(format!("inspecting {role} {}", path.display()), e))?;
+    match kind {
+        "regular file" => Ok(()),
+        "block device" if devices => Ok(()),
+        kind => Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+            role,
+            kind,
         }),
+    }
+}
+
+#[cfg(unix)]
+mod sys {
+    use std::fs::File;
+    use std::io;
+    use std::path::Path;
+
+    use rustix::fs::{FileType, Mode, OFlags};
+
+    /// Read-only, close-on-exec, never a controlling terminal, and non-blocking so that a
+    /// FIFO without a writer cannot hang the open (regular files ignore the flag).
+    pub(super) const FLAGS: OFlags = OFlags::RDONLY
+        .union(OFlags::CLOEXEC)
+        .union(OFlags::NOCTTY)
+        .union(OFlags::NONBLOCK);
+
+    pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
+        Ok(File::from(rustix::fs::open(path, FLAGS, Mode::empty())?))
+    }
+
+    pub(super) fn file_kind(file: &File) -> io::Result<&'static str> {
+        let stat = rustix::fs::fstat(file)?;
+        Ok(match FileType::from_raw_mode(stat.st_mode) {
+            FileType::RegularFile => "regular file",
+            FileType::BlockDevice => "block device",
+            FileType::CharacterDevice => "character device",
+            FileType::Fifo => "FIFO",
+            FileType::Socket => "socket",
+            FileType::Directory => "directory",
+            FileType::Symlink => "symbolic link",
+            _ => "special file",
+        })
+    }
+}
+
+#[cfg(not(unix))]
+mod sys {
+    use std::fs::File;
+    use std::io;
+    use std::path::Path;
+
+    pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
+        File::open(path)
+    }
+
+    pub(super) fn file_kind(file: &File) -> io::Result<&'static str> {
+        let kind = file.metadata()?.file_type();
+        Ok(if kind.is_file() {
+            "regular file"
+        } else if kind.is_dir() {
+            "directory"
+        } else {
+            "special file"
+        })
+    }
+}
+
+/// `FilePolicy::Under`: the file actually opened lies under the directory, whatever symlinks
+/// or renames happen meanwhile.
+mod beneath {
+    use std::fs::File;
+    use std::path::{Path, PathBuf};
+
+    use crate::error::Error;
+
+    pub(super) enum Failure {
+        /// The path leads outside the directory: a refusal.
+        Outside(String),
+        Error(Error),
+    }
+
+    /// `path` relative to `dir`, trying the names as given and then resolved (the kernel, or
+    /// the check after opening, enforces the rule; this only finds the name to open).
+    fn relative(dir: &Path, path: &Path) -> Result<PathBuf, Failure> {
+        let absolute = |p: &Path| std::path::absolute(p).ok();
+        let dirs = [absolute(dir), dir.canonicalize().ok()];
+        let paths = [absolute(path), path.canonicalize().ok()];
+        for p in paths.iter().flatten() {
+            for d in dirs.iter().flatten() {
+                if let Ok(rel) = p.strip_prefix(d) {
+                    if !rel.as_os_str().is_empty() {
+                        return Ok(rel.to_path_buf());
+                    }
+                }
+            }
+        }
+        Err(Failure::Outside(format!(
+            "it is not under {}",
+            dir.display()
+        )))
+    }
+
+    #[cfg(target_os = "linux")]
+    pub(super) fn open(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let rel = relative(dir, path)?;
+        let io_error = |what: &str, e: std::io::Error| {
+            Failure::Error(Error::io(format!("{what} {}", path.display()), e))
+        };
+        let dir_fd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_error("opening the allowed directory for", e.into()))?;
+        let how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(&dir_fd, &rel, super::sys::FLAGS, Mode::empty(), how) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(rustix::io::Errno::XDEV) => Err(Failure::Outside(format!(
+                "it resolves outside {}",
+                dir.display()
+            ))),
+            // Kernels before 5.6 have no openat2: check the opened file instead.
+            Err(rustix::io::Errno::NOSYS) => open_and_verify(dir, path, role),
+            Err(e) => Err(io_error(&format!("opening {role}"), e.into())),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn open(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
+        relative(dir, path)?;
+        open_and_verify(dir, path, role)
+    }
+
+    /// Open, then make sure the file opened is the one at the resolved path under `dir`
+    /// (same device and inode), so a swap between check and open is caught.
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    fn open_and_verify(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
+        let io_error = |e: std::io::Error| {
+            Failure::Error(Error::io(format!("opening {role} {}", path.display()), e))
+        };
+        let dir = dir.canonicalize().map_err(io_error)?;
+        let file = super::sys::open_nonblocking(path).map_err(io_error)?;
+        let target = path.canonicalize().map_err(io_error)?;
+        if !target.starts_with(&dir) {
+            return Err(Failure::Outside(format!(
+                "it is not under {}",
+                dir.display()
+            )));
+        }
+        if !same_file(&file, &target).map_err(io_error)? {
+            return Err(Failure::Outside(
+                "the file changed while it was being opened".to_owned(),
+            ));
+        }
+        Ok(file)
+    }
+
+    #[cfg(unix)]
+    fn same_file(file: &File, path: &Path) -> std::io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (file.metadata()?, std::fs::metadata(path)?);
+        Ok(a.dev() == b.dev() && a.ino() == b.ino())
+    }
+
+    #[cfg(not(unix))]
+    fn same_file(_file: &File, _path: &Path) -> std::io::Result<bool> {
+        Ok(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resolve(image: &Path, name: &str) -> Result<PathBuf> {
+        super::resolve(image, Path::new(name))
+    }
 
     #[test]
     fn names_resolve_like_qemu() {
@@ -226,27 +469,36 @@ mod tests {
             resolve(img, "/abs/b.qcow2").unwrap(),
             Path::new("/abs/b.qcow2")
         );
-        assert_eq!(
-            resolve(img, "file:b.qcow2").unwrap(),
-            Path::new("/images/vm/b.qcow2")
-        );
+        // QEMU's file protocol takes the rest as given: relative to the current directory.
+        assert_eq!(resolve(img, "file:b.qcow2").unwrap(), Path::new("b.qcow2"));
         assert!(resolve(img, "nbd://host/export").is_err());
         assert!(resolve(img, "json:{\"driver\":\"file\"}").is_err());
-        assert!(!has_protocol("dir/with:colon"));
+        assert!(!has_protocol(b"dir/with:colon"));
     }
 
     #[test]
     fn probing_names_formats_it_does_not_read() {
+        let p = Path::new("disk.img");
         let mut qcow2 = MAGIC.to_be_bytes().to_vec();
         qcow2.extend(3u32.to_be_bytes());
-        assert_eq!(probe_bytes(&qcow2), "qcow2");
+        assert_eq!(probe_bytes(&qcow2, p), "qcow2");
         qcow2[4..8].copy_from_slice(&1u32.to_be_bytes());
-        assert_eq!(probe_bytes(&qcow2), "qcow");
-        assert_eq!(probe_bytes(b"KDMV\x01\x00"), "vmdk");
+        assert_eq!(probe_bytes(&qcow2, p), "qcow");
+        assert_eq!(probe_bytes(b"KDMV\x01\x00", p), "vmdk");
+        assert_eq!(probe_bytes(b"COWD\x01\x00", p), "vmdk");
         let mut vdi = vec![0u8; 0x44];
         vdi[0x40..].copy_from_slice(b"\x7f\x10\xda\xbe");
-        assert_eq!(probe_bytes(&vdi), "vdi");
-        assert_eq!(probe_bytes(b"just some disk bytes"), "raw");
-        assert_eq!(probe_bytes(b""), "raw");
+        assert_eq!(probe_bytes(&vdi, p), "vdi");
+        let mut bochs = vec![0u8; 512];
+        bochs[..22].copy_from_slice(b"Bochs Virtual HD Image");
+        bochs[32..39].copy_from_slice(b"Redolog");
+        bochs[48..55].copy_from_slice(b"Growing");
+        bochs[64..68].copy_from_slice(&0x0002_0000u32.to_le_bytes());
+        assert_eq!(probe_bytes(&bochs, p), "bochs");
+        bochs[64] = 9;
+        assert_eq!(probe_bytes(&bochs, p), "raw");
+        assert_eq!(probe_bytes(b"anything", Path::new("x.dmg")), "dmg");
+        assert_eq!(probe_bytes(b"just some disk bytes", p), "raw");
+        assert_eq!(probe_bytes(b"", p), "raw");
     }
 }

@@ -73,13 +73,20 @@ impl fmt::Debug for FilePolicy {
 pub struct OpenOptions {
     /// Bounds on what the image may make the reader allocate.
     pub limits: Limits,
-    /// Which other files may be opened ([`Qcow2::open_path`](crate::Qcow2::open_path) only).
+    /// Which other files may be opened ([`Qcow2::open_path`](crate::Qcow2::open_path) only:
+    /// [`Qcow2::open_with`](crate::Qcow2::open_with) never opens a file).
     pub files: FilePolicy,
-    /// Read clusters the chain does not hold as zeros instead of opening the backing file.
+    /// Read clusters the image does not hold as zeros instead of reading its backing file
+    /// (no backing file is opened; [`Qcow2::open_with`](crate::Qcow2::open_with) attaches the
+    /// zeros itself).
     pub backing_as_zeros: bool,
     /// Most threads one read may use to decompress compressed clusters (the calling thread
     /// included); `None` means one per core, up to 8. `Some(1)` never starts a thread.
     pub decompression_threads: Option<usize>,
+    /// Let [`Qcow2::open_path`](crate::Qcow2::open_path) open block devices (as the image or
+    /// a file it names); off by default. FIFOs, sockets, directories and character devices
+    /// are always refused.
+    pub allow_devices: bool,
 }
 
 impl OpenOptions {
@@ -103,6 +110,12 @@ impl OpenOptions {
     /// Read unallocated clusters as zeros and open no backing file.
     pub fn backing_as_zeros(mut self, yes: bool) -> Self {
         self.backing_as_zeros = yes;
+        self
+    }
+
+    /// Allow block devices as the image, its backing files or its data file.
+    pub fn allow_devices(mut self, yes: bool) -> Self {
+        self.allow_devices = yes;
         self
     }
 

@@ -9,7 +9,7 @@ use positioned_io::{ReadAt, Size};
 use crate::bytes::low_bits;
 use crate::compress::{self, ClusterCache};
 use crate::error::{Error, Result};
-use crate::header::CompressionType;
+use crate::header::{CompressionType, TABLE_ENTRY_LEN};
 use crate::image::{Backing, Qcow2};
 use crate::io::{be_u64_table, read_metadata, read_up_to};
 use crate::table::{self, Mapping};
@@ -22,6 +22,8 @@ use crate::table::{self, Mapping};
 pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
     l1: Arc<[u64]>,
+    /// File offset of that L1 table (the active one's, or a snapshot's), for errors.
+    l1_offset: u64,
     size: u64,
     /// Where the last read ended: a read starting there is sequential, and reads ahead
     /// through compressed clusters.
@@ -37,10 +39,11 @@ enum Run {
 }
 
 impl<'a, I: ReadAt> Reader<'a, I> {
-    pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, size: u64) -> Self {
+    pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, l1_offset: u64, size: u64) -> Self {
         Reader {
             image,
             l1,
+            l1_offset,
             size,
             last_end: AtomicU64::new(u64::MAX),
         }
@@ -135,10 +138,8 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return Ok(None); // past the L1 table: unallocated, as QEMU reads it
         };
         let entry_at = self
-            .image
-            .header
-            .l1_table_offset()
-            .saturating_add(l1_index.saturating_mul(8));
+            .l1_offset
+            .saturating_add(l1_index.saturating_mul(TABLE_ENTRY_LEN));
         let Some(offset) = table::l2_table_offset(entry, &self.image.geometry, entry_at)? else {
             return Ok(None);
         };
@@ -189,13 +190,12 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return Err(Error::malformed("L2 index outside its table", at));
         };
         let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
-        table::decode_l2(
-            entry,
-            bitmap,
-            sub,
-            g,
-            at.saturating_add((word as u64).saturating_mul(8)),
-        )
+        let entry_at = at.saturating_add((word as u64).saturating_mul(TABLE_ENTRY_LEN));
+        let mapping = table::decode_l2(entry, bitmap, sub, g, entry_at)?;
+        if g.external_data {
+            check_data_file_offset(mapping, guest, g.unit_bits(), entry_at)?;
+        }
+        Ok(mapping)
     }
 
     /// Read a finished run into its part of `buf` (which starts at guest offset `pos`).
@@ -477,6 +477,28 @@ impl Pending {
             _ => false,
         }
     }
+}
+
+/// With an external data file, guest and host offsets are the same (QEMU: "External data file
+/// host cluster offset ... does not match guest cluster offset").
+fn check_data_file_offset(
+    mapping: Mapping,
+    guest: u64,
+    unit_bits: u32,
+    entry_at: u64,
+) -> Result<()> {
+    let Mapping::Data { host_offset } = mapping else {
+        return Ok(());
+    };
+    let guest_offset = guest ^ low_bits(guest, unit_bits);
+    if host_offset != guest_offset {
+        return Err(Error::DataFileOffsetMismatch {
+            host_offset,
+            guest_offset,
+            entry_at,
+        });
+    }
+    Ok(())
 }
 
 /// Bytes from `offset` to the end of its aligned block of `1 << bits` bytes.

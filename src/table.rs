@@ -31,6 +31,8 @@ pub(crate) struct Geometry {
     pub extended_l2: bool,
     /// With an external data file, offset 0 plus the COPIED bit is a real cluster.
     pub external_data: bool,
+    /// Version 2 images have no zero flag: an entry with bit 0 set is corrupt.
+    pub pre_v3: bool,
 }
 
 impl Geometry {
@@ -74,10 +76,11 @@ pub(crate) fn l2_table_offset(
         return Ok(None);
     }
     if low_bits(offset, geometry.cluster_bits) != 0 {
-        return Err(Error::malformed(
-            format!("L2 table offset {offset:#x} is not cluster aligned"),
-            entry_at,
-        ));
+        return Err(Error::Misaligned {
+            what: "L2 table",
+            offset,
+            at: entry_at,
+        });
     }
     Ok(Some(offset))
 }
@@ -94,14 +97,23 @@ pub(crate) fn decode_l2(
     if entry & OFLAG_COMPRESSED != 0 {
         return decode_compressed(entry, geometry, entry_at);
     }
+    let invalid = |reason| Error::InvalidL2Entry {
+        entry,
+        entry_at,
+        reason,
+    };
+    if geometry.pre_v3 && entry & OFLAG_ZERO != 0 {
+        return Err(invalid("zero cluster entry in a version 2 image"));
+    }
     let host = entry & L2_OFFSET_MASK;
     let allocated = host != 0 || (geometry.external_data && entry & OFLAG_COPIED != 0);
     // QEMU checks a host offset's alignment whatever the flags say, zero clusters included.
     if low_bits(host, geometry.cluster_bits) != 0 {
-        return Err(Error::malformed(
-            format!("data cluster offset {host:#x} is not cluster aligned"),
-            entry_at,
-        ));
+        return Err(Error::Misaligned {
+            what: "data cluster",
+            offset: host,
+            at: entry_at,
+        });
     }
     if !geometry.extended_l2 {
         if entry & OFLAG_ZERO != 0 {
@@ -119,10 +131,7 @@ pub(crate) fn decode_l2(
     let sub_zero = zero & bit != 0;
     if !allocated {
         if alloc != 0 {
-            return Err(Error::malformed(
-                "unallocated cluster has allocated subclusters",
-                entry_at,
-            ));
+            return Err(invalid("unallocated cluster has allocated subclusters"));
         }
         return Ok(if sub_zero {
             Mapping::Zero
@@ -131,10 +140,7 @@ pub(crate) fn decode_l2(
         });
     }
     if alloc & zero != 0 {
-        return Err(Error::malformed(
-            "subcluster marked both allocated and zero",
-            entry_at,
-        ));
+        return Err(invalid("subcluster marked both allocated and zero"));
     }
     if sub_zero {
         Ok(Mapping::Zero)
@@ -152,10 +158,11 @@ pub(crate) fn decode_l2(
 /// cluster_bits (spec: x = 62 - (cluster_bits - 8)).
 fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<Mapping> {
     if geometry.external_data {
-        return Err(Error::malformed(
-            "compressed cluster in an image with an external data file",
+        return Err(Error::InvalidL2Entry {
+            entry,
             entry_at,
-        ));
+            reason: "compressed cluster in an image with an external data file",
+        });
     }
     // cluster_bits is 9..=21, so sector_bits is 1..=13 and shift 49..=61.
     let sector_bits = geometry.cluster_bits.saturating_sub(8);
@@ -179,12 +186,14 @@ mod tests {
         index_bits: 13,
         extended_l2: false,
         external_data: false,
+        pre_v3: false,
     };
     const G64K_EXT: Geometry = Geometry {
         cluster_bits: 16,
         index_bits: 12,
         extended_l2: true,
         external_data: false,
+        pre_v3: false,
     };
 
     #[test]
@@ -214,6 +223,20 @@ mod tests {
             }
         );
         assert!(decode_l2(0x8000_0000_0005_0200, 0, 0, &G64K, 0).is_err());
+        // Version 2 has no zero flag: QEMU calls such an entry corruption.
+        let v2 = Geometry {
+            pre_v3: true,
+            ..G64K
+        };
+        assert!(matches!(
+            decode_l2(1, 0, 0, &v2, 0x1238),
+            Err(Error::InvalidL2Entry {
+                entry_at: 0x1238,
+                ..
+            })
+        ));
+        assert!(decode_l2(0x8000_0000_0005_0001, 0, 0, &v2, 0).is_err());
+        assert!(decode_l2(0x8000_0000_0005_0000, 0, 0, &v2, 0).is_ok());
         // A preallocated zero cluster must be aligned too, as QEMU requires.
         assert!(decode_l2(0x8000_0000_0005_0201, 0, 0, &G64K, 0).is_err());
         assert!(decode_l2(0x8000_0000_0005_0200, 1 << 32, 0, &G64K_EXT, 0).is_err());

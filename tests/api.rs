@@ -181,7 +181,9 @@ fn data_file_is_required_and_attachable() {
         Error::DataFileMissing { .. }
     ));
     let mut image = image;
-    image.set_data_file(File::open(fixture("extdata.data")).unwrap());
+    image
+        .set_data_file(File::open(fixture("extdata.data")).unwrap())
+        .unwrap();
     let mut a = vec![0u8; image.guest_size() as usize];
     image.reader().unwrap().read_exact_at(0, &mut a).unwrap();
     let by_path = Qcow2::open_path(fixture("extdata.qcow2")).unwrap();

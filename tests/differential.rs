@@ -857,7 +857,9 @@ fn external_data_files() {
             matches!(image.reader(), Err(Error::DataFileMissing { .. })),
             "{label}: reader() without the data file must fail with DataFileMissing"
         );
-        image.set_data_file(File::open(env.path(&data)).expect("data file"));
+        image
+            .set_data_file(File::open(env.path(&data)).expect("data file"))
+            .expect("image has the data-file bit");
         env.cases += 1;
         env.compare_image(&format!("{label} (set_data_file)"), &image, &expected);
         env.compare_info(&format!("{label} (set_data_file)"), &name, &image, false);
