@@ -1,14 +1,12 @@
 //! [`Qcow2`]: an opened image, its metadata, and the sources it reads data from.
 
-use std::hash::{BuildHasherDefault, Hasher};
-use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use lru::LruCache;
 use positioned_io::ReadAt;
 
 use crate::bitmap::{self, Bitmap};
+use crate::cache::{new_image_id, ByteLru};
 use crate::compress::ClusterCache;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
@@ -27,6 +25,8 @@ pub(crate) trait GuestSource: Send + Sync {
     fn guest_size(&self) -> u64;
     /// The file it was opened from, when known.
     fn path(&self) -> Option<&std::path::Path>;
+    /// Share the caches of the image above it (qcow2 sources; raw ones have none).
+    fn share_caches(&mut self, _l2: &Arc<Mutex<L2Cache>>, _compressed: &Arc<ClusterCache>) {}
     /// The image, when this source is a qcow2 image (for the backing chain in `info`).
     fn as_image(&self) -> Option<&dyn ImageView> {
         None
@@ -77,27 +77,8 @@ pub(crate) enum Backing {
     Zeros,
 }
 
-/// L2 tables by file offset. The keys are cluster-aligned offsets chosen by the image: a
-/// multiplicative hash spreads them well and costs a fraction of SipHash on every read.
-pub(crate) type L2Cache = LruCache<u64, Arc<[u64]>, BuildHasherDefault<OffsetHasher>>;
-
-/// Fibonacci hashing of one `u64` key.
-#[derive(Default)]
-pub(crate) struct OffsetHasher(u64);
-
-impl Hasher for OffsetHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
+/// L2 tables by (image id, file offset), within a byte budget shared by a backing chain.
+pub(crate) type L2Cache = ByteLru<(u64, u64), u64>;
 
 /// An opened qcow2 image.
 ///
@@ -123,8 +104,10 @@ pub struct Qcow2<I> {
     pub(crate) l1: Arc<[u64]>,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) bitmaps: Vec<Bitmap>,
-    pub(crate) l2_cache: Mutex<L2Cache>,
-    pub(crate) compressed: ClusterCache,
+    /// This image's key in the caches it shares with the rest of its backing chain.
+    pub(crate) id: u64,
+    pub(crate) l2_cache: Arc<Mutex<L2Cache>>,
+    pub(crate) compressed: Arc<ClusterCache>,
     pub(crate) backing: Option<Backing>,
     pub(crate) data_file: Option<Box<dyn ReadAt + Send + Sync>>,
     pub(crate) path: Option<PathBuf>,
@@ -160,9 +143,6 @@ impl<I: ReadAt> Qcow2<I> {
         let l1 = read_l1(&io, header.l1_table_offset(), header.l1_size())?;
         let snapshots = read_snapshots(&io, &header, &limits)?;
         let bitmaps = read_bitmaps(&io, &header)?;
-        let tables = (limits.l2_cache_bytes >> header.cluster_bits()).max(1);
-        let capacity = NonZeroUsize::new(usize::try_from(tables).unwrap_or(usize::MAX))
-            .unwrap_or(NonZeroUsize::MIN);
         let mut image = Qcow2 {
             io,
             header,
@@ -170,8 +150,9 @@ impl<I: ReadAt> Qcow2<I> {
             l1,
             snapshots,
             bitmaps,
-            l2_cache: Mutex::new(LruCache::with_hasher(capacity, Default::default())),
-            compressed: ClusterCache::new(geometry.cluster_bits),
+            id: new_image_id(),
+            l2_cache: Arc::new(Mutex::new(L2Cache::new(limits.l2_cache_bytes))),
+            compressed: Arc::new(ClusterCache::new()),
             backing: None,
             data_file: None,
             path: None,
@@ -294,7 +275,11 @@ impl<I: ReadAt> Qcow2<I> {
 
     /// Read guest data for unallocated clusters from another qcow2 image (which may have its
     /// own backing image attached).
-    pub fn set_backing_image<J: ReadAt + Send + Sync + 'static>(&mut self, image: Qcow2<J>) {
+    ///
+    /// The backing image then shares this image's caches, so the memory bounds of
+    /// [`Limits`] hold for the whole chain.
+    pub fn set_backing_image<J: ReadAt + Send + Sync + 'static>(&mut self, mut image: Qcow2<J>) {
+        image.share_caches(&self.l2_cache, &self.compressed);
         self.backing = Some(Backing::Source {
             source: Box::new(image),
             format: "qcow2",
@@ -344,7 +329,21 @@ impl<I: ReadAt> Qcow2<I> {
     }
 }
 
+impl<I> Qcow2<I> {
+    /// Use `l2` and `compressed` from now on, down the whole backing chain.
+    fn share_caches(&mut self, l2: &Arc<Mutex<L2Cache>>, compressed: &Arc<ClusterCache>) {
+        self.l2_cache = Arc::clone(l2);
+        self.compressed = Arc::clone(compressed);
+        if let Some(Backing::Source { source, .. }) = &mut self.backing {
+            source.share_caches(l2, compressed);
+        }
+    }
+}
+
 impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
+    fn share_caches(&mut self, l2: &Arc<Mutex<L2Cache>>, compressed: &Arc<ClusterCache>) {
+        Qcow2::share_caches(self, l2, compressed);
+    }
     fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         let reader = self.reader()?;
         let in_image = self.guest_size().saturating_sub(pos).min(buf.len() as u64) as usize;

@@ -55,6 +55,7 @@ pub struct ReadmeDoctests;
 
 mod bitmap;
 mod bytes;
+mod cache;
 mod compress;
 mod error;
 mod extension;

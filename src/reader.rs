@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use positioned_io::{ReadAt, Size};
 
@@ -144,16 +144,13 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return Ok(None);
         };
         let cache = &self.image.l2_cache;
+        let key = (self.image.id, offset);
+        if let Some(t) = cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
         {
-            let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-            // Sequential reads ask for the same table again and again: the most recently used
-            // one needs no hashing and no reordering.
-            if let Some((_, t)) = cache.peek_mru().filter(|(&k, _)| k == offset) {
-                return Ok(Some((offset, Arc::clone(t))));
-            }
-            if let Some(t) = cache.get(&offset) {
-                return Ok(Some((offset, Arc::clone(t))));
-            }
+            return Ok(Some((offset, Arc::clone(t))));
         }
         let bytes = read_metadata(
             &self.image.io,
@@ -172,7 +169,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .put(offset, Arc::clone(&t));
+            .put(key, Arc::clone(&t));
         Ok(Some((offset, t)))
     }
 
@@ -271,16 +268,17 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let cluster_bits = self.image.geometry.cluster_bits;
         let mut clusters: Vec<Cluster> = Vec::new();
         for p in batch.iter() {
-            if clusters.iter().any(|c| c.host == p.host) {
+            if clusters.iter().any(|c| c.is(p.host, p.input_len)) {
                 continue;
             }
-            let data = cache.get(p.host);
+            let data = cache.get((self.image.id, p.host, p.input_len));
             let input = match data {
                 Some(_) => Vec::new(),
                 None => self.compressed_input(p.host, p.input_len)?,
             };
             clusters.push(Cluster {
                 host: p.host,
+                input_len: p.input_len,
                 guest: p.guest ^ low_bits(p.guest, cluster_bits),
                 input,
                 data,
@@ -295,6 +293,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         decompress_all(
             self.image.threads,
             cache,
+            self.image.id,
             self.image.header.compression_type(),
             self.image.cluster_size() as usize,
             &mut clusters,
@@ -302,11 +301,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         for p in batch.drain(..) {
             let data = clusters
                 .iter()
-                .find(|c| c.host == p.host)
+                .find(|c| c.is(p.host, p.input_len))
                 .and_then(|c| c.data.as_deref())
-                .ok_or_else(|| {
-                    Error::malformed("internal error: cluster not decompressed", p.host)
-                })?;
+                .ok_or(Error::Internal("a compressed cluster was not decompressed"))?;
             let within = low_bits(p.guest, cluster_bits) as usize;
             let src = data
                 .get(within..within.saturating_add(p.len))
@@ -349,8 +346,12 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 Ok(_) => continue, // mixed images: look past uncompressed clusters
                 Err(_) => break,
             };
-            if clusters.iter().any(|c| c.host == host_offset)
-                || self.image.compressed.get(host_offset).is_some()
+            if clusters.iter().any(|c| c.is(host_offset, len))
+                || self
+                    .image
+                    .compressed
+                    .get((self.image.id, host_offset, len))
+                    .is_some()
             {
                 if added == 0 {
                     // The last read-ahead is still ahead of us: let the reader catch up, so
@@ -364,6 +365,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             };
             clusters.push(Cluster {
                 host: host_offset,
+                input_len: len,
                 guest: next,
                 input,
                 data: None,
@@ -393,11 +395,20 @@ struct CompressedPart {
 /// A compressed cluster of a batch: its input, then its data.
 struct Cluster {
     host: u64,
+    /// The descriptor's length: with `host`, what identifies the cluster (two descriptors
+    /// may share a host offset yet cover different bytes).
+    input_len: u64,
     guest: u64,
     input: Vec<u8>,
     data: Option<Arc<[u8]>>,
     /// Read ahead, not asked for: a failure to decompress it is not this read's error.
     ahead: bool,
+}
+
+impl Cluster {
+    fn is(&self, host: u64, input_len: u64) -> bool {
+        self.host == host && self.input_len == input_len
+    }
 }
 
 /// How much a sequential reader decompresses ahead of itself, in guest bytes (at least one
@@ -409,13 +420,19 @@ const READ_AHEAD_BYTES: u64 = 1 << 20;
 fn decompress_all(
     max_threads: usize,
     cache: &ClusterCache,
+    image_id: u64,
     kind: CompressionType,
     cluster_size: usize,
     clusters: &mut [Cluster],
 ) -> Result<()> {
     let decompress = |c: &mut Cluster| -> Result<()> {
         if c.data.is_none() {
-            match cache.decompress(c.host, kind, &c.input, cluster_size) {
+            match cache.decompress(
+                (image_id, c.host, c.input_len),
+                kind,
+                &c.input,
+                cluster_size,
+            ) {
                 Ok(data) => c.data = Some(data),
                 // A cluster read ahead reports its error when a read asks for it.
                 Err(_) if c.ahead => {}
@@ -431,27 +448,39 @@ fn decompress_all(
         Ok(())
     };
     // Share out only the clusters still to decompress: cached ones cost nothing.
-    let mut todo: Vec<&mut Cluster> = clusters.iter_mut().filter(|c| c.data.is_none()).collect();
+    let todo: Vec<&mut Cluster> = clusters.iter_mut().filter(|c| c.data.is_none()).collect();
     let work = todo.len();
     let threads = max_threads.min(work);
     if threads <= 1 || work.saturating_mul(cluster_size) < PARALLEL_MIN_BYTES {
         return todo.into_iter().try_for_each(decompress);
     }
-    let share = work.div_ceil(threads);
+    // Workers take clusters from one queue until it is empty: the load balances itself, and
+    // a thread that cannot be started (resource limits) is no error, as the calling thread,
+    // a worker too, takes what is left.
+    let queue = Mutex::new(todo);
+    let work_off_queue = || -> Result<()> {
+        let mut result = Ok(());
+        loop {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            match next {
+                Some(c) => result = result.and(decompress(c)),
+                None => return result,
+            }
+        }
+    };
     std::thread::scope(|scope| {
-        let mut chunks = todo.chunks_mut(share);
-        let mine = chunks.next();
-        let others: Vec<_> = chunks
-            .map(|chunk| scope.spawn(move || chunk.iter_mut().try_for_each(|c| decompress(c))))
+        let others: Vec<_> = (1..threads)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, work_off_queue)
+                    .ok()
+            })
             .collect();
-        let mut result = mine.map_or(Ok(()), |c| c.iter_mut().try_for_each(|c| decompress(c)));
+        let mut result = work_off_queue();
         for handle in others {
-            let joined = handle.join().unwrap_or_else(|_| {
-                Err(Error::malformed(
-                    "internal error: a decompression thread panicked",
-                    0,
-                ))
-            });
+            let joined = handle
+                .join()
+                .unwrap_or(Err(Error::Internal("a decompression thread panicked")));
             result = result.and(joined);
         }
         result
@@ -514,7 +543,7 @@ fn clamp_len(a: u64, max: usize) -> usize {
 /// `len` bytes of `buf` from `from`; the caller's bookkeeping keeps them in range.
 fn part(buf: &mut [u8], from: usize, len: usize) -> Result<&mut [u8]> {
     buf.get_mut(from..from.saturating_add(len))
-        .ok_or_else(|| Error::malformed("internal error: read range outside the buffer", 0))
+        .ok_or(Error::Internal("a read range lies outside the buffer"))
 }
 
 impl<I: ReadAt> ReadAt for Reader<'_, I> {
