@@ -171,6 +171,21 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// No persistent dirty bitmap has the name asked for.
+    #[error("no bitmap named {name:?}")]
+    NoSuchBitmap {
+        /// The name asked for.
+        name: String,
+    },
+
+    /// The bitmap has the in-use flag: it was not saved cleanly, so its bits may miss writes.
+    /// QEMU refuses to use such a bitmap (it calls it inconsistent).
+    #[error("bitmap {name:?} is in use (inconsistent: not saved cleanly); its contents are not reliable")]
+    BitmapInUse {
+        /// The bitmap's name.
+        name: String,
+    },
 }
 
 impl Error {
@@ -208,6 +223,7 @@ impl Error {
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
             Error::NoSuchSnapshot(_) => io::ErrorKind::NotFound,
+            Error::NoSuchBitmap { .. } => io::ErrorKind::NotFound,
             _ => io::ErrorKind::InvalidData,
         }
     }

@@ -530,11 +530,9 @@ impl Header {
                 self.backing_format = Some(lossy(data));
             }
             ExtensionKind::FeatureNames => self.feature_names = feature::parse_feature_names(data),
-            // Without the autoclear bit the extension is stale: QEMU ignores it, and so do we.
-            ExtensionKind::Bitmaps if self.autoclear_features & feature::AUTOCLEAR_BITMAPS == 0 => {
-            }
             ExtensionKind::Bitmaps => {
-                self.bitmaps = parse_bitmaps_ext(data, offset, self.cluster_bits, limits)?
+                let current = self.autoclear_features & feature::AUTOCLEAR_BITMAPS != 0;
+                self.bitmaps = parse_bitmaps_ext(data, offset, self.cluster_bits, current, limits)?
             }
             ExtensionKind::Encryption => {
                 if len != ENCRYPTION_EXT_LEN {
@@ -757,11 +755,14 @@ impl Header {
     }
 }
 
-/// Parse the bitmaps extension with QEMU's checks.
+/// Parse the bitmaps extension with QEMU's checks, in QEMU's order: its length first; then,
+/// when the autoclear bit says the extension is stale (`current` false), nothing more (QEMU
+/// warns and ignores it); else its fields.
 fn parse_bitmaps_ext(
     data: &[u8],
     offset: u64,
     cluster_bits: u32,
+    current: bool,
     limits: &Limits,
 ) -> Result<Option<BitmapsExtension>> {
     if data.len() != BITMAPS_EXT_LEN as usize {
@@ -769,6 +770,9 @@ fn parse_bitmaps_ext(
             format!("bitmaps extension of {} bytes, expected 24", data.len()),
             offset,
         ));
+    }
+    if !current {
+        return Ok(None);
     }
     let nb_bitmaps = be_u32(data, 0).unwrap_or(0);
     let reserved = be_u32(data, 4).unwrap_or(0);
@@ -780,24 +784,24 @@ fn parse_bitmaps_ext(
             offset,
         ));
     }
+    Limits::check("bitmap count", u64::from(nb_bitmaps), limits.max_bitmaps)?;
     if nb_bitmaps == 0 {
         return Err(Error::malformed(
             "bitmaps extension with zero bitmaps",
             offset,
         ));
     }
-    Limits::check("bitmap count", u64::from(nb_bitmaps), limits.max_bitmaps)?;
-    Limits::check(
-        "bitmap directory",
-        directory_size,
-        limits.max_bitmap_directory_bytes,
-    )?;
     if low_bits(directory_offset, cluster_bits) != 0 {
         return Err(Error::malformed(
             format!("bitmap directory offset {directory_offset:#x} is not cluster aligned"),
             offset,
         ));
     }
+    Limits::check(
+        "bitmap directory",
+        directory_size,
+        limits.max_bitmap_directory_bytes,
+    )?;
     Ok(Some(BitmapsExtension {
         nb_bitmaps,
         directory_size,
@@ -1114,5 +1118,14 @@ mod tests {
             Err(Error::LimitExceeded { .. })
         ));
         assert!(with(&ext(1, 0, 64, 0x40000)[..16], 1).is_err());
+        // QEMU checks the length before it looks at the autoclear bit.
+        assert!(with(&ext(1, 0, 64, 0x40000)[..16], 0).is_err());
+        assert!(with(&[ext(1, 0, 64, 0x40000), vec![0; 8]].concat(), 0).is_err());
+        // QEMU's directory limit is 1 KiB per bitmap, 65535 KiB, not 64 MiB.
+        assert!(with(&ext(1, 0, 1024 * 65535, 0x40000), 1).is_ok());
+        assert!(matches!(
+            with(&ext(1, 0, 1024 * 65535 + 8, 0x40000), 1),
+            Err(Error::LimitExceeded { .. })
+        ));
     }
 }

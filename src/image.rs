@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use lru::LruCache;
 use positioned_io::ReadAt;
 
-use crate::bitmap::{self, Bitmap};
+use crate::bitmap::Bitmap;
 use crate::compress::ClusterCache;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
@@ -158,7 +158,7 @@ impl<I: ReadAt> Qcow2<I> {
         )?;
         let l1 = read_l1(&io, header.l1_table_offset(), header.l1_size())?;
         let snapshots = read_snapshots(&io, &header, &limits)?;
-        let bitmaps = read_bitmaps(&io, &header)?;
+        let bitmaps = crate::dirty::read_bitmaps(&io, &header, header.size() & !511, &limits)?;
         let tables = (limits.l2_cache_bytes >> header.cluster_bits()).max(1);
         let capacity = NonZeroUsize::new(usize::try_from(tables).unwrap_or(usize::MAX))
             .unwrap_or(NonZeroUsize::MIN);
@@ -421,17 +421,4 @@ fn read_snapshots<I: ReadAt>(io: &I, header: &Header, limits: &Limits) -> Result
             .ok_or_else(|| Error::malformed("snapshot table offset overflows", offset))?;
     }
     Ok(snapshots)
-}
-
-fn read_bitmaps<I: ReadAt>(io: &I, header: &Header) -> Result<Vec<Bitmap>> {
-    let Some(ext) = header.bitmaps() else {
-        return Ok(Vec::new());
-    };
-    let dir = read_metadata(
-        io,
-        ext.directory_offset,
-        ext.directory_size,
-        "bitmap directory",
-    )?;
-    bitmap::parse_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
 }

@@ -56,6 +56,7 @@ pub struct ReadmeDoctests;
 mod bitmap;
 mod bytes;
 mod compress;
+mod dirty;
 mod error;
 mod extent;
 mod feature;
@@ -71,6 +72,7 @@ mod snapshot;
 mod table;
 
 pub use bitmap::Bitmap;
+pub use dirty::{DirtyExtent, DirtyExtents};
 pub use error::{Error, FeatureKind, Result};
 pub use extent::{Extent, ExtentKind};
 pub use feature::{
