@@ -278,6 +278,8 @@ impl<I: ReadAt> DirtyExtents<'_, I> {
     }
 }
 
+impl<I: ReadAt> std::iter::FusedIterator for DirtyExtents<'_, I> {}
+
 impl<I: ReadAt> Iterator for DirtyExtents<'_, I> {
     type Item = Result<DirtyExtent>;
 
