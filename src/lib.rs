@@ -28,6 +28,8 @@
 //! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
 //!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
+//! - **Dirty bitmaps.** [`Qcow2::bitmaps`] lists the persistent dirty bitmaps and
+//!   [`Qcow2::dirty_extents`] tells which stretches of the guest one marks as written.
 //! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
 //!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
 //! - **Threads.** `Qcow2<I>` and [`Reader`] are `Send + Sync` when `I` is: share one image
