@@ -155,6 +155,7 @@ impl<I: ReadAt> Qcow2<I> {
             data: Vec::new(),
             pending: None,
             done: false,
+            failed: None,
         };
         extents.load()?;
         Ok(extents)
@@ -164,7 +165,8 @@ impl<I: ReadAt> Qcow2<I> {
 /// The dirty extents of one bitmap: an iterator of [`DirtyExtent`]s, from
 /// [`Qcow2::dirty_extents`]. It holds the bitmap table and one cluster of bitmap data.
 ///
-/// After an error (a data cluster that cannot be read) it ends.
+/// An error (a data cluster that cannot be read) comes after the extents found before it,
+/// and ends the iteration.
 pub struct DirtyExtents<'a, I> {
     io: &'a I,
     name: String,
@@ -183,6 +185,20 @@ pub struct DirtyExtents<'a, I> {
     /// A run of dirty granules `[start, end)` not yet returned: the next may continue it.
     pending: Option<(u64, u64)>,
     done: bool,
+    /// An error found while `pending` was still to be returned.
+    failed: Option<Error>,
+}
+
+impl<I> std::fmt::Debug for DirtyExtents<'_, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyExtents")
+            .field("bitmap", &self.name)
+            .field("granularity", &self.granularity)
+            .field("table_entry", &self.cluster)
+            .field("bit", &self.bit)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<I: ReadAt> DirtyExtents<'_, I> {
@@ -285,13 +301,20 @@ impl<I: ReadAt> Iterator for DirtyExtents<'_, I> {
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
-            return None;
+            return self.failed.take().map(Err);
         }
         loop {
             match self.next_run() {
                 Err(e) => {
+                    // Report the run found before the failure first, then the failure.
                     self.done = true;
-                    return Some(Err(e));
+                    return match self.pending.take() {
+                        Some(run) => {
+                            self.failed = Some(e);
+                            Some(Ok(self.extent(run)))
+                        }
+                        None => Some(Err(e)),
+                    };
                 }
                 Ok(None) => {
                     self.done = true;

@@ -968,6 +968,24 @@ fn accepted_oddities_read_as_qemu_reads_them() {
         "{err:?}"
     );
     assert!(qemu_dirty(&tools, d, "data-cluster-past-eof.qcow2", "b0").is_empty());
+    // The extents found before such a cluster come first, then the error, then the end.
+    let mut bytes = std::fs::read(d.join("base-512.qcow2")).unwrap();
+    let (first, second) = (table_entry(&bytes, 0, 0), table_entry(&bytes, 0, 1));
+    put64(&mut bytes, first, 1);
+    put64(&mut bytes, second, 1 << 30);
+    std::fs::write(d.join("ones-then-eof.qcow2"), &bytes).unwrap();
+    let img = open(d, "ones-then-eof.qcow2");
+    let mut it = img.dirty_extents("b0", false).unwrap();
+    let extent = it.next().unwrap().unwrap();
+    assert_eq!((extent.start, extent.length), (0, 2 << 20));
+    assert!(matches!(
+        it.next(),
+        Some(Err(Error::Malformed {
+            offset: 0x4000_0000,
+            ..
+        }))
+    ));
+    assert!(it.next().is_none());
 }
 
 #[test]
