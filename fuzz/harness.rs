@@ -37,6 +37,7 @@ pub fn tight_limits() -> Limits {
     l.max_bitmaps = 64;
     l.max_bitmap_directory_bytes = 64 << 10;
     l.max_chain_depth = 4;
+    l.max_bitmap_table_bytes = 1 << 20;
     l
 }
 
@@ -125,6 +126,9 @@ pub fn exercise<I: ReadAt + Send + Sync>(image: &Qcow2<I>, seed: u64) {
     for b in image.bitmaps() {
         let _ = format!("{b:?}");
     }
+    for b in image.bitmaps().iter().take(4) {
+        dirty_extents(image, &b.name);
+    }
 
     let mut rng = XorShift::new(seed);
     if let Ok(reader) = image.reader() {
@@ -136,6 +140,27 @@ pub fn exercise<I: ReadAt + Send + Sync>(image: &Qcow2<I>, seed: u64) {
                 read_across(&reader, image.cluster_size(), &mut rng, SNAPSHOT_READS);
             }
         }
+    }
+}
+
+/// The first extents of a bitmap (in use or not): ascending, apart, inside the guest.
+pub fn dirty_extents<I: ReadAt>(image: &Qcow2<I>, name: &str) {
+    let Ok(extents) = image.dirty_extents(name, true) else {
+        return;
+    };
+    let mut end = None;
+    for e in extents.take(256) {
+        let Ok(e) = e else { break };
+        assert!(e.length > 0, "empty dirty extent at {:#x}", e.start);
+        assert!(
+            end.is_none_or(|end| e.start > end),
+            "dirty extents not merged"
+        );
+        end = Some(e.start + e.length);
+        assert!(
+            e.start + e.length <= image.guest_size(),
+            "dirty extent past the end"
+        );
     }
 }
 

@@ -243,6 +243,21 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// No persistent dirty bitmap has the name asked for.
+    #[error("no bitmap named {name:?}")]
+    NoSuchBitmap {
+        /// The name asked for.
+        name: String,
+    },
+
+    /// The bitmap has the in-use flag: it was not saved cleanly, so its bits may miss writes.
+    /// QEMU refuses to use such a bitmap (it calls it inconsistent).
+    #[error("bitmap {name:?} is in use (inconsistent: not saved cleanly); its contents are not reliable")]
+    BitmapInUse {
+        /// The bitmap's name.
+        name: String,
+    },
 }
 
 impl Error {
@@ -281,6 +296,7 @@ impl Error {
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
             Error::Internal(_) => io::ErrorKind::Other,
             Error::NoSuchSnapshot(_) => io::ErrorKind::NotFound,
+            Error::NoSuchBitmap { .. } => io::ErrorKind::NotFound,
             _ => io::ErrorKind::InvalidData,
         }
     }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use positioned_io::ReadAt;
 
-use crate::bitmap::{self, Bitmap};
+use crate::bitmap::Bitmap;
 use crate::cache::{new_image_id, ByteLru};
 use crate::compress::ClusterCache;
 use crate::error::{Error, Result};
@@ -142,7 +142,7 @@ impl<I: ReadAt> Qcow2<I> {
         )?;
         let l1 = read_l1(&io, header.l1_table_offset(), header.l1_size())?;
         let snapshots = read_snapshots(&io, &header, &limits)?;
-        let bitmaps = read_bitmaps(&io, &header)?;
+        let bitmaps = crate::dirty::read_bitmaps(&io, &header, header.size() & !511, &limits)?;
         let mut image = Qcow2 {
             io,
             header,
@@ -436,17 +436,4 @@ fn read_snapshots<I: ReadAt>(io: &I, header: &Header, limits: &Limits) -> Result
             .ok_or_else(|| Error::malformed("snapshot table offset overflows", offset))?;
     }
     Ok(snapshots)
-}
-
-fn read_bitmaps<I: ReadAt>(io: &I, header: &Header) -> Result<Vec<Bitmap>> {
-    let Some(ext) = header.bitmaps() else {
-        return Ok(Vec::new());
-    };
-    let dir = read_metadata(
-        io,
-        ext.directory_offset,
-        ext.directory_size,
-        "bitmap directory",
-    )?;
-    bitmap::parse_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
 }

@@ -28,6 +28,8 @@
 //! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
 //!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
+//! - **Dirty bitmaps.** [`Qcow2::bitmaps`] lists the persistent dirty bitmaps and
+//!   [`Qcow2::dirty_extents`] tells which stretches of the guest one marks as written.
 //! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
 //!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
 //! - **Threads.** `Qcow2<I>` and [`Reader`] are `Send + Sync` when `I` is: share one image
@@ -57,6 +59,7 @@ mod bitmap;
 mod bytes;
 mod cache;
 mod compress;
+mod dirty;
 mod error;
 mod extension;
 mod extent;
@@ -73,6 +76,7 @@ mod snapshot;
 mod table;
 
 pub use bitmap::Bitmap;
+pub use dirty::{DirtyExtent, DirtyExtents};
 pub use error::{Error, FeatureKind, Result};
 pub use extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};
 pub use extent::{Extent, ExtentKind};

@@ -24,12 +24,18 @@ pub struct Limits {
     pub max_snapshot_extra_bytes: u64,
     /// Most bitmaps in the bitmaps extension (QEMU: `QCOW2_MAX_BITMAPS`, 65535).
     pub max_bitmaps: u64,
-    /// Largest bitmap directory, in bytes (QEMU: `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`, 64 MiB).
+    /// Largest bitmap directory, in bytes (QEMU: `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`, 1 KiB per
+    /// bitmap: 65535 KiB).
     pub max_bitmap_directory_bytes: u64,
     /// Longest backing-file name (QEMU: 1023 bytes).
     pub max_backing_name_bytes: u64,
     /// Deepest backing chain followed by [`Qcow2::open_path`](crate::Qcow2::open_path).
     pub max_chain_depth: u32,
+    /// Most bytes of bitmap tables read when an image is opened (QEMU checks the table of every
+    /// bitmap not in use at open), in total; also the largest table
+    /// [`Qcow2::dirty_extents`](crate::Qcow2::dirty_extents) reads. QEMU's own bound is 8 MiB
+    /// per table (`BME_MAX_PHYS_SIZE` over a 512-byte cluster, 8 bytes an entry).
+    pub max_bitmap_table_bytes: u64,
     /// Bytes of L2 tables kept in each image's cache (at least one table is always kept).
     pub l2_cache_bytes: u64,
 }
@@ -43,9 +49,10 @@ impl Default for Limits {
             max_snapshot_table_bytes: 64 << 20,
             max_snapshot_extra_bytes: 1024,
             max_bitmaps: 65535,
-            max_bitmap_directory_bytes: 64 << 20,
+            max_bitmap_directory_bytes: 1024 * 65535,
             max_backing_name_bytes: 1023,
             max_chain_depth: 64,
+            max_bitmap_table_bytes: 64 << 20,
             l2_cache_bytes: 32 << 20,
         }
     }
@@ -64,6 +71,7 @@ impl Limits {
             max_bitmap_directory_bytes: u64::MAX,
             max_backing_name_bytes: u64::MAX,
             max_chain_depth: u32::MAX,
+            max_bitmap_table_bytes: u64::MAX,
             l2_cache_bytes: 32 << 20,
         }
     }

@@ -25,7 +25,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// The corpus's guests are at most 64 KiB; an image that claims more is read this far only.
 const READ_CAP: u64 = 64 << 20;
 /// The corpus must stay small (it is committed).
-const CORPUS_BUDGET: u64 = 2 << 20;
+const CORPUS_BUDGET: u64 = 5 << 19;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hostile")
@@ -300,6 +300,20 @@ hostile_cases! {
     bitmaps_ext_short: "bitmaps-ext-short", Open => Error::Malformed { .. },
     bitmaps_ext_reserved: "bitmaps-ext-reserved", Open => Error::Malformed { .. },
     bitmaps_dir_past_eof: "bitmaps-dir-past-eof", Open => Error::Malformed { .. },
+    bitmaps_ext_short_stale: "bitmaps-ext-short-stale", Open => Error::Malformed { offset: 120, .. },
+    // Bitmap directory entries (at 0xa00) and tables (at 0x800), as QEMU loads them.
+    bitmap_type_2: "bitmap-type-2", Open => Error::Malformed { offset: 0xa00, .. },
+    bitmap_flags_reserved: "bitmap-flags-reserved", Open => Error::Malformed { offset: 0xa00, .. },
+    bitmap_granularity_8: "bitmap-granularity-8", Open => Error::Malformed { offset: 0xa00, .. },
+    bitmap_table_unaligned: "bitmap-table-unaligned", Open => Error::Malformed { offset: 0xa00, .. },
+    bitmap_table_size_2: "bitmap-table-size-2", Open => Error::Malformed { offset: 0xa00, .. },
+    bitmap_extra_data: "bitmap-extra-data", Open => Error::Malformed { offset: 0xa00, .. },
+    bitmap_count_2: "bitmap-count-2", Open => Error::Malformed { offset: 0xa00, .. },
+    bitmap_dir_8_longer: "bitmap-dir-8-longer", Open => Error::Malformed { offset: 0xa20, .. },
+    bitmap_duplicate_name: "bitmap-duplicate-name", Open => Error::Malformed { offset: 0xa20, .. },
+    bitmap_table_entry_reserved: "bitmap-table-entry-reserved", Open => Error::Malformed {
+        offset: 0x800, ..
+    },
     // Feature bits and compression type.
     incompat_bit9: "incompat-bit9", Open => Error::UnsupportedFeature {
         kind: FeatureKind::Incompatible, bit: 9, name, ..
@@ -353,6 +367,8 @@ const ACCEPTED: &[&str] = &[
     "trunc-last-data",
     "l1-entry-is-l1",
     "data-file-name-no-bit",
+    "bitmap-name-empty",
+    "bitmap-in-use-bad-table",
 ];
 
 /// Valid images the cases are made from, and the other members of the chain cases.
@@ -366,6 +382,7 @@ const BASES: &[&str] = &[
     "base-zlib",
     "base-zstd",
     "base-v2",
+    "base-bitmap-512",
 ];
 const CHAIN_MEMBERS: &[&str] = &["loop-b", "deep-mid", "deep-base"];
 
@@ -432,6 +449,24 @@ fn stale_bitmaps_extension_is_ignored() {
         "stale bitmaps must not be listed"
     );
     assert!(data.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn bitmap_oddities_qemu_accepts() {
+    let (image, _) = expect_accepted("bitmap-name-empty");
+    let names: Vec<&str> = image.bitmaps().iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, [""], "an empty name is listed as QEMU lists it");
+    assert_eq!(image.dirty_extents("", false).unwrap().count(), 0);
+    // In use: QEMU does not read the table at open; reading it anyway finds the bad entry.
+    let (image, _) = expect_accepted("bitmap-in-use-bad-table");
+    assert!(matches!(
+        image.dirty_extents("b0", false),
+        Err(Error::BitmapInUse { .. })
+    ));
+    assert!(matches!(
+        image.dirty_extents("b0", true),
+        Err(Error::Malformed { offset: 0x800, .. })
+    ));
 }
 
 #[test]

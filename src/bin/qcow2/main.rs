@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bitmap;
+
 /// Read qcow2 images like `qemu-img`, without QEMU.
 #[derive(Parser)]
 #[command(name = "qcow2", version, about)]
@@ -19,9 +21,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Dump the dirty extents of a persistent dirty bitmap.
+    Bitmap(bitmap::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Bitmap(args) => bitmap::run(args),
+    }
 }
