@@ -329,6 +329,20 @@ impl<I: ReadAt> Qcow2<I> {
     }
 }
 
+impl<I> std::fmt::Debug for Qcow2<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("path", &self.path)
+            .field("version", &self.header.version())
+            .field("cluster_size", &self.header.cluster_size())
+            .field("guest_size", &(self.header.size() & !511))
+            .field("backing_file", &self.header.backing_file())
+            .field("backing_attached", &self.backing.is_some())
+            .field("data_file_attached", &self.data_file.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<I> Qcow2<I> {
     /// Use `l2` and `compressed` from now on, down the whole backing chain.
     fn share_caches(&mut self, l2: &Arc<Mutex<L2Cache>>, compressed: &Arc<ClusterCache>) {
