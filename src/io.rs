@@ -35,7 +35,7 @@ pub(crate) fn read_metadata<R: ReadAt + ?Sized>(
     src: &R,
     pos: u64,
     len: u64,
-    what: &str,
+    what: &'static str,
 ) -> Result<Vec<u8>> {
     let total =
         usize::try_from(len).map_err(|_| Error::malformed(format!("{what} is too large"), pos))?;
@@ -51,10 +51,11 @@ pub(crate) fn read_metadata<R: ReadAt + ?Sized>(
         let got = read_up_to(src, at, chunk)
             .map_err(|e| Error::io(format!("reading {what} at {at:#x}"), e))?;
         if got < step {
-            return Err(Error::malformed(
-                format!("{what} ({len} bytes) runs past the end of the file"),
-                pos,
-            ));
+            return Err(Error::PastEnd {
+                what,
+                offset: pos,
+                len,
+            });
         }
     }
     Ok(out)
@@ -66,7 +67,7 @@ pub(crate) fn check_within<R: ReadAt + ?Sized>(
     src: &R,
     pos: u64,
     len: u64,
-    what: &str,
+    what: &'static str,
 ) -> Result<()> {
     let Some(last) = len.checked_sub(1).and_then(|l| pos.checked_add(l)) else {
         return Ok(());
@@ -75,10 +76,11 @@ pub(crate) fn check_within<R: ReadAt + ?Sized>(
     let got =
         read_up_to(src, last, &mut byte).map_err(|e| Error::io(format!("reading {what}"), e))?;
     if got == 0 {
-        return Err(Error::malformed(
-            format!("{what} ({len} bytes) runs past the end of the file"),
-            pos,
-        ));
+        return Err(Error::PastEnd {
+            what,
+            offset: pos,
+            len,
+        });
     }
     Ok(())
 }

@@ -157,14 +157,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             offset,
             self.image.cluster_size(),
             "L2 table",
-        )
-        .map_err(|e| match e {
-            // Point at the L1 entry that names the missing table.
-            Error::Malformed { what, .. } => {
-                Error::malformed(format!("{what} (L2 table at {offset:#x})"), entry_at)
-            }
-            other => other,
-        })?;
+        )?;
         let t: Arc<[u64]> = be_u64_table(&bytes);
         cache
             .lock()
@@ -220,10 +213,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             let bits = self.image.geometry.cluster_bits;
             let next_cluster = end.saturating_add(low_bits(remaining_in_block(end, bits), bits));
             if next_cluster < host.saturating_add(out.len() as u64) {
-                return Err(Error::malformed(
-                    "data cluster lies past the end of the file",
-                    next_cluster,
-                ));
+                return Err(Error::PastEnd {
+                    what: "data cluster",
+                    offset: next_cluster,
+                    len: 1u64 << bits,
+                });
             }
         }
         // A cluster cut short by the end of the file reads as zeros there, as in QEMU.

@@ -302,7 +302,13 @@ fn data_cluster_wholly_past_the_end_of_the_file_is_an_error() {
         .read_exact_at(0, &mut buf)
         .unwrap_err();
     assert!(
-        matches!(qcow2_error(&err), Error::Malformed { what, .. } if what.contains("past the end")),
+        matches!(
+            qcow2_error(&err),
+            Error::PastEnd {
+                what: "data cluster",
+                ..
+            }
+        ),
         "{err}"
     );
 }

@@ -269,7 +269,7 @@ hostile_cases! {
     l1_size_huge: "l1-size-huge", Open => Error::LimitExceeded { requested: 0x200_0008, .. },
     l1_size_4g: "l1-size-4g", Open => Error::LimitExceeded { .. },
     l1_offset_unaligned: "l1-offset-unaligned", Open => Error::Malformed { offset: 40, .. },
-    l1_offset_past_eof: "l1-offset-past-eof", Open => Error::Malformed { .. },
+    l1_offset_past_eof: "l1-offset-past-eof", Open => Error::PastEnd { what: "L1 table", .. },
     l1_offset_overflow: "l1-offset-overflow", Open => Error::Malformed { offset: 40, .. },
     l1_size_too_small: "l1-size-too-small", Open => Error::Malformed { .. },
     virtual_size_2e64: "virtual-size-2e64", Open => Error::Malformed { offset: 24, .. },
@@ -277,13 +277,13 @@ hostile_cases! {
     reftable_huge: "reftable-huge", Open => Error::LimitExceeded { .. },
     reftable_unaligned: "reftable-unaligned", Open => Error::Malformed { offset: 48, .. },
     reftable_zero_clusters: "reftable-zero-clusters", Open => Error::Malformed { offset: 56, .. },
-    reftable_past_eof: "reftable-past-eof", Open => Error::Malformed { .. },
+    reftable_past_eof: "reftable-past-eof", Open => Error::PastEnd { what: "refcount table", .. },
     reftable_offset_overflow: "reftable-offset-overflow", Open => Error::Malformed { offset: 48, .. },
     reftable_at_zero: "reftable-at-zero", Open => Error::Malformed { offset: 48, .. },
     // Snapshot table.
     snap_table_unaligned: "snap-table-unaligned", Open => Error::Malformed { offset: 64, .. },
     snap_count_huge: "snap-count-huge", Open => Error::LimitExceeded { requested: 65537, .. },
-    snap_table_past_eof: "snap-table-past-eof", Open => Error::Malformed { .. },
+    snap_table_past_eof: "snap-table-past-eof", Open => Error::PastEnd { what: "snapshot table entry", .. },
     snap_table_overflow: "snap-table-overflow", Open => Error::Malformed { offset: 64, .. },
     snap_extra_huge: "snap-extra-huge", Open => Error::LimitExceeded { requested: 1032, .. },
     snap_l1_unaligned: "snap-l1-unaligned", Snapshot => Error::Malformed { .. },
@@ -299,7 +299,7 @@ hostile_cases! {
     ext_backing_format_16: "ext-backing-format-16", Open => Error::Malformed { .. },
     bitmaps_ext_short: "bitmaps-ext-short", Open => Error::Malformed { .. },
     bitmaps_ext_reserved: "bitmaps-ext-reserved", Open => Error::Malformed { .. },
-    bitmaps_dir_past_eof: "bitmaps-dir-past-eof", Open => Error::Malformed { .. },
+    bitmaps_dir_past_eof: "bitmaps-dir-past-eof", Open => Error::PastEnd { what: "bitmap directory", .. },
     bitmaps_ext_short_stale: "bitmaps-ext-short-stale", Open => Error::Malformed { offset: 120, .. },
     // Bitmap directory entries (at 0xa00) and tables (at 0x800), as QEMU loads them.
     bitmap_type_2: "bitmap-type-2", Open => Error::Malformed { offset: 0xa00, .. },
@@ -328,13 +328,13 @@ hostile_cases! {
     extl2_4k_clusters: "extl2-4k-clusters", Open => Error::Malformed { .. },
     // Truncated files.
     trunc_50: "trunc-50", Open => Error::Malformed { .. },
-    trunc_mid_l1: "trunc-mid-l1", Open => Error::Malformed { .. },
-    trunc_mid_l2: "trunc-mid-l2", Read => Error::Malformed { .. },
+    trunc_mid_l1: "trunc-mid-l1", Open => Error::PastEnd { what: "L1 table", .. },
+    trunc_mid_l2: "trunc-mid-l2", Read => Error::PastEnd { what: "L2 table", .. },
     // L1 and L2 entries (iotest 060): the offset is the bad entry's.
-    l1_entry_past_eof: "l1-entry-past-eof", Read => Error::Malformed { .. },
+    l1_entry_past_eof: "l1-entry-past-eof", Read => Error::PastEnd { what: "L2 table", .. },
     l1_entry_unaligned: "l1-entry-unaligned", Read => Error::Misaligned { what: "L2 table", at: 0x3000, .. },
     l2_entry_unaligned: "l2-entry-unaligned", Read => Error::Misaligned { what: "data cluster", at: 0x4000, .. },
-    l2_entry_past_eof: "l2-entry-past-eof", Read => Error::Malformed { .. },
+    l2_entry_past_eof: "l2-entry-past-eof", Read => Error::PastEnd { what: "data cluster", .. },
     l2_zero_unaligned: "l2-zero-unaligned", Read => Error::Misaligned { what: "data cluster", at: 0x4000, .. },
     compressed_past_eof: "compressed-past-eof", Read => Error::BadCompressedCluster {
         guest_offset: 0, host_offset: 0x10_0000, ..
@@ -544,7 +544,7 @@ fn unlimited_limits_still_refuse_tables_past_the_end() {
             matches!(
                 outcome,
                 Outcome::Refused {
-                    error: Error::Malformed { .. },
+                    error: Error::Malformed { .. } | Error::PastEnd { .. },
                     ..
                 }
             ),
