@@ -60,12 +60,15 @@ mod error;
 mod extent;
 mod feature;
 mod header;
+mod human;
 mod image;
 mod info;
 mod io;
 mod limits;
 mod open;
 mod options;
+#[cfg(feature = "serde")]
+mod qjson;
 mod reader;
 mod snapshot;
 mod table;
@@ -82,7 +85,10 @@ pub use header::{
     MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
 pub use image::Qcow2;
-pub use info::{ChainEntry, ImageInfo};
+pub use info::{
+    BitmapInfo, ChainEntry, ChildInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
+    SnapshotInfo,
+};
 pub use limits::Limits;
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use reader::Reader;

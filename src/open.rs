@@ -113,7 +113,7 @@ fn open_chain_link(
 /// QEMU's rule without a backing format: probe the content. qcow2's magic means qcow2; the
 /// magic of another format QEMU knows means that format (which we then refuse rather than
 /// misread as raw); anything else is raw.
-fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
+pub(crate) fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
     let mut head = [0u8; 512];
     let got = read_up_to(file, 0, &mut head)
         .map_err(|e| Error::io(format!("probing {}", path.display()), e))?;
@@ -173,12 +173,12 @@ fn has_protocol(name: &str) -> bool {
     }
 }
 
-fn canonical(path: &Path) -> Result<PathBuf> {
+pub(crate) fn canonical(path: &Path) -> Result<PathBuf> {
     path.canonicalize()
         .map_err(|e| Error::io(format!("resolving {}", path.display()), e))
 }
 
-fn open_allowed(path: &Path, role: FileRole, policy: &FilePolicy) -> Result<File> {
+pub(crate) fn open_allowed(path: &Path, role: FileRole, policy: &FilePolicy) -> Result<File> {
     let refuse = |reason: String| Error::FileRefused {
         path: path.to_path_buf(),
         role: role.describe(),

@@ -8,6 +8,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod common;
+mod info;
+mod snapshot;
+
 /// Read qcow2 images like `qemu-img`, without QEMU.
 #[derive(Parser)]
 #[command(name = "qcow2", version, about)]
@@ -19,9 +23,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Show what an image holds, like `qemu-img info`.
+    Info(info::Args),
+    /// List internal snapshots, like `qemu-img snapshot -l`.
+    Snapshot(snapshot::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Info(args) => info::run(args),
+        Command::Snapshot(args) => snapshot::run(args),
+    }
 }
