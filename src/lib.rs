@@ -28,8 +28,10 @@
 //! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
 //!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
-//! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
-//!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
+//! - **Information.** [`ImageInfo::from_path`] and [`ImageInfo::chain_from_path`] (or
+//!   [`Qcow2::info`] on an open image) give what `qemu-img info [--backing-chain]` reports;
+//!   [`ImageInfo::to_human`] prints it as `qemu-img info` does and `ImageInfo::to_json`
+//!   (cargo feature `serde`, on by default) as `qemu-img info --output=json` does.
 //! - **Threads.** `Qcow2<I>` and [`Reader`] are `Send + Sync` when `I` is: share one image
 //!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
 //! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed

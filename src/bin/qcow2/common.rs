@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use chrono::{Local, Offset, TimeZone};
-use qcow2::{ImageInfo, OpenOptions};
+use qcow2::{ImageInfo, OpenOptions, Qcow2};
 
 /// `--output=human|json`, as `qemu-img` spells it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -41,6 +41,14 @@ pub fn fail(what: impl Display, why: impl Display) -> ExitCode {
 /// file), with the crate's default limits. Anything that is not a qcow2 image is refused.
 pub fn image_info(path: &Path) -> Result<ImageInfo, ExitCode> {
     ImageInfo::from_path(path, &OpenOptions::default()).map_err(|e| fail(path.display(), e))
+}
+
+/// Open the qcow2 image at `path` with its backing chain and data file, as `qemu-img` opens
+/// an image to read guest data, or fail with one line.
+// For the subcommands that read guest data (map, compare, convert, check).
+#[allow(dead_code)]
+pub fn open(path: &Path, options: &OpenOptions) -> Result<Qcow2<std::fs::File>, ExitCode> {
+    Qcow2::open_path_with(path, options).map_err(|e| fail(path.display(), e))
 }
 
 /// Write `text` to stdout; a closed pipe or full disk is one line on stderr, not a panic.
