@@ -19,7 +19,7 @@ use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::image::{Backing, ImageView, Qcow2};
-use crate::open::{canonical, open_allowed, probe_format, resolve};
+use crate::open::{canonical, has_protocol, open_allowed, probe_format, resolve};
 use crate::options::{FileRole, OpenOptions};
 use crate::snapshot::Snapshot;
 
@@ -490,9 +490,25 @@ fn sectors(len: u64) -> u64 {
 }
 
 /// The backing file `info` (opened from `path`) names, with its recorded format.
+/// QEMU opens the full backing name, so the next image's `filename` is that string; names
+/// with a protocol go through [`resolve`], which refuses all but `file:`.
 fn next_in_chain(info: &ImageInfo, path: &Path) -> Option<Result<(PathBuf, Option<String>)>> {
     let name = info.backing_filename.as_deref()?;
-    Some(resolve(path, name).map(|p| (p, info.backing_filename_format.clone())))
+    let format = info.backing_filename_format.clone();
+    match &info.full_backing_filename {
+        Some(full) if !has_protocol(name) => Some(Ok((PathBuf::from(full), format))),
+        _ => Some(resolve(path, name).map(|p| (p, format))),
+    }
+}
+
+/// QEMU's `bdrv_make_absolute_filename`: a name with a protocol or an absolute one as it is,
+/// else the image's directory (its name up to the last `/`) followed by the name, as strings.
+fn full_backing_name(image: &str, backing: &str) -> String {
+    if has_protocol(backing) || backing.starts_with('/') {
+        return backing.to_owned();
+    }
+    let dir = image.rfind('/').and_then(|slash| image.get(..=slash));
+    format!("{}{backing}", dir.unwrap_or_default())
 }
 
 /// The host file node under an image. QEMU counts its length in whole 512-byte sectors too.
@@ -543,7 +559,7 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
         format: "qcow2",
         format_specific: Some(FormatSpecific::Qcow2(qcow2_specific(h, view.bitmaps()))),
         full_backing_filename: match (view.path(), backing) {
-            (Some(path), Some(name)) => resolve(path, name).ok().map(|p| p.display().to_string()),
+            (Some(path), Some(name)) => Some(full_backing_name(&path.display().to_string(), name)),
             _ => None,
         },
         encrypted: h.crypt_method() != 0,
@@ -591,6 +607,16 @@ fn chain_below(view: &dyn ImageView) -> Vec<ChainEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_backing_names_are_qemus() {
+        assert_eq!(full_backing_name("top.qcow2", "base.qcow2"), "base.qcow2");
+        assert_eq!(full_backing_name("sub/t.qcow2", "../b"), "sub/../b");
+        assert_eq!(full_backing_name("a//t.qcow2", "b"), "a//b");
+        assert_eq!(full_backing_name("/x/t.qcow2", "/abs/b"), "/abs/b");
+        assert_eq!(full_backing_name("/x/t.qcow2", "nbd://h/e"), "nbd://h/e");
+        assert_eq!(full_backing_name("/x/t.qcow2", "file:b"), "file:b");
+    }
 
     #[test]
     fn names_are_cut_like_c_strings() {

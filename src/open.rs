@@ -166,7 +166,7 @@ pub(crate) fn resolve(image: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// QEMU's `path_has_protocol`: a colon before any slash.
-fn has_protocol(name: &str) -> bool {
+pub(crate) fn has_protocol(name: &str) -> bool {
     match name.find(':') {
         Some(colon) => !name[..colon].contains('/'),
         None => false,
