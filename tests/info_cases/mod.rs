@@ -148,6 +148,11 @@ pub fn fresh_cases(qemu: &Qemu, dir: &TempDir) -> Vec<Case> {
     img(&["bitmap", "--disable", "bitmaps.qcow2", "b1"]);
     img(&["bitmap", "--add", "-g", "512", "bitmaps.qcow2", "bitmap é"]);
     add("bitmaps", "bitmaps.qcow2", true);
+    // A bitmap left in use by a VM that was killed.
+    img(&["create", "-q", "-f", "qcow2", "inuse.qcow2", "1M"]);
+    img(&["bitmap", "--add", "inuse.qcow2", "b0"]);
+    qemu.io_crash(d, "qcow2", "inuse.qcow2", &["write -P 3 0 4k"]);
+    add("bitmap in use", "inuse.qcow2", true);
 
     // Format options.
     let variants: &[(&str, &str, &str)] = &[
