@@ -2,14 +2,14 @@
 //!
 //! ```text
 //! cargo run --example info -- fixtures/snap.qcow2
-//! cargo run --example info -- --json fixtures/chain-top.qcow2
+//! cargo run --example info -- --json --follow fixtures/chain-top.qcow2
 //! ```
-//! Backing files and data files named by the image are opened only with `--follow`
-//! (otherwise only the image itself is opened, and the chain is not listed).
+//! Only the image itself is opened, as `qemu-img info` does; with `--follow`, each image of
+//! its backing chain is shown too (`qemu-img info --backing-chain`). Dates are in UTC.
 
 use std::process::ExitCode;
 
-use qcow2::{FilePolicy, OpenOptions, Qcow2};
+use qcow2::{ImageInfo, OpenOptions};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,37 +19,23 @@ fn main() -> ExitCode {
         eprintln!("usage: info [--json] [--follow] IMAGE");
         return ExitCode::from(2);
     };
-    let policy = if follow {
-        FilePolicy::Any
+    let options = OpenOptions::new();
+    let chain = if follow {
+        ImageInfo::chain_from_path(path, &options)
     } else {
-        FilePolicy::Nothing
+        ImageInfo::from_path(path, &options).map(|info| vec![info])
     };
-    let options = OpenOptions::new().files(policy);
-    let image = match open(path, &options, follow) {
-        Ok(image) => image,
+    let chain = match chain {
+        Ok(chain) => chain,
         Err(e) => {
             eprintln!("info: {path}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let info = image.info();
-    if json {
-        println!("{}", info.to_json());
-    } else {
-        print!("{info}");
+    match (json, follow) {
+        (true, true) => println!("{}", ImageInfo::chain_to_json(&chain)),
+        (true, false) => chain.iter().for_each(|i| println!("{}", i.to_json())),
+        (false, _) => print!("{}", ImageInfo::chain_to_human(&chain, &|_| 0)),
     }
     ExitCode::SUCCESS
-}
-
-/// Open by path; without `--follow`, an image naming other files is still shown, from its
-/// own metadata alone.
-fn open(path: &str, options: &OpenOptions, follow: bool) -> qcow2::Result<Qcow2<std::fs::File>> {
-    match Qcow2::open_path_with(path, options) {
-        Err(qcow2::Error::FileRefused { .. }) if !follow => {
-            let file = std::fs::File::open(path)
-                .map_err(|e| qcow2::Error::from_io("opening the image", e))?;
-            Qcow2::open(file)
-        }
-        other => other,
-    }
 }

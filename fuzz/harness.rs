@@ -118,7 +118,7 @@ pub fn exercise<I: ReadAt + Send + Sync>(image: &Qcow2<I>, seed: u64) {
     let _ = format!("{h:?}");
     let _ = (image.cluster_size(), image.guest_size());
     let info = image.info();
-    let _ = info.to_json();
+    let _ = info.to_human();
     let _ = format!("{info:?}");
     for s in image.snapshots() {
         let _ = format!("{s:?}");

@@ -1,10 +1,26 @@
-//! What `qemu-img info` reports about an image.
+//! What `qemu-img info` reports about an image, in QEMU's own shape.
+//!
+//! The types mirror QEMU's QAPI schema (`BlockGraphInfo`, `ImageInfoSpecificQCow2`,
+//! `SnapshotInfo`, `Qcow2BitmapInfo` in `qapi/block-core.json`). With the `serde` feature they
+//! serialize with QEMU's field names, omission rules and field order, so
+//! [`ImageInfo::to_json`] prints what `qemu-img info --output=json` prints.
+//!
+//! Field order: QEMU prints a JSON object in the order of its hash table (`QDict`, 512
+//! buckets hashed by `tdb_hash`), not in schema order. Every struct here declares its fields
+//! in that order, so serde writes them as QEMU does; `tests::fields_are_in_qemu_hash_order`
+//! checks the declarations against the hash.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 use positioned_io::ReadAt;
 
 use crate::bitmap::Bitmap;
+use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::image::{Backing, ImageView, Qcow2};
+use crate::open::{canonical, has_protocol, open_allowed, probe_format, resolve};
+use crate::options::{FileRole, OpenOptions};
 use crate::snapshot::Snapshot;
 
 /// One image of a backing chain, top first.
@@ -18,85 +34,556 @@ pub struct ChainEntry {
     pub virtual_size: u64,
 }
 
-/// Image information, as `qemu-img info` reports it.
+/// Image information, as `qemu-img info` reports it (QEMU's `BlockGraphInfo`).
+///
+/// Everything `qemu-img info --output=json` prints is here except `actual-size` (the space
+/// the file takes on the host file system, which says nothing about the image).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 #[non_exhaustive]
 pub struct ImageInfo {
-    /// The path the image was opened from, when known.
-    pub filename: Option<String>,
-    /// Always `qcow2`.
-    pub format: &'static str,
-    /// `0.10` for version 2, `1.1` for version 3 (QEMU's `compat`).
-    pub compat: &'static str,
-    /// Virtual disk size in bytes.
-    pub virtual_size: u64,
-    /// Cluster size in bytes.
-    pub cluster_size: u64,
-    /// `zlib` or `zstd`.
-    pub compression_type: &'static str,
-    /// Refcount width in bits.
-    pub refcount_bits: u32,
-    /// Lazy refcounts (compatible bit 0).
-    pub lazy_refcounts: bool,
-    /// Extended L2 entries (subclusters).
-    pub extended_l2: bool,
-    /// The dirty bit.
-    pub dirty: bool,
-    /// The corrupt bit.
-    pub corrupt: bool,
-    /// The backing file name as stored in the header.
-    pub backing_filename: Option<String>,
-    /// The backing format from the header extension.
+    /// The nodes below this one: for an image opened by path, its `file` node (the host
+    /// file, with its own information). QEMU lists a data file or backing file here only
+    /// when it opened it, which `qemu-img info` does not.
+    pub children: Vec<ChildInfo>,
+    /// The backing format from the header extension (only with a backing file).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub backing_filename_format: Option<String>,
+    /// Internal snapshots (left out of the JSON when there are none).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Virtual disk size in bytes (for a `file` node, the file's length).
+    pub virtual_size: u64,
+    /// The path the image was opened from, as given; `None` when opened from a source
+    /// without a path.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub filename: Option<String>,
+    /// Cluster size in bytes (qcow2 only).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub cluster_size: Option<u64>,
+    /// The format driver: `qcow2`, `raw`, or `file` for the host file node.
+    pub format: &'static str,
+    /// What only this format has (none for `raw`).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub format_specific: Option<FormatSpecific>,
     /// The backing file name resolved against this image's directory, as QEMU resolves it
     /// (known when the image was opened by path).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub full_backing_filename: Option<String>,
-    /// The external data file name.
-    pub data_file: Option<String>,
-    /// Whether the external data file is a raw image by itself.
-    pub data_file_raw: bool,
-    /// Internal snapshots.
-    pub snapshots: Vec<Snapshot>,
-    /// Persistent dirty bitmaps.
-    pub bitmaps: Vec<Bitmap>,
-    /// The whole backing chain below this image, as far as it is attached, nearest first.
+    /// Whether the image is encrypted (only written when it is).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "is_false"))]
+    pub encrypted: bool,
+    /// The backing file name as stored in the header.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub backing_filename: Option<String>,
+    /// The dirty bit (QEMU's `dirty-flag`).
+    #[cfg_attr(feature = "serde", serde(rename = "dirty-flag"))]
+    pub dirty: bool,
+    /// The backing chain below this image as far as it is attached, nearest first (not part
+    /// of QEMU's output: see [`ImageInfo::chain_from_path`] for `--backing-chain`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub backing_chain: Vec<ChainEntry>,
+}
+
+/// A child node and its information (QEMU's `BlockChildInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct ChildInfo {
+    /// The child's role: `file` for the host file under a qcow2 or raw node.
+    pub name: String,
+    /// Its information.
+    pub info: ImageInfo,
+}
+
+/// What only one format reports (QEMU's `ImageInfoSpecific`), written as
+/// `{"type": FORMAT, "data": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(tag = "type", content = "data", rename_all = "lowercase")
+)]
+#[non_exhaustive]
+pub enum FormatSpecific {
+    /// A qcow2 image.
+    Qcow2(Qcow2Specific),
+    /// The host file under an image.
+    File(FileSpecific),
+}
+
+/// What `qemu-img info` reports of a qcow2 image in `format-specific` (QEMU's
+/// `ImageInfoSpecificQCow2`). Version 2 images report only `compat`, `compression-type`
+/// and `refcount-bits`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
+#[non_exhaustive]
+pub struct Qcow2Specific {
+    /// `0.10` for version 2, `1.1` for version 3.
+    pub compat: &'static str,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
+    /// Lazy refcounts (compatible bit 0); version 3 only.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub lazy_refcounts: Option<bool>,
+    /// Persistent dirty bitmaps; version 3 only, left out when there are none.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+    pub bitmaps: Vec<BitmapInfo>,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// The external data file name from the header extension.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub data_file: Option<String>,
+    // QEMU's `encrypt` block (ImageInfoSpecificQCow2Encryption: `format`, and LUKS details)
+    // belongs here, between `data-file` and `data-file-raw` in QEMU's order:
+    //     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    //     pub encrypt: Option<crate::EncryptionInfo>,
+    // set in `qcow2_specific` below and printed by `human::format_specific`.
+    /// Whether the external data file is a raw image by itself (autoclear bit 1); present
+    /// exactly when the image has an external data file (incompatible bit 2).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub data_file_raw: Option<bool>,
+    /// The corrupt bit; version 3 only.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub corrupt: Option<bool>,
+    /// Extended L2 entries (subclusters); version 3 only.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub extended_l2: Option<bool>,
+}
+
+/// What `qemu-img info` reports of the host file in `format-specific`: nothing on the
+/// common file systems (QEMU adds an `extent-size-hint` on XFS, which is left out here).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct FileSpecific {}
+
+/// An internal snapshot as `qemu-img info` lists it (QEMU's `SnapshotInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
+#[non_exhaustive]
+pub struct SnapshotInfo {
+    /// Instruction count for record/replay; left out when not recorded (stored as -1).
+    #[cfg_attr(
+        feature = "serde",
+        serde(
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "qapi_int_opt"
+        )
+    )]
+    pub icount: Option<u64>,
+    /// Guest clock when the snapshot was taken: nanoseconds within the second.
+    pub vm_clock_nsec: u64,
+    /// Its name, as QEMU reads it: up to the first NUL, at most 255 bytes.
+    pub name: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest clock when the snapshot was taken: whole seconds.
+    pub vm_clock_sec: u64,
+    /// Its id, as QEMU reads it: up to the first NUL, at most 127 bytes.
+    pub id: String,
+    /// Size of the saved VM state in bytes (0 for disk-only snapshots).
+    #[cfg_attr(feature = "serde", serde(serialize_with = "qapi_int"))]
+    pub vm_state_size: u64,
+}
+
+/// A persistent dirty bitmap as `qemu-img info` lists it (QEMU's `Qcow2BitmapInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct BitmapInfo {
+    /// `in-use` and `auto`, when set.
+    pub flags: Vec<&'static str>,
+    /// Its name.
+    pub name: String,
+    /// Bytes of guest data per bit.
+    pub granularity: u64,
+}
+
+/// QEMU stores -1 when a snapshot's icount was not recorded.
+const ICOUNT_NONE: u64 = u64::MAX;
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+/// Room QEMU gives a snapshot's id and name (`QEMUSnapshotInfo.id_str[128]`, `name[256]`),
+/// the terminating NUL included.
+const ID_ROOM: usize = 128;
+const NAME_ROOM: usize = 256;
+
+#[cfg(feature = "serde")]
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// QAPI's `int` is 64-bit signed: QEMU prints a `u64` field of 2^63 or more as negative.
+#[cfg(feature = "serde")]
+fn qapi_int<S: serde::Serializer>(v: &u64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_i64(*v as i64)
+}
+
+#[cfg(feature = "serde")]
+fn qapi_int_opt<S: serde::Serializer>(
+    v: &Option<u64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => qapi_int(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+impl From<&Snapshot> for SnapshotInfo {
+    fn from(s: &Snapshot) -> Self {
+        SnapshotInfo {
+            icount: s.icount.filter(|&i| i != ICOUNT_NONE),
+            vm_clock_nsec: s.vm_clock_nsec % NANOS_PER_SEC,
+            name: c_string(&s.name, NAME_ROOM),
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / NANOS_PER_SEC,
+            id: c_string(&s.id, ID_ROOM),
+            vm_state_size: s.vm_state_size,
+        }
+    }
+}
+
+impl From<&Bitmap> for BitmapInfo {
+    fn from(b: &Bitmap) -> Self {
+        BitmapInfo {
+            flags: b.flag_names(),
+            name: b.name.clone(),
+            granularity: b.granularity,
+        }
+    }
+}
+
+/// `s` as QEMU copies it into a fixed C buffer of `room` bytes (`pstrcpy`): cut at the first
+/// NUL, and to `room - 1` bytes (here at a character boundary).
+fn c_string(s: &str, room: usize) -> String {
+    let s = s.split('\0').next().unwrap_or_default();
+    let mut end = s.len().min(room.saturating_sub(1));
+    while !s.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    s.get(..end).unwrap_or_default().to_owned()
 }
 
 impl<I: ReadAt + Send + Sync> Qcow2<I> {
     /// What `qemu-img info` reports for this image.
+    ///
+    /// For an image opened by path, the `file` child lists the host file (its length is
+    /// read when this is called; it is left out if the file can no longer be examined).
     pub fn info(&self) -> ImageInfo {
-        info_of(self)
+        let mut info = info_of(self);
+        if let Some(path) = self.path() {
+            if let Ok(meta) = std::fs::metadata(path) {
+                info.children = vec![file_child(&path.display().to_string(), meta.len())];
+            }
+        }
+        info
+    }
+}
+
+impl ImageInfo {
+    /// What `qemu-img info PATH` reports: the qcow2 image at `path` is opened alone, without
+    /// its backing file or data file (so neither needs to exist).
+    ///
+    /// ```
+    /// let info = qcow2::ImageInfo::from_path("fixtures/snap.qcow2", &Default::default())?;
+    /// assert_eq!(info.virtual_size, 2 * 1024 * 1024);
+    /// assert_eq!(info.snapshots[0].name, "s1");
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn from_path(path: impl AsRef<Path>, options: &OpenOptions) -> Result<ImageInfo> {
+        let path = path.as_ref();
+        let file = crate::open::checked_open(path, "image", options.allow_devices)?;
+        qcow2_info(file, path, options)
+    }
+
+    /// What `qemu-img info --backing-chain PATH` reports: the image at `path`, then each image
+    /// of its backing chain, top first. Backing files are opened as
+    /// [`OpenOptions::files`] allows; a raw backing file ends the chain. A chain that loops
+    /// or is deeper than [`Limits::max_chain_depth`](crate::Limits) is an
+    /// [`Error::BackingChain`]. Data files are not opened.
+    ///
+    /// ```
+    /// let chain = qcow2::ImageInfo::chain_from_path("fixtures/chain-top.qcow2", &Default::default())?;
+    /// let names: Vec<_> = chain.iter().filter_map(|i| i.filename.as_deref()).collect();
+    /// assert_eq!(names, ["fixtures/chain-top.qcow2", "fixtures/chain-mid.qcow2", "fixtures/chain-base.qcow2"]);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn chain_from_path(
+        path: impl AsRef<Path>,
+        options: &OpenOptions,
+    ) -> Result<Vec<ImageInfo>> {
+        let top = path.as_ref();
+        let file = crate::open::checked_open(top, "image", options.allow_devices)?;
+        let mut visited = vec![canonical(top)?];
+        let mut chain = vec![qcow2_info(file, top, options)?];
+        let mut path = top.to_path_buf();
+        while let Some(next) = chain.last().and_then(|info| next_in_chain(info, &path)) {
+            let (backing_path, format) = next?;
+            if chain.len() > options.limits.max_chain_depth as usize {
+                return Err(Error::BackingChain {
+                    path,
+                    reason: format!(
+                        "backing chain deeper than {}",
+                        options.limits.max_chain_depth
+                    ),
+                });
+            }
+            let file = open_allowed(&backing_path, FileRole::Backing, options)?;
+            let key = canonical(&backing_path).unwrap_or_else(|_| backing_path.clone());
+            if visited.contains(&key) {
+                return Err(Error::BackingChain {
+                    path: backing_path,
+                    reason: "backing chain loops back to an image already in it".to_owned(),
+                });
+            }
+            visited.push(key);
+            let format = match format {
+                Some(f) => f,
+                None => probe_format(&file, &backing_path)?.to_owned(),
+            };
+            let info = match format.as_str() {
+                "qcow2" => qcow2_info(file, &backing_path, options)?,
+                "raw" | "file" => raw_info(&file, &backing_path)?,
+                _ => {
+                    return Err(Error::UnsupportedBackingFormat {
+                        format,
+                        path: backing_path,
+                    })
+                }
+            };
+            chain.push(info);
+            path = backing_path;
+        }
+        Ok(chain)
+    }
+
+    /// The qcow2 part of `format-specific`, when this is a qcow2 image.
+    pub fn qcow2(&self) -> Option<&Qcow2Specific> {
+        match &self.format_specific {
+            Some(FormatSpecific::Qcow2(q)) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// The information as `qemu-img info --output=json` prints it, byte for byte, without
+    /// `actual-size` (QEMU's pretty printer: 4-space indents, `\uXXXX` escapes for
+    /// non-ASCII). Same value as `serde_json::to_string_pretty(&info)`, which indents by 2.
+    ///
+    /// ```
+    /// let image = qcow2::Qcow2::open_path("fixtures/snap.qcow2")?;
+    /// let json = image.info().to_json();
+    /// assert!(json.contains("\"virtual-size\": 2097152"));
+    /// assert!(json.contains("\"name\": \"s1\""));
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    #[cfg(feature = "serde")]
+    pub fn to_json(&self) -> String {
+        crate::qjson::to_string(self)
+    }
+
+    /// Several images as `qemu-img info --backing-chain --output=json` prints them: a JSON
+    /// array of [`ImageInfo::to_json`] objects.
+    #[cfg(feature = "serde")]
+    pub fn chain_to_json(chain: &[ImageInfo]) -> String {
+        crate::qjson::to_string(chain)
+    }
+
+    /// The information as `qemu-img info` prints it, line for line, without the `disk size:`
+    /// lines (they depend on the host file system). Snapshot dates are in UTC; see
+    /// [`ImageInfo::to_human_with_offset`] for local time as `qemu-img` prints it.
+    ///
+    /// ```
+    /// let info = qcow2::ImageInfo::from_path("fixtures/chain-mid.qcow2", &Default::default())?;
+    /// let text = info.to_human();
+    /// assert!(text.starts_with("image: fixtures/chain-mid.qcow2\nfile format: qcow2\n"));
+    /// assert!(text.contains("\nvirtual size: 4 MiB (4194304 bytes)\n"));
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn to_human(&self) -> String {
+        self.to_human_with_offset(&|_| 0)
+    }
+
+    /// Like [`ImageInfo::to_human`], with snapshot dates shifted by `utc_offset(date)`
+    /// seconds (the local time zone's offset from UTC at that date).
+    pub fn to_human_with_offset(&self, utc_offset: &dyn Fn(i64) -> i64) -> String {
+        let mut out = String::new();
+        crate::human::image(&mut out, self, 0, "", utc_offset);
+        out
+    }
+
+    /// Several images as `qemu-img info --backing-chain` prints them: separated by an empty
+    /// line.
+    pub fn chain_to_human(chain: &[ImageInfo], utc_offset: &dyn Fn(i64) -> i64) -> String {
+        let texts: Vec<String> = chain
+            .iter()
+            .map(|info| info.to_human_with_offset(utc_offset))
+            .collect();
+        texts.join("\n")
+    }
+
+    /// The snapshot table as `qemu-img snapshot -l` prints it (nothing when there are no
+    /// snapshots), dates shifted by `utc_offset(date)` seconds.
+    pub fn snapshot_list(&self, utc_offset: &dyn Fn(i64) -> i64) -> String {
+        let mut out = String::new();
+        crate::human::snapshots(&mut out, &self.snapshots, "", utc_offset);
+        out
+    }
+}
+
+impl std::fmt::Display for ImageInfo {
+    /// [`ImageInfo::to_human`].
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_human())
+    }
+}
+
+/// Open `file` (at `path`) as qcow2, alone, and describe it with its `file` child.
+fn qcow2_info(file: File, path: &Path, options: &OpenOptions) -> Result<ImageInfo> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
+        .len();
+    let mut image = Qcow2::open_with(file, options)?;
+    image.path = Some(path.to_path_buf());
+    let mut info = info_of(&image);
+    info.children = vec![file_child(&path.display().to_string(), len)];
+    Ok(info)
+}
+
+/// A raw image: its size in whole sectors, as QEMU counts it, over the file's exact length.
+fn raw_info(file: &File, path: &Path) -> Result<ImageInfo> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
+        .len();
+    let name = path.display().to_string();
+    Ok(ImageInfo {
+        children: vec![file_child(&name, len)],
+        virtual_size: sectors(len),
+        filename: Some(name),
+        format: "raw",
+        ..ImageInfo::empty()
+    })
+}
+
+/// `len` rounded up to whole 512-byte sectors.
+fn sectors(len: u64) -> u64 {
+    len.checked_next_multiple_of(512).unwrap_or(len)
+}
+
+/// The backing file `info` (opened from `path`) names, with its recorded format.
+/// QEMU opens the full backing name, so the next image's `filename` is that string; names
+/// with a protocol go through [`resolve`], which refuses all but `file:`.
+fn next_in_chain(info: &ImageInfo, path: &Path) -> Option<Result<(PathBuf, Option<String>)>> {
+    let name = info.backing_filename.as_deref()?;
+    let format = info.backing_filename_format.clone();
+    match &info.full_backing_filename {
+        Some(full) if !has_protocol(name.as_bytes()) => Some(Ok((PathBuf::from(full), format))),
+        _ => Some(resolve(path, Path::new(name)).map(|p| (p, format))),
+    }
+}
+
+/// QEMU's `bdrv_make_absolute_filename`: a name with a protocol or an absolute one as it is,
+/// else the image's directory (its name up to the last `/`) followed by the name, as strings.
+fn full_backing_name(image: &str, backing: &str) -> String {
+    if has_protocol(backing.as_bytes()) || backing.starts_with('/') {
+        return backing.to_owned();
+    }
+    let dir = image.rfind('/').and_then(|slash| image.get(..=slash));
+    format!("{}{backing}", dir.unwrap_or_default())
+}
+
+/// The host file node under an image. QEMU counts its length in whole 512-byte sectors too.
+fn file_child(filename: &str, len: u64) -> ChildInfo {
+    ChildInfo {
+        name: "file".to_owned(),
+        info: ImageInfo {
+            virtual_size: sectors(len),
+            filename: Some(filename.to_owned()),
+            format: "file",
+            format_specific: Some(FormatSpecific::File(FileSpecific {})),
+            ..ImageInfo::empty()
+        },
+    }
+}
+
+impl ImageInfo {
+    fn empty() -> ImageInfo {
+        ImageInfo {
+            children: Vec::new(),
+            backing_filename_format: None,
+            snapshots: Vec::new(),
+            virtual_size: 0,
+            filename: None,
+            cluster_size: None,
+            format: "",
+            format_specific: None,
+            full_backing_filename: None,
+            encrypted: false,
+            backing_filename: None,
+            dirty: false,
+            backing_chain: Vec::new(),
+        }
     }
 }
 
 fn info_of(view: &dyn ImageView) -> ImageInfo {
     let h: &Header = view.header();
+    // QEMU reports the backing format and full name only along with a backing file.
+    let backing = h.backing_file();
     ImageInfo {
-        filename: view.path().map(|p| p.display().to_string()),
-        format: "qcow2",
-        compat: if h.version() >= 3 { "1.1" } else { "0.10" },
+        children: Vec::new(),
+        backing_filename_format: backing.and(h.backing_format()).map(str::to_owned),
+        snapshots: view.snapshots().iter().map(SnapshotInfo::from).collect(),
         virtual_size: h.size() & !511, // QEMU counts whole sectors
-        cluster_size: h.cluster_size(),
-        compression_type: h.compression_type().name(),
-        refcount_bits: h.refcount_bits(),
-        lazy_refcounts: h.has_lazy_refcounts(),
-        extended_l2: h.has_extended_l2(),
-        dirty: h.is_dirty(),
-        corrupt: h.is_corrupt(),
-        backing_filename: h.backing_file().map(str::to_owned),
-        backing_filename_format: h.backing_format().map(str::to_owned),
-        full_backing_filename: match (view.path(), h.backing_file_path()) {
-            (Some(path), Some(name)) => crate::open::resolve(path, name)
-                .ok()
-                .map(|p| p.display().to_string()),
+        filename: view.path().map(|p| p.display().to_string()),
+        cluster_size: Some(h.cluster_size()),
+        format: "qcow2",
+        format_specific: Some(FormatSpecific::Qcow2(qcow2_specific(h, view.bitmaps()))),
+        full_backing_filename: match (view.path(), backing) {
+            (Some(path), Some(name)) => Some(full_backing_name(&path.display().to_string(), name)),
             _ => None,
         },
-        data_file: h.data_file().map(str::to_owned),
-        data_file_raw: h.is_data_file_raw(),
-        snapshots: view.snapshots().to_vec(),
-        bitmaps: view.bitmaps().to_vec(),
+        encrypted: h.crypt_method() != 0,
+        backing_filename: backing.map(str::to_owned),
+        dirty: h.is_dirty(),
         backing_chain: chain_below(view),
+    }
+}
+
+/// QEMU's `qcow2_get_specific_info`.
+fn qcow2_specific(h: &Header, bitmaps: &[Bitmap]) -> Qcow2Specific {
+    let v3 = h.version() >= 3;
+    Qcow2Specific {
+        compat: if v3 { "1.1" } else { "0.10" },
+        compression_type: h.compression_type().name(),
+        lazy_refcounts: v3.then(|| h.has_lazy_refcounts()),
+        bitmaps: if v3 {
+            bitmaps.iter().map(BitmapInfo::from).collect()
+        } else {
+            Vec::new()
+        },
+        refcount_bits: h.refcount_bits(),
+        data_file: h.data_file().filter(|_| v3).map(str::to_owned),
+        data_file_raw: (v3 && h.has_data_file_bit()).then(|| h.is_data_file_raw()),
+        corrupt: v3.then(|| h.is_corrupt()),
+        extended_l2: v3.then(|| h.has_extended_l2()),
     }
 }
 
@@ -115,220 +602,180 @@ fn chain_below(view: &dyn ImageView) -> Vec<ChainEntry> {
     chain
 }
 
-impl ImageInfo {
-    /// The information as `qemu-img info --output=json` prints it for this image: the same
-    /// field names and values (fields about the host file, such as `actual-size`, are left out).
-    ///
-    /// ```
-    /// let image = qcow2::Qcow2::open_path("fixtures/snap.qcow2")?;
-    /// let json = image.info().to_json();
-    /// assert!(json.contains("\"virtual-size\": 2097152"));
-    /// assert!(json.contains("\"name\": \"s1\""));
-    /// # Ok::<(), qcow2::Error>(())
-    /// ```
-    pub fn to_json(&self) -> String {
-        let mut top = Json::object();
-        top.num("virtual-size", self.virtual_size);
-        if let Some(f) = &self.filename {
-            top.str("filename", f);
-        }
-        top.num("cluster-size", self.cluster_size);
-        top.str("format", self.format);
-        if let Some(b) = &self.backing_filename {
-            top.str("backing-filename", b);
-        }
-        if let Some(b) = &self.full_backing_filename {
-            top.str("full-backing-filename", b);
-        }
-        if let Some(f) = &self.backing_filename_format {
-            top.str("backing-filename-format", f);
-        }
-        top.bool("dirty-flag", self.dirty);
-        if !self.snapshots.is_empty() {
-            let list: Vec<String> = self.snapshots.iter().map(snapshot_json).collect();
-            top.raw("snapshots", &array(&list));
-        }
-        let mut data = Json::object();
-        data.str("compat", self.compat);
-        data.str("compression-type", self.compression_type);
-        if self.compat != "0.10" {
-            data.bool("lazy-refcounts", self.lazy_refcounts);
-            if !self.bitmaps.is_empty() {
-                let list: Vec<String> = self.bitmaps.iter().map(bitmap_json).collect();
-                data.raw("bitmaps", &array(&list));
-            }
-        }
-        data.num("refcount-bits", u64::from(self.refcount_bits));
-        if self.compat != "0.10" {
-            if let Some(d) = &self.data_file {
-                data.str("data-file", d);
-            }
-            if self.data_file.is_some() || self.data_file_raw {
-                data.bool("data-file-raw", self.data_file_raw);
-            }
-            data.bool("corrupt", self.corrupt);
-            data.bool("extended-l2", self.extended_l2);
-        }
-        let mut specific = Json::object();
-        specific.str("type", "qcow2");
-        specific.raw("data", &data.finish());
-        top.raw("format-specific", &specific.finish());
-        top.finish()
-    }
-}
-
-impl std::fmt::Display for ImageInfo {
-    /// The human-readable form, close to `qemu-img info`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if let Some(name) = &self.filename {
-            writeln!(f, "image: {name}")?;
-        }
-        writeln!(f, "file format: {}", self.format)?;
-        writeln!(f, "virtual size: {} bytes", self.virtual_size)?;
-        writeln!(f, "cluster_size: {}", self.cluster_size)?;
-        if let Some(b) = &self.backing_filename {
-            writeln!(f, "backing file: {b}")?;
-        }
-        if let Some(b) = &self.backing_filename_format {
-            writeln!(f, "backing file format: {b}")?;
-        }
-        if !self.snapshots.is_empty() {
-            writeln!(f, "Snapshot list:")?;
-            writeln!(
-                f,
-                "{:<8}{:<18}{:>12} {:>20} {:>16}",
-                "ID", "TAG", "VM_SIZE", "DATE (s)", "VM_CLOCK (ns)"
-            )?;
-            for s in &self.snapshots {
-                writeln!(
-                    f,
-                    "{:<8}{:<18}{:>12} {:>20} {:>16}",
-                    s.id, s.name, s.vm_state_size, s.date_sec, s.vm_clock_nsec
-                )?;
-            }
-        }
-        writeln!(f, "Format specific information:")?;
-        writeln!(f, "    compat: {}", self.compat)?;
-        writeln!(f, "    compression type: {}", self.compression_type)?;
-        writeln!(f, "    lazy refcounts: {}", self.lazy_refcounts)?;
-        if !self.bitmaps.is_empty() {
-            writeln!(f, "    bitmaps:")?;
-            for b in &self.bitmaps {
-                writeln!(
-                    f,
-                    "        {} (granularity {}, flags [{}])",
-                    b.name,
-                    b.granularity,
-                    b.flag_names().join(", ")
-                )?;
-            }
-        }
-        writeln!(f, "    refcount bits: {}", self.refcount_bits)?;
-        if let Some(d) = &self.data_file {
-            writeln!(f, "    data file: {d}")?;
-            writeln!(f, "    data file raw: {}", self.data_file_raw)?;
-        }
-        writeln!(f, "    corrupt: {}", self.corrupt)?;
-        writeln!(f, "    extended l2: {}", self.extended_l2)?;
-        writeln!(f, "    dirty: {}", self.dirty)?;
-        for (depth, link) in self.backing_chain.iter().enumerate() {
-            let name = link.filename.as_deref().unwrap_or("(attached source)");
-            writeln!(
-                f,
-                "backing chain [{}]: {name} ({}, {} bytes)",
-                depth.saturating_add(1),
-                link.format,
-                link.virtual_size
-            )?;
-        }
-        Ok(())
-    }
-}
-
-const NANOS_PER_SEC: u64 = 1_000_000_000;
-
-fn snapshot_json(s: &Snapshot) -> String {
-    let mut o = Json::object();
-    o.str("id", &s.id);
-    o.str("name", &s.name);
-    o.num("vm-state-size", s.vm_state_size);
-    o.num("date-sec", u64::from(s.date_sec));
-    o.num("date-nsec", u64::from(s.date_nsec));
-    o.num("vm-clock-sec", s.vm_clock_nsec / NANOS_PER_SEC);
-    o.num("vm-clock-nsec", s.vm_clock_nsec % NANOS_PER_SEC);
-    // QEMU stores -1 when the icount was not recorded, and then leaves it out.
-    if let Some(icount) = s.icount.filter(|&i| i != u64::MAX) {
-        o.num("icount", icount);
-    }
-    o.finish()
-}
-
-fn bitmap_json(b: &Bitmap) -> String {
-    let mut o = Json::object();
-    let flags: Vec<String> = b.flag_names().iter().map(|f| quote(f)).collect();
-    o.raw("flags", &array(&flags));
-    o.str("name", &b.name);
-    o.num("granularity", b.granularity);
-    o.finish()
-}
-
-/// A minimal JSON object writer: enough for `to_json`, without a serialization dependency.
-struct Json {
-    fields: Vec<String>,
-}
-
-impl Json {
-    fn object() -> Self {
-        Json { fields: Vec::new() }
-    }
-    fn raw(&mut self, key: &str, value: &str) {
-        self.fields.push(format!("{}: {value}", quote(key)));
-    }
-    fn str(&mut self, key: &str, value: &str) {
-        self.raw(key, &quote(value));
-    }
-    fn num(&mut self, key: &str, value: u64) {
-        self.raw(key, &value.to_string());
-    }
-    fn bool(&mut self, key: &str, value: bool) {
-        self.raw(key, if value { "true" } else { "false" });
-    }
-    fn finish(self) -> String {
-        format!("{{{}}}", self.fields.join(", "))
-    }
-}
-
-fn array(items: &[String]) -> String {
-    format!("[{}]", items.join(", "))
-}
-
-/// A JSON string literal: names in images are untrusted, so everything is escaped.
-fn quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len().saturating_add(2));
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", u32::from(c)))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn quoting_escapes_control_characters() {
-        assert_eq!(quote("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+    fn full_backing_names_are_qemus() {
+        assert_eq!(full_backing_name("top.qcow2", "base.qcow2"), "base.qcow2");
+        assert_eq!(full_backing_name("sub/t.qcow2", "../b"), "sub/../b");
+        assert_eq!(full_backing_name("a//t.qcow2", "b"), "a//b");
+        assert_eq!(full_backing_name("/x/t.qcow2", "/abs/b"), "/abs/b");
+        assert_eq!(full_backing_name("/x/t.qcow2", "nbd://h/e"), "nbd://h/e");
+        assert_eq!(full_backing_name("/x/t.qcow2", "file:b"), "file:b");
+    }
+
+    #[test]
+    fn names_are_cut_like_c_strings() {
+        assert_eq!(c_string("snap\0hidden", NAME_ROOM), "snap");
+        assert_eq!(c_string(&"a".repeat(300), NAME_ROOM).len(), 255);
+        assert_eq!(c_string(&"a".repeat(300), ID_ROOM).len(), 127);
+        // 254 ASCII bytes then a 2-byte character: it does not fit whole.
+        let s = format!("{}é", "a".repeat(254));
+        assert_eq!(c_string(&s, NAME_ROOM).len(), 254);
+    }
+
+    /// QEMU's `tdb_hash` bucket of a key (qobject/qdict.c).
+    #[cfg(feature = "serde")]
+    fn bucket(key: &str) -> u32 {
+        let mut value = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+        for (i, b) in key.bytes().enumerate() {
+            value = value.wrapping_add(u32::from(b) << (i * 5 % 24));
+        }
+        1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
+    }
+
+    /// Where each key is written in `json`, in written order, with its bucket.
+    #[cfg(feature = "serde")]
+    fn written_buckets(json: &str, keys: &[&str]) -> Vec<(u32, String)> {
+        let mut found: Vec<(usize, &str)> = keys
+            .iter()
+            .map(|k| (json.find(&format!("\"{k}\":")).expect(k), *k))
+            .collect();
+        found.sort();
+        found
+            .iter()
+            .map(|(_, k)| (bucket(k), k.to_string()))
+            .collect()
+    }
+
+    #[cfg(feature = "serde")]
+    fn assert_hash_order(json: &str, keys: &[&str]) {
+        let written = written_buckets(json, keys);
+        assert!(
+            written.windows(2).all(|w| w[0].0 <= w[1].0),
+            "not in QEMU's order: {written:?}"
+        );
+    }
+
+    /// serde writes fields in declaration order: it must be QEMU's bucket order. Keys sharing
+    /// a bucket come out last-inserted first (QLIST_INSERT_HEAD): `children` is visited after
+    /// the fields of its base type, so it comes before `backing-filename-format`.
+    #[cfg(feature = "serde")]
+    #[test]
+    fn fields_are_in_qemu_hash_order() {
+        let snap = Snapshot {
+            id: "1".into(),
+            name: "s".into(),
+            l1_table_offset: 0,
+            l1_size: 0,
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: Some(5),
+        };
+        let bitmap = Bitmap {
+            name: "b".into(),
+            granularity: 65536,
+            flags: 3,
+            bitmap_type: 1,
+            table_offset: 0x10000,
+            table_size: 1,
+            extra_data_size: 0,
+            entry_offset: 0x20000,
+            raw_name: b"b".to_vec(),
+        };
+        let specific = Qcow2Specific {
+            compat: "1.1",
+            compression_type: "zlib",
+            lazy_refcounts: Some(false),
+            bitmaps: vec![BitmapInfo::from(&bitmap)],
+            refcount_bits: 16,
+            data_file: Some("d".into()),
+            data_file_raw: Some(false),
+            corrupt: Some(false),
+            extended_l2: Some(false),
+        };
+        let info = ImageInfo {
+            backing_filename_format: Some("qcow2".into()),
+            virtual_size: 1,
+            filename: Some("f".into()),
+            cluster_size: Some(1),
+            format: "qcow2",
+            format_specific: Some(FormatSpecific::Qcow2(specific.clone())),
+            full_backing_filename: Some("b".into()),
+            encrypted: true,
+            backing_filename: Some("b".into()),
+            ..ImageInfo::empty()
+        };
+        let json = serde_json::to_string(&info).unwrap();
+        assert!(json.starts_with("{\"children\":[],\"backing-filename-format\":"));
+        assert_eq!(bucket("children"), bucket("backing-filename-format"));
+        assert_hash_order(
+            &json,
+            &[
+                "backing-filename-format",
+                "virtual-size",
+                "filename",
+                "cluster-size",
+                "format",
+                "format-specific",
+                "full-backing-filename",
+                "encrypted",
+                "backing-filename",
+                "dirty-flag",
+            ],
+        );
+        let mut with_snapshot = ImageInfo::empty();
+        with_snapshot.snapshots = vec![SnapshotInfo::from(&snap)];
+        let json = serde_json::to_string(&with_snapshot).unwrap();
+        assert_hash_order(
+            &json,
+            &["snapshots", "virtual-size", "format", "dirty-flag"],
+        );
+        let json = serde_json::to_string(&specific).unwrap();
+        assert_hash_order(
+            &json,
+            &[
+                "compat",
+                "compression-type",
+                "lazy-refcounts",
+                "bitmaps",
+                "refcount-bits",
+                "data-file",
+                "data-file-raw",
+                "corrupt",
+                "extended-l2",
+            ],
+        );
+        let json = serde_json::to_string(&SnapshotInfo::from(&snap)).unwrap();
+        assert_hash_order(
+            &json,
+            &[
+                "icount",
+                "vm-clock-nsec",
+                "name",
+                "date-sec",
+                "date-nsec",
+                "vm-clock-sec",
+                "id",
+                "vm-state-size",
+            ],
+        );
+        let json = serde_json::to_string(&BitmapInfo::from(&bitmap)).unwrap();
+        assert_hash_order(&json, &["flags", "name", "granularity"]);
+        let json = serde_json::to_string(&file_child("f", 1)).unwrap();
+        assert_hash_order(&json, &["name", "info"]);
+        let json = serde_json::to_string(&FormatSpecific::File(FileSpecific {})).unwrap();
+        assert_eq!(json, r#"{"type":"file","data":{}}"#);
+        assert!(bucket("type") < bucket("data"));
+        // Where the `encrypt` block will go.
+        assert!(
+            bucket("data-file") < bucket("encrypt") && bucket("encrypt") < bucket("data-file-raw")
+        );
+        assert!(bucket("full-backing-filename") < bucket("encrypted"));
     }
 }

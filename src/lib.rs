@@ -30,8 +30,10 @@
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
 //! - **Dirty bitmaps.** [`Qcow2::bitmaps`] lists the persistent dirty bitmaps and
 //!   [`Qcow2::dirty_extents`] tells which stretches of the guest one marks as written.
-//! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
-//!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
+//! - **Information.** [`ImageInfo::from_path`] and [`ImageInfo::chain_from_path`] (or
+//!   [`Qcow2::info`] on an open image) give what `qemu-img info [--backing-chain]` reports;
+//!   [`ImageInfo::to_human`] prints it as `qemu-img info` does and `ImageInfo::to_json`
+//!   (cargo feature `serde`, on by default) as `qemu-img info --output=json` does.
 //! - **Threads.** `Qcow2<I>` and [`Reader`] are `Send + Sync` when `I` is: share one image
 //!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
 //! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed
@@ -65,12 +67,15 @@ mod extension;
 mod extent;
 mod feature;
 mod header;
+mod human;
 mod image;
 mod info;
 mod io;
 mod limits;
 mod open;
 mod options;
+#[cfg(feature = "serde")]
+mod qjson;
 mod reader;
 mod snapshot;
 mod table;
@@ -86,7 +91,10 @@ pub use feature::{
 };
 pub use header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 pub use image::Qcow2;
-pub use info::{ChainEntry, ImageInfo};
+pub use info::{
+    BitmapInfo, ChainEntry, ChildInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
+    SnapshotInfo,
+};
 pub use limits::Limits;
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use reader::Reader;

@@ -116,7 +116,7 @@ fn open_chain_link(
 /// QEMU's rule without a backing format: probe the content. qcow2's magic means qcow2; the
 /// signature of another format QEMU probes means that format (which we then refuse rather
 /// than misread as raw); anything else is raw.
-fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
+pub(crate) fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
     let mut head = [0u8; 512];
     let got = read_up_to(file, 0, &mut head)
         .map_err(|e| Error::io(format!("probing {}", path.display()), e))?;
@@ -220,20 +220,20 @@ fn bytes_path(bytes: &[u8]) -> PathBuf {
 }
 
 /// QEMU's `path_has_protocol`: a colon before any slash.
-fn has_protocol(name: &[u8]) -> bool {
+pub(crate) fn has_protocol(name: &[u8]) -> bool {
     match name.iter().position(|&b| b == b':') {
         Some(colon) => !name.get(..colon).unwrap_or_default().contains(&b'/'),
         None => false,
     }
 }
 
-fn canonical(path: &Path) -> Result<PathBuf> {
+pub(crate) fn canonical(path: &Path) -> Result<PathBuf> {
     path.canonicalize()
         .map_err(|e| Error::io(format!("resolving {}", path.display()), e))
 }
 
 /// Open a file the image names, as the policy allows, and check what was opened.
-fn open_allowed(path: &Path, role: FileRole, options: &OpenOptions) -> Result<File> {
+pub(crate) fn open_allowed(path: &Path, role: FileRole, options: &OpenOptions) -> Result<File> {
     let refuse = |reason: String| Error::FileRefused {
         path: path.to_path_buf(),
         role: role.describe(),
@@ -264,7 +264,7 @@ fn open_allowed(path: &Path, role: FileRole, options: &OpenOptions) -> Result<Fi
 
 /// Open `path` read-only without blocking (a FIFO opens at once in non-blocking mode), then
 /// refuse anything but a regular file (or a block device, when allowed).
-fn checked_open(path: &Path, role: &'static str, devices: bool) -> Result<File> {
+pub(crate) fn checked_open(path: &Path, role: &'static str, devices: bool) -> Result<File> {
     let file = sys::open_nonblocking(path)
         .map_err(|e| Error::io(format!("opening {role} {}", path.display()), e))?;
     check_file_type(&file, path, role, devices)?;

@@ -322,6 +322,9 @@ fn info_differences(info: &qcow2::ImageInfo, q: &Value, dir: &Path) -> Vec<Strin
         }
     };
     let data = &q["format-specific"]["data"];
+    let Some(specific) = info.qcow2() else {
+        return vec![format!("no qcow2 format-specific information: {info:?}")];
+    };
     eq(
         "format",
         format!("{:?}", Some(info.format)),
@@ -334,37 +337,37 @@ fn info_differences(info: &qcow2::ImageInfo, q: &Value, dir: &Path) -> Vec<Strin
     );
     eq(
         "cluster-size",
-        format!("{:?}", Some(info.cluster_size)),
+        format!("{:?}", info.cluster_size),
         format!("{:?}", json_u64(q, "cluster-size")),
     );
     eq(
         "compat",
-        format!("{:?}", Some(info.compat)),
+        format!("{:?}", Some(specific.compat)),
         format!("{:?}", json_str(data, "compat")),
     );
     eq(
         "compression-type",
-        format!("{:?}", Some(info.compression_type)),
+        format!("{:?}", Some(specific.compression_type)),
         format!("{:?}", json_str(data, "compression-type")),
     );
     eq(
         "refcount-bits",
-        format!("{:?}", Some(u64::from(info.refcount_bits))),
+        format!("{:?}", Some(u64::from(specific.refcount_bits))),
         format!("{:?}", json_u64(data, "refcount-bits")),
     );
     eq(
         "lazy-refcounts",
-        info.lazy_refcounts.to_string(),
+        specific.lazy_refcounts.unwrap_or(false).to_string(),
         json_bool(data, "lazy-refcounts").to_string(),
     );
     eq(
         "extended-l2",
-        info.extended_l2.to_string(),
+        specific.extended_l2.unwrap_or(false).to_string(),
         json_bool(data, "extended-l2").to_string(),
     );
     eq(
         "corrupt",
-        info.corrupt.to_string(),
+        specific.corrupt.unwrap_or(false).to_string(),
         json_bool(data, "corrupt").to_string(),
     );
     eq(
@@ -384,12 +387,12 @@ fn info_differences(info: &qcow2::ImageInfo, q: &Value, dir: &Path) -> Vec<Strin
     );
     eq(
         "data-file",
-        format!("{:?}", info.data_file.as_deref()),
+        format!("{:?}", specific.data_file.as_deref()),
         format!("{:?}", json_str(data, "data-file")),
     );
     eq(
         "data-file-raw",
-        info.data_file_raw.to_string(),
+        specific.data_file_raw.unwrap_or(false).to_string(),
         json_bool(data, "data-file-raw").to_string(),
     );
     if let (Some(ours), Some(theirs)) = (info.filename.as_deref(), json_str(q, "filename")) {
@@ -413,10 +416,10 @@ fn info_differences(info: &qcow2::ImageInfo, q: &Value, dir: &Path) -> Vec<Strin
         .get("bitmaps")
         .and_then(Value::as_array)
         .unwrap_or(&empty);
-    let ours: Vec<String> = info
+    let ours: Vec<String> = specific
         .bitmaps
         .iter()
-        .map(|b| format!("{} g={} {:?}", b.name, b.granularity, b.flag_names()))
+        .map(|b| format!("{} g={} {:?}", b.name, b.granularity, b.flags))
         .collect();
     let theirs: Vec<String> = bitmaps
         .iter()
@@ -439,12 +442,16 @@ fn info_differences(info: &qcow2::ImageInfo, q: &Value, dir: &Path) -> Vec<Strin
     d
 }
 
-fn snapshot_summary(s: &qcow2::Snapshot) -> String {
-    // QEMU lists icount only when it was recorded (not -1).
-    let icount = s.icount.filter(|&i| i != u64::MAX);
+fn snapshot_summary(s: &qcow2::SnapshotInfo) -> String {
     format!(
-        "id={} name={} vm-state-size={} date={}.{:09} vm-clock={} icount={icount:?}",
-        s.id, s.name, s.vm_state_size, s.date_sec, s.date_nsec, s.vm_clock_nsec
+        "id={} name={} vm-state-size={} date={}.{:09} vm-clock={} icount={:?}",
+        s.id,
+        s.name,
+        s.vm_state_size,
+        s.date_sec,
+        s.date_nsec,
+        s.vm_clock_sec * 1_000_000_000 + s.vm_clock_nsec,
+        s.icount
     )
 }
 

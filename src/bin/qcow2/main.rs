@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bitmap;
+mod common;
+mod info;
+mod snapshot;
 
 /// Read qcow2 images like `qemu-img`, without QEMU.
 #[derive(Parser)]
@@ -23,11 +26,17 @@ enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
     /// Dump the dirty extents of a persistent dirty bitmap.
     Bitmap(bitmap::Args),
+    /// Show what an image holds, like `qemu-img info`.
+    Info(info::Args),
+    /// List internal snapshots, like `qemu-img snapshot -l`.
+    Snapshot(snapshot::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Bitmap(args) => bitmap::run(args),
+        Command::Info(args) => info::run(args),
+        Command::Snapshot(args) => snapshot::run(args),
     }
 }
