@@ -40,6 +40,9 @@ pub(crate) trait ImageView: Send + Sync {
     fn snapshots(&self) -> &[Snapshot];
     fn bitmaps(&self) -> &[Bitmap];
     fn backing(&self) -> Option<&Backing>;
+    /// The caches this image uses (tests check that a chain shares them).
+    #[cfg(test)]
+    fn cache_ids(&self) -> (usize, usize);
 }
 
 /// A raw backing file: any positioned source of a known length.
@@ -393,6 +396,13 @@ impl<I: ReadAt + Send + Sync> ImageView for Qcow2<I> {
     fn backing(&self) -> Option<&Backing> {
         self.backing.as_ref()
     }
+    #[cfg(test)]
+    fn cache_ids(&self) -> (usize, usize) {
+        (
+            Arc::as_ptr(&self.l2_cache) as usize,
+            Arc::as_ptr(&self.compressed) as usize,
+        )
+    }
 }
 
 /// One decompression thread per core, up to 8.
@@ -450,4 +460,26 @@ fn read_snapshots<I: ReadAt>(io: &I, header: &Header, limits: &Limits) -> Result
             .ok_or_else(|| Error::malformed("snapshot table offset overflows", offset))?;
     }
     Ok(snapshots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backing_chain_shares_one_set_of_caches() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/chain-top.qcow2");
+        let top = Qcow2::open_path(path).unwrap();
+        let mut depth = 0;
+        let mut view: &dyn ImageView = &top;
+        while let Some(Backing::Source { source, .. }) = view.backing() {
+            let Some(below) = source.as_image() else {
+                break;
+            };
+            assert_eq!(below.cache_ids(), top.cache_ids(), "layer {depth}");
+            view = below;
+            depth += 1;
+        }
+        assert!(depth >= 2, "chain-top has a chain below it ({depth})");
+    }
 }

@@ -36,7 +36,9 @@ pub struct Limits {
     /// [`Qcow2::dirty_extents`](crate::Qcow2::dirty_extents) reads. QEMU's own bound is 8 MiB
     /// per table (`BME_MAX_PHYS_SIZE` over a 512-byte cluster, 8 bytes an entry).
     pub max_bitmap_table_bytes: u64,
-    /// Bytes of L2 tables kept in each image's cache (at least one table is always kept).
+    /// Bytes of L2 tables kept in memory for an image and its whole backing chain, which
+    /// share one cache (at least one table is always kept). Decompressed clusters have a
+    /// budget of their own, 8 MiB per chain.
     pub l2_cache_bytes: u64,
 }
 

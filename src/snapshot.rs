@@ -8,6 +8,25 @@ use crate::error::{Error, Result};
 use crate::header::SNAPSHOT_HEADER_LEN;
 use crate::limits::Limits;
 
+/// Byte offsets in a snapshot table entry (spec: "Snapshot table entry").
+mod at {
+    pub const L1_TABLE_OFFSET: usize = 0;
+    pub const L1_SIZE: usize = 8;
+    pub const ID_LEN: usize = 12;
+    pub const NAME_LEN: usize = 14;
+    pub const DATE_SEC: usize = 16;
+    pub const DATE_NSEC: usize = 20;
+    pub const VM_CLOCK_NSEC: usize = 24;
+    pub const VM_STATE_SIZE_32: usize = 32;
+    pub const EXTRA_DATA_SIZE: usize = 36;
+    /// The extra data, then the id, then the name, follow the fixed part.
+    pub const EXTRA_DATA: usize = 40;
+    // Fields of the extra data, each present when the extra data is long enough.
+    pub const EXTRA_VM_STATE_SIZE: usize = 0;
+    pub const EXTRA_DISK_SIZE: usize = 8;
+    pub const EXTRA_ICOUNT: usize = 16;
+}
+
 /// One internal snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -38,9 +57,9 @@ pub struct Snapshot {
 /// after the padding.
 pub(crate) fn entry_len(fixed: &[u8], at: u64, limits: &Limits) -> Result<(u64, u64)> {
     let bad = || Error::malformed("snapshot table entry is truncated", at);
-    let id_len = be_u16(fixed, 12).ok_or_else(bad)?;
-    let name_len = be_u16(fixed, 14).ok_or_else(bad)?;
-    let extra_len = be_u32(fixed, 36).ok_or_else(bad)?;
+    let id_len = be_u16(fixed, at::ID_LEN).ok_or_else(bad)?;
+    let name_len = be_u16(fixed, at::NAME_LEN).ok_or_else(bad)?;
+    let extra_len = be_u32(fixed, at::EXTRA_DATA_SIZE).ok_or_else(bad)?;
     Limits::check(
         "snapshot extra data",
         u64::from(extra_len),
@@ -56,27 +75,27 @@ pub(crate) fn entry_len(fixed: &[u8], at: u64, limits: &Limits) -> Result<(u64, 
 /// Parse one whole entry (as long as [`entry_len`] said).
 pub(crate) fn parse_entry(entry: &[u8], at: u64) -> Result<Snapshot> {
     let bad = || Error::malformed("snapshot table entry is truncated", at);
-    let extra_len = be_u32(entry, 36).ok_or_else(bad)? as usize;
-    let id_len = usize::from(be_u16(entry, 12).ok_or_else(bad)?);
-    let name_len = usize::from(be_u16(entry, 14).ok_or_else(bad)?);
-    let extra = field(entry, 40, extra_len).ok_or_else(bad)?;
-    let id_at = 40usize.checked_add(extra_len).ok_or_else(bad)?;
+    let extra_len = be_u32(entry, at::EXTRA_DATA_SIZE).ok_or_else(bad)? as usize;
+    let id_len = usize::from(be_u16(entry, at::ID_LEN).ok_or_else(bad)?);
+    let name_len = usize::from(be_u16(entry, at::NAME_LEN).ok_or_else(bad)?);
+    let extra = field(entry, at::EXTRA_DATA, extra_len).ok_or_else(bad)?;
+    let id_at = at::EXTRA_DATA.checked_add(extra_len).ok_or_else(bad)?;
     let id = field(entry, id_at, id_len).ok_or_else(bad)?;
     let name =
         field(entry, id_at.checked_add(id_len).ok_or_else(bad)?, name_len).ok_or_else(bad)?;
-    let small_vm_state = u64::from(be_u32(entry, 32).ok_or_else(bad)?);
+    let small_vm_state = u64::from(be_u32(entry, at::VM_STATE_SIZE_32).ok_or_else(bad)?);
     Ok(Snapshot {
         id: lossy(id),
         name: lossy(name),
-        l1_table_offset: be_u64(entry, 0).ok_or_else(bad)?,
-        l1_size: be_u32(entry, 8).ok_or_else(bad)?,
-        date_sec: be_u32(entry, 16).ok_or_else(bad)?,
-        date_nsec: be_u32(entry, 20).ok_or_else(bad)?,
-        vm_clock_nsec: be_u64(entry, 24).ok_or_else(bad)?,
+        l1_table_offset: be_u64(entry, at::L1_TABLE_OFFSET).ok_or_else(bad)?,
+        l1_size: be_u32(entry, at::L1_SIZE).ok_or_else(bad)?,
+        date_sec: be_u32(entry, at::DATE_SEC).ok_or_else(bad)?,
+        date_nsec: be_u32(entry, at::DATE_NSEC).ok_or_else(bad)?,
+        vm_clock_nsec: be_u64(entry, at::VM_CLOCK_NSEC).ok_or_else(bad)?,
         // Extra data bytes 0-7 supersede the 32-bit field when present.
-        vm_state_size: be_u64(extra, 0).unwrap_or(small_vm_state),
-        disk_size: be_u64(extra, 8),
-        icount: be_u64(extra, 16),
+        vm_state_size: be_u64(extra, at::EXTRA_VM_STATE_SIZE).unwrap_or(small_vm_state),
+        disk_size: be_u64(extra, at::EXTRA_DISK_SIZE),
+        icount: be_u64(extra, at::EXTRA_ICOUNT),
     })
 }
 

@@ -639,6 +639,7 @@ fn under_holds_for_the_file_actually_opened() {
 
 /// The guest cluster `index` of `image` is compressed; append `input` at the end of the file
 /// as its new compressed data (whole sectors) and point the descriptor there.
+#[cfg(feature = "zstd")]
 fn replace_compressed(env: &Env, image: &str, index: u64, input: &[u8]) {
     let mut data = env.read_file(image);
     let cluster_bits = be_u32(&data, 20);
