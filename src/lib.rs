@@ -55,6 +55,7 @@ pub struct ReadmeDoctests;
 
 mod bitmap;
 mod bytes;
+mod check;
 mod compress;
 mod error;
 mod extent;
@@ -67,10 +68,12 @@ mod limits;
 mod open;
 mod options;
 mod reader;
+mod refcount;
 mod snapshot;
 mod table;
 
 pub use bitmap::Bitmap;
+pub use check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
 pub use error::{Error, FeatureKind, Result};
 pub use extent::{Extent, ExtentKind};
 pub use feature::{
