@@ -1,11 +1,13 @@
 //! `qcow2 check`: a read-only consistency check, like `qemu-img check` without `-r`.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use qcow2::{CheckReport, OpenOptions, Qcow2};
+use positioned_io::{ReadAt, Size};
+use qcow2::{CheckReport, Error, OpenOptions, Qcow2};
 
 /// Output formats, as `qemu-img --output` spells them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -41,14 +43,16 @@ pub fn run(args: Args) -> ExitCode {
             "unsupported image format '{format}' (only qcow2 is checked)"
         ));
     }
-    let options = OpenOptions::new().backing_as_zeros(true);
-    let image = match Qcow2::open_path_with(&args.image, &options) {
-        Ok(image) => image,
+    let checked =
+        match Qcow2::open_path_with(&args.image, &OpenOptions::new().backing_as_zeros(true)) {
+            Ok(image) => Ok(image.check()),
+            Err(Error::Corrupt) => open_corrupt(&args.image).map(|image| image.check()),
+            Err(e) => Err(e),
+        };
+    let mut report = match checked {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => return fail(&format!("Check failed: {e}")),
         Err(e) => return fail(&format!("Could not open '{}': {e}", args.image.display())),
-    };
-    let mut report = match image.check() {
-        Ok(report) => report,
-        Err(e) => return fail(&format!("Check failed: {e}")),
     };
     report.filename = args.image.display().to_string();
     print_problems(&report);
@@ -68,6 +72,51 @@ pub fn run(args: Args) -> ExitCode {
         eprintln!("qcow2: Check failed");
     }
     ExitCode::from(report.exit_status())
+}
+
+/// Open an image whose corrupt bit is set. QEMU checks such images read-only; the library
+/// refuses them on open, so the check reads the file with the bit hidden from the header.
+fn open_corrupt(path: &Path) -> qcow2::Result<Qcow2<CorruptBitHidden>> {
+    let file =
+        File::open(path).map_err(|e| Error::from_io(format!("opening {}", path.display()), e))?;
+    let mut version = [0u8; 4];
+    file.read_exact_at(4, &mut version)
+        .map_err(|e| Error::from_io("reading the header", e))?;
+    let source = CorruptBitHidden {
+        file,
+        v3: u32::from_be_bytes(version) >= 3,
+    };
+    Qcow2::open_with(source, &OpenOptions::new())
+}
+
+/// The image file, with incompatible feature bit 1 (corrupt, header byte 79 bit 1 of a
+/// version 3 header) read as clear.
+struct CorruptBitHidden {
+    file: File,
+    v3: bool,
+}
+
+/// Header byte holding incompatible feature bits 0-7 (bytes 72-79, big-endian).
+const INCOMPAT_LOW_BYTE: u64 = 79;
+const CORRUPT_BIT: u8 = 1 << 1;
+
+impl ReadAt for CorruptBitHidden {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(pos, buf)?;
+        if self.v3 && pos <= INCOMPAT_LOW_BYTE {
+            let at = (INCOMPAT_LOW_BYTE - pos) as usize;
+            if let Some(byte) = buf.get_mut(at).filter(|_| at < n) {
+                *byte &= !CORRUPT_BIT;
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Size for CorruptBitHidden {
+    fn size(&self) -> io::Result<Option<u64>> {
+        self.file.size()
+    }
 }
 
 fn print_problems(report: &CheckReport) {
