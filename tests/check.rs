@@ -715,6 +715,19 @@ const CORRUPTIONS: &[Corruption] = &[
         },
     },
     Corruption {
+        // An overflowing reference, then a problem found right after it: the order holds
+        // however the clusters fall into windows.
+        name: "refcount1_overflow_then_unaligned_l2",
+        create: &["-o", "refcount_bits=1,cluster_size=1024"],
+        io: &["write -P 1 0 256k"],
+        snapshot: false,
+        patch: |img| {
+            let first = img.u64_at(img.l1_at(0));
+            let at = img.l1_at(1);
+            img.set_u64(at, first | 0x200);
+        },
+    },
+    Corruption {
         name: "refcount64_leak",
         create: &["-o", "refcount_bits=64,cluster_size=4096"],
         io: &["write -P 1 0 16k"],

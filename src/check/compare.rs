@@ -30,7 +30,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 Stored::Refcount(r) => r,
                 Stored::Unreadable => {
                     self.problem(
-                        (PHASE_COMPARE, cluster),
+                        (PHASE_COMPARE, cluster, 0, 0),
                         ProblemKind::RefcountUnreadable { cluster },
                         cluster << bits,
                     );
@@ -58,7 +58,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             } else {
                 continue;
             };
-            self.problem((PHASE_COMPARE, cluster), kind, cluster << bits);
+            self.problem((PHASE_COMPARE, cluster, 0, 0), kind, cluster << bits);
         }
         Ok(())
     }
@@ -94,7 +94,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             seq = seq.saturating_add(1);
             if (refcount == 1) != (l1_entry & OFLAG_COPIED != 0) {
                 self.problem(
-                    (PHASE_COPIED, seq),
+                    (PHASE_COPIED, seq, 0, 0),
                     ProblemKind::CopiedFlagL2Table {
                         l1_index: l1_index as u64,
                         l1_entry,
@@ -130,7 +130,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 seq = seq.saturating_add(1);
                 if (refcount == 1) != (l2_entry & OFLAG_COPIED != 0) {
                     self.problem(
-                        (PHASE_COPIED, seq),
+                        (PHASE_COPIED, seq, 0, 0),
                         ProblemKind::CopiedFlagData { l2_entry, refcount },
                         l2_offset.saturating_add((j as u64).saturating_mul(entry_len as u64)),
                     );

@@ -39,7 +39,7 @@ const MAX_FILE_CLUSTERS: u64 = i32::MAX as u64;
 /// Options for [`Qcow2::check_with`].
 ///
 /// ```
-/// let image = qcow2::Qcow2::open(std::fs::File::open("fixtures/v3-64k-basic.qcow2")?)?;
+/// let image = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
 /// let mut options = qcow2::CheckOptions::default();
 /// options.memory_budget = 1 << 20; // count references 1 MiB of counters at a time
 /// assert!(image.check_with(&options)?.is_clean());
@@ -71,6 +71,17 @@ impl<I: ReadAt + Size> Qcow2<I> {
     /// check could not complete (I/O error, unknown file length, a bitmap directory or table
     /// QEMU would refuse, a file of more than 2^31 clusters), where `qemu-img check` exits
     /// with status 1.
+    ///
+    /// ```
+    /// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+    /// let report = image.check()?;
+    /// assert_eq!((report.corruptions, report.leaks), (0, 0));
+    /// assert!(report.compressed_clusters > 0);
+    /// for problem in &report.problems {
+    ///     eprintln!("{problem} (at file offset {:#x})", problem.offset);
+    /// }
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn check(&self) -> Result<CheckReport> {
         self.check_with(&CheckOptions::default())
     }
@@ -81,9 +92,15 @@ impl<I: ReadAt + Size> Qcow2<I> {
     }
 }
 
-/// Where a problem goes in QEMU's output order: the walk (by reference number), then the
-/// refcount comparison (by cluster), then the COPIED flags (by position).
-type SortKey = (u8, u64);
+/// Where a problem goes in QEMU's output order: the walk (by reference number; a problem of
+/// the reference itself before those found after it), then the refcount comparison (by
+/// cluster), then the COPIED flags (by position). The last part orders the clusters of one
+/// reference, which may fall in different windows.
+type SortKey = (u8, u64, u8, u64);
+/// Within the walk: a problem of the reference numbered `seq` itself ...
+const AT_REFERENCE: u8 = 0;
+/// ... and one found after it, before the next reference.
+const AFTER_REFERENCE: u8 = 1;
 const PHASE_WALK: u8 = 1;
 const PHASE_COMPARE: u8 = 2;
 const PHASE_COPIED: u8 = 3;
@@ -224,7 +241,7 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
     /// A problem of the walk that belongs to no cluster: recorded in the first pass only.
     fn walk_problem(&mut self, kind: ProblemKind, offset: u64) {
         if self.first_pass {
-            self.problem((PHASE_WALK, self.seq), kind, offset);
+            self.problem((PHASE_WALK, self.seq, AFTER_REFERENCE, 0), kind, offset);
         }
     }
 }

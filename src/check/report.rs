@@ -10,7 +10,7 @@ use std::fmt;
 /// the order qemu-img prints them.
 ///
 /// ```
-/// let image = qcow2::Qcow2::open(std::fs::File::open("fixtures/snap.qcow2")?)?;
+/// let image = qcow2::Qcow2::open_path("fixtures/snap.qcow2")?;
 /// let report = image.check()?;
 /// assert!(report.is_clean());
 /// assert_eq!(report.total_clusters, 512);

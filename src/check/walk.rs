@@ -11,7 +11,7 @@ use super::entries::{
     L2E_STD_RESERVED_MASK, OFLAG_COPIED,
 };
 use super::stored::read_padded;
-use super::{table_bytes, Checker, ProblemKind, PHASE_WALK};
+use super::{table_bytes, Checker, ProblemKind, AFTER_REFERENCE, AT_REFERENCE, PHASE_WALK};
 use crate::bytes::be_u64;
 use crate::error::{Error, Result};
 use crate::refcount::{RefTableEntry, REFTABLE_ENTRY_LEN};
@@ -72,7 +72,10 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         // Up to a cluster past the end is fine: the last cluster may be partly in the file.
         let end = u128::from(offset).saturating_add(u128::from(size));
         if end >= u128::from(self.file_len).saturating_add(u128::from(cluster_size)) {
-            self.walk_problem(ProblemKind::PastEndOfFile { offset, size }, offset);
+            if self.first_pass {
+                let kind = ProblemKind::PastEndOfFile { offset, size };
+                self.problem((PHASE_WALK, self.seq, AT_REFERENCE, 0), kind, offset);
+            }
             return;
         }
         let bits = self.layout.cluster_bits;
@@ -90,7 +93,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             if self.counters.increment(index, self.layout.max()) == Increment::Overflow {
                 let cluster_offset = k << bits;
                 self.problem(
-                    (PHASE_WALK, self.seq),
+                    (PHASE_WALK, self.seq, AT_REFERENCE, k),
                     ProblemKind::ReferenceOverflow { cluster_offset },
                     cluster_offset,
                 );
@@ -382,7 +385,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 let references = self.counters.get(slot);
                 if references != 1 {
                     self.problem(
-                        (PHASE_WALK, self.seq),
+                        (PHASE_WALK, self.seq, AFTER_REFERENCE, 0),
                         ProblemKind::RefcountBlockShared { index, references },
                         offset,
                     );
