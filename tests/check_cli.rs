@@ -140,20 +140,27 @@ fn cli_prints_and_exits_as_qemu_img() {
 
 #[test]
 fn cli_fails_cleanly_on_bad_input() {
+    if let Some(qemu) = Qemu::find_or_skip("cli_fails_cleanly_on_bad_input") {
+        let tmp = TempDir::new("check-cli-raw");
+        std::fs::write(tmp.join("text.qcow2"), b"not an image at all").unwrap();
+        let theirs = qemu_img(&qemu, tmp.path(), &["text.qcow2"]);
+        assert_eq!(theirs.status.code(), Some(63), "qemu-img on a raw file");
+    }
     let tmp = TempDir::new("check-cli-bad");
     let dir = tmp.path();
     std::fs::write(dir.join("text.qcow2"), b"not an image at all").unwrap();
     std::fs::write(dir.join("empty.qcow2"), b"").unwrap();
-    for args in [
-        &["missing.qcow2"][..],
-        &["text.qcow2"],
-        &["empty.qcow2"],
-        &["-f", "raw", "text.qcow2"],
-        &["."],
+    // Not qcow2: qemu-img probes it as raw, which has no check (status 63).
+    for (args, status) in [
+        (&["missing.qcow2"][..], 1),
+        (&["text.qcow2"], 63),
+        (&["empty.qcow2"], 63),
+        (&["-f", "raw", "text.qcow2"], 1),
+        (&["."], 1),
     ] {
         let out = qcow2(dir, args);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.starts_with("qcow2: "), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}");

@@ -9,6 +9,9 @@ use clap::{Parser, ValueEnum};
 use positioned_io::{ReadAt, Size};
 use qcow2::{CheckReport, Error, OpenOptions, Qcow2};
 
+/// qemu-img's status for an image format without checks.
+const NOT_SUPPORTED: u8 = 63;
+
 /// Output formats, as `qemu-img --output` spells them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -19,7 +22,7 @@ pub enum Output {
 }
 
 /// Check an image's metadata for consistency (read-only). Exit status as qemu-img: 0 clean,
-/// 1 check not completed, 2 corruptions, 3 leaked clusters only.
+/// 1 check not completed, 2 corruptions, 3 leaked clusters only, 63 not a qcow2 image.
 #[derive(Parser, Debug)]
 pub struct Args {
     /// Output format.
@@ -52,6 +55,11 @@ pub fn run(args: Args) -> ExitCode {
     let mut report = match checked {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => return fail(&format!("Check failed: {e}")),
+        // qemu-img probes such a file as raw, which has no check: status 63.
+        Err(e @ Error::NotQcow2 { .. }) => {
+            eprintln!("qcow2: This image format does not support checks ({e})");
+            return ExitCode::from(NOT_SUPPORTED);
+        }
         Err(e) => return fail(&format!("Could not open '{}': {e}", args.image.display())),
     };
     report.filename = args.image.display().to_string();
