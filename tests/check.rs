@@ -76,12 +76,19 @@ fn problem_lines(r: &CheckReport) -> Vec<String> {
 }
 
 /// Check `dir/name` with the crate and with qemu-img; everything must agree.
-/// Returns the crate's report, or `None` when both checks failed.
+/// Returns the crate's report, or `None` when both failed (to open, or to check).
 fn assert_same_as_qemu(qemu: &Qemu, dir: &Path, name: &str) -> Option<CheckReport> {
     let q = qemu_check(qemu, dir, name);
     let options = OpenOptions::new().backing_as_zeros(true);
-    let image = Qcow2::open_path_with(dir.join(name), &options)
-        .unwrap_or_else(|e| panic!("{name}: open failed: {e}"));
+    let image = match Qcow2::open_path_with(dir.join(name), &options) {
+        Ok(image) => image,
+        Err(e) => {
+            // What the crate refuses to open, qemu-img must fail to check.
+            assert!(q.json.is_none(), "{name}: open failed ({e}), qemu-img checked it");
+            assert_eq!(q.status, 1, "{name}: qemu-img status");
+            return None;
+        }
+    };
     let result = image.check();
     let Some(qemu_json) = q.json else {
         assert!(
@@ -827,4 +834,80 @@ fn corrupted_images_check_as_qemu_img_checks_them() {
             None => eprintln!("{name}: both checks failed, as they should"),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random damage to the metadata of the fixtures, each image checked by both.
+
+/// Byte ranges of an image's metadata past the header: the L1 table, the refcount table,
+/// every refcount block and L2 table in the file, and the start of the snapshot table.
+fn metadata_regions(img: &Img) -> Vec<(u64, u64)> {
+    let cs = img.cluster_size();
+    let len = img.bytes.len() as u64;
+    let l1_entries = u64::from(u32::from_be_bytes(img.bytes[36..40].try_into().unwrap()));
+    let reftable_clusters = u64::from(u32::from_be_bytes(img.bytes[56..60].try_into().unwrap()));
+    let mut regions = vec![
+        (img.l1_offset, l1_entries * 8),
+        (img.reftable_offset, reftable_clusters * cs),
+    ];
+    for i in 0..reftable_clusters * cs / 8 {
+        let block = img.u64_at(img.reftable_at(i)) & !0x1ff;
+        if block != 0 && block + cs <= len {
+            regions.push((block, cs));
+        }
+    }
+    for i in 0..l1_entries {
+        let l2 = img.u64_at(img.l1_at(i)) & OFFSET_MASK;
+        if l2 != 0 && l2 + cs <= len {
+            regions.push((l2, cs));
+        }
+    }
+    let snapshots = img.u64_at(64);
+    if img.bytes[60..64] != [0; 4] && snapshots + 256 <= len {
+        regions.push((snapshots, 256));
+    }
+    regions.retain(|&(at, n)| n >= 8 && at + n <= len);
+    regions
+}
+
+#[test]
+fn damaged_metadata_checks_as_qemu_img_checks_it() {
+    let Some(qemu) = Qemu::find_or_skip("damaged_metadata_checks_as_qemu_img_checks_it") else {
+        return;
+    };
+    let tmp = TempDir::new("check-damaged");
+    let mut rng = common::Rng::new(0x5eed_c4ec);
+    let mut damaged = 0;
+    for fixture in [
+        "snap.qcow2",
+        "zlib-4k-mixed.qcow2",
+        "extl2-16k.qcow2",
+        "refcount1.qcow2",
+        "v3-512-l2cross.qcow2",
+        "bitmaps.qcow2",
+    ] {
+        let original = Img::load(&common::fixtures_dir().join(fixture));
+        let regions = metadata_regions(&original);
+        for case in 0..25 {
+            let mut img = Img::load(&common::fixtures_dir().join(fixture));
+            for _ in 0..=rng.below(3) {
+                let (start, len) = regions[rng.below(regions.len() as u64) as usize];
+                let at = start + rng.below(len / 8) * 8;
+                let old = img.u64_at(at);
+                let new = match rng.below(4) {
+                    0 => old ^ (1 << rng.below(64)),
+                    1 => rng.next_u64(),
+                    2 => old.wrapping_add([0x200, 0x1000, 0x10000][rng.below(3) as usize]),
+                    _ => old ^ COPIED,
+                };
+                img.set_u64(at, new);
+            }
+            let name = format!("{case}-{fixture}");
+            std::fs::write(tmp.join(&name), &img.bytes).unwrap();
+            if assert_same_as_qemu(&qemu, tmp.path(), &name).is_some_and(|r| !r.is_clean()) {
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 75, "only {damaged} damaged images had problems");
 }

@@ -95,7 +95,8 @@ impl<I: ReadAt + Size> Qcow2<I> {
 /// Where a problem goes in QEMU's output order: the walk (by reference number; a problem of
 /// the reference itself before those found after it), then the refcount comparison (by
 /// cluster), then the COPIED flags (by position). The last part orders the clusters of one
-/// reference, which may fall in different windows.
+/// reference, which may fall in different windows, or the problems found after one reference
+/// (by their place in the walk, the same in every pass).
 type SortKey = (u8, u64, u8, u64);
 /// Within the walk: a problem of the reference numbered `seq` itself ...
 const AT_REFERENCE: u8 = 0;
@@ -123,6 +124,8 @@ pub(crate) struct Checker<'a, I> {
     first_pass: bool,
     /// References counted so far in this pass: the walk's position, the same in every pass.
     seq: u64,
+    /// Places in this pass where a problem that belongs to no reference may be found.
+    sites: u64,
     /// A reference reached the cluster just past the end of the file (QEMU then grows its
     /// table by that cluster, which is compared too).
     grown: bool,
@@ -185,6 +188,7 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
             counters: Counters::new(layout.order, usize::try_from(window_len).unwrap_or(1)),
             first_pass: true,
             seq: 0,
+            sites: 0,
             grown: false,
             highest: 0,
             l2_buf: vec![0u8; 1usize << cluster_bits.min(header::MAX_CLUSTER_BITS)],
@@ -238,10 +242,17 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
         }
     }
 
+    /// The next place in the walk where a problem may be found.
+    fn next_site(&mut self) -> SortKey {
+        self.sites = self.sites.saturating_add(1);
+        (PHASE_WALK, self.seq, AFTER_REFERENCE, self.sites)
+    }
+
     /// A problem of the walk that belongs to no cluster: recorded in the first pass only.
     fn walk_problem(&mut self, kind: ProblemKind, offset: u64) {
+        let key = self.next_site();
         if self.first_pass {
-            self.problem((PHASE_WALK, self.seq, AFTER_REFERENCE, 0), kind, offset);
+            self.problem(key, kind, offset);
         }
     }
 }

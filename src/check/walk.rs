@@ -11,7 +11,7 @@ use super::entries::{
     L2E_STD_RESERVED_MASK, OFLAG_COPIED,
 };
 use super::stored::read_padded;
-use super::{table_bytes, Checker, ProblemKind, AFTER_REFERENCE, AT_REFERENCE, PHASE_WALK};
+use super::{table_bytes, Checker, ProblemKind, AT_REFERENCE, PHASE_WALK};
 use crate::bytes::be_u64;
 use crate::error::{Error, Result};
 use crate::refcount::{RefTableEntry, REFTABLE_ENTRY_LEN};
@@ -34,6 +34,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
     /// Count every reference into the current window.
     pub(super) fn walk(&mut self) -> Result<()> {
         self.seq = 0;
+        self.sites = 0;
         let image = self.image;
         let header = image.header();
         let cluster_size = image.cluster_size();
@@ -379,13 +380,14 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 continue;
             }
             self.reference(offset, self.image.cluster_size());
+            let key = self.next_site();
             if self.window.contains(&cluster) {
                 let slot = usize::try_from(cluster.saturating_sub(self.window.start))
                     .unwrap_or(usize::MAX);
                 let references = self.counters.get(slot);
                 if references != 1 {
                     self.problem(
-                        (PHASE_WALK, self.seq, AFTER_REFERENCE, 0),
+                        key,
                         ProblemKind::RefcountBlockShared { index, references },
                         offset,
                     );
