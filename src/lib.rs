@@ -27,6 +27,9 @@
 //!   open them under a [`FilePolicy`].
 //! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
 //!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
+//! - **Consistency check.** [`Qcow2::check`] counts every reference to a host cluster
+//!   against the stored refcounts, as `qemu-img check` does, read-only and in bounded memory;
+//!   the [`CheckReport`] has qemu-img's counts and each [`Problem`] with its file offset.
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
 //! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
 //!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
