@@ -84,7 +84,10 @@ fn assert_same_as_qemu(qemu: &Qemu, dir: &Path, name: &str) -> Option<CheckRepor
         Ok(image) => image,
         Err(e) => {
             // What the crate refuses to open, qemu-img must fail to check.
-            assert!(q.json.is_none(), "{name}: open failed ({e}), qemu-img checked it");
+            assert!(
+                q.json.is_none(),
+                "{name}: open failed ({e}), qemu-img checked it"
+            );
             assert_eq!(q.status, 1, "{name}: qemu-img status");
             return None;
         }
@@ -464,8 +467,29 @@ struct Corruption {
     patch: fn(&mut Img),
 }
 
+impl Img {
+    /// Offset of the first bitmap's table (from the bitmaps header extension).
+    fn first_bitmap_table(&self) -> u64 {
+        let header_len = u32::from_be_bytes(self.bytes[100..104].try_into().unwrap()) as usize;
+        let mut at = header_len;
+        loop {
+            let magic = u32::from_be_bytes(self.bytes[at..at + 4].try_into().unwrap());
+            let len = u32::from_be_bytes(self.bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+            assert_ne!(magic, 0, "no bitmaps extension");
+            if magic == 0x2385_2875 {
+                let directory = self.u64_at(at as u64 + 8 + 16);
+                return self.u64_at(directory);
+            }
+            at += 8 + len.div_ceil(8) * 8;
+        }
+    }
+}
+
 /// Guest data at guest clusters 0-2 and 8, 64 KiB clusters unless the case says otherwise.
 const WRITES: &[&str] = &["write -P 1 0 192k", "write -P 2 512k 64k"];
+
+/// Writes that a bitmap (added before them) records: its table gets a data cluster.
+const BITMAP_WRITES: &[&str] = &["write -P 1 0 512k"];
 
 const CORRUPTIONS: &[Corruption] = &[
     Corruption {
@@ -798,6 +822,39 @@ const CORRUPTIONS: &[Corruption] = &[
         },
     },
     Corruption {
+        // QEMU's check fails on a bitmap table it cannot load (status 1), and so does ours.
+        name: "bitmap_table_entry_reserved_bits",
+        create: &[],
+        io: BITMAP_WRITES,
+        snapshot: false,
+        patch: |img| {
+            let table = img.first_bitmap_table();
+            img.set_u64(table, img.u64_at(table) | 2);
+        },
+    },
+    Corruption {
+        name: "bitmap_data_refcount_zeroed",
+        create: &[],
+        io: BITMAP_WRITES,
+        snapshot: false,
+        patch: |img| {
+            let data = img.u64_at(img.first_bitmap_table()) & OFFSET_MASK;
+            assert_ne!(data, 0, "the bitmap has no data cluster");
+            img.set_refcount(data >> img.cluster_bits, 0);
+        },
+    },
+    Corruption {
+        name: "bitmap_table_is_an_l2_table",
+        create: &[],
+        io: BITMAP_WRITES,
+        snapshot: false,
+        patch: |img| {
+            let l2 = img.u64_at(img.l1_at(0)) & OFFSET_MASK;
+            let table = img.first_bitmap_table();
+            img.set_u64(table, l2);
+        },
+    },
+    Corruption {
         name: "truncated_file",
         create: &["-o", "cluster_size=4096"],
         io: &["write -P 1 0 64k", "write -P 2 512k 64k"],
@@ -821,6 +878,10 @@ fn corrupted_images_check_as_qemu_img_checks_them() {
         args.extend_from_slice(case.create);
         args.extend([name.as_str(), "1M"]);
         qemu.img(tmp.path(), &args);
+        if case.io == BITMAP_WRITES {
+            let add = ["bitmap", "--add", "--granularity", "512", &name, "b0"];
+            qemu.img(tmp.path(), &add);
+        }
         qemu.io(tmp.path(), "qcow2", &name, case.io);
         if case.snapshot {
             qemu.img(tmp.path(), &["snapshot", "-c", "s1", &name]);
