@@ -145,6 +145,12 @@ fn cli_fails_cleanly_on_bad_input() {
         std::fs::write(tmp.join("text.qcow2"), b"not an image at all").unwrap();
         let theirs = qemu_img(&qemu, tmp.path(), &["text.qcow2"]);
         assert_eq!(theirs.status.code(), Some(63), "qemu-img on a raw file");
+        let theirs = qemu_img(&qemu, tmp.path(), &["-f", "qcow2", "text.qcow2"]);
+        assert_eq!(
+            theirs.status.code(),
+            Some(1),
+            "qemu-img -f qcow2 on a raw file"
+        );
     }
     let tmp = TempDir::new("check-cli-bad");
     let dir = tmp.path();
@@ -156,6 +162,7 @@ fn cli_fails_cleanly_on_bad_input() {
         (&["text.qcow2"], 63),
         (&["empty.qcow2"], 63),
         (&["-f", "raw", "text.qcow2"], 1),
+        (&["-f", "qcow2", "text.qcow2"], 1),
         (&["."], 1),
     ] {
         let out = qcow2(dir, args);

@@ -55,8 +55,8 @@ pub fn run(args: Args) -> ExitCode {
     let mut report = match checked {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => return fail(&format!("Check failed: {e}")),
-        // qemu-img probes such a file as raw, which has no check: status 63.
-        Err(e @ Error::NotQcow2 { .. }) => {
+        // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
+        Err(e @ Error::NotQcow2 { .. }) if args.format.is_none() => {
             eprintln!("qcow2: This image format does not support checks ({e})");
             return ExitCode::from(NOT_SUPPORTED);
         }
