@@ -181,3 +181,51 @@ fn a_terabyte_file_checks_in_windows_within_the_budget() {
     assert!(peak < 16 << 20, "peak {peak} bytes with a 4 MiB budget");
     eprintln!("{name}: peak {} KiB", peak >> 10);
 }
+
+/// Random damage anywhere in small fixtures: opening may fail, but a check of what opens must
+/// neither panic nor hold more than a few MiB (the images are at most a few hundred KiB).
+#[test]
+fn damaged_images_check_without_panic_in_bounded_memory() {
+    let mut rng = common::Rng::new(0xc4ec_da3a);
+    let mut checked = 0;
+    for fixture in [
+        "snap.qcow2",
+        "bitmaps.qcow2",
+        "zlib-4k-mixed.qcow2",
+        "extl2-16k.qcow2",
+        "refcount1.qcow2",
+        "refcount64.qcow2",
+        "v3-512-l2cross.qcow2",
+        "v2-64k.qcow2",
+    ] {
+        let original = std::fs::read(common::fixtures_dir().join(fixture)).unwrap();
+        for case in 0..150 {
+            let mut bytes = original.clone();
+            for _ in 0..=rng.below(8) {
+                // Mostly the metadata near the start of the file.
+                let span = if rng.below(2) == 0 {
+                    1 << 14
+                } else {
+                    bytes.len() as u64
+                };
+                let at = rng.below(span.min(bytes.len() as u64)) as usize;
+                bytes[at] = rng.next_u64() as u8;
+            }
+            let base = CURRENT.with(Cell::get);
+            PEAK.with(|p| p.set(base));
+            let result = std::panic::catch_unwind(|| {
+                let image = Qcow2::open(bytes.clone()).ok()?;
+                let mut options = CheckOptions::default();
+                options.memory_budget = 1 << 10;
+                Some(image.check_with(&options))
+            });
+            let peak = PEAK.with(Cell::get) - base;
+            let outcome = result.unwrap_or_else(|_| panic!("{fixture} case {case} panicked"));
+            if outcome.is_some() {
+                checked += 1;
+            }
+            assert!(peak < 16 << 20, "{fixture} case {case}: peak {peak} bytes");
+        }
+    }
+    assert!(checked > 300, "only {checked} damaged images opened");
+}
