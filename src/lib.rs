@@ -27,6 +27,9 @@
 //!   open them under a [`FilePolicy`].
 //! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
 //!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
+//! - **Consistency check.** [`Qcow2::check`] counts every reference to a host cluster
+//!   against the stored refcounts, as `qemu-img check` does, read-only and in bounded memory;
+//!   the [`CheckReport`] has qemu-img's counts and each [`Problem`] with its file offset.
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
 //! - **Dirty bitmaps.** [`Qcow2::bitmaps`] lists the persistent dirty bitmaps and
 //!   [`Qcow2::dirty_extents`] tells which stretches of the guest one marks as written.
@@ -60,6 +63,7 @@ pub struct ReadmeDoctests;
 mod bitmap;
 mod bytes;
 mod cache;
+mod check;
 mod compress;
 mod dirty;
 mod error;
@@ -77,10 +81,12 @@ mod options;
 #[cfg(feature = "serde")]
 mod qjson;
 mod reader;
+mod refcount;
 mod snapshot;
 mod table;
 
 pub use bitmap::Bitmap;
+pub use check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
 pub use dirty::{DirtyExtent, DirtyExtents};
 pub use error::{Error, FeatureKind, Result};
 pub use extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bitmap;
+mod check;
 mod common;
 mod info;
 mod snapshot;
@@ -30,6 +31,8 @@ enum Command {
     Info(info::Args),
     /// List internal snapshots, like `qemu-img snapshot -l`.
     Snapshot(snapshot::Args),
+    /// Check an image for consistency, like `qemu-img check`.
+    Check(check::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,5 +41,6 @@ fn main() -> ExitCode {
         Command::Bitmap(args) => bitmap::run(args),
         Command::Info(args) => info::run(args),
         Command::Snapshot(args) => snapshot::run(args),
+        Command::Check(args) => check::run(args),
     }
 }

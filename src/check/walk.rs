@@ -1,0 +1,413 @@
+//! One pass over every reference in the image, in the order of QEMU's `calculate_refcounts`:
+//! the header, the active L1 and L2 tables, each snapshot's, the snapshot table, the refcount
+//! table, the encryption header, the bitmaps, and last the refcount blocks.
+
+use positioned_io::{ReadAt, Size};
+
+use super::bitmaps::{table_entry_ok, TABLE_ENTRY_OFFSET_MASK};
+use super::counters::Increment;
+use super::entries::{
+    ClusterType, BITMAP_ALL_ALLOC, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK, OFLAG_COPIED,
+};
+use super::stored::read_padded;
+use super::{table_bytes, Checker, ProblemKind, AT_REFERENCE, PHASE_WALK};
+use crate::bytes::be_u64;
+use crate::error::{Error, Result};
+use crate::refcount::{RefTableEntry, REFTABLE_ENTRY_LEN};
+
+/// QEMU `QCOW_MAX_L1_SIZE`: a snapshot L1 table larger than this is a corruption.
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// Table entries read at a time when a table is streamed.
+const STREAM_ENTRIES: usize = 4096;
+/// LUKS: `crypt_method` 2, the only method with an encryption header in the file.
+const CRYPT_LUKS: u32 = 2;
+
+/// Which L1 table is walked: the active one also feeds the allocation statistics.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Active,
+    Snapshot,
+}
+
+impl<I: ReadAt + Size> Checker<'_, I> {
+    /// Count every reference into the current window.
+    pub(super) fn walk(&mut self) -> Result<()> {
+        self.seq = 0;
+        self.sites = 0;
+        let image = self.image;
+        let header = image.header();
+        let cluster_size = image.cluster_size();
+        self.reference(0, cluster_size);
+        let active = std::sync::Arc::clone(&image.l1);
+        self.walk_l1(
+            header.l1_table_offset(),
+            header.l1_size(),
+            Some(&active),
+            Table::Active,
+        )?;
+        self.walk_snapshots()?;
+        self.reference(header.snapshots_offset(), self.snapshots_size);
+        self.reference(
+            header.refcount_table_offset(),
+            table_bytes(self.reftable.len() as u64),
+        );
+        if let Some(enc) = header
+            .encryption()
+            .filter(|_| header.crypt_method() == CRYPT_LUKS)
+        {
+            self.reference(enc.offset, enc.length);
+        }
+        self.walk_bitmaps()?;
+        self.walk_refcount_blocks();
+        Ok(())
+    }
+
+    /// Count one reference to `size` bytes at `offset` (QEMU's `qcow2_inc_refcounts_imrt`).
+    pub(super) fn reference(&mut self, offset: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        self.seq = self.seq.saturating_add(1);
+        let cluster_size = self.image.cluster_size();
+        // Up to a cluster past the end is fine: the last cluster may be partly in the file.
+        let end = u128::from(offset).saturating_add(u128::from(size));
+        if end >= u128::from(self.file_len).saturating_add(u128::from(cluster_size)) {
+            if self.first_pass {
+                let kind = ProblemKind::PastEndOfFile { offset, size };
+                self.problem((PHASE_WALK, self.seq, AT_REFERENCE, 0), kind, offset);
+            }
+            return;
+        }
+        let bits = self.layout.cluster_bits;
+        let first = offset >> bits;
+        // end - 1 < file_len + cluster_size <= 2^64: it fits.
+        let last = (offset.saturating_add(size.saturating_sub(1))) >> bits;
+        let from = first.max(self.window.start);
+        let to = last.min(self.window.end.saturating_sub(1));
+        let mut k = from;
+        while k <= to && from < self.window.end {
+            if k == self.file_clusters {
+                self.grown = true;
+            }
+            let index = usize::try_from(k.saturating_sub(self.window.start)).unwrap_or(usize::MAX);
+            if self.counters.increment(index, self.layout.max()) == Increment::Overflow {
+                let cluster_offset = k << bits;
+                self.problem(
+                    (PHASE_WALK, self.seq, AT_REFERENCE, k),
+                    ProblemKind::ReferenceOverflow { cluster_offset },
+                    cluster_offset,
+                );
+            }
+            k = k.saturating_add(1);
+            if k == 0 {
+                break;
+            }
+        }
+    }
+
+    fn walk_snapshots(&mut self) -> Result<()> {
+        let image = self.image;
+        let header = image.header();
+        if self.rules.data_file && header.nb_snapshots() > 0 {
+            self.walk_problem(
+                ProblemKind::SnapshotsWithDataFile {
+                    count: header.nb_snapshots(),
+                },
+                header.snapshots_offset(),
+            );
+        }
+        for snap in image.snapshots() {
+            if self.rules.unaligned(snap.l1_table_offset) {
+                self.walk_problem(
+                    ProblemKind::SnapshotL1Unaligned {
+                        id: snap.id.clone(),
+                        name: snap.name.clone(),
+                        l1_offset: snap.l1_table_offset,
+                    },
+                    snap.l1_table_offset,
+                );
+                continue;
+            }
+            if table_bytes(u64::from(snap.l1_size)) > MAX_L1_BYTES {
+                self.walk_problem(
+                    ProblemKind::SnapshotL1TooLarge {
+                        id: snap.id.clone(),
+                        name: snap.name.clone(),
+                        l1_size: snap.l1_size,
+                    },
+                    snap.l1_table_offset,
+                );
+                continue;
+            }
+            self.walk_l1(snap.l1_table_offset, snap.l1_size, None, Table::Snapshot)?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's `check_refcounts_l1`: the table itself, then each L2 table and what it maps.
+    /// `held` is the table when it is in memory already; otherwise it is streamed.
+    fn walk_l1(
+        &mut self,
+        table_offset: u64,
+        entries: u32,
+        held: Option<&[u64]>,
+        table: Table,
+    ) -> Result<()> {
+        if entries == 0 {
+            return Ok(());
+        }
+        self.reference(table_offset, table_bytes(u64::from(entries)));
+        let total = entries as usize;
+        let mut chunk = Vec::new();
+        let mut start = 0usize;
+        while start < total {
+            let count = total.saturating_sub(start).min(STREAM_ENTRIES);
+            let slice: &[u64] = match held {
+                Some(l1) => l1
+                    .get(start..start.saturating_add(count))
+                    .unwrap_or_default(),
+                None => {
+                    let at = table_offset.saturating_add(table_bytes(start as u64));
+                    chunk = read_entries(&self.image.io, at, count, "L1 table")?;
+                    &chunk
+                }
+            };
+            for (i, &entry) in slice.iter().enumerate() {
+                let entry_at =
+                    table_offset.saturating_add(table_bytes(start.saturating_add(i) as u64));
+                self.walk_l1_entry(entry, entry_at, table)?;
+            }
+            start = start.saturating_add(count);
+        }
+        drop(chunk);
+        Ok(())
+    }
+
+    fn walk_l1_entry(&mut self, entry: u64, entry_at: u64, table: Table) -> Result<()> {
+        if entry == 0 {
+            return Ok(());
+        }
+        if entry & L1E_RESERVED_MASK != 0 {
+            self.walk_problem(ProblemKind::L1EntryReserved { entry }, entry_at);
+        }
+        let l2_offset = entry & L1E_OFFSET_MASK;
+        self.reference(l2_offset, self.image.cluster_size());
+        if self.rules.unaligned(l2_offset) {
+            self.walk_problem(ProblemKind::L2TableUnaligned { l2_offset }, entry_at);
+        }
+        self.walk_l2(l2_offset, table)
+    }
+
+    /// QEMU's `check_refcounts_l2`.
+    fn walk_l2(&mut self, l2_offset: u64, table: Table) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.l2_buf);
+        let read = read_padded(&self.image.io, l2_offset, &mut buf, "L2 table");
+        let result = read.map(|()| self.walk_l2_entries(&buf, l2_offset, table));
+        self.l2_buf = buf;
+        result
+    }
+
+    fn walk_l2_entries(&mut self, l2: &[u8], l2_offset: u64, table: Table) {
+        let entry_len = self.image.header().l2_entry_len() as usize;
+        let stats = table == Table::Active && self.first_pass;
+        let cluster_size = self.image.cluster_size();
+        let mut next_contiguous = 0u64;
+        for (i, raw) in l2.chunks_exact(entry_len).enumerate() {
+            let mut entry = be_u64(raw, 0).unwrap_or(0);
+            let bitmap = if self.rules.subclusters {
+                be_u64(raw, 8).unwrap_or(0)
+            } else {
+                0
+            };
+            let entry_at = l2_offset.saturating_add((i as u64).saturating_mul(entry_len as u64));
+            let kind = self.rules.cluster_type(entry);
+            if kind != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
+                self.walk_problem(ProblemKind::L2EntryReserved { entry }, entry_at);
+            }
+            match kind {
+                ClusterType::Compressed => {
+                    if entry & OFLAG_COPIED != 0 {
+                        let host_offset = self.rules.compressed_offset(entry);
+                        self.walk_problem(ProblemKind::CompressedCopied { host_offset }, entry_at);
+                        entry &= !OFLAG_COPIED;
+                    }
+                    let index = i as u64;
+                    if self.rules.data_file {
+                        self.walk_problem(
+                            ProblemKind::CompressedWithDataFile { index, entry },
+                            entry_at,
+                        );
+                        continue;
+                    }
+                    if bitmap != 0 {
+                        self.walk_problem(
+                            ProblemKind::CompressedWithSubclusters { index, entry },
+                            entry_at,
+                        );
+                        continue;
+                    }
+                    let (offset, len) = self.rules.compressed_extent(entry);
+                    self.reference(offset, len);
+                    if stats {
+                        // Compressed clusters count as fragmented, as in QEMU.
+                        let r = &mut self.report;
+                        r.allocated_clusters = r.allocated_clusters.saturating_add(1);
+                        r.compressed_clusters = r.compressed_clusters.saturating_add(1);
+                        r.fragmented_clusters = r.fragmented_clusters.saturating_add(1);
+                    }
+                }
+                ClusterType::ZeroAlloc | ClusterType::Normal => {
+                    let host_offset = entry & L2E_OFFSET_MASK;
+                    if (bitmap >> 32) & bitmap != 0 {
+                        self.walk_problem(
+                            ProblemKind::SubclusterBitmapCorrupt { host_offset },
+                            entry_at,
+                        );
+                    }
+                    if self.rules.unaligned(host_offset) {
+                        let has_data = if self.rules.subclusters {
+                            bitmap & BITMAP_ALL_ALLOC != 0
+                        } else {
+                            kind == ClusterType::Normal
+                        };
+                        self.walk_problem(
+                            ProblemKind::DataClusterUnaligned {
+                                host_offset,
+                                zero: !has_data,
+                            },
+                            entry_at,
+                        );
+                    }
+                    if stats {
+                        let r = &mut self.report;
+                        r.allocated_clusters = r.allocated_clusters.saturating_add(1);
+                        if next_contiguous != 0 && host_offset != next_contiguous {
+                            r.fragmented_clusters = r.fragmented_clusters.saturating_add(1);
+                        }
+                        next_contiguous = host_offset.wrapping_add(cluster_size);
+                    }
+                    if !self.rules.data_file {
+                        self.reference(host_offset, cluster_size);
+                    }
+                }
+                ClusterType::ZeroPlain => {}
+                ClusterType::Unallocated => {
+                    if bitmap & BITMAP_ALL_ALLOC != 0 {
+                        self.walk_problem(ProblemKind::UnallocatedWithSubclusters, entry_at);
+                    }
+                }
+            }
+        }
+    }
+
+    /// QEMU's `qcow2_check_bitmaps_refcounts`: the directory, each table, each data cluster.
+    fn walk_bitmaps(&mut self) -> Result<()> {
+        let image = self.image;
+        let Some(ext) = image.header().bitmaps() else {
+            return Ok(());
+        };
+        if self.bitmaps.is_empty() {
+            return Ok(());
+        }
+        self.reference(ext.directory_offset, ext.directory_size);
+        let cluster_bits = self.layout.cluster_bits;
+        for b in 0..self.bitmaps.len() {
+            let Some(bitmap) = self.bitmaps.get(b).cloned() else {
+                break;
+            };
+            let entries = u64::from(bitmap.entries);
+            self.reference(bitmap.offset, table_bytes(entries));
+            // QEMU reads and validates the whole table before counting its clusters.
+            let mut start = 0u64;
+            while start < entries {
+                let count = entries.saturating_sub(start).min(STREAM_ENTRIES as u64) as usize;
+                let at = bitmap.offset.saturating_add(table_bytes(start));
+                let chunk = read_entries(&image.io, at, count, "bitmap table")?;
+                if let Some(bad) = chunk.iter().find(|&&e| !table_entry_ok(e, cluster_bits)) {
+                    return Err(Error::malformed(
+                        format!(
+                            "bitmap '{}' has an invalid table entry {bad:#x}",
+                            bitmap.name
+                        ),
+                        bitmap.offset,
+                    ));
+                }
+                start = start.saturating_add(count as u64);
+            }
+            let mut start = 0u64;
+            while start < entries {
+                let count = entries.saturating_sub(start).min(STREAM_ENTRIES as u64) as usize;
+                let at = bitmap.offset.saturating_add(table_bytes(start));
+                for entry in read_entries(&image.io, at, count, "bitmap table")? {
+                    let offset = entry & TABLE_ENTRY_OFFSET_MASK;
+                    if offset != 0 {
+                        self.reference(offset, image.cluster_size());
+                    }
+                }
+                start = start.saturating_add(count as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `check_refblocks`: each refcount block is referenced once, by the table.
+    fn walk_refcount_blocks(&mut self) {
+        let cluster_bits = self.layout.cluster_bits;
+        for index in 0..self.reftable.len() {
+            let entry = self.reftable.get(index).copied().unwrap_or(0);
+            let index = index as u64;
+            let entry_at = self
+                .image
+                .header()
+                .refcount_table_offset()
+                .saturating_add(index.saturating_mul(REFTABLE_ENTRY_LEN));
+            let offset = match RefTableEntry::decode(entry, cluster_bits) {
+                RefTableEntry::Empty => continue,
+                RefTableEntry::Reserved => {
+                    self.walk_problem(ProblemKind::RefcountTableEntryReserved { index }, entry_at);
+                    continue;
+                }
+                RefTableEntry::Unaligned(_) => {
+                    self.walk_problem(ProblemKind::RefcountBlockUnaligned { index }, entry_at);
+                    continue;
+                }
+                RefTableEntry::Block(offset) => offset,
+            };
+            let cluster = offset >> cluster_bits;
+            if cluster >= self.compared_clusters() {
+                self.walk_problem(ProblemKind::RefcountBlockOutsideImage { index }, entry_at);
+                continue;
+            }
+            self.reference(offset, self.image.cluster_size());
+            let key = self.next_site();
+            if self.window.contains(&cluster) {
+                let slot = usize::try_from(cluster.saturating_sub(self.window.start))
+                    .unwrap_or(usize::MAX);
+                let references = self.counters.get(slot);
+                if references != 1 {
+                    self.problem(
+                        key,
+                        ProblemKind::RefcountBlockShared { index, references },
+                        offset,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Read `count` big-endian table entries at `offset`; zeros past the end of the file.
+fn read_entries<I: ReadAt + ?Sized>(
+    io: &I,
+    offset: u64,
+    count: usize,
+    what: &str,
+) -> Result<Vec<u64>> {
+    let mut buf = vec![0u8; count.saturating_mul(8)];
+    read_padded(io, offset, &mut buf, what)?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| be_u64(c, 0).unwrap_or(0))
+        .collect())
+}
