@@ -60,12 +60,15 @@ mod error;
 mod extent;
 mod feature;
 mod header;
+mod holes;
 mod image;
 mod info;
 mod io;
 mod limits;
+mod map;
 mod open;
 mod options;
+mod prealloc;
 mod reader;
 mod snapshot;
 mod table;
@@ -81,9 +84,11 @@ pub use header::{
     BitmapsExtension, CompressionType, EncryptionExtension, Extension, ExtensionKind, Header,
     MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
+pub use holes::{HoleQuery, Region};
 pub use image::Qcow2;
 pub use info::{ChainEntry, ImageInfo};
 pub use limits::Limits;
+pub use map::{MapExtent, MapIter};
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use reader::Reader;
 pub use snapshot::Snapshot;

@@ -46,6 +46,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
     }
 
+    /// Another reader of the same view (active image or snapshot), with its own read state.
+    pub(crate) fn same_view(&self) -> Self {
+        Reader::new(self.image, Arc::clone(&self.l1), self.size)
+    }
+
     /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
     pub fn guest_size(&self) -> u64 {
         self.size
@@ -177,6 +182,20 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     /// Decode the L2 entry for `guest` in `table` (found at file offset `at`).
     pub(crate) fn mapping_in(&self, t: &[u64], at: u64, guest: u64) -> Result<Mapping> {
+        self.unit_in(t, at, guest).map(|(mapping, _)| mapping)
+    }
+
+    /// The raw L1 entry at `index`, `None` past the table.
+    pub(crate) fn l1_entry(&self, index: u64) -> Option<u64> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+    }
+
+    /// [`Reader::mapping_in`], with the host offset of the unit whenever its cluster has one
+    /// (see [`table::decode_l2_with_host`]).
+    pub(crate) fn unit_in(&self, t: &[u64], at: u64, guest: u64) -> Result<(Mapping, Option<u64>)> {
         let g = &self.image.geometry;
         let index = low_bits(guest >> g.cluster_bits, g.index_bits) as usize;
         let (entry, bitmap, word) = if g.extended_l2 {
@@ -189,7 +208,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return Err(Error::malformed("L2 index outside its table", at));
         };
         let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
-        table::decode_l2(
+        table::decode_l2_with_host(
             entry,
             bitmap,
             sub,

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod map;
+
 /// Read qcow2 images like `qemu-img`, without QEMU.
 #[derive(Parser)]
 #[command(name = "qcow2", version, about)]
@@ -19,9 +21,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Show where each stretch of the guest disk is stored, like `qemu-img map`.
+    Map(map::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Map(args) => map::run(args),
+    }
 }
