@@ -5,7 +5,7 @@ use positioned_io::ReadAt;
 use crate::bytes::low_bits;
 use crate::error::Result;
 use crate::reader::{remaining_in_block, Reader};
-use crate::table::{self, Mapping};
+use crate::table::{self, Geometry, Mapping};
 
 /// Most clusters (or subclusters) one [`Reader::run_at`] call looks at, and most runs one
 /// [`Reader::extent_at`] call joins, so that every call is bounded whatever the image holds;
@@ -194,6 +194,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             if cur >= table_end {
                 break;
             }
+            if kind == RunKind::Unallocated && host.is_none() {
+                // Most of a sparse table is zero entries: step over them without decoding.
+                let zeros = zero_entries(&t, &g, cur, table_end);
+                if zeros > 0 {
+                    cur = cur.saturating_add(zeros << g.cluster_bits);
+                    continue;
+                }
+            }
             let (mapping, unit_host) = self.unit_in(&t, at, cur)?;
             let expected = host.map(|h| h.saturating_add(cur.saturating_sub(pos)));
             if RunKind::of(mapping) != kind || unit_host != expected {
@@ -219,4 +227,23 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             ),
         }
     }
+}
+
+/// How many whole clusters from guest offset `pos` (a cluster boundary, or else none count)
+/// up to `end` have all-zero L2 entries in `table`: plainly unallocated, standard or extended.
+fn zero_entries(table: &[u64], g: &Geometry, pos: u64, end: u64) -> u64 {
+    if low_bits(pos, g.cluster_bits) != 0 {
+        return 0;
+    }
+    let words: usize = if g.extended_l2 { 2 } else { 1 };
+    let index = low_bits(pos >> g.cluster_bits, g.index_bits) as usize;
+    let most = usize::try_from(end.saturating_sub(pos) >> g.cluster_bits).unwrap_or(usize::MAX);
+    let from = index.saturating_mul(words);
+    let to = from
+        .saturating_add(most.saturating_mul(words))
+        .min(table.len());
+    let span = table.get(from..to).unwrap_or_default();
+    // One flat scan of words; an extended entry counts once both its words are zero.
+    let zero_words = span.iter().position(|&w| w != 0).unwrap_or(span.len());
+    zero_words.checked_div(words).unwrap_or(0) as u64
 }
