@@ -25,8 +25,11 @@
 //!   attach a backing image ([`Qcow2::set_backing_image`], [`Qcow2::set_backing_raw`]) or an
 //!   external data file ([`Qcow2::set_data_file`]) yourself, or let [`Qcow2::open_path_with`]
 //!   open them under a [`FilePolicy`].
-//! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
-//!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
+//! - **Allocation map.** [`Reader::map`] maps a guest range through the whole backing chain
+//!   exactly as `qemu-img map` does ([`MapExtent`]; holes in the files found through
+//!   [`HoleQuery`]); [`Reader::extent_at`] tells how one layer stores each stretch.
+//! - **`Read + Seek`.** A [`Reader`] is `ReadAt + Size`: `positioned_io::SizeCursor::new(&reader)`
+//!   hands it to code that wants `std::io::Read + Seek` (see `examples/partitions.rs`).
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
 //! - **Information.** [`Qcow2::info`] gives what `qemu-img info` reports, and
 //!   [`ImageInfo::to_json`] prints it with `qemu-img`'s JSON field names.
