@@ -247,3 +247,37 @@ fn zero_entries(table: &[u64], g: &Geometry, pos: u64, end: u64) -> u64 {
     let zero_words = span.iter().position(|&w| w != 0).unwrap_or(span.len());
     zero_words.checked_div(words).unwrap_or(0) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_entries_count_whole_clusters_up_to_the_first_non_zero_word() {
+        let standard = Geometry {
+            cluster_bits: 16,
+            index_bits: 3,
+            extended_l2: false,
+            external_data: false,
+        };
+        let table = [0, 0, 0, 7, 0, 0, 0, 0];
+        assert_eq!(zero_entries(&table, &standard, 0, 8 << 16), 3);
+        assert_eq!(zero_entries(&table, &standard, 0, 2 << 16), 2);
+        assert_eq!(zero_entries(&table, &standard, 4 << 16, 8 << 16), 4);
+        assert_eq!(
+            zero_entries(&table, &standard, 1, 8 << 16),
+            0,
+            "not a boundary"
+        );
+        // Extended entries are two words: a bitmap word alone stops the count too.
+        let extended = Geometry {
+            extended_l2: true,
+            index_bits: 2,
+            ..standard
+        };
+        let table = [0, 0, 0, 0, 0, 1 << 33, 0, 0];
+        assert_eq!(zero_entries(&table, &extended, 0, 4 << 16), 2);
+        // Table index wraps per L2 table: guest offset 4 clusters is index 0 again.
+        assert_eq!(zero_entries(&table, &extended, 4 << 16, 6 << 16), 2);
+    }
+}

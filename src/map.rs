@@ -258,12 +258,9 @@ pub(crate) fn qcow2_layer_status<'a, I: ReadAt>(
             },
         };
     }
-    if let (true, false, Some(offset), Some(holes)) = (
-        status.data,
-        status.compressed,
-        status.offset,
-        image.data_holes(),
-    ) {
+    // Only plain data of an image that looks preallocated: QEMU's BDRV_BLOCK_RECURSE.
+    let plain_data = status.data && !status.compressed;
+    if let (true, Some(offset), Some(holes)) = (plain_data, status.offset, image.data_holes()) {
         if image.metadata_preallocated() {
             clip_to_file_holes(&mut status, holes, offset);
         }
