@@ -1,7 +1,7 @@
 //! [`Qcow2`]: an opened image, its metadata, and the sources it reads data from.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use positioned_io::ReadAt;
 
@@ -10,8 +10,10 @@ use crate::cache::{new_image_id, ByteLru};
 use crate::compress::ClusterCache;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
+use crate::holes::HoleQuery;
 use crate::io::{be_u64_table, check_within, read_metadata, read_up_to};
 use crate::limits::Limits;
+use crate::map::{self, LayerStatus};
 use crate::options::OpenOptions;
 use crate::reader::Reader;
 use crate::snapshot::{self, Snapshot};
@@ -29,6 +31,12 @@ pub(crate) trait GuestSource: Send + Sync {
     fn share_caches(&mut self, _l2: &Arc<Mutex<L2Cache>>, _compressed: &Arc<ClusterCache>) {}
     /// The image, when this source is a qcow2 image (for the backing chain in `info`).
     fn as_image(&self) -> Option<&dyn ImageView> {
+        None
+    }
+    /// The map's status of this layer alone for `len` bytes at `pos` (inside its guest).
+    fn layer_status(&self, pos: u64, len: u64) -> Result<LayerStatus<'_>>;
+    /// The layer below, when there is one.
+    fn backing_source(&self) -> Option<&dyn GuestSource> {
         None
     }
 }
@@ -50,6 +58,7 @@ struct RawSource<B> {
     source: B,
     size: u64,
     path: Option<PathBuf>,
+    holes: Option<Box<dyn HoleQuery>>,
 }
 
 impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
@@ -66,6 +75,15 @@ impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
     }
     fn path(&self) -> Option<&std::path::Path> {
         self.path.as_deref()
+    }
+    fn layer_status(&self, pos: u64, len: u64) -> Result<LayerStatus<'_>> {
+        Ok(map::raw_layer_status(
+            self.holes.as_deref(),
+            self.size,
+            self.path.as_deref(),
+            pos,
+            len,
+        ))
     }
 }
 
@@ -117,6 +135,13 @@ pub struct Qcow2<I> {
     pub(crate) limits: Limits,
     /// Most threads one read decompresses on.
     pub(crate) threads: usize,
+    /// Where the image file has holes, for the map.
+    pub(crate) holes: Option<Box<dyn HoleQuery>>,
+    /// The external data file's name and holes, when opened by path.
+    pub(crate) data_file_path: Option<PathBuf>,
+    pub(crate) data_file_holes: Option<Box<dyn HoleQuery>>,
+    /// Whether the image looks preallocated with `preallocation=metadata` (asked once).
+    pub(crate) metadata_preallocated: OnceLock<bool>,
 }
 
 impl<I: ReadAt> Qcow2<I> {
@@ -163,6 +188,10 @@ impl<I: ReadAt> Qcow2<I> {
             threads: options
                 .decompression_threads
                 .unwrap_or_else(default_threads),
+            holes: None,
+            data_file_path: None,
+            data_file_holes: None,
+            metadata_preallocated: OnceLock::new(),
         };
         if options.backing_as_zeros && image.header.backing_file().is_some() {
             image.set_backing_zeros();
@@ -260,20 +289,77 @@ impl<I: ReadAt> Qcow2<I> {
     /// Read guest data for unallocated clusters from a raw source of `size` bytes.
     /// Bytes past its end read as zeros.
     pub fn set_backing_raw<B: ReadAt + Send + Sync + 'static>(&mut self, source: B, size: u64) {
-        self.set_backing_raw_from(source, size, None);
+        self.set_backing_raw_from(source, size, None, None);
     }
 
-    /// [`Qcow2::set_backing_raw`] for a file opened by path.
+    /// [`Qcow2::set_backing_raw`] for a file opened by path, with its holes for the map.
     pub(crate) fn set_backing_raw_from<B: ReadAt + Send + Sync + 'static>(
         &mut self,
         source: B,
         size: u64,
         path: Option<PathBuf>,
+        holes: Option<Box<dyn HoleQuery>>,
     ) {
         self.backing = Some(Backing::Source {
-            source: Box::new(RawSource { source, size, path }),
+            source: Box::new(RawSource {
+                source,
+                size,
+                path,
+                holes,
+            }),
             format: "raw",
         });
+    }
+
+    /// How to find the holes of the image file, for [`Reader::map`] (which, like
+    /// `qemu-img map`, reports data clusters of a `preallocation=metadata` image that are
+    /// holes in the file as zeros). [`Qcow2::open_path`] attaches one for every file it
+    /// opens; after [`Qcow2::open`] on a file, attach a handle to the same file:
+    ///
+    /// ```
+    /// let file = std::fs::File::open("fixtures/prealloc-metadata.qcow2")?;
+    /// let mut image = qcow2::Qcow2::open(file.try_clone()?)?;
+    /// image.set_hole_query(file);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_hole_query<H: HoleQuery + 'static>(&mut self, holes: H) {
+        self.holes = Some(Box::new(holes));
+        self.metadata_preallocated = OnceLock::new();
+    }
+
+    /// The layer below this image, when a backing image or raw file is attached.
+    pub(crate) fn backing_source(&self) -> Option<&dyn GuestSource> {
+        match &self.backing {
+            Some(Backing::Source { source, .. }) => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The file guest data lives in: the external data file when there is one.
+    pub(crate) fn data_path(&self) -> Option<&std::path::Path> {
+        if self.header.has_data_file_bit() {
+            self.data_file_path.as_deref()
+        } else {
+            self.path.as_deref()
+        }
+    }
+
+    /// The holes of the file guest data lives in, when known.
+    pub(crate) fn data_holes(&self) -> Option<&dyn HoleQuery> {
+        if self.header.has_data_file_bit() {
+            self.data_file_holes.as_deref()
+        } else {
+            self.holes.as_deref()
+        }
+    }
+
+    /// Whether QEMU would look for holes inside this image's data clusters.
+    pub(crate) fn metadata_preallocated(&self) -> bool {
+        *self.metadata_preallocated.get_or_init(|| {
+            self.holes.as_deref().is_some_and(|holes| {
+                crate::prealloc::looks_metadata_preallocated(&self.io, &self.header, holes)
+            })
+        })
     }
 
     /// Read guest data for unallocated clusters from another qcow2 image (which may have its
@@ -377,6 +463,12 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
     }
     fn as_image(&self) -> Option<&dyn ImageView> {
         Some(self)
+    }
+    fn layer_status(&self, pos: u64, len: u64) -> Result<LayerStatus<'_>> {
+        map::qcow2_layer_status(&self.reader()?, pos, len)
+    }
+    fn backing_source(&self) -> Option<&dyn GuestSource> {
+        Qcow2::backing_source(self)
     }
 }
 

@@ -25,8 +25,11 @@
 //!   attach a backing image ([`Qcow2::set_backing_image`], [`Qcow2::set_backing_raw`]) or an
 //!   external data file ([`Qcow2::set_data_file`]) yourself, or let [`Qcow2::open_path_with`]
 //!   open them under a [`FilePolicy`].
-//! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
-//!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
+//! - **Allocation map.** [`Reader::map`] maps a guest range through the whole backing chain
+//!   exactly as `qemu-img map` does ([`MapExtent`]; holes in the files found through
+//!   [`HoleQuery`]); [`Reader::extent_at`] tells how one layer stores each stretch.
+//! - **`Read + Seek`.** A [`Reader`] is `ReadAt + Size`: `positioned_io::SizeCursor::new(&reader)`
+//!   hands it to code that wants `std::io::Read + Seek` (see `examples/partitions.rs`).
 //! - **Consistency check.** [`Qcow2::check`] counts every reference to a host cluster
 //!   against the stored refcounts, as `qemu-img check` does, read-only and in bounded memory;
 //!   the [`CheckReport`] has qemu-img's counts and each [`Problem`] with its file offset.
@@ -71,13 +74,16 @@ mod extension;
 mod extent;
 mod feature;
 mod header;
+mod holes;
 mod human;
 mod image;
 mod info;
 mod io;
 mod limits;
+mod map;
 mod open;
 mod options;
+mod prealloc;
 #[cfg(feature = "serde")]
 mod qjson;
 mod reader;
@@ -96,12 +102,14 @@ pub use feature::{
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
 pub use header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+pub use holes::{HoleQuery, Region};
 pub use image::Qcow2;
 pub use info::{
     BitmapInfo, ChainEntry, ChildInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
     SnapshotInfo,
 };
 pub use limits::Limits;
+pub use map::{MapExtent, MapIter};
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use reader::Reader;
 pub use snapshot::Snapshot;

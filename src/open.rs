@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::header::MAGIC;
+use crate::holes::HoleQuery;
 use crate::image::Qcow2;
 use crate::io::read_up_to;
 use crate::options::{FilePolicy, FileRole, OpenOptions};
@@ -51,12 +52,16 @@ fn open_chain_link(
     visited: &mut HashSet<PathBuf>,
     depth: u32,
 ) -> Result<Qcow2<File>> {
+    let holes = hole_query(&file);
     let mut image = Qcow2::open_with(file, options)?;
+    image.holes = holes;
     image.path = Some(path.clone());
     // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
     if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
         let data_path = resolve(&path, &name)?;
         let data = open_allowed(&data_path, FileRole::DataFile, options)?;
+        image.data_file_holes = hole_query(&data);
+        image.data_file_path = Some(data_path);
         image.set_data_file(data)?;
     }
     let Some(name) = image.header().backing_file_path().map(Path::to_path_buf) else {
@@ -101,7 +106,8 @@ fn open_chain_link(
                 .len();
             // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
             let size = size.checked_next_multiple_of(512).unwrap_or(size);
-            image.set_backing_raw_from(file, size, Some(backing_path));
+            let holes = hole_query(&file);
+            image.set_backing_raw_from(file, size, Some(backing_path), holes);
         }
         _ => {
             return Err(Error::UnsupportedBackingFormat {
@@ -111,6 +117,14 @@ fn open_chain_link(
         }
     }
     Ok(image)
+}
+
+/// A second handle to `file` that answers the map's questions about holes (none if the
+/// handle cannot be had: the map then takes the file as all data).
+fn hole_query(file: &File) -> Option<Box<dyn HoleQuery>> {
+    file.try_clone()
+        .ok()
+        .map(|f| Box::new(f) as Box<dyn HoleQuery>)
 }
 
 /// QEMU's rule without a backing format: probe the content. qcow2's magic means qcow2; the

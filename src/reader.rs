@@ -49,6 +49,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
     }
 
+    /// Another reader of the same view (active image or snapshot), with its own read state.
+    pub(crate) fn same_view(&self) -> Self {
+        Reader::new(self.image, Arc::clone(&self.l1), self.l1_offset, self.size)
+    }
+
     /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
     pub fn guest_size(&self) -> u64 {
         self.size
@@ -168,6 +173,25 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     /// Decode the L2 entry for `guest` in `table` (found at file offset `at`).
     pub(crate) fn mapping_in(&self, t: &[u64], at: u64, guest: u64) -> Result<Mapping> {
+        self.unit_in(t, at, guest).map(|(mapping, _)| mapping)
+    }
+
+    /// Entries in this reader's L1 table: every index from here on is unallocated.
+    pub(crate) fn l1_len(&self) -> u64 {
+        self.l1.len() as u64
+    }
+
+    /// The raw L1 entry at `index`, `None` past the table.
+    pub(crate) fn l1_entry(&self, index: u64) -> Option<u64> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+    }
+
+    /// [`Reader::mapping_in`], with the host offset of the unit whenever its cluster has one
+    /// (see [`table::decode_l2_with_host`]).
+    pub(crate) fn unit_in(&self, t: &[u64], at: u64, guest: u64) -> Result<(Mapping, Option<u64>)> {
         let g = &self.image.geometry;
         let index = low_bits(guest >> g.cluster_bits, g.index_bits) as usize;
         let (entry, bitmap, word) = if g.extended_l2 {
@@ -181,11 +205,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         };
         let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
         let entry_at = at.saturating_add((word as u64).saturating_mul(TABLE_ENTRY_LEN));
-        let mapping = table::decode_l2(entry, bitmap, sub, g, entry_at)?;
+        let (mapping, unit_host) = table::decode_l2_with_host(entry, bitmap, sub, g, entry_at)?;
         if g.external_data {
-            check_data_file_offset(mapping, guest, g.unit_bits(), entry_at)?;
+            check_data_file_offset(unit_host, guest, g.unit_bits(), entry_at)?;
         }
-        Ok(mapping)
+        Ok((mapping, unit_host))
     }
 
     /// Read a finished run into its part of `buf` (which starts at guest offset `pos`).
@@ -503,14 +527,15 @@ impl Pending {
 }
 
 /// With an external data file, guest and host offsets are the same (QEMU: "External data file
-/// host cluster offset ... does not match guest cluster offset").
+/// host cluster offset ... does not match guest cluster offset"). QEMU checks every unit that
+/// has a host offset: data, preallocated zeros, unallocated subclusters of an allocated cluster.
 fn check_data_file_offset(
-    mapping: Mapping,
+    unit_host: Option<u64>,
     guest: u64,
     unit_bits: u32,
     entry_at: u64,
 ) -> Result<()> {
-    let Mapping::Data { host_offset } = mapping else {
+    let Some(host_offset) = unit_host else {
         return Ok(());
     };
     let guest_offset = guest ^ low_bits(guest, unit_bits);

@@ -85,9 +85,46 @@ pub(crate) fn l2_table_offset(
     Ok(Some(offset))
 }
 
-/// Decode one L2 entry for subcluster `sub` (always 0 without extended L2).
+/// Decode one L2 entry for subcluster `sub` (always 0 without extended L2). The readers use
+/// [`decode_l2_with_host`]; this is its short form for the tests.
 /// `bitmap` is the extended entry's second word; `entry_at` is where the entry sits, for errors.
+#[cfg(test)]
 pub(crate) fn decode_l2(
+    entry: u64,
+    bitmap: u64,
+    sub: u32,
+    geometry: &Geometry,
+    entry_at: u64,
+) -> Result<Mapping> {
+    decode_l2_with_host(entry, bitmap, sub, geometry, entry_at).map(|(mapping, _)| mapping)
+}
+
+/// [`decode_l2`], and the host offset of the unit whenever its cluster has one: data, and
+/// also a preallocated zero cluster or an unallocated subcluster of an allocated cluster
+/// (`qemu-img map` reports where those lie; reads never need it).
+pub(crate) fn decode_l2_with_host(
+    entry: u64,
+    bitmap: u64,
+    sub: u32,
+    geometry: &Geometry,
+    entry_at: u64,
+) -> Result<(Mapping, Option<u64>)> {
+    let mapping = decode_l2_mapping(entry, bitmap, sub, geometry, entry_at)?;
+    let host = entry & L2_OFFSET_MASK;
+    // QEMU's cluster types: compressed has no host offset of its own; a standard zero
+    // cluster keeps one only when its offset is non-zero; otherwise "allocated" decides.
+    let has_host = match mapping {
+        Mapping::Compressed { .. } => false,
+        Mapping::Data { .. } => true,
+        _ if !geometry.extended_l2 => host != 0 && entry & OFLAG_ZERO != 0,
+        _ => host != 0 || (geometry.external_data && entry & OFLAG_COPIED != 0),
+    };
+    // sub < 32 and the unit is at most 64 KiB: within one cluster.
+    let unit_host = has_host.then(|| host | u64::from(sub) << geometry.unit_bits());
+    Ok((mapping, unit_host))
+}
+
+fn decode_l2_mapping(
     entry: u64,
     bitmap: u64,
     sub: u32,
@@ -283,6 +320,27 @@ mod tests {
                 len: 1024
             }
         );
+    }
+
+    #[test]
+    fn host_offsets_of_preallocated_zero_and_unallocated_subclusters() {
+        let host = |entry, bitmap, sub, g| decode_l2_with_host(entry, bitmap, sub, g, 0).unwrap();
+        assert_eq!(
+            host(0x8000_0000_0005_0001, 0, 0, &G64K),
+            (Mapping::Zero, Some(0x50000))
+        );
+        assert_eq!(host(1, 0, 0, &G64K), (Mapping::Zero, None));
+        assert_eq!(host(0, 0, 0, &G64K), (Mapping::Unallocated, None));
+        let bitmap = (1u64 << (32 + 2)) | 0b0010;
+        assert_eq!(
+            host(0x8000_0000_0005_0000, bitmap, 0, &G64K_EXT),
+            (Mapping::Unallocated, Some(0x50000))
+        );
+        assert_eq!(
+            host(0x8000_0000_0005_0000, bitmap, 2, &G64K_EXT),
+            (Mapping::Zero, Some(0x50000 + 2 * 2048))
+        );
+        assert_eq!(host(0, 1 << 33, 1, &G64K_EXT), (Mapping::Zero, None));
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod bitmap;
 mod check;
 mod common;
 mod info;
+mod map;
 mod snapshot;
 
 /// Read qcow2 images like `qemu-img`, without QEMU.
@@ -33,6 +34,8 @@ enum Command {
     Snapshot(snapshot::Args),
     /// Check an image for consistency, like `qemu-img check`.
     Check(check::Args),
+    /// Show where each stretch of the guest disk is stored, like `qemu-img map`.
+    Map(map::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,5 +45,6 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Snapshot(args) => snapshot::run(args),
         Command::Check(args) => check::run(args),
+        Command::Map(args) => map::run(args),
     }
 }

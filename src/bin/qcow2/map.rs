@@ -1,0 +1,195 @@
+//! `qcow2 map`: where each stretch of the guest disk is stored, through the backing chain,
+//! printed byte for byte as `qemu-img map` prints it.
+
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use qcow2::{MapExtent, Qcow2};
+
+/// `qemu-img map`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Output format: `human` (a table of the data extents) or `json` (every extent).
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// First guest byte to map (suffixes k, M, G, T, P, E as in qemu-img).
+    #[arg(short = 's', long, default_value = "0", value_parser = parse_size)]
+    start_offset: u64,
+    /// Most bytes to map from the start offset.
+    #[arg(short = 'l', long, value_parser = parse_size)]
+    max_length: Option<u64>,
+    /// Image format: only `qcow2`.
+    #[arg(short = 'f', long)]
+    format: Option<String>,
+    /// Accepted for compatibility (the image is only read).
+    #[arg(short = 'U', long)]
+    force_share: bool,
+    /// The image.
+    filename: PathBuf,
+}
+
+/// Output formats, as `--output` names them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+/// Map the image and print it; exit status 1 on any error (one line on stderr).
+pub fn run(args: Args) -> ExitCode {
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = map(&args, &mut out);
+    let flushed = out.flush();
+    match (result, flushed) {
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        (Err(e), _) => {
+            eprintln!("qcow2 map: {e}");
+            ExitCode::FAILURE
+        }
+        (Ok(()), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        (Ok(()), Err(e)) => {
+            eprintln!("qcow2 map: writing the output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything that can stop the map: the image, or the output.
+type Failure = Box<dyn std::error::Error>;
+
+fn map(args: &Args, out: &mut impl Write) -> Result<(), Failure> {
+    if let Some(format) = args.format.as_deref().filter(|f| *f != "qcow2") {
+        return Err(format!("unsupported image format '{format}': only qcow2").into());
+    }
+    let image = Qcow2::open_path(&args.filename)
+        .map_err(|e| format!("could not open '{}': {e}", args.filename.display()))?;
+    let reader = image.reader()?;
+    let end = match args.max_length {
+        Some(max) => args.start_offset.saturating_add(max),
+        None => u64::MAX,
+    };
+    match args.output {
+        Output::Human => writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        )?,
+        Output::Json => write!(out, "[")?,
+    }
+    let mut first = true;
+    let mut last: Option<MapExtent<'_>> = None;
+    for extent in reader.map(args.start_offset..end) {
+        let extent = extent.map_err(|e| format!("could not read file metadata: {e}"))?;
+        if let Some(previous) = last.replace(extent) {
+            dump(args.output, &previous, first, out)?;
+            if args.output == Output::Json {
+                writeln!(out, ",")?;
+            }
+            first = false;
+        }
+    }
+    match last {
+        Some(last) => dump(args.output, &last, first, out)?,
+        // Nothing to map: qemu-img still prints its empty extent at the start offset.
+        None if args.output == Output::Json => write!(
+            out,
+            "{{ \"start\": {}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}",
+            args.start_offset
+        )?,
+        None => {}
+    }
+    if args.output == Output::Json {
+        writeln!(out, "]")?;
+    }
+    Ok(())
+}
+
+/// Print one extent as qemu-img's `dump_map_entry` does. The human table lists only extents
+/// stored as data; there, data that has no plain offset (compressed) is an error.
+fn dump(
+    output: Output,
+    e: &MapExtent<'_>,
+    first: bool,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    match output {
+        Output::Human => {
+            // qemu-img reads the flags of every extent but the first after folding "zero or
+            // not data" into "zero and not data", so only data extents can fail here.
+            let data = e.data && (first || !e.zero);
+            if data && e.offset.is_none() {
+                return Err("file contains external, encrypted or compressed clusters".into());
+            }
+            if data && !e.zero {
+                let file = e.file.map(|f| f.display().to_string()).unwrap_or_default();
+                writeln!(
+                    out,
+                    "{:<16}{:<16}{:<16}{file}",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(e.offset.unwrap_or(0))
+                )?;
+            }
+        }
+        Output::Json => {
+            write!(
+                out,
+                "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+                e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+            )?;
+            if let Some(offset) = e.offset {
+                write!(out, ", \"offset\": {offset}")?;
+            }
+            write!(out, "}}")?;
+        }
+    }
+    Ok(())
+}
+
+/// C's `%#x`: `0x` before any number but zero.
+fn hex(n: u64) -> String {
+    if n == 0 {
+        "0".to_owned()
+    } else {
+        format!("{n:#x}")
+    }
+}
+
+/// A size as qemu-img reads one: digits with an optional binary suffix (k, M, G, T, P, E;
+/// either case; `b` or none for bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("invalid size '{s}'"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        "e" => 60,
+        _ => return Err(format!("invalid size suffix in '{s}'")),
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v <= i64::MAX as u64)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_hex_as_qemu_img() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert_eq!(parse_size("3M"), Ok(3 << 20));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("9E").is_err());
+        assert_eq!(hex(0), "0");
+        assert_eq!(hex(65536), "0x10000");
+    }
+}

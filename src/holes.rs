@@ -1,0 +1,114 @@
+//! What the file system knows about a file's holes, for the allocation map.
+//!
+//! QEMU's `qemu-img map` asks the host file system where a file has data and where it has
+//! holes (`lseek` with `SEEK_DATA` and `SEEK_HOLE`): a raw backing file's holes, and the holes
+//! inside the clusters of an image preallocated with `preallocation=metadata`, show as zeros.
+//! [`HoleQuery`] is that question; [`std::fs::File`] answers it on Linux, any other source
+//! answers "unknown", which the map reads as "all data", as QEMU does when `lseek` fails.
+
+use std::fs::File;
+
+/// Where a byte of a file lies: in data or in a hole, and how far that goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// Data from the asked offset up to `end` (exclusive: the next hole, or the end of file).
+    Data {
+        /// Offset of the first byte past the data.
+        end: u64,
+    },
+    /// A hole from the asked offset up to the next data at `next_data`, or, when `None`, up to
+    /// the end of the file (the asked offset may be at or past the end: that is a hole too).
+    Hole {
+        /// Offset of the next data, if any.
+        next_data: Option<u64>,
+    },
+}
+
+/// Asks the file system about a file's holes and size. Every method may answer `None`
+/// ("unknown"), which is what the default methods do.
+///
+/// Implemented for [`std::fs::File`]: on Linux with `lseek(SEEK_DATA / SEEK_HOLE)` and
+/// `fstat`; elsewhere it answers "unknown". [`Qcow2::open_path`](crate::Qcow2::open_path)
+/// attaches it for every file it opens; after [`Qcow2::open`](crate::Qcow2::open), attach
+/// one with [`Qcow2::set_hole_query`](crate::Qcow2::set_hole_query).
+pub trait HoleQuery: Send + Sync {
+    /// Whether `pos` lies in data or in a hole, and where that ends.
+    fn region_at(&self, _pos: u64) -> Option<Region> {
+        None
+    }
+    /// The file's length in bytes (`st_size`).
+    fn file_len(&self) -> Option<u64> {
+        None
+    }
+    /// Bytes the file system allocated for the file (`st_blocks * 512`).
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl HoleQuery for File {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn region_at(&self, pos: u64) -> Option<Region> {
+        use rustix::fs::{seek, SeekFrom};
+        use rustix::io::Errno;
+        // The same two questions as QEMU's file-posix `find_allocation`. `lseek` moves the
+        // file position, which positioned reads (`pread`) never use.
+        match seek(self, SeekFrom::Data(pos)) {
+            Err(Errno::NXIO) => Some(Region::Hole { next_data: None }),
+            Err(_) => None,
+            Ok(data) if data > pos => Some(Region::Hole {
+                next_data: Some(data),
+            }),
+            Ok(data) if data < pos => None,
+            Ok(_) => match seek(self, SeekFrom::Hole(pos)) {
+                Ok(hole) if hole > pos => Some(Region::Data { end: hole }),
+                _ => None,
+            },
+        }
+    }
+
+    fn file_len(&self) -> Option<u64> {
+        self.metadata().ok().map(|m| m.len())
+    }
+
+    #[cfg(unix)]
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.metadata().ok()?.blocks().checked_mul(512)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_sparse_file_has_holes_where_nothing_was_written() {
+        use std::io::{Seek, SeekFrom, Write};
+        let path = std::env::temp_dir().join(format!("qcow2-holes-{}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.seek(SeekFrom::Start(4 << 20)).unwrap();
+        f.write_all(&[1u8; 65536]).unwrap();
+        f.sync_all().unwrap();
+        let f = File::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        // Some file systems (tmpfs before 6.x, overlay) may not report holes: then data.
+        match f.region_at(0) {
+            Some(Region::Hole { next_data }) => {
+                assert_eq!(next_data, Some(4 << 20));
+                assert_eq!(
+                    f.region_at(4 << 20),
+                    Some(Region::Data {
+                        end: (4 << 20) + 65536
+                    })
+                );
+                assert_eq!(f.region_at(6 << 20), Some(Region::Hole { next_data: None }));
+            }
+            other => assert!(matches!(other, Some(Region::Data { .. }) | None)),
+        }
+        assert_eq!(f.file_len(), Some(8 << 20));
+        assert_eq!(f.region_at(9 << 20), Some(Region::Hole { next_data: None }));
+    }
+}
