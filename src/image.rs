@@ -10,6 +10,7 @@ use positioned_io::ReadAt;
 
 use crate::bitmap::{self, Bitmap};
 use crate::compress::ClusterCache;
+use crate::disk::Allocation;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
 use crate::io::{be_u64_table, check_within, read_metadata, read_up_to};
@@ -31,6 +32,9 @@ pub(crate) trait GuestSource: Send + Sync {
     fn as_image(&self) -> Option<&dyn ImageView> {
         None
     }
+    /// How the guest is allocated from `pos` (through this source's own chain), for at most
+    /// `max` bytes (`max` > 0); past the end it reads as allocated zeros.
+    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)>;
 }
 
 /// What [`info`](crate::info) needs of any image in a chain, whatever its source type.
@@ -63,6 +67,12 @@ impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
     }
     fn path(&self) -> Option<&std::path::Path> {
         self.path.as_deref()
+    }
+    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
+        match self.size.checked_sub(pos).filter(|&left| left > 0) {
+            Some(left) => Ok((Allocation::Data, left.min(max))),
+            None => Ok((Allocation::Zero, max)),
+        }
     }
 }
 
@@ -345,6 +355,9 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
     }
     fn as_image(&self) -> Option<&dyn ImageView> {
         Some(self)
+    }
+    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
+        crate::disk::backing_allocation(&self.reader()?, pos, max)
     }
 }
 

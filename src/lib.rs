@@ -25,6 +25,9 @@
 //!   attach a backing image ([`Qcow2::set_backing_image`], [`Qcow2::set_backing_raw`]) or an
 //!   external data file ([`Qcow2::set_data_file`]) yourself, or let [`Qcow2::open_path_with`]
 //!   open them under a [`FilePolicy`].
+//! - **Convert and compare.** [`convert_to_writer`] and [`convert_to_file`] copy a guest
+//!   disk like `qemu-img convert -O raw` (sparse, on several threads); [`compare`] compares
+//!   two disks (qcow2 or [`RawDisk`]) like `qemu-img compare`.
 //! - **Allocation map.** [`Reader::extent_at`] tells how each stretch of the guest is stored
 //!   (data and where, compressed, zero, unallocated), like `qemu-img map`.
 //! - **Snapshots.** [`Qcow2::snapshots`] lists them and [`Qcow2::snapshot_reader`] reads one.
@@ -55,7 +58,10 @@ pub struct ReadmeDoctests;
 
 mod bitmap;
 mod bytes;
+mod compare;
 mod compress;
+mod convert;
+mod disk;
 mod error;
 mod extent;
 mod feature;
@@ -71,6 +77,12 @@ mod snapshot;
 mod table;
 
 pub use bitmap::Bitmap;
+pub use compare::{compare, CompareOptions, Comparison};
+pub use convert::{
+    convert_to_file, convert_to_writer, ConvertOptions, WriteAt, DEFAULT_SPARSE_SIZE,
+    MAX_SPARSE_SIZE,
+};
+pub use disk::{Allocation, GuestDisk, RawDisk};
 pub use error::{Error, FeatureKind, Result};
 pub use extent::{Extent, ExtentKind};
 pub use feature::{
