@@ -523,10 +523,11 @@ where
             let mut worker = usize::MAX; // zeros: no worker
             if segment.read {
                 worker = next_worker;
-                workers
-                    .get(worker)
-                    .and_then(|w| w.jobs.send(segment).ok())
-                    .ok_or_else(worker_gone)?;
+                let w = workers.get(worker).ok_or_else(worker_gone)?;
+                if w.jobs.send(segment).is_err() {
+                    // The worker stopped: it failed, and said why.
+                    return Err(failure_of(w));
+                }
                 next_worker = next_worker.saturating_add(1);
                 if next_worker >= workers.len() {
                     next_worker = 0;
@@ -552,6 +553,16 @@ where
         }
         progress(segment.end(), total);
     }
+}
+
+/// The error a stopped worker sent, after any results still queued before it.
+fn failure_of(worker: &Worker) -> Error {
+    while let Ok(result) = worker.done.recv() {
+        if let Err(e) = result {
+            return e;
+        }
+    }
+    worker_gone()
 }
 
 fn worker_gone() -> Error {

@@ -8,6 +8,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod compare;
+mod convert;
+
 /// Read qcow2 images like `qemu-img`, without QEMU.
 #[derive(Parser)]
 #[command(name = "qcow2", version, about)]
@@ -19,9 +22,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Copy a guest disk (or a snapshot) to a raw file or a pipe, like `qemu-img convert -O raw`.
+    Convert(convert::Args),
+    /// Compare two guest disks (qcow2 or raw), like `qemu-img compare`.
+    Compare(compare::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Convert(args) => convert::run(args),
+        Command::Compare(args) => compare::run(args),
+    }
 }
