@@ -105,13 +105,11 @@ pub(crate) fn backing_allocation<S: GuestDisk + ?Sized>(
 
 /// A raw disk image: any [`ReadAt`] source, with the size given.
 ///
-/// Reads past the end of the source (up to `size`) are zeros. Every byte counts as
-/// [`Allocation::Data`].
+/// Reads past the end of the source (up to `size`) are zeros. The source's bytes count as
+/// [`Allocation::Data`], and what lies past its end as [`Allocation::Zero`].
 ///
 /// ```
-/// let file = std::fs::File::open("fixtures/backing-raw-base.raw")?;
-/// let size = file.metadata()?.len();
-/// let raw = qcow2::RawDisk::new(file, size);
+/// let raw = qcow2::RawDisk::open_path("fixtures/backing-raw-base.raw")?;
 /// let image = qcow2::Qcow2::open_path("fixtures/overlay-raw.qcow2")?;
 /// let overlay = image.reader()?;
 /// let result = qcow2::compare(&raw, &overlay, &qcow2::CompareOptions::new())?;
@@ -122,12 +120,18 @@ pub(crate) fn backing_allocation<S: GuestDisk + ?Sized>(
 pub struct RawDisk<R> {
     source: R,
     size: u64,
+    /// Where the source's own bytes end (at most `size`).
+    data_len: u64,
 }
 
 impl<R: ReadAt> RawDisk<R> {
     /// A raw disk of `size` bytes read from `source`.
     pub fn new(source: R, size: u64) -> Self {
-        RawDisk { source, size }
+        RawDisk {
+            source,
+            size,
+            data_len: size,
+        }
     }
 
     /// The source, back.
@@ -135,6 +139,28 @@ impl<R: ReadAt> RawDisk<R> {
         self.source
     }
 }
+
+impl RawDisk<std::fs::File> {
+    /// Open a raw file as QEMU does: its size rounded up to whole 512-byte sectors, the
+    /// partial last sector reading as zeros past the end of the file.
+    pub fn open_path(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
+            .len();
+        Ok(RawDisk {
+            source: file,
+            size: len.checked_next_multiple_of(SECTOR).unwrap_or(len),
+            data_len: len,
+        })
+    }
+}
+
+/// QEMU sizes raw files in 512-byte sectors.
+const SECTOR: u64 = 512;
 
 impl<R: ReadAt> GuestDisk for RawDisk<R> {
     fn disk_size(&self) -> u64 {
@@ -152,6 +178,14 @@ impl<R: ReadAt> GuestDisk for RawDisk<R> {
     }
 
     fn allocation_at(&self, pos: u64) -> Result<Option<(Allocation, u64)>> {
-        Ok((pos < self.size).then(|| (Allocation::Data, self.size.saturating_sub(pos))))
+        if pos >= self.size {
+            return Ok(None);
+        }
+        Ok(Some(
+            match self.data_len.checked_sub(pos).filter(|&n| n > 0) {
+                Some(n) => (Allocation::Data, n),
+                None => (Allocation::Zero, self.size.saturating_sub(pos)),
+            },
+        ))
     }
 }

@@ -570,11 +570,7 @@ enum Disk {
 fn open_disk(path: &Path) -> Disk {
     match Qcow2::open_path(path) {
         Ok(i) => Disk::Image(Box::new(i)),
-        Err(qcow2::Error::NotQcow2 { .. }) => {
-            let f = File::open(path).unwrap();
-            let len = f.metadata().unwrap().len().next_multiple_of(512);
-            Disk::Raw(RawDisk::new(f, len))
-        }
+        Err(qcow2::Error::NotQcow2 { .. }) => Disk::Raw(RawDisk::open_path(path).unwrap()),
         Err(e) => panic!("{}: {e}", path.display()),
     }
 }

@@ -118,24 +118,18 @@ fn compare(a: &Opened, b: &Opened, args: &Args) -> qcow2::Result<u8> {
 fn open(path: &Path, format: Option<&str>) -> Result<Opened, String> {
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
     crate::convert::check_readable(path)?;
-    let file = File::open(path).map_err(|e| fail(&e))?;
     let format = match format {
         Some(f) => f.to_owned(),
-        None => probe(&file).map_err(|e| fail(&e))?.to_owned(),
+        None => {
+            let file = File::open(path).map_err(|e| fail(&e))?;
+            probe(&file).map_err(|e| fail(&e))?.to_owned()
+        }
     };
     match format.as_str() {
-        "qcow2" => {
-            drop(file);
-            Ok(Opened::Image(Box::new(
-                Qcow2::open_path(path).map_err(|e| fail(&e))?,
-            )))
-        }
-        "raw" => {
-            let len = file.metadata().map_err(|e| fail(&e))?.len();
-            // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
-            let size = len.checked_next_multiple_of(512).unwrap_or(len);
-            Ok(Opened::Raw(RawDisk::new(file, size)))
-        }
+        "qcow2" => Ok(Opened::Image(Box::new(
+            Qcow2::open_path(path).map_err(|e| fail(&e))?,
+        ))),
+        "raw" => Ok(Opened::Raw(RawDisk::open_path(path).map_err(|e| fail(&e))?)),
         other => Err(fail(&format!(
             "unsupported format '{other}' (qcow2 and raw are read)"
         ))),
