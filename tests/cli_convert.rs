@@ -1,6 +1,7 @@
 //! The `qcow2 convert` and `qcow2 compare` subcommands against `qemu-img convert -O raw` and
 //! `qemu-img compare`, run side by side: output bytes and holes, exit codes, stdout, errors.
-#![cfg(feature = "cli")]
+// Compressed fixtures need both decompressors.
+#![cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
 
 mod common;
 mod holes;
@@ -265,11 +266,73 @@ fn cli_convert_errors() {
     ];
     if made {
         inputs.push(fifo.clone());
+        // A backing file that is a FIFO: refused, not opened (which would block).
+        let o = qemu_img(
+            &qemu,
+            &[
+                "create",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                s(&fifo),
+                "-F",
+                "raw",
+                s(&dir.join("on-fifo.qcow2")),
+                "1M",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        inputs.push(dir.join("on-fifo.qcow2"));
     }
+    // A backing chain that loops: A -> B -> A, and A -> A.
+    let (a, b) = (dir.join("loop-a.qcow2"), dir.join("loop-b.qcow2"));
+    for (image, backing) in [(&a, &b), (&b, &a)] {
+        let o = qemu_img(
+            &qemu,
+            &[
+                "create",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                s(backing),
+                "-F",
+                "qcow2",
+                s(image),
+                "1M",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let selfish = dir.join("self.qcow2");
+    for args in [
+        &["create", "-q", "-f", "qcow2", s(&selfish), "1M"][..],
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            s(&selfish),
+            "-F",
+            "qcow2",
+            s(&selfish),
+        ],
+    ] {
+        let o = qemu_img(&qemu, args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    inputs.extend([a.clone(), selfish.clone()]);
     for input in &inputs {
         let o = ours(&["convert", s(input), s(&out)]);
         assert_eq!(o.status.code(), Some(1), "{input:?}");
         assert!(!message(&o, "qcow2").is_empty());
+        let o = ours(&["compare", s(input), s(&image)]);
+        assert!(
+            o.status.code().unwrap() >= 2 || input == &raw,
+            "compare {input:?}"
+        );
     }
     for args in [&["-O", "qcow2"][..], &["-f", "raw"]] {
         let mut a = vec!["convert"];

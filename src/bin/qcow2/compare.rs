@@ -117,7 +117,7 @@ fn compare(a: &Opened, b: &Opened, args: &Args) -> qcow2::Result<u8> {
 /// Open `path` as `format`, or as the format its first bytes say (qcow2's magic, else raw).
 fn open(path: &Path, format: Option<&str>) -> Result<Opened, String> {
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
-    crate::convert::check_readable(path)?;
+    crate::convert::check_readable(path).map_err(|e| fail(&e))?;
     let format = match format {
         Some(f) => f.to_owned(),
         None => {
@@ -126,9 +126,7 @@ fn open(path: &Path, format: Option<&str>) -> Result<Opened, String> {
         }
     };
     match format.as_str() {
-        "qcow2" => Ok(Opened::Image(Box::new(
-            Qcow2::open_path(path).map_err(|e| fail(&e))?,
-        ))),
+        "qcow2" => Ok(Opened::Image(Box::new(crate::convert::open_image(path)?))),
         "raw" => Ok(Opened::Raw(RawDisk::open_path(path).map_err(|e| fail(&e))?)),
         other => Err(fail(&format!(
             "unsupported format '{other}' (qcow2 and raw are read)"

@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use qcow2::{ConvertOptions, Qcow2, Reader};
+use std::sync::Arc;
+
+use qcow2::{ConvertOptions, FilePolicy, FileRole, OpenOptions, Qcow2, Reader};
 
 /// qemu-img's message for a bad `-S`.
 const BAD_SPARSE_SIZE: &str = "Invalid buffer size for sparse output specified. Valid sizes \
@@ -92,22 +94,28 @@ fn convert(args: &Args) -> Result<(), String> {
     result
 }
 
-/// Open a qcow2 image by path, refusing what cannot be read as a file (a FIFO would block).
+/// Open a qcow2 image and its backing chain by path, refusing files that cannot be read as
+/// disks (opening a FIFO would block until someone writes to it).
 pub(crate) fn open_image(path: &Path) -> Result<Qcow2<File>, String> {
-    check_readable(path)?;
-    Qcow2::open_path(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))
+    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    check_readable(path).map_err(|e| fail(&e))?;
+    let open_checked = |p: &Path, _: FileRole| {
+        check_readable(p)?;
+        File::open(p)
+    };
+    let options = OpenOptions::new().files(FilePolicy::Callback(Arc::new(open_checked)));
+    Qcow2::open_path_with(path, &options).map_err(|e| fail(&e))
 }
 
-/// Refuse inputs that are not regular files or block devices.
-pub(crate) fn check_readable(path: &Path) -> Result<(), String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+/// Refuse what is not a regular file or a block device.
+pub(crate) fn check_readable(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
     if meta.is_file() || is_block_device(&meta) {
         return Ok(());
     }
-    Err(format!(
-        "Could not open '{}': not a regular file or block device",
-        path.display()
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{} is not a regular file or block device", path.display()),
     ))
 }
 
