@@ -136,6 +136,9 @@ fn cli_convert_matches_qemu_img_on_fixtures() {
         // Relative data-file names resolve from the working directory in qemu-img.
         let image = PathBuf::from(&name);
         convert_both(&qemu, &dir, &image, &[], true);
+        // A larger -S: zeros inside data are written unless the image file itself has a
+        // hole there (qemu-img looks into the file; so does qcow2 convert).
+        convert_both(&qemu, &dir, &image, &["-S", "64k"], true);
         checked += 1;
     }
     assert!(checked >= 25, "only {checked} fixtures");
@@ -155,9 +158,7 @@ fn cli_convert_matches_qemu_img_on_fixtures() {
             args != ["-S", "0"] && args.last() != Some(&"0"),
         );
     }
-    // Larger -S: same bytes (qemu-img also skips holes of the image file itself, which
-    // the crate does not look for; see README).
-    convert_both(&qemu, &dir, &chain, &["-S", "64k"], false);
+    convert_both(&qemu, &dir, &chain, &["-S", "1M", "-m", "3"], true);
 }
 
 #[test]
@@ -494,4 +495,71 @@ fn cli_compare_matches_qemu_img() {
     let o = ours(&["compare", "-q", s(find("a.raw")), s(find("last.raw"))]);
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn cli_convert_sparse_sizes_like_qemu_img() {
+    let Some(qemu) = Qemu::find_or_skip("cli_convert_sparse_sizes_like_qemu_img") else {
+        return;
+    };
+    let dir = TempDir::new("cli-convert-sparse");
+    let io = |image: &Path, cmds: &[String]| {
+        let mut cmd = Command::new(&qemu.io);
+        cmd.args(["-f", "qcow2"]);
+        for c in cmds {
+            cmd.args(["-c", c]);
+        }
+        let o = run_bounded(cmd.arg(image));
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    // Zero runs of many lengths inside data written in full (no holes in the image file),
+    // some across the 2 MiB chunk edges.
+    let full = dir.join("full.qcow2");
+    let o = qemu_img(&qemu, &["create", "-q", "-f", "qcow2", s(&full), "6M"]);
+    assert!(o.status.success());
+    let mut cmds = vec!["write -P 0x71 0 6M".to_owned()];
+    let mut at = 4096u64;
+    for len in [
+        512u64, 1024, 3584, 4096, 4608, 8192, 12288, 32768, 65536, 70000, 200000,
+    ] {
+        cmds.push(format!("write -P 0 {at} {len}"));
+        at += len + 9000 + len / 3;
+    }
+    for edge in [2u64 << 20, 4 << 20] {
+        cmds.push(format!("write -P 0 {} 20480", edge - 8192));
+        cmds.push(format!("write -P 0 {} 100000", edge + 300_000));
+    }
+    io(&full, &cmds);
+    // Small writes into fresh clusters: the rest of each cluster is a hole in the file.
+    let partial = dir.join("partial.qcow2");
+    let o = qemu_img(
+        &qemu,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            s(&partial),
+            "4M",
+        ],
+    );
+    assert!(o.status.success());
+    let cmds: Vec<String> = (0..20u64)
+        .map(|i| {
+            format!(
+                "write -P {} {} {}",
+                i + 1,
+                i * 150_000 + 777,
+                1000 + i * 3000
+            )
+        })
+        .collect();
+    io(&partial, &cmds);
+    for image in [&full, &partial] {
+        for size in ["1k", "4k", "8k", "64k", "1M"] {
+            convert_both(&qemu, &dir, image, &["-S", size], true);
+        }
+    }
 }

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use qcow2::{ConvertOptions, FilePolicy, FileRole, OpenOptions, Qcow2, Reader};
+use qcow2::{
+    Allocation, ConvertOptions, ExtentKind, FilePolicy, FileRole, GuestDisk, OpenOptions, Qcow2,
+    Reader,
+};
 
 /// qemu-img's message for a bad `-S`.
 const BAD_SPARSE_SIZE: &str = "Invalid buffer size for sparse output specified. Valid sizes \
@@ -87,7 +90,16 @@ fn convert(args: &Args) -> Result<(), String> {
             bar.set_position(done);
         }
     };
-    let result = write_output(&reader, &args.output, &options, progress);
+    let result = match host_holes(&image, &args.image) {
+        Some(file) => {
+            let disk = HoleAware {
+                reader: &reader,
+                file: &file,
+            };
+            write_output(&disk, &args.output, &options, progress)
+        }
+        None => write_output(&reader, &args.output, &options, progress),
+    };
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -160,8 +172,8 @@ fn snapshot_reader<'a>(image: &'a Qcow2<File>, spec: &str) -> Result<Reader<'a, 
 
 /// Write the conversion to `output`: standard output or a FIFO as a stream, anything else
 /// as a new file with holes.
-fn write_output(
-    reader: &Reader<'_, File>,
+fn write_output<D: GuestDisk + Sync>(
+    reader: &D,
     output: &Path,
     options: &ConvertOptions,
     progress: impl FnMut(u64, u64),
@@ -183,6 +195,70 @@ fn write_output(
     }
     let file = File::create(output).map_err(open_fail)?;
     qcow2::convert_to_file(reader, &file, options, progress).map_err(fail)
+}
+
+/// The image file again, for looking up its holes, when guest data lies in it (not in an
+/// external data file).
+fn host_holes(image: &Qcow2<File>, path: &Path) -> Option<File> {
+    if image.header().data_file().is_some() || !cfg!(unix) {
+        return None;
+    }
+    File::open(path).ok()
+}
+
+/// A reader whose data clusters lying in holes of the image file count as zeros: qemu-img's
+/// block status looks into the file under the image, and `convert` then skips such clusters
+/// whatever `-S` says. (Only this image's own clusters; backing images are read as they are.)
+struct HoleAware<'r> {
+    reader: &'r Reader<'r, File>,
+    file: &'r File,
+}
+
+impl GuestDisk for HoleAware<'_> {
+    fn disk_size(&self) -> u64 {
+        self.reader.disk_size()
+    }
+
+    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+        self.reader.read_disk(pos, buf)
+    }
+
+    fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(Allocation, u64)>> {
+        let found = self.reader.allocation_at(pos)?;
+        let Some((Allocation::Data, len)) = found else {
+            return Ok(found);
+        };
+        let host = match self.reader.extent_at(pos)? {
+            Some(e) => match e.kind {
+                ExtentKind::Data { host_offset } => host_offset,
+                _ => return Ok(found),
+            },
+            None => return Ok(found),
+        };
+        Ok(Some(match host_run(self.file, host) {
+            Some((true, n)) => (Allocation::Zero, len.min(n)),
+            Some((false, n)) => (Allocation::Data, len.min(n)),
+            None => (Allocation::Data, len),
+        }))
+    }
+}
+
+/// Whether the file has a hole at `at`, and for how many bytes that stays so; `None` when
+/// the file system cannot say (or `at` is past the end of the file).
+#[cfg(unix)]
+fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
+    use rustix::fs::{seek, SeekFrom};
+    let data = seek(file, SeekFrom::Data(at)).ok()?;
+    if data > at {
+        return Some((true, data - at));
+    }
+    let hole = seek(file, SeekFrom::Hole(at)).ok()?;
+    (hole > at).then(|| (false, hole - at))
+}
+
+#[cfg(not(unix))]
+fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
+    None
 }
 
 /// A progress bar on standard error, when asked for and standard error is a terminal.
