@@ -406,16 +406,19 @@ where
     std::thread::scope(|scope| {
         let mut workers = Vec::new();
         for i in 0..threads {
-            let (job_tx, job_rx) = mpsc::channel::<Segment>();
-            let (done_tx, done_rx) = mpsc::channel::<Result<Option<Vec<u8>>>>();
+            let (jobs, job_rx) = mpsc::channel::<Segment>();
+            let (done_tx, done) = mpsc::channel::<Result<Option<Vec<u8>>>>();
+            let (spent, spent_rx) = mpsc::channel::<Vec<u8>>();
+            let ends = WorkerEnds {
+                jobs: job_rx,
+                done: done_tx,
+                spent: spent_rx,
+            };
             let spawned = std::thread::Builder::new()
                 .name(format!("qcow2-convert-{i}"))
-                .spawn_scoped(scope, move || work(disk, place, &job_rx, &done_tx));
+                .spawn_scoped(scope, move || work(disk, place, ends));
             match spawned {
-                Ok(_) => workers.push(Worker {
-                    jobs: job_tx,
-                    done: done_rx,
-                }),
+                Ok(_) => workers.push(Worker { jobs, done, spent }),
                 // The system will not give more threads: go on with those there are.
                 Err(_) => break,
             }
@@ -462,32 +465,55 @@ where
 struct Worker {
     jobs: Sender<Segment>,
     done: Receiver<Result<Option<Vec<u8>>>>,
+    /// Buffers written by the calling thread, handed back for the next chunks.
+    spent: Sender<Vec<u8>>,
 }
 
 /// A reading thread's loop: read each chunk dealt to it, place it, and send back the chunk
 /// (when the calling thread must write it) or the error. Ends when the jobs stop.
-fn work<D, P>(disk: &D, place: &P, jobs: &Receiver<Segment>, done: &Sender<Result<Option<Vec<u8>>>>)
+fn work<D, P>(disk: &D, place: &P, channels: WorkerEnds)
 where
     D: GuestDisk + ?Sized,
     P: Place,
 {
-    while let Ok(segment) = jobs.recv() {
-        let result = read_and_place(disk, place, segment);
+    let mut buf = Vec::new();
+    while let Ok(segment) = channels.jobs.recv() {
+        if buf.capacity() == 0 {
+            buf = channels.spent.try_recv().unwrap_or_default();
+        }
+        let result = read_and_place(disk, place, segment, &mut buf);
         let failed = result.is_err();
-        if done.send(result).is_err() || failed {
+        if channels.done.send(result).is_err() || failed {
             return;
         }
     }
 }
 
-fn read_and_place<D, P>(disk: &D, place: &P, segment: Segment) -> Result<Option<Vec<u8>>>
+/// A worker's ends of its channels.
+struct WorkerEnds {
+    jobs: Receiver<Segment>,
+    done: Sender<Result<Option<Vec<u8>>>>,
+    spent: Receiver<Vec<u8>>,
+}
+
+/// Read a chunk into `buf` and place it; the buffer is taken when the calling thread must
+/// still write it.
+fn read_and_place<D, P>(
+    disk: &D,
+    place: &P,
+    segment: Segment,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Vec<u8>>>
 where
     D: GuestDisk + ?Sized,
     P: Place,
 {
-    let mut buf = vec![0u8; segment.len as usize]; // at most CHUNK
-    disk.read_disk(segment.start, &mut buf)?;
-    Ok(place.place(segment.start, &buf)?.then_some(buf))
+    buf.clear();
+    buf.resize(segment.len as usize, 0); // at most CHUNK
+    disk.read_disk(segment.start, buf)?;
+    Ok(place
+        .place(segment.start, buf)?
+        .then(|| std::mem::take(buf)))
 }
 
 /// The calling thread's side of a threaded copy: deal chunks to the workers in turn, and
@@ -547,6 +573,9 @@ where
                 .ok_or_else(worker_gone)?;
             if let Some(buf) = result? {
                 out.chunk(segment.start, &buf)?;
+                if let Some(w) = workers.get(worker) {
+                    let _ = w.spent.send(buf); // a worker that stopped needs none
+                }
             }
         } else {
             out.zeros(segment.start, segment.len)?;
