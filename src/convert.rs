@@ -414,9 +414,11 @@ where
                 done: done_tx,
                 spent: spent_rx,
             };
-            let spawned = std::thread::Builder::new()
-                .name(format!("qcow2-convert-{i}"))
-                .spawn_scoped(scope, move || work(disk, place, ends));
+            let spawned = refuse_spawn_in_tests(i).and_then(|()| {
+                std::thread::Builder::new()
+                    .name(format!("qcow2-convert-{i}"))
+                    .spawn_scoped(scope, move || work(disk, place, ends))
+            });
             match spawned {
                 Ok(_) => workers.push(Worker { jobs, done, spent }),
                 // The system will not give more threads: go on with those there are.
@@ -429,6 +431,23 @@ where
         collect(&mut planner, &workers, out, total, progress)
         // Dropping the workers' job senders here ends their loops; the scope joins them.
     })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: how many threads a copy started on this thread may spawn before the system
+    /// "refuses" more.
+    static SPAWN_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Tests make thread creation fail past a limit; elsewhere this always lets it go on.
+fn refuse_spawn_in_tests(index: usize) -> io::Result<()> {
+    #[cfg(test)]
+    if index >= SPAWN_LIMIT.with(std::cell::Cell::get) {
+        return Err(io::Error::other("no more threads (test)"));
+    }
+    let _ = index;
+    Ok(())
 }
 
 /// The whole copy on the calling thread.
@@ -784,6 +803,23 @@ mod tests {
         b[3] = 1;
         assert!(!is_zero(&b));
         assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn threads_that_cannot_start_leave_the_work_to_the_others() {
+        let mut data = vec![0u8; 9 << 20];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 251) as u8 * u8::from(i % (3 << 20) > 65536);
+        }
+        let disk = crate::RawDisk::new(data.clone(), data.len() as u64);
+        for limit in [0, 1, 2, usize::MAX] {
+            SPAWN_LIMIT.with(|l| l.set(limit));
+            let mut out = Vec::new();
+            let options = ConvertOptions::new().threads(4);
+            convert_to_writer(&disk, &mut out, &options, |_, _| {}).unwrap();
+            assert!(out == data, "spawn limit {limit}: output differs");
+        }
+        SPAWN_LIMIT.with(|l| l.set(usize::MAX));
     }
 
     #[test]

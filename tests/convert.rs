@@ -112,7 +112,9 @@ fn check_against_qemu(qemu: &Qemu, dir: &TempDir, image_path: &Path, snapshot: O
             "qemu-img failed on {label}"
         );
         let ours = dir.join("ours.raw");
-        for threads in [1, 3] {
+        // Threads change nothing in the output: try them with the default -S only.
+        let threads_to_try: &[usize] = if sparse == 4096 { &[1, 3] } else { &[2] };
+        for &threads in threads_to_try {
             let options = ConvertOptions::new().threads(threads).sparse_size(sparse);
             our_convert_file(&image, snapshot, &ours, options);
             let (a, b) = (
