@@ -27,10 +27,12 @@ impl CompareOptions {
     }
 
     /// Like `qemu-img compare -s`: disks of different sizes differ, and so do stretches
-    /// allocated differently ([`Allocation`]: data, zeros, unallocated) even where they read
-    /// the same. QEMU's allocation status has more detail (whether a raw file has a hole,
-    /// whether data is compressed), so a strict comparison may find allocation differences
-    /// at other offsets than qemu-img, or none where it finds some.
+    /// allocated differently even where they read the same. Allocation is what QEMU's block
+    /// status reports: [`Allocation`] (data, compressed, zeros, unallocated) and whether the
+    /// stretch reaches the end of the disk. QEMU also reports a host offset for unallocated
+    /// subclusters of allocated clusters (extended L2) and sees holes in raw files (which a
+    /// [`RawDisk`](crate::RawDisk) reports as data), so there a strict comparison can point
+    /// elsewhere than qemu-img's.
     pub fn strict(mut self, strict: bool) -> Self {
         self.strict = strict;
         self
@@ -99,7 +101,10 @@ where
     while pos < common {
         let (kind_a, len_a) = stretch(first, pos, common)?;
         let (kind_b, len_b) = stretch(second, pos, common)?;
-        if options.strict && kind_a != kind_b {
+        // QEMU's block status also says whether a stretch reaches the end of its image.
+        let ends_a = pos.saturating_add(len_a) >= size_a;
+        let ends_b = pos.saturating_add(len_b) >= size_b;
+        if options.strict && (kind_a != kind_b || ends_a != ends_b) {
             return Ok(Comparison::AllocationMismatch { offset: pos });
         }
         let mut len = len_a.min(len_b);

@@ -16,6 +16,8 @@ use crate::reader::Reader;
 pub enum Allocation {
     /// Stored somewhere in the chain (or in a raw file): may hold any bytes, so it is read.
     Data,
+    /// Stored compressed somewhere in the chain: read like data.
+    Compressed,
     /// Allocated as zeros (a zero cluster, or past the end of a shorter backing file).
     Zero,
     /// Allocated nowhere in the chain: reads as zeros.
@@ -25,7 +27,7 @@ pub enum Allocation {
 impl Allocation {
     /// Whether the stretch reads as zeros without being read.
     pub fn reads_as_zeros(self) -> bool {
-        !matches!(self, Allocation::Data)
+        !matches!(self, Allocation::Data | Allocation::Compressed)
     }
 }
 
@@ -72,7 +74,7 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
             // chunks (and with them its sparse decisions) fall where qemu-img's do.
             ExtentKind::Compressed => {
                 let left = crate::reader::remaining_in_block(pos, image.geometry.cluster_bits);
-                (Allocation::Data, extent.length.min(left))
+                (Allocation::Compressed, extent.length.min(left))
             }
             ExtentKind::Data { .. } => (Allocation::Data, extent.length),
             ExtentKind::Zero => (Allocation::Zero, extent.length),

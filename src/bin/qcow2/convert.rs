@@ -246,9 +246,17 @@ impl GuestDisk for HoleAware<'_> {
 /// Whether the file has a hole at `at`, and for how many bytes that stays so; `None` when
 /// the file system cannot say (or `at` is past the end of the file).
 #[cfg(unix)]
-fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
+pub(crate) fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
     use rustix::fs::{seek, SeekFrom};
-    let data = seek(file, SeekFrom::Data(at)).ok()?;
+    let data = match seek(file, SeekFrom::Data(at)) {
+        Ok(data) => data,
+        // No data from `at` on: a hole up to the end of the file, if `at` is inside it.
+        Err(rustix::io::Errno::NXIO) => {
+            let len = file.metadata().ok()?.len();
+            return (at < len).then(|| (true, len - at));
+        }
+        Err(_) => return None,
+    };
     if data > at {
         return Some((true, data - at));
     }
@@ -257,7 +265,7 @@ fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
 }
 
 #[cfg(not(unix))]
-fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
+pub(crate) fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
     None
 }
 
