@@ -341,6 +341,17 @@ fn cli_convert_errors() {
         a.extend([s(&image), s(&out)]);
         assert_eq!(ours(&a).status.code(), Some(1), "{args:?}");
     }
+    // The output is the input: refused, the image left as it was.
+    let copy = dir.join("copy.qcow2");
+    std::fs::copy(&image, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let o = ours(&["convert", s(&copy), s(&copy)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!message(&o, "qcow2").is_empty());
+    assert!(
+        std::fs::read(&copy).unwrap() == before,
+        "the input was changed"
+    );
     // -p draws nothing when standard error is not a terminal.
     let o = ours(&["convert", "-p", s(&image), s(&out)]);
     assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));

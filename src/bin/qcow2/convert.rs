@@ -78,6 +78,12 @@ fn convert(args: &Args) -> Result<(), String> {
         options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
     }
     let image = open_image(&args.image)?;
+    if is_same_file(&args.image, &args.output) {
+        return Err(format!(
+            "Could not create '{}': it is the image being converted",
+            args.output.display()
+        ));
+    }
     let reader = match &args.snapshot {
         Some(spec) => snapshot_reader(&image, spec)?,
         None => image.reader().map_err(|e| e.to_string())?,
@@ -267,6 +273,14 @@ pub(crate) fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
 #[cfg(not(unix))]
 pub(crate) fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
     None
+}
+
+/// Whether both paths name one existing file (creating the output would truncate the input).
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// A progress bar on standard error, when asked for and standard error is a terminal.
