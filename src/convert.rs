@@ -30,6 +30,10 @@ const SECTOR: u64 = 512;
 /// The most bytes read at once: qemu-img's `IO_BUF_SIZE`, so chunks end where its do.
 const CHUNK: u64 = 2 << 20;
 
+/// The longest stretch of zeros handled at once, so that progress moves on through a huge
+/// sparse disk written to a stream.
+const MAX_ZERO_SEGMENT: u64 = 1 << 30;
+
 /// The most threads a conversion reads on.
 const MAX_THREADS: usize = 64;
 
@@ -239,7 +243,8 @@ impl<D: GuestDisk + ?Sized> Planner<'_, D> {
         }
         let mut pos = start;
         // Zero stretches of any kind, one after another, make one segment.
-        while pos < self.end {
+        let zeros_end = start.saturating_add(MAX_ZERO_SEGMENT).min(self.end);
+        while pos < zeros_end {
             match self.stretch_at(pos)? {
                 (true, len) if pos == start => {
                     self.pos = pos.saturating_add(len.min(CHUNK));
@@ -253,6 +258,7 @@ impl<D: GuestDisk + ?Sized> Planner<'_, D> {
                 (false, len) => pos = pos.saturating_add(len),
             }
         }
+        let pos = pos.min(zeros_end);
         self.pos = pos;
         Ok(Some(Segment {
             start,
