@@ -7,13 +7,9 @@
 //! ```
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::process::ExitCode;
 
-use positioned_io::ReadAt;
-use qcow2::Qcow2;
-
-const CHUNK: usize = 1 << 20;
+use qcow2::{ConvertOptions, Qcow2};
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,21 +52,12 @@ fn convert(
         Some(s) => image.snapshot_reader(s)?,
         None => image.reader()?,
     };
-    let size = reader.guest_size();
-    let mut out = File::create(output)?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
-    while pos < size {
-        let n = reader.read_at(pos, &mut buf)?;
-        let chunk = &buf[..n];
-        if chunk.iter().all(|&b| b == 0) {
-            out.seek(SeekFrom::Current(n as i64))?; // leave a hole
-        } else {
-            out.write_all(chunk)?;
-        }
-        pos += n as u64;
-    }
-    out.set_len(size)?;
+    // As qemu-img: the output has the image's size (a snapshot taken before a resize is
+    // padded with zeros), holes where 4 KiB runs of zeros are, read on two threads.
+    let size = image.guest_size();
+    let options = ConvertOptions::new().threads(2).size(size);
+    let out = File::create(output)?;
+    qcow2::convert_to_file(&reader, &out, &options, |_done, _total| {})?;
     out.sync_all()?;
     Ok(size)
 }

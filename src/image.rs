@@ -8,6 +8,7 @@ use positioned_io::ReadAt;
 use crate::bitmap::Bitmap;
 use crate::cache::{new_image_id, ByteLru};
 use crate::compress::ClusterCache;
+use crate::disk::Allocation;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
 use crate::holes::HoleQuery;
@@ -39,6 +40,9 @@ pub(crate) trait GuestSource: Send + Sync {
     fn backing_source(&self) -> Option<&dyn GuestSource> {
         None
     }
+    /// How the guest is allocated from `pos` (through this source's own chain), for at most
+    /// `max` bytes (`max` > 0); past the end it reads as allocated zeros.
+    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)>;
 }
 
 /// What [`info`](crate::info) needs of any image in a chain, whatever its source type.
@@ -84,6 +88,12 @@ impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
             pos,
             len,
         ))
+    }
+    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
+        match self.size.checked_sub(pos).filter(|&left| left > 0) {
+            Some(left) => Ok((Allocation::Data, left.min(max))),
+            None => Ok((Allocation::Zero, max)),
+        }
     }
 }
 
@@ -469,6 +479,9 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
     }
     fn backing_source(&self) -> Option<&dyn GuestSource> {
         Qcow2::backing_source(self)
+    }
+    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
+        crate::disk::backing_allocation(&self.reader()?, pos, max)
     }
 }
 

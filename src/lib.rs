@@ -25,6 +25,9 @@
 //!   attach a backing image ([`Qcow2::set_backing_image`], [`Qcow2::set_backing_raw`]) or an
 //!   external data file ([`Qcow2::set_data_file`]) yourself, or let [`Qcow2::open_path_with`]
 //!   open them under a [`FilePolicy`].
+//! - **Convert and compare.** [`convert_to_writer`] and [`convert_to_file`] copy a guest
+//!   disk like `qemu-img convert -O raw` (sparse, on several threads); [`compare`] compares
+//!   two disks (qcow2 or [`RawDisk`]) like `qemu-img compare`.
 //! - **Allocation map.** [`Reader::map`] maps a guest range through the whole backing chain
 //!   exactly as `qemu-img map` does ([`MapExtent`]; holes in the files found through
 //!   [`HoleQuery`]); [`Reader::extent_at`] tells how one layer stores each stretch.
@@ -67,8 +70,11 @@ mod bitmap;
 mod bytes;
 mod cache;
 mod check;
+mod compare;
 mod compress;
+mod convert;
 mod dirty;
+mod disk;
 mod error;
 mod extension;
 mod extent;
@@ -93,7 +99,13 @@ mod table;
 
 pub use bitmap::Bitmap;
 pub use check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
+pub use compare::{compare, CompareOptions, Comparison};
+pub use convert::{
+    convert_to_file, convert_to_writer, ConvertOptions, WriteAt, DEFAULT_SPARSE_SIZE,
+    MAX_SPARSE_SIZE,
+};
 pub use dirty::{DirtyExtent, DirtyExtents};
+pub use disk::{Allocation, GuestDisk, RawDisk};
 pub use error::{Error, FeatureKind, Result};
 pub use extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};
 pub use extent::{Extent, ExtentKind};

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 mod bitmap;
 mod check;
 mod common;
+mod compare;
+mod convert;
 mod info;
 mod map;
 mod snapshot;
@@ -36,6 +38,10 @@ enum Command {
     Check(check::Args),
     /// Show where each stretch of the guest disk is stored, like `qemu-img map`.
     Map(map::Args),
+    /// Copy a guest disk (or a snapshot) to a raw file or a pipe, like `qemu-img convert -O raw`.
+    Convert(convert::Args),
+    /// Compare two guest disks (qcow2 or raw), like `qemu-img compare`.
+    Compare(compare::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,5 +52,7 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => snapshot::run(args),
         Command::Check(args) => check::run(args),
         Command::Map(args) => map::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Compare(args) => compare::run(args),
     }
 }

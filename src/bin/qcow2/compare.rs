@@ -1,0 +1,186 @@
+//! `qcow2 compare`: compare two guest disks, qcow2 or raw, like `qemu-img compare`.
+//!
+//! Exit status as qemu-img's: 0 identical, 1 different, 2 an image could not be opened,
+//! 4 an error while comparing.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use positioned_io::ReadAt;
+use qcow2::{Allocation, CompareOptions, Comparison, GuestDisk, Qcow2, RawDisk};
+
+/// Compare the guest disks of IMG1 and IMG2.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Format of IMG1: `qcow2` or `raw` (default: probed).
+    #[arg(short = 'f', value_name = "FMT")]
+    format1: Option<String>,
+    /// Format of IMG2: `qcow2` or `raw` (default: probed).
+    #[arg(short = 'F', value_name = "FMT")]
+    format2: Option<String>,
+    /// Strict: images of different sizes, or allocated differently, differ.
+    #[arg(short = 's')]
+    strict: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The first image.
+    image1: PathBuf,
+    /// The second image.
+    image2: PathBuf,
+}
+
+/// A disk opened for comparison.
+enum Opened {
+    Image(Box<Qcow2<File>>),
+    /// A raw file, and the same file again for finding its holes.
+    Raw(RawHoles),
+}
+
+/// A raw file whose holes count as zeros, as QEMU's block status reports them: a sparse
+/// file is compared by its data only.
+struct RawHoles {
+    raw: RawDisk<File>,
+    file: File,
+}
+
+impl GuestDisk for RawHoles {
+    fn disk_size(&self) -> u64 {
+        self.raw.disk_size()
+    }
+
+    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+        self.raw.read_disk(pos, buf)
+    }
+
+    fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(Allocation, u64)>> {
+        let found = self.raw.allocation_at(pos)?;
+        let Some((Allocation::Data, len)) = found else {
+            return Ok(found);
+        };
+        Ok(Some(match crate::convert::host_run(&self.file, pos) {
+            Some((true, n)) => (Allocation::Zero, len.min(n)),
+            Some((false, n)) => (Allocation::Data, len.min(n)),
+            None => (Allocation::Data, len),
+        }))
+    }
+}
+
+/// Run `qcow2 compare`.
+pub fn run(args: Args) -> ExitCode {
+    let opened = open(&args.image1, args.format1.as_deref())
+        .and_then(|a| Ok((a, open(&args.image2, args.format2.as_deref())?)));
+    let (a, b) = match opened {
+        Ok(pair) => pair,
+        Err(message) => {
+            eprintln!("qcow2: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    match compare(&a, &b, &args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("qcow2: Error while comparing: {e}");
+            ExitCode::from(4)
+        }
+    }
+}
+
+fn compare(a: &Opened, b: &Opened, args: &Args) -> qcow2::Result<u8> {
+    let (reader_a, reader_b);
+    let disk_a: &dyn GuestDisk = match a {
+        Opened::Image(image) => {
+            reader_a = image.reader()?;
+            &reader_a
+        }
+        Opened::Raw(raw) => raw,
+    };
+    let disk_b: &dyn GuestDisk = match b {
+        Opened::Image(image) => {
+            reader_b = image.reader()?;
+            &reader_b
+        }
+        Opened::Raw(raw) => raw,
+    };
+    let options = CompareOptions::new().strict(args.strict);
+    let result = qcow2::compare(disk_a, disk_b, &options)?;
+    let common = disk_a.disk_size().min(disk_b.disk_size());
+    let sizes_differ = disk_a.disk_size() != disk_b.disk_size();
+    let say = |line: &str| {
+        if !args.quiet {
+            println!("{line}");
+        }
+    };
+    // qemu-img warns of different sizes once the common part matched.
+    let warn = match result {
+        Comparison::Identical => sizes_differ,
+        Comparison::Differ { offset } => sizes_differ && offset >= common,
+        _ => false,
+    };
+    if warn {
+        say("Warning: Image size mismatch!");
+    }
+    Ok(match result {
+        Comparison::Identical => {
+            say("Images are identical.");
+            0
+        }
+        Comparison::Differ { offset } => {
+            say(&format!("Content mismatch at offset {offset}!"));
+            1
+        }
+        Comparison::SizeMismatch { .. } => {
+            say("Strict mode: Image size mismatch!");
+            1
+        }
+        Comparison::AllocationMismatch { offset } => {
+            say(&format!(
+                "Strict mode: Offset {offset} block status mismatch!"
+            ));
+            1
+        }
+        _ => 1,
+    })
+}
+
+/// Open `path` as `format`, or as the format its first bytes say (qcow2's magic, else raw).
+fn open(path: &Path, format: Option<&str>) -> Result<Opened, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    crate::convert::check_readable(path).map_err(|e| fail(&e))?;
+    let format = match format {
+        Some(f) => f.to_owned(),
+        None => {
+            let file = File::open(path).map_err(|e| fail(&e))?;
+            probe(&file).map_err(|e| fail(&e))?.to_owned()
+        }
+    };
+    match format.as_str() {
+        "qcow2" => Ok(Opened::Image(Box::new(crate::convert::open_image(path)?))),
+        "raw" => Ok(Opened::Raw(RawHoles {
+            raw: RawDisk::open_path(path).map_err(|e| fail(&e))?,
+            file: File::open(path).map_err(|e| fail(&e))?,
+        })),
+        other => Err(fail(&format!(
+            "unsupported format '{other}' (qcow2 and raw are read)"
+        ))),
+    }
+}
+
+/// `qcow2` when the file starts with qcow2's magic, else `raw`.
+fn probe(file: &File) -> std::io::Result<&'static str> {
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        let n = file.read_at(got as u64, &mut magic[got..])?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(if got == 4 && u32::from_be_bytes(magic) == qcow2::MAGIC {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}

@@ -1,0 +1,342 @@
+//! `qcow2 convert`: copy a guest disk (or one of its snapshots) to a raw file or a pipe, like
+//! `qemu-img convert -O raw`.
+
+use std::fs::File;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use std::sync::Arc;
+
+use qcow2::{
+    Allocation, ConvertOptions, ExtentKind, FilePolicy, FileRole, GuestDisk, OpenOptions, Qcow2,
+    Reader,
+};
+
+/// qemu-img's message for a bad `-S`.
+const BAD_SPARSE_SIZE: &str = "Invalid buffer size for sparse output specified. Valid sizes \
+are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates \
+output).";
+
+/// Copy the guest disk of IMG to OUT as raw bytes.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Output format: only `raw`.
+    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+    output_format: String,
+    /// Input format: only `qcow2` (the default).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Copy this internal snapshot: `snapshot.id=ID`, `snapshot.name=NAME`, or an id or name.
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Show a progress bar (on a terminal only).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Read on N threads (1 to 16).
+    #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    threads: Option<u16>,
+    /// Runs of at least SIZE zero bytes become holes in the output (default 4k; 0 writes
+    /// every byte). Suffixes k, M, G... as in qemu-img.
+    #[arg(short = 'S', value_name = "SIZE")]
+    sparse_size: Option<String>,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The qcow2 image.
+    image: PathBuf,
+    /// The raw output file, or `-` for standard output.
+    output: PathBuf,
+}
+
+/// Run `qcow2 convert`.
+pub fn run(args: Args) -> ExitCode {
+    match convert(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("qcow2: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn convert(args: &Args) -> Result<(), String> {
+    if args.output_format != "raw" {
+        return Err(format!(
+            "Unsupported output format '{}' (only raw is written)",
+            args.output_format
+        ));
+    }
+    if let Some(f) = args.format.as_deref().filter(|f| *f != "qcow2") {
+        return Err(format!(
+            "Unsupported input format '{f}' (only qcow2 is read)"
+        ));
+    }
+    let mut options =
+        ConvertOptions::new().threads(args.threads.map_or_else(default_threads, usize::from));
+    if let Some(s) = &args.sparse_size {
+        options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
+    }
+    let image = open_image(&args.image)?;
+    if is_same_file(&args.image, &args.output) {
+        return Err(format!(
+            "Could not create '{}': it is the image being converted",
+            args.output.display()
+        ));
+    }
+    let reader = match &args.snapshot {
+        Some(spec) => snapshot_reader(&image, spec)?,
+        None => image.reader().map_err(|e| e.to_string())?,
+    };
+    // qemu-img sizes the output by the image, padding or cutting a snapshot's disk.
+    options = options.size(image.guest_size());
+    let bar = progress_bar(args.progress && !args.quiet, image.guest_size());
+    let progress = |done: u64, _total: u64| {
+        if let Some(bar) = &bar {
+            bar.set_position(done);
+        }
+    };
+    let result = match host_holes(&image, &args.image) {
+        Some(file) => {
+            let disk = HoleAware {
+                reader: &reader,
+                file: &file,
+            };
+            write_output(&disk, &args.output, &options, progress)
+        }
+        None => write_output(&reader, &args.output, &options, progress),
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
+/// Open a qcow2 image and its backing chain by path, refusing files that cannot be read as
+/// disks (opening a FIFO would block until someone writes to it).
+pub(crate) fn open_image(path: &Path) -> Result<Qcow2<File>, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    check_readable(path).map_err(|e| fail(&e))?;
+    let open_checked = |p: &Path, _: FileRole| {
+        check_readable(p)?;
+        File::open(p)
+    };
+    let options = OpenOptions::new().files(FilePolicy::Callback(Arc::new(open_checked)));
+    Qcow2::open_path_with(path, &options).map_err(|e| fail(&e))
+}
+
+/// Refuse what is not a regular file or a block device.
+pub(crate) fn check_readable(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() || is_block_device(&meta) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{} is not a regular file or block device", path.display()),
+    ))
+}
+
+#[cfg(unix)]
+fn is_block_device(meta: &std::fs::Metadata) -> bool {
+    std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type())
+}
+
+#[cfg(not(unix))]
+fn is_block_device(_: &std::fs::Metadata) -> bool {
+    false
+}
+
+/// The reader of the snapshot `spec` names as `qemu-img convert -l` takes it.
+fn snapshot_reader<'a>(image: &'a Qcow2<File>, spec: &str) -> Result<Reader<'a, File>, String> {
+    const NOT_FOUND: &str = "Failed to load snapshot: Can't find snapshot";
+    let found = if spec.starts_with("snapshot.") {
+        let (mut id, mut name) = (None, None);
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => return Err(format!("Failed in parsing snapshot param '{spec}'")),
+            }
+        }
+        image
+            .snapshots()
+            .iter()
+            .find(|s| id.is_none_or(|id| s.id == id) && name.is_none_or(|name| s.name == name))
+    } else {
+        let snapshots = image.snapshots();
+        snapshots
+            .iter()
+            .find(|s| s.id == spec)
+            .or_else(|| snapshots.iter().find(|s| s.name == spec))
+    };
+    let snapshot = found.ok_or(NOT_FOUND)?;
+    image
+        .snapshot_reader(&snapshot.id)
+        .map_err(|e| format!("Failed to load snapshot: {e}"))
+}
+
+/// Write the conversion to `output`: standard output or a FIFO as a stream, anything else
+/// as a new file with holes.
+fn write_output<D: GuestDisk + Sync>(
+    reader: &D,
+    output: &Path,
+    options: &ConvertOptions,
+    progress: impl FnMut(u64, u64),
+) -> Result<(), String> {
+    let fail = |e: qcow2::Error| format!("error while converting to {}: {e}", output.display());
+    if output.as_os_str() == "-" {
+        let stdout = std::io::stdout().lock();
+        return qcow2::convert_to_writer(reader, stdout, options, progress).map_err(fail);
+    }
+    let open_fail = |e: std::io::Error| format!("Could not create '{}': {e}", output.display());
+    let existing = std::fs::metadata(output).ok();
+    if existing.is_some_and(|m| !m.is_file() && !m.is_dir()) {
+        // A pipe or a device: written in order, never truncated.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(output)
+            .map_err(open_fail)?;
+        return qcow2::convert_to_writer(reader, file, options, progress).map_err(fail);
+    }
+    let file = File::create(output).map_err(open_fail)?;
+    qcow2::convert_to_file(reader, &file, options, progress).map_err(fail)
+}
+
+/// The image file again, for looking up its holes, when guest data lies in it (not in an
+/// external data file).
+fn host_holes(image: &Qcow2<File>, path: &Path) -> Option<File> {
+    if image.header().data_file().is_some() || !cfg!(unix) {
+        return None;
+    }
+    File::open(path).ok()
+}
+
+/// A reader whose data clusters lying in holes of the image file count as zeros: qemu-img's
+/// block status looks into the file under the image, and `convert` then skips such clusters
+/// whatever `-S` says. (Only this image's own clusters; backing images are read as they are.)
+struct HoleAware<'r> {
+    reader: &'r Reader<'r, File>,
+    file: &'r File,
+}
+
+impl GuestDisk for HoleAware<'_> {
+    fn disk_size(&self) -> u64 {
+        self.reader.disk_size()
+    }
+
+    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+        self.reader.read_disk(pos, buf)
+    }
+
+    fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(Allocation, u64)>> {
+        let found = self.reader.allocation_at(pos)?;
+        let Some((Allocation::Data, len)) = found else {
+            return Ok(found);
+        };
+        let host = match self.reader.extent_at(pos)? {
+            Some(e) => match e.kind {
+                ExtentKind::Data { host_offset } => host_offset,
+                _ => return Ok(found),
+            },
+            None => return Ok(found),
+        };
+        Ok(Some(match host_run(self.file, host) {
+            Some((true, n)) => (Allocation::Zero, len.min(n)),
+            Some((false, n)) => (Allocation::Data, len.min(n)),
+            None => (Allocation::Data, len),
+        }))
+    }
+}
+
+/// Whether the file has a hole at `at`, and for how many bytes that stays so; `None` when
+/// the file system cannot say (or `at` is past the end of the file).
+#[cfg(unix)]
+pub(crate) fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
+    use rustix::fs::{seek, SeekFrom};
+    let data = match seek(file, SeekFrom::Data(at)) {
+        Ok(data) => data,
+        // No data from `at` on: a hole up to the end of the file, if `at` is inside it.
+        Err(rustix::io::Errno::NXIO) => {
+            let len = file.metadata().ok()?.len();
+            return (at < len).then(|| (true, len - at));
+        }
+        Err(_) => return None,
+    };
+    if data > at {
+        return Some((true, data - at));
+    }
+    let hole = seek(file, SeekFrom::Hole(at)).ok()?;
+    (hole > at).then(|| (false, hole - at))
+}
+
+#[cfg(not(unix))]
+pub(crate) fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
+    None
+}
+
+/// Whether both paths name one existing file (creating the output would truncate the input).
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A progress bar on standard error, when asked for and standard error is a terminal.
+fn progress_bar(wanted: bool, total: u64) -> Option<indicatif::ProgressBar> {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+/// One reading thread per core, up to qemu-img's default of 8.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// A `-S` size as qemu-img reads it: a number with an optional suffix (b, k, M, G, T, P, E,
+/// any case, powers of 1024), a multiple of 512 up to 16 MiB.
+fn parse_sparse_size(text: &str) -> Option<u64> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = text.get(digits.len()..)?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        "e" => 60,
+        _ => return None,
+    };
+    let n: u64 = digits.parse().ok()?;
+    let bytes = n.checked_mul(1u64.checked_shl(shift)?)?;
+    (bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE).then_some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_sparse_size;
+
+    #[test]
+    fn sparse_sizes_parse_like_qemu_img() {
+        assert_eq!(parse_sparse_size("0"), Some(0));
+        assert_eq!(parse_sparse_size("4k"), Some(4096));
+        assert_eq!(parse_sparse_size("4K"), Some(4096));
+        assert_eq!(parse_sparse_size("1M"), Some(1 << 20));
+        assert_eq!(parse_sparse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_sparse_size("512b"), Some(512));
+        assert_eq!(parse_sparse_size("1000"), None);
+        assert_eq!(parse_sparse_size("17M"), None);
+        assert_eq!(parse_sparse_size("x"), None);
+        assert_eq!(parse_sparse_size("4kk"), None);
+    }
+}
