@@ -40,6 +40,8 @@ const MAX_BACKING_FORMAT_LEN: u32 = 15;
 const BITMAPS_EXT_LEN: u32 = 24;
 /// Full disk encryption header pointer: offset u64, length u64.
 const ENCRYPTION_EXT_LEN: u32 = 16;
+/// `crypt_method` of LUKS images (header bytes 32-35), the one with an encryption header.
+const CRYPT_LUKS: u32 = 2;
 
 /// How compressed clusters are compressed (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -247,6 +249,7 @@ impl Header {
         }
         h.check_fields(cluster_size, limits)?;
         h.read_extensions(cluster0, cluster_size, limits)?;
+        h.check_encryption_header()?;
         h.read_backing_file_name(cluster0, cluster_size, limits)?;
         h.check_features()?;
         Ok(h)
@@ -292,19 +295,8 @@ impl Header {
             ));
         }
         match self.crypt_method {
-            0 => {}
-            1 => {
-                return Err(Error::Encrypted {
-                    method: 1,
-                    name: "AES",
-                })
-            }
-            2 => {
-                return Err(Error::Encrypted {
-                    method: 2,
-                    name: "LUKS",
-                })
-            }
+            // 1 (AES) and 2 (LUKS) open; reads need the secret (src/crypt).
+            0..=2 => {}
             other => {
                 return Err(Error::malformed(
                     format!("unknown crypt_method {other}"),
@@ -316,6 +308,17 @@ impl Header {
         self.check_snapshot_table(limits)?;
         self.check_l1_table(limits)?;
         self.check_compression_bit()
+    }
+
+    /// QEMU: "Missing CRYPTO header for crypt method 2" (LUKS keeps its header in the image).
+    fn check_encryption_header(&self) -> Result<()> {
+        if self.crypt_method == CRYPT_LUKS && self.encryption.is_none() {
+            return Err(Error::malformed(
+                "crypt_method 2 (LUKS) without the full disk encryption header extension",
+                32,
+            ));
+        }
+        Ok(())
     }
 
     fn check_refcount_table(&self, cluster_size: u64, limits: &Limits) -> Result<()> {
@@ -537,16 +540,36 @@ impl Header {
                 self.bitmaps = parse_bitmaps_ext(data, offset, self.cluster_bits, limits)?
             }
             ExtensionKind::Encryption => {
+                // QEMU: "CRYPTO header extension only expected with LUKS encryption method".
+                if self.crypt_method != CRYPT_LUKS {
+                    return Err(Error::malformed(
+                        format!(
+                            "encryption header extension with crypt_method {}, only LUKS (2) has one",
+                            self.crypt_method
+                        ),
+                        offset,
+                    ));
+                }
                 if len != ENCRYPTION_EXT_LEN {
                     return Err(Error::malformed(
                         format!("encryption header extension of {len} bytes, expected 16"),
                         offset,
                     ));
                 }
-                self.encryption = Some(EncryptionExtension {
+                let ext = EncryptionExtension {
                     offset: be_u64(data, 0).unwrap_or(0),
                     length: be_u64(data, 8).unwrap_or(0),
-                });
+                };
+                if low_bits(ext.offset, self.cluster_bits) != 0 {
+                    return Err(Error::malformed(
+                        format!(
+                            "encryption header offset {:#x} is not cluster aligned",
+                            ext.offset
+                        ),
+                        offset,
+                    ));
+                }
+                self.encryption = Some(ext);
             }
             ExtensionKind::DataFile => {
                 Limits::check(
@@ -615,7 +638,7 @@ impl Header {
     pub fn size(&self) -> u64 {
         self.size
     }
-    /// Encryption method: 0 none, 1 AES, 2 LUKS (images with 1 or 2 are refused).
+    /// Encryption method: 0 none, 1 AES, 2 LUKS.
     pub fn crypt_method(&self) -> u32 {
         self.crypt_method
     }
@@ -960,18 +983,37 @@ mod tests {
         set_u32(&mut b, 96, 7);
         assert_eq!(malformed_at(parse(&b)), 96);
         let mut b = valid_v3();
-        set_u32(&mut b, 32, 1);
-        assert!(matches!(parse(&b), Err(Error::Encrypted { method: 1, .. })));
-        set_u32(&mut b, 32, 2);
-        assert!(matches!(
-            parse(&b),
-            Err(Error::Encrypted {
-                method: 2,
-                name: "LUKS"
-            })
-        ));
+        set_u32(&mut b, 32, 1); // AES: no header of its own
+        assert_eq!(parse(&b).unwrap().crypt_method(), 1);
+        set_u32(&mut b, 32, 2); // LUKS without its header extension (QEMU refuses too)
+        assert_eq!(malformed_at(parse(&b)), 32);
         set_u32(&mut b, 32, 3);
         assert_eq!(malformed_at(parse(&b)), 32);
+    }
+
+    #[test]
+    fn encryption_extension_follows_qemus_rules() {
+        let with_ext = |method: u32, offset: u64, len: u64| {
+            let mut b = valid_v3();
+            set_u32(&mut b, 32, method);
+            let mut data = offset.to_be_bytes().to_vec();
+            data.extend(len.to_be_bytes());
+            let mut at = 112;
+            push_ext(&mut b, &mut at, EXT_ENCRYPTION, &data);
+            parse(&b)
+        };
+        let h = with_ext(2, 0x20000, 0x81000).unwrap();
+        assert_eq!(
+            h.encryption(),
+            Some(&EncryptionExtension {
+                offset: 0x20000,
+                length: 0x81000
+            })
+        );
+        // Only LUKS has the extension; its header starts on a cluster boundary.
+        assert_eq!(malformed_at(with_ext(0, 0x20000, 0x81000)), 120);
+        assert_eq!(malformed_at(with_ext(1, 0x20000, 0x81000)), 120);
+        assert_eq!(malformed_at(with_ext(2, 0x20200, 0x81000)), 120);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use positioned_io::ReadAt;
 
 use crate::bitmap::{self, Bitmap};
 use crate::compress::ClusterCache;
+use crate::crypt::{Encryption, Secret};
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
 use crate::io::{be_u64_table, check_within, read_metadata, read_up_to};
@@ -131,6 +132,8 @@ pub struct Qcow2<I> {
     pub(crate) limits: Limits,
     /// Most threads one read decompresses on.
     pub(crate) threads: usize,
+    /// The encryption of an encrypted image, with its key once unlocked.
+    pub(crate) crypt: Option<Encryption>,
 }
 
 impl<I: ReadAt> Qcow2<I> {
@@ -140,8 +143,18 @@ impl<I: ReadAt> Qcow2<I> {
         Self::open_with(io, &OpenOptions::default())
     }
 
-    /// Open an image with the given options (only the limits apply: `open` never opens files).
+    /// Open an image with the given options (`open` never opens files, so the file policy
+    /// does not apply). An encrypted image is unlocked with `options.secret`.
     pub fn open_with(io: I, options: &OpenOptions) -> Result<Self> {
+        Self::open_with_secret(io, options, options.secret.as_ref())
+    }
+
+    /// [`Qcow2::open_with`] with the secret chosen for this file.
+    pub(crate) fn open_with_secret(
+        io: I,
+        options: &OpenOptions,
+        secret: Option<&Secret>,
+    ) -> Result<Self> {
         let limits = options.limits.clone();
         let header = read_header(&io, &limits)?;
         let geometry = Geometry {
@@ -159,6 +172,7 @@ impl<I: ReadAt> Qcow2<I> {
         let l1 = read_l1(&io, header.l1_table_offset(), header.l1_size())?;
         let snapshots = read_snapshots(&io, &header, &limits)?;
         let bitmaps = read_bitmaps(&io, &header)?;
+        let crypt = Encryption::open(&io, &header, secret, &limits)?;
         let tables = (limits.l2_cache_bytes >> header.cluster_bits()).max(1);
         let capacity = NonZeroUsize::new(usize::try_from(tables).unwrap_or(usize::MAX))
             .unwrap_or(NonZeroUsize::MIN);
@@ -178,6 +192,7 @@ impl<I: ReadAt> Qcow2<I> {
             threads: options
                 .decompression_threads
                 .unwrap_or_else(default_threads),
+            crypt,
         })
     }
 

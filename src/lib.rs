@@ -34,6 +34,10 @@
 //!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
 //! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed
 //!   clusters; without one, such a cluster reads as [`Error::FeatureDisabled`].
+//! - **Encrypted images.** LUKS and legacy AES images open with their secret
+//!   ([`OpenOptions::secret`]); without it they open for their metadata
+//!   ([`Qcow2::encryption`]) and reads fail with [`Error::Encrypted`]. Feature `encryption`
+//!   (on by default).
 #![forbid(unsafe_code)]
 // Image bytes are untrusted: outside tests, no panicking shortcuts, no unchecked indexing
 // and no unchecked arithmetic.
@@ -56,6 +60,7 @@ pub struct ReadmeDoctests;
 mod bitmap;
 mod bytes;
 mod compress;
+mod crypt;
 mod error;
 mod extent;
 mod feature;
@@ -71,6 +76,7 @@ mod snapshot;
 mod table;
 
 pub use bitmap::Bitmap;
+pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
 pub use error::{Error, FeatureKind, Result};
 pub use extent::{Extent, ExtentKind};
 pub use feature::{

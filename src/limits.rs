@@ -32,6 +32,12 @@ pub struct Limits {
     pub max_chain_depth: u32,
     /// Bytes of L2 tables kept in each image's cache (at least one table is always kept).
     pub l2_cache_bytes: u64,
+    /// Most PBKDF2 iterations unlocking one LUKS image may run, over every key slot it tries
+    /// (QEMU's own images need a few million at most).
+    pub max_kdf_iterations: u64,
+    /// Largest LUKS header area (header and key material), in bytes (QEMU's aes-256-xts
+    /// header takes 2 MiB).
+    pub max_luks_header_bytes: u64,
 }
 
 impl Default for Limits {
@@ -47,6 +53,8 @@ impl Default for Limits {
             max_backing_name_bytes: 1023,
             max_chain_depth: 64,
             l2_cache_bytes: 32 << 20,
+            max_kdf_iterations: 1 << 26,
+            max_luks_header_bytes: 16 << 20,
         }
     }
 }
@@ -65,6 +73,8 @@ impl Limits {
             max_backing_name_bytes: u64::MAX,
             max_chain_depth: u32::MAX,
             l2_cache_bytes: 32 << 20,
+            max_kdf_iterations: u64::MAX,
+            max_luks_header_bytes: u64::MAX,
         }
     }
 

@@ -48,7 +48,8 @@ fn open_chain_link(
     visited: &mut HashSet<PathBuf>,
     depth: u32,
 ) -> Result<Qcow2<File>> {
-    let mut image = Qcow2::open_with(file, options)?;
+    let secret = options.secret_for_path(&path);
+    let mut image = Qcow2::open_with_secret(file, options, secret.as_ref())?;
     image.path = Some(path.clone());
     if let Some(name) = image.header().data_file().map(str::to_owned) {
         let data_path = resolve(&path, &name)?;
