@@ -8,6 +8,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// Secrets for encrypted images (`--object secret,...`, `--secret-file`); the subcommands
+// that read guest data flatten `secret::SecretArgs` into their `Args`.
+#[allow(dead_code)]
+mod secret;
+
 /// Read qcow2 images like `qemu-img`, without QEMU.
 #[derive(Parser)]
 #[command(name = "qcow2", version, about)]
