@@ -78,8 +78,9 @@ pub struct OpenOptions {
     pub files: FilePolicy,
     /// Read clusters the chain does not hold as zeros instead of opening the backing file.
     pub backing_as_zeros: bool,
-    /// Most threads one read may use to decompress compressed clusters (the calling thread
-    /// included); `None` means one per core, up to 8. `Some(1)` never starts a thread.
+    /// Most threads one read may use to decompress compressed clusters, or to decrypt the
+    /// data of an encrypted image (the calling thread included); `None` means one per core,
+    /// up to 8. `Some(1)` never starts a thread.
     pub decompression_threads: Option<usize>,
     /// The secret of encrypted images: every encrypted image of a chain is unlocked with it,
     /// unless [`OpenOptions::secret_for`] gives one for that file.

@@ -256,7 +256,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let tail = end.next_multiple_of(SECTOR).saturating_sub(end);
         if head == 0 && tail == 0 {
             self.read_data(host, out)?;
-            return crypt.decrypt(host, guest, out);
+            return crypt.decrypt(host, guest, out, self.image.threads);
         }
         let start = host.saturating_sub(head);
         let mut whole = vec![
@@ -266,7 +266,12 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 .saturating_add(tail as usize)
         ];
         self.read_data(start, &mut whole)?;
-        crypt.decrypt(start, guest.saturating_sub(head), &mut whole)?;
+        crypt.decrypt(
+            start,
+            guest.saturating_sub(head),
+            &mut whole,
+            self.image.threads,
+        )?;
         let ours = whole
             .get(head as usize..(head as usize).saturating_add(out.len()))
             .ok_or_else(|| Error::malformed("internal error: sector buffer too short", host))?;

@@ -211,6 +211,9 @@ pub(crate) struct Encryption {
     /// The payload cipher, once unlocked.
     #[cfg(feature = "encryption")]
     key: Option<cipher::SectorCipher>,
+    /// Whether a secret was given, which this build cannot use.
+    #[cfg(not(feature = "encryption"))]
+    secret_given: bool,
 }
 
 impl Encryption {
@@ -226,14 +229,14 @@ impl Encryption {
             1 => {
                 #[cfg(feature = "encryption")]
                 let key = secret.map(legacy::unlock).transpose()?;
-                #[cfg(not(feature = "encryption"))]
-                let _ = secret;
                 Ok(Some(Encryption {
                     info: legacy::info(),
                     method: 1,
                     physical: false,
                     #[cfg(feature = "encryption")]
                     key,
+                    #[cfg(not(feature = "encryption"))]
+                    secret_given: secret.is_some(),
                 }))
             }
             _ => {
@@ -259,14 +262,14 @@ impl Encryption {
                 let key = secret
                     .map(|s| parsed.unlock(io, ext, s.passphrase(), limits))
                     .transpose()?;
-                #[cfg(not(feature = "encryption"))]
-                let _ = secret;
                 Ok(Some(Encryption {
                     info: parsed.info(),
                     method: 2,
                     physical: true,
                     #[cfg(feature = "encryption")]
                     key,
+                    #[cfg(not(feature = "encryption"))]
+                    secret_given: secret.is_some(),
                 }))
             }
         }
@@ -283,14 +286,19 @@ impl Encryption {
     /// Fail unless data clusters can be decrypted (the image was opened with a secret).
     pub(crate) fn check_unlocked(&self) -> Result<()> {
         #[cfg(feature = "encryption")]
-        if self.key.is_some() {
+        let unlocked = self.key.is_some();
+        #[cfg(not(feature = "encryption"))]
+        let unlocked = false;
+        if unlocked {
             return Ok(());
         }
+        // With a secret this build cannot use, the missing feature is what to fix.
         #[cfg(not(feature = "encryption"))]
-        return Err(Error::FeatureDisabled {
-            feature: "encryption",
-        });
-        #[cfg(feature = "encryption")]
+        if self.secret_given {
+            return Err(Error::FeatureDisabled {
+                feature: "encryption",
+            });
+        }
         Err(Error::Encrypted {
             method: self.method,
             name: self.method_name(),
@@ -298,17 +306,53 @@ impl Encryption {
     }
 
     /// Decrypt `data`, read from host offset `host` for guest offset `guest`; both are
-    /// sector aligned and `data` is whole sectors.
-    pub(crate) fn decrypt(&self, host: u64, guest: u64, data: &mut [u8]) -> Result<()> {
+    /// sector aligned and `data` is whole sectors. Large runs are shared out between up to
+    /// `threads` threads (the calling one included), as QEMU decrypts on a thread pool.
+    pub(crate) fn decrypt(
+        &self,
+        host: u64,
+        guest: u64,
+        data: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
         #[cfg(feature = "encryption")]
         if let Some(key) = &self.key {
             let first = if self.physical { host } else { guest } / SECTOR_SIZE;
-            key.decrypt(first, data);
+            decrypt_in_parallel(key, first, data, threads);
             return Ok(());
         }
-        let _ = (host, guest, data);
+        let _ = (host, guest, data, threads);
         self.check_unlocked()
     }
+}
+
+/// Bytes below which decrypting on other threads does not pay for starting them.
+#[cfg(feature = "encryption")]
+const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+/// Decrypt `data` (from sector `first`) in sector-aligned shares, one per thread.
+#[cfg(feature = "encryption")]
+fn decrypt_in_parallel(key: &cipher::SectorCipher, first: u64, data: &mut [u8], threads: usize) {
+    let threads = threads
+        .min(data.len().div_euclid(PARALLEL_MIN_BYTES))
+        .max(1);
+    if threads <= 1 {
+        key.decrypt(first, data);
+        return;
+    }
+    let sector = SECTOR_SIZE as usize;
+    let share = data.len().div_ceil(threads).next_multiple_of(sector);
+    std::thread::scope(|scope| {
+        let mut chunks = data.chunks_mut(share).enumerate();
+        let mine = chunks.next();
+        for (i, chunk) in chunks {
+            let at = first.saturating_add(i.saturating_mul(share).div_euclid(sector) as u64);
+            scope.spawn(move || key.decrypt(at, chunk));
+        }
+        if let Some((_, chunk)) = mine {
+            key.decrypt(first, chunk);
+        }
+    });
 }
 
 impl<I> Qcow2<I> {
@@ -322,5 +366,52 @@ impl<I> Qcow2<I> {
         self.crypt
             .as_ref()
             .is_none_or(|c| c.check_unlocked().is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Error, OpenOptions, Qcow2};
+    use positioned_io::ReadAt;
+
+    fn read_error(options: &OpenOptions) -> Error {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/luks.qcow2");
+        let image = Qcow2::open_path_with(path, options).unwrap();
+        let err = image
+            .reader()
+            .unwrap()
+            .read_exact_at(0, &mut [0u8; 512])
+            .unwrap_err();
+        *err.into_inner().unwrap().downcast::<Error>().unwrap()
+    }
+
+    #[test]
+    fn reads_without_the_secret_are_refused_naming_the_method() {
+        let err = read_error(&OpenOptions::new());
+        assert!(
+            matches!(
+                err,
+                Error::Encrypted {
+                    method: 2,
+                    name: "LUKS"
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[cfg(not(feature = "encryption"))]
+    #[test]
+    fn with_a_secret_but_without_the_feature_reads_say_so() {
+        let err = read_error(&OpenOptions::new().secret("abc"));
+        assert!(
+            matches!(
+                err,
+                Error::FeatureDisabled {
+                    feature: "encryption"
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -115,20 +115,19 @@ fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
 
 /// QEMU's option syntax: `key=value` pairs separated by commas, `,,` standing for a comma.
 fn split_options(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut parts = vec![String::new()];
+    let mut parts = Vec::new();
+    let mut current = String::new();
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
-        match c {
-            ',' if chars.peek() == Some(&',') => {
-                chars.next();
-                parts.last_mut().map(|p| p.push(','));
-            }
-            ',' => parts.push(String::new()),
-            c => {
-                parts.last_mut().map(|p| p.push(c));
-            }
+        if c != ',' {
+            current.push(c);
+        } else if chars.next_if_eq(&',').is_some() {
+            current.push(',');
+        } else {
+            parts.push(std::mem::take(&mut current));
         }
     }
+    parts.push(current);
     parts
         .into_iter()
         .enumerate()
