@@ -454,24 +454,43 @@ fn every_aes_combination_reads_as_qemu_reads_it() {
     };
     let tmp = TempDir::new("encryption-aes");
     let hashes = ["sha1", "sha256", "sha384", "sha512"];
-    let mut i = 0;
+    let mut combos = Vec::new();
     for alg in ["aes-128", "aes-192", "aes-256"] {
         for mode in ["xts", "cbc"] {
             for ivgen in ["plain64", "plain", "essiv"] {
-                let hash = hashes[i % hashes.len()];
-                i += 1;
-                let opts = format!(
-                    "encrypt.format=luks,encrypt.cipher-alg={alg},encrypt.cipher-mode={mode},encrypt.ivgen-alg={ivgen},encrypt.hash-alg={hash}"
-                );
-                let name = format!("{alg}-{mode}-{ivgen}-{hash}.qcow2");
-                let made = check_combination(&qemu, tmp.path(), &name, &opts, "pass phrase");
-                // QEMU 10 aborts making these: 24-byte keys times 4000 stripes is not a
-                // whole number of sectors, and its sector helper asserts that it is.
-                let qemu_cannot = alg == "aes-192" && mode == "cbc";
-                assert_eq!(made, !qemu_cannot, "qemu-img made {opts}: {made}");
+                combos.push((alg, mode, ivgen, hashes[combos.len() % hashes.len()]));
             }
         }
     }
+    in_parallel(&combos, |&(alg, mode, ivgen, hash)| {
+        let opts = format!(
+            "encrypt.format=luks,encrypt.cipher-alg={alg},encrypt.cipher-mode={mode},encrypt.ivgen-alg={ivgen},encrypt.hash-alg={hash}"
+        );
+        let name = format!("{alg}-{mode}-{ivgen}-{hash}.qcow2");
+        let made = check_combination(&qemu, tmp.path(), &name, &opts, "pass phrase");
+        // QEMU 10 aborts making these: 24-byte keys times 4000 stripes is not a whole
+        // number of sectors, and its sector helper asserts that it is.
+        let qemu_cannot = alg == "aes-192" && mode == "cbc";
+        assert_eq!(made, !qemu_cannot, "qemu-img made {opts}: {made}");
+    });
+}
+
+/// Run `f` on every item, on as many threads as there are cores: each image costs qemu-img
+/// a second of CPU calibrating PBKDF2.
+fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                while let Some(item) =
+                    items.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    f(item);
+                }
+            });
+        }
+    });
 }
 
 #[test]
@@ -498,13 +517,14 @@ fn other_ciphers_modes_and_legacy_aes_read_as_qemu_reads_them() {
         luks("cluster_size=32k"),
         luks("extended_l2=on,cluster_size=16k"),
     ];
-    for (i, opts) in cases.iter().enumerate() {
+    let cases: Vec<(usize, String)> = cases.into_iter().enumerate().collect();
+    in_parallel(&cases, |(i, opts)| {
         let name = format!("other-{i}.qcow2");
         assert!(
             check_combination(&qemu, tmp.path(), &name, opts, "abc"),
             "qemu-img refused {opts}"
         );
-    }
+    });
     for (i, secret) in ["", "x", "exactly16bytes!!", "longer than sixteen bytes"]
         .iter()
         .enumerate()

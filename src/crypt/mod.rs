@@ -46,7 +46,15 @@ struct SecretBytes(Vec<u8>);
 
 impl Drop for SecretBytes {
     fn drop(&mut self) {
-        wipe(&mut self.0);
+        // The whole allocation, spare capacity included.
+        #[cfg(feature = "encryption")]
+        zeroize::Zeroize::zeroize(&mut self.0);
+        #[cfg(not(feature = "encryption"))]
+        {
+            // Without zeroize: clear, and keep the optimizer from dropping the writes.
+            self.0.fill(0);
+            std::hint::black_box(&mut self.0);
+        }
     }
 }
 
@@ -79,17 +87,6 @@ impl From<Vec<u8>> for Secret {
 impl From<&str> for Secret {
     fn from(s: &str) -> Self {
         Secret::new(s.as_bytes())
-    }
-}
-
-/// Zero `bytes` in a way the optimizer keeps.
-pub(crate) fn wipe(bytes: &mut [u8]) {
-    #[cfg(feature = "encryption")]
-    zeroize::Zeroize::zeroize(bytes);
-    #[cfg(not(feature = "encryption"))]
-    {
-        bytes.fill(0);
-        std::hint::black_box(bytes);
     }
 }
 
