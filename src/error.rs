@@ -68,8 +68,11 @@ pub enum Error {
         all: Vec<FeatureName>,
     },
 
-    /// The image is encrypted; this crate does not decrypt.
-    #[error("encrypted images are not supported (crypt_method {method}: {name})")]
+    /// The image is encrypted and was opened without a secret, so its data cannot be read
+    /// (its metadata can). Open it with [`OpenOptions::secret`](crate::OpenOptions::secret).
+    #[error(
+        "image is encrypted (crypt_method {method}: {name}); open it with its secret to read it"
+    )]
     Encrypted {
         /// The header's `crypt_method` (1 = AES, 2 = LUKS).
         method: u32,
@@ -258,6 +261,20 @@ pub enum Error {
         /// The bitmap's name.
         name: String,
     },
+
+    /// The secret opens none of the LUKS key slots.
+    #[error("the secret opens none of the {slots_tried} active LUKS key slots (wrong secret)")]
+    WrongSecret {
+        /// How many active key slots were tried.
+        slots_tried: u32,
+    },
+
+    /// The image is encrypted with an algorithm (or combination) this crate does not decrypt.
+    #[error("unsupported encryption: {what}")]
+    UnsupportedEncryption {
+        /// The algorithm, named as the image names it.
+        what: String,
+    },
 }
 
 impl Error {
@@ -291,7 +308,9 @@ impl Error {
             | Error::UnsupportedFeature { .. }
             | Error::Encrypted { .. }
             | Error::FeatureDisabled { .. }
-            | Error::UnsupportedBackingFormat { .. } => io::ErrorKind::Unsupported,
+            | Error::UnsupportedBackingFormat { .. }
+            | Error::UnsupportedEncryption { .. } => io::ErrorKind::Unsupported,
+            Error::WrongSecret { .. } => io::ErrorKind::PermissionDenied,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
             Error::Internal(_) => io::ErrorKind::Other,

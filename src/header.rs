@@ -53,6 +53,11 @@ mod at {
     pub const COMPRESSION_TYPE: u64 = 104;
 }
 
+/// `crypt_method` of legacy AES-CBC images (header bytes 32-35).
+const CRYPT_AES: u32 = 1;
+/// `crypt_method` of LUKS images, the one with an encryption header extension.
+const CRYPT_LUKS: u32 = 2;
+
 /// How compressed clusters are compressed (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -198,6 +203,7 @@ impl Header {
         h.check_fields(cluster_size, limits)?;
         h.read_extensions(cluster0, cluster_size, limits)?;
         h.check_data_file_raw()?;
+        h.check_encryption_header()?;
         h.read_backing_file_name(cluster0, cluster_size, limits)?;
         h.backing_file_text = h.backing_file.as_deref().map(lossy);
         h.data_file_text = h.ext.data_file.as_deref().map(lossy);
@@ -218,6 +224,17 @@ impl Header {
                     self.header_length
                 ),
                 at::HEADER_LENGTH,
+            ));
+        }
+        Ok(())
+    }
+
+    /// QEMU: "Missing CRYPTO header for crypt method 2" (LUKS keeps its header in the image).
+    fn check_encryption_header(&self) -> Result<()> {
+        if self.crypt_method == CRYPT_LUKS && self.ext.encryption.is_none() {
+            return Err(Error::malformed(
+                "crypt_method 2 (LUKS) without the full disk encryption header extension",
+                at::CRYPT_METHOD,
             ));
         }
         Ok(())
@@ -259,19 +276,8 @@ impl Header {
             ));
         }
         match self.crypt_method {
-            0 => {}
-            1 => {
-                return Err(Error::Encrypted {
-                    method: 1,
-                    name: "AES",
-                })
-            }
-            2 => {
-                return Err(Error::Encrypted {
-                    method: 2,
-                    name: "LUKS",
-                })
-            }
+            // 1 (AES) and 2 (LUKS) open; reads need the secret (src/crypt).
+            0 | CRYPT_AES | CRYPT_LUKS => {}
             other => {
                 return Err(Error::malformed(
                     format!("unknown crypt_method {other}"),
@@ -550,7 +556,7 @@ impl Header {
     pub fn size(&self) -> u64 {
         self.size
     }
-    /// Encryption method: 0 none, 1 AES, 2 LUKS (images with 1 or 2 are refused).
+    /// Encryption method: 0 none, 1 AES, 2 LUKS.
     pub fn crypt_method(&self) -> u32 {
         self.crypt_method
     }
@@ -883,16 +889,10 @@ mod tests {
         set_u32(&mut b, 96, 7);
         assert_eq!(malformed_at(parse(&b)), 96);
         let mut b = valid_v3();
-        set_u32(&mut b, 32, 1);
-        assert!(matches!(parse(&b), Err(Error::Encrypted { method: 1, .. })));
-        set_u32(&mut b, 32, 2);
-        assert!(matches!(
-            parse(&b),
-            Err(Error::Encrypted {
-                method: 2,
-                name: "LUKS"
-            })
-        ));
+        set_u32(&mut b, 32, 1); // AES: no header of its own
+        assert_eq!(parse(&b).unwrap().crypt_method(), 1);
+        set_u32(&mut b, 32, 2); // LUKS without its header extension (QEMU refuses too)
+        assert_eq!(malformed_at(parse(&b)), 32);
         set_u32(&mut b, 32, 3);
         assert_eq!(malformed_at(parse(&b)), 32);
     }

@@ -183,7 +183,9 @@ fn qcow2_specific(out: &mut String, q: &Qcow2Specific, level: usize) {
     if let Some(data_file) = &q.data_file {
         line(out, level, format_args!("data file: {data_file}"));
     }
-    // The `encrypt` block, once reported, is printed here (QEMU's order).
+    if let Some(e) = &q.encrypt {
+        encrypt(out, e, level);
+    }
     if let Some(raw) = q.data_file_raw {
         line(out, level, format_args!("data file raw: {raw}"));
     }
@@ -192,6 +194,49 @@ fn qcow2_specific(out: &mut String, q: &Qcow2Specific, level: usize) {
     }
     if let Some(extended_l2) = q.extended_l2 {
         line(out, level, format_args!("extended l2: {extended_l2}"));
+    }
+}
+
+/// The `encrypt` block, keys in QEMU's order (the order `EncryptionInfo` declares them).
+fn encrypt(out: &mut String, e: &crate::EncryptionInfo, level: usize) {
+    line(out, level, format_args!("encrypt:"));
+    let inner = level.saturating_add(1);
+    let text = |out: &mut String, key: &str, value: &Option<String>| {
+        if let Some(v) = value {
+            line(out, inner, format_args!("{key}: {v}"));
+        }
+    };
+    text(out, "ivgen alg", &e.ivgen_alg);
+    if let Some(detached) = e.detached_header {
+        line(out, inner, format_args!("detached header: {detached}"));
+    }
+    text(out, "hash alg", &e.hash_alg);
+    text(out, "cipher alg", &e.cipher_alg);
+    text(out, "uuid", &e.uuid);
+    text(out, "ivgen hash alg", &e.ivgen_hash_alg);
+    line(out, inner, format_args!("format: {}", e.format));
+    text(out, "cipher mode", &e.cipher_mode);
+    if !e.slots.is_empty() {
+        line(out, inner, format_args!("slots:"));
+        let item = inner.saturating_add(1);
+        let field = item.saturating_add(1);
+        for (i, slot) in e.slots.iter().enumerate() {
+            line(out, item, format_args!("[{i}]:"));
+            line(out, field, format_args!("active: {}", slot.active));
+            if let Some(iters) = slot.iters {
+                line(out, field, format_args!("iters: {iters}"));
+            }
+            line(out, field, format_args!("key offset: {}", slot.key_offset));
+            if let Some(stripes) = slot.stripes {
+                line(out, field, format_args!("stripes: {stripes}"));
+            }
+        }
+    }
+    if let Some(offset) = e.payload_offset {
+        line(out, inner, format_args!("payload offset: {offset}"));
+    }
+    if let Some(iters) = e.master_key_iters {
+        line(out, inner, format_args!("master key iters: {iters}"));
     }
 }
 

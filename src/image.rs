@@ -8,6 +8,7 @@ use positioned_io::ReadAt;
 use crate::bitmap::Bitmap;
 use crate::cache::{new_image_id, ByteLru};
 use crate::compress::ClusterCache;
+use crate::crypt::{Encryption, Secret};
 use crate::disk::Allocation;
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
@@ -52,6 +53,8 @@ pub(crate) trait ImageView: Send + Sync {
     fn snapshots(&self) -> &[Snapshot];
     fn bitmaps(&self) -> &[Bitmap];
     fn backing(&self) -> Option<&Backing>;
+    /// The encryption, for encrypted images.
+    fn encryption(&self) -> Option<&crate::EncryptionInfo>;
     /// The caches this image uses (tests check that a chain shares them).
     #[cfg(test)]
     fn cache_ids(&self) -> (usize, usize);
@@ -152,6 +155,8 @@ pub struct Qcow2<I> {
     pub(crate) data_file_holes: Option<Box<dyn HoleQuery>>,
     /// Whether the image looks preallocated with `preallocation=metadata` (asked once).
     pub(crate) metadata_preallocated: OnceLock<bool>,
+    /// The encryption of an encrypted image, with its key once unlocked.
+    pub(crate) crypt: Option<Encryption>,
 }
 
 impl<I: ReadAt> Qcow2<I> {
@@ -161,8 +166,18 @@ impl<I: ReadAt> Qcow2<I> {
         Self::open_with(io, &OpenOptions::default())
     }
 
-    /// Open an image with the given options (only the limits apply: `open` never opens files).
+    /// Open an image with the given options (`open` never opens files, so the file policy
+    /// does not apply). An encrypted image is unlocked with `options.secret`.
     pub fn open_with(io: I, options: &OpenOptions) -> Result<Self> {
+        Self::open_with_secret(io, options, options.secret.as_ref())
+    }
+
+    /// [`Qcow2::open_with`] with the secret chosen for this file.
+    pub(crate) fn open_with_secret(
+        io: I,
+        options: &OpenOptions,
+        secret: Option<&Secret>,
+    ) -> Result<Self> {
         let limits = options.limits.clone();
         let header = read_header(&io, &limits)?;
         let geometry = Geometry {
@@ -181,6 +196,7 @@ impl<I: ReadAt> Qcow2<I> {
         let l1 = read_l1(&io, header.l1_table_offset(), header.l1_size())?;
         let snapshots = read_snapshots(&io, &header, &limits)?;
         let bitmaps = crate::dirty::read_bitmaps(&io, &header, header.size() & !511, &limits)?;
+        let crypt = Encryption::open(&io, &header, secret, &limits)?;
         let mut image = Qcow2 {
             io,
             header,
@@ -202,6 +218,7 @@ impl<I: ReadAt> Qcow2<I> {
             data_file_path: None,
             data_file_holes: None,
             metadata_preallocated: OnceLock::new(),
+            crypt,
         };
         if options.backing_as_zeros && image.header.backing_file().is_some() {
             image.set_backing_zeros();
@@ -500,6 +517,9 @@ impl<I: ReadAt + Send + Sync> ImageView for Qcow2<I> {
     }
     fn backing(&self) -> Option<&Backing> {
         self.backing.as_ref()
+    }
+    fn encryption(&self) -> Option<&crate::EncryptionInfo> {
+        Qcow2::encryption(self)
     }
     #[cfg(test)]
     fn cache_ids(&self) -> (usize, usize) {

@@ -142,11 +142,9 @@ pub struct Qcow2Specific {
     /// The external data file name from the header extension.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub data_file: Option<String>,
-    // QEMU's `encrypt` block (ImageInfoSpecificQCow2Encryption: `format`, and LUKS details)
-    // belongs here, between `data-file` and `data-file-raw` in QEMU's order:
-    //     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-    //     pub encrypt: Option<crate::EncryptionInfo>,
-    // set in `qcow2_specific` below and printed by `human::format_specific`.
+    /// The encryption (`format`, and the LUKS header's details), for encrypted images.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub encrypt: Option<Box<crate::EncryptionInfo>>,
     /// Whether the external data file is a raw image by itself (autoclear bit 1); present
     /// exactly when the image has an external data file (incompatible bit 2).
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
@@ -555,7 +553,11 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
         filename: view.path().map(|p| p.display().to_string()),
         cluster_size: Some(h.cluster_size()),
         format: "qcow2",
-        format_specific: Some(FormatSpecific::Qcow2(qcow2_specific(h, view.bitmaps()))),
+        format_specific: Some(FormatSpecific::Qcow2(qcow2_specific(
+            h,
+            view.bitmaps(),
+            view.encryption(),
+        ))),
         full_backing_filename: match (view.path(), backing) {
             (Some(path), Some(name)) => Some(full_backing_name(&path.display().to_string(), name)),
             _ => None,
@@ -568,7 +570,11 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
 }
 
 /// QEMU's `qcow2_get_specific_info`.
-fn qcow2_specific(h: &Header, bitmaps: &[Bitmap]) -> Qcow2Specific {
+fn qcow2_specific(
+    h: &Header,
+    bitmaps: &[Bitmap],
+    encrypt: Option<&crate::EncryptionInfo>,
+) -> Qcow2Specific {
     let v3 = h.version() >= 3;
     Qcow2Specific {
         compat: if v3 { "1.1" } else { "0.10" },
@@ -581,6 +587,7 @@ fn qcow2_specific(h: &Header, bitmaps: &[Bitmap]) -> Qcow2Specific {
         },
         refcount_bits: h.refcount_bits(),
         data_file: h.data_file().filter(|_| v3).map(str::to_owned),
+        encrypt: encrypt.cloned().map(Box::new),
         data_file_raw: (v3 && h.has_data_file_bit()).then(|| h.is_data_file_raw()),
         corrupt: v3.then(|| h.is_corrupt()),
         extended_l2: v3.then(|| h.has_extended_l2()),
@@ -695,6 +702,7 @@ mod tests {
             bitmaps: vec![BitmapInfo::from(&bitmap)],
             refcount_bits: 16,
             data_file: Some("d".into()),
+            encrypt: None,
             data_file_raw: Some(false),
             corrupt: Some(false),
             extended_l2: Some(false),

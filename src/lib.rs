@@ -47,6 +47,10 @@
 //!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
 //! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed
 //!   clusters; without one, such a cluster reads as [`Error::FeatureDisabled`].
+//! - **Encrypted images.** LUKS and legacy AES images open with their secret
+//!   ([`OpenOptions::secret`]); without it they open for their metadata
+//!   ([`Qcow2::encryption`]) and reads fail with [`Error::Encrypted`]. Feature `encryption`
+//!   (on by default).
 #![forbid(unsafe_code)]
 // Image bytes are untrusted: outside tests, no panicking shortcuts, no unchecked indexing
 // and no unchecked arithmetic.
@@ -73,6 +77,7 @@ mod check;
 mod compare;
 mod compress;
 mod convert;
+mod crypt;
 mod dirty;
 mod disk;
 mod error;
@@ -104,6 +109,7 @@ pub use convert::{
     convert_to_file, convert_to_writer, ConvertOptions, WriteAt, DEFAULT_SPARSE_SIZE,
     MAX_SPARSE_SIZE,
 };
+pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
 pub use dirty::{DirtyExtent, DirtyExtents};
 pub use disk::{Allocation, GuestDisk, RawDisk};
 pub use error::{Error, FeatureKind, Result};

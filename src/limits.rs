@@ -40,6 +40,12 @@ pub struct Limits {
     /// share one cache (at least one table is always kept). Decompressed clusters have a
     /// budget of their own, 8 MiB per chain.
     pub l2_cache_bytes: u64,
+    /// Most PBKDF2 iterations unlocking one LUKS image may run, over every key slot it tries
+    /// (QEMU's own images need a few million at most).
+    pub max_kdf_iterations: u64,
+    /// Largest LUKS header area (header and key material), in bytes (QEMU's aes-256-xts
+    /// header takes 2 MiB).
+    pub max_luks_header_bytes: u64,
 }
 
 impl Default for Limits {
@@ -56,6 +62,8 @@ impl Default for Limits {
             max_chain_depth: 64,
             max_bitmap_table_bytes: 64 << 20,
             l2_cache_bytes: 32 << 20,
+            max_kdf_iterations: 1 << 26,
+            max_luks_header_bytes: 16 << 20,
         }
     }
 }
@@ -75,6 +83,8 @@ impl Limits {
             max_chain_depth: u32::MAX,
             max_bitmap_table_bytes: u64::MAX,
             l2_cache_bytes: 32 << 20,
+            max_kdf_iterations: u64::MAX,
+            max_luks_header_bytes: u64::MAX,
         }
     }
 

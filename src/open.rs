@@ -53,7 +53,8 @@ fn open_chain_link(
     depth: u32,
 ) -> Result<Qcow2<File>> {
     let holes = hole_query(&file);
-    let mut image = Qcow2::open_with(file, options)?;
+    let secret = options.secret_for_path(&path);
+    let mut image = Qcow2::open_with_secret(file, options, secret.as_ref())?;
     image.holes = holes;
     image.path = Some(path.clone());
     // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).

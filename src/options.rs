@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::crypt::{Secret, SecretCallback, SecretFn};
 use crate::limits::Limits;
 
 /// What a file named by an image is for.
@@ -80,13 +81,20 @@ pub struct OpenOptions {
     /// (no backing file is opened; [`Qcow2::open_with`](crate::Qcow2::open_with) attaches the
     /// zeros itself).
     pub backing_as_zeros: bool,
-    /// Most threads one read may use to decompress compressed clusters (the calling thread
-    /// included); `None` means one per core, up to 8. `Some(1)` never starts a thread.
+    /// Most threads one read may use to decompress compressed clusters, or to decrypt the
+    /// data of an encrypted image (the calling thread included); `None` means one per core,
+    /// up to 8. `Some(1)` never starts a thread.
     pub decompression_threads: Option<usize>,
     /// Let [`Qcow2::open_path`](crate::Qcow2::open_path) open block devices (as the image or
     /// a file it names); off by default. FIFOs, sockets, directories and character devices
     /// are always refused.
     pub allow_devices: bool,
+    /// The secret of encrypted images: every encrypted image of a chain is unlocked with it,
+    /// unless [`OpenOptions::secret_for`] gives one for that file.
+    pub secret: Option<Secret>,
+    /// Per-file secrets for chains whose images have different ones
+    /// ([`Qcow2::open_path_with`](crate::Qcow2::open_path_with) only).
+    pub secret_callback: Option<SecretCallback>,
 }
 
 impl OpenOptions {
@@ -117,6 +125,42 @@ impl OpenOptions {
     pub fn allow_devices(mut self, yes: bool) -> Self {
         self.allow_devices = yes;
         self
+    }
+
+    /// Unlock encrypted images with this secret (a passphrase, as given to `qemu-img` with
+    /// `--object secret,id=ID,data=...`).
+    ///
+    /// ```
+    /// use positioned_io::ReadAt;
+    ///
+    /// let options = qcow2::OpenOptions::new().secret("abc");
+    /// let image = qcow2::Qcow2::open_path_with("fixtures/luks.qcow2", &options)?;
+    /// let mut buf = [0u8; 512];
+    /// image.reader()?.read_exact_at(0, &mut buf)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(Secret::new(secret));
+        self
+    }
+
+    /// Ask `f` for the secret of each image a chain opens (by its path as opened); where it
+    /// answers `None`, [`OpenOptions::secret`] applies.
+    pub fn secret_for(
+        mut self,
+        f: impl Fn(&Path) -> Option<Secret> + Send + Sync + 'static,
+    ) -> Self {
+        let f: Arc<SecretFn> = Arc::new(f);
+        self.secret_callback = Some(SecretCallback(f));
+        self
+    }
+
+    /// The secret for the image at `path`: the callback's answer, else the common secret.
+    pub(crate) fn secret_for_path(&self, path: &Path) -> Option<Secret> {
+        self.secret_callback
+            .as_ref()
+            .and_then(|f| (f.0)(path))
+            .or_else(|| self.secret.clone())
     }
 
     /// Use at most `threads` threads per read to decompress (1: only the calling thread).

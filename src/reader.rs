@@ -69,6 +69,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     /// Guest offsets stay below 2^63 (the size is checked at open), so sums of an offset and
     /// a buffer length cannot overflow.
     pub(crate) fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(crypt) = &self.image.crypt {
+            crypt.check_unlocked()?;
+        }
         let geometry = &self.image.geometry;
         let unit_bits = geometry.unit_bits();
         let l2_bits = geometry.l2_bits();
@@ -220,7 +223,10 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let out = part(buf, guest.saturating_sub(pos) as usize, len)?;
         match run {
             Run::Zero => out.fill(0),
-            Run::Data { host } => self.read_data(host, out)?,
+            Run::Data { host } => match &self.image.crypt {
+                Some(crypt) => self.read_encrypted(crypt, host, guest, out)?,
+                None => self.read_data(host, out)?,
+            },
             Run::Unallocated => self.read_unallocated(guest, out)?,
         }
         Ok(())
@@ -246,6 +252,45 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
         // A cluster cut short by the end of the file reads as zeros there, as in QEMU.
         out.get_mut(got..).unwrap_or_default().fill(0);
+        Ok(())
+    }
+
+    /// Read and decrypt data at `host` (for guest offset `guest`). Encryption works on whole
+    /// 512-byte sectors: a run that starts or ends inside one is read through a buffer of
+    /// whole sectors.
+    fn read_encrypted(
+        &self,
+        crypt: &crate::crypt::Encryption,
+        host: u64,
+        guest: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        const SECTOR: u64 = crate::crypt::SECTOR_SIZE;
+        let head = host % SECTOR;
+        let end = host.saturating_add(out.len() as u64);
+        let tail = end.next_multiple_of(SECTOR).saturating_sub(end);
+        if head == 0 && tail == 0 {
+            self.read_data(host, out)?;
+            return crypt.decrypt(host, guest, out, self.image.threads);
+        }
+        let start = host.saturating_sub(head);
+        let mut whole = vec![
+            0u8;
+            (head as usize)
+                .saturating_add(out.len())
+                .saturating_add(tail as usize)
+        ];
+        self.read_data(start, &mut whole)?;
+        crypt.decrypt(
+            start,
+            guest.saturating_sub(head),
+            &mut whole,
+            self.image.threads,
+        )?;
+        let ours = whole
+            .get(head as usize..(head as usize).saturating_add(out.len()))
+            .ok_or_else(|| Error::malformed("internal error: sector buffer too short", host))?;
+        out.copy_from_slice(ours);
         Ok(())
     }
 

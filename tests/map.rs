@@ -60,6 +60,8 @@ fn extents_match_qemu_img_map() {
         .filter(|n| !n.starts_with("prealloc-"))
     {
         let image = match Qcow2::open_path(dir.join(name)) {
+            // Encrypted images: qemu-img map needs the secret, and hides host offsets.
+            Ok(image) if image.encryption().is_some() => continue,
             Ok(image) if image.header().backing_file().is_none() => image,
             _ => continue,
         };

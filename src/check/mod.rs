@@ -88,6 +88,10 @@ impl<I: ReadAt + Size> Qcow2<I> {
 
     /// [`Qcow2::check`] with options.
     pub fn check_with(&self, options: &CheckOptions) -> Result<CheckReport> {
+        // As `qemu-img check`: an encrypted image is checked only once it is unlocked.
+        if let Some(crypt) = &self.crypt {
+            crypt.check_unlocked()?;
+        }
         Checker::new(self, options)?.run()
     }
 }

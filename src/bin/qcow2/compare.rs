@@ -25,6 +25,9 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Secrets of encrypted images.
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// The first image.
     image1: PathBuf,
     /// The second image.
@@ -69,8 +72,12 @@ impl GuestDisk for RawHoles {
 
 /// Run `qcow2 compare`.
 pub fn run(args: Args) -> ExitCode {
-    let opened = open(&args.image1, args.format1.as_deref())
-        .and_then(|a| Ok((a, open(&args.image2, args.format2.as_deref())?)));
+    let opened = open(&args.image1, args.format1.as_deref(), &args.secret).and_then(|a| {
+        Ok((
+            a,
+            open(&args.image2, args.format2.as_deref(), &args.secret)?,
+        ))
+    });
     let (a, b) = match opened {
         Ok(pair) => pair,
         Err(message) => {
@@ -145,7 +152,11 @@ fn compare(a: &Opened, b: &Opened, args: &Args) -> qcow2::Result<u8> {
 }
 
 /// Open `path` as `format`, or as the format its first bytes say (qcow2's magic, else raw).
-fn open(path: &Path, format: Option<&str>) -> Result<Opened, String> {
+fn open(
+    path: &Path,
+    format: Option<&str>,
+    secret: &crate::secret::SecretArgs,
+) -> Result<Opened, String> {
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
     crate::convert::check_readable(path).map_err(|e| fail(&e))?;
     let format = match format {
@@ -156,7 +167,9 @@ fn open(path: &Path, format: Option<&str>) -> Result<Opened, String> {
         }
     };
     match format.as_str() {
-        "qcow2" => Ok(Opened::Image(Box::new(crate::convert::open_image(path)?))),
+        "qcow2" => Ok(Opened::Image(Box::new(crate::convert::open_image(
+            path, secret,
+        )?))),
         "raw" => Ok(Opened::Raw(RawHoles {
             raw: RawDisk::open_path(path).map_err(|e| fail(&e))?,
             file: File::open(path).map_err(|e| fail(&e))?,

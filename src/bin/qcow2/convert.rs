@@ -43,6 +43,9 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Secrets of encrypted images.
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// The qcow2 image.
     image: PathBuf,
     /// The raw output file, or `-` for standard output.
@@ -77,7 +80,7 @@ fn convert(args: &Args) -> Result<(), String> {
     if let Some(s) = &args.sparse_size {
         options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
     }
-    let image = open_image(&args.image)?;
+    let image = open_image(&args.image, &args.secret)?;
     if is_same_file(&args.image, &args.output) {
         return Err(format!(
             "Could not create '{}': it is the image being converted",
@@ -114,14 +117,21 @@ fn convert(args: &Args) -> Result<(), String> {
 
 /// Open a qcow2 image and its backing chain by path, refusing files that cannot be read as
 /// disks (opening a FIFO would block until someone writes to it).
-pub(crate) fn open_image(path: &Path) -> Result<Qcow2<File>, String> {
+/// Encrypted images are unlocked with the secret given as qemu-img takes it.
+pub(crate) fn open_image(
+    path: &Path,
+    secret: &crate::secret::SecretArgs,
+) -> Result<Qcow2<File>, String> {
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
     check_readable(path).map_err(|e| fail(&e))?;
     let open_checked = |p: &Path, _: FileRole| {
         check_readable(p)?;
         File::open(p)
     };
-    let options = OpenOptions::new().files(FilePolicy::Callback(Arc::new(open_checked)));
+    let options = OpenOptions::new()
+        .allow_devices(true)
+        .files(FilePolicy::Callback(Arc::new(open_checked)));
+    let options = secret.apply(options)?;
     Qcow2::open_path_with(path, &options).map_err(|e| fail(&e))
 }
 

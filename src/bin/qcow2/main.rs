@@ -16,6 +16,9 @@ mod convert;
 mod info;
 mod map;
 mod snapshot;
+// Secrets for encrypted images (`--object secret,...`, `--secret-file`); the subcommands
+// that read guest data flatten `secret::SecretArgs` into their `Args`.
+mod secret;
 
 /// Read qcow2 images like `qemu-img`, without QEMU.
 #[derive(Parser)]

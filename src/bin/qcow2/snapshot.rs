@@ -17,14 +17,43 @@ pub struct Args {
     /// Accepted for `qemu-img` compatibility: the image is only read, never locked.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Secrets of encrypted images (qemu-img opens them fully, so it needs the secret).
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// The image.
     filename: PathBuf,
 }
 
 /// Run `qcow2 snapshot -l`.
 pub fn run(args: Args) -> ExitCode {
-    match common::image_info(&args.filename) {
-        Ok(info) => common::print(&info.snapshot_list(&common::local_utc_offset)),
-        Err(code) => code,
+    let info = match common::image_info(&args.filename) {
+        Ok(info) => info,
+        Err(code) => return code,
+    };
+    // Like `qemu-img snapshot -l`, which opens an encrypted image with its key or not at all.
+    if info.encrypted {
+        let unlocked = args
+            .secret
+            .apply(qcow2::OpenOptions::new())
+            .and_then(|options| {
+                qcow2::Qcow2::open_path_with(&args.filename, &options).map_err(|e| e.to_string())
+            })
+            .map(|image| image.is_unlocked());
+        match unlocked {
+            Ok(true) => {}
+            Ok(false) => {
+                eprintln!(
+                    "qcow2: Could not open '{}': the image is encrypted; give its secret \
+                     (--object secret,id=ID,data=... or --secret-file PATH)",
+                    args.filename.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("qcow2: Could not open '{}': {e}", args.filename.display());
+                return ExitCode::FAILURE;
+            }
+        }
     }
+    common::print(&info.snapshot_list(&common::local_utc_offset))
 }

@@ -1,0 +1,416 @@
+//! Encrypted images: the secret, what `qemu-img info` reports, and decryption of data clusters.
+//!
+//! `crypt_method` 1 is QEMU's legacy AES-CBC ([`legacy`]); 2 is LUKS1 with its header inside
+//! the image, found through the full-disk-encryption header extension ([`luks`]). The header
+//! is parsed and checked at open whether or not a secret is given, so an image opens for its
+//! metadata without one; with one, the key is unlocked at open and every data cluster read is
+//! decrypted 512 bytes at a time ([`cipher`]). Compressed clusters are not decrypted: QEMU
+//! writes them unencrypted even in encrypted images, and reads them so.
+
+// Without the `encryption` feature the secret and the IV rules are kept but unused.
+#![cfg_attr(not(feature = "encryption"), allow(dead_code))]
+
+#[cfg(feature = "encryption")]
+mod cipher;
+#[cfg(feature = "encryption")]
+mod hash;
+mod legacy;
+mod luks;
+mod names;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use positioned_io::ReadAt;
+
+use crate::error::{Error, Result};
+use crate::header::Header;
+use crate::image::Qcow2;
+use crate::io::read_metadata;
+use crate::limits::Limits;
+
+/// Encryption sector size: QEMU encrypts qcow2 data in 512-byte units, each with its own IV.
+pub(crate) const SECTOR_SIZE: u64 = 512;
+
+/// A secret (passphrase) for an encrypted image, as `qemu-img` takes it from
+/// `--object secret,id=ID,data=...`.
+///
+/// The bytes are zeroed when the last copy is dropped and never shown by `Debug`. Like QEMU,
+/// the secret ends at its first NUL byte, and legacy AES uses at most its first 16 bytes.
+#[derive(Clone)]
+pub struct Secret(Arc<SecretBytes>);
+
+/// The bytes behind a [`Secret`], zeroed on drop.
+struct SecretBytes(Vec<u8>);
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        // The whole allocation, spare capacity included.
+        #[cfg(feature = "encryption")]
+        zeroize::Zeroize::zeroize(&mut self.0);
+        #[cfg(not(feature = "encryption"))]
+        {
+            // Without zeroize: clear, and keep the optimizer from dropping the writes.
+            self.0.fill(0);
+            std::hint::black_box(&mut self.0);
+        }
+    }
+}
+
+impl Secret {
+    /// A secret from its bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(Arc::new(SecretBytes(bytes.into())))
+    }
+
+    /// The passphrase as QEMU uses it: up to the first NUL byte (QEMU passes it to `strlen`).
+    pub(crate) fn passphrase(&self) -> &[u8] {
+        let bytes = &self.0 .0;
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        bytes.get(..end).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl From<Vec<u8>> for Secret {
+    fn from(bytes: Vec<u8>) -> Self {
+        Secret::new(bytes)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret::new(s.as_bytes())
+    }
+}
+
+/// The signature of a per-file secret callback: the path of an image of the chain (as opened)
+/// to its secret, or `None` to fall back to [`OpenOptions::secret`](crate::OpenOptions::secret).
+pub type SecretFn = dyn Fn(&Path) -> Option<Secret> + Send + Sync;
+
+/// A per-file secret callback for [`OpenOptions`](crate::OpenOptions).
+#[derive(Clone)]
+pub struct SecretCallback(pub(crate) Arc<SecretFn>);
+
+impl fmt::Debug for SecretCallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretCallback(..)")
+    }
+}
+
+/// What `qemu-img info --output=json` prints under `format-specific.data.encrypt`.
+///
+/// Legacy AES images have only [`format`](Self::format) (`"aes"`); LUKS images have the rest.
+/// With the `serde` feature it serializes with `qemu-img`'s field names.
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/luks.qcow2")?;
+/// let info = image.encryption().expect("an encrypted image");
+/// assert_eq!(info.format, "luks");
+/// assert_eq!(info.cipher_alg.as_deref(), Some("aes-128"));
+/// assert!(info.slots[0].active);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct EncryptionInfo {
+    // Declared in the order `qemu-img` prints them (its QDict hash order), so serializing
+    // gives qemu-img's text.
+    /// IV generator: `plain64`, `plain` or `essiv`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "ivgen-alg", skip_serializing_if = "Option::is_none")
+    )]
+    pub ivgen_alg: Option<String>,
+    /// Whether the LUKS header is detached (never, in qcow2).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "detached-header", skip_serializing_if = "Option::is_none")
+    )]
+    pub detached_header: Option<bool>,
+    /// Hash of PBKDF2 and of the anti-forensic splitter.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "hash-alg", skip_serializing_if = "Option::is_none")
+    )]
+    pub hash_alg: Option<String>,
+    /// Cipher and key size, e.g. `aes-256`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "cipher-alg", skip_serializing_if = "Option::is_none")
+    )]
+    pub cipher_alg: Option<String>,
+    /// The LUKS volume UUID.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub uuid: Option<String>,
+    /// The ESSIV hash (only with `essiv`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "ivgen-hash-alg", skip_serializing_if = "Option::is_none")
+    )]
+    pub ivgen_hash_alg: Option<String>,
+    /// `"luks"` or `"aes"`.
+    pub format: &'static str,
+    /// Block mode: `xts`, `cbc`, `ecb` or `ctr`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "cipher-mode", skip_serializing_if = "Option::is_none")
+    )]
+    pub cipher_mode: Option<String>,
+    /// The eight LUKS key slots (empty for AES).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+    pub slots: Vec<KeySlotInfo>,
+    /// The LUKS payload offset, in bytes.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "payload-offset", skip_serializing_if = "Option::is_none")
+    )]
+    pub payload_offset: Option<u64>,
+    /// PBKDF2 iterations of the master-key digest.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "master-key-iters", skip_serializing_if = "Option::is_none")
+    )]
+    pub master_key_iters: Option<u64>,
+}
+
+/// One LUKS key slot, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct KeySlotInfo {
+    /// Whether the slot holds a key.
+    pub active: bool,
+    /// PBKDF2 iterations (active slots only).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub iters: Option<u32>,
+    /// Where the slot's key material starts, in bytes from the start of the LUKS header.
+    #[cfg_attr(feature = "serde", serde(rename = "key-offset"))]
+    pub key_offset: u64,
+    /// Anti-forensic stripes (active slots only).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub stripes: Option<u32>,
+}
+
+/// An image's encryption: what it is, and the unlocked key once a secret opened it.
+pub(crate) struct Encryption {
+    pub(crate) info: EncryptionInfo,
+    /// The header's `crypt_method`.
+    method: u32,
+    /// Whether IVs count host sectors (LUKS) or guest sectors (legacy AES): QEMU's
+    /// `crypt_physical_offset`.
+    physical: bool,
+    /// The payload cipher, once unlocked.
+    #[cfg(feature = "encryption")]
+    key: Option<cipher::SectorCipher>,
+    /// Whether a secret was given, which this build cannot use.
+    #[cfg(not(feature = "encryption"))]
+    secret_given: bool,
+}
+
+impl Encryption {
+    /// Open the encryption of an image whose header says it is encrypted; `None` otherwise.
+    pub(crate) fn open<I: ReadAt>(
+        io: &I,
+        header: &Header,
+        secret: Option<&Secret>,
+        limits: &Limits,
+    ) -> Result<Option<Self>> {
+        match header.crypt_method() {
+            0 => Ok(None),
+            1 => {
+                #[cfg(feature = "encryption")]
+                let key = secret.map(legacy::unlock).transpose()?;
+                Ok(Some(Encryption {
+                    info: legacy::info(),
+                    method: 1,
+                    physical: false,
+                    #[cfg(feature = "encryption")]
+                    key,
+                    #[cfg(not(feature = "encryption"))]
+                    secret_given: secret.is_some(),
+                }))
+            }
+            _ => {
+                let ext = header.encryption().ok_or_else(|| {
+                    Error::malformed(
+                        "crypt_method 2 (LUKS) without the full disk encryption header extension",
+                        32,
+                    )
+                })?;
+                Limits::check("LUKS header area", ext.length, limits.max_luks_header_bytes)?;
+                if ext.length < luks::HEADER_LEN {
+                    return Err(Error::malformed(
+                        format!(
+                            "LUKS header area of {} bytes is shorter than a LUKS header",
+                            ext.length
+                        ),
+                        ext.offset,
+                    ));
+                }
+                let bytes = read_metadata(io, ext.offset, luks::HEADER_LEN, "LUKS header")?;
+                let parsed = luks::LuksHeader::parse(&bytes, ext.offset)?;
+                #[cfg(feature = "encryption")]
+                let key = secret
+                    .map(|s| parsed.unlock(io, ext, s.passphrase(), limits))
+                    .transpose()?;
+                Ok(Some(Encryption {
+                    info: parsed.info(),
+                    method: 2,
+                    physical: true,
+                    #[cfg(feature = "encryption")]
+                    key,
+                    #[cfg(not(feature = "encryption"))]
+                    secret_given: secret.is_some(),
+                }))
+            }
+        }
+    }
+
+    fn method_name(&self) -> &'static str {
+        if self.method == 1 {
+            "AES"
+        } else {
+            "LUKS"
+        }
+    }
+
+    /// Fail unless data clusters can be decrypted (the image was opened with a secret).
+    pub(crate) fn check_unlocked(&self) -> Result<()> {
+        #[cfg(feature = "encryption")]
+        let unlocked = self.key.is_some();
+        #[cfg(not(feature = "encryption"))]
+        let unlocked = false;
+        if unlocked {
+            return Ok(());
+        }
+        // With a secret this build cannot use, the missing feature is what to fix.
+        #[cfg(not(feature = "encryption"))]
+        if self.secret_given {
+            return Err(Error::FeatureDisabled {
+                feature: "encryption",
+            });
+        }
+        Err(Error::Encrypted {
+            method: self.method,
+            name: self.method_name(),
+        })
+    }
+
+    /// Decrypt `data`, read from host offset `host` for guest offset `guest`; both are
+    /// sector aligned and `data` is whole sectors. Large runs are shared out between up to
+    /// `threads` threads (the calling one included), as QEMU decrypts on a thread pool.
+    pub(crate) fn decrypt(
+        &self,
+        host: u64,
+        guest: u64,
+        data: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        #[cfg(feature = "encryption")]
+        if let Some(key) = &self.key {
+            let first = if self.physical { host } else { guest } / SECTOR_SIZE;
+            decrypt_in_parallel(key, first, data, threads);
+            return Ok(());
+        }
+        let _ = (host, guest, data, threads);
+        self.check_unlocked()
+    }
+}
+
+/// Bytes below which decrypting on other threads does not pay for starting them.
+#[cfg(feature = "encryption")]
+const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+/// Decrypt `data` (from sector `first`) in sector-aligned shares, one per thread.
+#[cfg(feature = "encryption")]
+fn decrypt_in_parallel(key: &cipher::SectorCipher, first: u64, data: &mut [u8], threads: usize) {
+    let threads = threads
+        .min(data.len().div_euclid(PARALLEL_MIN_BYTES))
+        .max(1);
+    if threads <= 1 {
+        key.decrypt(first, data);
+        return;
+    }
+    let sector = SECTOR_SIZE as usize;
+    let share = data.len().div_ceil(threads).next_multiple_of(sector);
+    std::thread::scope(|scope| {
+        let mut chunks = data.chunks_mut(share).enumerate();
+        let mine = chunks.next();
+        for (i, chunk) in chunks {
+            let at = first.saturating_add(i.saturating_mul(share).div_euclid(sector) as u64);
+            scope.spawn(move || key.decrypt(at, chunk));
+        }
+        if let Some((_, chunk)) = mine {
+            key.decrypt(first, chunk);
+        }
+    });
+}
+
+impl<I> Qcow2<I> {
+    /// The image's encryption, as `qemu-img info` reports it; `None` when not encrypted.
+    pub fn encryption(&self) -> Option<&EncryptionInfo> {
+        self.crypt.as_ref().map(|c| &c.info)
+    }
+
+    /// Whether guest data can be read: the image is not encrypted, or a secret unlocked it.
+    pub fn is_unlocked(&self) -> bool {
+        self.crypt
+            .as_ref()
+            .is_none_or(|c| c.check_unlocked().is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Error, OpenOptions, Qcow2};
+    use positioned_io::ReadAt;
+
+    fn read_error(options: &OpenOptions) -> Error {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/luks.qcow2");
+        let image = Qcow2::open_path_with(path, options).unwrap();
+        let err = image
+            .reader()
+            .unwrap()
+            .read_exact_at(0, &mut [0u8; 512])
+            .unwrap_err();
+        *err.into_inner().unwrap().downcast::<Error>().unwrap()
+    }
+
+    #[test]
+    fn reads_without_the_secret_are_refused_naming_the_method() {
+        let err = read_error(&OpenOptions::new());
+        assert!(
+            matches!(
+                err,
+                Error::Encrypted {
+                    method: 2,
+                    name: "LUKS"
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[cfg(not(feature = "encryption"))]
+    #[test]
+    fn with_a_secret_but_without_the_feature_reads_say_so() {
+        let err = read_error(&OpenOptions::new().secret("abc"));
+        assert!(
+            matches!(
+                err,
+                Error::FeatureDisabled {
+                    feature: "encryption"
+                }
+            ),
+            "{err}"
+        );
+    }
+}
