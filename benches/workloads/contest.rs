@@ -98,7 +98,8 @@ enum Outcome {
     Failed(String),
 }
 
-pub fn run(w: &Workload, runs: usize) -> Res<()> {
+/// Run every pass of `w` and print its table; returns its ratio lines, for the summary.
+pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
     println!();
     println!("== {}", w.title);
     let inputs: Vec<&std::path::Path> = w.inputs.iter().map(PathBuf::as_path).collect();
@@ -126,7 +127,14 @@ pub fn run(w: &Workload, runs: usize) -> Res<()> {
     println!();
     check_sums(w, &outcomes)?;
     print_table(w, &outcomes);
-    Ok(())
+    let ratios = ratio_lines(w, &outcomes);
+    for line in &ratios {
+        println!("   {line}");
+    }
+    for note in &w.notes {
+        println!("   note: {note}");
+    }
+    Ok(ratios)
 }
 
 fn run_pass(runner: &Runner) -> Res<Pass> {
@@ -324,17 +332,21 @@ fn print_table(w: &Workload, outcomes: &[Outcome]) {
         }
     }
     println!("   ÷ base: rate over the rate of \"{base_label}\"");
-    for (what, a, b) in &w.ratios {
-        let ra = rate(&w.contestants[*a], &outcomes[*a]);
-        let rb = rate(&w.contestants[*b], &outcomes[*b]);
-        match (ra, rb) {
-            (Some(x), Some(y)) => println!("   {what}: {:.3}", x / y),
-            _ => println!("   {what}: n/a"),
-        }
-    }
-    for note in &w.notes {
-        println!("   note: {note}");
-    }
+}
+
+/// The workload's own ratios of rates (above 1: the first is faster).
+fn ratio_lines(w: &Workload, outcomes: &[Outcome]) -> Vec<String> {
+    w.ratios
+        .iter()
+        .map(|(what, a, b)| {
+            let ra = rate(&w.contestants[*a], &outcomes[*a]);
+            let rb = rate(&w.contestants[*b], &outcomes[*b]);
+            match (ra, rb) {
+                (Some(x), Some(y)) => format!("{what}: {:.3}", x / y),
+                _ => format!("{what}: n/a"),
+            }
+        })
+        .collect()
 }
 
 /// A rate with 3-4 significant digits.

@@ -135,14 +135,26 @@ fn run(cfg: &mut Config) -> Res<()> {
         cfg.aio,
         loadavg()
     );
+    println!(
+        "times: the crate, imago and pread run in a child process each and are timed there from \
+         open to the last byte; qemu-img and dd from spawn to exit (start-up included), except \
+         qemu-img bench, by its own report. CPU time and peak RSS are each child's (wait4); \
+         a child of this bench starts at about 5 MiB."
+    );
+    let mut summary = Vec::new();
     for (name, make) in rows::ALL {
         if !cfg.only.is_empty() && !cfg.only.iter().any(|o| name.contains(o.as_str())) {
             continue;
         }
         let workload = make(cfg)?;
-        contest::run(&workload, cfg.runs)?;
+        let ratios = contest::run(&workload, cfg.runs)?;
+        summary.push((name, ratios));
     }
     println!();
+    println!("summary (ratios of median rates: \"A / B\" above 1 means A is faster):");
+    for (name, ratios) in summary {
+        println!("   {name:<13} {}", ratios.join("; "));
+    }
     println!("load after: {}", loadavg());
     Ok(())
 }
