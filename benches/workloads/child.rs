@@ -39,6 +39,8 @@ pub fn main(args: &[String]) -> Res<()> {
         "rand-crate" => rand_crate(Path::new(arg(1)?), Path::new(arg(2)?), num(3)? as usize)?,
         "rand-imago" => rand_imago(Path::new(arg(1)?), Path::new(arg(2)?))?,
         "rand-raw" => rand_raw(Path::new(arg(1)?), Path::new(arg(2)?))?,
+        // Nothing: the peak RSS of a child before any work, for reference.
+        "noop" => 0,
         other => return Err(format!("child: unknown workload {other}").into()),
     };
     println!("sum={sum} secs={}", start.elapsed().as_secs_f64());

@@ -137,6 +137,13 @@ pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
     Ok(ratios)
 }
 
+/// Peak RSS in MiB of a child of this bench that does no work: what every crate, imago and
+/// `pread` figure starts from.
+pub fn idle_child_rss_mib() -> Res<f64> {
+    let pass = run_pass(&Runner::Child(vec!["noop".into()]))?;
+    Ok(pass.peak_rss_kib as f64 / 1024.0)
+}
+
 fn run_pass(runner: &Runner) -> Res<Pass> {
     match runner {
         Runner::Child(args) => {

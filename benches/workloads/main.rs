@@ -142,7 +142,8 @@ fn run(cfg: &mut Config) -> Res<()> {
         "times: the crate, imago and pread run in a child process each and are timed there from \
          open to the last byte; qemu-img and dd from spawn to exit (start-up included), except \
          qemu-img bench, by its own report. CPU time and peak RSS are each child's (wait4); \
-         a child of this bench starts at about 5 MiB."
+         a child of this bench that does nothing peaks at {:.1} MiB.",
+        contest::idle_child_rss_mib()?
     );
     let mut summary = Vec::new();
     for (name, make) in rows::ALL {
