@@ -19,20 +19,20 @@
 //! Run without `--bench` (as `cargo test --benches` does), it is a quick smoke test on tiny
 //! images in a temporary directory.
 
-use std::error::Error;
+mod common;
+
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use positioned_io::ReadAt;
 use qcow2::Qcow2;
 
-type Res<T> = Result<T, Box<dyn Error>>;
+use common::{loadavg, make_qcow2, make_raw, recache, Fill, Res, MIB};
 
-const MIB: u64 = 1 << 20;
 const BUFFERS: [usize; 3] = [1 << 20, 64 << 10, 4 << 10];
 /// The crate should read at least this fraction of raw `pread` speed with 1 MiB buffers.
 const TARGET_RATIO: f64 = 0.9;
@@ -58,16 +58,13 @@ fn usage() -> ! {
 fn config() -> Config {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smoke = !args.iter().any(|a| a == "--bench");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
     let mut c = Config {
         size_mib: 1024,
         zlib_mib: 0,
         runs: 7,
         two_meg: true,
         zlib: true,
-        dir: target.join("bench-read"),
+        dir: common::target_dir("bench-read"),
         smoke,
     };
     if smoke {
@@ -102,11 +99,7 @@ fn config() -> Config {
 
 fn main() -> Res<()> {
     let cfg = config();
-    if !have_qemu_img() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("qemu-img not found (required when CI=true)");
-        }
-        eprintln!("SKIPPED: qemu-img not found (the read benchmark needs it to make images)");
+    if !common::qemu_img_or_skip("read") {
         return Ok(());
     }
     fs::create_dir_all(&cfg.dir)?;
@@ -203,128 +196,6 @@ struct Group {
 // ---------------------------------------------------------------------------------------
 // Inputs
 
-#[derive(Clone, Copy)]
-enum Fill {
-    /// PRNG output: incompressible, never zero.
-    Random,
-    /// Random letters from a 16-letter alphabet: zlib gets it to roughly half.
-    Compressible,
-}
-
-/// SplitMix64: fast and good enough to defeat compression.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-/// Write `size` bytes of `fill` to `path` unless a file of that size is there already.
-/// Files are written under a temporary name and renamed, so a file present is complete.
-fn make_raw(path: &Path, size: u64, fill: Fill) -> Res<()> {
-    if fs::metadata(path).map(|m| m.len() == size).unwrap_or(false) {
-        println!("reusing {}", path.display());
-        return Ok(());
-    }
-    println!("writing {} ({} MiB)", path.display(), size / MIB);
-    let tmp = path.with_extension("raw.tmp");
-    let mut f = File::create(&tmp)?;
-    let mut rng = Rng(0x005e_ed0f_ca75 ^ size);
-    let mut chunk = vec![0u8; MIB as usize];
-    let mut left = size;
-    while left > 0 {
-        for w in chunk.chunks_exact_mut(8) {
-            let x = rng.next();
-            let bytes = match fill {
-                Fill::Random => x.to_le_bytes(),
-                Fill::Compressible => {
-                    let mut b = [0u8; 8];
-                    for (i, out) in b.iter_mut().enumerate() {
-                        *out = b'a' + ((x >> (i * 4)) & 0xf) as u8;
-                    }
-                    b
-                }
-            };
-            w.copy_from_slice(&bytes);
-        }
-        let n = left.min(MIB) as usize;
-        f.write_all(&chunk[..n])?;
-        left -= n as u64;
-    }
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// `qemu-img convert` `raw` to a qcow2 image named after it and `tag`, unless present.
-fn make_qcow2(raw: &Path, tag: &str, opts: &[&str]) -> Res<PathBuf> {
-    let stem = raw.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
-    let path = raw.with_file_name(format!("{stem}-{tag}.qcow2"));
-    let size = fs::metadata(raw)?.len();
-    let usable = File::open(&path)
-        .ok()
-        .and_then(|f| Qcow2::open(f).ok())
-        .is_some_and(|img| img.guest_size() == size);
-    if usable {
-        println!("reusing {}", path.display());
-        return Ok(path);
-    }
-    println!("qemu-img convert {} -> {}", raw.display(), path.display());
-    let tmp = path.with_extension("qcow2.tmp");
-    let status = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .args(opts)
-        .arg(raw)
-        .arg(&tmp)
-        .status()?;
-    if !status.success() {
-        return Err(format!("qemu-img convert failed: {status}").into());
-    }
-    File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, &path)?;
-    Ok(path)
-}
-
-fn have_qemu_img() -> bool {
-    Command::new("qemu-img")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Put every file in the same page-cache state: synced, dropped, then read once in full.
-fn recache(paths: &[&Path]) -> Res<()> {
-    for p in paths {
-        File::open(p)?.sync_all()?;
-        let dropped = Command::new("dd")
-            .arg(format!("if={}", p.display()))
-            .args(["iflag=nocache", "count=0", "status=none"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !dropped {
-            eprintln!(
-                "warning: could not drop {} from the page cache",
-                p.display()
-            );
-        }
-    }
-    for p in paths {
-        let mut f = File::open(p)?;
-        let mut buf = vec![0u8; MIB as usize];
-        while f.read(&mut buf)? > 0 {}
-    }
-    Ok(())
-}
-
-/// Compare the crate's whole guest with the raw file, so a fast read is a real read.
 fn verify(g: &Group) -> Res<()> {
     let img = Qcow2::open(File::open(&g.image)?)?;
     if img.guest_size() != g.size {
@@ -588,10 +459,4 @@ fn print_table(rows: &[Row]) -> f64 {
     }
     rows.first()
         .map_or(0.0, |r| r.krate.wall.mib_s / r.raw.wall.mib_s)
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
 }

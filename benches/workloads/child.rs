@@ -1,0 +1,245 @@
+//! The in-process contestants (the crate, imago, `pread`), each run in a child process of the
+//! bench (`workloads --child KIND ARGS..`), so that each has its own peak RSS and CPU time.
+//! A child prints one line, `sum=<checksum> secs=<seconds of the work alone>`.
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate};
+use positioned_io::ReadAt;
+use qcow2::{ExtentKind, Qcow2};
+
+use crate::common::{mix, Res, MIB};
+
+/// The first argument that makes the bench a child.
+pub const FLAG: &str = "--child";
+
+/// Size of the reads of the random-read workloads.
+pub const RANDOM_READ: usize = 4096;
+
+type Imago = FormatAccess<imago::file::File>;
+
+/// Run the child workload named by `args` and print its line.
+pub fn main(args: &[String]) -> Res<()> {
+    let arg = |i: usize| -> Res<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .ok_or_else(|| format!("child: argument {i} missing in {args:?}").into())
+    };
+    let num = |i: usize| -> Res<u64> { Ok(arg(i)?.parse()?) };
+    let start = Instant::now();
+    let sum = match arg(0)? {
+        "seq-crate" => seq_crate(Path::new(arg(1)?), num(2)? as usize, num(3)? as usize)?,
+        "seq-imago" => seq_imago(Path::new(arg(1)?), num(2)? as usize)?,
+        "seq-raw" => seq_raw(Path::new(arg(1)?), num(2)? as usize)?,
+        "map-crate" => map_crate(Path::new(arg(1)?), arg(2)? == "read")?,
+        "map-imago" => map_imago(Path::new(arg(1)?), arg(2)? == "read")?,
+        "rand-crate" => rand_crate(Path::new(arg(1)?), Path::new(arg(2)?), num(3)? as usize)?,
+        "rand-imago" => rand_imago(Path::new(arg(1)?), Path::new(arg(2)?))?,
+        "rand-raw" => rand_raw(Path::new(arg(1)?), Path::new(arg(2)?))?,
+        // Nothing: the peak RSS of a child before any work, for reference.
+        "noop" => 0,
+        other => return Err(format!("child: unknown workload {other}").into()),
+    };
+    println!("sum={sum} secs={}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A checksum of what a contestant read that does not depend on how the reads were cut or
+/// ordered (the first word of every 4 KiB block, hashed and added), so contestants reading the
+/// same bytes agree, and costs one load per 4 KiB.
+fn sample(buf: &[u8]) -> u64 {
+    buf.chunks(4096)
+        .map(|b| {
+            mix(b
+                .get(..8)
+                .map_or(0, |w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))))
+        })
+        .fold(0u64, u64::wrapping_add)
+}
+
+/// Read `[start, end)` with `read` in `bs`-byte pieces; the checksum of it.
+fn read_range(
+    start: u64,
+    end: u64,
+    bs: usize,
+    mut read: impl FnMut(u64, &mut [u8]) -> Res<()>,
+) -> Res<u64> {
+    let mut buf = vec![0u8; bs];
+    let mut sum = 0u64;
+    let mut pos = start;
+    while pos < end {
+        let n = (end - pos).min(bs as u64) as usize;
+        read(pos, &mut buf[..n])?;
+        sum = sum.wrapping_add(sample(&buf[..n]));
+        pos += n as u64;
+    }
+    Ok(sum)
+}
+
+/// The whole guest of `img` (following its backing chain), in `bs`-byte reads, by `threads`
+/// threads each owning a contiguous share of it and sharing one image.
+fn seq_crate(img: &Path, bs: usize, threads: usize) -> Res<u64> {
+    let image = Qcow2::open_path(img)?;
+    let reader = image.reader()?;
+    let size = image.guest_size();
+    let share = size.div_ceil(threads as u64).next_multiple_of(MIB);
+    let read = |pos: u64, buf: &mut [u8]| -> Res<()> { Ok(reader.read_exact_at(pos, buf)?) };
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let (start, end) = ((t * share).min(size), ((t + 1) * share).min(size));
+                s.spawn(move || read_range(start, end, bs, read).map_err(|e| e.to_string()))
+            })
+            .collect();
+        parts.into_iter().try_fold(0u64, |sum, p| {
+            let part = p.join().map_err(|_| "a reading thread panicked")??;
+            Ok(sum.wrapping_add(part))
+        })
+    })
+}
+
+/// imago's qcow2 driver, following the backing chain the image names.
+fn imago_open(img: &Path) -> Res<Imago> {
+    let image = imago::qcow2::Qcow2::<imago::file::File>::builder_path(img)
+        .open(PermissiveImplicitOpenGate::default())?;
+    Ok(FormatAccess::new(image))
+}
+
+fn seq_imago(img: &Path, bs: usize) -> Res<u64> {
+    let image = imago_open(img)?;
+    read_range(0, image.size(), bs, |pos, buf| Ok(image.read(buf, pos)?))
+}
+
+/// The raw baseline: `pread` of the whole file.
+fn seq_raw(file: &Path, bs: usize) -> Res<u64> {
+    let f = File::open(file)?;
+    let size = f.metadata()?.len();
+    read_range(0, size, bs, |pos, buf| {
+        Ok(FileExt::read_exact_at(&f, buf, pos)?)
+    })
+}
+
+/// Walk the allocation map of `img` (its own layer) and, with `read`, read what it stores
+/// (data and compressed extents, in pieces of at most 1 MiB); without, count the extents.
+fn map_crate(img: &Path, read: bool) -> Res<u64> {
+    let image = Qcow2::open_path(img)?;
+    let reader = image.reader()?;
+    let mut sum = 0u64;
+    let mut pos = 0;
+    while let Some(e) = reader.extent_at(pos)? {
+        let stored = matches!(e.kind, ExtentKind::Data { .. } | ExtentKind::Compressed);
+        if read && stored {
+            let part = read_range(e.start, e.start + e.length, MIB as usize, |p, buf| {
+                Ok(reader.read_exact_at(p, buf)?)
+            })?;
+            sum = sum.wrapping_add(part);
+        } else if !read {
+            sum += 1;
+        }
+        pos = e.start + e.length;
+    }
+    Ok(sum)
+}
+
+/// The same with imago's mapping walk (`get_mapping`, which resolves the chain).
+fn map_imago(img: &Path, read: bool) -> Res<u64> {
+    let image = imago_open(img)?;
+    let size = image.size();
+    let mut sum = 0u64;
+    let mut pos = 0;
+    while pos < size {
+        let (mapping, len) = image.get_mapping(pos, size - pos)?;
+        let stored = match mapping {
+            Mapping::Raw { .. } | Mapping::Special { .. } => true,
+            Mapping::Zero { .. } => false,
+            Mapping::Eof { .. } => break,
+            _ => return Err("imago: unknown mapping kind".into()),
+        };
+        if len == 0 {
+            return Err(format!("imago: empty mapping at {pos:#x}").into());
+        }
+        if read && stored {
+            let part = read_range(pos, pos + len, MIB as usize, |p, buf| {
+                Ok(image.read(buf, p)?)
+            })?;
+            sum = sum.wrapping_add(part);
+        } else if !read {
+            sum += 1;
+        }
+        pos += len;
+    }
+    Ok(sum)
+}
+
+/// The offsets of a random-read workload: little-endian `u64`s.
+pub fn write_offsets(path: &Path, offsets: &[u64]) -> Res<()> {
+    let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    fs::write(path, bytes)?;
+    Ok(())
+}
+
+fn read_offsets(path: &Path) -> Res<Vec<u64>> {
+    let bytes = fs::read(path)?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+        .collect())
+}
+
+/// `RANDOM_READ` bytes at each offset, by `threads` threads sharing one image, each taking
+/// every `threads`-th offset.
+fn rand_crate(img: &Path, offsets: &Path, threads: usize) -> Res<u64> {
+    let offsets = read_offsets(offsets)?;
+    let image = Qcow2::open_path(img)?;
+    let reader = image.reader()?;
+    let (reader, offsets) = (&reader, &offsets);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut buf = vec![0u8; RANDOM_READ];
+                    let mut sum = 0u64;
+                    for &o in offsets.iter().skip(t).step_by(threads) {
+                        reader
+                            .read_exact_at(o, &mut buf)
+                            .map_err(|e| e.to_string())?;
+                        sum = sum.wrapping_add(sample(&buf));
+                    }
+                    Ok::<u64, String>(sum)
+                })
+            })
+            .collect();
+        parts.into_iter().try_fold(0u64, |sum, p| {
+            let part = p.join().map_err(|_| "a reading thread panicked")??;
+            Ok(sum.wrapping_add(part))
+        })
+    })
+}
+
+fn rand_imago(img: &Path, offsets: &Path) -> Res<u64> {
+    let offsets = read_offsets(offsets)?;
+    let image = imago_open(img)?;
+    let mut buf = vec![0u8; RANDOM_READ];
+    let mut sum = 0u64;
+    for o in offsets {
+        image.read(&mut buf[..], o)?;
+        sum = sum.wrapping_add(sample(&buf));
+    }
+    Ok(sum)
+}
+
+/// The baseline: a `pread` loop on the raw file at the same offsets.
+fn rand_raw(file: &Path, offsets: &Path) -> Res<u64> {
+    let offsets = read_offsets(offsets)?;
+    let f = File::open(file)?;
+    let mut buf = vec![0u8; RANDOM_READ];
+    let mut sum = 0u64;
+    for o in offsets {
+        FileExt::read_exact_at(&f, &mut buf, o)?;
+        sum = sum.wrapping_add(sample(&buf));
+    }
+    Ok(sum)
+}
