@@ -51,3 +51,10 @@ seed mid-over-extdata 2 chain-mid.qcow2 extdata.qcow2 extdata.data
 seed mixed-over-overlay 4 zlib-4k-mixed.qcow2 overlay-raw.qcow2 backing-raw-base.raw
 ls corpus/open_read | wc -l
 ls corpus/open_with_backing | wc -l
+
+# The parser targets: first clusters, snapshot tables, bitmap directories, L2 tables and
+# compressed clusters cut from the fixtures (layouts as in fuzz_targets/<target>.rs).
+python3 seed-parsers.py "$fx"/*.qcow2 "$fx"/hostile/*.qcow2
+for t in header snapshot_table bitmap_directory l2_entries compressed_cluster; do
+    echo "$t: $(ls corpus/$t | wc -l)"
+done

@@ -51,7 +51,7 @@ fn table_bytes(b: &Bitmap) -> u64 {
 
 /// A bitmap's table, decoded, after QEMU's `load_bitmap_data` check that it has exactly one
 /// entry per cluster of bitmap data the guest needs.
-fn read_table<I: ReadAt>(
+pub(crate) fn read_table<I: ReadAt>(
     io: &I,
     b: &Bitmap,
     guest_size: u64,

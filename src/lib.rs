@@ -84,6 +84,9 @@ mod error;
 mod extension;
 mod extent;
 mod feature;
+// Entry points for the parser fuzz targets (internal, no stability promise).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod header;
 mod holes;
 mod human;

@@ -86,9 +86,9 @@ pub(crate) fn l2_table_offset(
 }
 
 /// Decode one L2 entry for subcluster `sub` (always 0 without extended L2). The readers use
-/// [`decode_l2_with_host`]; this is its short form for the tests.
+/// [`decode_l2_with_host`]; this is its short form for the tests and the fuzz targets.
 /// `bitmap` is the extended entry's second word; `entry_at` is where the entry sits, for errors.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn decode_l2(
     entry: u64,
     bitmap: u64,
