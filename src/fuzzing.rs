@@ -404,11 +404,13 @@ mod tests {
             "v2-64k.qcow2",
             "snap.qcow2",
             "extl2-16k.qcow2",
+            "luks.qcow2",
+            "aes.qcow2",
         ] {
             let file = fixture(name);
             header(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
-        assert!(header(&fixture("luks.qcow2")).is_err());
+        assert!(header(&fixture("v3-corrupt.qcow2")).is_err());
         assert!(header(&garbage(4096, 1)).is_err());
         assert!(header(&[]).is_err());
         // A valid header followed by garbage past its first cluster.

@@ -622,6 +622,22 @@ fn encrypted_images_convert_with_the_secret() {
                 "{name}: bytes differ"
             );
         }
+        // Named by --image-opts, exactly as qemu-img took it above.
+        let o = crate::ours(&[
+            "convert",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "--object",
+            "secret,id=other,data=xyz",
+            "--image-opts",
+            &image_opts,
+            s(&ours),
+        ]);
+        assert!(o.status.success(), "qcow2 --image-opts: {}", stderr(&o));
+        assert!(
+            std::fs::read(&ours).unwrap() == want,
+            "{name}: bytes differ"
+        );
         // Without it: one line, as qemu-img refuses too.
         let o = crate::ours(&["convert", name, s(&ours)]);
         assert!(!o.status.success(), "{name} converted without its secret");

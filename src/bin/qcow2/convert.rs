@@ -46,7 +46,11 @@ pub struct Args {
     /// Secrets of encrypted images.
     #[command(flatten)]
     secret: crate::secret::SecretArgs,
-    /// The qcow2 image.
+    /// IMG is a list of options, as qemu-img takes them:
+    /// `driver=qcow2,file.filename=IMG,encrypt.key-secret=ID[,backing.encrypt.key-secret=ID2]`.
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// The qcow2 image (with `--image-opts`, its options).
     image: PathBuf,
     /// The raw output file, or `-` for standard output.
     output: PathBuf,
@@ -80,8 +84,12 @@ fn convert(args: &Args) -> Result<(), String> {
     if let Some(s) = &args.sparse_size {
         options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
     }
-    let image = open_image(&args.image, &args.secret)?;
-    if is_same_file(&args.image, &args.output) {
+    let (image_path, image) = if args.image_opts {
+        open_image_opts(&args.image, &args.secret)?
+    } else {
+        (args.image.clone(), open_image(&args.image, &args.secret)?)
+    };
+    if is_same_file(&image_path, &args.output) {
         return Err(format!(
             "Could not create '{}': it is the image being converted",
             args.output.display()
@@ -133,6 +141,32 @@ pub(crate) fn open_image(
         .files(FilePolicy::Callback(Arc::new(open_checked)));
     let options = secret.apply(options)?;
     Qcow2::open_path_with(path, &options).map_err(|e| fail(&e))
+}
+
+/// Open an image named by `--image-opts` options, each layer of its chain with the secret its
+/// `encrypt.key-secret` names. Returns the image's path too.
+pub(crate) fn open_image_opts(
+    opts: &Path,
+    secret: &crate::secret::SecretArgs,
+) -> Result<(PathBuf, Qcow2<File>), String> {
+    let text = opts.to_str().ok_or("--image-opts options must be UTF-8")?;
+    let base = OpenOptions::new().allow_devices(true);
+    let (path, options) = secret.apply_image_opts(text, base)?;
+    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    check_readable(&path).map_err(|e| fail(&e))?;
+    let image = Qcow2::open_path_with(&path, &options).map_err(|e| fail(&e))?;
+    // QEMU: "Header reported 'luks' encryption format but options specify 'aes'".
+    let asked = text
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("encrypt.format="));
+    let found = image.encryption().map(|e| e.format);
+    if let Some(asked) = asked.filter(|a| Some(*a) != found) {
+        let found = found.unwrap_or("no");
+        return Err(fail(&format!(
+            "Header reported '{found}' encryption format but options specify '{asked}'"
+        )));
+    }
+    Ok((path, image))
 }
 
 /// Refuse what is not a regular file or a block device.
