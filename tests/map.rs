@@ -128,8 +128,11 @@ fn map_matches_qemu_img_on_every_fixture_with_its_chain() {
     let mut compared = 0;
     for name in common::fixture_images() {
         let Ok(image) = Qcow2::open_path(dir.join(&name)) else {
-            continue; // encrypted and corrupt images are refused on purpose
+            continue; // corrupt images are refused on purpose
         };
+        if image.encryption().is_some() {
+            continue; // qemu-img map needs the key: see tests/cli_map.rs
+        }
         let size = image.guest_size();
         assert_eq!(
             our_map(&image, 0..size),

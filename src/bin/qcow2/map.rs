@@ -25,6 +25,9 @@ pub struct Args {
     /// Accepted for compatibility (the image is only read).
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// Secrets of encrypted images (qemu-img opens them with their key or not at all).
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// The image.
     filename: PathBuf,
 }
@@ -63,8 +66,17 @@ fn map(args: &Args, out: &mut impl Write) -> Result<(), Failure> {
     if let Some(format) = args.format.as_deref().filter(|f| *f != "qcow2") {
         return Err(format!("unsupported image format '{format}': only qcow2").into());
     }
-    let image = Qcow2::open_path(&args.filename)
+    let options = args.secret.apply(qcow2::OpenOptions::new())?;
+    let image = Qcow2::open_path_with(&args.filename, &options)
         .map_err(|e| format!("could not open '{}': {e}", args.filename.display()))?;
+    if image.encryption().is_some() && !image.is_unlocked() {
+        return Err(format!(
+            "could not open '{}': the image is encrypted; give its secret \
+             (--object secret,id=ID,data=... or --secret-file PATH)",
+            args.filename.display()
+        )
+        .into());
+    }
     let reader = image.reader()?;
     let end = match args.max_length {
         Some(max) => args.start_offset.saturating_add(max),
