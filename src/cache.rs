@@ -36,7 +36,6 @@ impl<K: Hash + Eq, T, S: BuildHasher + Default> ByteLru<K, T, S> {
     }
 
     /// Whether `key` is cached, without changing the order.
-    #[cfg(test)]
     pub(crate) fn contains(&self, key: &K) -> bool {
         self.entries.contains(key)
     }

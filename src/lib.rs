@@ -97,6 +97,7 @@ mod limits;
 mod map;
 mod open;
 mod options;
+mod plan;
 mod prealloc;
 #[cfg(feature = "serde")]
 mod qjson;

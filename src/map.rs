@@ -15,8 +15,8 @@ use std::path::Path;
 use positioned_io::ReadAt;
 
 use crate::error::{Error, Result};
-use crate::extent::RunKind;
 use crate::holes::{HoleQuery, Region};
+use crate::plan::{Planner, SegmentKind};
 use crate::reader::Reader;
 
 /// QEMU counts file lengths in whole 512-byte sectors.
@@ -230,13 +230,15 @@ pub(crate) fn qcow2_layer_status<'a, I: ReadAt>(
     len: u64,
 ) -> Result<LayerStatus<'a>> {
     let image = reader.image();
-    let run = reader.run_at(pos, len)?;
+    let segment = Planner::new(reader).segment(pos, pos.saturating_add(len))?;
+    let kind = segment.kind;
+    let compressed = matches!(kind, SegmentKind::Compressed { .. });
     let mut status = LayerStatus {
-        len: run.len,
-        data: matches!(run.kind, RunKind::Data | RunKind::Compressed),
-        zero: run.kind == RunKind::Zero,
-        compressed: run.kind == RunKind::Compressed,
-        offset: run.host,
+        len: segment.len,
+        data: compressed || matches!(kind, SegmentKind::Data(_)),
+        zero: matches!(kind, SegmentKind::Zero(_)),
+        compressed,
+        offset: kind.host().map(|h| h.0),
         ..LayerStatus::default()
     };
     if status.offset.is_some() {

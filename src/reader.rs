@@ -9,10 +9,10 @@ use positioned_io::{ReadAt, Size};
 use crate::bytes::low_bits;
 use crate::compress::{self, ClusterCache};
 use crate::error::{Error, Result};
-use crate::header::{CompressionType, TABLE_ENTRY_LEN};
+use crate::header::CompressionType;
 use crate::image::{Backing, Qcow2};
-use crate::io::{be_u64_table, read_metadata, read_up_to};
-use crate::table::{self, Mapping};
+use crate::io::read_up_to;
+use crate::plan::{HostOffset, Planner, SegmentKind};
 
 /// Reads guest data of one image: the active disk, or an internal snapshot.
 ///
@@ -28,14 +28,6 @@ pub struct Reader<'a, I> {
     /// Where the last read ended: a read starting there is sequential, and reads ahead
     /// through compressed clusters.
     last_end: AtomicU64,
-}
-
-/// A stretch of guest bytes with one way of reading, being grown cluster by cluster.
-#[derive(Debug, Clone, Copy)]
-enum Run {
-    Data { host: u64 },
-    Zero,
-    Unallocated,
 }
 
 impl<'a, I: ReadAt> Reader<'a, I> {
@@ -72,116 +64,69 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         if let Some(crypt) = &self.image.crypt {
             crypt.check_unlocked()?;
         }
-        let geometry = &self.image.geometry;
-        let unit_bits = geometry.unit_bits();
-        let l2_bits = geometry.l2_bits();
         let end = pos.saturating_add(buf.len() as u64);
-        // A heuristic, so a plain load and store (no read-modify-write on the hot path): two
-        // threads racing on one reader at worst read ahead once too often or too rarely.
-        let sequential = self.last_end.load(Ordering::Relaxed) == pos;
-        self.last_end.store(end, Ordering::Relaxed);
+        let mut planner = Planner::new(self);
         let mut pending: Option<Pending> = None;
         let mut batch: Vec<CompressedPart> = Vec::new();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = pos.saturating_add(done as u64);
-            let table = self.l2_table(guest >> l2_bits)?;
-            // Walk units to the end of this L2 table's span or of the buffer.
-            let span_left = remaining_in_block(guest, l2_bits);
-            let stop = done.saturating_add(clamp_len(span_left, buf.len().saturating_sub(done)));
-            while done < stop {
-                let guest = pos.saturating_add(done as u64);
-                // Without an L2 table the whole span is one unallocated run.
-                let (mapping, unit) = match &table {
-                    None => (Mapping::Unallocated, l2_bits),
-                    Some((at, t)) => (self.mapping_in(t, *at, guest)?, unit_bits),
-                };
-                let len = clamp_len(remaining_in_block(guest, unit), stop.saturating_sub(done));
-                let run = match mapping {
-                    Mapping::Data { host_offset } => Run::Data {
-                        host: host_offset | low_bits(guest, unit_bits),
-                    },
-                    Mapping::Zero => Run::Zero,
-                    Mapping::Unallocated => Run::Unallocated,
-                    Mapping::Compressed {
-                        host_offset,
-                        len: input_len,
-                    } => {
-                        // Runs only grow by contiguous guest bytes: end the pending one here.
-                        self.flush(pending.take(), pos, buf)?;
-                        batch.push(CompressedPart {
-                            guest,
-                            host: host_offset,
-                            input_len,
-                            at: done,
-                            len,
-                        });
-                        if batch.len() >= COMPRESSED_BATCH {
-                            self.read_compressed(&mut batch, buf, false)?;
-                        }
-                        done = done.saturating_add(len);
-                        continue;
-                    }
-                };
+        let mut guest = pos;
+        while guest < end {
+            let segment = planner.segment(guest, end)?;
+            if segment.len == 0 {
+                return Err(Error::Internal("the planner made no progress"));
+            }
+            let at = usize::try_from(guest.saturating_sub(pos)).unwrap_or(usize::MAX);
+            let len = clamp_len(segment.len, buf.len().saturating_sub(at));
+            if let SegmentKind::Compressed { host, input_len } = segment.kind {
+                // Runs only grow by contiguous guest bytes: end the pending one here.
+                self.flush(pending.take(), pos, buf)?;
+                batch.push(CompressedPart {
+                    guest,
+                    host: host.0,
+                    input_len,
+                    at,
+                    len,
+                });
+                if batch.len() >= COMPRESSED_BATCH {
+                    self.read_compressed(&mut batch, buf, false)?;
+                }
+            } else {
                 pending = match pending.take() {
-                    Some(p) if p.continues_with(run) => Some(Pending {
+                    Some(p) if p.continues_with(segment.kind) => Some(Pending {
                         len: p.len.saturating_add(len),
                         ..p
                     }),
                     finished => {
                         self.flush(finished, pos, buf)?;
-                        Some(Pending { run, guest, len })
+                        Some(Pending {
+                            kind: segment.kind,
+                            guest,
+                            len,
+                        })
                     }
                 };
-                done = done.saturating_add(len);
             }
+            guest = guest.saturating_add(len as u64);
         }
-        self.read_compressed(&mut batch, buf, sequential)?;
+        if !batch.is_empty() {
+            // Only reads of compressed clusters keep track of where they ended: a store to
+            // a shared word on every read would serialise threads sharing a reader. A plain
+            // load and store (a heuristic): racing threads at worst read ahead once too often
+            // or too rarely.
+            let sequential = self.last_end.load(Ordering::Relaxed) == pos;
+            self.last_end.store(end, Ordering::Relaxed);
+            self.read_compressed(&mut batch, buf, sequential)?;
+        }
         self.flush(pending, pos, buf)
-    }
-
-    /// The L2 table covering L1 index `l1_index`, with its file offset; `None` if unallocated.
-    pub(crate) fn l2_table(&self, l1_index: u64) -> Result<Option<(u64, Arc<[u64]>)>> {
-        let Some(&entry) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
-            return Ok(None); // past the L1 table: unallocated, as QEMU reads it
-        };
-        let entry_at = self
-            .l1_offset
-            .saturating_add(l1_index.saturating_mul(TABLE_ENTRY_LEN));
-        let Some(offset) = table::l2_table_offset(entry, &self.image.geometry, entry_at)? else {
-            return Ok(None);
-        };
-        let cache = &self.image.l2_cache;
-        let key = (self.image.id, offset);
-        if let Some(t) = cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
-            return Ok(Some((offset, Arc::clone(t))));
-        }
-        let bytes = read_metadata(
-            &self.image.io,
-            offset,
-            self.image.cluster_size(),
-            "L2 table",
-        )?;
-        let t: Arc<[u64]> = be_u64_table(&bytes);
-        cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .put(key, Arc::clone(&t));
-        Ok(Some((offset, t)))
-    }
-
-    /// Decode the L2 entry for `guest` in `table` (found at file offset `at`).
-    pub(crate) fn mapping_in(&self, t: &[u64], at: u64, guest: u64) -> Result<Mapping> {
-        self.unit_in(t, at, guest).map(|(mapping, _)| mapping)
     }
 
     /// Entries in this reader's L1 table: every index from here on is unallocated.
     pub(crate) fn l1_len(&self) -> u64 {
         self.l1.len() as u64
+    }
+
+    /// File offset of this reader's L1 table, for errors.
+    pub(crate) fn l1_offset(&self) -> u64 {
+        self.l1_offset
     }
 
     /// The raw L1 entry at `index`, `None` past the table.
@@ -192,42 +137,22 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             .copied()
     }
 
-    /// [`Reader::mapping_in`], with the host offset of the unit whenever its cluster has one
-    /// (see [`table::decode_l2_with_host`]).
-    pub(crate) fn unit_in(&self, t: &[u64], at: u64, guest: u64) -> Result<(Mapping, Option<u64>)> {
-        let g = &self.image.geometry;
-        let index = low_bits(guest >> g.cluster_bits, g.index_bits) as usize;
-        let (entry, bitmap, word) = if g.extended_l2 {
-            let word = index.saturating_mul(2);
-            (t.get(word), t.get(word.saturating_add(1)), word)
-        } else {
-            (t.get(index), Some(&0), index)
-        };
-        let (Some(&entry), Some(&bitmap)) = (entry, bitmap) else {
-            return Err(Error::malformed("L2 index outside its table", at));
-        };
-        let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
-        let entry_at = at.saturating_add((word as u64).saturating_mul(TABLE_ENTRY_LEN));
-        let (mapping, unit_host) = table::decode_l2_with_host(entry, bitmap, sub, g, entry_at)?;
-        if g.external_data {
-            check_data_file_offset(unit_host, guest, g.unit_bits(), entry_at)?;
-        }
-        Ok((mapping, unit_host))
-    }
-
     /// Read a finished run into its part of `buf` (which starts at guest offset `pos`).
     fn flush(&self, pending: Option<Pending>, pos: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(Pending { run, guest, len }) = pending else {
+        let Some(Pending { kind, guest, len }) = pending else {
             return Ok(());
         };
         let out = part(buf, guest.saturating_sub(pos) as usize, len)?;
-        match run {
-            Run::Zero => out.fill(0),
-            Run::Data { host } => match &self.image.crypt {
+        match kind {
+            SegmentKind::Zero(_) => out.fill(0),
+            SegmentKind::Data(HostOffset(host)) => match &self.image.crypt {
                 Some(crypt) => self.read_encrypted(crypt, host, guest, out)?,
                 None => self.read_data(host, out)?,
             },
-            Run::Unallocated => self.read_unallocated(guest, out)?,
+            SegmentKind::Unallocated(_) => self.read_unallocated(guest, out)?,
+            SegmentKind::Compressed { .. } => {
+                return Err(Error::Internal("a compressed segment among plain runs"))
+            }
         }
         Ok(())
     }
@@ -393,27 +318,32 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     fn add_read_ahead(&self, clusters: &mut Vec<Cluster>, guest: u64) {
         let geometry = &self.image.geometry;
         let count = (READ_AHEAD_BYTES >> geometry.cluster_bits).max(1);
-        let Ok(Some((at, table))) = self.l2_table(guest >> geometry.l2_bits()) else {
-            return;
-        };
-        let first = (guest >> geometry.cluster_bits).saturating_add(1);
+        let first = (guest >> geometry.cluster_bits).saturating_add(1) << geometry.cluster_bits;
+        // Stay in this reader's guest and in this L2 table.
+        let table_end = (guest >> geometry.l2_bits()).saturating_add(1) << geometry.l2_bits();
+        let end = first
+            .saturating_add(count << geometry.cluster_bits)
+            .min(table_end);
+        let mut planner = Planner::new(self);
+        let mut next = first;
         let mut added = 0u64;
-        for index in first..first.saturating_add(count) {
-            let next = index << geometry.cluster_bits;
-            // Stay in this reader's guest and in this L2 table.
-            if next >= self.size || next >> geometry.l2_bits() != guest >> geometry.l2_bits() {
+        while next < end {
+            let Ok(segment) = planner.segment(next, end) else {
+                break;
+            };
+            if segment.len == 0 {
                 break;
             }
-            let (host_offset, len) = match self.mapping_in(&table, at, next) {
-                Ok(Mapping::Compressed { host_offset, len }) => (host_offset, len),
-                Ok(_) => continue, // mixed images: look past uncompressed clusters
-                Err(_) => break,
+            let at = next;
+            next = next.saturating_add(segment.len);
+            let SegmentKind::Compressed { host, input_len } = segment.kind else {
+                continue; // mixed images: look past uncompressed clusters
             };
-            if clusters.iter().any(|c| c.is(host_offset, len))
+            if clusters.iter().any(|c| c.is(host.0, input_len))
                 || self
                     .image
                     .compressed
-                    .get((self.image.id, host_offset, len))
+                    .get((self.image.id, host.0, input_len))
                     .is_some()
             {
                 if added == 0 {
@@ -423,13 +353,13 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 }
                 continue;
             }
-            let Ok(input) = self.compressed_input(host_offset, len) else {
+            let Ok(input) = self.compressed_input(host.0, input_len) else {
                 break;
             };
             clusters.push(Cluster {
-                host: host_offset,
-                input_len: len,
-                guest: next,
+                host: host.0,
+                input_len,
+                guest: at,
                 input,
                 data: None,
                 ahead: true,
@@ -553,45 +483,24 @@ fn decompress_all(
 /// A run being grown: how it reads, where it starts in the guest, how long it is.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    run: Run,
+    kind: SegmentKind,
     guest: u64,
     len: usize,
 }
 
 impl Pending {
-    /// Whether `next` continues this run without a gap in the file.
-    fn continues_with(&self, next: Run) -> bool {
-        match (self.run, next) {
-            (Run::Data { host: a }, Run::Data { host: b }) => {
-                a.checked_add(self.len as u64) == Some(b)
+    /// Whether `next` continues this run: data without a gap in the file (segments end at
+    /// L2 tables, data need not), zeros or unallocated whatever their host offsets.
+    fn continues_with(&self, next: SegmentKind) -> bool {
+        match (self.kind, next) {
+            (SegmentKind::Data(a), SegmentKind::Data(b)) => {
+                a.0.checked_add(self.len as u64) == Some(b.0)
             }
-            (Run::Zero, Run::Zero) | (Run::Unallocated, Run::Unallocated) => true,
+            (SegmentKind::Zero(_), SegmentKind::Zero(_))
+            | (SegmentKind::Unallocated(_), SegmentKind::Unallocated(_)) => true,
             _ => false,
         }
     }
-}
-
-/// With an external data file, guest and host offsets are the same (QEMU: "External data file
-/// host cluster offset ... does not match guest cluster offset"). QEMU checks every unit that
-/// has a host offset: data, preallocated zeros, unallocated subclusters of an allocated cluster.
-fn check_data_file_offset(
-    unit_host: Option<u64>,
-    guest: u64,
-    unit_bits: u32,
-    entry_at: u64,
-) -> Result<()> {
-    let Some(host_offset) = unit_host else {
-        return Ok(());
-    };
-    let guest_offset = guest ^ low_bits(guest, unit_bits);
-    if host_offset != guest_offset {
-        return Err(Error::DataFileOffsetMismatch {
-            host_offset,
-            guest_offset,
-            entry_at,
-        });
-    }
-    Ok(())
 }
 
 /// Bytes from `offset` to the end of its aligned block of `1 << bits` bytes.
@@ -629,7 +538,7 @@ impl<I: ReadAt> Size for Reader<'_, I> {
 
 #[cfg(all(test, feature = "zlib"))]
 mod tests {
-    use crate::table::Mapping;
+    use crate::plan::{Planner, SegmentKind};
     use crate::Qcow2;
     use positioned_io::ReadAt;
 
@@ -637,11 +546,11 @@ mod tests {
     fn compressed_clusters(bytes: &[u8]) -> Vec<(u64, u64)> {
         let image = Qcow2::open(bytes.to_vec()).unwrap();
         let reader = image.reader().unwrap();
-        let (at, table) = reader.l2_table(0).unwrap().unwrap();
+        let mut planner = Planner::new(&reader);
         (0..16u64)
             .map(|i| i << image.geometry.cluster_bits)
-            .filter_map(|g| match reader.mapping_in(&table, at, g).unwrap() {
-                Mapping::Compressed { host_offset, .. } => Some((host_offset, g)),
+            .filter_map(|g| match planner.segment(g, g + 1).unwrap().kind {
+                SegmentKind::Compressed { host, .. } => Some((host.0, g)),
                 _ => None,
             })
             .collect()

@@ -1,0 +1,474 @@
+//! The read planner: the one walk over the L1 and L2 tables. It turns a guest range into
+//! segments, each stored one way (data at a host offset, compressed, zeros, not here), and
+//! reads, [`Reader::extent_at`], the map and the read-ahead are all built on it.
+//!
+//! L2 tables are cached in slices of [`SLICE_BYTES`] (as QEMU does since 4.0): a point read
+//! costs one small read of metadata on a miss, and a walk reads the rest of a table at once.
+
+use std::sync::{Arc, PoisonError};
+
+use positioned_io::ReadAt;
+
+use crate::bytes::low_bits;
+use crate::error::{Error, Result};
+use crate::header::TABLE_ENTRY_LEN;
+use crate::io::{be_u64_table, read_metadata};
+use crate::reader::{remaining_in_block, Reader};
+use crate::table::{self, Geometry, Mapping};
+
+/// Bytes of an L2 table cached as one piece (or the whole table, when smaller).
+pub(crate) const SLICE_BYTES: u64 = 4096;
+
+/// Most units (clusters or subclusters) one segment spans, and most unallocated L2 tables:
+/// every call is bounded whatever the image holds; the segment is then cut short there.
+const MAX_UNITS_PER_SEGMENT: u64 = 1 << 16;
+const MAX_TABLES_PER_SEGMENT: u64 = 1 << 20;
+
+/// A byte offset in the guest disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct GuestOffset(pub u64);
+
+/// A byte offset in the image file, or in its external data file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct HostOffset(pub u64);
+
+impl HostOffset {
+    pub(crate) fn plus(self, n: u64) -> Self {
+        HostOffset(self.0.saturating_add(n))
+    }
+}
+
+/// How a segment is stored in this layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SegmentKind {
+    /// Stored as is from this host offset on.
+    Data(HostOffset),
+    /// Part of one compressed cluster, which decompresses from `input_len` bytes at `host`.
+    Compressed { host: HostOffset, input_len: u64 },
+    /// Reads as zeros; with the host offset of its first byte when its clusters have one
+    /// (preallocated), as `qemu-img map` reports.
+    Zero(Option<HostOffset>),
+    /// Not stored in this layer (the backing image decides); with a host offset when its
+    /// clusters have one (unallocated subclusters of an allocated cluster).
+    Unallocated(Option<HostOffset>),
+}
+
+impl SegmentKind {
+    fn of(mapping: Mapping, unit_host: Option<u64>) -> Self {
+        let host = unit_host.map(HostOffset);
+        match mapping {
+            Mapping::Data { host_offset } => SegmentKind::Data(HostOffset(host_offset)),
+            Mapping::Compressed { host_offset, len } => SegmentKind::Compressed {
+                host: HostOffset(host_offset),
+                input_len: len,
+            },
+            Mapping::Zero => SegmentKind::Zero(host),
+            Mapping::Unallocated => SegmentKind::Unallocated(host),
+        }
+    }
+
+    /// The host offset of the first byte, when there is one of its own (not compressed).
+    pub(crate) fn host(self) -> Option<HostOffset> {
+        match self {
+            SegmentKind::Data(h) => Some(h),
+            SegmentKind::Zero(h) | SegmentKind::Unallocated(h) => h,
+            SegmentKind::Compressed { .. } => None,
+        }
+    }
+
+    /// Whether `next`, found `gap` bytes after the start of a segment of this kind, is the
+    /// same kind with host offsets (where there are any) continuing without a jump.
+    pub(crate) fn continued_by(self, next: SegmentKind, gap: u64) -> bool {
+        let same_kind = std::mem::discriminant(&self) == std::mem::discriminant(&next);
+        let host_follows = match (self.host(), next.host()) {
+            (Some(a), Some(b)) => a.plus(gap) == b && a.0.checked_add(gap).is_some(),
+            (None, None) => true,
+            _ => false,
+        };
+        same_kind && host_follows && !matches!(self, SegmentKind::Compressed { .. })
+    }
+}
+
+/// Guest bytes from `start` on, stored one way, with host offsets contiguous where they have
+/// any, within one L2 table (unallocated L2 tables in a row make one segment); a compressed
+/// segment is (part of) one cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub start: GuestOffset,
+    /// Never 0 for a segment inside the guest.
+    pub len: u64,
+    pub kind: SegmentKind,
+}
+
+/// One cached piece of an L2 table.
+#[derive(Clone)]
+struct Slice {
+    /// L1 index of its table.
+    l1_index: u64,
+    /// The slice's number within its table.
+    number: u64,
+    /// File offset of its first entry, for errors.
+    at: u64,
+    words: Arc<[u64]>,
+}
+
+/// Walks the tables of one reader, keeping the L2 slice it is in, so that a walk looks the
+/// cache up once per slice, not once per cluster.
+pub(crate) struct Planner<'r, 'a, I> {
+    reader: &'r Reader<'a, I>,
+    geometry: Geometry,
+    slice: Option<Slice>,
+}
+
+impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
+    pub(crate) fn new(reader: &'r Reader<'a, I>) -> Self {
+        Planner {
+            reader,
+            geometry: reader.image().geometry,
+            slice: None,
+        }
+    }
+
+    /// The segment starting at guest offset `pos`, ending at `end` at the latest (clipped to
+    /// the guest). Empty (unallocated, length 0) at or past the end.
+    pub(crate) fn segment(&mut self, pos: u64, end: u64) -> Result<Segment> {
+        let end = end.min(self.reader.guest_size());
+        let start = GuestOffset(pos);
+        if pos >= end {
+            return Ok(Segment {
+                start,
+                len: 0,
+                kind: SegmentKind::Unallocated(None),
+            });
+        }
+        let g = self.geometry;
+        let l1_index = pos >> g.l2_bits();
+        let Some(table_at) = self.reader.l2_table_offset(l1_index)? else {
+            return Ok(self.unallocated_tables(start, l1_index, end));
+        };
+        let table_end = end.min(l1_index.saturating_add(1) << g.l2_bits());
+        let (mapping, unit_host) = self.unit(table_at, pos, table_end)?;
+        let kind = SegmentKind::of(mapping, unit_host);
+        if let SegmentKind::Compressed { .. } = kind {
+            // One cluster at a time, as QEMU reports and decompresses them.
+            let len = remaining_in_block(pos, g.cluster_bits).min(end.saturating_sub(pos));
+            return Ok(Segment { start, len, kind });
+        }
+        let unit_bits = g.unit_bits();
+        // The first unit's host offset, moved back to `pos` inside it.
+        let kind = match kind {
+            SegmentKind::Data(h) => SegmentKind::Data(h.plus(low_bits(pos, unit_bits))),
+            SegmentKind::Zero(h) => SegmentKind::Zero(h.map(|h| h.plus(low_bits(pos, unit_bits)))),
+            SegmentKind::Unallocated(h) => {
+                SegmentKind::Unallocated(h.map(|h| h.plus(low_bits(pos, unit_bits))))
+            }
+            compressed => compressed,
+        };
+        let mut cur = pos.saturating_add(remaining_in_block(pos, unit_bits));
+        for _ in 1..MAX_UNITS_PER_SEGMENT {
+            if cur >= table_end {
+                break;
+            }
+            if kind == SegmentKind::Unallocated(None) {
+                // Most of a sparse table is zero entries: step over them without decoding.
+                let zeros = self.zero_entries(table_at, cur, table_end)?;
+                if zeros > 0 {
+                    cur = cur.saturating_add(zeros << g.cluster_bits);
+                    continue;
+                }
+            }
+            let (mapping, unit_host) = self.unit(table_at, cur, table_end)?;
+            let next = SegmentKind::of(mapping, unit_host);
+            if !kind.continued_by(next, cur.saturating_sub(pos)) {
+                break;
+            }
+            cur = cur.saturating_add(1u64 << unit_bits);
+        }
+        Ok(Segment {
+            start,
+            len: cur.min(table_end).saturating_sub(pos),
+            kind,
+        })
+    }
+
+    /// The unallocated L2 tables from `l1_index` on, up to `end`, as one segment.
+    fn unallocated_tables(&self, start: GuestOffset, l1_index: u64, end: u64) -> Segment {
+        let l2_bits = self.geometry.l2_bits();
+        let mut next = l1_index.saturating_add(1);
+        while next << l2_bits < end
+            && next.saturating_sub(l1_index) < MAX_TABLES_PER_SEGMENT
+            && self.reader.l2_unallocated(next)
+        {
+            if next >= self.reader.l1_len() {
+                // Past the L1 table all is unallocated, up to any virtual size.
+                next = u64::MAX >> l2_bits;
+                break;
+            }
+            next = next.saturating_add(1);
+        }
+        let stop = (next << l2_bits).min(end);
+        Segment {
+            start,
+            len: stop.saturating_sub(start.0),
+            kind: SegmentKind::Unallocated(None),
+        }
+    }
+
+    /// Decode the unit at guest offset `guest` of the L2 table at `table_at`; `end` (inside
+    /// the same table) says how far the walk may go, for reading slices ahead.
+    fn unit(&mut self, table_at: u64, guest: u64, end: u64) -> Result<(Mapping, Option<u64>)> {
+        let g = self.geometry;
+        let index = low_bits(guest >> g.cluster_bits, g.index_bits);
+        let slice = self.slice_for(table_at, guest, end)?;
+        let word = words_per_entry(&g).saturating_mul(index.saturating_sub(first_index(slice, &g)));
+        let entry_at = slice
+            .at
+            .saturating_add(word.saturating_mul(TABLE_ENTRY_LEN));
+        let word = usize::try_from(word).unwrap_or(usize::MAX);
+        let entry = slice.words.get(word).copied();
+        let bitmap = match g.extended_l2 {
+            true => slice.words.get(word.saturating_add(1)).copied(),
+            false => Some(0),
+        };
+        let (Some(entry), Some(bitmap)) = (entry, bitmap) else {
+            return Err(Error::Internal("an L2 index lies outside its slice"));
+        };
+        let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
+        let (mapping, unit_host) = table::decode_l2_with_host(entry, bitmap, sub, &g, entry_at)?;
+        if g.external_data {
+            check_data_file_offset(unit_host, guest, g.unit_bits(), entry_at)?;
+        }
+        Ok((mapping, unit_host))
+    }
+
+    /// How many whole clusters from `pos` (a cluster boundary, or else none count) up to
+    /// `end` have all-zero L2 entries: plainly unallocated, standard or extended. Counts
+    /// within the current slice only; the caller asks again for the next.
+    fn zero_entries(&mut self, table_at: u64, pos: u64, end: u64) -> Result<u64> {
+        let g = self.geometry;
+        if low_bits(pos, g.cluster_bits) != 0 {
+            return Ok(0);
+        }
+        let slice = self.slice_for(table_at, pos, end)?;
+        let words = words_per_entry(&g);
+        let index = low_bits(pos >> g.cluster_bits, g.index_bits);
+        let from = words.saturating_mul(index.saturating_sub(first_index(slice, &g)));
+        let most = end.saturating_sub(pos) >> g.cluster_bits;
+        let to = from.saturating_add(most.saturating_mul(words));
+        let to = usize::try_from(to)
+            .unwrap_or(usize::MAX)
+            .min(slice.words.len());
+        let from = usize::try_from(from).unwrap_or(usize::MAX);
+        let span = slice.words.get(from..to).unwrap_or_default();
+        // One flat scan of words; an extended entry counts once both its words are zero.
+        let zero_words = span.iter().position(|&w| w != 0).unwrap_or(span.len());
+        Ok((zero_words as u64).checked_div(words).unwrap_or(0))
+    }
+
+    /// The slice holding the entry for `guest` of the table at `table_at`: the one kept, a
+    /// cached one, or read from the file together with the slices up to `end`'s.
+    fn slice_for(&mut self, table_at: u64, guest: u64, end: u64) -> Result<&Slice> {
+        let g = self.geometry;
+        let l1_index = guest >> g.l2_bits();
+        let number = slice_number(guest, &g);
+        let kept = self
+            .slice
+            .as_ref()
+            .is_some_and(|s| s.l1_index == l1_index && s.number == number);
+        if !kept {
+            let last = slice_number(end.saturating_sub(1).max(guest), &g).max(number);
+            self.slice = Some(self.reader.l2_slice(table_at, l1_index, number, last)?);
+        }
+        self.slice
+            .as_ref()
+            .ok_or(Error::Internal("no L2 slice after loading it"))
+    }
+}
+
+/// 64-bit words per L2 entry: two with extended L2 entries.
+fn words_per_entry(g: &Geometry) -> u64 {
+    if g.extended_l2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// log2 of the entries in one slice (the whole table when it is smaller than a slice).
+fn slice_entry_bits(g: &Geometry) -> u32 {
+    let per_slice = SLICE_BYTES / TABLE_ENTRY_LEN / words_per_entry(g);
+    per_slice.trailing_zeros().min(g.index_bits)
+}
+
+/// The number, within its L2 table, of the slice holding the entry for `guest`.
+fn slice_number(guest: u64, g: &Geometry) -> u64 {
+    low_bits(guest >> g.cluster_bits, g.index_bits) >> slice_entry_bits(g)
+}
+
+/// The L2 index of a slice's first entry.
+fn first_index(slice: &Slice, g: &Geometry) -> u64 {
+    slice.number << slice_entry_bits(g)
+}
+
+/// Bytes of one slice.
+fn slice_bytes(g: &Geometry) -> u64 {
+    TABLE_ENTRY_LEN
+        .saturating_mul(words_per_entry(g))
+        .saturating_mul(1 << slice_entry_bits(g))
+}
+
+impl<I: ReadAt> Reader<'_, I> {
+    /// The L2 table offset for L1 index `l1_index`; `None` if unallocated or past the table.
+    pub(crate) fn l2_table_offset(&self, l1_index: u64) -> Result<Option<u64>> {
+        let Some(entry) = self.l1_entry(l1_index) else {
+            return Ok(None); // past the L1 table: unallocated, as QEMU reads it
+        };
+        let entry_at = self
+            .l1_offset()
+            .saturating_add(l1_index.saturating_mul(TABLE_ENTRY_LEN));
+        table::l2_table_offset(entry, &self.image().geometry, entry_at)
+    }
+
+    /// Whether the L2 table for L1 index `index` is unallocated (an entry past the L1 table
+    /// is). A malformed entry is not: the next segment reports it.
+    fn l2_unallocated(&self, index: u64) -> bool {
+        match self.l1_entry(index) {
+            None => true,
+            Some(entry) => matches!(
+                table::l2_table_offset(entry, &self.image().geometry, 0),
+                Ok(None)
+            ),
+        }
+    }
+
+    /// Slice `number` of the L2 table at `table_at`, from the cache or else read from the
+    /// file, together with the slices after it up to `last` (cached for the walk to come).
+    fn l2_slice(&self, table_at: u64, l1_index: u64, number: u64, last: u64) -> Result<Slice> {
+        let image = self.image();
+        let g = &image.geometry;
+        let bytes = slice_bytes(g);
+        let at = table_at.saturating_add(number.saturating_mul(bytes));
+        let cache = &image.l2_cache;
+        let key = (image.id, at);
+        let cached = cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        if let Some(words) = cached {
+            return Ok(Slice {
+                l1_index,
+                number,
+                at,
+                words,
+            });
+        }
+        // Read ahead only the slices not cached yet, in one read.
+        let mut count = 1u64;
+        {
+            let cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+            while number.saturating_add(count) <= last
+                && !cache.contains(&(image.id, at.saturating_add(count.saturating_mul(bytes))))
+            {
+                count = count.saturating_add(1);
+            }
+        }
+        let raw = read_metadata(&image.io, at, count.saturating_mul(bytes), "L2 table")?;
+        let mut first = None;
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        // Inserted last to first, so that the one asked for is the most recently used.
+        for (i, piece) in raw
+            .chunks(usize::try_from(bytes).unwrap_or(usize::MAX))
+            .enumerate()
+            .rev()
+        {
+            let words = be_u64_table(piece);
+            let piece_at = at.saturating_add((i as u64).saturating_mul(bytes));
+            cache.put((image.id, piece_at), Arc::clone(&words));
+            if i == 0 {
+                first = Some(words);
+            }
+        }
+        let words = first.ok_or(Error::Internal("an L2 slice read came back empty"))?;
+        Ok(Slice {
+            l1_index,
+            number,
+            at,
+            words,
+        })
+    }
+}
+
+/// With an external data file, guest and host offsets are the same (QEMU: "External data file
+/// host cluster offset ... does not match guest cluster offset"). QEMU checks every unit that
+/// has a host offset: data, preallocated zeros, unallocated subclusters of an allocated cluster.
+fn check_data_file_offset(
+    unit_host: Option<u64>,
+    guest: u64,
+    unit_bits: u32,
+    entry_at: u64,
+) -> Result<()> {
+    let Some(host_offset) = unit_host else {
+        return Ok(());
+    };
+    let guest_offset = guest ^ low_bits(guest, unit_bits);
+    if host_offset != guest_offset {
+        return Err(Error::DataFileOffsetMismatch {
+            host_offset,
+            guest_offset,
+            entry_at,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry(cluster_bits: u32, extended_l2: bool) -> Geometry {
+        Geometry {
+            cluster_bits,
+            index_bits: cluster_bits - if extended_l2 { 4 } else { 3 },
+            extended_l2,
+            external_data: false,
+            pre_v3: false,
+        }
+    }
+
+    #[test]
+    fn slices_are_4_kib_or_the_whole_table() {
+        let g = geometry(16, false);
+        assert_eq!(slice_bytes(&g), 4096);
+        assert_eq!(slice_number(0, &g), 0);
+        // 512 entries of 64 KiB clusters: a slice maps 32 MiB of guest.
+        assert_eq!(slice_number((32 << 20) - 1, &g), 0);
+        assert_eq!(slice_number(32 << 20, &g), 1);
+        // The slice number restarts with every table (8192 entries: 512 MiB).
+        assert_eq!(slice_number(512 << 20, &g), 0);
+        // Extended entries are 16 bytes: 256 per slice.
+        let e = geometry(16, true);
+        assert_eq!(slice_bytes(&e), 4096);
+        assert_eq!(slice_number(256 << 16, &e), 1);
+        // 512-byte clusters: the table is one 512-byte slice.
+        let small = geometry(9, false);
+        assert_eq!(slice_bytes(&small), 512);
+        assert_eq!(slice_number(u64::MAX, &small), 0);
+    }
+
+    #[test]
+    fn segment_kinds_continue_only_with_contiguous_hosts() {
+        let data = SegmentKind::Data(HostOffset(0x10000));
+        assert!(data.continued_by(SegmentKind::Data(HostOffset(0x20000)), 0x10000));
+        assert!(!data.continued_by(SegmentKind::Data(HostOffset(0x30000)), 0x10000));
+        assert!(!data.continued_by(SegmentKind::Zero(None), 0x10000));
+        let zero = SegmentKind::Zero(None);
+        assert!(zero.continued_by(SegmentKind::Zero(None), 1 << 20));
+        assert!(!zero.continued_by(SegmentKind::Zero(Some(HostOffset(0))), 1 << 20));
+        let compressed = SegmentKind::Compressed {
+            host: HostOffset(0x10000),
+            input_len: 512,
+        };
+        assert!(!compressed.continued_by(compressed, 0));
+    }
+}
