@@ -296,8 +296,12 @@ fn words_per_entry(g: &Geometry) -> u64 {
 
 /// log2 of the entries in one slice (the whole table when it is smaller than a slice).
 fn slice_entry_bits(g: &Geometry) -> u32 {
-    let per_slice = SLICE_BYTES / TABLE_ENTRY_LEN / words_per_entry(g);
-    per_slice.trailing_zeros().min(g.index_bits)
+    // log2(4096 / 8) = 9 entries of one word, 8 of two.
+    let bits = SLICE_BYTES
+        .trailing_zeros()
+        .saturating_sub(TABLE_ENTRY_LEN.trailing_zeros());
+    let bits = bits.saturating_sub(words_per_entry(g).trailing_zeros());
+    bits.min(g.index_bits)
 }
 
 /// The number, within its L2 table, of the slice holding the entry for `guest`.
