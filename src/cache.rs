@@ -80,8 +80,11 @@ pub(crate) fn new_image_id() -> u64 {
 pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
+    /// The product's high half folded into its low half: the hash table picks buckets by the
+    /// low bits, and those of a product depend only on the low bits of the keys, which are
+    /// all zero for aligned offsets (every key would land in one probe sequence).
     fn finish(&self) -> u64 {
-        self.0
+        self.0 ^ (self.0 >> 32)
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
@@ -96,6 +99,18 @@ impl Hasher for KeyHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_offsets_hash_to_different_low_bits() {
+        let low_bits = |offset: u64| {
+            let mut h = KeyHasher::default();
+            (7u64, offset).hash(&mut h);
+            h.finish() & 0xfff
+        };
+        let distinct: std::collections::HashSet<u64> =
+            (0..256u64).map(|i| low_bits(i << 16)).collect();
+        assert!(distinct.len() > 200, "{} distinct of 256", distinct.len());
+    }
 
     #[test]
     fn stays_within_its_budget_in_bytes() {

@@ -111,8 +111,8 @@ pub(crate) enum Backing {
     Zeros,
 }
 
-/// L2 tables by (image id, file offset), within a byte budget shared by a backing chain.
-pub(crate) type L2Cache = ByteLru<(u64, u64), u64>;
+/// L2 table slices, as stored, by (image id, file offset), within a byte budget shared by a backing chain.
+pub(crate) type L2Cache = ByteLru<(u64, u64), u8>;
 
 /// An opened qcow2 image.
 ///

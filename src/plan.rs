@@ -9,10 +9,11 @@ use std::sync::{Arc, PoisonError};
 
 use positioned_io::ReadAt;
 
+use crate::bytes::be_u64;
 use crate::bytes::low_bits;
 use crate::error::{Error, Result};
 use crate::header::TABLE_ENTRY_LEN;
-use crate::io::{be_u64_table, read_metadata};
+use crate::io::read_metadata;
 use crate::reader::{remaining_in_block, Reader};
 use crate::table::{self, Geometry, Mapping};
 
@@ -109,7 +110,17 @@ struct Slice {
     number: u64,
     /// File offset of its first entry, for errors.
     at: u64,
-    words: Arc<[u64]>,
+    /// The entries as stored (big-endian): decoding only the entries looked at costs less
+    /// than converting every table read.
+    bytes: Arc<[u8]>,
+}
+
+impl Slice {
+    /// The 64-bit word at `index`.
+    fn word(&self, index: u64) -> Option<u64> {
+        let at = usize::try_from(index.checked_mul(TABLE_ENTRY_LEN)?).ok()?;
+        be_u64(&self.bytes, at)
+    }
 }
 
 /// Walks the tables of one reader, keeping the L2 slice it is in, so that a walk looks the
@@ -224,10 +235,9 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let entry_at = slice
             .at
             .saturating_add(word.saturating_mul(TABLE_ENTRY_LEN));
-        let word = usize::try_from(word).unwrap_or(usize::MAX);
-        let entry = slice.words.get(word).copied();
+        let entry = slice.word(word);
         let bitmap = match g.extended_l2 {
-            true => slice.words.get(word.saturating_add(1)).copied(),
+            true => slice.word(word.saturating_add(1)),
             false => Some(0),
         };
         let (Some(entry), Some(bitmap)) = (entry, bitmap) else {
@@ -250,19 +260,20 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             return Ok(0);
         }
         let slice = self.slice_for(table_at, pos, end)?;
-        let words = words_per_entry(&g);
+        let entry_bytes = TABLE_ENTRY_LEN.saturating_mul(words_per_entry(&g));
         let index = low_bits(pos >> g.cluster_bits, g.index_bits);
-        let from = words.saturating_mul(index.saturating_sub(first_index(slice, &g)));
+        let from = entry_bytes.saturating_mul(index.saturating_sub(first_index(slice, &g)));
         let most = end.saturating_sub(pos) >> g.cluster_bits;
-        let to = from.saturating_add(most.saturating_mul(words));
+        let to = from.saturating_add(most.saturating_mul(entry_bytes));
         let to = usize::try_from(to)
             .unwrap_or(usize::MAX)
-            .min(slice.words.len());
+            .min(slice.bytes.len());
         let from = usize::try_from(from).unwrap_or(usize::MAX);
-        let span = slice.words.get(from..to).unwrap_or_default();
-        // One flat scan of words; an extended entry counts once both its words are zero.
-        let zero_words = span.iter().position(|&w| w != 0).unwrap_or(span.len());
-        Ok((zero_words as u64).checked_div(words).unwrap_or(0))
+        let span = slice.bytes.get(from..to).unwrap_or_default();
+        // An extended entry counts once both its words are zero.
+        Ok((leading_zero_bytes(span) as u64)
+            .checked_div(entry_bytes)
+            .unwrap_or(0))
     }
 
     /// The slice holding the entry for `guest` of the table at `table_at`: the one kept, a
@@ -283,6 +294,26 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             .as_ref()
             .ok_or(Error::Internal("no L2 slice after loading it"))
     }
+}
+
+/// How many bytes `span` starts with that are zero: whole blocks are tested at once (an OR
+/// over a block, which the compiler vectorises; an early exit per byte would not be), then bytes within the first block that is not all zero.
+fn leading_zero_bytes(span: &[u8]) -> usize {
+    const BLOCK: usize = 64;
+    let blocks = span
+        .chunks(BLOCK)
+        .position(|b| b.iter().fold(0u8, |acc, &x| acc | x) != 0);
+    let Some(block) = blocks else {
+        return span.len();
+    };
+    let start = block.saturating_mul(BLOCK);
+    let within = span
+        .get(start..)
+        .unwrap_or_default()
+        .iter()
+        .position(|&x| x != 0)
+        .unwrap_or(0);
+    start.saturating_add(within)
 }
 
 /// 64-bit words per L2 entry: two with extended L2 entries.
@@ -359,12 +390,12 @@ impl<I: ReadAt> Reader<'_, I> {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
             .cloned();
-        if let Some(words) = cached {
+        if let Some(bytes) = cached {
             return Ok(Slice {
                 l1_index,
                 number,
                 at,
-                words,
+                bytes,
             });
         }
         // Read ahead only the slices not cached yet, in one read.
@@ -386,19 +417,19 @@ impl<I: ReadAt> Reader<'_, I> {
             .enumerate()
             .rev()
         {
-            let words = be_u64_table(piece);
+            let piece: Arc<[u8]> = Arc::from(piece);
             let piece_at = at.saturating_add((i as u64).saturating_mul(bytes));
-            cache.put((image.id, piece_at), Arc::clone(&words));
+            cache.put((image.id, piece_at), Arc::clone(&piece));
             if i == 0 {
-                first = Some(words);
+                first = Some(piece);
             }
         }
-        let words = first.ok_or(Error::Internal("an L2 slice read came back empty"))?;
+        let bytes = first.ok_or(Error::Internal("an L2 slice read came back empty"))?;
         Ok(Slice {
             l1_index,
             number,
             at,
-            words,
+            bytes,
         })
     }
 }
@@ -458,6 +489,17 @@ mod tests {
         let small = geometry(9, false);
         assert_eq!(slice_bytes(&small), 512);
         assert_eq!(slice_number(u64::MAX, &small), 0);
+    }
+
+    #[test]
+    fn leading_zero_bytes_finds_the_first_non_zero_byte() {
+        let mut span = vec![0u8; 300];
+        assert_eq!(leading_zero_bytes(&span), 300);
+        assert_eq!(leading_zero_bytes(&[]), 0);
+        span[130] = 1;
+        assert_eq!(leading_zero_bytes(&span), 130);
+        span[3] = 9;
+        assert_eq!(leading_zero_bytes(&span), 3);
     }
 
     #[test]

@@ -65,9 +65,20 @@ fn read_range(
     start: u64,
     end: u64,
     bs: usize,
+    read: impl FnMut(u64, &mut [u8]) -> Res<()>,
+) -> Res<u64> {
+    read_range_with(&mut vec![0u8; bs], start, end, read)
+}
+
+/// [`read_range`] in pieces the size of `buf`, which a walk reuses for every extent (a fresh
+/// 1 MiB buffer per 64 KiB extent would cost more than the reads).
+fn read_range_with(
+    buf: &mut [u8],
+    start: u64,
+    end: u64,
     mut read: impl FnMut(u64, &mut [u8]) -> Res<()>,
 ) -> Res<u64> {
-    let mut buf = vec![0u8; bs];
+    let bs = buf.len();
     let mut sum = 0u64;
     let mut pos = start;
     while pos < end {
@@ -127,12 +138,13 @@ fn seq_raw(file: &Path, bs: usize) -> Res<u64> {
 fn map_crate(img: &Path, read: bool) -> Res<u64> {
     let image = Qcow2::open_path(img)?;
     let reader = image.reader()?;
+    let mut buf = vec![0u8; MIB as usize];
     let mut sum = 0u64;
     let mut pos = 0;
     while let Some(e) = reader.extent_at(pos)? {
         let stored = matches!(e.kind, ExtentKind::Data { .. } | ExtentKind::Compressed);
         if read && stored {
-            let part = read_range(e.start, e.start + e.length, MIB as usize, |p, buf| {
+            let part = read_range_with(&mut buf, e.start, e.start + e.length, |p, buf| {
                 Ok(reader.read_exact_at(p, buf)?)
             })?;
             sum = sum.wrapping_add(part);
@@ -148,6 +160,7 @@ fn map_crate(img: &Path, read: bool) -> Res<u64> {
 fn map_imago(img: &Path, read: bool) -> Res<u64> {
     let image = imago_open(img)?;
     let size = image.size();
+    let mut buf = vec![0u8; MIB as usize];
     let mut sum = 0u64;
     let mut pos = 0;
     while pos < size {
@@ -162,9 +175,7 @@ fn map_imago(img: &Path, read: bool) -> Res<u64> {
             return Err(format!("imago: empty mapping at {pos:#x}").into());
         }
         if read && stored {
-            let part = read_range(pos, pos + len, MIB as usize, |p, buf| {
-                Ok(image.read(buf, p)?)
-            })?;
+            let part = read_range_with(&mut buf, pos, pos + len, |p, buf| Ok(image.read(buf, p)?))?;
             sum = sum.wrapping_add(part);
         } else if !read {
             sum += 1;
