@@ -17,7 +17,7 @@ use crate::io::{be_u64_table, check_within, read_metadata, read_up_to};
 use crate::limits::Limits;
 use crate::map::{self, LayerStatus};
 use crate::options::OpenOptions;
-use crate::reader::Reader;
+use crate::reader::{ReadState, Reader};
 use crate::snapshot::{self, Snapshot};
 use crate::table::Geometry;
 
@@ -141,6 +141,9 @@ pub struct Qcow2<I> {
     /// This image's key in the caches it shares with the rest of its backing chain.
     pub(crate) id: u64,
     pub(crate) l2_cache: Arc<Mutex<L2Cache>>,
+    /// The read state of the reads an overlay makes through this image (its backing file):
+    /// kept across them, so sequential reads through an overlay read ahead.
+    pub(crate) chain_state: ReadState,
     pub(crate) compressed: Arc<ClusterCache>,
     pub(crate) backing: Option<Backing>,
     pub(crate) data_file: Option<Box<dyn ReadAt + Send + Sync>>,
@@ -206,6 +209,7 @@ impl<I: ReadAt> Qcow2<I> {
             bitmaps,
             id: new_image_id(),
             l2_cache: Arc::new(Mutex::new(L2Cache::new(limits.l2_cache_bytes))),
+            chain_state: ReadState::new(),
             compressed: Arc::new(ClusterCache::new()),
             backing: None,
             data_file: None,
@@ -475,7 +479,7 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
         Qcow2::share_caches(self, l2, compressed);
     }
     fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        let reader = self.reader()?;
+        let reader = self.reader()?.with_state(&self.chain_state);
         let in_image = self.guest_size().saturating_sub(pos).min(buf.len() as u64) as usize;
         let (inside, past) = buf.split_at_mut(in_image);
         reader.read_guest(pos, inside)?;

@@ -5,7 +5,7 @@
 //! L2 tables are cached in slices of [`SLICE_BYTES`] (as QEMU does since 4.0): a point read
 //! costs one small read of metadata on a miss, and a walk reads the rest of a table at once.
 
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use positioned_io::ReadAt;
 
@@ -120,6 +120,41 @@ impl Slice {
     fn word(&self, index: u64) -> Option<u64> {
         let at = usize::try_from(index.checked_mul(TABLE_ENTRY_LEN)?).ok()?;
         be_u64(&self.bytes, at)
+    }
+}
+
+/// log2 of the slots of [`NearSlices`]: a reader keeps at most this many slices of its own
+/// (64 KiB at most).
+const NEAR_SLOT_BITS: u32 = 4;
+const NEAR_SLOTS: usize = 1 << NEAR_SLOT_BITS;
+
+/// The slices one reader used last, by slot (direct-mapped by slice offset). A thread that
+/// reads through its own reader finds them under a lock nobody else takes, so threads
+/// reading one image with a reader each do not contend on the shared cache.
+#[derive(Default)]
+pub(crate) struct NearSlices {
+    slots: Mutex<[Option<Slice>; NEAR_SLOTS]>,
+}
+
+impl NearSlices {
+    fn slot(at: u64, g: &Geometry) -> usize {
+        low_bits(at >> slice_bytes(g).trailing_zeros(), NEAR_SLOT_BITS) as usize
+    }
+
+    /// The slice at file offset `at`, if kept (and the lock free: a reader shared by threads
+    /// falls back to the shared cache rather than wait).
+    fn get(&self, at: u64, g: &Geometry) -> Option<Slice> {
+        let slots = self.slots.try_lock().ok()?;
+        let slice = slots.get(Self::slot(at, g))?.as_ref()?;
+        (slice.at == at).then(|| slice.clone())
+    }
+
+    fn put(&self, slice: &Slice, g: &Geometry) {
+        if let Ok(mut slots) = self.slots.try_lock() {
+            if let Some(slot) = slots.get_mut(Self::slot(slice.at, g)) {
+                *slot = Some(slice.clone());
+            }
+        }
     }
 }
 
@@ -287,8 +322,22 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             .as_ref()
             .is_some_and(|s| s.l1_index == l1_index && s.number == number);
         if !kept {
-            let last = slice_number(end.saturating_sub(1).max(guest), &g).max(number);
-            self.slice = Some(self.reader.l2_slice(table_at, l1_index, number, last)?);
+            let at = table_at.saturating_add(number.saturating_mul(slice_bytes(&g)));
+            let near = &self.reader.state().near;
+            let slice = match near.get(at, &g) {
+                Some(slice) => Slice {
+                    l1_index,
+                    number,
+                    ..slice
+                },
+                None => {
+                    let last = slice_number(end.saturating_sub(1).max(guest), &g).max(number);
+                    let slice = self.reader.l2_slice(table_at, l1_index, number, last)?;
+                    near.put(&slice, &g);
+                    slice
+                }
+            };
+            self.slice = Some(slice);
         }
         self.slice
             .as_ref()

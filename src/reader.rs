@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::header::CompressionType;
 use crate::image::{Backing, Qcow2};
 use crate::io::read_up_to;
-use crate::plan::{HostOffset, Planner, SegmentKind};
+use crate::plan::{HostOffset, NearSlices, Planner, SegmentKind};
 
 /// Reads guest data of one image: the active disk, or an internal snapshot.
 ///
@@ -25,9 +25,34 @@ pub struct Reader<'a, I> {
     /// File offset of that L1 table (the active one's, or a snapshot's), for errors.
     l1_offset: u64,
     size: u64,
-    /// Where the last read ended: a read starting there is sequential, and reads ahead
-    /// through compressed clusters.
+    state: State<'a>,
+}
+
+/// What a reader remembers between reads: where the last one ended, and the L2 slices it
+/// used last. A reader's own, or its image's for the reads an overlay makes through it.
+#[derive(Default)]
+pub(crate) struct ReadState {
+    /// Where the last read of compressed clusters ended: a read starting there is
+    /// sequential, and reads ahead.
     last_end: AtomicU64,
+    /// The slices this reader used last: found again without the shared cache's lock.
+    pub(crate) near: NearSlices,
+}
+
+impl ReadState {
+    pub(crate) fn new() -> Self {
+        ReadState {
+            last_end: AtomicU64::new(u64::MAX),
+            near: NearSlices::default(),
+        }
+    }
+}
+
+// A reader's own state is the common case: boxing it would allocate for every reader.
+#[allow(clippy::large_enum_variant)]
+enum State<'a> {
+    Own(ReadState),
+    Shared(&'a ReadState),
 }
 
 impl<'a, I: ReadAt> Reader<'a, I> {
@@ -37,7 +62,21 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             l1,
             l1_offset,
             size,
-            last_end: AtomicU64::new(u64::MAX),
+            state: State::Own(ReadState::new()),
+        }
+    }
+
+    /// A reader of the active image that keeps its state in `state`, which outlives it: the
+    /// reads an overlay makes through its backing image go on where the last one ended.
+    pub(crate) fn with_state(mut self, state: &'a ReadState) -> Self {
+        self.state = State::Shared(state);
+        self
+    }
+
+    pub(crate) fn state(&self) -> &ReadState {
+        match &self.state {
+            State::Own(state) => state,
+            State::Shared(state) => state,
         }
     }
 
@@ -112,8 +151,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             // a shared word on every read would serialise threads sharing a reader. A plain
             // load and store (a heuristic): racing threads at worst read ahead once too often
             // or too rarely.
-            let sequential = self.last_end.load(Ordering::Relaxed) == pos;
-            self.last_end.store(end, Ordering::Relaxed);
+            let last_end = &self.state().last_end;
+            let sequential = last_end.load(Ordering::Relaxed) == pos;
+            last_end.store(end, Ordering::Relaxed);
             self.read_compressed(&mut batch, buf, sequential)?;
         }
         self.flush(pending, pos, buf)
