@@ -118,7 +118,9 @@ pub(crate) type L2Cache = ByteLru<(u64, u64), u8>;
 ///
 /// Opening reads and validates the header, its extensions, the active L1 table, the snapshot
 /// table and the bitmap directory; [`Qcow2::reader`] then reads guest data. All readers of one
-/// image share its L2 table cache, and any number of threads may read at once.
+/// image share its L2 table cache, and any number of threads may read at once. Readers are
+/// cheap: give each thread its own (a reader shared by threads works too, but its threads
+/// then contend for what it remembers between reads).
 ///
 /// ```
 /// use positioned_io::ReadAt;

@@ -37,8 +37,11 @@ pub struct Limits {
     /// per table (`BME_MAX_PHYS_SIZE` over a 512-byte cluster, 8 bytes an entry).
     pub max_bitmap_table_bytes: u64,
     /// Bytes of L2 tables kept in memory for an image and its whole backing chain, which
-    /// share one cache (at least one table is always kept). Decompressed clusters have a
-    /// budget of their own, 8 MiB per chain.
+    /// share one cache of 4 KiB slices (at least one slice is always kept; QEMU's default is
+    /// 32 MiB too). Each [`Reader`](crate::Reader), and each image of a chain for the reads
+    /// made through it, also keeps the last 16 slices it used (64 KiB at most), so that
+    /// threads with a reader each do not contend for the shared cache. Decompressed clusters
+    /// have a budget of their own, 8 MiB per chain.
     pub l2_cache_bytes: u64,
     /// Most PBKDF2 iterations unlocking one LUKS image may run, over every key slot it tries
     /// (QEMU's own images need a few million at most).
