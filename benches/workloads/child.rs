@@ -38,7 +38,11 @@ pub fn main(args: &[String]) -> Res<()> {
         "map-imago" => map_imago(Path::new(arg(1)?), arg(2)? == "read")?,
         "rand-crate" => rand_crate(Path::new(arg(1)?), Path::new(arg(2)?), num(3)? as usize)?,
         "rand-imago" => rand_imago(Path::new(arg(1)?), Path::new(arg(2)?))?,
-        "rand-raw" => rand_raw(Path::new(arg(1)?), Path::new(arg(2)?))?,
+        "rand-raw" => rand_raw(
+            Path::new(arg(1)?),
+            Path::new(arg(2)?),
+            arg(3).map_or(Ok(1), |n| n.parse())?,
+        )?,
         // Nothing: the peak RSS of a child before any work, for reference.
         "noop" => 0,
         other => return Err(format!("child: unknown workload {other}").into()),
@@ -242,15 +246,29 @@ fn rand_imago(img: &Path, offsets: &Path) -> Res<u64> {
     Ok(sum)
 }
 
-/// The baseline: a `pread` loop on the raw file at the same offsets.
-fn rand_raw(file: &Path, offsets: &Path) -> Res<u64> {
+/// The baseline: a `pread` loop on the raw file at the same offsets, by `threads` threads
+/// (each every `threads`-th offset).
+fn rand_raw(file: &Path, offsets: &Path, threads: usize) -> Res<u64> {
     let offsets = read_offsets(offsets)?;
     let f = File::open(file)?;
-    let mut buf = vec![0u8; RANDOM_READ];
-    let mut sum = 0u64;
-    for o in offsets {
-        FileExt::read_exact_at(&f, &mut buf, o)?;
-        sum = sum.wrapping_add(sample(&buf));
-    }
-    Ok(sum)
+    let (f, offsets) = (&f, &offsets);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut buf = vec![0u8; RANDOM_READ];
+                    let mut sum = 0u64;
+                    for &o in offsets.iter().skip(t).step_by(threads) {
+                        FileExt::read_exact_at(f, &mut buf, o).map_err(|e| e.to_string())?;
+                        sum = sum.wrapping_add(sample(&buf));
+                    }
+                    Ok::<u64, String>(sum)
+                })
+            })
+            .collect();
+        parts.into_iter().try_fold(0u64, |sum, p| {
+            let part = p.join().map_err(|_| "a reading thread panicked")??;
+            Ok(sum.wrapping_add(part))
+        })
+    })
 }

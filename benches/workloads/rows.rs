@@ -358,7 +358,7 @@ fn rand_plain(cfg: &Config) -> Res<Workload> {
             )
             .class("random"),
             Contestant::child(
-                "crate: 2 threads sharing one image",
+                "crate: 2 threads, a reader each",
                 w,
                 &["rand-crate", s(&img), s(&offs), "2"],
             )
@@ -371,10 +371,17 @@ fn rand_plain(cfg: &Config) -> Res<Workload> {
                 &["rand-crate", s(&img), s(&stride), "1"],
             ),
             qemu_bench(cfg, &img, n, 64, step),
+            Contestant::child(
+                "raw: pread loop, 2 threads",
+                w,
+                &["rand-raw", s(&raw), s(&offs), "2"],
+            )
+            .class("random"),
         ],
         baseline: 0,
         ratios: vec![
             ("crate IOPS 2 threads / 1 thread".into(), 2, 1),
+            ("raw pread IOPS 2 threads / 1 thread".into(), 6, 0),
             ("crate / imago".into(), 1, 3),
             ("crate (qemu's stride) / qemu-img bench -d 64".into(), 4, 5),
         ],
