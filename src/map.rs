@@ -238,7 +238,8 @@ pub(crate) fn qcow2_layer_status<'a, I: ReadAt>(
         data: compressed || matches!(kind, SegmentKind::Data(_)),
         zero: matches!(kind, SegmentKind::Zero(_)),
         compressed,
-        offset: kind.host().map(|h| h.0),
+        // QEMU gives no offset for encrypted data: the file holds ciphertext there.
+        offset: kind.host().filter(|_| image.crypt.is_none()).map(|h| h.0),
         ..LayerStatus::default()
     };
     if status.offset.is_some() {

@@ -322,3 +322,44 @@ fn header_with_backing(name: &str) -> Vec<u8> {
     h[112..112 + name.len()].copy_from_slice(name.as_bytes());
     h
 }
+
+/// An encrypted image with its secret: QEMU gives no host offsets for encrypted data (the
+/// file holds ciphertext there), so the human format, which lists offsets, fails as
+/// qemu-img's does and the JSON one has no `offset` for data.
+#[test]
+fn encrypted_data_has_no_host_offset() {
+    let Some(qemu) = Qemu::find_or_skip("encrypted_data_has_no_host_offset") else {
+        return;
+    };
+    let dir = common::fixtures_dir().join("encrypted");
+    let name = "luks-aes-256-xts-plain64-sha256.qcow2";
+    let secret = "secret,id=s0,data=abc";
+    let opts = format!("driver=qcow2,file.filename={name},encrypt.key-secret=s0");
+    for output in ["--output=json", "--output=human"] {
+        let theirs = run_in(
+            &dir,
+            &qemu.img,
+            &["map", output, "--object", secret, "--image-opts", &opts],
+        );
+        let ours = run_in(
+            &dir,
+            Path::new(BIN),
+            &["map", output, "--object", secret, name],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&theirs.stdout),
+            "stdout of map {output} differs\nqemu-img stderr: {}",
+            String::from_utf8_lossy(&theirs.stderr)
+        );
+        assert_eq!(ours.status.success(), theirs.status.success(), "{output}");
+    }
+    let json = run_in(
+        &dir,
+        Path::new(BIN),
+        &["map", "--output=json", "--object", secret, name],
+    );
+    let text = String::from_utf8_lossy(&json.stdout);
+    assert!(text.contains("\"data\": true"), "{text}");
+    assert!(!text.contains("offset"), "{text}");
+}
