@@ -332,6 +332,33 @@ pub fn compressed_cluster(input: &[u8], cluster_bits: u32, zstd: bool) -> Result
     })
 }
 
+/// The reader's decoder of compressed clusters, kept from call to call as the reader keeps
+/// it (benches/inflate.rs times it against other decoders).
+pub struct ClusterDecoder(Decompressor);
+
+impl Default for ClusterDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClusterDecoder {
+    /// A decoder whose state is made on first use.
+    pub fn new() -> Self {
+        ClusterDecoder(Decompressor::new())
+    }
+
+    /// Decompress `input` (zstd, else zlib) to fill `out` exactly, as the reader does.
+    pub fn decode(&mut self, zstd: bool, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+        let kind = if zstd {
+            CompressionType::Zstd
+        } else {
+            CompressionType::Zlib
+        };
+        self.0.decompress(kind, input, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
