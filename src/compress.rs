@@ -177,7 +177,7 @@ impl Decompressor {
 
     /// QEMU's inflate, step for step, with zlib-rs.
     #[cfg(feature = "zlib")]
-    fn inflate_as_zlib(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    pub(crate) fn inflate_as_zlib(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), String> {
         use flate2::{Decompress, FlushDecompress, Status};
         // Raw deflate, no zlib header: QEMU compresses with windowBits -12 (the window size
         // does not matter to a one-shot inflate: every distance points into `out`).
