@@ -1,7 +1,8 @@
 //! Decompression of compressed clusters (spec: "Compressed Clusters Descriptor").
 //!
-//! A compressed cluster must decompress to exactly one cluster, as QEMU requires; the input
-//! may carry trailing bytes (the rest of its last 512-byte sector), which are ignored.
+//! A compressed cluster must fill exactly one cluster, as QEMU requires (a deflate stream may
+//! run on past it, and is cut there, as QEMU cuts it; a zstd frame may not); the input may
+//! carry trailing bytes (the rest of its last 512-byte sector), which are ignored.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -263,6 +264,37 @@ mod tests {
         let mut too_big = vec![0; 8192];
         assert!(decompress(CompressionType::Zlib, &compressed, &mut too_big).is_err());
         assert!(decompress(CompressionType::Zlib, &[0xff; 64], &mut out).is_err());
+    }
+
+    /// What libdeflate refuses, zlib decides: a stream running past the cluster is read (cut
+    /// to the cluster), as QEMU's single `inflate(Z_FINISH)` reads it; one ending short is not.
+    #[cfg(feature = "zlib")]
+    #[test]
+    fn deflate_stream_longer_than_the_cluster_is_cut() {
+        use flate2::{write::DeflateEncoder, Compression};
+        use std::io::Write;
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let mut enc = DeflateEncoder::new(Vec::new(), Compression::default());
+        enc.write_all(&data).unwrap();
+        let compressed = enc.finish().unwrap();
+        let mut decoder = Decompressor::new();
+        for size in [512, 4096, 16384] {
+            let mut out = vec![0; size];
+            decoder
+                .decompress(CompressionType::Zlib, &compressed, &mut out)
+                .unwrap();
+            assert_eq!(out, data[..size]);
+        }
+        let mut exact = vec![0; data.len()];
+        decoder
+            .decompress(CompressionType::Zlib, &compressed, &mut exact)
+            .unwrap();
+        assert_eq!(exact, data);
+        let mut short = vec![0; 32768];
+        let err = decoder
+            .decompress(CompressionType::Zlib, &compressed, &mut short)
+            .unwrap_err();
+        assert_eq!(err, "deflate stream gave 20000 of 32768 bytes");
     }
 
     #[cfg(feature = "zstd")]
