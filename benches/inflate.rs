@@ -338,6 +338,16 @@ fn buffer_makers() -> Vec<(&'static str, Decode)> {
                 Ok(())
             }),
         ),
+        (
+            "Arc::from(&ZEROS[..64 KiB]), then get_mut",
+            Box::new(move |_: &[u8], _: &mut [u8]| {
+                static ZEROS: [u8; 2 << 20] = [0; 2 << 20];
+                let mut a: Arc<[u8]> = Arc::from(&ZEROS[..CLUSTER]);
+                std::hint::black_box(Arc::get_mut(&mut a).ok_or("shared")?);
+                keep(a);
+                Ok(())
+            }),
+        ),
     ];
     makers
 }
