@@ -169,7 +169,7 @@ impl Decompressor {
     /// one `inflate(Z_FINISH)` into the cluster, a success when it fills the cluster, whether
     /// or not the stream ends there).
     ///
-    /// libdeflate's one-shot decoder, about a fifth faster here, answers the common case: a
+    /// libdeflate's one-shot decoder, a fifth less time here, answers the common case: a
     /// stream that ends exactly at the end of the cluster, or (an error either way) short of
     /// it. Whatever it refuses goes to zlib, which alone knows QEMU's answer: a stream running
     /// past the cluster (which QEMU truncates), or one that is malformed only after the point
