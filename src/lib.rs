@@ -97,6 +97,8 @@ mod limits;
 mod map;
 mod open;
 mod options;
+mod parallel;
+mod pool;
 mod prealloc;
 #[cfg(feature = "serde")]
 mod qjson;
@@ -132,5 +134,6 @@ pub use info::{
 pub use limits::Limits;
 pub use map::{MapExtent, MapIter};
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
+pub use parallel::{Chunk, ParallelRead};
 pub use reader::Reader;
 pub use snapshot::Snapshot;
