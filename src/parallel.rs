@@ -153,7 +153,9 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
     /// side by side on it. Memory is bounded by `2 × threads` chunk buffers, reused.
     ///
     /// Errors: the first error in guest order is returned once everything before it has
-    /// gone to the sink: [`Error::ReadFailed`] with where the chunk that failed starts, or
+    /// gone to the sink: [`Error::ReadFailed`] with where the chunk that failed starts (or,
+    /// when the map fails, where planning stood: like `qemu-img map`, the map drops the
+    /// extent it was growing when the next status fails), or
     /// [`Error::SinkFailed`] when the sink returns an error. Either stops the read: no more
     /// chunks are started, and the threads finish the chunk they are reading. A panic in the
     /// sink, or in a pool thread, stops the read too and is raised again here.
@@ -620,11 +622,12 @@ where
         loop {
             self.plan();
             match self.next()? {
-                Next::Zeros(offset, len) => sink(Chunk::Zeros { offset, len })
-                    .map_err(|source| Error::SinkFailed {
+                Next::Zeros(offset, len) => {
+                    sink(Chunk::Zeros { offset, len }).map_err(|source| Error::SinkFailed {
                         guest_offset: offset,
                         source,
-                    })?,
+                    })?
+                }
                 Next::Data(offset, buf, len) => {
                     let bytes = buf
                         .get(..len)
@@ -667,10 +670,12 @@ where
                 drop(self.shared.changed.wait(state));
                 return Ok(Next::Wait);
             }
-            Some(item @ Item::Data {
-                slot: Slot::Queued(_),
-                ..
-            }) => match item.claim() {
+            Some(
+                item @ Item::Data {
+                    slot: Slot::Queued(_),
+                    ..
+                },
+            ) => match item.claim() {
                 Some((start, buf, len)) => return Ok(Next::Read(state.first, start, buf, len)),
                 None => return Err(Error::Internal("a queued chunk could not be claimed")),
             },
@@ -705,8 +710,7 @@ where
         loop {
             {
                 let state = self.shared.lock();
-                let full = state.items.len()
-                    >= self.buffers.saturating_mul(4).saturating_add(4);
+                let full = state.items.len() >= self.buffers.saturating_mul(4).saturating_add(4);
                 if full || state.fail_from != u64::MAX || state.stop {
                     return;
                 }

@@ -89,9 +89,7 @@ impl Pool {
     pub(crate) fn scope<'scope, R>(&self, body: impl FnOnce(&Scope<'_, 'scope>) -> R) -> R {
         #[cfg(feature = "parallel")]
         if let Some(workers) = self.workers() {
-            return workers.in_place_scope(|scope| {
-                body(&Scope { inner: Some(scope) })
-            });
+            return workers.in_place_scope(|scope| body(&Scope { inner: Some(scope) }));
         }
         body(&Scope { inner: None })
     }
