@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate};
 use positioned_io::ReadAt;
-use qcow2::{ExtentKind, Qcow2};
+use qcow2::{Chunk, ExtentKind, OpenOptions, ParallelRead, Qcow2};
 
 use crate::common::{mix, Res, MIB};
 
@@ -32,6 +32,7 @@ pub fn main(args: &[String]) -> Res<()> {
     let start = Instant::now();
     let sum = match arg(0)? {
         "seq-crate" => seq_crate(Path::new(arg(1)?), num(2)? as usize, num(3)? as usize)?,
+        "seq-parallel" => seq_parallel(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-imago" => seq_imago(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-raw" => seq_raw(Path::new(arg(1)?), num(2)? as usize)?,
         "map-crate" => map_crate(Path::new(arg(1)?), arg(2)? == "read")?,
@@ -99,6 +100,26 @@ fn seq_crate(img: &Path, bs: usize, threads: usize) -> Res<u64> {
             Ok(sum.wrapping_add(part))
         })
     })
+}
+
+/// The whole guest of `img` through `Reader::read_parallel` on `threads` threads of the
+/// image's pool (an image opened with that many threads), the checksum taken by the sink.
+fn seq_parallel(img: &Path, threads: usize) -> Res<u64> {
+    let image = Qcow2::open_path_with(img, &OpenOptions::new().threads(threads))?;
+    let reader = image.reader()?;
+    let mut sum = 0u64;
+    let options = ParallelRead::new().threads(threads);
+    reader.read_parallel(.., &options, |chunk| {
+        let part = match chunk {
+            Chunk::Data { bytes, .. } => sample(bytes),
+            // Zeros are not read: their 4 KiB blocks count as `sample` counts zero blocks.
+            Chunk::Zeros { len, .. } => mix(0).wrapping_mul(len.div_ceil(4096)),
+            _ => 0,
+        };
+        sum = sum.wrapping_add(part);
+        Ok(())
+    })?;
+    Ok(sum)
 }
 
 /// imago's qcow2 driver, following the backing chain the image names.
