@@ -45,6 +45,9 @@
 //!   (cargo feature `serde`, on by default) as `qemu-img info --output=json` does.
 //! - **Threads.** `Qcow2<I>` and [`Reader`] are `Send + Sync` when `I` is: share one image
 //!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
+//! - **Parallel reads.** [`Reader::read_parallel`] reads a range on the image's worker pool
+//!   ([`OpenOptions::threads`], cargo feature `parallel`) and hands it to a sink in guest
+//!   order, stretches of zeros as [`Chunk::Zeros`], never read.
 //! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed
 //!   clusters; without one, such a cluster reads as [`Error::FeatureDisabled`].
 //! - **Encrypted images.** LUKS and legacy AES images open with their secret
