@@ -23,9 +23,11 @@ use crate::map::MapIter;
 use crate::pool::Scope;
 use crate::reader::Reader;
 
-/// The chunk size unless [`ParallelRead::chunk_size`] says otherwise (measured on 64 KiB
-/// clusters: larger chunks gain nothing and leave the copies less room in the CPU caches).
-const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+/// The chunk size unless [`ParallelRead::chunk_size`] says otherwise, or the cluster size if
+/// larger (so that threads do not share a compressed cluster). Measured on 64 KiB clusters:
+/// 2 threads with 4 buffers of 1 MiB spend a quarter more CPU than with 512 KiB ones, which
+/// stay in the CPU caches between reads; 256 KiB and less pay more for the handing over.
+const DEFAULT_CHUNK_SIZE: u64 = 512 << 10;
 /// Bounds of [`ParallelRead::chunk_size`].
 const MIN_CHUNK_SIZE: u64 = 4096;
 const MAX_CHUNK_SIZE: u64 = 64 << 20;
@@ -45,24 +47,15 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// let options = qcow2::ParallelRead::new().threads(4).chunk_size(2 << 20);
 /// # let _ = options;
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ParallelRead {
     threads: Option<usize>,
-    chunk_size: u64,
-}
-
-impl Default for ParallelRead {
-    fn default() -> Self {
-        ParallelRead {
-            threads: None,
-            chunk_size: DEFAULT_CHUNK_SIZE,
-        }
-    }
+    chunk_size: Option<u64>,
 }
 
 impl ParallelRead {
-    /// All the image's threads, chunks of 1 MiB.
+    /// All the image's threads, chunks of 512 KiB (or of a cluster, when larger).
     pub fn new() -> Self {
         Self::default()
     }
@@ -74,11 +67,11 @@ impl ParallelRead {
         self
     }
 
-    /// Read data in chunks of this many bytes (4 KiB to 64 MiB, default 1 MiB): a chunk ends
-    /// at a multiple of it, or where the data ends. Memory in use is about
-    /// `2 × threads × chunk_size`, whatever the size of the image.
+    /// Read data in chunks of this many bytes (4 KiB to 64 MiB; by default 512 KiB, or the
+    /// cluster size when larger): a chunk ends at a multiple of it, or where the data ends.
+    /// Memory in use is about `2 × threads × chunk_size`, whatever the size of the image.
     pub fn chunk_size(mut self, bytes: u64) -> Self {
-        self.chunk_size = bytes.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
+        self.chunk_size = Some(bytes.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE));
         self
     }
 }
@@ -180,20 +173,23 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
             .unwrap_or_else(|| pool.threads())
             .min(pool.threads())
             .max(1);
+        let chunk = options
+            .chunk_size
+            .unwrap_or_else(|| DEFAULT_CHUNK_SIZE.max(self.image().cluster_size()));
         let shared = Shared::default();
         let planner = Planner {
             reader: self,
             map: None,
             map_end: start,
             end,
-            chunk: options.chunk_size,
+            chunk,
             pos: start,
             data_end: start,
             ahead: None,
             failed: false,
         };
         // Buffers are never larger than the range.
-        let buffer_len = usize::try_from(options.chunk_size.min(end.saturating_sub(start)))
+        let buffer_len = usize::try_from(chunk.min(end.saturating_sub(start)))
             .map_err(|_| Error::Internal("a chunk does not fit in memory"))?;
         pool.scope(|scope| {
             let _stop = StopOnExit(&shared);

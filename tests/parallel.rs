@@ -365,11 +365,14 @@ fn chunks_match_qemu_img_convert_and_map() {
             (size - 1, size),
         ];
         for threads in [1, 4] {
-            for chunk in [MIB, 64 << 10] {
-                let options = ParallelRead::new().threads(threads).chunk_size(chunk);
+            for chunk in [None, Some(64 << 10)] {
+                let mut options = ParallelRead::new().threads(threads);
+                if let Some(bytes) = chunk {
+                    options = options.chunk_size(bytes);
+                }
                 for &(start, end) in &ranges {
                     let label =
-                        format!("{name} {start:#x}..{end:#x} threads {threads} chunk {chunk}");
+                        format!("{name} {start:#x}..{end:#x} threads {threads} chunk {chunk:?}");
                     let seen = collect(&reader, start, end, &options);
                     let zeros = match case.snapshot {
                         Some(_) => merged(seen.zeros.iter().map(|&(s, l)| (s, s + l)).collect()),

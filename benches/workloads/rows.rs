@@ -132,7 +132,7 @@ fn seq_plain(cfg: &Config) -> Res<Workload> {
     ));
     w.notes.push(
         "read_parallel: an image opened with 2 threads, Reader::read_parallel of the whole \
-         guest on its pool (1 MiB chunks), the checksum taken in the sink on the calling thread"
+         guest on its pool (512 KiB chunks, the default), the checksum taken in the sink on the calling thread"
             .into(),
     );
     Ok(w)
