@@ -35,6 +35,7 @@ pub fn main(args: &[String]) -> Res<()> {
         "seq-parallel" => seq_parallel(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-imago" => seq_imago(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-raw" => seq_raw(Path::new(arg(1)?), num(2)? as usize)?,
+        "seq-raw-split" => seq_raw_split(Path::new(arg(1)?), num(2)? as usize, num(3)? as usize)?,
         "map-crate" => map_crate(Path::new(arg(1)?), arg(2)? == "read")?,
         "map-imago" => map_imago(Path::new(arg(1)?), arg(2)? == "read")?,
         "rand-crate" => rand_crate(Path::new(arg(1)?), Path::new(arg(2)?), num(3)? as usize)?,
@@ -140,6 +141,27 @@ fn seq_raw(file: &Path, bs: usize) -> Res<u64> {
     let size = f.metadata()?.len();
     read_range(0, size, bs, |pos, buf| {
         Ok(FileExt::read_exact_at(&f, buf, pos)?)
+    })
+}
+
+/// The raw baseline on `threads` threads, each `pread`ing its own contiguous share: what the
+/// machine gives two copying threads at the moment, the ideal of a parallel read.
+fn seq_raw_split(file: &Path, bs: usize, threads: usize) -> Res<u64> {
+    let f = File::open(file)?;
+    let size = f.metadata()?.len();
+    let share = size.div_ceil(threads as u64).next_multiple_of(MIB);
+    let read = |pos: u64, buf: &mut [u8]| -> Res<()> { Ok(FileExt::read_exact_at(&f, buf, pos)?) };
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let (start, end) = ((t * share).min(size), ((t + 1) * share).min(size));
+                s.spawn(move || read_range(start, end, bs, read).map_err(|e| e.to_string()))
+            })
+            .collect();
+        parts.into_iter().try_fold(0u64, |sum, p| {
+            let part = p.join().map_err(|_| "a reading thread panicked")??;
+            Ok(sum.wrapping_add(part))
+        })
     })
 }
 

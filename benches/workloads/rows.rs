@@ -118,6 +118,12 @@ fn seq_plain(cfg: &Config) -> Res<Workload> {
             &["seq-parallel", s(&img), "2"],
         )
         .class("guest"),
+        Contestant::child(
+            "raw: pread 1 MiB, 2 threads, one half each",
+            work,
+            &["seq-raw-split", s(&raw), ONE_MIB, "2"],
+        )
+        .class("guest"),
     ]);
     w.ratios.push((
         "crate read_parallel 2 threads / read_exact_at 1 thread".into(),
@@ -130,9 +136,19 @@ fn seq_plain(cfg: &Config) -> Res<Workload> {
         0,
         6,
     ));
+    w.ratios.push((
+        "time of crate read_parallel 2 threads / time of raw pread on 2 threads".into(),
+        7,
+        6,
+    ));
     w.notes.push(
         "read_parallel: an image opened with 2 threads, Reader::read_parallel of the whole \
          guest on its pool (512 KiB chunks, the default), the checksum taken in the sink on the calling thread"
+            .into(),
+    );
+    w.notes.push(
+        "raw on 2 threads is the ideal of a parallel read: what the machine gives two threads \
+         copying from the page cache at the moment (on a loaded machine, little)"
             .into(),
     );
     Ok(w)
