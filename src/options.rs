@@ -172,7 +172,7 @@ impl OpenOptions {
         self
     }
 
-    /// The image's threads (at least 1; default one per core, up to 8): the size of its
+    /// The image's threads (1 to 64; default one per core, up to 8): the size of its
     /// worker pool, which starts on first use and is shared by its backing chain, and the
     /// most threads one read decompresses or decrypts on. The same setting as
     /// [`OpenOptions::decompression_threads`], under a name that says what it now covers.

@@ -13,6 +13,9 @@
 
 use std::sync::{Mutex, PoisonError};
 
+/// The most threads a pool has, whatever the image's `threads` setting asks.
+pub(crate) const MAX_THREADS: usize = 64;
+
 /// A bounded pool of worker threads, created lazily (opening an image starts no thread).
 pub(crate) struct Pool {
     /// Threads this pool runs jobs on at once (at least 1).
@@ -69,10 +72,10 @@ fn start<'scope>(workers: Workers<'_, 'scope>, _job: impl FnOnce() + Send + 'sco
 }
 
 impl Pool {
-    /// A pool of `threads` threads (at least 1), none started yet.
+    /// A pool of `threads` threads (1 to [`MAX_THREADS`]), none started yet.
     pub(crate) fn new(threads: usize) -> Self {
         Pool {
-            threads: threads.max(1),
+            threads: threads.clamp(1, MAX_THREADS),
             #[cfg(feature = "parallel")]
             workers: std::sync::OnceLock::new(),
         }
