@@ -689,3 +689,71 @@ fn reads_run_on_the_image_pool_not_on_new_threads() {
     };
     assert!(expected.contains(&used), "{used} threads read the image");
 }
+
+/// Run `f` on another thread; fail if it does not finish within a minute (a deadlock).
+fn within_a_minute(what: &str, f: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(()) => worker.join().unwrap(),
+        // The thread panicked: raise its panic here.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(worker.join().unwrap_err())
+        }
+        Err(_) => panic!("{what} did not finish within a minute: a deadlock"),
+    }
+}
+
+#[test]
+fn reads_share_the_pool_side_by_side_and_nested() {
+    let Some(qemu) = Qemu::find_or_skip("reads_share_the_pool_side_by_side_and_nested") else {
+        return;
+    };
+    let dir = TempDir::new("parallel-shared");
+    let d = dir.path();
+    (CASES[2].make)(&qemu, d); // zlib.qcow2: compressed clusters, decompressed while read
+    let reference = Arc::new(qemu.convert_to_raw(d, "zlib.qcow2", &[] as &[&str]));
+    let path = d.join("zlib.qcow2");
+    within_a_minute(
+        "three parallel reads at once, one nesting others",
+        move || {
+            let image = Qcow2::open_path_with(&path, &OpenOptions::new().threads(2)).unwrap();
+            let whole = |reader: &Reader<'_, File>| {
+                let mut out = Vec::new();
+                let options = ParallelRead::new().chunk_size(64 << 10);
+                reader
+                    .read_parallel_to_writer(.., &options, &mut out)
+                    .unwrap();
+                out
+            };
+            std::thread::scope(|s| {
+                let side_by_side: Vec<_> = (0..2)
+                    .map(|_| s.spawn(|| whole(&image.reader().unwrap())))
+                    .collect();
+                // A sink that reads the same image again, in parallel and plainly, per chunk.
+                let reader = image.reader().unwrap();
+                let mut nested = 0;
+                reader
+                    .read_parallel(.., &ParallelRead::new().chunk_size(1 << 20), |chunk| {
+                        if nested < 3 {
+                            nested += 1;
+                            assert!(whole(&reader) == *reference, "nested read_parallel");
+                        }
+                        if let Chunk::Data { offset, bytes } = chunk {
+                            let mut again = vec![0u8; bytes.len()];
+                            reader.read_exact_at(offset, &mut again)?;
+                            assert!(again == bytes, "read_exact_at {offset:#x} in the sink");
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                for t in side_by_side {
+                    assert!(t.join().unwrap() == *reference, "side by side");
+                }
+            });
+        },
+    );
+}
