@@ -163,7 +163,6 @@ impl std::fmt::Debug for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
@@ -191,7 +190,7 @@ mod tests {
     #[test]
     fn jobs_run_on_the_pool_threads_and_the_caller() {
         let pool = Pool::new(3);
-        let names = Mutex::new(HashSet::new());
+        let names = Mutex::new(std::collections::HashSet::new());
         let running = AtomicUsize::new(0);
         let most = AtomicUsize::new(0);
         let mut jobs = vec![(); 64];
