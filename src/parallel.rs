@@ -141,9 +141,13 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
     /// # Ok::<(), qcow2::Error>(())
     /// ```
     ///
+    /// Works on any reader: the active disk or a snapshot, through the backing chain.
     /// The pool is the image's own (shared by its backing chain, [`OpenOptions::threads`]
     /// threads, started on first use); readers of one image share it, so parallel reads run
-    /// side by side on it. Memory is bounded by `2 × threads` chunk buffers, reused.
+    /// side by side on it. The calling thread reads the next chunk itself when no pool thread
+    /// has taken it yet (without the `parallel` cargo feature, it reads everything), so a
+    /// read never waits for a pool busy elsewhere. Memory is bounded by `2 × threads` chunk
+    /// buffers, reused.
     ///
     /// Errors: the first error in guest order is returned once everything before it has
     /// gone to the sink: [`Error::ReadFailed`] with where the chunk that failed starts (or,
