@@ -33,9 +33,12 @@ const MIN_CHUNK_SIZE: u64 = 4096;
 const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Buffers per reading thread: one being read, one finished or in the sink.
 const BUFFERS_PER_THREAD: usize = 2;
-/// The map is walked this much at a time, so that the first chunks are read before the map
-/// of a huge image is known, and its L2 tables are still cached when the chunks are read.
+/// The map is walked this much at a time after data, so that the first chunks are read
+/// before the map of a huge image is known, and its L2 tables are still cached when the
+/// chunks are read; after a window of zeros only, the next is twice as long (up to the
+/// maximum), so an empty disk maps in a few steps.
 const MAP_WINDOW: u64 = 64 << 20;
+const MAX_MAP_WINDOW: u64 = 1 << 50;
 /// Most map extents merged into one [`Chunk::Zeros`], so planning steps stay short.
 const MAX_MERGED_EXTENTS: u32 = 256;
 /// Zeros written at once by [`Reader::read_parallel_to_writer`].
@@ -185,6 +188,8 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
             reader: self,
             map: None,
             map_end: start,
+            window: MAP_WINDOW,
+            window_has_data: false,
             end,
             chunk,
             pos: start,
@@ -309,6 +314,9 @@ struct Planner<'r, 'a, I> {
     /// The map of `[.., map_end)`, walked one window at a time.
     map: Option<MapIter<'a, I>>,
     map_end: u64,
+    /// The length of the current window, and whether it has data.
+    window: u64,
+    window_has_data: bool,
     end: u64,
     chunk: u64,
     /// Where the next piece starts.
@@ -383,6 +391,7 @@ impl<I: ReadAt> Planner<'_, '_, I> {
             if let Some(map) = &mut self.map {
                 if let Some(extent) = map.next() {
                     let e = extent?;
+                    self.window_has_data |= !e.zero;
                     return Ok(Some((e.start, e.length, e.zero)));
                 }
             }
@@ -392,8 +401,14 @@ impl<I: ReadAt> Planner<'_, '_, I> {
                 }
                 return Ok(None);
             }
+            self.window = if self.window_has_data || self.map.is_none() {
+                MAP_WINDOW
+            } else {
+                self.window.saturating_mul(2).min(MAX_MAP_WINDOW)
+            };
+            self.window_has_data = false;
             let from = self.map_end;
-            self.map_end = from.saturating_add(MAP_WINDOW).min(self.end);
+            self.map_end = from.saturating_add(self.window).min(self.end);
             self.map = Some(self.reader.map(from..self.map_end));
         }
     }

@@ -757,3 +757,30 @@ fn reads_share_the_pool_side_by_side_and_nested() {
         },
     );
 }
+
+#[test]
+fn an_empty_16_tib_disk_is_a_few_zero_chunks() {
+    let Some(qemu) = Qemu::find_or_skip("an_empty_16_tib_disk_is_a_few_zero_chunks") else {
+        return;
+    };
+    let dir = TempDir::new("parallel-empty");
+    img(
+        &qemu,
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "empty.qcow2", "16T"],
+    );
+    let image = Qcow2::open_path(dir.join("empty.qcow2")).unwrap();
+    let mut chunks = Vec::new();
+    image
+        .reader()
+        .unwrap()
+        .read_parallel(.., &ParallelRead::new(), |c| {
+            assert!(matches!(c, Chunk::Zeros { .. }), "{c:?}");
+            chunks.push((c.offset(), c.end()));
+            Ok(())
+        })
+        .unwrap();
+    // The map is asked in windows that double while they hold only zeros.
+    assert!(chunks.len() <= 4, "{} chunks", chunks.len());
+    assert_eq!(merged(chunks), [(0, 16 << 40)]);
+}
