@@ -194,7 +194,6 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
             chunk,
             pos: start,
             data_end: start,
-            ahead: None,
             failed: false,
         };
         // Buffers are never larger than the range.
@@ -323,8 +322,6 @@ struct Planner<'r, 'a, I> {
     pos: u64,
     /// Data from `pos` to here is still to be cut into chunks.
     data_end: u64,
-    /// An extent (start, length, reads as zeros) taken from the map and not planned yet.
-    ahead: Option<(u64, u64, bool)>,
     /// The map failed: nothing more to plan.
     failed: bool,
 }
@@ -351,9 +348,10 @@ impl<I: ReadAt> Planner<'_, '_, I> {
                 return Err(Error::Internal("the map left a gap"));
             }
             if !zero {
+                // Cut into chunks from `pos` on, by this call or, after zeros, the next.
                 self.data_end = start.saturating_add(len);
                 if self.pos > zeros_start {
-                    break; // the zeros before it first
+                    break;
                 }
                 return Ok(Some(self.data_chunk()));
             }
@@ -384,9 +382,6 @@ impl<I: ReadAt> Planner<'_, '_, I> {
 
     /// The map's next extent after those planned, as (start, length, reads as zeros).
     fn next_extent(&mut self) -> Result<Option<(u64, u64, bool)>> {
-        if let Some(extent) = self.ahead.take() {
-            return Ok(Some(extent));
-        }
         loop {
             if let Some(map) = &mut self.map {
                 if let Some(extent) = map.next() {
