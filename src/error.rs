@@ -275,6 +275,28 @@ pub enum Error {
         /// The algorithm, named as the image names it.
         what: String,
     },
+
+    /// A [parallel read](crate::Reader::read_parallel) could not read the guest from this
+    /// offset on (everything before it went to the sink).
+    #[error("reading the guest at offset {guest_offset:#x} failed: {source}")]
+    ReadFailed {
+        /// Where the chunk (or the part of the map) that failed starts.
+        guest_offset: u64,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// The sink of a [parallel read](crate::Reader::read_parallel) refused the chunk at this
+    /// guest offset; the read stopped there.
+    #[error("the sink failed on the chunk at guest offset {guest_offset:#x}: {source}")]
+    SinkFailed {
+        /// Where the chunk starts.
+        guest_offset: u64,
+        /// The sink's error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -304,6 +326,8 @@ impl Error {
     pub fn io_kind(&self) -> io::ErrorKind {
         match self {
             Error::Io { source, .. } => source.kind(),
+            Error::ReadFailed { source, .. } => source.io_kind(),
+            Error::SinkFailed { source, .. } => source.kind(),
             Error::UnsupportedVersion { .. }
             | Error::UnsupportedFeature { .. }
             | Error::Encrypted { .. }

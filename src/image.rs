@@ -17,6 +17,7 @@ use crate::io::{be_u64_table, check_within, read_metadata, read_up_to};
 use crate::limits::Limits;
 use crate::map::{self, LayerStatus};
 use crate::options::OpenOptions;
+use crate::pool::Pool;
 use crate::reader::{ReadState, Reader};
 use crate::snapshot::{self, Snapshot};
 use crate::table::Geometry;
@@ -41,6 +42,8 @@ pub(crate) trait GuestSource: Send + Sync {
     fn backing_source(&self) -> Option<&dyn GuestSource> {
         None
     }
+    /// Share the worker pool of the image above it (qcow2 sources; raw ones have none).
+    fn share_pool(&mut self, _pool: &Arc<Pool>) {}
     /// How the guest is allocated from `pos` (through this source's own chain), for at most
     /// `max` bytes (`max` > 0); past the end it reads as allocated zeros.
     fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)>;
@@ -58,6 +61,9 @@ pub(crate) trait ImageView: Send + Sync {
     /// The caches this image uses (tests check that a chain shares them).
     #[cfg(test)]
     fn cache_ids(&self) -> (usize, usize);
+    /// The worker pool this image uses (tests check that a chain shares it).
+    #[cfg(test)]
+    fn pool_id(&self) -> usize;
 }
 
 /// A raw backing file: any positioned source of a known length.
@@ -151,8 +157,6 @@ pub struct Qcow2<I> {
     pub(crate) data_file: Option<Box<dyn ReadAt + Send + Sync>>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) limits: Limits,
-    /// Most threads one read decompresses on.
-    pub(crate) threads: usize,
     /// Where the image file has holes, for the map.
     pub(crate) holes: Option<Box<dyn HoleQuery>>,
     /// The external data file's name and holes, when opened by path.
@@ -162,6 +166,9 @@ pub struct Qcow2<I> {
     pub(crate) metadata_preallocated: OnceLock<bool>,
     /// The encryption of an encrypted image, with its key once unlocked.
     pub(crate) crypt: Option<Encryption>,
+    /// Worker threads (`OpenOptions::threads` of them, started on first use), shared by the
+    /// chain: decompression, decryption and parallel reads run there.
+    pub(crate) pool: Arc<Pool>,
 }
 
 impl<I: ReadAt> Qcow2<I> {
@@ -202,6 +209,9 @@ impl<I: ReadAt> Qcow2<I> {
         let snapshots = read_snapshots(&io, &header, &limits)?;
         let bitmaps = crate::dirty::read_bitmaps(&io, &header, header.size() & !511, &limits)?;
         let crypt = Encryption::open(&io, &header, secret, &limits)?;
+        let threads = options
+            .decompression_threads
+            .unwrap_or_else(default_threads);
         let mut image = Qcow2 {
             io,
             header,
@@ -217,14 +227,12 @@ impl<I: ReadAt> Qcow2<I> {
             data_file: None,
             path: None,
             limits,
-            threads: options
-                .decompression_threads
-                .unwrap_or_else(default_threads),
             holes: None,
             data_file_path: None,
             data_file_holes: None,
             metadata_preallocated: OnceLock::new(),
             crypt,
+            pool: Arc::new(Pool::new(threads)),
         };
         if options.backing_as_zeros && image.header.backing_file().is_some() {
             image.set_backing_zeros();
@@ -402,6 +410,7 @@ impl<I: ReadAt> Qcow2<I> {
     /// [`Limits`] hold for the whole chain.
     pub fn set_backing_image<J: ReadAt + Send + Sync + 'static>(&mut self, mut image: Qcow2<J>) {
         image.share_caches(&self.l2_cache, &self.compressed);
+        image.share_pool(&self.pool);
         self.backing = Some(Backing::Source {
             source: Box::new(image),
             format: "qcow2",
@@ -474,11 +483,22 @@ impl<I> Qcow2<I> {
             source.share_caches(l2, compressed);
         }
     }
+
+    /// Use `pool` from now on, down the whole backing chain.
+    fn share_pool(&mut self, pool: &Arc<Pool>) {
+        self.pool = Arc::clone(pool);
+        if let Some(Backing::Source { source, .. }) = &mut self.backing {
+            source.share_pool(pool);
+        }
+    }
 }
 
 impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
     fn share_caches(&mut self, l2: &Arc<Mutex<L2Cache>>, compressed: &Arc<ClusterCache>) {
         Qcow2::share_caches(self, l2, compressed);
+    }
+    fn share_pool(&mut self, pool: &Arc<Pool>) {
+        Qcow2::share_pool(self, pool);
     }
     fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         let reader = self.reader()?.with_state(&self.chain_state);
@@ -533,6 +553,10 @@ impl<I: ReadAt + Send + Sync> ImageView for Qcow2<I> {
             Arc::as_ptr(&self.l2_cache) as usize,
             Arc::as_ptr(&self.compressed) as usize,
         )
+    }
+    #[cfg(test)]
+    fn pool_id(&self) -> usize {
+        Arc::as_ptr(&self.pool) as usize
     }
 }
 
@@ -608,9 +632,11 @@ mod tests {
                 break;
             };
             assert_eq!(below.cache_ids(), top.cache_ids(), "layer {depth}");
+            assert_eq!(below.pool_id(), top.pool_id(), "pool of layer {depth}");
             view = below;
             depth += 1;
         }
         assert!(depth >= 2, "chain-top has a chain below it ({depth})");
+        assert!(!top.pool.started(), "opening a chain starts no thread");
     }
 }

@@ -45,6 +45,9 @@
 //!   (cargo feature `serde`, on by default) as `qemu-img info --output=json` does.
 //! - **Threads.** `Qcow2<I>` and [`Reader`] are `Send + Sync` when `I` is: share one image
 //!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
+//! - **Parallel reads.** [`Reader::read_parallel`] reads a range on the image's worker pool
+//!   ([`OpenOptions::threads`], cargo feature `parallel`) and hands it to a sink in guest
+//!   order, stretches of zeros as [`Chunk::Zeros`], never read.
 //! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed
 //!   clusters; without one, such a cluster reads as [`Error::FeatureDisabled`].
 //! - **Encrypted images.** LUKS and legacy AES images open with their secret
@@ -97,7 +100,9 @@ mod limits;
 mod map;
 mod open;
 mod options;
+mod parallel;
 mod plan;
+mod pool;
 mod prealloc;
 #[cfg(feature = "serde")]
 mod qjson;
@@ -133,5 +138,6 @@ pub use info::{
 pub use limits::Limits;
 pub use map::{MapExtent, MapIter};
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
+pub use parallel::{Chunk, ParallelRead};
 pub use reader::Reader;
 pub use snapshot::Snapshot;

@@ -83,7 +83,10 @@ pub struct OpenOptions {
     pub backing_as_zeros: bool,
     /// Most threads one read may use to decompress compressed clusters, or to decrypt the
     /// data of an encrypted image (the calling thread included); `None` means one per core,
-    /// up to 8. `Some(1)` never starts a thread.
+    /// up to 8. `Some(1)` never starts a thread. It is also the size of the image's worker
+    /// pool (shared by its backing chain, started on first use), on which
+    /// [`Reader::read_parallel`](crate::Reader::read_parallel) reads; see
+    /// [`OpenOptions::threads`].
     pub decompression_threads: Option<usize>,
     /// Let [`Qcow2::open_path`](crate::Qcow2::open_path) open block devices (as the image or
     /// a file it names); off by default. FIFOs, sockets, directories and character devices
@@ -167,5 +170,22 @@ impl OpenOptions {
     pub fn decompression_threads(mut self, threads: usize) -> Self {
         self.decompression_threads = Some(threads.max(1));
         self
+    }
+
+    /// The image's threads (1 to 64; default one per core, up to 8): the size of its
+    /// worker pool, which starts on first use and is shared by its backing chain, and the
+    /// most threads one read decompresses or decrypts on. The same setting as
+    /// [`OpenOptions::decompression_threads`], under a name that says what it now covers.
+    ///
+    /// ```
+    /// let options = qcow2::OpenOptions::new().threads(2);
+    /// let image = qcow2::Qcow2::open_path_with("fixtures/v3-64k-basic.qcow2", &options)?;
+    /// let mut out = Vec::new();
+    /// image.reader()?.read_parallel_to_writer(.., &qcow2::ParallelRead::new(), &mut out)?;
+    /// assert_eq!(out.len() as u64, image.guest_size());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn threads(self, threads: usize) -> Self {
+        self.decompression_threads(threads)
     }
 }

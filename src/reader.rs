@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use positioned_io::{ReadAt, Size};
 
@@ -13,6 +13,7 @@ use crate::header::CompressionType;
 use crate::image::{Backing, Qcow2};
 use crate::io::read_up_to;
 use crate::plan::{HostOffset, NearSlices, Planner, SegmentKind};
+use crate::pool::Pool;
 
 /// Reads guest data of one image: the active disk, or an internal snapshot.
 ///
@@ -236,7 +237,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let tail = end.next_multiple_of(SECTOR).saturating_sub(end);
         if head == 0 && tail == 0 {
             self.read_data(host, out)?;
-            return crypt.decrypt(host, guest, out, self.image.threads);
+            return crypt.decrypt(host, guest, out, &self.image.pool);
         }
         let start = host.saturating_sub(head);
         let mut whole = vec![
@@ -250,7 +251,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             start,
             guest.saturating_sub(head),
             &mut whole,
-            self.image.threads,
+            &self.image.pool,
         )?;
         let ours = whole
             .get(head as usize..(head as usize).saturating_add(out.len()))
@@ -313,13 +314,13 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 ahead: false,
             });
         }
-        if read_ahead && self.image.threads > 1 {
+        if read_ahead && self.image.pool.threads() > 1 {
             if let Some(last) = batch.last() {
                 self.add_read_ahead(&mut clusters, last.guest);
             }
         }
         decompress_all(
-            self.image.threads,
+            &self.image.pool,
             cache,
             self.image.id,
             self.image.header.compression_type(),
@@ -448,10 +449,10 @@ impl Cluster {
 /// cluster): enough to keep every core busy, well inside the decompressed-cluster cache.
 const READ_AHEAD_BYTES: u64 = 1 << 20;
 
-/// Decompress every cluster that has no data yet, on up to `max_threads` threads when the
-/// work is large enough to pay for them.
+/// Decompress every cluster that has no data yet, on the image's pool and the calling thread
+/// when the work is large enough to pay for sharing it.
 fn decompress_all(
-    max_threads: usize,
+    pool: &Pool,
     cache: &ClusterCache,
     image_id: u64,
     kind: CompressionType,
@@ -481,43 +482,16 @@ fn decompress_all(
         Ok(())
     };
     // Share out only the clusters still to decompress: cached ones cost nothing.
-    let todo: Vec<&mut Cluster> = clusters.iter_mut().filter(|c| c.data.is_none()).collect();
-    let work = todo.len();
-    let threads = max_threads.min(work);
-    if threads <= 1 || work.saturating_mul(cluster_size) < PARALLEL_MIN_BYTES {
-        return todo.into_iter().try_for_each(decompress);
+    let mut todo: Vec<(&mut Cluster, Result<()>)> = clusters
+        .iter_mut()
+        .filter(|c| c.data.is_none())
+        .map(|c| (c, Ok(())))
+        .collect();
+    if todo.len().saturating_mul(cluster_size) < PARALLEL_MIN_BYTES {
+        return todo.into_iter().try_for_each(|(c, _)| decompress(c));
     }
-    // Workers take clusters from one queue until it is empty: the load balances itself, and
-    // a thread that cannot be started (resource limits) is no error, as the calling thread,
-    // a worker too, takes what is left.
-    let queue = Mutex::new(todo);
-    let work_off_queue = || -> Result<()> {
-        let mut result = Ok(());
-        loop {
-            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            match next {
-                Some(c) => result = result.and(decompress(c)),
-                None => return result,
-            }
-        }
-    };
-    std::thread::scope(|scope| {
-        let others: Vec<_> = (1..threads)
-            .filter_map(|_| {
-                std::thread::Builder::new()
-                    .spawn_scoped(scope, work_off_queue)
-                    .ok()
-            })
-            .collect();
-        let mut result = work_off_queue();
-        for handle in others {
-            let joined = handle
-                .join()
-                .unwrap_or(Err(Error::Internal("a decompression thread panicked")));
-            result = result.and(joined);
-        }
-        result
-    })
+    pool.run_all(&mut todo, |(c, result)| *result = decompress(c));
+    todo.into_iter().try_for_each(|(_, result)| result)
 }
 
 /// A run being grown: how it reads, where it starts in the guest, how long it is.

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate};
 use positioned_io::ReadAt;
-use qcow2::{ExtentKind, Qcow2};
+use qcow2::{Chunk, ExtentKind, OpenOptions, ParallelRead, Qcow2};
 
 use crate::common::{mix, Res, MIB};
 
@@ -32,8 +32,10 @@ pub fn main(args: &[String]) -> Res<()> {
     let start = Instant::now();
     let sum = match arg(0)? {
         "seq-crate" => seq_crate(Path::new(arg(1)?), num(2)? as usize, num(3)? as usize)?,
+        "seq-parallel" => seq_parallel(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-imago" => seq_imago(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-raw" => seq_raw(Path::new(arg(1)?), num(2)? as usize)?,
+        "seq-raw-split" => seq_raw_split(Path::new(arg(1)?), num(2)? as usize, num(3)? as usize)?,
         "map-crate" => map_crate(Path::new(arg(1)?), arg(2)? == "read")?,
         "map-imago" => map_imago(Path::new(arg(1)?), arg(2)? == "read")?,
         "rand-crate" => rand_crate(Path::new(arg(1)?), Path::new(arg(2)?), num(3)? as usize)?,
@@ -116,6 +118,26 @@ fn seq_crate(img: &Path, bs: usize, threads: usize) -> Res<u64> {
     })
 }
 
+/// The whole guest of `img` through `Reader::read_parallel` on `threads` threads of the
+/// image's pool (an image opened with that many threads), the checksum taken by the sink.
+fn seq_parallel(img: &Path, threads: usize) -> Res<u64> {
+    let image = Qcow2::open_path_with(img, &OpenOptions::new().threads(threads))?;
+    let reader = image.reader()?;
+    let mut sum = 0u64;
+    let options = ParallelRead::new().threads(threads);
+    reader.read_parallel(.., &options, |chunk| {
+        let part = match chunk {
+            Chunk::Data { bytes, .. } => sample(bytes),
+            // Zeros are not read: their 4 KiB blocks count as `sample` counts zero blocks.
+            Chunk::Zeros { len, .. } => mix(0).wrapping_mul(len.div_ceil(4096)),
+            _ => 0,
+        };
+        sum = sum.wrapping_add(part);
+        Ok(())
+    })?;
+    Ok(sum)
+}
+
 /// imago's qcow2 driver, following the backing chain the image names.
 fn imago_open(img: &Path) -> Res<Imago> {
     let image = imago::qcow2::Qcow2::<imago::file::File>::builder_path(img)
@@ -134,6 +156,27 @@ fn seq_raw(file: &Path, bs: usize) -> Res<u64> {
     let size = f.metadata()?.len();
     read_range(0, size, bs, |pos, buf| {
         Ok(FileExt::read_exact_at(&f, buf, pos)?)
+    })
+}
+
+/// The raw baseline on `threads` threads, each `pread`ing its own contiguous share: what the
+/// machine gives two copying threads at the moment, the ideal of a parallel read.
+fn seq_raw_split(file: &Path, bs: usize, threads: usize) -> Res<u64> {
+    let f = File::open(file)?;
+    let size = f.metadata()?.len();
+    let share = size.div_ceil(threads as u64).next_multiple_of(MIB);
+    let read = |pos: u64, buf: &mut [u8]| -> Res<()> { Ok(FileExt::read_exact_at(&f, buf, pos)?) };
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let (start, end) = ((t * share).min(size), ((t + 1) * share).min(size));
+                s.spawn(move || read_range(start, end, bs, read).map_err(|e| e.to_string()))
+            })
+            .collect();
+        parts.into_iter().try_fold(0u64, |sum, p| {
+            let part = p.join().map_err(|_| "a reading thread panicked")??;
+            Ok(sum.wrapping_add(part))
+        })
     })
 }
 

@@ -305,22 +305,22 @@ impl Encryption {
     }
 
     /// Decrypt `data`, read from host offset `host` for guest offset `guest`; both are
-    /// sector aligned and `data` is whole sectors. Large runs are shared out between up to
-    /// `threads` threads (the calling one included), as QEMU decrypts on a thread pool.
+    /// sector aligned and `data` is whole sectors. Large runs are shared out between the
+    /// image's worker pool and the calling thread, as QEMU decrypts on a thread pool.
     pub(crate) fn decrypt(
         &self,
         host: u64,
         guest: u64,
         data: &mut [u8],
-        threads: usize,
+        pool: &crate::pool::Pool,
     ) -> Result<()> {
         #[cfg(feature = "encryption")]
         if let Some(key) = &self.key {
             let first = if self.physical { host } else { guest } / SECTOR_SIZE;
-            decrypt_in_parallel(key, first, data, threads);
+            decrypt_in_parallel(key, first, data, pool);
             return Ok(());
         }
-        let _ = (host, guest, data, threads);
+        let _ = (host, guest, data, pool);
         self.check_unlocked()
     }
 }
@@ -329,10 +329,16 @@ impl Encryption {
 #[cfg(feature = "encryption")]
 const PARALLEL_MIN_BYTES: usize = 256 << 10;
 
-/// Decrypt `data` (from sector `first`) in sector-aligned shares, one per thread.
+/// Decrypt `data` (from sector `first`) in sector-aligned shares, one per pool thread.
 #[cfg(feature = "encryption")]
-fn decrypt_in_parallel(key: &cipher::SectorCipher, first: u64, data: &mut [u8], threads: usize) {
-    let threads = threads
+fn decrypt_in_parallel(
+    key: &cipher::SectorCipher,
+    first: u64,
+    data: &mut [u8],
+    pool: &crate::pool::Pool,
+) {
+    let threads = pool
+        .threads()
         .min(data.len().div_euclid(PARALLEL_MIN_BYTES))
         .max(1);
     if threads <= 1 {
@@ -341,17 +347,15 @@ fn decrypt_in_parallel(key: &cipher::SectorCipher, first: u64, data: &mut [u8], 
     }
     let sector = SECTOR_SIZE as usize;
     let share = data.len().div_ceil(threads).next_multiple_of(sector);
-    std::thread::scope(|scope| {
-        let mut chunks = data.chunks_mut(share).enumerate();
-        let mine = chunks.next();
-        for (i, chunk) in chunks {
+    let mut shares: Vec<(u64, &mut [u8])> = data
+        .chunks_mut(share)
+        .enumerate()
+        .map(|(i, chunk)| {
             let at = first.saturating_add(i.saturating_mul(share).div_euclid(sector) as u64);
-            scope.spawn(move || key.decrypt(at, chunk));
-        }
-        if let Some((_, chunk)) = mine {
-            key.decrypt(first, chunk);
-        }
-    });
+            (at, chunk)
+        })
+        .collect();
+    pool.run_all(&mut shares, |(at, chunk)| key.decrypt(*at, chunk));
 }
 
 impl<I> Qcow2<I> {
