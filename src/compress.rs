@@ -4,8 +4,9 @@
 //! run on past it, and is cut there, as QEMU cuts it; a zstd frame may not); the input may
 //! carry trailing bytes (the rest of its last 512-byte sector), which are ignored.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::cache::ByteLru;
 
@@ -27,12 +28,17 @@ pub(crate) type ClusterKey = (u64, u64, u64);
 /// once.
 pub(crate) struct ClusterCache {
     inner: Mutex<CacheState>,
+    /// Signalled whenever a cluster being decompressed ahead is done (or given up).
+    done_ahead: Condvar,
     /// Clusters decompressed so far (tests check that re-reads hit the cache).
     decompressed: AtomicU64,
 }
 
 struct CacheState {
     clusters: ByteLru<ClusterKey, u8>,
+    /// Clusters being decompressed ahead of a reader, on the pool: a read that needs one
+    /// waits for it rather than decompress it twice.
+    ahead: HashSet<ClusterKey>,
     idle: Vec<Decompressor>,
 }
 
@@ -41,8 +47,10 @@ impl ClusterCache {
         ClusterCache {
             inner: Mutex::new(CacheState {
                 clusters: ByteLru::new(CACHE_BYTES),
+                ahead: HashSet::new(),
                 idle: Vec::new(),
             }),
+            done_ahead: Condvar::new(),
             decompressed: AtomicU64::new(0),
         }
     }
@@ -51,9 +59,65 @@ impl ClusterCache {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The cluster `key` names, if decompressed recently.
+    /// The cluster `key` names, if decompressed recently; if it is being decompressed ahead,
+    /// once that is done (`None` if that failed: the caller decompresses it, and reports).
     pub(crate) fn get(&self, key: ClusterKey) -> Option<Arc<[u8]>> {
-        self.lock().clusters.get(&key).cloned()
+        let mut inner = self.lock();
+        loop {
+            if let Some(data) = inner.clusters.get(&key) {
+                return Some(Arc::clone(data));
+            }
+            if !inner.ahead.contains(&key) {
+                return None;
+            }
+            inner = self
+                .done_ahead
+                .wait(inner)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Whether `key` is cached or being decompressed ahead.
+    pub(crate) fn knows(&self, key: ClusterKey) -> bool {
+        let inner = self.lock();
+        inner.ahead.contains(&key) || inner.clusters.contains(&key)
+    }
+
+    /// Decompress `input` on `pool`, ahead of the reader that will want it; `false` when the
+    /// pool has no thread for it (or it is already cached or under way).
+    pub(crate) fn decompress_ahead(
+        self: &Arc<Self>,
+        pool: &crate::pool::Pool,
+        key: ClusterKey,
+        kind: CompressionType,
+        input: Vec<u8>,
+        cluster_size: usize,
+    ) -> bool {
+        if !self.lock().ahead.insert(key) {
+            return false;
+        }
+        let cache = Arc::clone(self);
+        let started = pool.spawn_detached(move || {
+            let _done = AheadDone { cache: &cache, key };
+            // A failure is reported by the read that asks for the cluster.
+            let _ = cache.decompress(key, kind, &input, cluster_size);
+        });
+        if !started {
+            AheadDone { cache: self, key }.finish();
+        }
+        started
+    }
+
+    /// Wait until nothing is being decompressed ahead (tests count decompressions).
+    #[cfg(all(test, feature = "zlib"))]
+    pub(crate) fn wait_ahead(&self) {
+        let mut inner = self.lock();
+        while !inner.ahead.is_empty() {
+            inner = self
+                .done_ahead
+                .wait(inner)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// How many clusters were decompressed so far.
@@ -85,6 +149,24 @@ impl ClusterCache {
         result?;
         inner.clusters.put(key, Arc::clone(&data));
         Ok(data)
+    }
+}
+
+/// Marks a cluster decompressed ahead as done when dropped, even by a panic, so no reader
+/// waits for it forever.
+struct AheadDone<'a> {
+    cache: &'a ClusterCache,
+    key: ClusterKey,
+}
+
+impl AheadDone<'_> {
+    fn finish(self) {}
+}
+
+impl Drop for AheadDone<'_> {
+    fn drop(&mut self) {
+        self.cache.lock().ahead.remove(&self.key);
+        self.cache.done_ahead.notify_all();
     }
 }
 

@@ -86,6 +86,32 @@ impl Pool {
         self.threads
     }
 
+    /// Run `job` on a pool thread, later, without waiting for it (work ahead of the caller,
+    /// such as decompressing the clusters a sequential reader reads next). `false`, and `job`
+    /// dropped unrun, when the pool has no threads to spare (one thread, or none started).
+    pub(crate) fn spawn_detached(&self, job: impl FnOnce() + Send + 'static) -> bool {
+        #[cfg(feature = "parallel")]
+        if let Some(workers) = self.detached_workers() {
+            workers.spawn(job);
+            return true;
+        }
+        drop(job);
+        false
+    }
+
+    /// Whether [`Pool::spawn_detached`] would run a job.
+    pub(crate) fn can_spawn_detached(&self) -> bool {
+        #[cfg(feature = "parallel")]
+        return self.detached_workers().is_some();
+        #[cfg(not(feature = "parallel"))]
+        false
+    }
+
+    #[cfg(feature = "parallel")]
+    fn detached_workers(&self) -> Option<&rayon::ThreadPool> {
+        (self.threads > 1).then(|| self.workers()).flatten()
+    }
+
     /// Run `body` on the calling thread with a [`Scope`] whose jobs may borrow anything that
     /// outlives the call; returns once `body` and every job it started are done. A job's
     /// panic is raised again here, after the others are done.

@@ -296,6 +296,13 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let cache = &self.image.compressed;
         let cluster_bits = self.image.geometry.cluster_bits;
         let mut clusters: Vec<Cluster> = Vec::new();
+        // Start on the clusters ahead first: the pool works on them while this thread waits
+        // for, or decompresses, the ones this read needs.
+        if read_ahead && self.image.pool.threads() > 1 {
+            if let Some(last) = batch.last() {
+                self.add_read_ahead(&mut clusters, last.guest);
+            }
+        }
         for p in batch.iter() {
             if clusters.iter().any(|c| c.is(p.host, p.input_len)) {
                 continue;
@@ -313,11 +320,6 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 data,
                 ahead: false,
             });
-        }
-        if read_ahead && self.image.pool.threads() > 1 {
-            if let Some(last) = batch.last() {
-                self.add_read_ahead(&mut clusters, last.guest);
-            }
         }
         decompress_all(
             &self.image.pool,
@@ -353,9 +355,10 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         Ok(input)
     }
 
-    /// Add the compressed clusters that follow `guest` (in its L2 table, up to
-    /// [`READ_AHEAD_BYTES`] of them) to `clusters`, so a sequential reader's next reads find
-    /// them decompressed, on several threads. Best effort: anything odd ends the read-ahead.
+    /// Decompress the compressed clusters that follow `guest` (in its L2 table, up to
+    /// [`READ_AHEAD_BYTES`] of them) on the pool, so a sequential reader's next reads find
+    /// them decompressed; without pool threads to spare, add them to `clusters`, decompressed
+    /// with this read's. Best effort: anything odd ends the read-ahead.
     fn add_read_ahead(&self, clusters: &mut Vec<Cluster>, guest: u64) {
         let geometry = &self.image.geometry;
         let count = (READ_AHEAD_BYTES >> geometry.cluster_bits).max(1);
@@ -368,6 +371,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let mut planner = Planner::new(self);
         let mut next = first;
         let mut added = 0u64;
+        // On the pool, without waiting (the next reads wait for what they need); else
+        // decompressed with this read's own clusters.
+        let detached = self.image.pool.can_spawn_detached();
         while next < end {
             let Ok(segment) = planner.segment(next, end) else {
                 break;
@@ -380,12 +386,8 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             let SegmentKind::Compressed { host, input_len } = segment.kind else {
                 continue; // mixed images: look past uncompressed clusters
             };
-            if clusters.iter().any(|c| c.is(host.0, input_len))
-                || self
-                    .image
-                    .compressed
-                    .get((self.image.id, host.0, input_len))
-                    .is_some()
+            let key = (self.image.id, host.0, input_len);
+            if clusters.iter().any(|c| c.is(host.0, input_len)) || self.image.compressed.knows(key)
             {
                 if added == 0 {
                     // The last read-ahead is still ahead of us: let the reader catch up, so
@@ -397,6 +399,16 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             let Ok(input) = self.compressed_input(host.0, input_len) else {
                 break;
             };
+            added = added.saturating_add(1);
+            if detached {
+                let kind = self.image.header.compression_type();
+                let size = self.image.cluster_size() as usize;
+                let pool = &self.image.pool;
+                self.image
+                    .compressed
+                    .decompress_ahead(pool, key, kind, input, size);
+                continue;
+            }
             clusters.push(Cluster {
                 host: host.0,
                 input_len,
@@ -405,7 +417,6 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 data: None,
                 ahead: true,
             });
-            added = added.saturating_add(1);
         }
     }
 }
@@ -595,7 +606,7 @@ mod tests {
         whole_image_in_sectors(&image.reader().unwrap());
         assert_eq!(image.compressed.decompressed(), clusters);
 
-        // With read-ahead: the second sequential read decompresses the clusters ahead, and
+        // With read-ahead (on the pool: wait for it before counting): the second sequential read decompresses the clusters ahead, and
         // still each only once.
         let two = OpenOptions::new().decompression_threads(2);
         let image = Qcow2::open_with(file(), &two).unwrap();
@@ -603,8 +614,10 @@ mod tests {
         reader.read_exact_at(0, &mut sector).unwrap();
         assert_eq!(image.compressed.decompressed(), 1);
         reader.read_exact_at(512, &mut sector).unwrap();
+        image.compressed.wait_ahead();
         assert!(image.compressed.decompressed() > 1, "read ahead");
         whole_image_in_sectors(&reader);
+        image.compressed.wait_ahead();
         assert_eq!(image.compressed.decompressed(), clusters);
     }
 
