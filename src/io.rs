@@ -37,9 +37,23 @@ pub(crate) fn read_metadata<R: ReadAt + ?Sized>(
     len: u64,
     what: &'static str,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    read_metadata_into(src, pos, len, what, &mut out)?;
+    Ok(out)
+}
+
+/// [`read_metadata`] into `out` (replacing what it held), reusing its memory.
+pub(crate) fn read_metadata_into<R: ReadAt + ?Sized>(
+    src: &R,
+    pos: u64,
+    len: u64,
+    what: &'static str,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let total =
         usize::try_from(len).map_err(|_| Error::malformed(format!("{what} is too large"), pos))?;
-    let mut out = Vec::with_capacity(total.min(CHUNK));
+    out.clear();
+    out.reserve(total.min(CHUNK));
     while out.len() < total {
         let start = out.len();
         let step = total.saturating_sub(start).min(CHUNK);
@@ -58,7 +72,7 @@ pub(crate) fn read_metadata<R: ReadAt + ?Sized>(
             });
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Fail unless the source has a byte at `pos + len - 1`: a cheap check that a structure lies

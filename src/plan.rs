@@ -13,7 +13,7 @@ use crate::bytes::be_u64;
 use crate::bytes::low_bits;
 use crate::error::{Error, Result};
 use crate::header::TABLE_ENTRY_LEN;
-use crate::io::read_metadata;
+use crate::io::read_metadata_into;
 use crate::reader::{remaining_in_block, Reader};
 use crate::table::{self, Geometry, Mapping};
 
@@ -147,6 +147,15 @@ impl NearSlices {
         let slots = self.slots.try_lock().ok()?;
         let slice = slots.get(Self::slot(at, g))?.as_ref()?;
         (slice.at == at).then(|| slice.clone())
+    }
+
+    /// Whether the slice at file offset `at` is kept.
+    fn has(&self, at: u64, g: &Geometry) -> bool {
+        self.slots.try_lock().is_ok_and(|slots| {
+            slots
+                .get(Self::slot(at, g))
+                .is_some_and(|s| s.as_ref().is_some_and(|s| s.at == at))
+        })
     }
 
     fn put(&self, slice: &Slice, g: &Geometry) {
@@ -447,30 +456,45 @@ impl<I: ReadAt> Reader<'_, I> {
                 bytes,
             });
         }
-        // Read ahead only the slices not cached yet, in one read.
+        // Read ahead, in the same read, the slices up to `last` that this reader does not
+        // keep yet (at most as many as it keeps). They go to this reader's own slices only:
+        // the shared cache gets what some read asked for, not a walk's every slice.
+        let near = &self.state().near;
         let mut count = 1u64;
+        while count < NEAR_SLOTS as u64
+            && number.saturating_add(count) <= last
+            && !near.has(at.saturating_add(count.saturating_mul(bytes)), g)
         {
-            let cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-            while number.saturating_add(count) <= last
-                && !cache.contains(&(image.id, at.saturating_add(count.saturating_mul(bytes))))
-            {
-                count = count.saturating_add(1);
-            }
+            count = count.saturating_add(1);
         }
-        let raw = read_metadata(&image.io, at, count.saturating_mul(bytes), "L2 table")?;
+        let mut scratch = self.state().scratch.try_lock();
+        let mut own = Vec::new();
+        let buf = match scratch.as_deref_mut() {
+            Ok(reused) => reused,
+            Err(_) => &mut own,
+        };
+        read_metadata_into(&image.io, at, count.saturating_mul(bytes), "L2 table", buf)?;
         let mut first = None;
-        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-        // Inserted last to first, so that the one asked for is the most recently used.
-        for (i, piece) in raw
+        for (i, piece) in buf
             .chunks(usize::try_from(bytes).unwrap_or(usize::MAX))
             .enumerate()
-            .rev()
         {
             let piece: Arc<[u8]> = Arc::from(piece);
             let piece_at = at.saturating_add((i as u64).saturating_mul(bytes));
-            cache.put((image.id, piece_at), Arc::clone(&piece));
             if i == 0 {
+                cache
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .put(key, Arc::clone(&piece));
                 first = Some(piece);
+            } else {
+                let ahead = Slice {
+                    l1_index,
+                    number: number.saturating_add(i as u64),
+                    at: piece_at,
+                    bytes: piece,
+                };
+                near.put(&ahead, g);
             }
         }
         let bytes = first.ok_or(Error::Internal("an L2 slice read came back empty"))?;

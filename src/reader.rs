@@ -38,6 +38,9 @@ pub(crate) struct ReadState {
     last_end: AtomicU64,
     /// The slices this reader used last: found again without the shared cache's lock.
     pub(crate) near: NearSlices,
+    /// A buffer for reading L2 slices, kept so that a walk does not allocate (and the kernel
+    /// zero) fresh memory for every table.
+    pub(crate) scratch: std::sync::Mutex<Vec<u8>>,
 }
 
 impl ReadState {
@@ -45,6 +48,7 @@ impl ReadState {
         ReadState {
             last_end: AtomicU64::new(u64::MAX),
             near: NearSlices::default(),
+            scratch: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
