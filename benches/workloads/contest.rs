@@ -106,6 +106,7 @@ pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
     recache(&inputs)?;
     let n = w.contestants.len();
     let mut outcomes: Vec<Outcome> = (0..n).map(|_| Outcome::Passes(Vec::new())).collect();
+    let mut failed: Vec<(usize, String)> = vec![(0, String::new()); n];
     print!("   {runs} rounds of {n}:");
     for round in 0..runs {
         // Rotate the order each round so drift in machine load spreads over all contestants.
@@ -115,10 +116,22 @@ pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
                 continue;
             };
             let c = &w.contestants[i];
-            match run_pass(&c.runner) {
-                Ok(p) => passes.push(p),
-                Err(e) if !c.required => outcomes[i] = Outcome::Failed(e.to_string()),
-                Err(e) => return Err(format!("{}: {e}", c.label).into()),
+            // A peer that fails a pass (qemu-img bench with io_uring crashes now and then on
+            // the 1 TiB image) runs it again, twice at most; the failures are reported.
+            let mut attempt = 0;
+            loop {
+                match run_pass(&c.runner) {
+                    Ok(p) => passes.push(p),
+                    Err(e) if c.required => return Err(format!("{}: {e}", c.label).into()),
+                    Err(e) if attempt < 2 => {
+                        attempt += 1;
+                        failed[i].0 += 1;
+                        failed[i].1 = e.to_string();
+                        continue;
+                    }
+                    Err(e) => outcomes[i] = Outcome::Failed(e.to_string()),
+                }
+                break;
             }
         }
         print!(" {}", round + 1);
@@ -130,6 +143,14 @@ pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
     let ratios = ratio_lines(w, &outcomes);
     for line in &ratios {
         println!("   {line}");
+    }
+    for (c, (count, why)) in w.contestants.iter().zip(&failed) {
+        if *count > 0 {
+            println!(
+                "   note: {}: {count} failed pass(es), run again (last: {why})",
+                c.label
+            );
+        }
     }
     for note in &w.notes {
         println!("   note: {note}");
