@@ -16,6 +16,15 @@ use std::sync::{Mutex, PoisonError};
 /// The most threads a pool has, whatever the image's `threads` setting asks.
 pub(crate) const MAX_THREADS: usize = 64;
 
+/// Which pool thread this is (its index in its pool), or `usize::MAX` off the pool: for work
+/// that is cheaper on the thread that did the last part of it.
+pub(crate) fn current_worker() -> usize {
+    #[cfg(feature = "parallel")]
+    return rayon::current_thread_index().unwrap_or(usize::MAX);
+    #[cfg(not(feature = "parallel"))]
+    usize::MAX
+}
+
 /// A bounded pool of worker threads, created lazily (opening an image starts no thread).
 pub(crate) struct Pool {
     /// Threads this pool runs jobs on at once (at least 1).
