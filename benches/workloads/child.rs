@@ -104,6 +104,10 @@ fn seq_crate(img: &Path, bs: usize, threads: usize) -> Res<u64> {
     let size = image.guest_size();
     let share = size.div_ceil(threads as u64).next_multiple_of(MIB);
     let read = |pos: u64, buf: &mut [u8]| -> Res<()> { Ok(reader.read_exact_at(pos, buf)?) };
+    if threads == 1 {
+        // On this thread, as the raw baseline reads.
+        return read_range(0, size, bs, read);
+    }
     std::thread::scope(|s| {
         let parts: Vec<_> = (0..threads as u64)
             .map(|t| {
