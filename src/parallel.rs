@@ -444,11 +444,16 @@ impl Shared {
             state.fail_from = state.fail_from.min(seq);
         }
         state.unread = state.unread.saturating_sub(1);
+        let failed = result.is_err();
         if let Some(Item::Data { slot, writer, .. }) = state.item_mut(seq) {
             *slot = Slot::Done(result);
             *writer = crate::pool::current_worker();
         }
-        self.changed.notify_all();
+        // Only the calling thread waits, and only for the front item: waking it for any
+        // other would cost a context switch per chunk for nothing.
+        if seq == state.first || failed {
+            self.changed.notify_all();
+        }
     }
 }
 

@@ -257,23 +257,24 @@ fn rand_crate(img: &Path, offsets: &Path, threads: usize) -> Res<u64> {
     let offsets = read_offsets(offsets)?;
     let image = Qcow2::open_path(img)?;
     let (image, offsets) = (&image, &offsets);
+    let share = |t: usize| -> Result<u64, String> {
+        let reader = image.reader().map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; RANDOM_READ];
+        let mut sum = 0u64;
+        for &o in offsets.iter().skip(t).step_by(threads) {
+            reader
+                .read_exact_at(o, &mut buf)
+                .map_err(|e| e.to_string())?;
+            sum = sum.wrapping_add(sample(&buf));
+        }
+        Ok(sum)
+    };
+    if threads == 1 {
+        // On this thread, as the raw baseline reads.
+        return Ok(share(0)?);
+    }
     std::thread::scope(|s| {
-        let parts: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let reader = image.reader().map_err(|e| e.to_string())?;
-                    let mut buf = vec![0u8; RANDOM_READ];
-                    let mut sum = 0u64;
-                    for &o in offsets.iter().skip(t).step_by(threads) {
-                        reader
-                            .read_exact_at(o, &mut buf)
-                            .map_err(|e| e.to_string())?;
-                        sum = sum.wrapping_add(sample(&buf));
-                    }
-                    Ok::<u64, String>(sum)
-                })
-            })
-            .collect();
+        let parts: Vec<_> = (0..threads).map(|t| s.spawn(move || share(t))).collect();
         parts.into_iter().try_fold(0u64, |sum, p| {
             let part = p.join().map_err(|_| "a reading thread panicked")??;
             Ok(sum.wrapping_add(part))
