@@ -103,17 +103,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     /// range: an empty terabyte maps in a handful of steps. Holes in the files are found
     /// with the [`HoleQuery`] each file has (see [`crate::Qcow2::set_hole_query`]).
     pub fn map(&self, range: impl RangeBounds<u64>) -> MapIter<'a, I> {
-        let start = match range.start_bound() {
-            Bound::Included(&s) => s,
-            Bound::Excluded(&s) => s.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&e) => e.saturating_add(1),
-            Bound::Excluded(&e) => e,
-            Bound::Unbounded => u64::MAX,
-        }
-        .min(self.guest_size());
+        let (start, end) = clip(&range, self.guest_size());
         MapIter {
             reader: self.same_view(),
             pos: start,
@@ -221,6 +211,21 @@ fn chain_status<'a, I: ReadAt>(
         offset: status.offset,
         file: status.offset.and(status.file),
     })
+}
+
+/// `range` as `[start, end)` inside a guest of `size` bytes.
+pub(crate) fn clip(range: &impl RangeBounds<u64>, size: u64) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start.min(size), end.min(size))
 }
 
 /// What a qcow2 layer says about `len` bytes at `pos` (clipped to its guest and to one run).

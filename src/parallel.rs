@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use positioned_io::ReadAt;
@@ -19,7 +19,7 @@ use positioned_io::ReadAt;
 use crate::convert::WriteAt;
 use crate::disk::GuestDisk;
 use crate::error::{Error, Result};
-use crate::map::MapIter;
+use crate::map::{clip, MapIter};
 use crate::pool::Scope;
 use crate::reader::Reader;
 
@@ -273,21 +273,6 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
         out.set_len(len)
             .map_err(|e| Error::io(format!("setting the output length to {len}"), e))
     }
-}
-
-/// `range` as `[start, end)` inside a guest of `size` bytes.
-fn clip(range: &impl RangeBounds<u64>, size: u64) -> (u64, u64) {
-    let start = match range.start_bound() {
-        Bound::Included(&s) => s,
-        Bound::Excluded(&s) => s.saturating_add(1),
-        Bound::Unbounded => 0,
-    };
-    let end = match range.end_bound() {
-        Bound::Included(&e) => e.saturating_add(1),
-        Bound::Excluded(&e) => e,
-        Bound::Unbounded => u64::MAX,
-    };
-    (start.min(size), end.min(size))
 }
 
 fn write_zeros<W: Write>(out: &mut W, len: u64) -> io::Result<()> {

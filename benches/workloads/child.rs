@@ -102,19 +102,35 @@ fn seq_crate(img: &Path, bs: usize, threads: usize) -> Res<u64> {
     let image = Qcow2::open_path(img)?;
     let reader = image.reader()?;
     let size = image.guest_size();
-    let share = size.div_ceil(threads as u64).next_multiple_of(MIB);
     let read = |pos: u64, buf: &mut [u8]| -> Res<()> { Ok(reader.read_exact_at(pos, buf)?) };
+    read_in_shares(size, bs, threads, read)
+}
+
+/// `[0, size)` in `bs`-byte reads by `threads` threads, each owning a contiguous share; the
+/// checksum of it all.
+fn read_in_shares(
+    size: u64,
+    bs: usize,
+    threads: usize,
+    read: impl Fn(u64, &mut [u8]) -> Res<()> + Copy + Sync,
+) -> Res<u64> {
+    let share = size.div_ceil(threads as u64).next_multiple_of(MIB);
+    sum_on_threads(threads, |t| {
+        let t = t as u64;
+        let (start, end) = ((t * share).min(size), ((t + 1) * share).min(size));
+        read_range(start, end, bs, read).map_err(|e| e.to_string())
+    })
+}
+
+/// The sum of `part(t)` for `t` in `0..threads`, each on a thread of its own (one thread: the
+/// calling one, as the raw baselines read).
+fn sum_on_threads(threads: usize, part: impl Fn(usize) -> Result<u64, String> + Sync) -> Res<u64> {
     if threads == 1 {
-        // On this thread, as the raw baseline reads.
-        return read_range(0, size, bs, read);
+        return Ok(part(0)?);
     }
+    let part = &part;
     std::thread::scope(|s| {
-        let parts: Vec<_> = (0..threads as u64)
-            .map(|t| {
-                let (start, end) = ((t * share).min(size), ((t + 1) * share).min(size));
-                s.spawn(move || read_range(start, end, bs, read).map_err(|e| e.to_string()))
-            })
-            .collect();
+        let parts: Vec<_> = (0..threads).map(|t| s.spawn(move || part(t))).collect();
         parts.into_iter().try_fold(0u64, |sum, p| {
             let part = p.join().map_err(|_| "a reading thread panicked")??;
             Ok(sum.wrapping_add(part))
@@ -168,20 +184,8 @@ fn seq_raw(file: &Path, bs: usize) -> Res<u64> {
 fn seq_raw_split(file: &Path, bs: usize, threads: usize) -> Res<u64> {
     let f = File::open(file)?;
     let size = f.metadata()?.len();
-    let share = size.div_ceil(threads as u64).next_multiple_of(MIB);
     let read = |pos: u64, buf: &mut [u8]| -> Res<()> { Ok(FileExt::read_exact_at(&f, buf, pos)?) };
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..threads as u64)
-            .map(|t| {
-                let (start, end) = ((t * share).min(size), ((t + 1) * share).min(size));
-                s.spawn(move || read_range(start, end, bs, read).map_err(|e| e.to_string()))
-            })
-            .collect();
-        parts.into_iter().try_fold(0u64, |sum, p| {
-            let part = p.join().map_err(|_| "a reading thread panicked")??;
-            Ok(sum.wrapping_add(part))
-        })
-    })
+    read_in_shares(size, bs, threads, read)
 }
 
 /// Walk the allocation map of `img` (its own layer) and, with `read`, read what it stores
@@ -269,17 +273,7 @@ fn rand_crate(img: &Path, offsets: &Path, threads: usize) -> Res<u64> {
         }
         Ok(sum)
     };
-    if threads == 1 {
-        // On this thread, as the raw baseline reads.
-        return Ok(share(0)?);
-    }
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..threads).map(|t| s.spawn(move || share(t))).collect();
-        parts.into_iter().try_fold(0u64, |sum, p| {
-            let part = p.join().map_err(|_| "a reading thread panicked")??;
-            Ok(sum.wrapping_add(part))
-        })
-    })
+    sum_on_threads(threads, share)
 }
 
 fn rand_imago(img: &Path, offsets: &Path) -> Res<u64> {
@@ -299,24 +293,13 @@ fn rand_imago(img: &Path, offsets: &Path) -> Res<u64> {
 fn rand_raw(file: &Path, offsets: &Path, threads: usize) -> Res<u64> {
     let offsets = read_offsets(offsets)?;
     let f = File::open(file)?;
-    let (f, offsets) = (&f, &offsets);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut buf = vec![0u8; RANDOM_READ];
-                    let mut sum = 0u64;
-                    for &o in offsets.iter().skip(t).step_by(threads) {
-                        FileExt::read_exact_at(f, &mut buf, o).map_err(|e| e.to_string())?;
-                        sum = sum.wrapping_add(sample(&buf));
-                    }
-                    Ok::<u64, String>(sum)
-                })
-            })
-            .collect();
-        parts.into_iter().try_fold(0u64, |sum, p| {
-            let part = p.join().map_err(|_| "a reading thread panicked")??;
-            Ok(sum.wrapping_add(part))
-        })
+    sum_on_threads(threads, |t| {
+        let mut buf = vec![0u8; RANDOM_READ];
+        let mut sum = 0u64;
+        for &o in offsets.iter().skip(t).step_by(threads) {
+            FileExt::read_exact_at(&f, &mut buf, o).map_err(|e| e.to_string())?;
+            sum = sum.wrapping_add(sample(&buf));
+        }
+        Ok(sum)
     })
 }
