@@ -67,7 +67,9 @@ impl ClusterCache {
             if let Some(data) = inner.clusters.get(&key) {
                 return Some(Arc::clone(data));
             }
-            if !inner.ahead.contains(&key) {
+            // A pool thread never waits for another pool job: with every pool thread
+            // waiting so, the job would never run. It decompresses the cluster itself.
+            if !inner.ahead.contains(&key) || crate::pool::current_worker() != usize::MAX {
                 return None;
             }
             inner = self

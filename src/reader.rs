@@ -377,7 +377,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let mut added = 0u64;
         // On the pool, without waiting (the next reads wait for what they need); else
         // decompressed with this read's own clusters.
-        let detached = self.image.pool.can_spawn_detached();
+        // Not from a pool thread (a parallel read's): its chunks are read on the pool already.
+        let detached =
+            self.image.pool.can_spawn_detached() && crate::pool::current_worker() == usize::MAX;
         while next < end {
             let Ok(segment) = planner.segment(next, end) else {
                 break;
@@ -623,6 +625,49 @@ mod tests {
         whole_image_in_sectors(&reader);
         image.compressed.wait_ahead();
         assert_eq!(image.compressed.decompressed(), clusters);
+    }
+
+    /// Sequential readers on every pool thread at once: their read-ahead goes to the same
+    /// pool, so a pool thread must never wait for it (none would be left to run it).
+    #[test]
+    fn readers_on_every_pool_thread_do_not_wait_for_read_ahead() {
+        use crate::OpenOptions;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/zlib-64k-convert.qcow2"
+        );
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let options = OpenOptions::new().threads(2);
+            // The reference from an image of its own, so this one's cache starts empty.
+            let other = Qcow2::open_path(path).unwrap();
+            let size = other.guest_size();
+            let mut reference = vec![0u8; size as usize];
+            other
+                .reader()
+                .unwrap()
+                .read_exact_at(0, &mut reference)
+                .unwrap();
+            let image = Qcow2::open_path_with(path, &options).unwrap();
+            let image = &image;
+            let reference = &reference;
+            image.pool.scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(move || {
+                        let reader = image.reader().unwrap();
+                        let mut piece = vec![0u8; 4096];
+                        for at in (0..size).step_by(4096) {
+                            reader.read_exact_at(at, &mut piece).unwrap();
+                            assert_eq!(piece[..], reference[at as usize..][..4096]);
+                        }
+                    });
+                }
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("pool threads deadlocked waiting for read-ahead");
     }
 
     #[test]

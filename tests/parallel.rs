@@ -691,6 +691,38 @@ fn reads_run_on_the_image_pool_not_on_new_threads() {
 }
 
 /// Run `f` on another thread; fail if it does not finish within a minute (a deadlock).
+/// Pool threads reading a compressed image chunk after chunk (their reads look sequential to
+/// them) never wait for clusters decompressed ahead on the same pool: were every pool thread
+/// to wait so, those jobs would never run.
+#[test]
+fn pool_threads_reading_compressed_chunks_do_not_wait_on_the_pool() {
+    let Some(qemu) =
+        Qemu::find_or_skip("pool_threads_reading_compressed_chunks_do_not_wait_on_the_pool")
+    else {
+        return;
+    };
+    let dir = TempDir::new("parallel-compressed");
+    let d = dir.path();
+    (CASES[2].make)(&qemu, d);
+    let reference = Arc::new(qemu.convert_to_raw(d, "zlib.qcow2", &[] as &[&str]));
+    let path = d.join("zlib.qcow2");
+    within_a_minute("parallel reads of compressed chunks", move || {
+        for threads in [2, 3] {
+            let image = Qcow2::open_path_with(&path, &OpenOptions::new().threads(threads)).unwrap();
+            for chunk in [4 << 10, 16 << 10, 64 << 10] {
+                let mut out = Vec::new();
+                let options = ParallelRead::new().threads(threads).chunk_size(chunk);
+                image
+                    .reader()
+                    .unwrap()
+                    .read_parallel_to_writer(.., &options, &mut out)
+                    .unwrap();
+                assert!(out == *reference, "{threads} threads, {chunk}-byte chunks");
+            }
+        }
+    });
+}
+
 fn within_a_minute(what: &str, f: impl FnOnce() + Send + 'static) {
     let (done, finished) = std::sync::mpsc::channel();
     let worker = std::thread::spawn(move || {
