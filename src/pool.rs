@@ -100,7 +100,7 @@ impl Pool {
     /// dropped unrun, when the pool has no threads to spare (one thread, or none started).
     pub(crate) fn spawn_detached(&self, job: impl FnOnce() + Send + 'static) -> bool {
         #[cfg(feature = "parallel")]
-        if let Some(workers) = self.detached_workers() {
+        if let Some(workers) = self.spare_workers() {
             workers.spawn(job);
             return true;
         }
@@ -111,13 +111,15 @@ impl Pool {
     /// Whether [`Pool::spawn_detached`] would run a job.
     pub(crate) fn can_spawn_detached(&self) -> bool {
         #[cfg(feature = "parallel")]
-        return self.detached_workers().is_some();
+        return self.spare_workers().is_some();
         #[cfg(not(feature = "parallel"))]
         false
     }
 
+    /// The threads, unless the pool has only one: then the caller does all the work, and no
+    /// thread is ever started (`OpenOptions::threads(1)`).
     #[cfg(feature = "parallel")]
-    fn detached_workers(&self) -> Option<&rayon::ThreadPool> {
+    fn spare_workers(&self) -> Option<&rayon::ThreadPool> {
         (self.threads > 1).then(|| self.workers()).flatten()
     }
 
@@ -126,7 +128,7 @@ impl Pool {
     /// panic is raised again here, after the others are done.
     pub(crate) fn scope<'scope, R>(&self, body: impl FnOnce(&Scope<'_, 'scope>) -> R) -> R {
         #[cfg(feature = "parallel")]
-        if let Some(workers) = self.workers() {
+        if let Some(workers) = self.spare_workers() {
             return workers.in_place_scope(|scope| body(&Scope { inner: Some(scope) }));
         }
         body(&Scope { inner: None })
@@ -212,6 +214,13 @@ mod tests {
     fn one_thread_starts_nothing_and_a_pool_starts_only_when_used() {
         let pool = Pool::new(1);
         pool.run_all(&mut [1, 2, 3], |x| *x += 1);
+        let mut ran = false;
+        pool.scope(|scope| {
+            assert!(!scope.has_workers());
+            ran = true;
+        });
+        assert!(ran);
+        assert!(!pool.spawn_detached(|| {}));
         assert!(!pool.started());
         let pool = Pool::new(3);
         assert!(!pool.started());
