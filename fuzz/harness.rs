@@ -41,9 +41,10 @@ pub fn tight_limits() -> Limits {
     l
 }
 
-/// Options with [`tight_limits`].
+/// Options with [`tight_limits`], and one thread: all the work is then on the calling thread,
+/// where the mutation test counts what it allocates (and no pool is started per input).
 pub fn tight_options() -> OpenOptions {
-    OpenOptions::new().limits(tight_limits())
+    OpenOptions::new().limits(tight_limits()).threads(1)
 }
 
 /// A tiny deterministic PRNG (xorshift64*), so runs are reproducible without `rand`.

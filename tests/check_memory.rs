@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::Path;
 
 use common::{Qemu, TempDir};
@@ -14,67 +12,21 @@ use qcow2::{CheckOptions, Qcow2};
 /// The most a check of any of these images may hold at once.
 const PEAK_BOUND: isize = 128 << 20;
 
-struct Counting;
+#[path = "alloc_count/mod.rs"]
+mod alloc_count;
 
-thread_local! {
-    static CURRENT: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn note_alloc(bytes: usize) {
-    let _ = CURRENT.try_with(|c| {
-        let now = c.get().saturating_add(bytes as isize);
-        c.set(now);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
-    });
-}
-
-fn note_free(bytes: usize) {
-    let _ = CURRENT.try_with(|c| c.set(c.get().saturating_sub(bytes as isize)));
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the
-// bookkeeping touches only const-initialized thread-locals without destructors (no allocation).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            note_alloc(layout.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            note_alloc(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        note_free(layout.size());
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            note_free(layout.size());
-            note_alloc(new_size);
-        }
-        p
-    }
-}
+use alloc_count::{peak_during, Counting};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
 /// Open and check `path`, returning the report and the peak bytes held meanwhile.
 fn check_measured(path: &Path, options: &CheckOptions) -> (qcow2::CheckReport, isize) {
-    let base = CURRENT.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let image = Qcow2::open(std::fs::File::open(path).unwrap()).unwrap();
-    let report = image.check_with(options).unwrap();
-    drop(image);
-    (report, PEAK.with(Cell::get) - base)
+    let (report, peak) = peak_during(|| {
+        let image = Qcow2::open(std::fs::File::open(path).unwrap()).unwrap();
+        image.check_with(options).unwrap()
+    });
+    (report, peak as isize)
 }
 
 fn qemu_json(qemu: &Qemu, dir: &Path, name: &str) -> serde_json::Value {
@@ -211,15 +163,14 @@ fn damaged_images_check_without_panic_in_bounded_memory() {
                 let at = rng.below(span.min(bytes.len() as u64)) as usize;
                 bytes[at] = rng.next_u64() as u8;
             }
-            let base = CURRENT.with(Cell::get);
-            PEAK.with(|p| p.set(base));
-            let result = std::panic::catch_unwind(|| {
-                let image = Qcow2::open(bytes.clone()).ok()?;
-                let mut options = CheckOptions::default();
-                options.memory_budget = 1 << 10;
-                Some(image.check_with(&options))
+            let (result, peak) = peak_during(|| {
+                std::panic::catch_unwind(|| {
+                    let image = Qcow2::open(bytes.clone()).ok()?;
+                    let mut options = CheckOptions::default();
+                    options.memory_budget = 1 << 10;
+                    Some(image.check_with(&options))
+                })
             });
-            let peak = PEAK.with(Cell::get) - base;
             let outcome = result.unwrap_or_else(|_| panic!("{fixture} case {case} panicked"));
             if outcome.is_some() {
                 checked += 1;

@@ -10,8 +10,6 @@
 //! `QCOW2_REPLAY_DIR=fuzz/corpus/open_read cargo test --test mutation fuzz_regressions` replays
 //! a fuzz corpus through both harnesses under the same panic and memory checks.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,72 +19,13 @@ mod harness;
 
 use harness::XorShift;
 
-// ---------------------------------------------------------------------------------------------
-// A counting allocator. Counts are per thread (libtest runs tests on several threads at once,
-// and one case runs on one thread), so a case's peak is not polluted by other tests.
+#[path = "alloc_count/mod.rs"]
+mod alloc_count;
 
-struct Counting;
-
-thread_local! {
-    static CURRENT: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn note_alloc(bytes: usize) {
-    let _ = CURRENT.try_with(|c| {
-        let now = c.get().saturating_add(bytes as isize);
-        c.set(now);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
-    });
-}
-
-fn note_free(bytes: usize) {
-    let _ = CURRENT.try_with(|c| c.set(c.get().saturating_sub(bytes as isize)));
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the
-// bookkeeping touches only const-initialized thread-locals without destructors (no allocation).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            note_alloc(layout.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            note_alloc(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        note_free(layout.size());
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            note_free(layout.size());
-            note_alloc(new_size);
-        }
-        p
-    }
-}
+use alloc_count::{peak_during, Counting};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-/// Run `f` and return the most bytes it had allocated at once on this thread (above what was
-/// allocated when it started).
-fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let base = CURRENT.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let r = f();
-    let peak = PEAK.with(Cell::get).saturating_sub(base);
-    (r, peak.max(0) as usize)
-}
 
 /// Most memory one open + read of a damaged image may take with the tight limits.
 const PEAK_BOUND: usize = 64 << 20;
