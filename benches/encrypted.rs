@@ -18,17 +18,19 @@
 //! Run without `--bench` (as `cargo test --benches` does), it is a quick smoke test on a tiny
 //! image in a temporary directory.
 
-use std::error::Error;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use positioned_io::ReadAt;
 use qcow2::{OpenOptions, Qcow2};
 
-type Res<T> = Result<T, Box<dyn Error>>;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::Res;
 
 const MIB: u64 = 1 << 20;
 const SECRET: &str = "benchmark secret";
@@ -78,21 +80,7 @@ fn config() -> Config {
 
 fn main() -> Res<()> {
     let cfg = config();
-    if Command::new("qemu-img")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .map_or(true, |s| !s.success())
-    {
-        eprintln!("SKIPPED: qemu-img not found");
-        return Ok(());
-    }
-    fs::create_dir_all(&cfg.dir)?;
-    let result = run(&cfg);
-    if cfg.smoke {
-        let _ = fs::remove_dir_all(&cfg.dir);
-    }
-    result
+    common::run_in("encrypted", &cfg.dir, cfg.smoke, || run(&cfg))
 }
 
 fn run(cfg: &Config) -> Res<()> {

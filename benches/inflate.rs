@@ -79,15 +79,7 @@ fn config() -> Config {
 
 fn main() -> Res<()> {
     let cfg = config();
-    if !common::qemu_img_or_skip("inflate") {
-        return Ok(());
-    }
-    fs::create_dir_all(&cfg.dir)?;
-    let result = run(&cfg);
-    if cfg.smoke {
-        let _ = fs::remove_dir_all(&cfg.dir);
-    }
-    result
+    common::run_in("inflate", &cfg.dir, cfg.smoke, || run(&cfg))
 }
 
 fn run(cfg: &Config) -> Res<()> {

@@ -40,6 +40,20 @@ pub fn qemu_img_or_skip(bench: &str) -> bool {
     found
 }
 
+/// A bench's `main`: unless `qemu-img` is missing (see [`qemu_img_or_skip`]), make `dir`,
+/// run `run`, and on a smoke run remove `dir` afterwards.
+pub fn run_in(bench: &str, dir: &Path, smoke: bool, run: impl FnOnce() -> Res<()>) -> Res<()> {
+    if !qemu_img_or_skip(bench) {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    let result = run();
+    if smoke {
+        let _ = fs::remove_dir_all(dir);
+    }
+    result
+}
+
 #[derive(Clone, Copy)]
 pub enum Fill {
     /// PRNG output: incompressible, never zero.
