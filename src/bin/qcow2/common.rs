@@ -68,3 +68,24 @@ pub fn local_utc_offset(secs: i64) -> i64 {
         .single()
         .map_or(0, |t| i64::from(t.offset().fix().local_minus_utc()))
 }
+
+/// A size as qemu-img reads one: digits with an optional binary suffix (k, M, G, T, P, E;
+/// either case; `b` or none for bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("invalid size '{s}'"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        "e" => 60,
+        _ => return Err(format!("invalid size suffix in '{s}'")),
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v <= i64::MAX as u64)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}

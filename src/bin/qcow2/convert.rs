@@ -349,20 +349,7 @@ fn default_threads() -> usize {
 /// A `-S` size as qemu-img reads it: a number with an optional suffix (b, k, M, G, T, P, E,
 /// any case, powers of 1024), a multiple of 512 up to 16 MiB.
 fn parse_sparse_size(text: &str) -> Option<u64> {
-    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let suffix = text.get(digits.len()..)?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        "p" => 50,
-        "e" => 60,
-        _ => return None,
-    };
-    let n: u64 = digits.parse().ok()?;
-    let bytes = n.checked_mul(1u64.checked_shl(shift)?)?;
+    let bytes = crate::common::parse_size(text).ok()?;
     (bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE).then_some(bytes)
 }
 

@@ -14,10 +14,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
     /// First guest byte to map (suffixes k, M, G, T, P, E as in qemu-img).
-    #[arg(short = 's', long, default_value = "0", value_parser = parse_size)]
+    #[arg(short = 's', long, default_value = "0", value_parser = crate::common::parse_size)]
     start_offset: u64,
     /// Most bytes to map from the start offset.
-    #[arg(short = 'l', long, value_parser = parse_size)]
+    #[arg(short = 'l', long, value_parser = crate::common::parse_size)]
     max_length: Option<u64>,
     /// Image format: only `qcow2`.
     #[arg(short = 'f', long)]
@@ -169,30 +169,10 @@ fn hex(n: u64) -> String {
     }
 }
 
-/// A size as qemu-img reads one: digits with an optional binary suffix (k, M, G, T, P, E;
-/// either case; `b` or none for bytes).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, suffix) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        "p" => 50,
-        "e" => 60,
-        _ => return Err(format!("invalid size suffix in '{s}'")),
-    };
-    n.checked_mul(1u64 << shift)
-        .filter(|&v| v <= i64::MAX as u64)
-        .ok_or_else(|| format!("size '{s}' is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::parse_size;
 
     #[test]
     fn sizes_and_hex_as_qemu_img() {
