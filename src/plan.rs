@@ -145,17 +145,25 @@ impl NearSlices {
     /// falls back to the shared cache rather than wait).
     fn get(&self, at: u64, g: &Geometry) -> Option<Slice> {
         let slots = self.slots.try_lock().ok()?;
-        let slice = slots.get(Self::slot(at, g))?.as_ref()?;
-        (slice.at == at).then(|| slice.clone())
+        Self::kept(&slots, at, g).cloned()
     }
 
     /// Whether the slice at file offset `at` is kept.
     fn has(&self, at: u64, g: &Geometry) -> bool {
-        self.slots.try_lock().is_ok_and(|slots| {
-            slots
-                .get(Self::slot(at, g))
-                .is_some_and(|s| s.as_ref().is_some_and(|s| s.at == at))
-        })
+        self.slots
+            .try_lock()
+            .is_ok_and(|slots| Self::kept(&slots, at, g).is_some())
+    }
+
+    fn kept<'s>(
+        slots: &'s [Option<Slice>; NEAR_SLOTS],
+        at: u64,
+        g: &Geometry,
+    ) -> Option<&'s Slice> {
+        slots
+            .get(Self::slot(at, g))?
+            .as_ref()
+            .filter(|slice| slice.at == at)
     }
 
     fn put(&self, slice: &Slice, g: &Geometry) {
@@ -425,13 +433,7 @@ impl<I: ReadAt> Reader<'_, I> {
     /// Whether the L2 table for L1 index `index` is unallocated (an entry past the L1 table
     /// is). A malformed entry is not: the next segment reports it.
     fn l2_unallocated(&self, index: u64) -> bool {
-        match self.l1_entry(index) {
-            None => true,
-            Some(entry) => matches!(
-                table::l2_table_offset(entry, &self.image().geometry, 0),
-                Ok(None)
-            ),
-        }
+        matches!(self.l2_table_offset(index), Ok(None))
     }
 
     /// Slice `number` of the L2 table at `table_at`, from the cache or else read from the
