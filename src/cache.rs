@@ -43,9 +43,21 @@ impl<K: Hash + Eq, T, S: BuildHasher + Default> ByteLru<K, T, S> {
     /// Insert `value` as the most recently used, dropping the least recently used entries
     /// while over budget.
     pub(crate) fn put(&mut self, key: K, value: Arc<[T]>) {
+        self.put_and_evict(key, value, drop);
+    }
+
+    /// [`put`](Self::put), handing each entry it drops (or replaces) to `evicted`, which may
+    /// keep its buffer for reuse.
+    pub(crate) fn put_and_evict(
+        &mut self,
+        key: K,
+        value: Arc<[T]>,
+        mut evicted: impl FnMut(Arc<[T]>),
+    ) {
         let size = entry_bytes(&value);
         if let Some(old) = self.entries.put(key, value) {
             self.bytes = self.bytes.saturating_sub(entry_bytes(&old));
+            evicted(old);
         }
         self.bytes = self.bytes.saturating_add(size);
         while self.bytes > self.budget && self.entries.len() > 1 {
@@ -53,6 +65,7 @@ impl<K: Hash + Eq, T, S: BuildHasher + Default> ByteLru<K, T, S> {
                 break;
             };
             self.bytes = self.bytes.saturating_sub(entry_bytes(&dropped));
+            evicted(dropped);
         }
     }
 

@@ -333,6 +333,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             self.image.cluster_size() as usize,
             &mut clusters,
         )?;
+        for c in clusters.iter_mut() {
+            cache.recycle_input(std::mem::take(&mut c.input));
+        }
         for p in batch.drain(..) {
             let data = clusters
                 .iter()
@@ -353,9 +356,10 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     fn compressed_input(&self, host: u64, len: u64) -> Result<Vec<u8>> {
         compress::check_available(self.image.header.compression_type())?;
         // The 13-bit sector count bounds this to two clusters.
-        let mut input = vec![0u8; len as usize];
-        read_up_to(&self.image.io, host, &mut input)
+        let mut input = self.image.compressed.input_buffer(len as usize);
+        let got = read_up_to(&self.image.io, host, &mut input)
             .map_err(|e| Error::io(format!("reading compressed cluster at {host:#x}"), e))?;
+        input.get_mut(got..).unwrap_or_default().fill(0);
         Ok(input)
     }
 
