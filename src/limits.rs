@@ -39,10 +39,11 @@ pub struct Limits {
     /// Bytes of L2 tables kept in memory for an image and its whole backing chain, which
     /// share one cache of 4 KiB slices (at least one slice is always kept; QEMU's default is
     /// 32 MiB too). Each [`Reader`](crate::Reader), and each image of a chain for the reads
-    /// made through it, also keeps the last 16 slices it used (64 KiB at most) and a buffer
-    /// for reading them (64 KiB at most), so that threads with a reader each do not contend
+    /// made through it, also keeps the last 32 slices it used (128 KiB at most) and a buffer
+    /// for reading them (128 KiB at most), so that threads with a reader each do not contend
     /// for the shared cache and a walk does not fill it with every slice it passes.
-    /// Decompressed clusters have a budget of their own, 8 MiB per chain.
+    /// Decompressed clusters have a budget of their own, 8 MiB per chain (buffers kept for
+    /// reuse included).
     pub l2_cache_bytes: u64,
     /// Most PBKDF2 iterations unlocking one LUKS image may run, over every key slot it tries
     /// (QEMU's own images need a few million at most).
