@@ -18,6 +18,7 @@ pub(crate) fn be_u32(buf: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Big-endian `u64` at `at`.
+#[inline]
 pub(crate) fn be_u64(buf: &[u8], at: usize) -> Option<u64> {
     field(buf, at, 8).map(BigEndian::read_u64)
 }
@@ -28,6 +29,7 @@ pub(crate) fn align8(n: u64) -> Option<u64> {
 }
 
 /// The low `bits` bits of `x`: an offset within a power-of-two sized block.
+#[inline]
 pub(crate) fn low_bits(x: u64, bits: u32) -> u64 {
     x & 1u64
         .checked_shl(bits)

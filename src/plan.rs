@@ -34,6 +34,7 @@ pub(crate) struct GuestOffset(pub u64);
 pub(crate) struct HostOffset(pub u64);
 
 impl HostOffset {
+    #[inline]
     pub(crate) fn plus(self, n: u64) -> Self {
         HostOffset(self.0.saturating_add(n))
     }
@@ -55,6 +56,7 @@ pub(crate) enum SegmentKind {
 }
 
 impl SegmentKind {
+    #[inline]
     fn of(mapping: Mapping, unit_host: Option<u64>) -> Self {
         let host = unit_host.map(HostOffset);
         match mapping {
@@ -79,6 +81,7 @@ impl SegmentKind {
 
     /// Whether `next`, found `gap` bytes after the start of a segment of this kind, is the
     /// same kind with host offsets (where there are any) continuing without a jump.
+    #[inline]
     pub(crate) fn continued_by(self, next: SegmentKind, gap: u64) -> bool {
         let same_kind = std::mem::discriminant(&self) == std::mem::discriminant(&next);
         let host_follows = match (self.host(), next.host()) {
@@ -117,6 +120,7 @@ struct Slice {
 
 impl Slice {
     /// The 64-bit word at `index`.
+    #[inline]
     fn word(&self, index: u64) -> Option<u64> {
         let at = usize::try_from(index.checked_mul(TABLE_ENTRY_LEN)?).ok()?;
         be_u64(&self.bytes, at)
@@ -139,24 +143,28 @@ pub(crate) struct NearSlices {
 }
 
 impl NearSlices {
+    #[inline]
     fn slot(at: u64, g: &Geometry) -> usize {
         low_bits(at >> slice_bytes(g).trailing_zeros(), NEAR_SLOT_BITS) as usize
     }
 
     /// The slice at file offset `at`, if kept (and the lock free: a reader shared by threads
     /// falls back to the shared cache rather than wait).
+    #[inline]
     fn get(&self, at: u64, g: &Geometry) -> Option<Slice> {
         let slots = self.slots.try_lock().ok()?;
         Self::kept(&slots, at, g).cloned()
     }
 
     /// Whether the slice at file offset `at` is kept.
+    #[inline]
     fn has(&self, at: u64, g: &Geometry) -> bool {
         self.slots
             .try_lock()
             .is_ok_and(|slots| Self::kept(&slots, at, g).is_some())
     }
 
+    #[inline]
     fn kept<'s>(
         slots: &'s [Option<Slice>; NEAR_SLOTS],
         at: u64,
@@ -168,6 +176,7 @@ impl NearSlices {
             .filter(|slice| slice.at == at)
     }
 
+    #[inline]
     fn put(&self, slice: &Slice, g: &Geometry) {
         if let Ok(mut slots) = self.slots.try_lock() {
             if let Some(slot) = slots.get_mut(Self::slot(slice.at, g)) {
@@ -358,9 +367,10 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             };
             self.slice = Some(slice);
         }
-        self.slice
-            .as_ref()
-            .ok_or(Error::Internal("no L2 slice after loading it"))
+        match &self.slice {
+            Some(slice) => Ok(slice),
+            None => Err(Error::Internal("no L2 slice after loading it")),
+        }
     }
 }
 
@@ -385,6 +395,7 @@ fn leading_zero_bytes(span: &[u8]) -> usize {
 }
 
 /// 64-bit words per L2 entry: two with extended L2 entries.
+#[inline]
 fn words_per_entry(g: &Geometry) -> u64 {
     if g.extended_l2 {
         2
@@ -394,6 +405,7 @@ fn words_per_entry(g: &Geometry) -> u64 {
 }
 
 /// log2 of the entries in one slice (the whole table when it is smaller than a slice).
+#[inline]
 fn slice_entry_bits(g: &Geometry) -> u32 {
     // log2(4096 / 8) = 9 entries of one word, 8 of two.
     let bits = SLICE_BYTES
@@ -404,16 +416,19 @@ fn slice_entry_bits(g: &Geometry) -> u32 {
 }
 
 /// The number, within its L2 table, of the slice holding the entry for `guest`.
+#[inline]
 fn slice_number(guest: u64, g: &Geometry) -> u64 {
     low_bits(guest >> g.cluster_bits, g.index_bits) >> slice_entry_bits(g)
 }
 
 /// The L2 index of a slice's first entry.
+#[inline]
 fn first_index(slice: &Slice, g: &Geometry) -> u64 {
     slice.number << slice_entry_bits(g)
 }
 
 /// Bytes of one slice.
+#[inline]
 fn slice_bytes(g: &Geometry) -> u64 {
     TABLE_ENTRY_LEN
         .saturating_mul(words_per_entry(g))

@@ -37,12 +37,14 @@ pub(crate) struct Geometry {
 
 impl Geometry {
     /// log2 of the guest bytes one L2 table maps.
+    #[inline]
     pub fn l2_bits(&self) -> u32 {
         self.cluster_bits.saturating_add(self.index_bits)
     }
 
     /// log2 of the smallest unit with its own mapping: a subcluster or a cluster. Extended L2
     /// needs cluster_bits >= 14, so this is at least 9.
+    #[inline]
     pub fn unit_bits(&self) -> u32 {
         if self.extended_l2 {
             self.cluster_bits.saturating_sub(SUBCLUSTER_BITS)
@@ -66,6 +68,7 @@ pub(crate) enum Mapping {
 }
 
 /// An L1 entry's L2 table offset, `None` when the L2 table is unallocated.
+#[inline]
 pub(crate) fn l2_table_offset(
     entry: u64,
     geometry: &Geometry,
@@ -102,6 +105,7 @@ pub(crate) fn decode_l2(
 /// [`decode_l2`], and the host offset of the unit whenever its cluster has one: data, and
 /// also a preallocated zero cluster or an unallocated subcluster of an allocated cluster
 /// (`qemu-img map` reports where those lie; reads never need it).
+#[inline]
 pub(crate) fn decode_l2_with_host(
     entry: u64,
     bitmap: u64,
@@ -124,6 +128,7 @@ pub(crate) fn decode_l2_with_host(
     Ok((mapping, unit_host))
 }
 
+#[inline]
 fn decode_l2_mapping(
     entry: u64,
     bitmap: u64,
