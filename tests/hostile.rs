@@ -603,3 +603,27 @@ fn corpus_tests_and_cases_tsv_agree() {
     assert!(total < CORPUS_BUDGET, "corpus is {total} bytes");
     assert!(CASES.len() >= 60, "only {} refusal cases", CASES.len());
 }
+
+/// A reader's second read finds the L2 entry in the slice it kept (read in place, not taken
+/// from the shared cache): a bad entry is reported the same way, at the same place, each time.
+#[test]
+fn a_bad_l2_entry_is_reported_alike_by_every_read_of_a_reader() {
+    let image = Qcow2::open_path(path_of("l2-entry-unaligned")).unwrap();
+    let reader = image.reader().unwrap();
+    let mut buf = [0u8; 512];
+    for attempt in 0..3 {
+        let e = reader.read_exact_at(0, &mut buf).unwrap_err();
+        let e = qcow2_error(&e).unwrap_or_else(|| panic!("read {attempt}: {e:?}"));
+        assert!(
+            matches!(
+                e,
+                Error::Misaligned {
+                    what: "data cluster",
+                    at: 0x4000,
+                    ..
+                }
+            ),
+            "read {attempt}: {e:?}"
+        );
+    }
+}
