@@ -501,7 +501,8 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
         Qcow2::share_pool(self, pool);
     }
     fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        let reader = self.reader()?.with_state(&self.chain_state);
+        self.check_data_file()?;
+        let reader = Reader::with_state(self, &self.chain_state);
         let in_image = self.guest_size().saturating_sub(pos).min(buf.len() as u64) as usize;
         let (inside, past) = buf.split_at_mut(in_image);
         reader.read_guest(pos, inside)?;

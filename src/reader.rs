@@ -62,20 +62,37 @@ enum State<'a> {
 
 impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, l1_offset: u64, size: u64) -> Self {
+        Self::with(image, l1, l1_offset, size, State::Own(ReadState::new()))
+    }
+
+    /// A reader of the active image that keeps its state in `state`, which outlives it: the
+    /// reads an overlay makes through its backing image go on where the last one ended.
+    /// (Made without a state of its own: a chain makes one for every backing read.)
+    pub(crate) fn with_state(image: &'a Qcow2<I>, state: &'a ReadState) -> Self {
+        let (l1_offset, size) = (image.header.l1_table_offset(), image.guest_size());
+        Self::with(
+            image,
+            Arc::clone(&image.l1),
+            l1_offset,
+            size,
+            State::Shared(state),
+        )
+    }
+
+    fn with(
+        image: &'a Qcow2<I>,
+        l1: Arc<[u64]>,
+        l1_offset: u64,
+        size: u64,
+        state: State<'a>,
+    ) -> Self {
         Reader {
             image,
             l1,
             l1_offset,
             size,
-            state: State::Own(ReadState::new()),
+            state,
         }
-    }
-
-    /// A reader of the active image that keeps its state in `state`, which outlives it: the
-    /// reads an overlay makes through its backing image go on where the last one ended.
-    pub(crate) fn with_state(mut self, state: &'a ReadState) -> Self {
-        self.state = State::Shared(state);
-        self
     }
 
     pub(crate) fn state(&self) -> &ReadState {
