@@ -16,7 +16,8 @@ use crate::header::{CompressionType, MAX_CLUSTER_BITS};
 /// Decompressed clusters kept per backing chain, in bytes (at least the last one), buffers
 /// kept for reuse included.
 const CACHE_BYTES: u64 = 8 << 20;
-/// Of [`CACHE_BYTES`], what buffers kept for reuse may hold (at least one of each kind).
+/// Of [`CACHE_BYTES`], what buffers kept for reuse may hold, for each of the two kinds
+/// (decompressed clusters, compressed input); at least one buffer of each is kept.
 const SPARE_BYTES: u64 = 1 << 20;
 /// Idle decoders kept for reuse: creating a zstd context costs more than a small cluster.
 const MAX_IDLE_DECODERS: usize = 8;
@@ -54,7 +55,7 @@ impl ClusterCache {
     pub(crate) fn new() -> Self {
         ClusterCache {
             inner: Mutex::new(CacheState {
-                clusters: ByteLru::new(CACHE_BYTES.saturating_sub(SPARE_BYTES)),
+                clusters: ByteLru::new(CACHE_BYTES.saturating_sub(2 * SPARE_BYTES)),
                 ahead: HashSet::new(),
                 idle: Vec::new(),
                 spare_clusters: Spares::new(|b| b.len()),
