@@ -153,9 +153,31 @@ pub fn make_qcow2(raw: &Path, tag: &str, opts: &[&str]) -> Res<PathBuf> {
             .arg(raw)
             .arg(&tmp),
     )?;
-    File::open(&tmp)?.sync_all()?;
+    settle(&tmp)?;
     fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+/// Rewrite the finished file at `path` by one sequential copy, as the raw files are written.
+/// A file as `qemu-img` leaves it (written out of order, in pieces) was measured to read up
+/// to 18% slower from the page cache than the same bytes written in order, dropped and read
+/// back the same way: without this, ratios to a raw file measured the files, not the readers.
+pub fn settle(path: &Path) -> Res<()> {
+    let copy = path.with_extension("settle.tmp");
+    {
+        let (mut from, mut to) = (File::open(path)?, File::create(&copy)?);
+        let mut buf = vec![0u8; MIB as usize];
+        loop {
+            let n = from.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            to.write_all(&buf[..n])?;
+        }
+        to.sync_all()?;
+    }
+    fs::rename(&copy, path)?;
+    Ok(())
 }
 
 /// Run a `qemu-img` command that makes or changes a file; an error if it fails.

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::child::{write_offsets, RANDOM_READ};
-use crate::common::{make_qcow2, make_raw, mix, qemu_img, usable_image, Fill, Res, Rng, MIB};
+use crate::common::{
+    make_qcow2, make_raw, mix, qemu_img, settle, usable_image, Fill, Res, Rng, MIB,
+};
 
 pub const CLUSTER: u64 = 64 << 10;
 pub const TIB: u64 = 1 << 40;
@@ -91,7 +93,7 @@ fn layer(raw: &Path, out: &Path, backing: &Path, which: u64) -> Res<()> {
             .arg(name)
             .arg(&tmp),
     )?;
-    File::open(&tmp)?.sync_all()?;
+    settle(&tmp)?;
     fs::rename(&tmp, out)?;
     Ok(())
 }
@@ -138,6 +140,7 @@ pub fn sparse(dir: &Path, clusters: u64) -> Res<(PathBuf, PathBuf)> {
             .arg(&tmp),
     )?;
     fs::remove_file(&raw_tmp)?;
+    settle(&tmp)?;
     fs::rename(&tmp, &img)?;
     Ok((img, dense))
 }
