@@ -52,6 +52,7 @@ impl Chain {
 
     /// How many `qemu-img map` extents of `name` (its own layer) have `key: true`: makes
     /// sure an image holds what a case is about.
+    #[cfg(feature = "zlib")]
     fn map_count(&self, name: &str, key: &str) -> usize {
         let out = self
             .qemu
