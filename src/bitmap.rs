@@ -173,6 +173,8 @@ struct RawEntry {
     flags: u32,
     bitmap_type: u8,
     granularity_bits: u8,
+    /// The name field's length (`name_size`), which QEMU limits, NULs included.
+    name_size: u16,
     /// Up to the first NUL.
     name: Vec<u8>,
     extra_data_size: u32,
@@ -219,6 +221,7 @@ fn parse_entry(entry: &[u8], at: u64) -> Result<(RawEntry, usize)> {
         flags,
         bitmap_type,
         granularity_bits,
+        name_size: name_len,
         name,
         extra_data_size,
         at,
@@ -262,7 +265,7 @@ fn check_entry(e: RawEntry, ctx: &DirectoryContext) -> Result<Bitmap> {
     if e.flags & RESERVED_FLAGS != 0 {
         return Err(bad(format!("reserved flags {:#x} are set", e.flags)));
     }
-    if e.name.len() > usize::from(MAX_NAME_LEN) {
+    if e.name_size > MAX_NAME_LEN {
         return Err(bad("name is longer than 1023 bytes".into()));
     }
     if e.bitmap_type != TYPE_DIRTY_TRACKING {
@@ -476,6 +479,10 @@ mod tests {
         assert!(refused(entry(b"b", 16, 0, (0x70000, 8193), 1, 0)).contains("bytes of bitmap data"));
         assert!(refused(entry(b"b", 16, 0, (0x70000, 1), 1, 8)).contains("extra data"));
         assert!(refused(entry(&[b'x'; 1024], 16, 0, (0x70000, 1), 1, 0)).contains("1023"));
+        // QEMU limits the name field, not the name up to its NUL.
+        let mut cut = vec![b'x'; 1024];
+        cut[1] = 0;
+        assert!(refused(entry(&cut, 16, 0, (0x70000, 1), 1, 0)).contains("1023"));
         // 512-byte granularity: one 64 KiB cluster covers 256 MiB, less than the guest...
         assert!(refused(entry(b"b", 9, 0, (0x70000, 1), 1, 0)).contains("covers"));
         // ... which QEMU accepts of a bitmap in use (its data is not loaded).

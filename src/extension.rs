@@ -7,6 +7,7 @@
 use crate::bytes::{align8, be_u32, be_u64, field, low_bits, until_nul};
 use crate::error::{Error, Result};
 use crate::feature::{self, FeatureName};
+use crate::header::CRYPT_LUKS;
 use crate::limits::Limits;
 
 // Extension types (spec: "Header extensions").
@@ -31,8 +32,6 @@ const MAX_BACKING_FORMAT_LEN: usize = 15;
 const BITMAPS_EXT_LEN: usize = 24;
 /// Full disk encryption header pointer: offset u64, length u64.
 const ENCRYPTION_EXT_LEN: usize = 16;
-/// `crypt_method` of LUKS, the only method with an encryption header extension.
-const CRYPT_LUKS: u32 = 2;
 
 /// What a header extension is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

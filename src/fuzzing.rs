@@ -276,7 +276,7 @@ fn check_mapping(mapping: Mapping, entry: u64, g: &Geometry) {
             let cluster = host_offset >> g.cluster_bits << g.cluster_bits;
             assert_eq!(
                 cluster,
-                entry & 0x00ff_ffff_ffff_fe00,
+                entry & table::L2_OFFSET_MASK,
                 "data outside its cluster"
             );
         }
@@ -407,7 +407,7 @@ mod tests {
         (0..h.l1_size() as usize)
             .map(|i| u64::from_be_bytes(file[l1 + 8 * i..][..8].try_into().unwrap()))
             .filter_map(|e| {
-                let at = (e & 0x00ff_ffff_ffff_fe00) as usize;
+                let at = (e & table::L1_OFFSET_MASK) as usize;
                 (at != 0).then(|| &file[at..(at + cluster).min(file.len())])
             })
             .collect()

@@ -56,7 +56,7 @@ mod at {
 /// `crypt_method` of legacy AES-CBC images (header bytes 32-35).
 const CRYPT_AES: u32 = 1;
 /// `crypt_method` of LUKS images, the one with an encryption header extension.
-const CRYPT_LUKS: u32 = 2;
+pub(crate) const CRYPT_LUKS: u32 = 2;
 
 /// How compressed clusters are compressed (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

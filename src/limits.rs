@@ -56,7 +56,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_l1_bytes: 32 << 20,
+            max_l1_bytes: crate::table::MAX_L1_BYTES,
             max_refcount_table_bytes: 8 << 20,
             max_snapshots: 65536,
             max_snapshot_table_bytes: 64 << 20,

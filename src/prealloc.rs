@@ -7,13 +7,10 @@
 
 use positioned_io::ReadAt;
 
-use crate::bytes::low_bits;
 use crate::header::Header;
 use crate::holes::HoleQuery;
 use crate::io::read_metadata;
-
-/// Refcount table entry bits 9-63: the refcount block's offset.
-const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+use crate::refcount::{RefTableEntry, RefcountLayout};
 /// QEMU counts file lengths in 512-byte sectors.
 const SECTOR: u64 = 512;
 
@@ -49,9 +46,11 @@ fn count_referenced<I: ReadAt + ?Sized>(
     limit: u64,
 ) -> Option<u64> {
     let cluster_bits = header.cluster_bits();
-    let order = header.refcount_order(); // validated at open: 0..=6
-                                         // Entries per refcount block: cluster_size * 8 / (1 << order).
-    let block_bits = cluster_bits.checked_add(3)?.checked_sub(order)?;
+    let layout = RefcountLayout {
+        cluster_bits,
+        order: header.refcount_order(),
+    };
+    let block_bits = layout.block_bits();
     let table_entries =
         u64::from(header.refcount_table_clusters()) << cluster_bits.saturating_sub(3);
     let blocks = end_cluster.div_ceil(1u64 << block_bits).min(table_entries);
@@ -65,57 +64,44 @@ fn count_referenced<I: ReadAt + ?Sized>(
             .checked_add(index.checked_mul(8)?)?;
         let entry = read_metadata(io, at, 8, "refcount table entry").ok()?;
         let entry = u64::from_be_bytes(entry.try_into().ok()?);
-        let offset = entry & REFT_OFFSET_MASK;
-        if offset == 0 {
-            continue;
-        }
-        if low_bits(offset, cluster_bits) != 0 {
-            return None;
-        }
+        let offset = match RefTableEntry::decode_offset(entry, cluster_bits) {
+            RefTableEntry::Block(offset) => offset,
+            RefTableEntry::Empty | RefTableEntry::Reserved => continue,
+            RefTableEntry::Unaligned(_) => return None,
+        };
         let block = read_metadata(io, offset, 1u64 << cluster_bits, "refcount block").ok()?;
         let first = index << block_bits;
         let in_block = end_cluster.saturating_sub(first).min(1u64 << block_bits);
-        count = count.saturating_add(non_zero_entries(&block, order, in_block));
+        count = count.saturating_add(non_zero_entries(&block, &layout, in_block));
     }
     Some(count.min(limit))
 }
 
-/// How many of the first `n` refcounts in `block` are not zero. Refcounts narrower than a
-/// byte are packed from the low bits of each byte up, as QEMU stores them.
-fn non_zero_entries(block: &[u8], order: u32, n: u64) -> u64 {
-    let width = 1usize << order;
-    let n = usize::try_from(n).unwrap_or(usize::MAX);
-    if width >= 8 {
-        return block
-            .chunks_exact(width / 8)
-            .take(n)
-            .filter(|e| e.iter().any(|&b| b != 0))
-            .count() as u64;
-    }
-    let mask = 1u8.wrapping_shl(width as u32).wrapping_sub(1);
-    let per_byte = 8usize.checked_div(width).unwrap_or(1);
-    (0..n)
-        .filter(|&i| {
-            let byte = i.checked_div(per_byte).and_then(|at| block.get(at));
-            let shift = i.checked_rem(per_byte).unwrap_or(0).saturating_mul(width);
-            byte.is_some_and(|&b| (b >> shift) & mask != 0)
-        })
-        .count() as u64
+/// How many of the first `n` refcounts in `block` are not zero.
+fn non_zero_entries(block: &[u8], layout: &RefcountLayout, n: u64) -> u64 {
+    (0..n).filter(|&i| layout.get(block, i) != 0).count() as u64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn layout(order: u32) -> RefcountLayout {
+        RefcountLayout {
+            cluster_bits: 9,
+            order,
+        }
+    }
+
     #[test]
     fn narrow_refcounts_are_packed_from_the_low_bits() {
         // order 0: one bit each, bit 0 first.
-        assert_eq!(non_zero_entries(&[0b0000_0101], 0, 8), 2);
-        assert_eq!(non_zero_entries(&[0b0000_0101], 0, 2), 1);
+        assert_eq!(non_zero_entries(&[0b0000_0101], &layout(0), 8), 2);
+        assert_eq!(non_zero_entries(&[0b0000_0101], &layout(0), 2), 1);
         // order 2: four bits each.
-        assert_eq!(non_zero_entries(&[0x30, 0x01], 2, 4), 2);
+        assert_eq!(non_zero_entries(&[0x30, 0x01], &layout(2), 4), 2);
         // order 4: 16-bit big-endian entries.
-        assert_eq!(non_zero_entries(&[0, 1, 0, 0, 1, 0], 4, 3), 2);
-        assert_eq!(non_zero_entries(&[0, 1, 0, 0, 1, 0], 4, 1), 1);
+        assert_eq!(non_zero_entries(&[0, 1, 0, 0, 1, 0], &layout(4), 3), 2);
+        assert_eq!(non_zero_entries(&[0, 1, 0, 0, 1, 0], &layout(4), 1), 1);
     }
 }

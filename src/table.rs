@@ -5,22 +5,29 @@
 use crate::bytes::low_bits;
 use crate::error::{Error, Result};
 
-/// L1 entry bits 9-55: the L2 table's host offset.
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Standard L2 entry bits 9-55: the data cluster's host offset.
-const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1 entry bits 9-55: the L2 table's host offset (QEMU `L1E_OFFSET_MASK`).
+pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1 entry bits 0-8 and 56-62 are reserved (QEMU `L1E_RESERVED_MASK`).
+pub(crate) const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Standard L2 entry bits 9-55: the data cluster's host offset (QEMU `L2E_OFFSET_MASK`).
+pub(crate) const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Standard L2 entry bits 1-8 and 56-61 are reserved (QEMU `L2E_STD_RESERVED_MASK`).
+pub(crate) const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// L2 entry bit 62: the cluster is compressed.
 const OFLAG_COMPRESSED: u64 = 1 << 62;
-/// L2 entry bit 63: refcount is exactly one (and, with an external data file, "allocated").
-const OFLAG_COPIED: u64 = 1 << 63;
+/// L1 and L2 entry bit 63: refcount is exactly one (and, in an L2 entry with an external data
+/// file, "allocated").
+pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
 /// Standard L2 entry bit 0: the cluster reads as zeros.
 const OFLAG_ZERO: u64 = 1;
 /// Compressed data is counted in 512-byte sectors.
 const COMPRESSED_SECTOR: u64 = 512;
 /// Subclusters per cluster with extended L2 entries.
 const SUBCLUSTER_BITS: u32 = 5;
-/// Extended L2 bitmap, low half: subcluster `i` is allocated.
-const SUB_ALLOC_MASK: u64 = 0xffff_ffff;
+/// Extended L2 bitmap, low half: subcluster `i` is allocated (QEMU `QCOW_L2_BITMAP_ALL_ALLOC`).
+pub(crate) const SUB_ALLOC_MASK: u64 = 0xffff_ffff;
+/// Largest L1 table QEMU uses, in bytes (QEMU `QCOW_MAX_L1_SIZE`).
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// The layout facts needed to decode entries.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +59,68 @@ impl Geometry {
             self.cluster_bits
         }
     }
+
+    /// What an L2 entry is, as QEMU's `qcow2_get_cluster_type` classifies it. Reserved bits,
+    /// alignment and the subcluster bitmap are left to the caller.
+    #[inline]
+    pub fn cluster_type(&self, entry: u64) -> ClusterType {
+        let host = entry & L2_OFFSET_MASK;
+        if entry & OFLAG_COMPRESSED != 0 {
+            ClusterType::Compressed
+        } else if entry & OFLAG_ZERO != 0 && !self.extended_l2 {
+            if host != 0 {
+                ClusterType::ZeroAlloc
+            } else {
+                ClusterType::ZeroPlain
+            }
+        } else if host != 0 || (self.external_data && entry & OFLAG_COPIED != 0) {
+            ClusterType::Normal
+        } else {
+            ClusterType::Unallocated
+        }
+    }
+
+    /// A compressed L2 entry's data, as QEMU's `qcow2_parse_compressed_l2_entry` finds it:
+    /// `(host offset, length)`, the length being whole 512-byte sectors less the offset into
+    /// the first one. The split between offset and sector count moves with cluster_bits
+    /// (spec: x = 62 - (cluster_bits - 8)); bits 62 and 63 are never part of either.
+    #[inline]
+    pub fn compressed_extent(&self, entry: u64) -> (u64, u64) {
+        // cluster_bits is 9..=21, so sector_bits is 1..=13 and shift 49..=61.
+        let sector_bits = self.cluster_bits.saturating_sub(8);
+        let shift = 62u32.saturating_sub(sector_bits);
+        let host_offset = low_bits(entry, shift);
+        let extra_sectors = low_bits(entry >> shift, sector_bits);
+        // At most 2^13 sectors of 512 bytes: no overflow.
+        let sectors_len = extra_sectors
+            .saturating_add(1)
+            .saturating_mul(COMPRESSED_SECTOR);
+        let len =
+            sectors_len.saturating_sub(low_bits(host_offset, COMPRESSED_SECTOR.trailing_zeros()));
+        (host_offset, len)
+    }
+
+    /// Whether a host offset is not cluster aligned.
+    #[inline]
+    pub fn unaligned(&self, offset: u64) -> bool {
+        low_bits(offset, self.cluster_bits) != 0
+    }
+}
+
+/// An L2 entry's kind, QEMU's `QCow2ClusterType`: what the entry says before its subcluster
+/// bitmap is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClusterType {
+    /// No host cluster (with extended L2: none of the subclusters is allocated).
+    Unallocated,
+    /// Standard entry with the zero flag and no host cluster.
+    ZeroPlain,
+    /// Standard entry with the zero flag and a preallocated host cluster.
+    ZeroAlloc,
+    /// A host cluster (with extended L2, the bitmap says which subclusters it holds).
+    Normal,
+    /// Compressed data.
+    Compressed,
 }
 
 /// What one cluster or subcluster of the guest reads from.
@@ -78,7 +147,7 @@ pub(crate) fn l2_table_offset(
     if offset == 0 {
         return Ok(None);
     }
-    if low_bits(offset, geometry.cluster_bits) != 0 {
+    if geometry.unaligned(offset) {
         return Err(Error::Misaligned {
             what: "L2 table",
             offset,
@@ -113,16 +182,12 @@ pub(crate) fn decode_l2_with_host(
     geometry: &Geometry,
     entry_at: u64,
 ) -> Result<(Mapping, Option<u64>)> {
-    let mapping = decode_l2_mapping(entry, bitmap, sub, geometry, entry_at)?;
+    let kind = geometry.cluster_type(entry);
+    let mapping = decode_l2_mapping(entry, kind, bitmap, sub, geometry, entry_at)?;
     let host = entry & L2_OFFSET_MASK;
-    // QEMU's cluster types: compressed has no host offset of its own; a standard zero
-    // cluster keeps one only when its offset is non-zero; otherwise "allocated" decides.
-    let has_host = match mapping {
-        Mapping::Compressed { .. } => false,
-        Mapping::Data { .. } => true,
-        _ if !geometry.extended_l2 => host != 0 && entry & OFLAG_ZERO != 0,
-        _ => host != 0 || (geometry.external_data && entry & OFLAG_COPIED != 0),
-    };
+    // Compressed data has no host cluster of its own; a standard zero cluster keeps one only
+    // when preallocated.
+    let has_host = matches!(kind, ClusterType::Normal | ClusterType::ZeroAlloc);
     // sub < 32 and the unit is at most 64 KiB: within one cluster.
     let unit_host = has_host.then(|| host | u64::from(sub) << geometry.unit_bits());
     Ok((mapping, unit_host))
@@ -131,12 +196,13 @@ pub(crate) fn decode_l2_with_host(
 #[inline]
 fn decode_l2_mapping(
     entry: u64,
+    kind: ClusterType,
     bitmap: u64,
     sub: u32,
     geometry: &Geometry,
     entry_at: u64,
 ) -> Result<Mapping> {
-    if entry & OFLAG_COMPRESSED != 0 {
+    if kind == ClusterType::Compressed {
         return decode_compressed(entry, geometry, entry_at);
     }
     let invalid = |reason| Error::InvalidL2Entry {
@@ -148,9 +214,8 @@ fn decode_l2_mapping(
         return Err(invalid("zero cluster entry in a version 2 image"));
     }
     let host = entry & L2_OFFSET_MASK;
-    let allocated = host != 0 || (geometry.external_data && entry & OFLAG_COPIED != 0);
     // QEMU checks a host offset's alignment whatever the flags say, zero clusters included.
-    if low_bits(host, geometry.cluster_bits) != 0 {
+    if geometry.unaligned(host) {
         return Err(Error::Misaligned {
             what: "data cluster",
             offset: host,
@@ -158,14 +223,14 @@ fn decode_l2_mapping(
         });
     }
     if !geometry.extended_l2 {
-        if entry & OFLAG_ZERO != 0 {
-            return Ok(Mapping::Zero);
-        }
-        if !allocated {
-            return Ok(Mapping::Unallocated);
-        }
-        return Ok(Mapping::Data { host_offset: host });
+        return Ok(match kind {
+            ClusterType::Normal => Mapping::Data { host_offset: host },
+            ClusterType::ZeroPlain | ClusterType::ZeroAlloc => Mapping::Zero,
+            // Compressed returned above.
+            ClusterType::Unallocated | ClusterType::Compressed => Mapping::Unallocated,
+        });
     }
+    let allocated = kind == ClusterType::Normal;
     let alloc = bitmap & SUB_ALLOC_MASK;
     let zero = bitmap >> 32;
     let bit = 1u64.checked_shl(sub).unwrap_or(0);
@@ -196,8 +261,8 @@ fn decode_l2_mapping(
     }
 }
 
-/// The compressed descriptor: the split between offset and sector count moves with
-/// cluster_bits (spec: x = 62 - (cluster_bits - 8)).
+/// The compressed descriptor ([`Geometry::compressed_extent`]), refused with an external
+/// data file.
 fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<Mapping> {
     if geometry.external_data {
         return Err(Error::InvalidL2Entry {
@@ -206,16 +271,7 @@ fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<M
             reason: "compressed cluster in an image with an external data file",
         });
     }
-    // cluster_bits is 9..=21, so sector_bits is 1..=13 and shift 49..=61.
-    let sector_bits = geometry.cluster_bits.saturating_sub(8);
-    let shift = 62u32.saturating_sub(sector_bits);
-    let host_offset = low_bits(entry, shift);
-    let extra_sectors = low_bits(entry >> shift, sector_bits);
-    // At most 2^13 sectors of 512 bytes: no overflow.
-    let sectors_len = extra_sectors
-        .saturating_add(1)
-        .saturating_mul(COMPRESSED_SECTOR);
-    let len = sectors_len.saturating_sub(low_bits(host_offset, COMPRESSED_SECTOR.trailing_zeros()));
+    let (host_offset, len) = geometry.compressed_extent(entry);
     Ok(Mapping::Compressed { host_offset, len })
 }
 
@@ -247,6 +303,50 @@ mod tests {
             Some(0x30000)
         );
         assert!(l2_table_offset(0x8000_0000_0003_0200, &G64K, 0).is_err());
+    }
+
+    #[test]
+    fn cluster_types_follow_qemu() {
+        assert_eq!(G64K.cluster_type(0), ClusterType::Unallocated);
+        assert_eq!(G64K.cluster_type(1), ClusterType::ZeroPlain);
+        assert_eq!(G64K.cluster_type(0x5_0001), ClusterType::ZeroAlloc);
+        assert_eq!(
+            G64K.cluster_type(OFLAG_COPIED | 0x5_0000),
+            ClusterType::Normal
+        );
+        assert_eq!(
+            G64K.cluster_type(OFLAG_COMPRESSED | 1),
+            ClusterType::Compressed
+        );
+        assert_eq!(G64K.cluster_type(OFLAG_COPIED), ClusterType::Unallocated);
+        // Reserved bits and misalignment do not change the type: the caller judges them.
+        assert_eq!(G64K.cluster_type(0x5_0200), ClusterType::Normal);
+        assert!(G64K.unaligned(0x5_0200));
+        assert_eq!(G64K.cluster_type(0x5_0002), ClusterType::Normal);
+        assert_eq!(0x5_0002 & L2_STD_RESERVED_MASK, 2);
+        // Bit 0 means nothing with subclusters.
+        assert_eq!(G64K_EXT.cluster_type(1), ClusterType::Unallocated);
+        assert_eq!(G64K_EXT.cluster_type(0x5_0001), ClusterType::Normal);
+        let data = Geometry {
+            external_data: true,
+            ..G64K
+        };
+        assert_eq!(data.cluster_type(OFLAG_COPIED), ClusterType::Normal);
+    }
+
+    #[test]
+    fn l1_masks() {
+        // The COPIED bit is neither offset nor reserved; bits 0-8 and 56-62 are reserved.
+        let entry = OFLAG_COPIED | 0x3_0000;
+        assert_eq!(entry & L1_OFFSET_MASK, 0x3_0000);
+        assert_eq!(entry & L1_RESERVED_MASK, 0);
+        assert_eq!(L1_OFFSET_MASK | L1_RESERVED_MASK | OFLAG_COPIED, u64::MAX);
+        assert_eq!(L1_OFFSET_MASK & L1_RESERVED_MASK, 0);
+        // Standard L2: bit 0 is the zero flag, 62 compressed, 63 COPIED.
+        assert_eq!(
+            L2_OFFSET_MASK | L2_STD_RESERVED_MASK | OFLAG_ZERO | OFLAG_COMPRESSED | OFLAG_COPIED,
+            u64::MAX
+        );
     }
 
     #[test]
@@ -311,6 +411,11 @@ mod tests {
                 host_offset: 0x12345,
                 len: 4 * 512 - 0x145
             }
+        );
+        // The COPIED bit is not part of the offset.
+        assert_eq!(
+            G64K.compressed_extent(entry | OFLAG_COPIED),
+            (0x12345, 4 * 512 - 0x145)
         );
         // 512-byte clusters: x = 61, one bit of sector count.
         let g512 = Geometry {

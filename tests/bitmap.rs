@@ -459,6 +459,16 @@ fn entry_field(b: &mut [u8], i: usize, at: usize) -> usize {
     layout(b).entries[i] + at
 }
 
+/// Give the last bitmap ("b1") a name field of `size` bytes, zeros after "b1", and grow the
+/// directory (which ends the file) to hold it.
+fn name_size_nul_padded(b: &mut Vec<u8>, size: u16) {
+    b.resize(b.len() + 2048, 0);
+    let Layout { ext, entries } = layout(b);
+    put16(b, entries[1] + 18, size);
+    let dir_len = entries[1] - entries[0] + (24 + usize::from(size)).div_ceil(8) * 8;
+    put64(b, ext + 8, dir_len as u64);
+}
+
 const CASES: &[Case] = &[
     Case {
         name: "type-2",
@@ -617,6 +627,20 @@ const CASES: &[Case] = &[
             let at = entry_field(b, 1, 24);
             b[at] = 0xff
         },
+    },
+    Case {
+        // The name field may hold NULs after the name: QEMU limits the field's length...
+        name: "name-size-1023-nul-padded",
+        base: "base-64k",
+        qemu_opens: true,
+        patch: |b| name_size_nul_padded(b, 1023),
+    },
+    Case {
+        // ... not the name's, which ends at the first NUL.
+        name: "name-size-1024-nul-padded",
+        base: "base-64k",
+        qemu_opens: false,
+        patch: |b| name_size_nul_padded(b, 1024),
     },
     Case {
         name: "duplicate-names",

@@ -4,11 +4,11 @@
 
 use positioned_io::{ReadAt, Size};
 
-use super::entries::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
 use super::stored::{read_padded, Stored, StoredRefcounts};
 use super::{table_bytes, Checker, ProblemKind, PHASE_COMPARE, PHASE_COPIED};
 use crate::bytes::be_u64;
 use crate::error::Result;
+use crate::table::{ClusterType, L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COPIED};
 
 impl<I: ReadAt + Size> Checker<'_, I> {
     /// Compare every cluster of the current window.
@@ -84,7 +84,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         let mut l2 = std::mem::take(&mut self.l2_buf);
         let mut seq = 0u64;
         for (l1_index, &l1_entry) in l1.iter().enumerate() {
-            let l2_offset = l1_entry & L1E_OFFSET_MASK;
+            let l2_offset = l1_entry & L1_OFFSET_MASK;
             if l2_offset == 0 {
                 continue;
             }
@@ -110,15 +110,15 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             for (j, raw) in l2.chunks_exact(entry_len).enumerate() {
                 let l2_entry = be_u64(raw, 0).unwrap_or(0);
                 if !matches!(
-                    self.rules.cluster_type(l2_entry),
+                    self.geometry.cluster_type(l2_entry),
                     ClusterType::Normal | ClusterType::ZeroAlloc
                 ) {
                     continue;
                 }
-                let refcount = if self.rules.data_file {
+                let refcount = if self.geometry.external_data {
                     1
                 } else {
-                    match stored.get((l2_entry & L2E_OFFSET_MASK) >> bits) {
+                    match stored.get((l2_entry & L2_OFFSET_MASK) >> bits) {
                         Ok(Stored::Refcount(r)) => r,
                         Ok(Stored::Unreadable) => continue,
                         Err(e) => {

@@ -7,10 +7,8 @@
 //! is one window), with one pass over the metadata per window. L2 tables, snapshot L1 tables
 //! and bitmap tables are streamed; the active L1 table and the refcount table are held.
 
-mod bitmaps;
 mod compare;
 mod counters;
-mod entries;
 mod report;
 mod stored;
 mod walk;
@@ -26,10 +24,9 @@ use crate::io::{be_u64_table, read_metadata};
 use crate::limits::Limits;
 use crate::refcount::RefcountLayout;
 use crate::snapshot;
+use crate::table::Geometry;
 
-use bitmaps::{BitmapTable, DirectoryRules};
 use counters::Counters;
-use entries::EntryRules;
 
 pub use report::{CheckReport, Problem, ProblemClass, ProblemKind};
 
@@ -68,9 +65,9 @@ impl<I: ReadAt + Size> Qcow2<I> {
     /// Check the whole image read-only, as `qemu-img check` does, with default options.
     ///
     /// Inconsistencies are counted and listed in the [`CheckReport`]; an `Err` means the
-    /// check could not complete (I/O error, unknown file length, a bitmap directory or table
-    /// QEMU would refuse, a file of more than 2^31 clusters), where `qemu-img check` exits
-    /// with status 1.
+    /// check could not complete (I/O error, unknown file length, a bitmap table QEMU would
+    /// refuse, a file of more than 2^31 clusters), where `qemu-img check` exits with status 1.
+    /// The bitmap directory was checked as QEMU checks it when the image was opened.
     ///
     /// ```
     /// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
@@ -113,14 +110,13 @@ const PHASE_COPIED: u8 = 3;
 /// The state of one check.
 pub(crate) struct Checker<'a, I> {
     image: &'a Qcow2<I>,
-    rules: EntryRules,
+    geometry: Geometry,
     layout: RefcountLayout,
     file_len: u64,
     /// Host clusters of the file, the last partial one included.
     file_clusters: u64,
     reftable: Vec<u64>,
     snapshots_size: u64,
-    bitmaps: Vec<BitmapTable>,
     /// Clusters counted in the current pass.
     window: Range<u64>,
     counters: Counters,
@@ -177,17 +173,12 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
         report.total_clusters = image.guest_size().div_ceil(header.cluster_size());
         Ok(Checker {
             image,
-            rules: EntryRules {
-                cluster_bits,
-                subclusters: header.has_extended_l2(),
-                data_file: header.has_data_file_bit(),
-            },
+            geometry: image.geometry,
             layout,
             file_len,
             file_clusters,
             reftable: read_reftable(image)?,
             snapshots_size: snapshot_table_size(image)?,
-            bitmaps: bitmap_tables(image)?,
             window: 0..0,
             counters: Counters::new(layout.order, usize::try_from(window_len).unwrap_or(1)),
             first_pass: true,
@@ -295,35 +286,6 @@ fn snapshot_table_size<I: ReadAt>(image: &Qcow2<I>) -> Result<u64> {
             .ok_or_else(|| Error::malformed("snapshot table offset overflows", offset))?;
     }
     Ok(size)
-}
-
-/// The bitmap tables, validated as QEMU validates them before counting their clusters.
-fn bitmap_tables<I: ReadAt>(image: &Qcow2<I>) -> Result<Vec<BitmapTable>> {
-    let header = image.header();
-    let Some(ext) = header.bitmaps() else {
-        return Ok(Vec::new());
-    };
-    if ext.nb_bitmaps == 0 {
-        return Ok(Vec::new());
-    }
-    Limits::check(
-        "bitmap directory",
-        ext.directory_size,
-        image.limits().max_bitmap_directory_bytes,
-    )?;
-    let dir = read_metadata(
-        &image.io,
-        ext.directory_offset,
-        ext.directory_size,
-        "bitmap directory",
-    )?;
-    let rules = DirectoryRules {
-        nb_bitmaps: ext.nb_bitmaps,
-        cluster_bits: header.cluster_bits(),
-        disk_size: image.guest_size(),
-    };
-    bitmaps::parse_directory(&dir, &rules)
-        .map_err(|what| Error::malformed(what, ext.directory_offset))
 }
 
 /// Bytes of `entries` table entries.

@@ -4,24 +4,21 @@
 
 use positioned_io::{ReadAt, Size};
 
-use super::bitmaps::{table_entry_ok, TABLE_ENTRY_OFFSET_MASK};
 use super::counters::Increment;
-use super::entries::{
-    ClusterType, BITMAP_ALL_ALLOC, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
-    L2E_STD_RESERVED_MASK, OFLAG_COPIED,
-};
 use super::stored::read_padded;
 use super::{table_bytes, Checker, ProblemKind, AT_REFERENCE, PHASE_WALK};
+use crate::bitmap::{decode_table_entry, DataCluster};
 use crate::bytes::be_u64;
 use crate::error::{Error, Result};
+use crate::header::CRYPT_LUKS;
 use crate::refcount::{RefTableEntry, REFTABLE_ENTRY_LEN};
+use crate::table::{
+    ClusterType, L1_OFFSET_MASK, L1_RESERVED_MASK, L2_OFFSET_MASK, L2_STD_RESERVED_MASK,
+    MAX_L1_BYTES, OFLAG_COPIED, SUB_ALLOC_MASK,
+};
 
-/// QEMU `QCOW_MAX_L1_SIZE`: a snapshot L1 table larger than this is a corruption.
-const MAX_L1_BYTES: u64 = 32 << 20;
 /// Table entries read at a time when a table is streamed.
 const STREAM_ENTRIES: usize = 4096;
-/// LUKS: `crypt_method` 2, the only method with an encryption header in the file.
-const CRYPT_LUKS: u32 = 2;
 
 /// Which L1 table is walked: the active one also feeds the allocation statistics.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -109,7 +106,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
     fn walk_snapshots(&mut self) -> Result<()> {
         let image = self.image;
         let header = image.header();
-        if self.rules.data_file && header.nb_snapshots() > 0 {
+        if self.geometry.external_data && header.nb_snapshots() > 0 {
             self.walk_problem(
                 ProblemKind::SnapshotsWithDataFile {
                     count: header.nb_snapshots(),
@@ -118,7 +115,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             );
         }
         for snap in image.snapshots() {
-            if self.rules.unaligned(snap.l1_table_offset) {
+            if self.geometry.unaligned(snap.l1_table_offset) {
                 self.walk_problem(
                     ProblemKind::SnapshotL1Unaligned {
                         id: snap.id.clone(),
@@ -188,12 +185,12 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         if entry == 0 {
             return Ok(());
         }
-        if entry & L1E_RESERVED_MASK != 0 {
+        if entry & L1_RESERVED_MASK != 0 {
             self.walk_problem(ProblemKind::L1EntryReserved { entry }, entry_at);
         }
-        let l2_offset = entry & L1E_OFFSET_MASK;
+        let l2_offset = entry & L1_OFFSET_MASK;
         self.reference(l2_offset, self.image.cluster_size());
-        if self.rules.unaligned(l2_offset) {
+        if self.geometry.unaligned(l2_offset) {
             self.walk_problem(ProblemKind::L2TableUnaligned { l2_offset }, entry_at);
         }
         self.walk_l2(l2_offset, table)
@@ -215,25 +212,25 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         let mut next_contiguous = 0u64;
         for (i, raw) in l2.chunks_exact(entry_len).enumerate() {
             let mut entry = be_u64(raw, 0).unwrap_or(0);
-            let bitmap = if self.rules.subclusters {
+            let bitmap = if self.geometry.extended_l2 {
                 be_u64(raw, 8).unwrap_or(0)
             } else {
                 0
             };
             let entry_at = l2_offset.saturating_add((i as u64).saturating_mul(entry_len as u64));
-            let kind = self.rules.cluster_type(entry);
-            if kind != ClusterType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
+            let kind = self.geometry.cluster_type(entry);
+            if kind != ClusterType::Compressed && entry & L2_STD_RESERVED_MASK != 0 {
                 self.walk_problem(ProblemKind::L2EntryReserved { entry }, entry_at);
             }
             match kind {
                 ClusterType::Compressed => {
                     if entry & OFLAG_COPIED != 0 {
-                        let host_offset = self.rules.compressed_offset(entry);
+                        let (host_offset, _) = self.geometry.compressed_extent(entry);
                         self.walk_problem(ProblemKind::CompressedCopied { host_offset }, entry_at);
                         entry &= !OFLAG_COPIED;
                     }
                     let index = i as u64;
-                    if self.rules.data_file {
+                    if self.geometry.external_data {
                         self.walk_problem(
                             ProblemKind::CompressedWithDataFile { index, entry },
                             entry_at,
@@ -247,7 +244,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                         );
                         continue;
                     }
-                    let (offset, len) = self.rules.compressed_extent(entry);
+                    let (offset, len) = self.geometry.compressed_extent(entry);
                     self.reference(offset, len);
                     if stats {
                         // Compressed clusters count as fragmented, as in QEMU.
@@ -258,16 +255,16 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                     }
                 }
                 ClusterType::ZeroAlloc | ClusterType::Normal => {
-                    let host_offset = entry & L2E_OFFSET_MASK;
+                    let host_offset = entry & L2_OFFSET_MASK;
                     if (bitmap >> 32) & bitmap != 0 {
                         self.walk_problem(
                             ProblemKind::SubclusterBitmapCorrupt { host_offset },
                             entry_at,
                         );
                     }
-                    if self.rules.unaligned(host_offset) {
-                        let has_data = if self.rules.subclusters {
-                            bitmap & BITMAP_ALL_ALLOC != 0
+                    if self.geometry.unaligned(host_offset) {
+                        let has_data = if self.geometry.extended_l2 {
+                            bitmap & SUB_ALLOC_MASK != 0
                         } else {
                             kind == ClusterType::Normal
                         };
@@ -287,13 +284,13 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                         }
                         next_contiguous = host_offset.wrapping_add(cluster_size);
                     }
-                    if !self.rules.data_file {
+                    if !self.geometry.external_data {
                         self.reference(host_offset, cluster_size);
                     }
                 }
                 ClusterType::ZeroPlain => {}
                 ClusterType::Unallocated => {
-                    if bitmap & BITMAP_ALL_ALLOC != 0 {
+                    if bitmap & SUB_ALLOC_MASK != 0 {
                         self.walk_problem(ProblemKind::UnallocatedWithSubclusters, entry_at);
                     }
                 }
@@ -302,46 +299,40 @@ impl<I: ReadAt + Size> Checker<'_, I> {
     }
 
     /// QEMU's `qcow2_check_bitmaps_refcounts`: the directory, each table, each data cluster.
+    /// The directory is the one checked, as QEMU checks it, when the image was opened.
     fn walk_bitmaps(&mut self) -> Result<()> {
         let image = self.image;
         let Some(ext) = image.header().bitmaps() else {
             return Ok(());
         };
-        if self.bitmaps.is_empty() {
+        if image.bitmaps.is_empty() {
             return Ok(());
         }
         self.reference(ext.directory_offset, ext.directory_size);
         let cluster_bits = self.layout.cluster_bits;
-        for b in 0..self.bitmaps.len() {
-            let Some(bitmap) = self.bitmaps.get(b).cloned() else {
-                break;
-            };
-            let entries = u64::from(bitmap.entries);
-            self.reference(bitmap.offset, table_bytes(entries));
+        for bitmap in &image.bitmaps {
+            let entries = u64::from(bitmap.table_size);
+            self.reference(bitmap.table_offset, table_bytes(entries));
             // QEMU reads and validates the whole table before counting its clusters.
             let mut start = 0u64;
             while start < entries {
                 let count = entries.saturating_sub(start).min(STREAM_ENTRIES as u64) as usize;
-                let at = bitmap.offset.saturating_add(table_bytes(start));
+                let at = bitmap.table_offset.saturating_add(table_bytes(start));
                 let chunk = read_entries(&image.io, at, count, "bitmap table")?;
-                if let Some(bad) = chunk.iter().find(|&&e| !table_entry_ok(e, cluster_bits)) {
-                    return Err(Error::malformed(
-                        format!(
-                            "bitmap '{}' has an invalid table entry {bad:#x}",
-                            bitmap.name
-                        ),
-                        bitmap.offset,
-                    ));
+                for (i, &entry) in chunk.iter().enumerate() {
+                    decode_table_entry(entry, cluster_bits).map_err(|what| {
+                        let entry_at = at.saturating_add(table_bytes(i as u64));
+                        Error::malformed(format!("bitmap {:?}: {what}", bitmap.name), entry_at)
+                    })?;
                 }
                 start = start.saturating_add(count as u64);
             }
             let mut start = 0u64;
             while start < entries {
                 let count = entries.saturating_sub(start).min(STREAM_ENTRIES as u64) as usize;
-                let at = bitmap.offset.saturating_add(table_bytes(start));
+                let at = bitmap.table_offset.saturating_add(table_bytes(start));
                 for entry in read_entries(&image.io, at, count, "bitmap table")? {
-                    let offset = entry & TABLE_ENTRY_OFFSET_MASK;
-                    if offset != 0 {
+                    if let Ok(DataCluster::At(offset)) = decode_table_entry(entry, cluster_bits) {
                         self.reference(offset, image.cluster_size());
                     }
                 }
