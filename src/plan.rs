@@ -317,8 +317,8 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let g = self.geometry;
         let index = low_bits(guest >> g.cluster_bits, g.index_bits);
         let number = slice_number(guest, &g);
-        let word = words_per_entry(&g)
-            .saturating_mul(index.saturating_sub(number << slice_entry_bits(&g)));
+        let word =
+            words_per_entry(&g).saturating_mul(index.saturating_sub(first_index(number, &g)));
         // A planner's first unit is often its only one (a small read): read the entry from
         // the reader's own slice in place. Taking the slice (an `Arc` clone) would touch one
         // more cache line, and cost a tenth of a 4 KiB read that misses the CPU caches.
@@ -359,7 +359,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let slice = self.slice_for(table_at, pos, end)?;
         let entry_bytes = TABLE_ENTRY_LEN.saturating_mul(words_per_entry(&g));
         let index = low_bits(pos >> g.cluster_bits, g.index_bits);
-        let from = entry_bytes.saturating_mul(index.saturating_sub(first_index(slice, &g)));
+        let from = entry_bytes.saturating_mul(index.saturating_sub(first_index(slice.number, &g)));
         let most = end.saturating_sub(pos) >> g.cluster_bits;
         let to = from.saturating_add(most.saturating_mul(entry_bytes));
         let to = usize::try_from(to)
@@ -455,10 +455,10 @@ fn slice_number(guest: u64, g: &Geometry) -> u64 {
     low_bits(guest >> g.cluster_bits, g.index_bits) >> slice_entry_bits(g)
 }
 
-/// The L2 index of a slice's first entry.
+/// The L2 index of the first entry of slice `number`.
 #[inline]
-fn first_index(slice: &Slice, g: &Geometry) -> u64 {
-    slice.number << slice_entry_bits(g)
+fn first_index(number: u64, g: &Geometry) -> u64 {
+    number << slice_entry_bits(g)
 }
 
 /// Bytes of one slice.
