@@ -149,25 +149,16 @@ impl ClusterCache {
         input: &[u8],
         cluster_size: usize,
     ) -> Result<Arc<[u8]>, String> {
-        let (decoder, spare) = {
-            let mut inner = self.lock();
-            let spare = inner.spare_clusters.take(|b| b.len() == cluster_size);
-            (inner.idle.pop(), spare)
-        };
-        let mut decoder = decoder.unwrap_or_else(Decompressor::new);
+        let spare = self.lock().spare_clusters.take(|b| b.len() == cluster_size);
         // A spare buffer holds an old cluster: fine, as a decoder that succeeds writes every
         // byte (`Decompressor::decompress`), and a failed cluster is thrown away.
         let mut data = spare.unwrap_or_else(|| zeroed_cluster(cluster_size));
-        self.decompressed.fetch_add(1, Ordering::Relaxed);
         let result = match Arc::get_mut(&mut data) {
-            Some(out) => decoder.decompress(kind, input, out),
+            Some(out) => self.decompress_into(kind, input, out),
             None => Err("a new cluster buffer is shared".to_owned()),
         };
-        let mut inner = self.lock();
-        if inner.idle.len() < MAX_IDLE_DECODERS {
-            inner.idle.push(decoder);
-        }
         result?;
+        let mut inner = self.lock();
         let CacheState {
             clusters,
             spare_clusters,
@@ -180,6 +171,25 @@ impl ClusterCache {
             }
         });
         Ok(data)
+    }
+
+    /// Decompress `input` into `out` (a whole cluster: a new one of the cache's, or the
+    /// caller's own buffer) with an idle decoder; nothing is cached.
+    pub(crate) fn decompress_into(
+        &self,
+        kind: CompressionType,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), String> {
+        let idle = self.lock().idle.pop();
+        let mut decoder = idle.unwrap_or_else(Decompressor::new);
+        self.decompressed.fetch_add(1, Ordering::Relaxed);
+        let result = decoder.decompress(kind, input, out);
+        let mut inner = self.lock();
+        if inner.idle.len() < MAX_IDLE_DECODERS {
+            inner.idle.push(decoder);
+        }
+        result
     }
 
     /// A buffer for `len` bytes of compressed input, to be filled: its contents are stale.

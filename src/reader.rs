@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use positioned_io::{ReadAt, Size};
 
@@ -129,6 +129,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let mut planner = Planner::new(self);
         let mut pending: Option<Pending> = None;
         let mut batch: Vec<CompressedPart> = Vec::new();
+        let mut batch_bytes = 0usize;
         let mut guest = pos;
         while guest < end {
             let segment = planner.segment(guest, end)?;
@@ -146,9 +147,12 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                     input_len,
                     at,
                     len,
+                    direct: false,
                 });
-                if batch.len() >= COMPRESSED_BATCH {
+                batch_bytes = batch_bytes.saturating_add(len);
+                if batch_bytes >= COMPRESSED_BATCH_BYTES {
                     self.read_compressed(&mut batch, buf, false)?;
+                    batch_bytes = 0;
                 }
             } else {
                 pending = match pending.take() {
@@ -300,11 +304,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
     }
 
-    /// Copy the part of a compressed cluster that `out` covers, decompressing it unless it is
-    /// the one decompressed last.
     /// Read the compressed parts gathered in `batch` into `buf`, and empty the batch. Each
-    /// cluster is decompressed once (unless cached), several at a time on their own threads
-    /// when there is enough work; the file itself is read on this thread only.
+    /// cluster is decompressed once (unless cached), several at a time on the pool when there
+    /// is enough work; the file itself is read on this thread only.
+    ///
+    /// A read covering at least [`DIRECT_MIN_BYTES`] of whole clusters decompresses those
+    /// straight into `buf` and does not read ahead: going through the cache would cost a copy
+    /// of every byte (a sixth of the CPU time of reading a zstd image), and the read's own
+    /// clusters keep the pool busy.
     fn read_compressed(
         &self,
         batch: &mut Vec<CompressedPart>,
@@ -316,19 +323,29 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
         let cache = &self.image.compressed;
         let cluster_bits = self.image.geometry.cluster_bits;
+        let cluster_size = self.image.cluster_size() as usize;
+        let whole = batch.iter().filter(|p| p.len == cluster_size).count();
+        let large = (whole as u64) << cluster_bits >= DIRECT_MIN_BYTES;
         let mut clusters: Vec<Cluster> = Vec::new();
         // Start on the clusters ahead first: the pool works on them while this thread waits
         // for, or decompresses, the ones this read needs.
-        if read_ahead && self.image.pool.threads() > 1 {
+        if read_ahead && !large && self.image.pool.threads() > 1 {
             if let Some(last) = batch.last() {
                 self.add_read_ahead(&mut clusters, last.guest);
             }
         }
-        for p in batch.iter() {
+        for p in batch.iter_mut() {
+            // One cached or under way (read ahead) is copied rather than decompressed again.
+            p.direct = large
+                && p.len == cluster_size
+                && !cache.knows((self.image.id, p.host, p.input_len));
+        }
+        for p in batch.iter().filter(|p| !p.direct) {
+            let key = (self.image.id, p.host, p.input_len);
             if clusters.iter().any(|c| c.is(p.host, p.input_len)) {
                 continue;
             }
-            let data = cache.get((self.image.id, p.host, p.input_len));
+            let data = cache.get(key);
             let input = match data {
                 Some(_) => Vec::new(),
                 None => self.compressed_input(p.host, p.input_len)?,
@@ -342,18 +359,17 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 ahead: false,
             });
         }
-        decompress_all(
-            &self.image.pool,
-            cache,
-            self.image.id,
-            self.image.header.compression_type(),
-            self.image.cluster_size() as usize,
-            &mut clusters,
-        )?;
+        let kind = self.image.header.compression_type();
+        let pool = &self.image.pool;
+        let id = self.image.id;
+        let direct: Vec<&CompressedPart> = batch.iter().filter(|p| p.direct).collect();
+        self.decompress_direct(&direct, buf, || {
+            decompress_all(pool, cache, id, kind, cluster_size, &mut clusters)
+        })?;
         for c in clusters.iter_mut() {
             cache.recycle_input(std::mem::take(&mut c.input));
         }
-        for p in batch.drain(..) {
+        for p in batch.drain(..).filter(|p| !p.direct) {
             let data = clusters
                 .iter()
                 .find(|c| c.is(p.host, p.input_len))
@@ -366,6 +382,66 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             part(buf, p.at, p.len)?.copy_from_slice(src);
         }
         Ok(())
+    }
+
+    /// Decompress the whole clusters of `direct` (in guest order) straight into their parts
+    /// of `buf`, each on a pool thread as soon as this thread has read its input, and run
+    /// `meanwhile` on this thread once every input is read. An error names the first failed
+    /// cluster in guest order.
+    fn decompress_direct(
+        &self,
+        direct: &[&CompressedPart],
+        buf: &mut [u8],
+        meanwhile: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let cache = &self.image.compressed;
+        let kind = self.image.header.compression_type();
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let failed = &failed;
+        let record = |guest: u64, host: u64, reason: String| {
+            let mut failed = failed.lock().unwrap_or_else(PoisonError::into_inner);
+            let earlier = matches!(&*failed,
+                Some(Error::BadCompressedCluster { guest_offset, .. }) if *guest_offset < guest);
+            if !earlier {
+                *failed = Some(bad_cluster(guest, host, reason));
+            }
+        };
+        let record = &record;
+        self.image.pool.scope(|scope| {
+            let mut rest = buf;
+            let mut rest_at = 0usize;
+            let mut group: Vec<(&CompressedPart, Vec<u8>, &mut [u8])> = Vec::new();
+            let mut group_bytes = 0usize;
+            for (i, &p) in direct.iter().enumerate() {
+                let input = self.compressed_input(p.host, p.input_len)?;
+                let (out, after) = split_part(rest, p.at.saturating_sub(rest_at), p.len)?;
+                (rest, rest_at) = (after, p.at.saturating_add(p.len));
+                group.push((p, input, out));
+                group_bytes = group_bytes.saturating_add(p.len);
+                if group_bytes < DIRECT_JOB_BYTES && i.saturating_add(1) < direct.len() {
+                    continue;
+                }
+                let clusters = std::mem::take(&mut group);
+                group_bytes = 0;
+                let job = move || {
+                    for (p, input, out) in clusters {
+                        let result = cache.decompress_into(kind, &input, out);
+                        cache.recycle_input(input);
+                        if let Err(reason) = result {
+                            record(p.guest, p.host, reason);
+                        }
+                    }
+                };
+                if scope.has_workers() {
+                    scope.spawn(job);
+                } else {
+                    job();
+                }
+            }
+            meanwhile()
+        })?;
+        let first_failed = failed.lock().unwrap_or_else(PoisonError::into_inner).take();
+        first_failed.map_or(Ok(()), Err)
     }
 
     /// The compressed bytes of the cluster at `host`. The descriptor rounds up to whole
@@ -448,9 +524,10 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     }
 }
 
-/// Compressed parts gathered by one read before they are decompressed together; the bound
-/// keeps the compressed input held at once to 64 clusters at most.
-const COMPRESSED_BATCH: usize = 32;
+/// Guest bytes of compressed parts gathered by one read before they are decompressed
+/// together: the compressed input held at once stays below twice this (a descriptor covers
+/// at most two clusters), plus one cluster's.
+const COMPRESSED_BATCH_BYTES: usize = 2 << 20;
 
 /// Uncompressed bytes of work below which decompressing on other threads does not pay.
 const PARALLEL_MIN_BYTES: usize = 256 << 10;
@@ -462,6 +539,8 @@ struct CompressedPart {
     input_len: u64,
     at: usize,
     len: usize,
+    /// A whole cluster decompressed straight into `buf`, not through the cache.
+    direct: bool,
 }
 
 /// A compressed cluster of a batch: its input, then its data.
@@ -487,6 +566,14 @@ impl Cluster {
 /// cluster): enough to keep every core busy, well inside the decompressed-cluster cache.
 const READ_AHEAD_BYTES: u64 = 1 << 20;
 
+/// Whole compressed clusters a read must cover, in bytes, to decompress them straight into
+/// its buffer (and not read ahead): enough to keep every core busy on its own.
+const DIRECT_MIN_BYTES: u64 = READ_AHEAD_BYTES;
+
+/// Clusters decompressed straight into a read's buffer are handed to pool threads in groups
+/// of about this many bytes: a job per 4 KiB cluster would cost more to hand out than to do.
+const DIRECT_JOB_BYTES: usize = 64 << 10;
+
 /// Decompress every cluster that has no data yet, on the image's pool and the calling thread
 /// when the work is large enough to pay for sharing it.
 fn decompress_all(
@@ -508,13 +595,7 @@ fn decompress_all(
                 Ok(data) => c.data = Some(data),
                 // A cluster read ahead reports its error when a read asks for it.
                 Err(_) if c.ahead => {}
-                Err(reason) => {
-                    return Err(Error::BadCompressedCluster {
-                        guest_offset: c.guest,
-                        host_offset: c.host,
-                        reason,
-                    })
-                }
+                Err(reason) => return Err(bad_cluster(c.guest, c.host, reason)),
             }
         }
         Ok(())
@@ -530,6 +611,21 @@ fn decompress_all(
     }
     pool.run_all(&mut todo, |(c, result)| *result = decompress(c));
     todo.into_iter().try_for_each(|(_, result)| result)
+}
+
+/// `buf[skip..skip + len]`, and what follows it.
+fn split_part(buf: &mut [u8], skip: usize, len: usize) -> Result<(&mut [u8], &mut [u8])> {
+    buf.get_mut(skip..)
+        .and_then(|from| from.split_at_mut_checked(len))
+        .ok_or(Error::Internal("a compressed cluster past the read"))
+}
+
+fn bad_cluster(guest_offset: u64, host_offset: u64, reason: String) -> Error {
+    Error::BadCompressedCluster {
+        guest_offset,
+        host_offset,
+        reason,
+    }
 }
 
 /// A run being grown: how it reads, where it starts in the guest, how long it is.
