@@ -82,7 +82,32 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     /// The map is this image's own, like `qemu-img map` of one layer: a backing image's
     /// clusters show as [`ExtentKind::Unallocated`]. [`Reader::map`] maps the whole chain.
     pub fn extent_at(&self, pos: u64) -> Result<Option<Extent>> {
-        let size = self.guest_size();
+        self.extent_in(pos..u64::MAX)
+    }
+
+    /// Like [`extent_at`](Self::extent_at) at `range.start`, but the extent ends at
+    /// `range.end` at the latest: a lookup of one guest range costs what that range holds, not
+    /// what the extent around it does (on a fully allocated image, [`extent_at`](Self::extent_at)
+    /// looks at every cluster up to the end of the file's contiguous run). `None` when the
+    /// range is empty or starts at or past the end of the guest.
+    ///
+    /// ```
+    /// use qcow2::ExtentKind;
+    ///
+    /// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+    /// let reader = image.reader()?;
+    /// // Where the 4 KiB at guest offset 64 KiB are stored.
+    /// let extent = reader.extent_in(65536..65536 + 4096)?.expect("inside the guest");
+    /// assert_eq!(extent.start, 65536);
+    /// assert!(extent.length <= 4096);
+    /// if let ExtentKind::Data { host_offset } = extent.kind {
+    ///     println!("{} bytes at file offset {host_offset}", extent.length);
+    /// }
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn extent_in(&self, range: std::ops::Range<u64>) -> Result<Option<Extent>> {
+        let pos = range.start;
+        let size = self.guest_size().min(range.end);
         if pos >= size {
             return Ok(None);
         }

@@ -90,6 +90,70 @@ fn extents_match_qemu_img_map() {
     assert!(compared >= 15, "only {compared} fixtures compared");
 }
 
+/// `Reader::extent_in` walked over a range gives what `qemu-img map --start-offset S
+/// --max-length L` gives for it, and no extent reaches past the range.
+#[test]
+fn extents_in_a_range_match_qemu_img_map_of_that_range() {
+    let Some(qemu) = common::Qemu::find_or_skip("extents_in_a_range_match_qemu_img_map") else {
+        return;
+    };
+    let dir = common::fixtures_dir();
+    let mut compared = 0;
+    for name in common::fixture_images()
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !n.starts_with("prealloc-"))
+    {
+        let image = match Qcow2::open_path(dir.join(name)) {
+            Ok(image) if image.encryption().is_some() => continue,
+            Ok(image) if image.header().backing_file().is_none() => image,
+            _ => continue,
+        };
+        let reader = image.reader().unwrap();
+        let size = image.guest_size();
+        // Unaligned ranges inside the guest, and one running past its end.
+        for (start, len) in [
+            (512, 4096),
+            (size / 3 + 1000, size / 4 + 7),
+            (size / 2, size),
+        ] {
+            let end = (start + len).min(size);
+            let mut ours = Vec::new();
+            let mut pos = start;
+            while let Some(e) = reader.extent_in(pos..start + len).unwrap() {
+                assert_eq!(e.start, pos, "{name}");
+                assert!(e.length > 0 && e.start + e.length <= end, "{name}: {e:?}");
+                ours.push((e.start, e.length, e.kind));
+                pos += e.length;
+            }
+            assert_eq!(pos, end, "{name}: extents cover {start}..{end}");
+            let (s, l) = (start.to_string(), (end - start).to_string());
+            let args = ["map", "--output=json", "-f", "qcow2", "--start-offset", &s];
+            let mut args = args.to_vec();
+            args.extend(["--max-length", &l, name]);
+            let out = qemu.img(&dir, &args);
+            let theirs: Value = serde_json::from_slice(&out).unwrap();
+            let theirs = theirs.as_array().unwrap().iter().map(|e| {
+                let kind = qemu_kind(e);
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    kind,
+                )
+            });
+            assert_eq!(
+                merged(ours),
+                merged(theirs),
+                "{name} {start}..{end}: map differs"
+            );
+        }
+        assert!(reader.extent_in(size..size + 1).unwrap().is_none());
+        assert!(reader.extent_in(5..5).unwrap().is_none());
+        compared += 1;
+    }
+    assert!(compared >= 15, "only {compared} fixtures compared");
+}
+
 /// An extent of `Reader::map` as qemu-img's JSON entry: every field, `offset` when present.
 fn as_qemu_json(e: &qcow2::MapExtent<'_>) -> Value {
     let mut v = serde_json::json!({

@@ -420,11 +420,18 @@ fn rand_plain(cfg: &Config) -> Res<Workload> {
                 &["rand-raw", s(&raw), s(&offs), "2"],
             )
             .class("random"),
+            Contestant::child(
+                "raw: pread loop over the image's own data",
+                w,
+                &["rand-raw-host", s(&img), s(&offs)],
+            )
+            .class("random"),
         ],
         baseline: 0,
         ratios: vec![
             ("crate IOPS 2 threads / 1 thread".into(), 2, 1),
             ("raw pread IOPS 2 threads / 1 thread".into(), 6, 0),
+            ("crate / pread of the image's own data".into(), 1, 7),
             ("crate / imago".into(), 1, 3),
             ("crate (qemu's stride) / qemu-img bench -d 64".into(), 4, 5),
         ],
