@@ -183,20 +183,91 @@ fn bad_cluster_of(err: &std::io::Error) -> Option<u64> {
     }
 }
 
-/// (guest offset, host offset) of every compressed cluster of a v3 image with 64 KiB clusters
-/// and one L2 table, from its L1 and L2 tables as the spec lays them out.
+/// File offset of the (only) L2 table of a v3 image with 64 KiB clusters.
 #[cfg(feature = "zlib")]
-fn compressed_clusters(image: &[u8]) -> Vec<(u64, u64)> {
+fn l2_table(image: &[u8]) -> usize {
     let be64 = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().expect("8 bytes"));
     assert_eq!(be64(20) >> 32, 16, "64 KiB clusters");
-    let l1 = be64(40) as usize;
-    let l2 = (be64(l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    (be64(be64(40) as usize) & 0x00ff_ffff_ffff_fe00) as usize
+}
+
+/// (guest offset, host offset, L2 entry) of every compressed cluster of a v3 image with
+/// 64 KiB clusters and one L2 table, from its tables as the spec lays them out.
+#[cfg(feature = "zlib")]
+fn compressed_clusters(image: &[u8]) -> Vec<(u64, u64, u64)> {
+    let l2 = l2_table(image);
+    let entry = |i: usize| u64::from_be_bytes(image[l2 + 8 * i..][..8].try_into().expect("8"));
     // Compressed: bit 62; the host offset takes the low 62 - (cluster_bits - 8) bits.
     (0..8192)
-        .map(|i| (i as u64 * 64 * KIB, be64(l2 + 8 * i)))
+        .map(|i| (i as u64 * 64 * KIB, entry(i)))
         .filter(|&(_, entry)| entry & (1 << 62) != 0)
-        .map(|(guest, entry)| (guest, entry & ((1 << 54) - 1)))
+        .map(|(guest, entry)| (guest, entry & ((1 << 54) - 1), entry))
         .collect()
+}
+
+/// Every guest cluster of a large read mapped to one compressed descriptor (a hostile image:
+/// QEMU reads it without complaint) reads as QEMU reads it; one descriptor past the end of
+/// the file fails the large read as it fails QEMU's.
+#[test]
+#[cfg(feature = "zlib")]
+fn hostile_descriptors_in_a_large_read_read_as_qemu_reads_them() {
+    let Some(qemu) = Qemu::find_or_skip("hostile_descriptors_in_a_large_read") else {
+        return;
+    };
+    let dir = TempDir::new("compressed-reads-hostile");
+    let size = 4 * MIB;
+    let (path, _) = compressed_image(&qemu, &dir, "h.qcow2", size, "cluster_size=65536");
+    let bytes = std::fs::read(&path).expect("image");
+    let l2 = l2_table(&bytes);
+    let (_, _, shared) = compressed_clusters(&bytes)[3];
+    let mut one = bytes.clone();
+    for i in 0..(size / (64 * KIB)) as usize {
+        one[l2 + 8 * i..][..8].copy_from_slice(&shared.to_be_bytes());
+    }
+    std::fs::write(dir.join("shared.qcow2"), &one).expect("write");
+    let expected = qemu.convert_to_raw(dir.path(), "shared.qcow2", &[] as &[&str]);
+    for threads in [1, 2, 3] {
+        let options = OpenOptions::new().threads(threads);
+        let image = Qcow2::open_with(one.clone(), &options).expect("open");
+        let mut all = vec![0u8; size as usize];
+        image
+            .reader()
+            .unwrap()
+            .read_exact_at(0, &mut all)
+            .expect("read");
+        assert!(all == expected, "{threads} threads: differs from qemu-img");
+    }
+
+    let mut past = bytes.clone();
+    let (guest, _, entry) = compressed_clusters(&bytes)[20];
+    let beyond = (entry & !((1 << 54) - 1)) | (bytes.len() as u64 + 5 * 64 * KIB);
+    let index = (guest / (64 * KIB)) as usize;
+    past[l2 + 8 * index..][..8].copy_from_slice(&beyond.to_be_bytes());
+    std::fs::write(dir.join("past.qcow2"), &past).expect("write");
+    let qemu_read = std::process::Command::new(&qemu.img)
+        .current_dir(dir.path())
+        .args(["convert", "-O", "raw", "past.qcow2", "past.raw"])
+        .output()
+        .expect("qemu-img convert");
+    assert!(
+        !qemu_read.status.success(),
+        "qemu-img reads a cluster past the end"
+    );
+    for threads in [1, 2] {
+        let options = OpenOptions::new().threads(threads);
+        let image = Qcow2::open_with(past.clone(), &options).expect("open");
+        let mut all = vec![0u8; size as usize];
+        let err = image
+            .reader()
+            .unwrap()
+            .read_exact_at(0, &mut all)
+            .expect_err("past EOF");
+        assert_eq!(
+            bad_cluster_of(&err),
+            Some(guest),
+            "{threads} threads: {err}"
+        );
+    }
 }
 
 #[test]
@@ -218,7 +289,7 @@ fn corrupt_clusters_in_a_large_read_name_the_first_in_guest_order() {
         compressed.len()
     );
     let (first, second) = (compressed[12], compressed[25]);
-    for (_, host) in [first, second] {
+    for (_, host, _) in [first, second] {
         bytes[host as usize..host as usize + 64].fill(0xff);
     }
     for threads in [1, 2, 3] {
