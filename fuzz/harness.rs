@@ -19,6 +19,10 @@ pub static READS_ERR: AtomicU64 = AtomicU64::new(0);
 
 /// Largest single guest read the harness makes.
 pub const MAX_READ: usize = 64 * 1024;
+/// A read at least this long decompresses whole compressed clusters straight into its
+/// buffer (the reader's large-read path); the harness makes one and compares it with the same
+/// range read in [`MAX_READ`] pieces, which go through the cluster cache.
+pub const LARGE_READ: usize = (2 << 20) + 4096;
 /// Random reads per active reader.
 pub const READS: usize = 64;
 /// Random reads per snapshot reader.
@@ -213,6 +217,27 @@ pub fn read_across<I: ReadAt>(
         }
     }
 
+    // A range's extent is the extent at its start, cut at the range's end.
+    let pos = rng.below(size);
+    let len = rng.below(4 * cluster) + 1;
+    if let (Ok(Some(at)), Ok(Some(within))) = (
+        reader.extent_at(pos),
+        reader.extent_in(pos..pos.saturating_add(len)),
+    ) {
+        assert_eq!(
+            (within.start, within.kind),
+            (at.start, at.kind),
+            "extent_in at {pos:#x}"
+        );
+        assert_eq!(
+            within.length,
+            at.length.min(len),
+            "extent_in length at {pos:#x}"
+        );
+    }
+
+    large_read_matches_pieces(reader, size, rng);
+
     let mut plan = vec![
         (0, cluster as usize),
         (size.saturating_sub(cluster), cluster as usize),
@@ -264,6 +289,31 @@ pub fn read_across<I: ReadAt>(
                 );
             }
         }
+    }
+}
+
+/// One large read from a cluster-aligned offset near the start, against the same range in
+/// [`MAX_READ`] pieces: both fail, or both give the same bytes.
+fn large_read_matches_pieces<I: ReadAt>(reader: &Reader<'_, I>, size: u64, rng: &mut XorShift) {
+    let pos = rng.below(4) * 4096;
+    let len = size.saturating_sub(pos).min(LARGE_READ as u64) as usize;
+    let mut large = vec![0u8; len];
+    let whole = reader.read_exact_at(pos, &mut large);
+    let mut pieces = vec![0u8; len];
+    let pieced = pieces
+        .chunks_mut(MAX_READ)
+        .enumerate()
+        .try_for_each(|(i, piece)| reader.read_exact_at(pos + (i * MAX_READ) as u64, piece));
+    assert_eq!(
+        whole.is_ok(),
+        pieced.is_ok(),
+        "a read of {len} at {pos:#x} and the same in pieces: {whole:?} vs {pieced:?}"
+    );
+    if whole.is_ok() {
+        assert!(
+            large == pieces,
+            "a read of {len} at {pos:#x} differs from the same in pieces"
+        );
     }
 }
 
