@@ -308,10 +308,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     /// cluster is decompressed once (unless cached), several at a time on the pool when there
     /// is enough work; the file itself is read on this thread only.
     ///
-    /// A read covering at least [`DIRECT_MIN_BYTES`] of whole clusters decompresses those
-    /// straight into `buf` and does not read ahead: going through the cache would cost a copy
-    /// of every byte (a sixth of the CPU time of reading a zstd image), and the read's own
-    /// clusters keep the pool busy.
+    /// A read covering at least [`DIRECT_MIN_BYTES`] of whole clusters, or any read on a pool
+    /// thread (a chunk of a parallel read), decompresses its whole clusters straight into
+    /// `buf` and does not read ahead: going through the cache would cost a copy of every byte
+    /// (a sixth of the CPU time of reading a zstd image), and the read's own clusters keep
+    /// the pool busy.
     fn read_compressed(
         &self,
         batch: &mut Vec<CompressedPart>,
@@ -325,7 +326,10 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let cluster_bits = self.image.geometry.cluster_bits;
         let cluster_size = self.image.cluster_size() as usize;
         let whole = batch.iter().filter(|p| p.len == cluster_size).count();
-        let large = (whole as u64) << cluster_bits >= DIRECT_MIN_BYTES;
+        // On a pool thread (a parallel read's chunk) the read is already one of several at
+        // once: its whole clusters are decompressed straight into it, whatever its size.
+        let on_pool = crate::pool::current_worker() != usize::MAX;
+        let large = (whole as u64) << cluster_bits >= DIRECT_MIN_BYTES || (on_pool && whole > 0);
         let mut clusters: Vec<Cluster> = Vec::new();
         // Start on the clusters ahead first: the pool works on them while this thread waits
         // for, or decompresses, the ones this read needs.

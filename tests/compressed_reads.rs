@@ -1,9 +1,10 @@
 //! Reads of compressed images of every size, compared byte for byte with `qemu-img convert
 //! -O raw`: small reads go through the cache of decompressed clusters (and read ahead), a
 //! read covering 1 MiB or more of whole clusters decompresses them straight into the
-//! caller's buffer on the pool, and a read may mix both (cached clusters, partial clusters at
-//! its ends, uncompressed and unallocated clusters between). Also: a corrupt cluster inside a
-//! large read is named as a read of that cluster alone names it.
+//! caller's buffer on the pool (as does every read of a parallel read's chunk), and a read
+//! may mix both (cached clusters, partial clusters at its ends, uncompressed and unallocated
+//! clusters between). Also: a corrupt cluster inside a large read is named as a read of that
+//! cluster alone names it, and hostile descriptors read or fail as QEMU reads them.
 //!
 //! Needs `qemu-img` and `qemu-io` (or `$QEMU_IMG` / `$QEMU_IO`): without them each test
 //! prints a loud SKIPPED notice, or fails when `CI=true`.
@@ -13,7 +14,7 @@ mod common;
 
 use common::{describe_difference, Qemu, Rng, TempDir};
 use positioned_io::ReadAt;
-use qcow2::{OpenOptions, Qcow2};
+use qcow2::{OpenOptions, ParallelRead, Qcow2};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -128,6 +129,20 @@ fn check_every_read_shape(qemu: &Qemu, dir: &TempDir, name: &str, size: u64, opt
             (512, 40 * KIB),
         ] {
             check_pieces(&label, &open(), &expected, start, piece);
+        }
+        // A parallel read: each chunk is read on a pool thread, its whole clusters
+        // decompressed straight into the chunk's buffer.
+        for chunk in [64 * KIB, 512 * KIB, 3 * MIB + 4096] {
+            let options = ParallelRead::new().threads(threads).chunk_size(chunk);
+            let mut out = Vec::new();
+            let image = open();
+            let reader = image.reader().expect("reader");
+            reader
+                .read_parallel_to_writer(.., &options, &mut out)
+                .unwrap_or_else(|e| panic!("{label}: read_parallel, chunks of {chunk}: {e}"));
+            if let Some(diff) = describe_difference(&label, 0, &out, &expected) {
+                panic!("{diff} (read_parallel, chunks of {chunk})");
+            }
         }
         // Small reads first, so a large read finds some of its clusters cached and
         // decompresses the others straight into its buffer.
