@@ -65,17 +65,23 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
     }
 
     fn allocation_at(&self, pos: u64) -> Result<Option<(Allocation, u64)>> {
-        let Some(extent) = self.extent_at(pos)? else {
+        let image = self.image();
+        let cluster_left = crate::reader::remaining_in_block(pos, image.geometry.cluster_bits);
+        // The cluster at `pos` first: a compressed one is reported alone (as QEMU reports
+        // them, so that convert's chunks, and with them its sparse decisions, fall where
+        // qemu-img's do), and a data stretch only as far as a caller takes at once. Finding
+        // a stretch's end costs its length, and callers step through data a chunk at a time.
+        let Some(first) = self.extent_in(pos..pos.saturating_add(cluster_left))? else {
             return Ok(None);
         };
-        let image = self.image();
+        let extent = match first.kind {
+            ExtentKind::Compressed => Some(first),
+            ExtentKind::Data { .. } => self.extent_in(pos..pos.saturating_add(DATA_LOOKUP))?,
+            _ => self.extent_at(pos)?,
+        };
+        let extent = extent.unwrap_or(first);
         Ok(Some(match extent.kind {
-            // QEMU reports compressed clusters one at a time: so do we, so that convert's
-            // chunks (and with them its sparse decisions) fall where qemu-img's do.
-            ExtentKind::Compressed => {
-                let left = crate::reader::remaining_in_block(pos, image.geometry.cluster_bits);
-                (Allocation::Compressed, extent.length.min(left))
-            }
+            ExtentKind::Compressed => (Allocation::Compressed, extent.length),
             ExtentKind::Data { .. } => (Allocation::Data, extent.length),
             ExtentKind::Zero => (Allocation::Zero, extent.length),
             ExtentKind::Unallocated => match &image.backing {
@@ -90,6 +96,11 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
         }))
     }
 }
+
+/// How far [`GuestDisk::allocation_at`] of a [`Reader`] looks into a data stretch: a multiple
+/// of convert's 2 MiB chunks, so that its chunks fall where they would were the whole stretch
+/// reported.
+const DATA_LOOKUP: u64 = 8 << 20;
 
 /// The allocation of `disk` (a backing image) from `pos`, at most `max` bytes long
 /// (`max` > 0). Past the end of a shorter backing image the guest reads zeros, which QEMU

@@ -390,10 +390,12 @@ fn fresh_images(qemu: &Qemu, dir: &Path) -> Vec<(String, Option<&'static str>)> 
             "-o",
             "cluster_size=65536",
             "zeros.qcow2",
-            "8M",
+            "20M",
         ],
     );
-    let mut cmds = vec!["write -P 0x71 0 8M".to_owned()];
+    // 20 MiB of data in one stretch: longer than the crate looks into a data stretch at once
+    // (8 MiB): the output must still be as sparse as qemu-img's past that.
+    let mut cmds = vec!["write -P 0x71 0 20M".to_owned()];
     let mut at = 4096u64;
     for len in [
         512u64, 1024, 3584, 4096, 4608, 8192, 12288, 32768, 65536, 70000,
@@ -401,7 +403,7 @@ fn fresh_images(qemu: &Qemu, dir: &Path) -> Vec<(String, Option<&'static str>)> 
         cmds.push(format!("write -P 0 {at} {len}"));
         at += len + 9000;
     }
-    for edge in [2u64 << 20, 4 << 20] {
+    for edge in [2u64 << 20, 4 << 20, 8 << 20, 10 << 20, 16 << 20] {
         cmds.push(format!("write -P 0 {} 20480", edge - 8192));
     }
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();

@@ -278,7 +278,7 @@ impl GuestDisk for HoleAware<'_> {
         let Some((Allocation::Data, len)) = found else {
             return Ok(found);
         };
-        let host = match self.reader.extent_at(pos)? {
+        let host = match self.reader.extent_in(pos..pos.saturating_add(len))? {
             Some(e) => match e.kind {
                 ExtentKind::Data { host_offset } => host_offset,
                 _ => return Ok(found),
