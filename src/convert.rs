@@ -472,7 +472,7 @@ where
     let mut buf = Vec::new();
     while let Some(segment) = planner.next()? {
         if segment.read {
-            buf.clear();
+            // Stale bytes are fine: the read fills all of it.
             buf.resize(segment.len as usize, 0); // at most CHUNK
             planner.disk.read_disk(segment.start, &mut buf)?;
             if place.place(segment.start, &buf)? {
@@ -533,7 +533,7 @@ where
     D: GuestDisk + ?Sized,
     P: Place,
 {
-    buf.clear();
+    // Stale bytes are fine: the read fills all of it.
     buf.resize(segment.len as usize, 0); // at most CHUNK
     disk.read_disk(segment.start, buf)?;
     Ok(place

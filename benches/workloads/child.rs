@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate};
 use positioned_io::ReadAt;
-use qcow2::{Chunk, ExtentKind, OpenOptions, ParallelRead, Qcow2};
+use qcow2::{
+    compare, convert_to_file, Chunk, CompareOptions, Comparison, ConvertOptions, ExtentKind,
+    OpenOptions, ParallelRead, Qcow2, RawDisk,
+};
 
 use crate::common::{mix, Res, MIB};
 
@@ -47,6 +50,8 @@ pub fn main(args: &[String]) -> Res<()> {
             Path::new(arg(2)?),
             arg(3).map_or(Ok(1), |n| n.parse())?,
         )?,
+        "convert-crate" => convert_crate(Path::new(arg(1)?), Path::new(arg(2)?))?,
+        "compare-crate" => compare_crate(Path::new(arg(1)?), Path::new(arg(2)?))?,
         // Nothing: the peak RSS of a child before any work, for reference.
         "noop" => 0,
         other => return Err(format!("child: unknown workload {other}").into()),
@@ -67,6 +72,29 @@ static WORK_START: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(Non
 fn restart_clock() -> Res<()> {
     *WORK_START.lock().map_err(|e| e.to_string())? = Some(Instant::now());
     Ok(())
+}
+
+/// `qemu-img convert -O raw IMG OUT` done by the crate (`convert_to_file` on one thread per
+/// core, up to 8, as `qcow2 convert` does by default): the output's length.
+fn convert_crate(img: &Path, out: &Path) -> Res<u64> {
+    let image = Qcow2::open_path(img)?;
+    let reader = image.reader()?;
+    let file = File::create(out)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let options = ConvertOptions::new().threads(threads);
+    convert_to_file(&reader, &file, &options, |_, _| {})?;
+    Ok(file.metadata()?.len())
+}
+
+/// `qemu-img compare IMG RAW` done by the crate; the images must be identical.
+fn compare_crate(img: &Path, raw: &Path) -> Res<u64> {
+    let image = Qcow2::open_path(img)?;
+    let reader = image.reader()?;
+    let disk = RawDisk::open_path(raw)?;
+    match compare(&reader, &disk, &CompareOptions::new())? {
+        Comparison::Identical => Ok(0),
+        other => Err(format!("{} and {}: {other:?}", img.display(), raw.display()).into()),
+    }
 }
 
 /// A checksum of what a contestant read that does not depend on how the reads were cut or

@@ -121,6 +121,7 @@ fn main() -> Res<()> {
     }
     fs::create_dir_all(&cfg.dir)?;
     let result = run(&mut cfg);
+    rows::remove_convert_output(&cfg);
     if cfg.smoke {
         let _ = fs::remove_dir_all(&cfg.dir);
     }

@@ -12,7 +12,7 @@ use crate::Config;
 type MakeWorkload = fn(&Config) -> Res<Workload>;
 
 /// Every workload, by the name `--only` matches.
-pub const ALL: [(&str, MakeWorkload); 9] = [
+pub const ALL: [(&str, MakeWorkload); 11] = [
     ("seq-64k", seq_plain),
     ("seq-zlib", seq_zlib),
     ("seq-zstd", seq_zstd),
@@ -22,6 +22,8 @@ pub const ALL: [(&str, MakeWorkload); 9] = [
     ("rand-64k", rand_plain),
     ("rand-1t", rand_sweep),
     ("overlay-zlib", overlay_zlib),
+    ("convert", convert_job),
+    ("compare", compare_job),
 ];
 
 const ONE_MIB: &str = "1048576";
@@ -545,5 +547,128 @@ fn overlay_zlib(cfg: &Config) -> Res<Workload> {
         ],
         inputs: vec![base, top],
         notes: vec!["qemu-img convert reads in its own request sizes, not 64 KiB pieces".into()],
+    })
+}
+
+/// Where the `convert` row writes its output: `/dev/shm` (memory, so that the disk's
+/// write-back does not time the row) when there is one, else the inputs' directory. The
+/// bench removes it when done ([`remove_convert_output`]).
+pub fn convert_output(cfg: &Config) -> std::path::PathBuf {
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() { shm } else { cfg.dir.as_path() };
+    dir.join(format!("qcow2-bench-convert-{}.raw", std::process::id()))
+}
+
+pub fn remove_convert_output(cfg: &Config) {
+    let _ = std::fs::remove_file(convert_output(cfg));
+}
+
+/// `qemu-img convert -O raw` of the zstd image and of the fully allocated one, against the
+/// crate's `convert_to_file` on one thread per core (as `qcow2 convert`; each creates the
+/// output file anew on every pass).
+fn convert_job(cfg: &Config) -> Res<Workload> {
+    let (_, _, zstd) = inputs::compressed(&cfg.dir, cfg.zlib_size)?;
+    let (img, _) = inputs::plain(&cfg.dir, cfg.size)?;
+    let out = convert_output(cfg);
+    let qemu = |label: &str, img: &Path, size: u64| {
+        let args = [
+            "qemu-img",
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            s(img),
+            s(&out),
+        ];
+        Contestant::command(label, mib(size), &args)
+    };
+    let crate_ = |label: &str, img: &Path, size: u64| {
+        Contestant::child(label, mib(size), &["convert-crate", s(img), s(&out)])
+    };
+    Ok(Workload {
+        title: format!(
+            "convert to a raw file ({}): the {} MiB zstd image, the {} MiB fully allocated one",
+            out.parent().map_or("", s),
+            cfg.zlib_size / MIB,
+            cfg.size / MIB
+        ),
+        unit: "MiB",
+        contestants: vec![
+            qemu(
+                "qemu-img convert -O raw, zstd (baseline)",
+                &zstd,
+                cfg.zlib_size,
+            ),
+            crate_(
+                "crate: convert_to_file (threads = cores), zstd",
+                &zstd,
+                cfg.zlib_size,
+            ),
+            qemu("qemu-img convert -O raw, 64 KiB clusters", &img, cfg.size),
+            crate_(
+                "crate: convert_to_file (threads = cores), 64 KiB",
+                &img,
+                cfg.size,
+            ),
+        ],
+        baseline: 0,
+        ratios: vec![
+            ("crate / qemu-img, zstd".into(), 1, 0),
+            ("crate / qemu-img, 64 KiB clusters".into(), 3, 2),
+        ],
+        inputs: vec![zstd, img],
+        notes: vec![
+            "both write the whole output file on every pass, start-up included for qemu-img".into(),
+        ],
+    })
+}
+
+/// `qemu-img compare` of the zstd image and of the fully allocated one with their raw files
+/// (identical), against the crate's `compare`.
+fn compare_job(cfg: &Config) -> Res<Workload> {
+    let (text, _, zstd) = inputs::compressed(&cfg.dir, cfg.zlib_size)?;
+    let (img, raw) = inputs::plain(&cfg.dir, cfg.size)?;
+    let qemu = |label: &str, img: &Path, raw: &Path, size: u64| {
+        let args = [
+            "qemu-img",
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s(img),
+            s(raw),
+        ];
+        Contestant::command(label, mib(size), &args)
+    };
+    let crate_ = |label: &str, img: &Path, raw: &Path, size: u64| {
+        Contestant::child(label, mib(size), &["compare-crate", s(img), s(raw)])
+    };
+    Ok(Workload {
+        title: format!(
+            "compare with the raw file: the {} MiB zstd image, the {} MiB fully allocated one",
+            cfg.zlib_size / MIB,
+            cfg.size / MIB
+        ),
+        unit: "MiB",
+        contestants: vec![
+            qemu(
+                "qemu-img compare, zstd (baseline)",
+                &zstd,
+                &text,
+                cfg.zlib_size,
+            ),
+            crate_("crate: compare, zstd", &zstd, &text, cfg.zlib_size),
+            qemu("qemu-img compare, 64 KiB clusters", &img, &raw, cfg.size),
+            crate_("crate: compare, 64 KiB clusters", &img, &raw, cfg.size),
+        ],
+        baseline: 0,
+        ratios: vec![
+            ("crate / qemu-img, zstd".into(), 1, 0),
+            ("crate / qemu-img, 64 KiB clusters".into(), 3, 2),
+        ],
+        inputs: vec![zstd, text, img, raw],
+        notes: vec!["qemu-img's times include its start-up".into()],
     })
 }
