@@ -57,15 +57,20 @@ pub struct ConvertOptions {
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
-            threads: 1,
+            threads: default_threads(),
             sparse_size: DEFAULT_SPARSE_SIZE,
             size: None,
         }
     }
 }
 
+/// One reading thread per core, up to 8 (qemu-img's default of 8 requests in flight).
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
 impl ConvertOptions {
-    /// One thread, `-S 4k`, the disk's own size.
+    /// One reading thread per core (at most 8), `-S 4k`, the disk's own size.
     pub fn new() -> Self {
         Self::default()
     }

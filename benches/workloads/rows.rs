@@ -564,8 +564,8 @@ pub fn remove_convert_output(cfg: &Config) {
 }
 
 /// `qemu-img convert -O raw` of the zstd image and of the fully allocated one, against the
-/// crate's `convert_to_file` on one thread per core (as `qcow2 convert`; each creates the
-/// output file anew on every pass).
+/// crate's `convert_to_file` with its default options (one thread per core; each creates
+/// the output file anew on every pass).
 fn convert_job(cfg: &Config) -> Res<Workload> {
     let (_, _, zstd) = inputs::compressed(&cfg.dir, cfg.zlib_size)?;
     let (img, _) = inputs::plain(&cfg.dir, cfg.size)?;

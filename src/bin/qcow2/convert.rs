@@ -33,7 +33,7 @@ pub struct Args {
     /// Show a progress bar (on a terminal only).
     #[arg(short = 'p')]
     progress: bool,
-    /// Read on N threads (1 to 16).
+    /// Read on N threads (1 to 16; default: one per core, up to 8).
     #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
     threads: Option<u16>,
     /// Runs of at least SIZE zero bytes become holes in the output (default 4k; 0 writes
@@ -79,8 +79,11 @@ fn convert(args: &Args) -> Result<(), String> {
             "Unsupported input format '{f}' (only qcow2 is read)"
         ));
     }
-    let mut options =
-        ConvertOptions::new().threads(args.threads.map_or_else(default_threads, usize::from));
+    // Without -m, the library's default: one thread per core, up to 8.
+    let mut options = ConvertOptions::new();
+    if let Some(threads) = args.threads {
+        options = options.threads(usize::from(threads));
+    }
     if let Some(s) = &args.sparse_size {
         options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
     }
@@ -339,11 +342,6 @@ fn progress_bar(wanted: bool, total: u64) -> Option<indicatif::ProgressBar> {
         bar.set_style(style);
     }
     Some(bar)
-}
-
-/// One reading thread per core, up to qemu-img's default of 8.
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 /// A `-S` size as qemu-img reads it: a number with an optional suffix (b, k, M, G, T, P, E,
