@@ -208,7 +208,8 @@ impl Buffers {
 
 /// Read `len` bytes (at most [`CHUNK`]) of `disk` at `pos` into `buf`.
 fn fill<D: GuestDisk + ?Sized>(disk: &D, pos: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
-    buf.clear();
+    // Stale bytes are fine: the read fills all of it (zeroing it first cost a fifth of a
+    // comparison's time).
     buf.resize(len.min(CHUNK) as usize, 0);
     disk.read_disk(pos, buf)
 }

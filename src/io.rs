@@ -52,16 +52,21 @@ pub(crate) fn read_metadata_into<R: ReadAt + ?Sized>(
 ) -> Result<()> {
     let total =
         usize::try_from(len).map_err(|_| Error::malformed(format!("{what} is too large"), pos))?;
-    out.clear();
-    out.reserve(total.min(CHUNK));
-    while out.len() < total {
-        let start = out.len();
-        let step = total.saturating_sub(start).min(CHUNK);
-        out.resize(start.saturating_add(step), 0);
+    // The buffer grows a chunk at a time (a length the file may not back costs no more than
+    // what was read), and what it held is overwritten, not zeroed first: a walk reuses it
+    // for every table.
+    out.truncate(total);
+    let mut filled = 0usize;
+    while filled < total {
+        let step = total.saturating_sub(filled).min(CHUNK);
+        let end = filled.saturating_add(step);
+        if out.len() < end {
+            out.resize(end, 0);
+        }
         let at = pos
-            .checked_add(start as u64)
+            .checked_add(filled as u64)
             .ok_or_else(|| Error::malformed(format!("{what} offset overflows"), pos))?;
-        let chunk = out.get_mut(start..).unwrap_or_default();
+        let chunk = out.get_mut(filled..end).unwrap_or_default();
         let got = read_up_to(src, at, chunk)
             .map_err(|e| Error::io(format!("reading {what} at {at:#x}"), e))?;
         if got < step {
@@ -71,6 +76,7 @@ pub(crate) fn read_metadata_into<R: ReadAt + ?Sized>(
                 len,
             });
         }
+        filled = end;
     }
     Ok(())
 }
