@@ -57,16 +57,12 @@ pub struct ConvertOptions {
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
-            threads: default_threads(),
+            // As many as an image's pool (qemu-img keeps 8 requests in flight).
+            threads: crate::image::default_threads(),
             sparse_size: DEFAULT_SPARSE_SIZE,
             size: None,
         }
     }
-}
-
-/// One reading thread per core, up to 8 (qemu-img's default of 8 requests in flight).
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 impl ConvertOptions {

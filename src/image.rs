@@ -561,8 +561,8 @@ impl<I: ReadAt + Send + Sync> ImageView for Qcow2<I> {
     }
 }
 
-/// One decompression thread per core, up to 8.
-fn default_threads() -> usize {
+/// One thread per core, up to 8: an image's pool, and a conversion's reading threads.
+pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
