@@ -20,6 +20,13 @@ use crate::pool::Pool;
 /// Implements [`positioned_io::ReadAt`] and [`positioned_io::Size`]. Reads may have any
 /// length and start anywhere; a read starting at or past the end returns 0 bytes, one that
 /// crosses it is short. Clusters contiguous in the file are read with one call to the source.
+///
+/// Compressed clusters: small sequential reads find the clusters ahead of them already
+/// decompressed on the image's pool ([`OpenOptions::threads`](crate::OpenOptions::threads));
+/// a read covering 1 MiB or more of whole compressed clusters has them decompressed on the
+/// pool straight into its buffer, which is the fastest way through a compressed image short
+/// of [`Reader::read_parallel`]. Give each thread its own reader: a reader's state (where the
+/// last read ended, the L2 slices it used last) is its own, and readers do not contend.
 pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
     l1: Arc<[u64]>,
