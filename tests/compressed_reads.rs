@@ -189,6 +189,49 @@ fn zstd_images_read_alike_in_reads_of_every_size() {
     check_every_read_shape(&qemu, &dir, "s8k.qcow2", 3 * MIB, opts);
 }
 
+/// Through an empty overlay (the cloud-image case), a large read of the overlay is one large
+/// read of the compressed base: its clusters are decompressed straight into the buffer too.
+#[test]
+#[cfg(feature = "zstd")]
+fn large_reads_through_an_empty_overlay_read_as_qemu_reads_them() {
+    let Some(qemu) = Qemu::find_or_skip("large_reads_through_an_empty_overlay") else {
+        return;
+    };
+    let dir = TempDir::new("compressed-reads-overlay");
+    let size = 5 * MIB;
+    let opts = "cluster_size=65536,compression_type=zstd";
+    let (_, _) = compressed_image(&qemu, &dir, "base.qcow2", size, opts);
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+    ];
+    let mut args = args.to_vec();
+    args.push("top.qcow2");
+    qemu.img(dir.path(), &args);
+    // A few clusters of the overlay's own, so reads cross between the layers.
+    qemu.io(
+        dir.path(),
+        "qcow2",
+        "top.qcow2",
+        &["write -P 0x3c 1M 64k", "write -P 0x3d 3076k 8k"],
+    );
+    let expected = qemu.convert_to_raw(dir.path(), "top.qcow2", &[] as &[&str]);
+    for threads in [1, 2] {
+        let options = OpenOptions::new().threads(threads);
+        let label = format!("overlay over zstd, {threads} threads");
+        let open = || Qcow2::open_path_with(dir.join("top.qcow2"), &options).expect("open");
+        for (start, piece) in [(0, size), (0, MIB), (0, 2 * MIB + 4096), (512, 64 * KIB)] {
+            check_pieces(&label, &open(), &expected, start, piece);
+        }
+    }
+}
+
 /// The guest offset a failed read names, if it failed on a corrupt compressed cluster.
 #[cfg(feature = "zlib")]
 fn bad_cluster_of(err: &std::io::Error) -> Option<u64> {
