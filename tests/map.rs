@@ -45,6 +45,23 @@ fn qemu_kind(e: &Value) -> ExtentKind {
     }
 }
 
+/// The committed fixtures whose map `qemu-img map` gives layer for layer: no backing file;
+/// not encrypted (qemu-img map needs the secret, and hides host offsets); no preallocated
+/// clusters (QEMU looks into the file for holes and reports those as zeros, a property of the
+/// host file rather than of the image).
+fn single_layer_fixtures() -> Vec<(String, Qcow2<std::fs::File>)> {
+    let dir = common::fixtures_dir();
+    common::fixture_images()
+        .into_iter()
+        .filter(|n| !n.starts_with("prealloc-"))
+        .filter_map(|name| {
+            let image = Qcow2::open_path(dir.join(&name)).ok()?;
+            let single = image.encryption().is_none() && image.header().backing_file().is_none();
+            single.then_some((name, image))
+        })
+        .collect()
+}
+
 #[test]
 fn extents_match_qemu_img_map() {
     let Some(qemu) = common::Qemu::find_or_skip("extents_match_qemu_img_map") else {
@@ -52,19 +69,8 @@ fn extents_match_qemu_img_map() {
     };
     let dir = common::fixtures_dir();
     let mut compared = 0;
-    for name in common::fixture_images()
-        .iter()
-        .map(String::as_str)
-        // Preallocated clusters: QEMU looks into the file for holes and reports those as
-        // zeros, a property of the host file rather than of the image.
-        .filter(|n| !n.starts_with("prealloc-"))
-    {
-        let image = match Qcow2::open_path(dir.join(name)) {
-            // Encrypted images: qemu-img map needs the secret, and hides host offsets.
-            Ok(image) if image.encryption().is_some() => continue,
-            Ok(image) if image.header().backing_file().is_none() => image,
-            _ => continue,
-        };
+    for (name, image) in single_layer_fixtures() {
+        let name = name.as_str();
         let reader = image.reader().unwrap();
         let mut ours = Vec::new();
         let mut pos = 0;
@@ -99,16 +105,8 @@ fn extents_in_a_range_match_qemu_img_map_of_that_range() {
     };
     let dir = common::fixtures_dir();
     let mut compared = 0;
-    for name in common::fixture_images()
-        .iter()
-        .map(String::as_str)
-        .filter(|n| !n.starts_with("prealloc-"))
-    {
-        let image = match Qcow2::open_path(dir.join(name)) {
-            Ok(image) if image.encryption().is_some() => continue,
-            Ok(image) if image.header().backing_file().is_none() => image,
-            _ => continue,
-        };
+    for (name, image) in single_layer_fixtures() {
+        let name = name.as_str();
         let reader = image.reader().unwrap();
         let size = image.guest_size();
         // Unaligned ranges inside the guest, and one running past its end.
