@@ -218,6 +218,18 @@ pub fn recache(paths: &[&Path]) -> Res<()> {
     Ok(())
 }
 
+/// Read every file once in full, without dropping it first: pages evicted since it was
+/// cached come back (some machines page out page-cache pages idle for a minute, DAMON's
+/// reclaim, which would time a pass partly from the disk).
+pub fn rewarm(paths: &[&Path]) -> Res<()> {
+    let mut buf = vec![0u8; MIB as usize];
+    for p in paths {
+        let mut f = File::open(p)?;
+        while f.read(&mut buf)? > 0 {}
+    }
+    Ok(())
+}
+
 pub fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.trim().to_owned())

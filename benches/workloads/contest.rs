@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::child;
-use crate::common::{recache, Res, MIB};
+use crate::common::{recache, rewarm, Res, MIB};
 
 /// How one contestant is run.
 pub enum Runner {
@@ -109,6 +109,9 @@ pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
     let mut failed: Vec<(usize, String)> = vec![(0, String::new()); n];
     print!("   {runs} rounds of {n}:");
     for round in 0..runs {
+        if round > 0 {
+            rewarm(&inputs)?;
+        }
         // Rotate the order each round so drift in machine load spreads over all contestants.
         for k in 0..n {
             let i = (k + round) % n;
