@@ -45,3 +45,41 @@ pub(crate) fn lossy(bytes: &[u8]) -> String {
 pub(crate) fn until_nul(bytes: &[u8]) -> &[u8] {
     bytes.split(|&b| b == 0).next().unwrap_or_default()
 }
+
+/// How many bytes `span` starts with that are zero: whole blocks are tested at once (an OR
+/// over a block, which the compiler vectorises; an early exit per byte would not be), then
+/// bytes within the first block that is not all zero. Walks of sparse L2 tables step over
+/// their zero entries with it.
+pub(crate) fn leading_zero_bytes(span: &[u8]) -> usize {
+    const BLOCK: usize = 64;
+    let blocks = span
+        .chunks(BLOCK)
+        .position(|b| b.iter().fold(0u8, |acc, &x| acc | x) != 0);
+    let Some(block) = blocks else {
+        return span.len();
+    };
+    let start = block.saturating_mul(BLOCK);
+    let within = span
+        .get(start..)
+        .unwrap_or_default()
+        .iter()
+        .position(|&x| x != 0)
+        .unwrap_or(0);
+    start.saturating_add(within)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leading_zero_bytes;
+
+    #[test]
+    fn leading_zero_bytes_finds_the_first_non_zero_byte() {
+        let mut span = vec![0u8; 300];
+        assert_eq!(leading_zero_bytes(&span), 300);
+        assert_eq!(leading_zero_bytes(&[]), 0);
+        span[130] = 1;
+        assert_eq!(leading_zero_bytes(&span), 130);
+        span[3] = 9;
+        assert_eq!(leading_zero_bytes(&span), 3);
+    }
+}

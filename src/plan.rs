@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use positioned_io::ReadAt;
 
 use crate::bytes::be_u64;
-use crate::bytes::low_bits;
+use crate::bytes::{leading_zero_bytes, low_bits};
 use crate::error::{Error, Result};
 use crate::header::TABLE_ENTRY_LEN;
 use crate::io::read_metadata_into;
@@ -408,26 +408,6 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
     }
 }
 
-/// How many bytes `span` starts with that are zero: whole blocks are tested at once (an OR
-/// over a block, which the compiler vectorises; an early exit per byte would not be), then bytes within the first block that is not all zero.
-fn leading_zero_bytes(span: &[u8]) -> usize {
-    const BLOCK: usize = 64;
-    let blocks = span
-        .chunks(BLOCK)
-        .position(|b| b.iter().fold(0u8, |acc, &x| acc | x) != 0);
-    let Some(block) = blocks else {
-        return span.len();
-    };
-    let start = block.saturating_mul(BLOCK);
-    let within = span
-        .get(start..)
-        .unwrap_or_default()
-        .iter()
-        .position(|&x| x != 0)
-        .unwrap_or(0);
-    start.saturating_add(within)
-}
-
 /// 64-bit words per L2 entry: two with extended L2 entries.
 #[inline]
 fn words_per_entry(g: &Geometry) -> u64 {
@@ -615,17 +595,6 @@ mod tests {
         let small = geometry(9, false);
         assert_eq!(slice_bytes(&small), 512);
         assert_eq!(slice_number(u64::MAX, &small), 0);
-    }
-
-    #[test]
-    fn leading_zero_bytes_finds_the_first_non_zero_byte() {
-        let mut span = vec![0u8; 300];
-        assert_eq!(leading_zero_bytes(&span), 300);
-        assert_eq!(leading_zero_bytes(&[]), 0);
-        span[130] = 1;
-        assert_eq!(leading_zero_bytes(&span), 130);
-        span[3] = 9;
-        assert_eq!(leading_zero_bytes(&span), 3);
     }
 
     #[test]
