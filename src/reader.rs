@@ -405,6 +405,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         buf: &mut [u8],
         meanwhile: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
+        if direct.is_empty() {
+            return meanwhile(); // small reads: no scope to open
+        }
         let cache = &self.image.compressed;
         let kind = self.image.header.compression_type();
         let failed: Mutex<Option<Error>> = Mutex::new(None);
