@@ -45,6 +45,17 @@ fn qemu_kind(e: &Value) -> ExtentKind {
     }
 }
 
+/// `qemu-img map --output=json`'s extents as entries.
+fn qemu_entries(json: &[u8]) -> Vec<Entry> {
+    let map: Value = serde_json::from_slice(json).unwrap();
+    let extents = map.as_array().unwrap().iter();
+    let entry = |e: &Value| {
+        let start = e["start"].as_u64().unwrap();
+        (start, e["length"].as_u64().unwrap(), qemu_kind(e))
+    };
+    extents.map(entry).collect()
+}
+
 /// The committed fixtures whose map `qemu-img map` gives layer for layer: no backing file;
 /// not encrypted (qemu-img map needs the secret, and hides host offsets); no preallocated
 /// clusters (QEMU looks into the file for holes and reports those as zeros, a property of the
@@ -82,15 +93,11 @@ fn extents_match_qemu_img_map() {
         }
         assert_eq!(pos, image.guest_size(), "{name}: map covers the guest");
         let out = qemu.img(&dir, &["map", "--output=json", "-f", "qcow2", name]);
-        let theirs: Value = serde_json::from_slice(&out).unwrap();
-        let theirs = theirs.as_array().unwrap().iter().map(|e| {
-            (
-                e["start"].as_u64().unwrap(),
-                e["length"].as_u64().unwrap(),
-                qemu_kind(e),
-            )
-        });
-        assert_eq!(merged(ours), merged(theirs), "{name}: map differs");
+        assert_eq!(
+            merged(ours),
+            merged(qemu_entries(&out)),
+            "{name}: map differs"
+        );
         compared += 1;
     }
     assert!(compared >= 15, "only {compared} fixtures compared");
@@ -130,18 +137,9 @@ fn extents_in_a_range_match_qemu_img_map_of_that_range() {
             let mut args = args.to_vec();
             args.extend(["--max-length", &l, name]);
             let out = qemu.img(&dir, &args);
-            let theirs: Value = serde_json::from_slice(&out).unwrap();
-            let theirs = theirs.as_array().unwrap().iter().map(|e| {
-                let kind = qemu_kind(e);
-                (
-                    e["start"].as_u64().unwrap(),
-                    e["length"].as_u64().unwrap(),
-                    kind,
-                )
-            });
             assert_eq!(
                 merged(ours),
-                merged(theirs),
+                merged(qemu_entries(&out)),
                 "{name} {start}..{end}: map differs"
             );
         }
