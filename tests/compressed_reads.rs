@@ -200,8 +200,8 @@ fn large_reads_through_an_empty_overlay_read_as_qemu_reads_them() {
     let dir = TempDir::new("compressed-reads-overlay");
     let size = 5 * MIB;
     let opts = "cluster_size=65536,compression_type=zstd";
-    let (_, _) = compressed_image(&qemu, &dir, "base.qcow2", size, opts);
-    let args = [
+    compressed_image(&qemu, &dir, "base.qcow2", size, opts);
+    let create = [
         "create",
         "-q",
         "-f",
@@ -210,10 +210,9 @@ fn large_reads_through_an_empty_overlay_read_as_qemu_reads_them() {
         "base.qcow2",
         "-F",
         "qcow2",
+        "top.qcow2",
     ];
-    let mut args = args.to_vec();
-    args.push("top.qcow2");
-    qemu.img(dir.path(), &args);
+    qemu.img(dir.path(), &create);
     // A few clusters of the overlay's own, so reads cross between the layers.
     qemu.io(
         dir.path(),
