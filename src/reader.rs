@@ -134,6 +134,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
         let end = pos.saturating_add(buf.len() as u64);
         let mut planner = Planner::new(self);
+        let mut runs = Runs::new(self.fans_out(buf.len()));
         let mut pending: Option<Pending> = None;
         let mut batch: Vec<CompressedPart> = Vec::new();
         let mut batch_bytes = 0usize;
@@ -147,7 +148,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             let len = clamp_len(segment.len, buf.len().saturating_sub(at));
             if let SegmentKind::Compressed { host, input_len } = segment.kind {
                 // Runs only grow by contiguous guest bytes: end the pending one here.
-                self.flush(pending.take(), pos, buf)?;
+                self.finish(pending.take(), &mut runs, pos, buf)?;
                 batch.push(CompressedPart {
                     guest,
                     host: host.0,
@@ -168,7 +169,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                         ..p
                     }),
                     finished => {
-                        self.flush(finished, pos, buf)?;
+                        self.finish(finished, &mut runs, pos, buf)?;
                         Some(Pending {
                             kind: segment.kind,
                             guest,
@@ -189,7 +190,116 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             last_end.store(end, Ordering::Relaxed);
             self.read_compressed(&mut batch, buf, sequential)?;
         }
-        self.flush(pending, pos, buf)
+        self.finish(pending, &mut runs, pos, buf)?;
+        self.read_runs(&mut runs, pos, buf)
+    }
+
+    /// Whether a read of `len` bytes defers its runs to read those of the layers below on
+    /// the pool ([`Reader::read_runs`]): a large read, off the pool (a parallel read's chunk
+    /// is one of several at once already), of an image with a backing image or file.
+    fn fans_out(&self, len: usize) -> bool {
+        len >= FAN_OUT_MIN_BYTES
+            && self.image.pool.threads() > 1
+            && matches!(self.image.backing, Some(Backing::Source { .. }))
+            && crate::pool::current_worker() == usize::MAX
+    }
+
+    /// Read a finished run now, or defer it to `runs` when this read fans out (reading the
+    /// deferred runs once they cover [`FAN_OUT_WINDOW_BYTES`]).
+    fn finish(
+        &self,
+        run: Option<Pending>,
+        runs: &mut Runs,
+        pos: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let Some(run) = run else {
+            return Ok(());
+        };
+        if !runs.deferring || matches!(run.kind, SegmentKind::Zero(_)) {
+            return self.flush(Some(run), pos, buf);
+        }
+        runs.bytes = runs.bytes.saturating_add(run.len);
+        runs.list.push(run);
+        if runs.bytes >= FAN_OUT_WINDOW_BYTES {
+            self.read_runs(runs, pos, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Read the deferred `runs` into their parts of `buf`, and empty the list. When they
+    /// span several layers, pool threads read the runs from the layers below (through the
+    /// backing image, which may be read from any thread) while this thread reads this
+    /// image's own runs and then helps with the rest: a read switching layers every cluster
+    /// makes a call to the source per cluster, and those calls overlap. An error names the
+    /// first failed run in guest order.
+    fn read_runs(&self, runs: &mut Runs, pos: u64, buf: &mut [u8]) -> Result<()> {
+        runs.bytes = 0;
+        let below = runs
+            .list
+            .iter()
+            .filter(|r| matches!(r.kind, SegmentKind::Unallocated(_)))
+            .count();
+        let source = match &self.image.backing {
+            Some(Backing::Source { source, .. }) if below > 0 && runs.list.len() > 1 => {
+                source.as_ref()
+            }
+            _ => {
+                return runs
+                    .list
+                    .drain(..)
+                    .try_for_each(|run| self.flush(Some(run), pos, buf))
+            }
+        };
+        let mut own: Vec<(Pending, &mut [u8])> = Vec::new();
+        let mut jobs: Vec<Vec<(u64, &mut [u8])>> = Vec::new();
+        let mut job_bytes = 0usize;
+        let mut rest = buf;
+        let mut rest_at = 0usize;
+        for run in runs.list.drain(..) {
+            let at = usize::try_from(run.guest.saturating_sub(pos)).unwrap_or(usize::MAX);
+            let (out, after) = split_part(rest, at.saturating_sub(rest_at), run.len)?;
+            (rest, rest_at) = (after, at.saturating_add(run.len));
+            if !matches!(run.kind, SegmentKind::Unallocated(_)) {
+                own.push((run, out));
+                continue;
+            }
+            match jobs.last_mut() {
+                Some(job) if job_bytes < FAN_OUT_JOB_BYTES => job.push((run.guest, out)),
+                _ => {
+                    jobs.push(vec![(run.guest, out)]);
+                    job_bytes = 0;
+                }
+            }
+            job_bytes = job_bytes.saturating_add(run.len);
+        }
+        let failed = FirstFailure::default();
+        let helpers = self.image.pool.threads().min(jobs.len());
+        let queue = Mutex::new(jobs.into_iter());
+        let read_below = || loop {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some(job) = next else { return };
+            for (guest, out) in job {
+                if let Err(e) = source.read_guest(guest, out) {
+                    failed.record(guest, e);
+                }
+            }
+        };
+        let read_below = &read_below;
+        self.image.pool.scope(|scope| {
+            for _ in 0..helpers {
+                if !scope.spawn(read_below) {
+                    break;
+                }
+            }
+            for (run, out) in own {
+                if let Err(e) = self.read_run(run.kind, run.guest, out) {
+                    failed.record(run.guest, e);
+                }
+            }
+            read_below();
+        });
+        failed.into_result()
     }
 
     /// Entries in this reader's L1 table: every index from here on is unallocated.
@@ -216,6 +326,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return Ok(());
         };
         let out = part(buf, guest.saturating_sub(pos) as usize, len)?;
+        self.read_run(kind, guest, out)
+    }
+
+    /// Read the run of `kind` at guest offset `guest` into `out`, its length.
+    fn read_run(&self, kind: SegmentKind, guest: u64, out: &mut [u8]) -> Result<()> {
         match kind {
             SegmentKind::Zero(_) => out.fill(0),
             SegmentKind::Data(HostOffset(host)) => match &self.image.crypt {
@@ -631,7 +746,7 @@ fn decompress_all(
 fn split_part(buf: &mut [u8], skip: usize, len: usize) -> Result<(&mut [u8], &mut [u8])> {
     buf.get_mut(skip..)
         .and_then(|from| from.split_at_mut_checked(len))
-        .ok_or(Error::Internal("a compressed cluster past the read"))
+        .ok_or(Error::Internal("a part of a read lies past its buffer"))
 }
 
 fn bad_cluster(guest_offset: u64, host_offset: u64, reason: String) -> Error {
@@ -639,6 +754,54 @@ fn bad_cluster(guest_offset: u64, host_offset: u64, reason: String) -> Error {
         guest_offset,
         host_offset,
         reason,
+    }
+}
+
+/// Reads of at least this many bytes defer their runs, to read the runs of the layers below
+/// on the pool ([`Reader::read_runs`]): a job costs a few microseconds to hand over, a
+/// 64 KiB run from the page cache about ten.
+const FAN_OUT_MIN_BYTES: usize = 1 << 20;
+
+/// Guest bytes of runs deferred at most before they are read: bounds the list of runs.
+const FAN_OUT_WINDOW_BYTES: usize = 8 << 20;
+
+/// Runs from the layers below are handed to pool threads in groups of about this many bytes.
+const FAN_OUT_JOB_BYTES: usize = 128 << 10;
+
+/// The runs a read defers ([`Reader::finish`]), and their bytes.
+struct Runs {
+    deferring: bool,
+    list: Vec<Pending>,
+    bytes: usize,
+}
+
+impl Runs {
+    fn new(deferring: bool) -> Self {
+        Runs {
+            deferring,
+            list: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+/// The error of the first failed run in guest order, whichever thread found it.
+#[derive(Default)]
+struct FirstFailure(Mutex<Option<(u64, Error)>>);
+
+impl FirstFailure {
+    fn record(&self, guest: u64, error: Error) {
+        let mut first = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if first.as_ref().is_none_or(|(at, _)| guest < *at) {
+            *first = Some((guest, error));
+        }
+    }
+
+    fn into_result(self) -> Result<()> {
+        match self.0.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Some((_, error)) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 

@@ -333,3 +333,100 @@ fn chain_with_compressed_clusters_in_one_layer() {
     c.io("top.qcow2", &every_third(2, unit, size, "pat2.bin"));
     c.verify("chain with a compressed middle layer", "top.qcow2", unit);
 }
+
+/// Large reads of a chain whose layer changes every cluster read the layers below on the
+/// image's threads while the calling thread reads the top: on 1 to 3 threads, in reads
+/// larger than the runs the crate defers at once (8 MiB), in odd-sized large reads, and
+/// with two corrupt clusters in the middle layer, where the error is the one a read of the
+/// first of them alone gets.
+#[test]
+fn large_chain_reads_on_several_threads() {
+    let Some(c) = Chain::new("chain_large_reads") else {
+        return;
+    };
+    let (unit, size) = (64 * KIB, 20 * MIB);
+    c.create("base.qcow2", size, "cluster_size=65536", None);
+    c.io("base.qcow2", &[format!("write -s pat0.bin 0 {size}")]);
+    c.create(
+        "mid.qcow2",
+        size,
+        "cluster_size=65536",
+        Some(("base.qcow2", "qcow2")),
+    );
+    c.io("mid.qcow2", &every_third(1, unit, size, "pat1.bin"));
+    c.create(
+        "top.qcow2",
+        size,
+        "cluster_size=65536",
+        Some(("mid.qcow2", "qcow2")),
+    );
+    let mut top = every_third(2, unit, size, "pat2.bin");
+    top.push(format!("write -z {} {}", 40 * unit, 7 * unit));
+    c.io("top.qcow2", &top);
+    let expected = c
+        .qemu
+        .convert_to_raw(c.dir.path(), "top.qcow2", &[] as &[&str]);
+    assert_eq!(expected.len() as u64, size);
+
+    let chunks = [size, 9 * MIB, 3 * MIB + 4097, MIB, MIB + unit / 2];
+    for threads in 1..=3 {
+        let options = qcow2::OpenOptions::new().threads(threads);
+        let image = Qcow2::open_path_with(c.dir.join("top.qcow2"), &options).expect("open");
+        let reader = image.reader().expect("reader");
+        for chunk in chunks {
+            // Start inside a cluster too, so runs are cut at both ends of a read.
+            for start in [0, 4097] {
+                let mut at = start;
+                while at < size {
+                    let len = chunk.min(size - at) as usize;
+                    let mut buf = vec![0xa5u8; len];
+                    reader
+                        .read_exact_at(at, &mut buf)
+                        .unwrap_or_else(|e| panic!("{threads} threads: read {len} at {at}: {e}"));
+                    let theirs = &expected[at as usize..at as usize + len];
+                    let what = format!("{threads} threads, read of {len} at {at}");
+                    if let Some(d) = describe_difference(&what, at, &buf, theirs) {
+                        panic!("{d}");
+                    }
+                    at += chunk;
+                }
+            }
+        }
+    }
+
+    // Two of the middle layer's data clusters pointed past the end of its file.
+    let mid_path = c.dir.join("mid.qcow2");
+    let mut mid = std::fs::read(&mid_path).expect("mid.qcow2");
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&mid, 40) as usize;
+    let l2 = (be(&mid, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let past_end = (mid.len() as u64).next_multiple_of(unit) + 64 * unit;
+    let bad = [4 * unit, 13 * unit]; // mid holds the clusters i with i % 3 == 1
+    for (k, guest) in bad.iter().enumerate() {
+        let entry = l2 + 8 * (guest / unit) as usize;
+        assert_ne!(be(&mid, entry), 0, "mid holds cluster {}", guest / unit);
+        let host = past_end + k as u64 * unit;
+        mid[entry..entry + 8].copy_from_slice(&(host | 1 << 63).to_be_bytes());
+    }
+    std::fs::write(&mid_path, &mid).expect("write mid.qcow2");
+    for threads in 1..=3 {
+        let options = qcow2::OpenOptions::new().threads(threads);
+        let image = Qcow2::open_path_with(c.dir.join("top.qcow2"), &options).expect("open");
+        let reader = image.reader().expect("reader");
+        let mut one = vec![0u8; unit as usize];
+        let first = reader
+            .read_exact_at(bad[0], &mut one)
+            .expect_err("bad cluster");
+        let mut all = vec![0u8; size as usize];
+        let whole = reader.read_exact_at(0, &mut all).expect_err("bad clusters");
+        assert_eq!(whole.to_string(), first.to_string(), "{threads} threads");
+        let from_between = reader
+            .read_exact_at(bad[0] + unit, &mut all[..2 * MIB as usize])
+            .expect_err("the second bad cluster");
+        assert_ne!(
+            from_between.to_string(),
+            first.to_string(),
+            "{threads} threads"
+        );
+    }
+}
