@@ -81,8 +81,9 @@ pub struct OpenOptions {
     /// (no backing file is opened; [`Qcow2::open_with`](crate::Qcow2::open_with) attaches the
     /// zeros itself).
     pub backing_as_zeros: bool,
-    /// Most threads one read may use to decompress compressed clusters, or to decrypt the
-    /// data of an encrypted image (the calling thread included); `None` means one per core,
+    /// Most threads one read may use to decompress compressed clusters, to decrypt the
+    /// data of an encrypted image, or to read the layers below an overlay in a large read
+    /// (the calling thread included); `None` means one per core,
     /// up to 8. `Some(1)` never starts a thread. It is also the size of the image's worker
     /// pool (shared by its backing chain, started on first use), on which
     /// [`Reader::read_parallel`](crate::Reader::read_parallel) reads; see
@@ -174,7 +175,7 @@ impl OpenOptions {
 
     /// The image's threads (1 to 64; default one per core, up to 8): the size of its
     /// worker pool, which starts on first use and is shared by its backing chain, and the
-    /// most threads one read decompresses or decrypts on. The same setting as
+    /// most threads one read decompresses, decrypts or reads backing layers on. The same setting as
     /// [`OpenOptions::decompression_threads`], under a name that says what it now covers.
     ///
     /// ```
