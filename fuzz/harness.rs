@@ -333,6 +333,9 @@ pub const FLAG_BACKING_DATA_FILE: u8 = 2;
 pub const FLAG_BACKING_RAW: u8 = 4;
 /// Flag: read the top image over zeros instead of the backing image.
 pub const FLAG_TOP_ZEROS: u8 = 8;
+/// Open the top image with two threads: large reads then read the backing image's runs on
+/// its pool while the calling thread reads the top's.
+pub const FLAG_TOP_THREADS: u8 = 16;
 
 /// Split an `open_with_backing` input: `[flags][top_len u32 LE][backing_len u32 LE]` then the
 /// top image, the backing image and the raw slice (lengths are clamped to what is there).
@@ -369,7 +372,11 @@ pub fn open_with_backing(data: &[u8]) {
         return;
     };
     let options = tight_options();
-    let Ok(mut top) = Qcow2::open_with(input.top.to_vec(), &options) else {
+    let top_options = match input.flags & FLAG_TOP_THREADS {
+        0 => options.clone(),
+        _ => options.clone().threads(2),
+    };
+    let Ok(mut top) = Qcow2::open_with(input.top.to_vec(), &top_options) else {
         return;
     };
     if input.flags & FLAG_TOP_DATA_FILE != 0 {

@@ -142,7 +142,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let mut batch_bytes = 0usize;
         let mut guest = pos;
         while guest < end {
-            let segment = planner.segment(guest, end)?;
+            let segment = match planner.segment(guest, end) {
+                Ok(segment) => segment,
+                Err(e) => {
+                    // As without deferring: the runs finished before this one fail first.
+                    self.read_runs(&mut runs, pos, buf)?;
+                    return Err(e);
+                }
+            };
             if segment.len == 0 {
                 return Err(Error::Internal("the planner made no progress"));
             }
