@@ -46,6 +46,23 @@ impl Chain {
         self.qemu.img(self.dir.path(), &args);
     }
 
+    /// `base.qcow2` written whole, `mid.qcow2` over it holding every 64 KiB cluster `i`
+    /// with `i % 3 == 1`, `top.qcow2` over that holding those with `i % 3 == 2`, then
+    /// `top_extra` run on the top.
+    fn three_layers(&self, size: u64, top_extra: &[String]) {
+        let unit = 64 * KIB;
+        self.create("base.qcow2", size, "cluster_size=65536", None);
+        self.io("base.qcow2", &[format!("write -s pat0.bin 0 {size}")]);
+        let over = |name: &str, backing: &str, which: u64, pattern: &str, extra: &[String]| {
+            self.create(name, size, "cluster_size=65536", Some((backing, "qcow2")));
+            let mut cmds = every_third(which, unit, size, pattern);
+            cmds.extend_from_slice(extra);
+            self.io(name, &cmds);
+        };
+        over("mid.qcow2", "base.qcow2", 1, "pat1.bin", &[]);
+        over("top.qcow2", "mid.qcow2", 2, "pat2.bin", top_extra);
+    }
+
     fn io(&self, name: &str, cmds: &[String]) {
         self.qemu.io(self.dir.path(), "qcow2", name, cmds);
     }
@@ -156,14 +173,7 @@ fn three_deep_chain_alternating_per_cluster() {
         return;
     };
     let (unit, size) = (64 * KIB, 6 * MIB);
-    c.create("base.qcow2", size, "cluster_size=65536", None);
-    c.io("base.qcow2", &[format!("write -s pat0.bin 0 {size}")]);
-    let over = |name: &str, backing: &str, which: u64, pattern: &str| {
-        c.create(name, size, "cluster_size=65536", Some((backing, "qcow2")));
-        c.io(name, &every_third(which, unit, size, pattern));
-    };
-    over("mid.qcow2", "base.qcow2", 1, "pat1.bin");
-    over("top.qcow2", "mid.qcow2", 2, "pat2.bin");
+    c.three_layers(size, &[]);
     c.verify("3-deep chain, a layer per cluster", "top.qcow2", unit);
 
     // Layers with other cluster sizes: the runs of one layer no longer line up with the
@@ -345,24 +355,8 @@ fn large_chain_reads_on_several_threads() {
         return;
     };
     let (unit, size) = (64 * KIB, 20 * MIB);
-    c.create("base.qcow2", size, "cluster_size=65536", None);
-    c.io("base.qcow2", &[format!("write -s pat0.bin 0 {size}")]);
-    c.create(
-        "mid.qcow2",
-        size,
-        "cluster_size=65536",
-        Some(("base.qcow2", "qcow2")),
-    );
-    c.io("mid.qcow2", &every_third(1, unit, size, "pat1.bin"));
-    c.create(
-        "top.qcow2",
-        size,
-        "cluster_size=65536",
-        Some(("mid.qcow2", "qcow2")),
-    );
-    let mut top = every_third(2, unit, size, "pat2.bin");
-    top.push(format!("write -z {} {}", 40 * unit, 7 * unit));
-    c.io("top.qcow2", &top);
+    let zeros = format!("write -z {} {}", 40 * unit, 7 * unit);
+    c.three_layers(size, &[zeros]);
     let expected = c
         .qemu
         .convert_to_raw(c.dir.path(), "top.qcow2", &[] as &[&str]);
