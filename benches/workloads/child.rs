@@ -34,7 +34,13 @@ pub fn main(args: &[String]) -> Res<()> {
     let num = |i: usize| -> Res<u64> { Ok(arg(i)?.parse()?) };
     *WORK_START.lock().map_err(|e| e.to_string())? = Some(Instant::now());
     let sum = match arg(0)? {
-        "seq-crate" => seq_crate(Path::new(arg(1)?), num(2)? as usize, num(3)? as usize)?,
+        "seq-crate" => seq_crate(Path::new(arg(1)?), num(2)? as usize, num(3)? as usize, None)?,
+        "seq-crate-pool" => seq_crate(
+            Path::new(arg(1)?),
+            num(2)? as usize,
+            num(3)? as usize,
+            Some(num(4)? as usize),
+        )?,
         "seq-parallel" => seq_parallel(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-imago" => seq_imago(Path::new(arg(1)?), num(2)? as usize)?,
         "seq-raw" => seq_raw(Path::new(arg(1)?), num(2)? as usize)?,
@@ -140,8 +146,14 @@ fn read_range_with(
 
 /// The whole guest of `img` (following its backing chain), in `bs`-byte reads, by `threads`
 /// threads each owning a contiguous share of it and sharing one image.
-fn seq_crate(img: &Path, bs: usize, threads: usize) -> Res<u64> {
-    let image = Qcow2::open_path(img)?;
+/// `bs`-byte reads by `threads` threads, the image opened with `pool` threads of its own
+/// (`OpenOptions::threads`; by default one per core).
+fn seq_crate(img: &Path, bs: usize, threads: usize, pool: Option<usize>) -> Res<u64> {
+    let options = match pool {
+        Some(n) => OpenOptions::new().threads(n),
+        None => OpenOptions::new(),
+    };
+    let image = Qcow2::open_path_with(img, &options)?;
     let reader = image.reader()?;
     let size = image.guest_size();
     let read = |pos: u64, buf: &mut [u8]| -> Res<()> { Ok(reader.read_exact_at(pos, buf)?) };

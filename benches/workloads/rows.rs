@@ -199,6 +199,18 @@ fn seq_chain(cfg: &Config) -> Res<Workload> {
         cfg.size / MIB
     );
     let mut w = sequential(title, &top, &raw, cfg.size);
+    // Its 1 MiB reads read the lower layers' runs on the image's pool; with one thread, all
+    // on the calling thread.
+    w.contestants.push(
+        Contestant::child(
+            "crate: read_exact_at 1 MiB, OpenOptions::threads(1)",
+            mib(cfg.size),
+            &["seq-crate-pool", s(&top), ONE_MIB, "1", "1"],
+        )
+        .class("guest"),
+    );
+    w.ratios
+        .push(("crate default threads / crate threads(1)".into(), 1, 4));
     w.inputs.extend([base, mid]);
     Ok(w)
 }
