@@ -355,6 +355,9 @@ fn describe_features(all: &[FeatureName]) -> String {
 }
 
 impl From<Error> for io::Error {
+    // Out of line: inlined into every read's return path, the boxing cost the hot path.
+    #[cold]
+    #[inline(never)]
     fn from(e: Error) -> Self {
         // The kind carries the class; the payload keeps the context for people.
         io::Error::new(e.io_kind(), e)

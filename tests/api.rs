@@ -74,6 +74,10 @@ fn backing_file_is_never_opened_by_open() {
         matches!(qcow2_error(&err), Error::BackingMissing { name } if name == "chain-mid.qcow2")
     );
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    // An empty read needs no byte of the missing backing file.
+    assert_eq!(reader.read_at(0, &mut []).unwrap(), 0);
+    let mut one = [0u8; 1];
+    assert!(reader.read_exact_at(0, &mut one).is_err());
 }
 
 #[test]
