@@ -273,28 +273,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                     .try_for_each(|run| self.flush(Some(run), pos, buf))
             }
         };
-        let mut own: Vec<(Pending, &mut [u8])> = Vec::new();
-        let mut jobs: Vec<Vec<(u64, &mut [u8])>> = Vec::new();
-        let mut job_bytes = 0usize;
-        let mut rest = buf;
-        let mut rest_at = 0usize;
-        for run in runs.list.drain(..) {
-            let at = usize::try_from(run.guest.saturating_sub(pos)).unwrap_or(usize::MAX);
-            let (out, after) = split_part(rest, at.saturating_sub(rest_at), run.len)?;
-            (rest, rest_at) = (after, at.saturating_add(run.len));
-            if !matches!(run.kind, SegmentKind::Unallocated(_)) {
-                own.push((run, out));
-                continue;
-            }
-            match jobs.last_mut() {
-                Some(job) if job_bytes < FAN_OUT_JOB_BYTES => job.push((run.guest, out)),
-                _ => {
-                    jobs.push(vec![(run.guest, out)]);
-                    job_bytes = 0;
-                }
-            }
-            job_bytes = job_bytes.saturating_add(run.len);
-        }
+        let (own, jobs) = split_runs(runs.list.drain(..), pos, buf)?;
         let failed = FirstFailure::default();
         let helpers = self.image.pool.threads().min(jobs.len());
         let queue = Mutex::new(jobs.into_iter());
@@ -787,6 +766,46 @@ fn bad_cluster(guest_offset: u64, host_offset: u64, reason: String) -> Error {
         host_offset,
         reason,
     }
+}
+
+/// A run of this image's own, with its part of the read's buffer.
+type OwnRun<'b> = (Pending, &'b mut [u8]);
+
+/// Runs of the layers below, read by one pool job: each its guest offset and its part of the
+/// read's buffer.
+type BelowJob<'b> = Vec<(u64, &'b mut [u8])>;
+
+/// This image's own runs, each with its part of `buf` (which starts at guest offset `pos`),
+/// and the runs of the layers below in groups of about [`FAN_OUT_JOB_BYTES`], each run as
+/// its guest offset and its part of `buf`. `runs` are in guest order and do not overlap.
+fn split_runs(
+    runs: impl Iterator<Item = Pending>,
+    pos: u64,
+    buf: &mut [u8],
+) -> Result<(Vec<OwnRun<'_>>, Vec<BelowJob<'_>>)> {
+    let mut own = Vec::new();
+    let mut jobs: Vec<BelowJob<'_>> = Vec::new();
+    let mut job_bytes = 0usize;
+    let mut rest = buf;
+    let mut rest_at = 0usize;
+    for run in runs {
+        let at = usize::try_from(run.guest.saturating_sub(pos)).unwrap_or(usize::MAX);
+        let (out, after) = split_part(rest, at.saturating_sub(rest_at), run.len)?;
+        (rest, rest_at) = (after, at.saturating_add(run.len));
+        if !matches!(run.kind, SegmentKind::Unallocated(_)) {
+            own.push((run, out));
+            continue;
+        }
+        match jobs.last_mut() {
+            Some(job) if job_bytes < FAN_OUT_JOB_BYTES => job.push((run.guest, out)),
+            _ => {
+                jobs.push(vec![(run.guest, out)]);
+                job_bytes = 0;
+            }
+        }
+        job_bytes = job_bytes.saturating_add(run.len);
+    }
+    Ok((own, jobs))
 }
 
 /// Reads of at least this many bytes defer their runs, to read the runs of the layers below
