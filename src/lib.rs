@@ -47,7 +47,9 @@
 //!   (and its L2 cache) between threads, each reading with `read_at` at its own offsets.
 //! - **Parallel reads.** [`Reader::read_parallel`] reads a range on the image's worker pool
 //!   ([`OpenOptions::threads`], cargo feature `parallel`) and hands it to a sink in guest
-//!   order, stretches of zeros as [`Chunk::Zeros`], never read.
+//!   order, stretches of zeros as [`Chunk::Zeros`], never read. The same pool decompresses
+//!   the clusters of large compressed reads and reads the backing layers of large reads
+//!   through an overlay (`OpenOptions::threads(1)`: everything on the calling thread).
 //! - **Cargo features.** `zlib` and `zstd` (both on by default) decompress compressed
 //!   clusters; without one, such a cluster reads as [`Error::FeatureDisabled`].
 //! - **Encrypted images.** LUKS and legacy AES images open with their secret
