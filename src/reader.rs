@@ -26,9 +26,10 @@ use crate::pool::Pool;
 /// a read covering 1 MiB or more of whole compressed clusters has them decompressed on the
 /// pool straight into its buffer, which is the fastest way through a compressed image short
 /// of [`Reader::read_parallel`]. Reads of 1 MiB or more through an overlay read the runs
-/// of the layers below on the pool while the calling thread reads the overlay's own. Give
-/// each thread its own reader: a reader's state (where the
-/// last read ended, the L2 slices it used last) is its own, and readers do not contend.
+/// of the layers below on the pool while the calling thread reads the overlay's own.
+///
+/// Give each thread its own reader: a reader's state (where the last read ended, the L2
+/// slices it used last) is its own, and readers do not contend.
 pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
     l1: Arc<[u64]>,
