@@ -208,8 +208,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             // a shared word on every read would serialise threads sharing a reader. A plain
             // load and store (a heuristic): racing threads at worst read ahead once too often
             // or too rarely.
+            // Never on a pool thread: its reads are a share of a parallel read or of an
+            // overlay's read, whose other shares another thread reads.
             let last_end = &self.state().last_end;
-            let sequential = last_end.load(Ordering::Relaxed) == pos;
+            let sequential = last_end.load(Ordering::Relaxed) == pos
+                && crate::pool::current_worker() == usize::MAX;
             last_end.store(end, Ordering::Relaxed);
             self.read_compressed(&mut batch, buf, sequential)?;
         }
