@@ -389,38 +389,66 @@ fn large_chain_reads_on_several_threads() {
     }
 
     // Two of the middle layer's data clusters pointed past the end of its file.
-    let mid_path = c.dir.join("mid.qcow2");
-    let mut mid = std::fs::read(&mid_path).expect("mid.qcow2");
-    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
-    let l1 = be(&mid, 40) as usize;
-    let l2 = (be(&mid, l1) & 0x00ff_ffff_ffff_fe00) as usize;
-    let past_end = (mid.len() as u64).next_multiple_of(unit) + 64 * unit;
+    let mid_len = std::fs::metadata(c.dir.join("mid.qcow2"))
+        .expect("mid")
+        .len();
+    let past_end = mid_len.next_multiple_of(unit) + 64 * unit;
     let bad = [4 * unit, 13 * unit]; // mid holds the clusters i with i % 3 == 1
     for (k, guest) in bad.iter().enumerate() {
-        let entry = l2 + 8 * (guest / unit) as usize;
-        assert_ne!(be(&mid, entry), 0, "mid holds cluster {}", guest / unit);
         let host = past_end + k as u64 * unit;
-        mid[entry..entry + 8].copy_from_slice(&(host | 1 << 63).to_be_bytes());
+        set_l2_entry(&c.dir.join("mid.qcow2"), *guest, host | 1 << 63);
     }
-    std::fs::write(&mid_path, &mid).expect("write mid.qcow2");
+    let top = c.dir.join("top.qcow2");
+    whole_read_fails_as_at(&top, size, bad[0]);
     for threads in 1..=3 {
         let options = qcow2::OpenOptions::new().threads(threads);
-        let image = Qcow2::open_path_with(c.dir.join("top.qcow2"), &options).expect("open");
+        let image = Qcow2::open_path_with(&top, &options).expect("open");
         let reader = image.reader().expect("reader");
         let mut one = vec![0u8; unit as usize];
-        let first = reader
-            .read_exact_at(bad[0], &mut one)
-            .expect_err("bad cluster");
-        let mut all = vec![0u8; size as usize];
-        let whole = reader.read_exact_at(0, &mut all).expect_err("bad clusters");
-        assert_eq!(whole.to_string(), first.to_string(), "{threads} threads");
+        let first = reader.read_exact_at(bad[0], &mut one).expect_err("bad");
+        let mut two_mib = vec![0u8; 2 * MIB as usize];
         let from_between = reader
-            .read_exact_at(bad[0] + unit, &mut all[..2 * MIB as usize])
+            .read_exact_at(bad[0] + unit, &mut two_mib)
             .expect_err("the second bad cluster");
         assert_ne!(
             from_between.to_string(),
             first.to_string(),
             "{threads} threads"
         );
+    }
+    // A misaligned data cluster in the top, after mid's first bad cluster: an error of the
+    // planning, which comes after the errors of the runs planned before it.
+    set_l2_entry(&top, 20 * unit, (past_end + 0x200) | 1 << 63);
+    whole_read_fails_as_at(&top, size, bad[0]);
+    // And one before it: now the planning error is the first.
+    set_l2_entry(&top, 2 * unit, (past_end + 0x200) | 1 << 63);
+    whole_read_fails_as_at(&top, size, 2 * unit);
+}
+
+/// Set the L2 entry of the cluster at `guest` (in the image's first L2 table) to `entry`.
+fn set_l2_entry(path: &std::path::Path, guest: u64, entry: u64) {
+    let mut file = std::fs::read(path).expect("image");
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&file, 40) as usize;
+    let l2 = (be(&file, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let cluster_bits = u32::from_be_bytes(file[20..24].try_into().unwrap());
+    let at = l2 + 8 * (guest >> cluster_bits) as usize;
+    assert_ne!(be(&file, at), 0, "the image holds the cluster at {guest}");
+    file[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(path, &file).expect("write the image");
+}
+
+/// A read of the whole guest fails, on 1 to 3 threads, with the error a read of the 64 KiB
+/// cluster at `first_bad` alone gets.
+fn whole_read_fails_as_at(top: &std::path::Path, size: u64, first_bad: u64) {
+    for threads in 1..=3 {
+        let options = qcow2::OpenOptions::new().threads(threads);
+        let image = Qcow2::open_path_with(top, &options).expect("open");
+        let reader = image.reader().expect("reader");
+        let mut one = vec![0u8; 64 * KIB as usize];
+        let first = reader.read_exact_at(first_bad, &mut one).expect_err("bad");
+        let mut all = vec![0u8; size as usize];
+        let whole = reader.read_exact_at(0, &mut all).expect_err("bad clusters");
+        assert_eq!(whole.to_string(), first.to_string(), "{threads} threads");
     }
 }
