@@ -201,18 +201,7 @@ fn large_reads_through_an_empty_overlay_read_as_qemu_reads_them() {
     let size = 5 * MIB;
     let opts = "cluster_size=65536,compression_type=zstd";
     compressed_image(&qemu, &dir, "base.qcow2", size, opts);
-    let create = [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ];
-    qemu.img(dir.path(), &create);
+    qemu.create_overlay(dir.path(), "base.qcow2", "top.qcow2");
     // A few clusters of the overlay's own, so reads cross between the layers.
     qemu.io(
         dir.path(),

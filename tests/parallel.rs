@@ -613,18 +613,7 @@ fn a_missing_backing_file_stops_the_read_with_backing_missing() {
         d,
         &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
     );
-    let create = [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ];
-    img(&qemu, d, &create);
+    qemu.create_overlay(d, "base.qcow2", "top.qcow2");
     io(&qemu, d, "top.qcow2", &["write -P 1 0 1M"]);
     // Opened alone: the backing file is named but not attached.
     let image = Qcow2::open(File::open(d.join("top.qcow2")).unwrap()).unwrap();

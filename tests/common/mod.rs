@@ -124,6 +124,15 @@ impl Qemu {
         );
     }
 
+    /// `qemu-img create -f qcow2 -b BACKING -F qcow2 TOP` in `dir`: an empty overlay of the
+    /// backing image's size.
+    pub fn create_overlay(&self, dir: &Path, backing: &str, top: &str) {
+        let args = [
+            "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", top,
+        ];
+        self.img(dir, &args);
+    }
+
     /// `qemu-img convert [EXTRA...] -O raw IMAGE` into a file in `dir`, read back and removed.
     pub fn convert_to_raw<S: AsRef<OsStr>>(&self, dir: &Path, image: &str, extra: &[S]) -> Vec<u8> {
         let out = unique_name(dir, "convert", "raw");
