@@ -83,9 +83,9 @@ pub struct OpenOptions {
     pub backing_as_zeros: bool,
     /// Most threads one read may use to decompress compressed clusters, to decrypt the
     /// data of an encrypted image, or to read the layers below an overlay in a large read
-    /// (the calling thread included); `None` means one per core,
-    /// up to 8. `Some(1)` never starts a thread. It is also the size of the image's worker
-    /// pool (shared by its backing chain, started on first use), on which
+    /// (the calling thread included); `None` means one per core, up to 8. `Some(1)` never
+    /// starts a thread. It is also the size of the image's worker pool (shared by its backing
+    /// chain, started on first use), on which
     /// [`Reader::read_parallel`](crate::Reader::read_parallel) reads; see
     /// [`OpenOptions::threads`].
     pub decompression_threads: Option<usize>,
@@ -175,8 +175,9 @@ impl OpenOptions {
 
     /// The image's threads (1 to 64; default one per core, up to 8): the size of its
     /// worker pool, which starts on first use and is shared by its backing chain, and the
-    /// most threads one read decompresses, decrypts or reads backing layers on. The same setting as
-    /// [`OpenOptions::decompression_threads`], under a name that says what it now covers.
+    /// most threads one read decompresses, decrypts or reads backing layers on. The same
+    /// setting as [`OpenOptions::decompression_threads`], under a name that says what it now
+    /// covers.
     ///
     /// ```
     /// let options = qcow2::OpenOptions::new().threads(2);
