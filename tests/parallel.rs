@@ -442,6 +442,9 @@ struct Source {
     bytes: Vec<u8>,
     fail: (u64, u64),
     threads: Arc<Mutex<HashSet<std::thread::ThreadId>>>,
+    /// How long every read takes at least: long enough that a busy machine schedules the pool
+    /// threads before the caller has read every chunk itself.
+    delay: std::time::Duration,
 }
 
 impl ReadAt for Source {
@@ -450,6 +453,7 @@ impl ReadAt for Source {
             .lock()
             .unwrap()
             .insert(std::thread::current().id());
+        std::thread::sleep(self.delay);
         if pos < self.fail.1 && pos + buf.len() as u64 > self.fail.0 {
             return Err(io::Error::other("injected failure"));
         }
@@ -494,6 +498,7 @@ fn a_failing_read_is_returned_after_everything_before_it() {
         let source = Source {
             bytes: bytes.clone(),
             fail: (host, host + 1),
+            delay: std::time::Duration::ZERO,
             threads: Arc::default(),
         };
         let image = Qcow2::open_with(source, &OpenOptions::new().threads(4)).unwrap();
@@ -654,6 +659,7 @@ fn reads_run_on_the_image_pool_not_on_new_threads() {
         bytes,
         fail: (0, 0),
         threads: Arc::clone(&threads),
+        delay: std::time::Duration::from_millis(1),
     };
     let image = Qcow2::open_with(source, &OpenOptions::new().threads(3)).unwrap();
     let image_threads = || threads.lock().unwrap().len();
