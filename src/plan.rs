@@ -116,6 +116,66 @@ struct Slice {
     /// The entries as stored (big-endian): decoding only the entries looked at costs less
     /// than converting every table read.
     bytes: Arc<[u8]>,
+    /// Whether its entries follow one another on the host: found when a reader's own slot
+    /// is first read from again (see [`NearSlices::entry`]).
+    shape: Shape,
+}
+
+/// The pattern of a slice's entries, which lets a reader compute an entry instead of loading
+/// it. A random 4 KiB read over a disk of many slices otherwise misses the CPU caches on the
+/// entry (the page-cache copies in between evict it): a sixth of a read's own time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Not looked at yet.
+    Unknown,
+    /// Entry `i` is `first + (i << cluster_bits)`, each with the subcluster bitmap `bitmap`:
+    /// clusters allocated one after the other, as `qemu-img convert` writes them.
+    Linear {
+        first: u64,
+        bitmap: u64,
+        entries: u64,
+    },
+    /// Anything else.
+    Irregular,
+}
+
+impl Shape {
+    /// The shape of the entries in `bytes` (big-endian words, two per entry with extended L2).
+    fn of(bytes: &[u8], g: &Geometry) -> Shape {
+        let entry_len = TABLE_ENTRY_LEN.saturating_mul(words_per_entry(g)) as usize;
+        let mut entries = bytes.chunks_exact(entry_len);
+        let count = entries.len() as u64;
+        let Some((first, bitmap)) = entries.next().map(|e| split_entry(e, g)) else {
+            return Shape::Irregular;
+        };
+        let step = 1u64 << g.cluster_bits;
+        let mut expected = first;
+        for entry in entries {
+            let Some(next) = expected.checked_add(step) else {
+                return Shape::Irregular;
+            };
+            if split_entry(entry, g) != (next, bitmap) {
+                return Shape::Irregular;
+            }
+            expected = next;
+        }
+        Shape::Linear {
+            first,
+            bitmap,
+            entries: count,
+        }
+    }
+}
+
+/// An entry's first word and its subcluster bitmap (0 without extended L2).
+#[inline]
+fn split_entry(entry: &[u8], g: &Geometry) -> (u64, u64) {
+    let word = be_u64(entry, 0).unwrap_or(0);
+    let bitmap = match g.extended_l2 {
+        true => be_u64(entry, TABLE_ENTRY_LEN as usize).unwrap_or(0),
+        false => 0,
+    };
+    (word, bitmap)
 }
 
 impl Slice {
@@ -169,11 +229,37 @@ impl NearSlices {
         Self::kept(&slots, at, g).cloned()
     }
 
-    /// [`Slice::entry`] of the slice at file offset `at`, read in place if kept.
+    /// [`Slice::entry`] of the slice at file offset `at`, if kept: computed when the slice's
+    /// entries follow one another, else read in place. The shape is found the first time a
+    /// kept slice is read from again, so slices used once never pay for it.
     #[inline]
     fn entry(&self, at: u64, word: u64, g: &Geometry) -> Option<(u64, u64, u64)> {
-        let slots = self.slots.try_lock().ok()?;
-        Self::kept(&slots, at, g)?.entry(word, g)
+        let mut slots = self.slots.try_lock().ok()?;
+        let slice = slots
+            .get_mut(Self::slot(at, g))?
+            .as_mut()
+            .filter(|slice| slice.at == at)?;
+        if slice.shape == Shape::Unknown {
+            slice.shape = Shape::of(&slice.bytes, g);
+        }
+        match slice.shape {
+            Shape::Linear {
+                first,
+                bitmap,
+                entries,
+            } => {
+                let index = word >> words_per_entry(g).trailing_zeros();
+                if index >= entries {
+                    return None;
+                }
+                let entry = first.checked_add(index << g.cluster_bits)?;
+                let entry_at = slice
+                    .at
+                    .saturating_add(word.saturating_mul(TABLE_ENTRY_LEN));
+                Some((entry, bitmap, entry_at))
+            }
+            Shape::Unknown | Shape::Irregular => slice.entry(word, g),
+        }
     }
 
     /// Whether the slice at file offset `at` is kept.
@@ -487,6 +573,7 @@ impl<I: ReadAt> Reader<'_, I> {
                 number,
                 at,
                 bytes,
+                shape: Shape::Unknown,
             });
         }
         // Read ahead, in the same read, the slices up to `last` that this reader does not
@@ -526,6 +613,7 @@ impl<I: ReadAt> Reader<'_, I> {
                     number: number.saturating_add(i as u64),
                     at: piece_at,
                     bytes: piece,
+                    shape: Shape::Unknown,
                 };
                 near.put(&ahead, g);
             }
@@ -536,6 +624,7 @@ impl<I: ReadAt> Reader<'_, I> {
             number,
             at,
             bytes,
+            shape: Shape::Unknown,
         })
     }
 }
@@ -611,5 +700,99 @@ mod tests {
             input_len: 512,
         };
         assert!(!compressed.continued_by(compressed, 0));
+    }
+
+    /// A kept slice of `words` (big-endian) at file offset `at`.
+    fn kept_slice(near: &NearSlices, at: u64, words: &[u64], g: &Geometry) -> Slice {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+        let slice = Slice {
+            l1_index: 0,
+            number: 0,
+            at,
+            bytes: Arc::from(bytes),
+            shape: Shape::Unknown,
+        };
+        near.put(&slice, g);
+        slice
+    }
+
+    /// Every word index a reader may ask for, and some past the slice: the kept slice's
+    /// computed entries are the stored ones.
+    fn assert_entries_as_stored(near: &NearSlices, slice: &Slice, g: &Geometry) {
+        let words = slice.bytes.len() as u64 / TABLE_ENTRY_LEN;
+        for word in (0..words + 4).step_by(words_per_entry(g) as usize) {
+            assert_eq!(
+                near.entry(slice.at, word, g),
+                slice.entry(word, g),
+                "word {word}"
+            );
+        }
+    }
+
+    #[test]
+    fn entries_of_clusters_in_a_row_are_computed_as_stored() {
+        let g = geometry(16, false);
+        let copied = 1u64 << 63;
+        let linear: Vec<u64> = (0..512).map(|i| copied | (0x50000 + (i << 16))).collect();
+        let near = NearSlices::default();
+        let slice = kept_slice(&near, 0x30000, &linear, &g);
+        assert_entries_as_stored(&near, &slice, &g);
+        let kept = near.get(0x30000, &g).map(|s| s.shape);
+        assert_eq!(
+            kept,
+            Some(Shape::Linear {
+                first: linear[0],
+                bitmap: 0,
+                entries: 512
+            })
+        );
+        // One entry out of step, an unallocated slice, a run that would overflow: read as
+        // stored.
+        let mut jump = linear.clone();
+        jump[300] += 1 << 16;
+        let overflow: Vec<u64> = (0..512).map(|i| u64::MAX - (511 - i)).collect();
+        for (n, words) in [jump, vec![0; 512], overflow].iter().enumerate() {
+            let at = 0x40000 + ((n as u64) << 12);
+            let slice = kept_slice(&near, at, words, &g);
+            assert_entries_as_stored(&near, &slice, &g);
+            assert_eq!(near.get(at, &g).map(|s| s.shape), Some(Shape::Irregular));
+        }
+        // A table smaller than a slice (512-byte clusters): only its own entries.
+        let small = geometry(9, false);
+        let words: Vec<u64> = (0..64).map(|i| 0x1000 + (i << 9)).collect();
+        let slice = kept_slice(&near, 0x800, &words, &small);
+        assert_entries_as_stored(&near, &slice, &small);
+        assert!(matches!(
+            near.get(0x800, &small).map(|s| s.shape),
+            Some(Shape::Linear { entries: 64, .. })
+        ));
+    }
+
+    #[test]
+    fn extended_entries_in_a_row_need_one_bitmap() {
+        let g = geometry(16, true);
+        let bitmap = 0xffff_0000u64;
+        let words: Vec<u64> = (0..256)
+            .flat_map(|i| [0x50000 + (i << 16), bitmap])
+            .collect();
+        let near = NearSlices::default();
+        let slice = kept_slice(&near, 0x30000, &words, &g);
+        assert_entries_as_stored(&near, &slice, &g);
+        assert_eq!(
+            near.get(0x30000, &g).map(|s| s.shape),
+            Some(Shape::Linear {
+                first: 0x50000,
+                bitmap,
+                entries: 256
+            })
+        );
+        let mut other_bitmap = words.clone();
+        other_bitmap[2 * 200 + 1] = 0xffff;
+        let slice = kept_slice(&near, 0x31000, &other_bitmap, &g);
+        assert_entries_as_stored(&near, &slice, &g);
+        assert_eq!(
+            near.get(0x31000, &g).map(|s| s.shape),
+            Some(Shape::Irregular)
+        );
     }
 }
