@@ -30,7 +30,7 @@ use qcow2::{OpenOptions, Qcow2};
 #[path = "common/mod.rs"]
 mod common;
 
-use common::Res;
+use common::{recache, Res};
 
 const MIB: u64 = 1 << 20;
 const SECRET: &str = "benchmark secret";
@@ -164,21 +164,6 @@ fn make_luks(raw: &Path) -> Res<PathBuf> {
         return Err(format!("qemu-img convert failed: {status}").into());
     }
     Ok(path)
-}
-
-/// Sync, drop from the page cache, and read once in full.
-fn recache(paths: &[&Path]) -> Res<()> {
-    for p in paths {
-        File::open(p)?.sync_all()?;
-        let _ = Command::new("dd")
-            .arg(format!("if={}", p.display()))
-            .args(["iflag=nocache", "count=0", "status=none"])
-            .status();
-        let mut f = File::open(p)?;
-        let mut buf = vec![0u8; MIB as usize];
-        while f.read(&mut buf)? > 0 {}
-    }
-    Ok(())
 }
 
 fn verify(image: &Path, raw: &Path, size: u64) -> Res<()> {
