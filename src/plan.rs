@@ -123,7 +123,7 @@ struct Slice {
 
 /// The pattern of a slice's entries, which lets a reader compute an entry instead of loading
 /// it. A random 4 KiB read over a disk of many slices otherwise misses the CPU caches on the
-/// entry (the page-cache copies in between evict it): a sixth of a read's own time.
+/// entry (the page-cache copies in between evict it): a third of the crate's own time there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
     /// Not looked at yet.
