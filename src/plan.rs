@@ -116,35 +116,30 @@ struct Slice {
     /// The entries as stored (big-endian): decoding only the entries looked at costs less
     /// than converting every table read.
     bytes: Arc<[u8]>,
-    /// Whether its entries follow one another on the host: found when a reader's own slot
-    /// is first read from again (see [`NearSlices::entry`]).
-    shape: Shape,
 }
 
 /// The pattern of a slice's entries, which lets a reader compute an entry instead of loading
 /// it. A random 4 KiB read over a disk of many slices otherwise misses the CPU caches on the
 /// entry (the page-cache copies in between evict it): a third of the crate's own time there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Shape {
     /// Not looked at yet.
+    #[default]
     Unknown,
     /// Entry `i` is `first + (i << cluster_bits)`, each with the subcluster bitmap `bitmap`:
     /// clusters allocated one after the other, as `qemu-img convert` writes them.
-    Linear {
-        first: u64,
-        bitmap: u64,
-        entries: u64,
-    },
+    Linear { first: u64, bitmap: u64 },
     /// Anything else.
     Irregular,
 }
 
 impl Shape {
     /// The shape of the entries in `bytes` (big-endian words, two per entry with extended L2).
+    /// Out of line: found once per kept slice, it would only bloat the lookup it sits in.
+    #[inline(never)]
     fn of(bytes: &[u8], g: &Geometry) -> Shape {
         let entry_len = TABLE_ENTRY_LEN.saturating_mul(words_per_entry(g)) as usize;
         let mut entries = bytes.chunks_exact(entry_len);
-        let count = entries.len() as u64;
         let Some((first, bitmap)) = entries.next().map(|e| split_entry(e, g)) else {
             return Shape::Irregular;
         };
@@ -159,11 +154,7 @@ impl Shape {
             }
             expected = next;
         }
-        Shape::Linear {
-            first,
-            bitmap,
-            entries: count,
-        }
+        Shape::Linear { first, bitmap }
     }
 }
 
@@ -212,7 +203,14 @@ const NEAR_SLOTS: usize = 1 << NEAR_SLOT_BITS;
 /// reading one image with a reader each do not contend on the shared cache.
 #[derive(Default)]
 pub(crate) struct NearSlices {
-    slots: Mutex<[Option<Slice>; NEAR_SLOTS]>,
+    slots: Mutex<Slots>,
+}
+
+/// The kept slices, and the shape of each (apart: a `Slice` cloned out stays small).
+#[derive(Default)]
+struct Slots {
+    slices: [Option<Slice>; NEAR_SLOTS],
+    shapes: [Shape; NEAR_SLOTS],
 }
 
 impl NearSlices {
@@ -226,7 +224,7 @@ impl NearSlices {
     #[inline]
     fn get(&self, at: u64, g: &Geometry) -> Option<Slice> {
         let slots = self.slots.try_lock().ok()?;
-        Self::kept(&slots, at, g).cloned()
+        slots.kept(at, g).cloned()
     }
 
     /// [`Slice::entry`] of the slice at file offset `at`, if kept: computed when the slice's
@@ -235,23 +233,27 @@ impl NearSlices {
     #[inline]
     fn entry(&self, at: u64, word: u64, g: &Geometry) -> Option<(u64, u64, u64)> {
         let mut slots = self.slots.try_lock().ok()?;
-        let slice = slots
-            .get_mut(Self::slot(at, g))?
-            .as_mut()
-            .filter(|slice| slice.at == at)?;
-        if slice.shape == Shape::Unknown {
-            slice.shape = Shape::of(&slice.bytes, g);
-        }
-        match slice.shape {
-            Shape::Linear {
-                first,
-                bitmap,
-                entries,
-            } => {
-                let index = word >> words_per_entry(g).trailing_zeros();
-                if index >= entries {
+        let slot = Self::slot(at, g);
+        let slice = slots.kept(at, g)?;
+        let shape = match slots.shapes.get(slot).copied()? {
+            Shape::Unknown => {
+                let found = Shape::of(&slice.bytes, g);
+                if let Some(shape) = slots.shapes.get_mut(slot) {
+                    *shape = found;
+                }
+                found
+            }
+            known => known,
+        };
+        let slice = slots.kept(at, g)?;
+        match shape {
+            Shape::Linear { first, bitmap } => {
+                // The whole entry lies in the slice (its length is in the slot: no load).
+                let words = (slice.bytes.len() as u64) >> TABLE_ENTRY_LEN.trailing_zeros();
+                if word.saturating_add(words_per_entry(g)) > words {
                     return None;
                 }
+                let index = word >> words_per_entry(g).trailing_zeros();
                 let entry = first.checked_add(index << g.cluster_bits)?;
                 let entry_at = slice
                     .at
@@ -267,28 +269,38 @@ impl NearSlices {
     fn has(&self, at: u64, g: &Geometry) -> bool {
         self.slots
             .try_lock()
-            .is_ok_and(|slots| Self::kept(&slots, at, g).is_some())
-    }
-
-    #[inline]
-    fn kept<'s>(
-        slots: &'s [Option<Slice>; NEAR_SLOTS],
-        at: u64,
-        g: &Geometry,
-    ) -> Option<&'s Slice> {
-        slots
-            .get(Self::slot(at, g))?
-            .as_ref()
-            .filter(|slice| slice.at == at)
+            .is_ok_and(|slots| slots.kept(at, g).is_some())
     }
 
     #[inline]
     fn put(&self, slice: &Slice, g: &Geometry) {
         if let Ok(mut slots) = self.slots.try_lock() {
-            if let Some(slot) = slots.get_mut(Self::slot(slice.at, g)) {
-                *slot = Some(slice.clone());
+            let slot = Self::slot(slice.at, g);
+            if let Some(kept) = slots.slices.get_mut(slot) {
+                *kept = Some(slice.clone());
+            }
+            if let Some(shape) = slots.shapes.get_mut(slot) {
+                *shape = Shape::Unknown;
             }
         }
+    }
+
+    /// The shape found for the kept slice at file offset `at` (tests).
+    #[cfg(test)]
+    fn shape(&self, at: u64, g: &Geometry) -> Option<Shape> {
+        let slots = self.slots.try_lock().ok()?;
+        slots.kept(at, g)?;
+        slots.shapes.get(Self::slot(at, g)).copied()
+    }
+}
+
+impl Slots {
+    #[inline]
+    fn kept(&self, at: u64, g: &Geometry) -> Option<&Slice> {
+        self.slices
+            .get(NearSlices::slot(at, g))?
+            .as_ref()
+            .filter(|slice| slice.at == at)
     }
 }
 
@@ -573,7 +585,6 @@ impl<I: ReadAt> Reader<'_, I> {
                 number,
                 at,
                 bytes,
-                shape: Shape::Unknown,
             });
         }
         // Read ahead, in the same read, the slices up to `last` that this reader does not
@@ -613,7 +624,6 @@ impl<I: ReadAt> Reader<'_, I> {
                     number: number.saturating_add(i as u64),
                     at: piece_at,
                     bytes: piece,
-                    shape: Shape::Unknown,
                 };
                 near.put(&ahead, g);
             }
@@ -624,7 +634,6 @@ impl<I: ReadAt> Reader<'_, I> {
             number,
             at,
             bytes,
-            shape: Shape::Unknown,
         })
     }
 }
@@ -710,7 +719,6 @@ mod tests {
             number: 0,
             at,
             bytes: Arc::from(bytes),
-            shape: Shape::Unknown,
         };
         near.put(&slice, g);
         slice
@@ -737,13 +745,12 @@ mod tests {
         let near = NearSlices::default();
         let slice = kept_slice(&near, 0x30000, &linear, &g);
         assert_entries_as_stored(&near, &slice, &g);
-        let kept = near.get(0x30000, &g).map(|s| s.shape);
+        let kept = near.shape(0x30000, &g);
         assert_eq!(
             kept,
             Some(Shape::Linear {
                 first: linear[0],
-                bitmap: 0,
-                entries: 512
+                bitmap: 0
             })
         );
         // One entry out of step, an unallocated slice, a run that would overflow: read as
@@ -755,7 +762,7 @@ mod tests {
             let at = 0x40000 + ((n as u64) << 12);
             let slice = kept_slice(&near, at, words, &g);
             assert_entries_as_stored(&near, &slice, &g);
-            assert_eq!(near.get(at, &g).map(|s| s.shape), Some(Shape::Irregular));
+            assert_eq!(near.shape(at, &g), Some(Shape::Irregular));
         }
         // A table smaller than a slice (512-byte clusters): only its own entries.
         let small = geometry(9, false);
@@ -763,8 +770,8 @@ mod tests {
         let slice = kept_slice(&near, 0x800, &words, &small);
         assert_entries_as_stored(&near, &slice, &small);
         assert!(matches!(
-            near.get(0x800, &small).map(|s| s.shape),
-            Some(Shape::Linear { entries: 64, .. })
+            near.shape(0x800, &small),
+            Some(Shape::Linear { first: 0x1000, .. })
         ));
     }
 
@@ -779,20 +786,16 @@ mod tests {
         let slice = kept_slice(&near, 0x30000, &words, &g);
         assert_entries_as_stored(&near, &slice, &g);
         assert_eq!(
-            near.get(0x30000, &g).map(|s| s.shape),
+            near.shape(0x30000, &g),
             Some(Shape::Linear {
                 first: 0x50000,
-                bitmap,
-                entries: 256
+                bitmap
             })
         );
         let mut other_bitmap = words.clone();
         other_bitmap[2 * 200 + 1] = 0xffff;
         let slice = kept_slice(&near, 0x31000, &other_bitmap, &g);
         assert_entries_as_stored(&near, &slice, &g);
-        assert_eq!(
-            near.get(0x31000, &g).map(|s| s.shape),
-            Some(Shape::Irregular)
-        );
+        assert_eq!(near.shape(0x31000, &g), Some(Shape::Irregular));
     }
 }
