@@ -154,6 +154,7 @@ fn eight_threads_read_the_same_bytes_as_the_raw_conversion() {
 /// Many small L2 tables whose entries follow one another (512-byte clusters, allocated in
 /// order by `qemu-img convert`): the shared reader's entries are computed from copies read
 /// without its lock, while the threads sharing it replace its 32 kept slices all the time.
+/// Then extended L2 entries in a row (every subcluster allocated: one bitmap for all).
 #[test]
 fn threads_sharing_a_reader_over_many_tables_in_a_row() {
     let Some(qemu) =
@@ -163,39 +164,32 @@ fn threads_sharing_a_reader_over_many_tables_in_a_row() {
     };
     let tmp = common::TempDir::new("threads-in-a-row");
     let d = tmp.path();
-    // Every 8-byte word holds its own offset: a byte read from the wrong place shows.
-    let truth: Vec<u8> = (0..(4u64 << 20) / 8)
-        .flat_map(|w| (w * 8).to_le_bytes())
-        .collect();
-    std::fs::write(d.join("src.raw"), &truth).expect("write src.raw");
-    qemu.img(
-        d,
-        &[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "src.raw",
-            "in-a-row.qcow2",
-        ],
-    );
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&qemu.img(
-        d,
-        &["map", "--output=json", "-f", "qcow2", "in-a-row.qcow2"],
-    ))
-    .expect("qemu-img map");
-    // 128 tables of 64 entries, each one run of data (the case the lock-free copies serve).
-    assert!(
-        map.len() <= 128,
-        "{} extents: not allocated in order",
-        map.len()
-    );
-    let image = Qcow2::open_path(d.join("in-a-row.qcow2")).expect("open");
-    for seed in [1, 2, 3] {
-        hammer("4 MiB in 512-byte clusters", &image, &truth, seed);
+    // (options, guest MiB, most extents: one run of data per L2 table)
+    let cases = [
+        ("cluster_size=512", 4u64, 128),
+        ("cluster_size=16k,extended_l2=on", 16, 1),
+    ];
+    for (options, mib, most_extents) in cases {
+        // Every 8-byte word holds its own offset: a byte read from the wrong place shows.
+        let truth: Vec<u8> = (0..(mib << 20) / 8)
+            .flat_map(|w| (w * 8).to_le_bytes())
+            .collect();
+        std::fs::write(d.join("src.raw"), &truth).expect("write src.raw");
+        let args = ["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", options];
+        qemu.img(d, &[&args[..], &["src.raw", "in-a-row.qcow2"]].concat());
+        let map: Vec<serde_json::Value> = serde_json::from_slice(&qemu.img(
+            d,
+            &["map", "--output=json", "-f", "qcow2", "in-a-row.qcow2"],
+        ))
+        .expect("qemu-img map");
+        assert!(
+            map.len() <= most_extents,
+            "{options}: {} extents: not allocated in order",
+            map.len()
+        );
+        let image = Qcow2::open_path(d.join("in-a-row.qcow2")).expect("open");
+        for seed in [1, 2, 3] {
+            hammer(options, &image, &truth, seed);
+        }
     }
 }
