@@ -729,6 +729,35 @@ impl<I: ReadAt> Reader<'_, I> {
     }
 }
 
+impl<I: ReadAt> Reader<'_, I> {
+    /// The host offset of guest `pos` when the `len` bytes from there lie in one unit of plain
+    /// data whose entry this reader can compute (a kept linear slice, see [`LinearSlots`]):
+    /// a point read then skips the planner. `None` sends the read the planner's way, which
+    /// also reports anything wrong with the entry.
+    #[inline]
+    pub(crate) fn point_data(&self, pos: u64, len: usize) -> Option<u64> {
+        let g = &self.image().geometry;
+        let within = low_bits(pos, g.unit_bits());
+        if g.external_data || within.checked_add(len as u64)? > 1u64 << g.unit_bits() {
+            return None;
+        }
+        let l1_index = pos >> g.l2_bits();
+        let table_at = self.l2_table_offset(l1_index).ok()??;
+        let number = slice_number(pos, g);
+        let at = table_at.checked_add(number.checked_mul(slice_bytes(g))?)?;
+        let index = low_bits(pos >> g.cluster_bits, g.index_bits);
+        let word = words_per_entry(g).checked_mul(index.checked_sub(first_index(number, g))?)?;
+        let near = &self.state().near;
+        let linear = near.linear.read(NearSlices::slot(at, g), at)?;
+        let (entry, bitmap, entry_at) = linear.entry(at, word, g)?;
+        let sub = (low_bits(pos, g.cluster_bits) >> g.unit_bits()) as u32;
+        match table::decode_l2_with_host(entry, bitmap, sub, g, entry_at) {
+            Ok((Mapping::Data { host_offset }, _)) => host_offset.checked_add(within),
+            _ => None,
+        }
+    }
+}
+
 /// With an external data file, guest and host offsets are the same (QEMU: "External data file
 /// host cluster offset ... does not match guest cluster offset"). QEMU checks every unit that
 /// has a host offset: data, preallocated zeros, unallocated subclusters of an allocated cluster.

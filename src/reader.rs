@@ -138,6 +138,9 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         if buf.is_empty() {
             return Ok(());
         }
+        if let Some(host) = self.point_data(pos, buf.len()) {
+            return self.read_run(SegmentKind::Data(HostOffset(host)), pos, buf);
+        }
         let end = pos.saturating_add(buf.len() as u64);
         let mut planner = Planner::new(self);
         let first = planner.segment(pos, end)?;
