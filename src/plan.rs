@@ -119,46 +119,6 @@ struct Slice {
     bytes: Arc<[u8]>,
 }
 
-/// The pattern of a slice's entries, which lets a reader compute an entry instead of loading
-/// it. A random 4 KiB read over a disk of many slices otherwise misses the CPU caches on the
-/// entry (the page-cache copies in between evict it): a third of the crate's own time there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Shape {
-    /// Not looked at yet.
-    #[default]
-    Unknown,
-    /// Entry `i` is `first + (i << cluster_bits)`, each with the subcluster bitmap `bitmap`:
-    /// clusters allocated one after the other, as `qemu-img convert` writes them.
-    Linear { first: u64, bitmap: u64 },
-    /// Anything else.
-    Irregular,
-}
-
-impl Shape {
-    /// The shape of the entries in `bytes` (big-endian words, two per entry with extended L2).
-    /// Out of line: found once per kept slice, it would only bloat the lookup it sits in.
-    #[inline(never)]
-    fn of(bytes: &[u8], g: &Geometry) -> Shape {
-        let entry_len = TABLE_ENTRY_LEN.saturating_mul(words_per_entry(g)) as usize;
-        let mut entries = bytes.chunks_exact(entry_len);
-        let Some((first, bitmap)) = entries.next().map(|e| split_entry(e, g)) else {
-            return Shape::Irregular;
-        };
-        let step = 1u64 << g.cluster_bits;
-        let mut expected = first;
-        for entry in entries {
-            let Some(next) = expected.checked_add(step) else {
-                return Shape::Irregular;
-            };
-            if split_entry(entry, g) != (next, bitmap) {
-                return Shape::Irregular;
-            }
-            expected = next;
-        }
-        Shape::Linear { first, bitmap }
-    }
-}
-
 /// An entry's first word and its subcluster bitmap (0 without extended L2).
 #[inline]
 fn split_entry(entry: &[u8], g: &Geometry) -> (u64, u64) {
@@ -210,14 +170,15 @@ pub(crate) struct NearSlices {
     linear: LinearSlots,
 }
 
-/// The kept slices, and the shape of each (apart: a `Slice` cloned out stays small).
+/// The kept slices, and whether each was looked at for a [`Linear`] shape (apart: a `Slice`
+/// cloned out stays small).
 #[derive(Default)]
 struct Slots {
     slices: [Option<Slice>; NEAR_SLOTS],
-    shapes: [Shape; NEAR_SLOTS],
+    looked_at: [bool; NEAR_SLOTS],
 }
 
-/// Copies of the kept slices of [`Shape::Linear`], by slot, behind a sequence lock: writers
+/// Copies of the kept slices that are [`Linear`], by slot, behind a sequence lock: writers
 /// hold the slots' lock (so they never race one another) and make the sequence odd while
 /// they write; a reader that sees it odd, or changed after reading, takes the lock instead.
 #[derive(Default)]
@@ -235,15 +196,44 @@ struct LinearSlot {
     words: AtomicU64,
 }
 
-/// A linear slice's first entry, subcluster bitmap, and length in 64-bit words.
+/// A slice whose entry `i` is `first + (i << cluster_bits)`, each with the subcluster bitmap
+/// `bitmap` (clusters allocated one after the other, as `qemu-img convert` writes them): a
+/// reader computes its entries instead of loading them. A random 4 KiB read over a disk of
+/// many slices otherwise misses the CPU caches on the entry (the page-cache copies in between
+/// evict it): a third of the crate's own time there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Linear {
     first: u64,
     bitmap: u64,
+    /// The slice's length in 64-bit words.
     words: u64,
 }
 
 impl Linear {
+    /// The slice of entries `bytes` (big-endian words, two per entry with extended L2), if
+    /// linear. Out of line: found once per kept slice, it would only bloat the lookup it
+    /// sits in.
+    #[inline(never)]
+    fn of(bytes: &[u8], g: &Geometry) -> Option<Linear> {
+        let entry_len = TABLE_ENTRY_LEN.saturating_mul(words_per_entry(g)) as usize;
+        let mut entries = bytes.chunks_exact(entry_len);
+        let (first, bitmap) = split_entry(entries.next()?, g);
+        let step = 1u64 << g.cluster_bits;
+        let mut expected = first;
+        for entry in entries {
+            expected = expected.checked_add(step)?;
+            if split_entry(entry, g) != (expected, bitmap) {
+                return None;
+            }
+        }
+        let words = (bytes.len() as u64) >> TABLE_ENTRY_LEN.trailing_zeros();
+        Some(Linear {
+            first,
+            bitmap,
+            words,
+        })
+    }
+
     /// [`Slice::entry`] of the slice at file offset `at`, computed.
     #[inline]
     fn entry(self, at: u64, word: u64, g: &Geometry) -> Option<(u64, u64, u64)> {
@@ -324,34 +314,19 @@ impl NearSlices {
         }
         let mut slots = self.slots.try_lock().ok()?;
         let slice = slots.kept(at, g)?;
-        let words = (slice.bytes.len() as u64) >> TABLE_ENTRY_LEN.trailing_zeros();
-        let shape = match slots.shapes.get(slot).copied()? {
-            Shape::Unknown => {
-                let found = Shape::of(&slice.bytes, g);
-                if let Some(shape) = slots.shapes.get_mut(slot) {
-                    *shape = found;
-                }
-                if let Shape::Linear { first, bitmap } = found {
-                    let linear = Linear {
-                        first,
-                        bitmap,
-                        words,
-                    };
-                    self.linear.write(slot, at, Some(linear));
-                }
-                found
-            }
-            known => known,
+        let looked_at = *slots.looked_at.get(slot)?;
+        let linear = match looked_at {
+            true => None,
+            false => Linear::of(&slice.bytes, g),
         };
-        match shape {
-            Shape::Linear { first, bitmap } => Linear {
-                first,
-                bitmap,
-                words,
-            }
-            .entry(at, word, g),
-            Shape::Unknown | Shape::Irregular => slots.kept(at, g)?.entry(word, g),
+        if let Some(looked_at) = slots.looked_at.get_mut(slot) {
+            *looked_at = true;
         }
+        if let Some(linear) = linear {
+            self.linear.write(slot, at, Some(linear));
+            return linear.entry(at, word, g);
+        }
+        slots.kept(at, g)?.entry(word, g)
     }
 
     /// Whether the slice at file offset `at` is kept.
@@ -369,19 +344,18 @@ impl NearSlices {
             if let Some(kept) = slots.slices.get_mut(slot) {
                 *kept = Some(slice.clone());
             }
-            if let Some(shape) = slots.shapes.get_mut(slot) {
-                *shape = Shape::Unknown;
+            if let Some(looked_at) = slots.looked_at.get_mut(slot) {
+                *looked_at = false;
             }
             self.linear.write(slot, slice.at, None);
         }
     }
 
-    /// The shape found for the kept slice at file offset `at` (tests).
+    /// The copy of the kept slice at file offset `at` read without the lock, if it is
+    /// linear and was looked at (tests).
     #[cfg(test)]
-    fn shape(&self, at: u64, g: &Geometry) -> Option<Shape> {
-        let slots = self.slots.try_lock().ok()?;
-        slots.kept(at, g)?;
-        slots.shapes.get(Self::slot(at, g)).copied()
+    fn linear(&self, at: u64, g: &Geometry) -> Option<Linear> {
+        self.linear.read(Self::slot(at, g), at)
     }
 }
 
@@ -504,17 +478,13 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
     /// the same table) says how far the walk may go, for reading slices ahead.
     fn unit(&mut self, table_at: u64, guest: u64, end: u64) -> Result<(Mapping, Option<u64>)> {
         let g = self.geometry;
-        let index = low_bits(guest >> g.cluster_bits, g.index_bits);
-        let number = slice_number(guest, &g);
-        let word =
-            words_per_entry(&g).saturating_mul(index.saturating_sub(first_index(number, &g)));
+        let (at, word) = entry_position(table_at, guest, &g);
         // A planner's first unit is often its only one (a small read): read the entry from
         // the reader's own slice in place. Taking the slice (an `Arc` clone) would touch one
         // more cache line, and cost a tenth of a 4 KiB read that misses the CPU caches.
         let kept = match self.peeked {
             false => {
                 self.peeked = true;
-                let at = table_at.saturating_add(number.saturating_mul(slice_bytes(&g)));
                 self.reader.state().near.entry(at, word, &g)
             }
             true => None,
@@ -624,6 +594,17 @@ fn slice_number(guest: u64, g: &Geometry) -> u64 {
     low_bits(guest >> g.cluster_bits, g.index_bits) >> slice_entry_bits(g)
 }
 
+/// Where the L2 entry for `guest` lies, in the table at `table_at`: the file offset of its
+/// slice, and the entry's first word within that slice.
+#[inline]
+fn entry_position(table_at: u64, guest: u64, g: &Geometry) -> (u64, u64) {
+    let index = low_bits(guest >> g.cluster_bits, g.index_bits);
+    let number = slice_number(guest, g);
+    let at = table_at.saturating_add(number.saturating_mul(slice_bytes(g)));
+    let word = words_per_entry(g).saturating_mul(index.saturating_sub(first_index(number, g)));
+    (at, word)
+}
+
 /// The L2 index of the first entry of slice `number`.
 #[inline]
 fn first_index(number: u64, g: &Geometry) -> u64 {
@@ -727,9 +708,7 @@ impl<I: ReadAt> Reader<'_, I> {
             bytes,
         })
     }
-}
 
-impl<I: ReadAt> Reader<'_, I> {
     /// The host offset of guest `pos` when the `len` bytes from there lie in one unit of plain
     /// data whose entry this reader can compute (a kept linear slice, see [`LinearSlots`]):
     /// a point read then skips the planner. `None` sends the read the planner's way, which
@@ -743,10 +722,7 @@ impl<I: ReadAt> Reader<'_, I> {
         }
         let l1_index = pos >> g.l2_bits();
         let table_at = self.l2_table_offset(l1_index).ok()??;
-        let number = slice_number(pos, g);
-        let at = table_at.checked_add(number.checked_mul(slice_bytes(g))?)?;
-        let index = low_bits(pos >> g.cluster_bits, g.index_bits);
-        let word = words_per_entry(g).checked_mul(index.checked_sub(first_index(number, g))?)?;
+        let (at, word) = entry_position(table_at, pos, g);
         let near = &self.state().near;
         let linear = near.linear.read(NearSlices::slot(at, g), at)?;
         let (entry, bitmap, entry_at) = linear.entry(at, word, g)?;
@@ -865,12 +841,12 @@ mod tests {
         let near = NearSlices::default();
         let slice = kept_slice(&near, 0x30000, &linear, &g);
         assert_entries_as_stored(&near, &slice, &g);
-        let kept = near.shape(0x30000, &g);
         assert_eq!(
-            kept,
-            Some(Shape::Linear {
+            near.linear(0x30000, &g),
+            Some(Linear {
                 first: linear[0],
-                bitmap: 0
+                bitmap: 0,
+                words: 512
             })
         );
         // A slice put in its slot replaces the copy read without the lock.
@@ -878,7 +854,11 @@ mod tests {
         other[7] = 0;
         let replaced = kept_slice(&near, 0x30000, &other, &g);
         assert_entries_as_stored(&near, &replaced, &g);
-        assert_eq!(near.shape(0x30000, &g), Some(Shape::Irregular));
+        assert_eq!(near.linear(0x30000, &g), None);
+        // And the other way round: a linear slice after one that was not is looked at anew.
+        let again = kept_slice(&near, 0x30000, &linear, &g);
+        assert_entries_as_stored(&near, &again, &g);
+        assert!(near.linear(0x30000, &g).is_some());
         // One entry out of step, an unallocated slice, a run that would overflow: read as
         // stored.
         let mut jump = linear.clone();
@@ -888,17 +868,21 @@ mod tests {
             let at = 0x40000 + ((n as u64) << 12);
             let slice = kept_slice(&near, at, words, &g);
             assert_entries_as_stored(&near, &slice, &g);
-            assert_eq!(near.shape(at, &g), Some(Shape::Irregular));
+            assert_eq!(near.linear(at, &g), None);
         }
         // A table smaller than a slice (512-byte clusters): only its own entries.
         let small = geometry(9, false);
         let words: Vec<u64> = (0..64).map(|i| 0x1000 + (i << 9)).collect();
         let slice = kept_slice(&near, 0x800, &words, &small);
         assert_entries_as_stored(&near, &slice, &small);
-        assert!(matches!(
-            near.shape(0x800, &small),
-            Some(Shape::Linear { first: 0x1000, .. })
-        ));
+        assert_eq!(
+            near.linear(0x800, &small),
+            Some(Linear {
+                first: 0x1000,
+                bitmap: 0,
+                words: 64
+            })
+        );
     }
 
     #[test]
@@ -912,16 +896,17 @@ mod tests {
         let slice = kept_slice(&near, 0x30000, &words, &g);
         assert_entries_as_stored(&near, &slice, &g);
         assert_eq!(
-            near.shape(0x30000, &g),
-            Some(Shape::Linear {
+            near.linear(0x30000, &g),
+            Some(Linear {
                 first: 0x50000,
-                bitmap
+                bitmap,
+                words: 512
             })
         );
         let mut other_bitmap = words.clone();
         other_bitmap[2 * 200 + 1] = 0xffff;
         let slice = kept_slice(&near, 0x31000, &other_bitmap, &g);
         assert_entries_as_stored(&near, &slice, &g);
-        assert_eq!(near.shape(0x31000, &g), Some(Shape::Irregular));
+        assert_eq!(near.linear(0x31000, &g), None);
     }
 }
