@@ -208,6 +208,25 @@ fn zlib_decoders() -> Vec<(&'static str, Decode)> {
             }),
         ),
         (
+            "fdeflate (safe Rust), zlib header prepended",
+            Box::new(|input: &[u8], out: &mut [u8]| {
+                let mut decoder = fdeflate::Decompressor::new();
+                decoder.ignore_adler32();
+                // A zlib header (deflate, 32 KiB window, no dictionary) before the raw stream.
+                let (_, n) = decoder
+                    .read(&[0x78, 0x01], out, 0, false)
+                    .map_err(|e| format!("{e:?}"))?;
+                let (_, n) = decoder
+                    .read(input, out, n, true)
+                    .map_err(|e| format!("{e:?}"))?;
+                if n == out.len() {
+                    Ok(())
+                } else {
+                    Err(format!("short: {n}"))
+                }
+            }),
+        ),
+        (
             "libdeflater one-shot, reused decompressor",
             Box::new(move |input: &[u8], out: &mut [u8]| {
                 match libdeflate.deflate_decompress(input, out) {
