@@ -94,7 +94,7 @@ pub fn open_and_read(bytes: &[u8]) {
 }
 
 /// Touch every metadata accessor, then read from the active reader and a few snapshot readers.
-pub fn exercise<I: ReadAt + Send + Sync>(image: &Qcow2<I>, seed: u64) {
+pub fn exercise<I: ReadAt + Size + Send + Sync>(image: &Qcow2<I>, seed: u64) {
     let h = image.header();
     let _ = (
         h.version(),
@@ -138,12 +138,116 @@ pub fn exercise<I: ReadAt + Send + Sync>(image: &Qcow2<I>, seed: u64) {
     let mut rng = XorShift::new(seed);
     if let Ok(reader) = image.reader() {
         read_across(&reader, image.cluster_size(), &mut rng, READS);
+        jobs(image, &reader, &mut rng);
     }
     for snap in image.snapshots().iter().take(MAX_SNAPSHOT_READERS) {
         for key in [&snap.id, &snap.name] {
             if let Ok(reader) = image.snapshot_reader(key) {
                 read_across(&reader, image.cluster_size(), &mut rng, SNAPSHOT_READS);
             }
+        }
+    }
+}
+
+/// The read-only jobs on a hostile image: check, the map, a parallel read, compare and
+/// convert, each on at most [`JOB_BYTES`] of the guest where the job takes a range. Their
+/// answers must agree with plain reads wherever both succeed.
+pub fn jobs<I: ReadAt + Size + Send + Sync>(
+    image: &Qcow2<I>,
+    reader: &Reader<'_, I>,
+    rng: &mut XorShift,
+) {
+    if let Ok(report) = image.check() {
+        let _ = format!("{report:?}");
+    }
+    let size = reader.guest_size();
+    // A small guest whole (convert and compare then cover the same bytes), else a range.
+    let start = match size <= JOB_BYTES {
+        true => 0,
+        false => rng.below(size) / 512 * 512,
+    };
+    let end = start.saturating_add(JOB_BYTES).min(size);
+    let range = start..end;
+    map_is_contiguous(reader, range.clone());
+    let len = (end - start) as usize;
+    let mut plain = vec![0u8; len];
+    let plain_ok = reader.read_exact_at(start, &mut plain).is_ok();
+    parallel_read_matches(reader, range, &plain, plain_ok, rng);
+    if size <= JOB_BYTES {
+        let same = qcow2::compare(reader, reader, &qcow2::CompareOptions::new());
+        if let Ok(same) = same {
+            assert_eq!(
+                same,
+                qcow2::Comparison::Identical,
+                "a disk differs from itself"
+            );
+        }
+        let mut out = Vec::new();
+        let options = qcow2::ConvertOptions::new();
+        if qcow2::convert_to_writer(reader, &mut out, &options, |_, _| {}).is_ok() && plain_ok {
+            assert!(
+                out == plain,
+                "convert differs from a plain read of the guest"
+            );
+        }
+    }
+}
+
+/// Largest range of the guest a job reads in [`jobs`].
+pub const JOB_BYTES: u64 = 1 << 20;
+
+/// The map of `range`, at most 256 extents: contiguous from the start of the range, each
+/// non-empty and inside it.
+fn map_is_contiguous<I: ReadAt>(reader: &Reader<'_, I>, range: std::ops::Range<u64>) {
+    let mut pos = range.start;
+    for extent in reader.map(range.clone()).take(256) {
+        let Ok(e) = extent else { break };
+        assert_eq!(e.start, pos, "map extent starts where the last ended");
+        assert!(e.length > 0, "empty map extent at {pos:#x}");
+        pos = e.start + e.length;
+        assert!(
+            pos <= range.end,
+            "map extent past the range at {:#x}",
+            e.start
+        );
+    }
+}
+
+/// A parallel read of `range` (chunks of 4 to 64 KiB): chunks in guest order covering the
+/// range, and, when it and the plain read both succeed, the same bytes.
+fn parallel_read_matches<I: ReadAt + Sync>(
+    reader: &Reader<'_, I>,
+    range: std::ops::Range<u64>,
+    plain: &[u8],
+    plain_ok: bool,
+    rng: &mut XorShift,
+) {
+    let options = qcow2::ParallelRead::new().chunk_size(4096 << rng.below(5));
+    let mut got = vec![0u8; plain.len()];
+    let mut pos = range.start;
+    let result = reader.read_parallel(range.clone(), &options, |chunk| {
+        let (offset, len) = match chunk {
+            qcow2::Chunk::Data { offset, bytes } => {
+                let at = (offset - range.start) as usize;
+                got[at..at + bytes.len()].copy_from_slice(bytes);
+                (offset, bytes.len() as u64)
+            }
+            qcow2::Chunk::Zeros { offset, len } => (offset, len),
+            _ => panic!("a kind of chunk this harness does not know"),
+        };
+        assert_eq!(offset, pos, "parallel chunks out of order");
+        assert!(len > 0, "empty parallel chunk at {offset:#x}");
+        pos += len;
+        assert!(
+            pos <= range.end,
+            "parallel chunk past the range at {offset:#x}"
+        );
+        Ok(())
+    });
+    if result.is_ok() {
+        assert_eq!(pos, range.end, "parallel read stopped short");
+        if plain_ok {
+            assert!(got == plain, "parallel read differs from a plain read");
         }
     }
 }
