@@ -857,6 +857,20 @@ const CORRUPTIONS: &[Corruption] = &[
             img.set_u64(table, l2);
         },
     },
+    // One L2 table named by 31 L1 entries: QEMU walks it 31 times, and so does the crate
+    // (the walk budget's floor, 65536 tables of 512-byte clusters, is far off).
+    Corruption {
+        name: "l2_table_named_again",
+        create: &["-o", "cluster_size=512"],
+        io: &["write -P 1 0 4k"],
+        snapshot: false,
+        patch: |img| {
+            let first = img.u64_at(img.l1_at(0));
+            for i in 1..32 {
+                img.set_u64(img.l1_at(i), first);
+            }
+        },
+    },
     Corruption {
         name: "truncated_file",
         create: &["-o", "cluster_size=4096"],
@@ -1003,4 +1017,44 @@ fn hostile_images_that_open_check_as_qemu_img_checks_them() {
         }
     }
     assert!(checked >= 20, "only {checked} hostile images opened");
+}
+
+/// An L1 table naming one L2 table far more often than the file has clusters would keep a
+/// check walking it for hours (QEMU's does): the crate's check stops with an error naming the
+/// repetition, after the 512 walks its budget allows here.
+#[test]
+fn an_l2_table_named_again_and_again_stops_the_check() {
+    let Some(qemu) = Qemu::find_or_skip("an_l2_table_named_again_and_again_stops_the_check") else {
+        return;
+    };
+    let tmp = TempDir::new("check-named-again");
+    let name = "again.qcow2";
+    // 64 KiB clusters, 1 TiB: 2048 L1 entries, each naming an L2 table of 8192 entries.
+    qemu.img(tmp.path(), &["create", "-q", "-f", "qcow2", name, "1T"]);
+    qemu.io(tmp.path(), "qcow2", name, &["write -P 1 0 64k"]);
+    let path = tmp.join(name);
+    let mut img = Img::load(&path);
+    let first = img.u64_at(img.l1_at(0));
+    for i in 1..2048 {
+        img.set_u64(img.l1_at(i), first);
+    }
+    std::fs::write(&path, &img.bytes).unwrap();
+    let image = Qcow2::open_path(&path).expect("the image opens: reads are not affected");
+    let mut buf = vec![0u8; 4096];
+    use positioned_io::ReadAt;
+    image
+        .reader()
+        .unwrap()
+        .read_exact_at(5 << 29, &mut buf)
+        .unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 1),
+        "L1 entry 5 reads the named table"
+    );
+    let err = image.check().expect_err("the check stops");
+    let text = err.to_string();
+    assert!(
+        text.contains("L2 table named again and again") && text.contains("more than 512 times"),
+        "{text}"
+    );
 }

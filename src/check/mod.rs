@@ -130,6 +130,8 @@ pub(crate) struct Checker<'a, I> {
     /// table by that cluster, which is compared too).
     grown: bool,
     highest: u64,
+    /// L2 tables inside the file this pass may still walk (see `spend_l2_walk`).
+    l2_walks_left: u64,
     l2_buf: Vec<u8>,
     report: CheckReport,
     found: Vec<(SortKey, Problem)>,
@@ -186,6 +188,7 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
             sites: 0,
             grown: false,
             highest: 0,
+            l2_walks_left: 0,
             l2_buf: vec![0u8; 1usize << cluster_bits.min(header::MAX_CLUSTER_BITS)],
             report,
             found: Vec::new(),
