@@ -203,12 +203,15 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             .collect::<std::collections::HashSet<u64>>();
         let entries_per_table = image
             .cluster_size()
-            .checked_div(u64::from(header.l2_entry_len()))
-            .unwrap_or(1)
-            .max(1);
+            .checked_div(header.l2_entry_len())
+            .unwrap_or(1);
         self.file_clusters
             .saturating_mul(l1_tables.len() as u64)
-            .max(MIN_L2_WALK_ENTRIES / entries_per_table)
+            .max(
+                MIN_L2_WALK_ENTRIES
+                    .checked_div(entries_per_table)
+                    .unwrap_or(1),
+            )
     }
 
     /// Every L2 table inside the file that an L1 entry names costs one walk of the pass's
