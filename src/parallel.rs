@@ -424,6 +424,10 @@ impl Shared {
         };
         if claimed.is_none() {
             state.jobs = state.jobs.saturating_sub(1);
+            // The calling thread may be waiting for this job's last chunks.
+            if state.items.front().is_some_and(Item::is_ready) {
+                self.changed.notify_all();
+            }
         }
         claimed
     }
@@ -488,7 +492,19 @@ impl State {
     /// cost a context switch per chunk.
     fn worth_waking(&self) -> bool {
         let ready = self.items.iter().take_while(|item| item.is_ready()).count();
-        ready > 0 && (ready >= self.batch || !self.items.iter().any(Item::is_queued))
+        ready > 0 && (ready >= self.batch || !self.has_claimable())
+    }
+
+    /// Whether a job can still claim a chunk: one queued before any that failed, and the read
+    /// not over. (Chunks queued after a failure are never read: counting them, the calling
+    /// thread would wait for jobs that had ended.)
+    fn has_claimable(&self) -> bool {
+        !self.stop
+            && self
+                .items
+                .iter()
+                .zip(self.first..self.fail_from)
+                .any(|(item, _)| item.is_queued())
     }
 
     fn item_mut(&mut self, seq: u64) -> Option<&mut Item> {
@@ -881,5 +897,14 @@ mod tests {
         assert!(state(3, vec![done(), data(Reading)]).worth_waking());
         let failed = data(Slot::Done(Err(Error::Internal("test"))));
         assert!(state(3, vec![failed, data(Reading)]).worth_waking());
+        // Chunks queued after one that failed are never read: they do not count.
+        let failed = data(Slot::Done(Err(Error::Internal("test"))));
+        let mut after_failure = state(3, vec![done(), failed, queued()]);
+        after_failure.fail_from = 1;
+        assert!(after_failure.worth_waking());
+        // Nor do chunks queued once the read is over.
+        let mut stopped = state(3, vec![done(), queued()]);
+        stopped.stop = true;
+        assert!(stopped.worth_waking());
     }
 }

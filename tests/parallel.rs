@@ -445,6 +445,8 @@ struct Source {
     /// How long every read takes at least: long enough that a busy machine schedules the pool
     /// threads before the caller has read every chunk itself.
     delay: std::time::Duration,
+    /// Reads overlapping `[slow.0, slow.1)` take `slow.2` longer.
+    slow: (u64, u64, std::time::Duration),
 }
 
 impl ReadAt for Source {
@@ -454,6 +456,9 @@ impl ReadAt for Source {
             .unwrap()
             .insert(std::thread::current().id());
         std::thread::sleep(self.delay);
+        if pos < self.slow.1 && pos + buf.len() as u64 > self.slow.0 {
+            std::thread::sleep(self.slow.2);
+        }
         if pos < self.fail.1 && pos + buf.len() as u64 > self.fail.0 {
             return Err(io::Error::other("injected failure"));
         }
@@ -461,23 +466,24 @@ impl ReadAt for Source {
     }
 }
 
-/// A 12 MiB fully allocated 64 KiB-cluster image, and where guest 7 MiB is in the file.
-fn full_image(qemu: &Qemu, d: &Path) -> (Vec<u8>, Vec<u8>, u64) {
-    (CASES[0].make)(qemu, d);
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&qemu.img(
-        d,
-        &["map", "--output=json", "-f", "qcow2", "full-64k.qcow2"],
-    ))
-    .unwrap();
-    let at = 7 * MIB + 4096;
-    let host = map
-        .iter()
+/// Where guest offset `at` of `name` is in its file, by `qemu-img map`.
+fn host_offset(qemu: &Qemu, d: &Path, name: &str, at: u64) -> u64 {
+    let map: Vec<serde_json::Value> =
+        serde_json::from_slice(&qemu.img(d, &["map", "--output=json", "-f", "qcow2", name]))
+            .unwrap();
+    map.iter()
         .find(|e| {
             let s = e["start"].as_u64().unwrap();
             s <= at && at < s + e["length"].as_u64().unwrap() && e["data"] == true
         })
         .map(|e| e["offset"].as_u64().unwrap() + at - e["start"].as_u64().unwrap())
-        .expect("guest 7 MiB is data");
+        .unwrap_or_else(|| panic!("guest {at:#x} is data"))
+}
+
+/// A 12 MiB fully allocated 64 KiB-cluster image, and where guest 7 MiB is in the file.
+fn full_image(qemu: &Qemu, d: &Path) -> (Vec<u8>, Vec<u8>, u64) {
+    (CASES[0].make)(qemu, d);
+    let host = host_offset(qemu, d, "full-64k.qcow2", 7 * MIB + 4096);
     let reference = qemu.convert_to_raw(d, "full-64k.qcow2", &[] as &[&str]);
     (
         std::fs::read(d.join("full-64k.qcow2")).unwrap(),
@@ -499,6 +505,7 @@ fn a_failing_read_is_returned_after_everything_before_it() {
             bytes: bytes.clone(),
             fail: (host, host + 1),
             delay: std::time::Duration::ZERO,
+            slow: (0, 0, std::time::Duration::ZERO),
             threads: Arc::default(),
         };
         let image = Qcow2::open_with(source, &OpenOptions::new().threads(4)).unwrap();
@@ -528,6 +535,41 @@ fn a_failing_read_is_returned_after_everything_before_it() {
         }
         assert_eq!(got.len() as u64, 7 * MIB, "threads {threads}");
         assert!(got == reference[..got.len()], "threads {threads}");
+    }
+}
+
+/// A chunk fails while the one before it is still being read, with chunks queued after it
+/// (never to be read): the calling thread, waiting for the slow chunk, must be woken when it
+/// is done, though fewer chunks are ready than it is usually woken for. (It waited forever.)
+#[test]
+fn a_failure_behind_a_slow_chunk_ends_the_read() {
+    let Some(qemu) = Qemu::find_or_skip("a_failure_behind_a_slow_chunk_ends_the_read") else {
+        return;
+    };
+    let dir = TempDir::new("parallel-fail-slow");
+    let (bytes, _, failing) = full_image(&qemu, dir.path());
+    let slow = host_offset(&qemu, dir.path(), "full-64k.qcow2", 6 * MIB + 512 * 1024);
+    for round in 0..10 {
+        let source = Source {
+            bytes: bytes.clone(),
+            fail: (failing, failing + 1),
+            delay: std::time::Duration::ZERO,
+            slow: (slow, slow + 1, std::time::Duration::from_millis(200)),
+            threads: Arc::default(),
+        };
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let image = Qcow2::open_with(source, &OpenOptions::new().threads(2)).unwrap();
+            let reader = image.reader().unwrap();
+            let options = ParallelRead::new().threads(2).chunk_size(512 << 10);
+            let result = reader.read_parallel(.., &options, |_| Ok(()));
+            let _ = done.send(result.map_err(|e| e.to_string()));
+        });
+        let result = outcome
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("round {round}: the read did not end in 60 s"));
+        let err = result.expect_err("the chunk at 7 MiB fails");
+        assert!(err.contains(&format!("{:#x}", 7 * MIB)), "round {round}: {err}");
     }
 }
 
@@ -660,6 +702,7 @@ fn reads_run_on_the_image_pool_not_on_new_threads() {
         fail: (0, 0),
         threads: Arc::clone(&threads),
         delay: std::time::Duration::from_millis(1),
+        slow: (0, 0, std::time::Duration::ZERO),
     };
     let image = Qcow2::open_with(source, &OpenOptions::new().threads(3)).unwrap();
     let image_threads = || threads.lock().unwrap().len();
