@@ -569,7 +569,10 @@ fn a_failure_behind_a_slow_chunk_ends_the_read() {
             .recv_timeout(std::time::Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("round {round}: the read did not end in 60 s"));
         let err = result.expect_err("the chunk at 7 MiB fails");
-        assert!(err.contains(&format!("{:#x}", 7 * MIB)), "round {round}: {err}");
+        assert!(
+            err.contains(&format!("{:#x}", 7 * MIB)),
+            "round {round}: {err}"
+        );
     }
 }
 
