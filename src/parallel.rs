@@ -499,12 +499,15 @@ impl State {
     /// not over. (Chunks queued after a failure are never read: counting them, the calling
     /// thread would wait for jobs that had ended.)
     fn has_claimable(&self) -> bool {
-        !self.stop
-            && self
-                .items
-                .iter()
-                .zip(self.first..self.fail_from)
-                .any(|(item, _)| item.is_queued())
+        !self.stop && self.claimable().next().is_some()
+    }
+
+    /// The queued chunks before any that failed, with their sequence numbers.
+    fn claimable(&self) -> impl Iterator<Item = (&Item, u64)> {
+        self.items
+            .iter()
+            .zip(self.first..self.fail_from)
+            .filter(|(item, _)| item.is_queued())
     }
 
     fn item_mut(&mut self, seq: u64) -> Option<&mut Item> {
@@ -517,28 +520,10 @@ impl State {
     /// offset, buffer and length. A buffer that stays with one thread stays in its core's
     /// cache: one written last on another core costs the copy a third more.
     fn claim(&mut self, me: usize) -> Option<(u64, u64, Vec<u8>, usize)> {
-        let (first, fail_from) = (self.first, self.fail_from);
-        let queued = |item: &Item| {
-            matches!(
-                item,
-                Item::Data {
-                    slot: Slot::Queued(_),
-                    ..
-                }
-            )
-        };
         let mine = self
-            .items
-            .iter()
-            .zip(first..fail_from)
-            .filter(|(item, _)| queued(item))
+            .claimable()
             .find(|(item, _)| matches!(item, Item::Data { writer, .. } if *writer == me))
-            .or_else(|| {
-                self.items
-                    .iter()
-                    .zip(first..fail_from)
-                    .find(|(item, _)| queued(item))
-            })
+            .or_else(|| self.claimable().next())
             .map(|(_, seq)| seq)?;
         let (start, buf, len) = self.item_mut(mine)?.claim()?;
         Some((mine, start, buf, len))

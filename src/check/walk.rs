@@ -178,7 +178,6 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             for (i, &entry) in slice.iter().enumerate() {
                 let entry_at =
                     table_offset.saturating_add(table_bytes(start.saturating_add(i) as u64));
-                self.spend_l2_walk(entry, entry_at)?;
                 self.walk_l1_entry(entry, entry_at, table)?;
             }
             start = start.saturating_add(count);
@@ -214,15 +213,14 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             )
     }
 
-    /// Every L2 table inside the file that an L1 entry names costs one walk of the pass's
-    /// budget: as many walks as the file has clusters, for each L1 table at its own offset
-    /// (or [`MIN_L2_WALK_ENTRIES`] entries, if more). A sound image never spends it all (an
-    /// L1 table names an L2 table once), but QEMU walks an L2 table again every time it is
-    /// named: an L1 of 131072 entries naming one L2 table of 8192 entries, in a 2.5 MiB
-    /// file, kept `qemu-img check` busy for more than 12 minutes. The check stops with an
-    /// error there instead.
-    fn spend_l2_walk(&mut self, l1_entry: u64, entry_at: u64) -> Result<()> {
-        let l2_offset = l1_entry & L1_OFFSET_MASK;
+    /// Every L2 table inside the file that an L1 entry names (at `l2_offset`) costs one walk
+    /// of the pass's budget: as many walks as the file has clusters, for each L1 table at its
+    /// own offset (or [`MIN_L2_WALK_ENTRIES`] entries, if more). A sound image never spends
+    /// it all (an L1 table names an L2 table once), but QEMU walks an L2 table again every
+    /// time it is named: an L1 of 131072 entries naming one L2 table of 8192 entries, in a
+    /// 2.5 MiB file, kept `qemu-img check` busy for more than 12 minutes. The check stops
+    /// with an error there instead.
+    fn spend_l2_walk(&mut self, l2_offset: u64, entry_at: u64) -> Result<()> {
         if l2_offset == 0 || l2_offset >= self.file_len {
             return Ok(());
         }
@@ -255,6 +253,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         if self.geometry.unaligned(l2_offset) {
             self.walk_problem(ProblemKind::L2TableUnaligned { l2_offset }, entry_at);
         }
+        self.spend_l2_walk(l2_offset, entry_at)?;
         self.walk_l2(l2_offset, table)
     }
 
