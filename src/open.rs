@@ -371,13 +371,25 @@ mod beneath {
         Error(Error),
     }
 
-    /// `path` relative to `dir`, trying the names as given and then resolved (the kernel, or
-    /// the check after opening, enforces the rule; this only finds the name to open).
-    fn relative(dir: &Path, path: &Path) -> Result<PathBuf, Failure> {
+    /// `path` relative to `dir`, for a path that cannot be resolved now (a missing file, a
+    /// dangling symlink: the open then says why): its directory resolved, when it can be, and
+    /// its last component as written, else the whole path as written (symlinks and `..` left
+    /// to the kernel to resolve, beneath the directory).
+    fn lexical(dir: &Path, path: &Path) -> Result<PathBuf, Failure> {
         let absolute = |p: &Path| std::path::absolute(p).ok();
         let dirs = [absolute(dir), dir.canonicalize().ok()];
-        let paths = [absolute(path), path.canonicalize().ok()];
-        for p in paths.iter().flatten() {
+        let parent_resolved = || {
+            let name = path.file_name()?;
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            Some(
+                parent
+                    .unwrap_or(Path::new("."))
+                    .canonicalize()
+                    .ok()?
+                    .join(name),
+            )
+        };
+        for p in [parent_resolved(), absolute(path)].iter().flatten() {
             for d in dirs.iter().flatten() {
                 if let Ok(rel) = p.strip_prefix(d) {
                     if !rel.as_os_str().is_empty() {
@@ -386,16 +398,48 @@ mod beneath {
                 }
             }
         }
-        Err(Failure::Outside(format!(
-            "it is not under {}",
-            dir.display()
-        )))
+        Err(outside(dir))
     }
 
+    fn outside(dir: &Path) -> Failure {
+        Failure::Outside(format!("it is not under {}", dir.display()))
+    }
+
+    /// Where `path` resolves now (every symlink and `..` followed, whatever route they
+    /// take), relative to the directory resolved the same way: `None` when the path cannot be
+    /// resolved (it is missing); a refusal when it resolves outside.
+    fn resolved(dir: &Path, path: &Path) -> Result<Option<PathBuf>, Failure> {
+        let Ok(target) = path.canonicalize() else {
+            return Ok(None);
+        };
+        let dir_resolved = dir.canonicalize().map_err(|e| {
+            Failure::Error(Error::io(
+                format!("resolving the allowed directory {}", dir.display()),
+                e,
+            ))
+        })?;
+        match target.strip_prefix(&dir_resolved) {
+            Ok(rel) if !rel.as_os_str().is_empty() => Ok(Some(rel.to_path_buf())),
+            _ => Err(Failure::Outside(format!(
+                "it resolves to {}, outside {}",
+                target.display(),
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Open `path` if it resolves under `dir`, by whatever route (`../d/x`, an absolute
+    /// symlink into `d`), and refuse it if it resolves outside.
+    ///
+    /// The path is resolved first, then its resolved name is opened relative to a descriptor
+    /// of the directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: whatever
+    /// symlinks or renames happen meanwhile, the file opened lies beneath the directory (a
+    /// component turned into a symlink meanwhile makes the open fail). A path that cannot be
+    /// resolved (a missing file) is opened as written under `RESOLVE_BENEATH`, so the kernel
+    /// reports why it cannot be opened, or that it leads outside.
     #[cfg(target_os = "linux")]
     pub(super) fn open(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
         use rustix::fs::{Mode, OFlags, ResolveFlags};
-        let rel = relative(dir, path)?;
         let io_error = |what: &str, e: std::io::Error| {
             Failure::Error(Error::io(format!("{what} {}", path.display()), e))
         };
@@ -405,13 +449,23 @@ mod beneath {
             Mode::empty(),
         )
         .map_err(|e| io_error("opening the allowed directory for", e.into()))?;
-        let how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        let (rel, how) = match resolved(dir, path)? {
+            Some(rel) => (rel, ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS),
+            None => (
+                lexical(dir, path)?,
+                ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+            ),
+        };
         match rustix::fs::openat2(&dir_fd, &rel, super::sys::FLAGS, Mode::empty(), how) {
             Ok(fd) => Ok(File::from(fd)),
             Err(rustix::io::Errno::XDEV) => Err(Failure::Outside(format!(
                 "it resolves outside {}",
                 dir.display()
             ))),
+            // A component of the resolved name became a symlink after it was resolved.
+            Err(rustix::io::Errno::LOOP) if how.contains(ResolveFlags::NO_SYMLINKS) => Err(
+                Failure::Outside("the path changed while it was being opened".to_owned()),
+            ),
             // Kernels before 5.6 have no openat2: check the opened file instead.
             Err(rustix::io::Errno::NOSYS) => open_and_verify(dir, path, role),
             Err(e) => Err(io_error(&format!("opening {role}"), e.into())),
@@ -420,7 +474,9 @@ mod beneath {
 
     #[cfg(not(target_os = "linux"))]
     pub(super) fn open(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
-        relative(dir, path)?;
+        if resolved(dir, path)?.is_none() {
+            lexical(dir, path)?;
+        }
         open_and_verify(dir, path, role)
     }
 
@@ -435,10 +491,7 @@ mod beneath {
         let file = super::sys::open_nonblocking(path).map_err(io_error)?;
         let target = path.canonicalize().map_err(io_error)?;
         if !target.starts_with(&dir) {
-            return Err(Failure::Outside(format!(
-                "it is not under {}",
-                dir.display()
-            )));
+            return Err(outside(&dir));
         }
         if !same_file(&file, &target).map_err(io_error)? {
             return Err(Failure::Outside(

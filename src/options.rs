@@ -40,7 +40,16 @@ pub enum FilePolicy {
     Any,
     /// Open no other file: an image that names one is refused.
     Nothing,
-    /// Open only files whose canonical path (symlinks resolved) lies under this directory.
+    /// Open only files that resolve under this directory: the name is resolved as QEMU would
+    /// open it (every symlink and `..` followed) and must lie under the directory resolved
+    /// the same way, whatever route leads there (`../d/x`, an absolute symlink into the
+    /// directory); a name that resolves outside is refused ([`Error::FileRefused`]). On Linux
+    /// the resolved name is then opened beneath a descriptor of the directory with
+    /// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symlink or rename swapped in
+    /// meanwhile cannot make it open a file outside (elsewhere the file opened is checked to
+    /// be the one resolved).
+    ///
+    /// [`Error::FileRefused`]: crate::Error::FileRefused
     Under(PathBuf),
     /// Let the callback open each file, or refuse it by returning an error
     /// (`PermissionDenied` is reported as a refusal).
