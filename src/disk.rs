@@ -147,6 +147,11 @@ impl<R: ReadAt> RawDisk<R> {
         }
     }
 
+    /// The source.
+    pub fn get_ref(&self) -> &R {
+        &self.source
+    }
+
     /// The source, back.
     pub fn into_inner(self) -> R {
         self.source
@@ -156,14 +161,35 @@ impl<R: ReadAt> RawDisk<R> {
 impl RawDisk<std::fs::File> {
     /// Open a raw file as QEMU does: its size rounded up to whole 512-byte sectors, the
     /// partial last sector reading as zeros past the end of the file.
+    ///
+    /// The file is opened as [`open_file`](crate::open_file) opens it, with default options:
+    /// a FIFO, socket, directory or device is an [`Error::NotRegularFile`] at once, never a
+    /// blocked open. To read a block device, open it with
+    /// [`OpenOptions::allow_devices`](crate::OpenOptions::allow_devices) and use
+    /// [`RawDisk::from_file`].
     pub fn open_path(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
-            .len();
+        let file = crate::open::checked_open(path, "raw disk", false)?;
+        Self::sized(file, &path.display().to_string())
+    }
+
+    /// A raw disk read from an opened file (a regular file or a block device), sized as
+    /// [`RawDisk::open_path`] sizes it.
+    ///
+    /// ```
+    /// let options = qcow2::OpenOptions::new();
+    /// let file = qcow2::open_file("fixtures/backing-raw-base.raw", &options)?;
+    /// let raw = qcow2::RawDisk::from_file(file)?;
+    /// assert_eq!(qcow2::GuestDisk::disk_size(&raw) % 512, 0);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn from_file(file: std::fs::File) -> Result<Self> {
+        Self::sized(file, "the raw disk")
+    }
+
+    fn sized(file: std::fs::File, name: &str) -> Result<Self> {
+        let len = crate::open::disk_len(&file)
+            .map_err(|e| Error::io(format!("reading the size of {name}"), e))?;
         Ok(RawDisk {
             source: file,
             size: len.checked_next_multiple_of(SECTOR).unwrap_or(len),

@@ -434,6 +434,18 @@ impl<I: ReadAt> Qcow2<I> {
         Ok(())
     }
 
+    /// The source the image is read from (the image file, for an image opened by path).
+    ///
+    /// ```
+    /// let image = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
+    /// let file: &std::fs::File = image.get_ref();
+    /// assert!(file.metadata()?.len() > 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
     /// Whether a backing source (or explicit zeros) is attached.
     pub fn has_backing_attached(&self) -> bool {
         self.backing.is_some()

@@ -139,6 +139,7 @@ pub use info::{
 };
 pub use limits::Limits;
 pub use map::{MapExtent, MapIter};
+pub use open::open_file;
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use parallel::{Chunk, ParallelRead};
 pub use reader::Reader;

@@ -99,12 +99,9 @@ fn open_chain_link(
             image.set_backing_image(backing);
         }
         "raw" | "file" => {
-            let size = file
-                .metadata()
-                .map_err(|e| {
-                    Error::io(format!("reading the size of {}", backing_path.display()), e)
-                })?
-                .len();
+            let size = disk_len(&file).map_err(|e| {
+                Error::io(format!("reading the size of {}", backing_path.display()), e)
+            })?;
             // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
             let size = size.checked_next_multiple_of(512).unwrap_or(size);
             let holes = hole_query(&file);
@@ -118,6 +115,41 @@ fn open_chain_link(
         }
     }
     Ok(image)
+}
+
+/// The length of a disk file: a regular file's size, or a block device's (which `stat`
+/// reports as 0: its end is found by seeking there).
+pub(crate) fn disk_len(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    io::Seek::seek(&mut &*file, io::SeekFrom::End(0))
+}
+
+/// Open a file for reading the way this crate opens every file: read-only, close-on-exec,
+/// non-blocking (so that a FIFO without a writer cannot hang the open), then checked with
+/// `fstat` on the descriptor opened (not on the path, which may change meanwhile): it must
+/// be a regular file, or a block device when [`OpenOptions::allow_devices`] says so.
+///
+/// Use it to open an image before [`Qcow2::open`], or a raw disk before
+/// [`RawDisk::from_file`](crate::RawDisk::from_file); [`Qcow2::open_path`] opens every file
+/// of a chain this way. A FIFO, socket, directory or character device is an
+/// [`Error::NotRegularFile`].
+///
+/// ```
+/// let options = qcow2::OpenOptions::new();
+/// let file = qcow2::open_file("fixtures/v3-64k-basic.qcow2", &options)?;
+/// let image = qcow2::Qcow2::open(file)?;
+/// # let _ = image;
+/// assert!(matches!(
+///     qcow2::open_file("fixtures", &options),
+///     Err(qcow2::Error::NotRegularFile { kind: "directory", .. })
+/// ));
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+pub fn open_file(path: impl AsRef<Path>, options: &OpenOptions) -> Result<File> {
+    checked_open(path.as_ref(), "image", options.allow_devices)
 }
 
 /// A second handle to `file` that answers the map's questions about holes (none if the

@@ -1,20 +1,165 @@
-//! Opening files safely: `FilePolicy::Under(d)` allows a path that resolves inside `d` by any
-//! route and still refuses one that leads outside, even while a symlink flips (issue 19,
-//! point 13).
+//! Opening files safely (issue 19, points 7 and 13): no open of the library or the command
+//! can block on a FIFO, even one swapped in for a regular file between a check and the open;
+//! `FilePolicy::Under(d)` allows a path that resolves inside `d` by any route and still
+//! refuses one that leads outside.
 // Linux: the flipping symlink is swapped with renameat2(RENAME_EXCHANGE).
 #![cfg(target_os = "linux")]
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use common::{Qemu, TempDir};
-use qcow2::{Error, FilePolicy, OpenOptions, Qcow2};
+use qcow2::{Error, FilePolicy, OpenOptions, Qcow2, RawDisk};
+
+/// How long an operation that must not block may take before the test calls it hung.
+const DEADLINE: Duration = Duration::from_secs(10);
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// Run a command with a deadline: a hang is a failure (the child is killed), never a stuck
+/// test. Returns the output, or `None` when the deadline expired.
+#[cfg(feature = "cli")]
+fn run_bounded(cmd: &mut Command, deadline: Duration) -> Option<std::process::Output> {
+    use std::process::{Output, Stdio};
+    use std::time::Instant;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let started = Instant::now();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
+        v
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > deadline {
+            child.kill().unwrap();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    status.map(|status| Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// Run `f` on a thread and return its result, or fail the test if it takes longer than
+/// [`DEADLINE`] (a blocked open). `release` is then called to unblock the thread.
+fn bounded<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+    release: impl FnOnce(),
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(v) => v,
+        Err(_) => {
+            release();
+            panic!("{what} did not return within {DEADLINE:?}: it blocked");
+        }
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Open the FIFO for writing without blocking, so that a reader blocked in `open` returns.
+fn release_fifo(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(0o4000) // O_NONBLOCK
+        .open(path);
+}
+
+#[cfg(feature = "cli")]
+const BIN: &str = env!("CARGO_BIN_EXE_qcow2");
+
+#[test]
+fn raw_disks_and_open_file_refuse_a_fifo_at_once() {
+    let dir = TempDir::new("open-safety-fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let path = fifo.clone();
+    let err = bounded(
+        "RawDisk::open_path(FIFO)",
+        move || RawDisk::open_path(&path).err(),
+        || release_fifo(&fifo),
+    );
+    assert!(
+        matches!(err, Some(Error::NotRegularFile { kind: "FIFO", .. })),
+        "{err:?}"
+    );
+    let path = fifo.clone();
+    let err = bounded(
+        "open_file(FIFO)",
+        move || {
+            let options = OpenOptions::new().allow_devices(true);
+            qcow2::open_file(&path, &options).err()
+        },
+        || release_fifo(&fifo),
+    );
+    assert!(
+        matches!(err, Some(Error::NotRegularFile { kind: "FIFO", .. })),
+        "{err:?}"
+    );
+    // Directories and character devices too; a block device only when allowed.
+    for other in [dir.path(), Path::new("/dev/null")] {
+        let err = RawDisk::open_path(other).unwrap_err();
+        assert!(matches!(err, Error::NotRegularFile { .. }), "{err:?}");
+        let err = qcow2::open_file(other, &OpenOptions::new()).unwrap_err();
+        assert!(matches!(err, Error::NotRegularFile { .. }), "{err:?}");
+    }
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_bitmap_dump_of_a_fifo_fails_at_once() {
+    let dir = TempDir::new("open-safety-bitmap-fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let o = run_bounded(
+        Command::new(BIN).args(["bitmap", "--dump", "b0", s(&fifo)]),
+        DEADLINE,
+    );
+    release_fifo(&fifo);
+    let o = o.expect("qcow2 bitmap --dump on a FIFO blocked");
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("FIFO"), "{stderr}");
 }
 
 /// A symlink flipped, as fast as possible, between two targets (one `renameat2` exchange of
@@ -60,6 +205,69 @@ impl Drop for Flipper {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_convert_and_compare_never_block_on_a_symlink_switched_to_a_fifo() {
+    let Some(qemu) = Qemu::find_or_skip("cli_symlink_to_fifo_race") else {
+        return;
+    };
+    let dir = TempDir::new("open-safety-race");
+    std::fs::write(dir.join("disk.raw"), vec![0x42u8; 64 << 10]).unwrap();
+    mkfifo(&dir.join("fifo"));
+    std::os::unix::fs::symlink("disk.raw", dir.join("link")).unwrap();
+    qemu.img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "link",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "64k",
+        ],
+    );
+    let mut flipper = Flipper::start(dir.join("link"), [dir.join("disk.raw"), dir.join("fifo")]);
+    const TRIES: usize = 150;
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..TRIES {
+        let args: &[&str] = if i % 2 == 0 {
+            &["convert", "top.qcow2", "out.raw"]
+        } else {
+            &["compare", "link", "disk.raw"]
+        };
+        let o = run_bounded(
+            Command::new(BIN).current_dir(dir.path()).args(args),
+            DEADLINE,
+        );
+        let Some(o) = o else {
+            flipper.stop();
+            release_fifo(&dir.join("fifo"));
+            panic!("qcow2 {args:?} blocked (try {i}): it opened the FIFO blocking");
+        };
+        if o.status.success() {
+            ok += 1;
+        } else {
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                stderr.contains("FIFO") || stderr.contains("regular file"),
+                "{args:?}: {stderr}"
+            );
+            refused += 1;
+        }
+    }
+    let flips = flipper.stop();
+    eprintln!("{TRIES} runs: {ok} read the file, {refused} refused the FIFO; {flips} flips");
+    assert!(
+        flips > TRIES as u64,
+        "the symlink hardly moved ({flips} flips)"
+    );
 }
 
 /// `FilePolicy::Under(jail)`: images in `t/jail`, a secret outside in `t`.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ValueEnum;
-use qcow2::{DirtyExtent, Qcow2};
+use qcow2::{DirtyExtent, OpenOptions, Qcow2};
 
 /// Dump the dirty extents of a persistent dirty bitmap.
 #[derive(clap::Args)]
@@ -43,7 +43,8 @@ pub fn run(args: Args) -> ExitCode {
 
 fn dump(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // Bitmaps live in the image file itself: no backing or data file is needed.
-    let file = std::fs::File::open(&args.image)?;
+    // Opened without blocking and checked on the descriptor: a FIFO is refused at once.
+    let file = qcow2::open_file(&args.image, &OpenOptions::new().allow_devices(true))?;
     let image = Qcow2::open(file)?;
     let extents = image
         .dirty_extents(&args.dump, args.allow_in_use)?

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use positioned_io::ReadAt;
-use qcow2::{Allocation, CompareOptions, Comparison, GuestDisk, Qcow2, RawDisk};
+use qcow2::{Allocation, CompareOptions, Comparison, GuestDisk, OpenOptions, Qcow2, RawDisk};
 
 /// Compare the guest disks of IMG1 and IMG2.
 #[derive(clap::Args, Debug)]
@@ -37,7 +37,7 @@ pub struct Args {
 /// A disk opened for comparison.
 enum Opened {
     Image(Box<Qcow2<File>>),
-    /// A raw file, and the same file again for finding its holes.
+    /// A raw file, whose holes count as zeros.
     Raw(RawHoles),
 }
 
@@ -45,7 +45,6 @@ enum Opened {
 /// file is compared by its data only.
 struct RawHoles {
     raw: RawDisk<File>,
-    file: File,
 }
 
 impl GuestDisk for RawHoles {
@@ -62,11 +61,13 @@ impl GuestDisk for RawHoles {
         let Some((Allocation::Data, len)) = found else {
             return Ok(found);
         };
-        Ok(Some(match crate::convert::host_run(&self.file, pos) {
-            Some((true, n)) => (Allocation::Zero, len.min(n)),
-            Some((false, n)) => (Allocation::Data, len.min(n)),
-            None => (Allocation::Data, len),
-        }))
+        Ok(Some(
+            match crate::convert::host_run(self.raw.get_ref(), pos) {
+                Some((true, n)) => (Allocation::Zero, len.min(n)),
+                Some((false, n)) => (Allocation::Data, len.min(n)),
+                None => (Allocation::Data, len),
+            },
+        ))
     }
 }
 
@@ -158,21 +159,23 @@ fn open(
     secret: &crate::secret::SecretArgs,
 ) -> Result<Opened, String> {
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
-    crate::convert::check_readable(path).map_err(|e| fail(&e))?;
+    // Opened once, without blocking, and checked on the descriptor: a FIFO cannot hang the
+    // open, and the file probed is the file read.
+    let file =
+        qcow2::open_file(path, &OpenOptions::new().allow_devices(true)).map_err(|e| fail(&e))?;
     let format = match format {
         Some(f) => f.to_owned(),
-        None => {
-            let file = File::open(path).map_err(|e| fail(&e))?;
-            probe(&file).map_err(|e| fail(&e))?.to_owned()
-        }
+        None => probe(&file).map_err(|e| fail(&e))?.to_owned(),
     };
     match format.as_str() {
-        "qcow2" => Ok(Opened::Image(Box::new(crate::convert::open_image(
-            path, secret,
-        )?))),
+        "qcow2" => {
+            drop(file);
+            Ok(Opened::Image(Box::new(crate::convert::open_image(
+                path, secret,
+            )?)))
+        }
         "raw" => Ok(Opened::Raw(RawHoles {
-            raw: RawDisk::open_path(path).map_err(|e| fail(&e))?,
-            file: File::open(path).map_err(|e| fail(&e))?,
+            raw: RawDisk::from_file(file).map_err(|e| fail(&e))?,
         })),
         other => Err(fail(&format!(
             "unsupported format '{other}' (qcow2 and raw are read)"

@@ -6,12 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use std::sync::Arc;
-
-use qcow2::{
-    Allocation, ConvertOptions, ExtentKind, FilePolicy, FileRole, GuestDisk, OpenOptions, Qcow2,
-    Reader,
-};
+use qcow2::{Allocation, ConvertOptions, ExtentKind, GuestDisk, OpenOptions, Qcow2, Reader};
 
 /// qemu-img's message for a bad `-S`.
 const BAD_SPARSE_SIZE: &str = "Invalid buffer size for sparse output specified. Valid sizes \
@@ -110,11 +105,11 @@ fn convert(args: &Args) -> Result<(), String> {
             bar.set_position(done);
         }
     };
-    let result = match host_holes(&image, &args.image) {
+    let result = match host_holes(&image) {
         Some(file) => {
             let disk = HoleAware {
                 reader: &reader,
-                file: &file,
+                file,
             };
             write_output(&disk, &args.output, &options, progress)
         }
@@ -127,21 +122,15 @@ fn convert(args: &Args) -> Result<(), String> {
 }
 
 /// Open a qcow2 image and its backing chain by path, refusing files that cannot be read as
-/// disks (opening a FIFO would block until someone writes to it).
+/// disks: the library opens every file without blocking (a FIFO would block until someone
+/// writes to it) and checks what it opened, regular files and block devices passing.
 /// Encrypted images are unlocked with the secret given as qemu-img takes it.
 pub(crate) fn open_image(
     path: &Path,
     secret: &crate::secret::SecretArgs,
 ) -> Result<Qcow2<File>, String> {
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
-    check_readable(path).map_err(|e| fail(&e))?;
-    let open_checked = |p: &Path, _: FileRole| {
-        check_readable(p)?;
-        File::open(p)
-    };
-    let options = OpenOptions::new()
-        .allow_devices(true)
-        .files(FilePolicy::Callback(Arc::new(open_checked)));
+    let options = OpenOptions::new().allow_devices(true);
     let options = secret.apply(options)?;
     Qcow2::open_path_with(path, &options).map_err(|e| fail(&e))
 }
@@ -156,7 +145,6 @@ pub(crate) fn open_image_opts(
     let base = OpenOptions::new().allow_devices(true);
     let (path, options) = secret.apply_image_opts(text, base)?;
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
-    check_readable(&path).map_err(|e| fail(&e))?;
     let image = Qcow2::open_path_with(&path, &options).map_err(|e| fail(&e))?;
     // QEMU: "Header reported 'luks' encryption format but options specify 'aes'".
     let asked = text
@@ -170,28 +158,6 @@ pub(crate) fn open_image_opts(
         )));
     }
     Ok((path, image))
-}
-
-/// Refuse what is not a regular file or a block device.
-pub(crate) fn check_readable(path: &Path) -> std::io::Result<()> {
-    let meta = std::fs::metadata(path)?;
-    if meta.is_file() || is_block_device(&meta) {
-        return Ok(());
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!("{} is not a regular file or block device", path.display()),
-    ))
-}
-
-#[cfg(unix)]
-fn is_block_device(meta: &std::fs::Metadata) -> bool {
-    std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type())
-}
-
-#[cfg(not(unix))]
-fn is_block_device(_: &std::fs::Metadata) -> bool {
-    false
 }
 
 /// The reader of the snapshot `spec` names as `qemu-img convert -l` takes it.
@@ -250,13 +216,13 @@ fn write_output<D: GuestDisk + Sync>(
     qcow2::convert_to_file(reader, &file, options, progress).map_err(fail)
 }
 
-/// The image file again, for looking up its holes, when guest data lies in it (not in an
+/// The image file itself, for looking up its holes, when guest data lies in it (not in an
 /// external data file).
-fn host_holes(image: &Qcow2<File>, path: &Path) -> Option<File> {
+fn host_holes(image: &Qcow2<File>) -> Option<&File> {
     if image.header().data_file().is_some() || !cfg!(unix) {
         return None;
     }
-    File::open(path).ok()
+    Some(image.get_ref())
 }
 
 /// A reader whose data clusters lying in holes of the image file count as zeros: qemu-img's
