@@ -105,6 +105,11 @@ pub trait WriteAt {
     fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()>;
     /// Set the length of the sink, extending it with zeros (holes) or cutting it short.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The file the sink writes, when it is one: [`convert_to_file`] then makes sure it is
+    /// not a file the disk reads before changing it. The default says none.
+    fn as_file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 impl WriteAt for std::fs::File {
@@ -132,6 +137,10 @@ impl WriteAt for std::fs::File {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
+    }
+
+    fn as_file(&self) -> Option<&std::fs::File> {
+        Some(self)
     }
 }
 
@@ -171,17 +180,28 @@ where
     out.flush().map_err(|e| Error::io("flushing the output", e))
 }
 
-/// Copy `disk` to a positional sink, which must read as zeros where nothing is written (a
-/// new or empty file): only data is written, each chunk by the thread that read it, and the
-/// sink's length is then set to the disk's size. Zero stretches are left as holes, and so are
-/// runs of zeros inside data as [`ConvertOptions::sparse_size`] says. `progress(done,
-/// total)` is called on the calling thread, with `done` rising to `total`.
+/// Copy `disk` to a positional sink: the sink is emptied (its length set to 0), only data is
+/// written, each chunk by the thread that read it, and the sink's length is then set to the
+/// disk's size. Zero stretches are left as holes, and so are runs of zeros inside data as
+/// [`ConvertOptions::sparse_size`] says. `progress(done, total)` is called on the calling
+/// thread, with `done` rising to `total`.
+///
+/// When the sink is a file ([`WriteAt::as_file`]) that the disk reads
+/// ([`GuestDisk::reads_file`]: the image, a backing file, the data file, under any name or
+/// link), the conversion is refused with [`Error::OutputIsSource`] before the sink is
+/// touched. Open the output without truncating it, as below, so that nothing is lost
+/// before this check: `File::create` would empty a backing file given as the output
+/// before the conversion could refuse it.
 ///
 /// ```
 /// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
 /// let reader = image.reader()?;
 /// let path = std::env::temp_dir().join(format!("qcow2-doc-{}.raw", std::process::id()));
-/// let file = std::fs::File::create(&path)?;
+/// let file = std::fs::OpenOptions::new()
+///     .write(true)
+///     .create(true)
+///     .truncate(false)
+///     .open(&path)?;
 /// qcow2::convert_to_file(&reader, &file, &qcow2::ConvertOptions::new(), |_, _| {})?;
 /// assert_eq!(file.metadata()?.len(), image.guest_size());
 /// # std::fs::remove_file(&path)?;
@@ -197,6 +217,13 @@ where
     D: GuestDisk + Sync + ?Sized,
     F: WriteAt + Sync + ?Sized,
 {
+    if let Some(file) = out.as_file() {
+        if disk.reads_file(file)? {
+            return Err(Error::OutputIsSource);
+        }
+    }
+    out.set_len(0)
+        .map_err(|e| Error::io("emptying the output", e))?;
     let total = options.size.unwrap_or_else(|| disk.disk_size());
     let positional = Positional {
         out,

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::extent::ExtentKind;
 use crate::image::Backing;
 use crate::io::read_up_to;
+use crate::open::FileId;
 use crate::reader::Reader;
 
 /// How a stretch of a guest disk is allocated, across its whole backing chain (what QEMU's
@@ -47,6 +48,23 @@ pub trait GuestDisk {
     /// (at least 1, and not past the end), or `None` at or past the end. Stretches may be
     /// cut short anywhere; callers ask again where one ends.
     fn allocation_at(&self, pos: u64) -> Result<Option<(Allocation, u64)>>;
+
+    /// Whether reading the disk reads `file`: the same file (device and inode), under
+    /// whatever name, hard link or symlink it was reached. [`convert_to_file`] refuses such an
+    /// output before writing anything, since writing it would destroy the disk it copies.
+    ///
+    /// A [`Reader`] knows the files its image opened by path ([`Qcow2::open_path`]: the
+    /// image, its data file, every backing file of the chain), and a [`RawDisk`] its file when
+    /// made by [`RawDisk::open_path`] or [`RawDisk::from_file`]; files attached by the caller
+    /// are not known. The default answers `false`: a wrapper around another disk should ask
+    /// the disk it wraps. Always `false` on platforms without inode numbers.
+    ///
+    /// [`convert_to_file`]: crate::convert_to_file
+    /// [`Qcow2::open_path`]: crate::Qcow2::open_path
+    fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
+        let _ = file;
+        Ok(false)
+    }
 }
 
 impl<I: ReadAt> GuestDisk for Reader<'_, I> {
@@ -95,6 +113,10 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
             _ => (Allocation::Data, extent.length),
         }))
     }
+
+    fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
+        Ok(FileId::of_file(file)?.is_some_and(|id| self.image().reads_file(id)))
+    }
 }
 
 /// How far [`GuestDisk::allocation_at`] of a [`Reader`] looks into a data stretch: a multiple
@@ -135,6 +157,8 @@ pub struct RawDisk<R> {
     size: u64,
     /// Where the source's own bytes end (at most `size`).
     data_len: u64,
+    /// The file's identity, when made from a file.
+    id: Option<FileId>,
 }
 
 impl<R: ReadAt> RawDisk<R> {
@@ -144,6 +168,7 @@ impl<R: ReadAt> RawDisk<R> {
             source,
             size,
             data_len: size,
+            id: None,
         }
     }
 
@@ -190,10 +215,12 @@ impl RawDisk<std::fs::File> {
     fn sized(file: std::fs::File, name: &str) -> Result<Self> {
         let len = crate::open::disk_len(&file)
             .map_err(|e| Error::io(format!("reading the size of {name}"), e))?;
+        let id = FileId::of_file(&file)?;
         Ok(RawDisk {
             source: file,
             size: len.checked_next_multiple_of(SECTOR).unwrap_or(len),
             data_len: len,
+            id,
         })
     }
 }
@@ -226,5 +253,9 @@ impl<R: ReadAt> GuestDisk for RawDisk<R> {
                 None => (Allocation::Zero, self.size.saturating_sub(pos)),
             },
         ))
+    }
+
+    fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
+        Ok(self.id.is_some() && FileId::of_file(file)? == self.id)
     }
 }

@@ -233,6 +233,12 @@ pub enum Error {
         kind: &'static str,
     },
 
+    /// The output of a conversion is a file the disk being converted reads (the image, one
+    /// of its backing files or its data file, under any name or link): writing it would
+    /// destroy the source, so nothing was written to it.
+    #[error("the output is a file the disk being converted reads (the image, a backing file or the data file): nothing was written to it")]
+    OutputIsSource,
+
     /// A bug in this crate: an internal invariant did not hold. Please report it.
     #[error("internal error in the qcow2 crate: {0}")]
     Internal(&'static str),
@@ -337,6 +343,7 @@ impl Error {
             Error::WrongSecret { .. } => io::ErrorKind::PermissionDenied,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
+            Error::OutputIsSource => io::ErrorKind::InvalidInput,
             Error::Internal(_) => io::ErrorKind::Other,
             Error::NoSuchSnapshot(_) => io::ErrorKind::NotFound,
             Error::NoSuchBitmap { .. } => io::ErrorKind::NotFound,

@@ -16,6 +16,7 @@ use crate::holes::HoleQuery;
 use crate::io::{be_u64_table, check_within, read_metadata, read_up_to};
 use crate::limits::Limits;
 use crate::map::{self, LayerStatus};
+use crate::open::FileId;
 use crate::options::OpenOptions;
 use crate::pool::Pool;
 use crate::reader::{ReadState, Reader};
@@ -47,6 +48,8 @@ pub(crate) trait GuestSource: Send + Sync {
     /// How the guest is allocated from `pos` (through this source's own chain), for at most
     /// `max` bytes (`max` > 0); past the end it reads as allocated zeros.
     fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)>;
+    /// Whether this source (through its own chain) reads the file `id`.
+    fn reads_file(&self, id: FileId) -> bool;
 }
 
 /// What [`info`](crate::info) needs of any image in a chain, whatever its source type.
@@ -72,6 +75,8 @@ struct RawSource<B> {
     size: u64,
     path: Option<PathBuf>,
     holes: Option<Box<dyn HoleQuery>>,
+    /// The file's identity, when it was opened by path.
+    id: Option<FileId>,
 }
 
 impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
@@ -103,6 +108,9 @@ impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
             Some(left) => Ok((Allocation::Data, left.min(max))),
             None => Ok((Allocation::Zero, max)),
         }
+    }
+    fn reads_file(&self, id: FileId) -> bool {
+        self.id == Some(id)
     }
 }
 
@@ -162,6 +170,9 @@ pub struct Qcow2<I> {
     /// The external data file's name and holes, when opened by path.
     pub(crate) data_file_path: Option<PathBuf>,
     pub(crate) data_file_holes: Option<Box<dyn HoleQuery>>,
+    /// The files this image reads itself (the image file, its data file), when opened by
+    /// path: a conversion refuses to write over any file of the chain.
+    pub(crate) files: Vec<FileId>,
     /// Whether the image looks preallocated with `preallocation=metadata` (asked once).
     pub(crate) metadata_preallocated: OnceLock<bool>,
     /// The encryption of an encrypted image, with its key once unlocked.
@@ -230,6 +241,7 @@ impl<I: ReadAt> Qcow2<I> {
             holes: None,
             data_file_path: None,
             data_file_holes: None,
+            files: Vec::new(),
             metadata_preallocated: OnceLock::new(),
             crypt,
             pool: Arc::new(Pool::new(threads)),
@@ -330,7 +342,7 @@ impl<I: ReadAt> Qcow2<I> {
     /// Read guest data for unallocated clusters from a raw source of `size` bytes.
     /// Bytes past its end read as zeros.
     pub fn set_backing_raw<B: ReadAt + Send + Sync + 'static>(&mut self, source: B, size: u64) {
-        self.set_backing_raw_from(source, size, None, None);
+        self.set_backing_raw_from(source, size, None, None, None);
     }
 
     /// [`Qcow2::set_backing_raw`] for a file opened by path, with its holes for the map.
@@ -340,6 +352,7 @@ impl<I: ReadAt> Qcow2<I> {
         size: u64,
         path: Option<PathBuf>,
         holes: Option<Box<dyn HoleQuery>>,
+        id: Option<FileId>,
     ) {
         self.backing = Some(Backing::Source {
             source: Box::new(RawSource {
@@ -347,6 +360,7 @@ impl<I: ReadAt> Qcow2<I> {
                 size,
                 path,
                 holes,
+                id,
             }),
             format: "raw",
         });
@@ -432,6 +446,13 @@ impl<I: ReadAt> Qcow2<I> {
         }
         self.data_file = Some(Box::new(data));
         Ok(())
+    }
+
+    /// Whether reading this image reads the file `id`: the image file, its data file, or a
+    /// file of its backing chain (those opened by path; files attached by the caller are not
+    /// known).
+    pub(crate) fn reads_file(&self, id: FileId) -> bool {
+        self.files.contains(&id) || self.backing_source().is_some_and(|b| b.reads_file(id))
     }
 
     /// The source the image is read from (the image file, for an image opened by path).
@@ -538,6 +559,9 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
     }
     fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
         crate::disk::backing_allocation(&self.reader()?, pos, max)
+    }
+    fn reads_file(&self, id: FileId) -> bool {
+        Qcow2::reads_file(self, id)
     }
 }
 

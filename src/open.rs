@@ -53,14 +53,17 @@ fn open_chain_link(
     depth: u32,
 ) -> Result<Qcow2<File>> {
     let holes = hole_query(&file);
+    let id = FileId::of(&file, &path)?;
     let secret = options.secret_for_path(&path);
     let mut image = Qcow2::open_with_secret(file, options, secret.as_ref())?;
     image.holes = holes;
     image.path = Some(path.clone());
+    image.files.extend(id);
     // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
     if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
         let data_path = resolve(&path, &name)?;
         let data = open_allowed(&data_path, FileRole::DataFile, options)?;
+        image.files.extend(FileId::of(&data, &data_path)?);
         image.data_file_holes = hole_query(&data);
         image.data_file_path = Some(data_path);
         image.set_data_file(data)?;
@@ -105,7 +108,8 @@ fn open_chain_link(
             // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
             let size = size.checked_next_multiple_of(512).unwrap_or(size);
             let holes = hole_query(&file);
-            image.set_backing_raw_from(file, size, Some(backing_path), holes);
+            let id = FileId::of(&file, &backing_path)?;
+            image.set_backing_raw_from(file, size, Some(backing_path), holes, id);
         }
         _ => {
             return Err(Error::UnsupportedBackingFormat {
@@ -125,6 +129,27 @@ pub(crate) fn disk_len(file: &File) -> io::Result<u64> {
         return Ok(meta.len());
     }
     io::Seek::seek(&mut &*file, io::SeekFrom::End(0))
+}
+
+/// A file's identity, its device and inode: the same file whatever name, hard link, symlink
+/// or descriptor reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of an opened file, from `fstat` on its descriptor (`None` where the
+    /// platform has no inode numbers). `path` is for the error message.
+    pub(crate) fn of(file: &File, path: &Path) -> Result<Option<FileId>> {
+        sys::file_id(file).map_err(|e| Error::io(format!("inspecting {}", path.display()), e))
+    }
+
+    /// [`FileId::of`] for a file handed to the library without its name.
+    pub(crate) fn of_file(file: &File) -> Result<Option<FileId>> {
+        sys::file_id(file).map_err(|e| Error::io("inspecting a file (fstat)", e))
+    }
 }
 
 /// Open a file for reading the way this crate opens every file: read-only, close-on-exec,
@@ -352,6 +377,15 @@ mod sys {
         Ok(File::from(rustix::fs::open(path, FLAGS, Mode::empty())?))
     }
 
+    pub(super) fn file_id(file: &File) -> io::Result<Option<super::FileId>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        Ok(Some(super::FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }))
+    }
+
     pub(super) fn file_kind(file: &File) -> io::Result<&'static str> {
         let stat = rustix::fs::fstat(file)?;
         Ok(match FileType::from_raw_mode(stat.st_mode) {
@@ -375,6 +409,10 @@ mod sys {
 
     pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
         File::open(path)
+    }
+
+    pub(super) fn file_id(_file: &File) -> io::Result<Option<super::FileId>> {
+        Ok(None)
     }
 
     pub(super) fn file_kind(file: &File) -> io::Result<&'static str> {

@@ -1,7 +1,10 @@
-//! Opening files safely (issue 19, points 7 and 13): no open of the library or the command
-//! can block on a FIFO, even one swapped in for a regular file between a check and the open;
-//! `FilePolicy::Under(d)` allows a path that resolves inside `d` by any route and still
-//! refuses one that leads outside.
+//! Opening files safely (issue 19, points 1, 7 and 13): a conversion never writes over a file
+//! its source reads; no open of the library or the command can block on a FIFO, even one
+//! swapped in for a regular file between a check and the open; `FilePolicy::Under(d)` allows
+//! a path that resolves inside `d` by any route and still refuses one that leads outside.
+//!
+//! QEMU's tools are the reference: `qemu-img convert` refuses an output that is a file of its
+//! source (it cannot take the write lock) and leaves it as it was.
 // Linux: the flipping symlink is swapped with renameat2(RENAME_EXCHANGE).
 #![cfg(target_os = "linux")]
 
@@ -14,13 +17,17 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{Qemu, TempDir};
-use qcow2::{Error, FilePolicy, OpenOptions, Qcow2, RawDisk};
+use qcow2::{ConvertOptions, Error, FilePolicy, OpenOptions, Qcow2, RawDisk};
 
 /// How long an operation that must not block may take before the test calls it hung.
 const DEADLINE: Duration = Duration::from_secs(10);
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+fn sha(path: &Path) -> String {
+    common::sha256_hex(&std::fs::read(path).unwrap())
 }
 
 /// Run a command with a deadline: a hang is a failure (the child is killed), never a stuck
@@ -105,8 +112,242 @@ fn release_fifo(path: &Path) {
         .open(path);
 }
 
+/// A directory of images, made with qemu-img:
+/// * `base.qcow2` (data 0x5a), `top.qcow2` over it (data 0x3c at 64k), `hard.qcow2` a hard
+///   link to top, `sym` a symlink to base;
+/// * `base.raw` (data 0x77) and `rawtop.qcow2` over it (raw backing);
+/// * `dat.qcow2` keeping its data (0x66) in `data.raw`.
+struct Chain {
+    qemu: Qemu,
+    dir: TempDir,
+}
+
+impl Chain {
+    fn new(test: &str) -> Option<Chain> {
+        let qemu = Qemu::find_or_skip(test)?;
+        let dir = TempDir::new(test);
+        let img = |args: &[&str]| qemu.img(dir.path(), args);
+        let io = |image: &str, cmd: &str| qemu.io(dir.path(), "qcow2", image, &[cmd]);
+        img(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+        io("base.qcow2", "write -q -P 0x5a 0 64k");
+        img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
+        io("top.qcow2", "write -q -P 0x3c 64k 64k");
+        std::fs::hard_link(dir.join("top.qcow2"), dir.join("hard.qcow2")).unwrap();
+        std::os::unix::fs::symlink("base.qcow2", dir.join("sym")).unwrap();
+        std::fs::write(dir.join("base.raw"), vec![0x77u8; 256 << 10]).unwrap();
+        img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "rawtop.qcow2",
+            "1M",
+        ]);
+        img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=data.raw",
+            "dat.qcow2",
+            "1M",
+        ]);
+        io("dat.qcow2", "write -q -P 0x66 0 64k");
+        Some(Chain { qemu, dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// (image, output): every output is a file the image reads.
+    fn clashes() -> [(&'static str, &'static str); 6] {
+        [
+            ("top.qcow2", "base.qcow2"),
+            ("top.qcow2", "sym"),
+            ("top.qcow2", "hard.qcow2"),
+            ("top.qcow2", "top.qcow2"),
+            ("rawtop.qcow2", "base.raw"),
+            ("dat.qcow2", "data.raw"),
+        ]
+    }
+
+    fn hashes(&self) -> Vec<(String, String)> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| {
+                let h = sha(&self.path(&n));
+                (n, h)
+            })
+            .collect()
+    }
+
+    /// What qemu-img reads of `image`.
+    fn qemu_raw(&self, image: &str) -> Vec<u8> {
+        let out = self.path("qemu-expected.raw");
+        self.qemu
+            .img(self.dir.path(), &["convert", "-O", "raw", image, s(&out)]);
+        let data = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        data
+    }
+}
+
+/// An output opened as a careful caller opens it: created if missing, never truncated.
+fn open_output(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
+}
+
+#[test]
+fn convert_to_file_refuses_a_file_the_source_reads() {
+    let Some(chain) = Chain::new("open-safety-lib") else {
+        return;
+    };
+    let before = chain.hashes();
+    let options = ConvertOptions::new().threads(2);
+    for (image, output) in Chain::clashes() {
+        let opened = Qcow2::open_path(chain.path(image)).unwrap();
+        let reader = opened.reader().unwrap();
+        let out = open_output(&chain.path(output));
+        let err = qcow2::convert_to_file(&reader, &out, &options, |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, Error::OutputIsSource),
+            "{image} -> {output}: {err:?}"
+        );
+        assert_eq!(chain.hashes(), before, "{image} -> {output} changed a file");
+    }
+    // A raw disk and a hard link to its file.
+    let raw_sha = sha(&chain.path("base.raw"));
+    std::fs::hard_link(chain.path("base.raw"), chain.path("raw-link")).unwrap();
+    let raw = RawDisk::open_path(chain.path("base.raw")).unwrap();
+    let out = open_output(&chain.path("raw-link"));
+    let err = qcow2::convert_to_file(&raw, &out, &options, |_, _| {}).unwrap_err();
+    assert!(matches!(err, Error::OutputIsSource), "{err:?}");
+    assert_eq!(sha(&chain.path("base.raw")), raw_sha);
+    // Any other file is written, emptied first: an old, longer file with other bytes ends
+    // up as qemu-img's output.
+    let other = chain.path("old.raw");
+    std::fs::write(&other, vec![0xeeu8; 3 << 20]).unwrap();
+    let opened = Qcow2::open_path(chain.path("top.qcow2")).unwrap();
+    let reader = opened.reader().unwrap();
+    qcow2::convert_to_file(&reader, &open_output(&other), &options, |_, _| {}).unwrap();
+    assert!(std::fs::read(&other).unwrap() == chain.qemu_raw("top.qcow2"));
+}
+
 #[cfg(feature = "cli")]
 const BIN: &str = env!("CARGO_BIN_EXE_qcow2");
+
+#[cfg(feature = "cli")]
+#[test]
+fn cli_convert_refuses_a_file_the_source_reads_like_qemu_img() {
+    let Some(chain) = Chain::new("open-safety-cli") else {
+        return;
+    };
+    let before = chain.hashes();
+    for (image, output) in Chain::clashes() {
+        let theirs = run_bounded(
+            Command::new(&chain.qemu.img)
+                .current_dir(chain.dir.path())
+                .args(["convert", "-O", "raw", image, output]),
+            DEADLINE,
+        )
+        .expect("qemu-img convert hung");
+        assert!(!theirs.status.success(), "qemu-img {image} -> {output}");
+        assert_eq!(chain.hashes(), before, "qemu-img {image} -> {output}");
+        let ours = run_bounded(
+            Command::new(BIN)
+                .current_dir(chain.dir.path())
+                .args(["convert", image, output]),
+            DEADLINE,
+        )
+        .expect("qcow2 convert hung");
+        let stderr = String::from_utf8_lossy(&ours.stderr);
+        assert_eq!(
+            chain.hashes(),
+            before,
+            "qcow2 {image} -> {output} changed a file: {stderr}"
+        );
+        assert_eq!(ours.status.code(), Some(1), "{image} -> {output}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("Could not create"),
+            "{image} -> {output}: {stderr}"
+        );
+    }
+    // Standard output appended to a file of the chain (`qcow2 convert top.qcow2 - >>
+    // base.qcow2`): refused too.
+    let append = std::fs::OpenOptions::new()
+        .append(true)
+        .open(chain.path("base.qcow2"))
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .current_dir(chain.dir.path())
+        .args(["convert", "top.qcow2", "-"])
+        .stdin(std::process::Stdio::null())
+        .stdout(append)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            child.kill().unwrap();
+            panic!("qcow2 convert top.qcow2 - >> base.qcow2 hung");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        chain.hashes(),
+        before,
+        "qcow2 convert top.qcow2 - >> base.qcow2"
+    );
+    // Every image still converts, to a new file, as qemu-img converts it.
+    for image in ["top.qcow2", "rawtop.qcow2", "dat.qcow2"] {
+        let out = chain.path("ours.raw");
+        let o = run_bounded(
+            Command::new(BIN)
+                .current_dir(chain.dir.path())
+                .args(["convert", image, s(&out)]),
+            DEADLINE,
+        )
+        .expect("qcow2 convert hung");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            std::fs::read(&out).unwrap() == chain.qemu_raw(image),
+            "{image}"
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+}
 
 #[test]
 fn raw_disks_and_open_file_refuse_a_fifo_at_once() {

@@ -56,6 +56,10 @@ impl GuestDisk for RawHoles {
         self.raw.read_disk(pos, buf)
     }
 
+    fn reads_file(&self, file: &File) -> qcow2::Result<bool> {
+        self.raw.reads_file(file)
+    }
+
     fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(Allocation, u64)>> {
         let found = self.raw.allocation_at(pos)?;
         let Some((Allocation::Data, len)) = found else {

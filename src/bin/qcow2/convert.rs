@@ -82,17 +82,11 @@ fn convert(args: &Args) -> Result<(), String> {
     if let Some(s) = &args.sparse_size {
         options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
     }
-    let (image_path, image) = if args.image_opts {
-        open_image_opts(&args.image, &args.secret)?
+    let image = if args.image_opts {
+        open_image_opts(&args.image, &args.secret)?.1
     } else {
-        (args.image.clone(), open_image(&args.image, &args.secret)?)
+        open_image(&args.image, &args.secret)?
     };
-    if is_same_file(&image_path, &args.output) {
-        return Err(format!(
-            "Could not create '{}': it is the image being converted",
-            args.output.display()
-        ));
-    }
     let reader = match &args.snapshot {
         Some(spec) => snapshot_reader(&image, spec)?,
         None => image.reader().map_err(|e| e.to_string())?,
@@ -198,22 +192,81 @@ fn write_output<D: GuestDisk + Sync>(
     progress: impl FnMut(u64, u64),
 ) -> Result<(), String> {
     let fail = |e: qcow2::Error| format!("error while converting to {}: {e}", output.display());
+    let is_source = |file: &File, what: &str| match reader.reads_file(file) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(format!(
+            "{what}: it is a file the image being converted reads (the image, a backing file \
+             or the data file); it was left as it was"
+        )),
+        Err(e) => Err(fail(e)),
+    };
     if output.as_os_str() == "-" {
+        // Standard output sent to a file of the chain (`>> base.qcow2`) is refused too.
+        if let Some(file) = stdout_file() {
+            is_source(&file, "Could not write to standard output")?;
+        }
         let stdout = std::io::stdout().lock();
         return qcow2::convert_to_writer(reader, stdout, options, progress).map_err(fail);
     }
     let open_fail = |e: std::io::Error| format!("Could not create '{}': {e}", output.display());
-    let existing = std::fs::metadata(output).ok();
-    if existing.is_some_and(|m| !m.is_file() && !m.is_dir()) {
-        // A pipe or a device: written in order, never truncated.
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(output)
-            .map_err(open_fail)?;
-        return qcow2::convert_to_writer(reader, file, options, progress).map_err(fail);
+    // The source is open (its whole chain); the output is opened without being truncated,
+    // and emptied only once it is known not to be one of the files the source reads.
+    let (file, regular) = open_output(output).map_err(open_fail)?;
+    is_source(&file, &format!("Could not create '{}'", output.display()))?;
+    if regular {
+        return qcow2::convert_to_file(reader, &file, options, progress).map_err(fail);
     }
-    let file = File::create(output).map_err(open_fail)?;
-    qcow2::convert_to_file(reader, &file, options, progress).map_err(fail)
+    // A pipe or a device: written in order, never truncated.
+    qcow2::convert_to_writer(reader, file, options, progress).map_err(fail)
+}
+
+/// A second handle to standard output, to compare with the files the image reads.
+#[cfg(unix)]
+fn stdout_file() -> Option<File> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
+    Some(File::from(fd))
+}
+
+#[cfg(not(unix))]
+fn stdout_file() -> Option<File> {
+    None
+}
+
+/// Open the output for writing, created if missing but not truncated, and whether it is a
+/// regular file (else a pipe or a device, to be written as a stream). A FIFO without a reader
+/// is waited for, as a shell's `>` waits.
+#[cfg(unix)]
+fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, open, Mode, OFlags};
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let file = match open(
+        path,
+        flags | OFlags::NONBLOCK,
+        Mode::from_bits_truncate(0o666),
+    ) {
+        Ok(fd) => {
+            let file = File::from(fd);
+            fcntl_setfl(&file, fcntl_getfl(&file)? - OFlags::NONBLOCK)?;
+            file
+        }
+        // A FIFO that no one reads yet.
+        Err(rustix::io::Errno::NXIO) => File::from(open(path, flags, Mode::empty())?),
+        Err(e) => return Err(e.into()),
+    };
+    let regular = file.metadata()?.is_file();
+    Ok((file, regular))
+}
+
+#[cfg(not(unix))]
+fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let regular = file.metadata()?.is_file();
+    Ok((file, regular))
 }
 
 /// The image file itself, for looking up its holes, when guest data lies in it (not in an
@@ -240,6 +293,10 @@ impl GuestDisk for HoleAware<'_> {
 
     fn read_disk(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
         self.reader.read_disk(pos, buf)
+    }
+
+    fn reads_file(&self, file: &File) -> qcow2::Result<bool> {
+        self.reader.reads_file(file)
     }
 
     fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(Allocation, u64)>> {
@@ -286,14 +343,6 @@ pub(crate) fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
 #[cfg(not(unix))]
 pub(crate) fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
     None
-}
-
-/// Whether both paths name one existing file (creating the output would truncate the input).
-fn is_same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
 }
 
 /// A progress bar on standard error, when asked for and standard error is a terminal.
