@@ -279,10 +279,17 @@ pub(crate) fn qcow2_block_status<I: ReadAt>(
         .saturating_add(bytes.min(size.saturating_sub(pos)).min(QEMU_MAX_STATUS))
         .min(table_end);
     let mut planner = Planner::new(reader);
-    let first = planner.segment(pos, end)?;
+    // From the start of a table, walk its first run whole, not just what this step takes:
+    // a table found empty so is remembered (EmptyTables), and QEMU's steps of INT_MAX bytes
+    // through it, and through every other L1 entry naming it, cost nothing more.
+    let walk_end = match crate::bytes::low_bits(pos, l2_bits) {
+        0 => table_end,
+        _ => end,
+    };
+    let first = planner.segment(pos, walk_end)?;
     let kind = first.kind;
     let compressed = matches!(kind, SegmentKind::Compressed { .. });
-    let mut stop = pos.saturating_add(first.len);
+    let mut stop = pos.saturating_add(first.len).min(end);
     // The planner cuts runs of many units short; QEMU does not.
     while !compressed && stop < end {
         let next = planner.segment(stop, end)?;
