@@ -27,12 +27,11 @@ impl CompareOptions {
     }
 
     /// Like `qemu-img compare -s`: disks of different sizes differ, and so do stretches
-    /// allocated differently even where they read the same. Allocation is what QEMU's block
-    /// status reports: [`Allocation`] (data, compressed, zeros, unallocated) and whether the
-    /// stretch reaches the end of the disk. QEMU also reports a host offset for unallocated
-    /// subclusters of allocated clusters (extended L2) and sees holes in raw files (which a
-    /// [`RawDisk`](crate::RawDisk) reports as data), so there a strict comparison can point
-    /// elsewhere than qemu-img's.
+    /// whose block status differs even where they read the same. The statuses are QEMU's
+    /// ([`BlockStatus`](crate::BlockStatus): data, zero, offset known, allocated, end of
+    /// disk, compressed), compared where qemu-img compares them, at the start of each of its
+    /// steps; holes in raw files and in the data clusters of `preallocation=metadata` images
+    /// read as zeros there, as in QEMU.
     pub fn strict(mut self, strict: bool) -> Self {
         self.strict = strict;
         self
@@ -89,24 +88,22 @@ where
     B: GuestDisk + ?Sized,
 {
     let (size_a, size_b) = (first.disk_size(), second.disk_size());
-    if options.strict && size_a != size_b {
-        return Ok(Comparison::SizeMismatch {
-            first: size_a,
-            second: size_b,
-        });
+    if options.strict {
+        if size_a != size_b {
+            return Ok(Comparison::SizeMismatch {
+                first: size_a,
+                second: size_b,
+            });
+        }
+        return compare_strict(first, second, size_a);
     }
     let common = size_a.min(size_b);
     let mut bufs = Buffers::default();
+    let (mut walk_a, mut walk_b) = (Walk::new(first), Walk::new(second));
     let mut pos = 0u64;
     while pos < common {
-        let (kind_a, len_a) = stretch(first, pos, common)?;
-        let (kind_b, len_b) = stretch(second, pos, common)?;
-        // QEMU's block status also says whether a stretch reaches the end of its image.
-        let ends_a = pos.saturating_add(len_a) >= size_a;
-        let ends_b = pos.saturating_add(len_b) >= size_b;
-        if options.strict && (kind_a != kind_b || ends_a != ends_b) {
-            return Ok(Comparison::AllocationMismatch { offset: pos });
-        }
+        let (kind_a, len_a) = walk_a.stretch(pos, common)?;
+        let (kind_b, len_b) = walk_b.stretch(pos, common)?;
         let mut len = len_a.min(len_b);
         if !(kind_a.reads_as_zeros() && kind_b.reads_as_zeros()) {
             len = len.min(CHUNK);
@@ -121,7 +118,7 @@ where
         }
         pos = pos.saturating_add(len);
     }
-    // Not strict: past the smaller disk, the larger one must read as zeros.
+    // Past the smaller disk, the larger one must read as zeros.
     if size_a > size_b {
         if let Some(offset) = first_nonzero_from(first, common, &mut bufs)? {
             return Ok(Comparison::Differ { offset });
@@ -134,6 +131,37 @@ where
     Ok(Comparison::Identical)
 }
 
+/// `qemu-img compare -s` of two disks of `size` bytes: step by step as it does, each step as
+/// long as the shorter of the two disks' block status stretches, the statuses compared whole
+/// (data, zero, offset known, allocated, end of disk, compressed) at each step's start, and
+/// the contents where not both read as zeros.
+fn compare_strict<A, B>(first: &A, second: &B, size: u64) -> Result<Comparison>
+where
+    A: GuestDisk + ?Sized,
+    B: GuestDisk + ?Sized,
+{
+    let mut bufs = Buffers::default();
+    let mut pos = 0u64;
+    while pos < size {
+        let left = size.saturating_sub(pos);
+        let (status_a, len_a) = first.block_status(pos)?.unwrap_or_default();
+        let (status_b, len_b) = second.block_status(pos)?.unwrap_or_default();
+        if status_a != status_b {
+            return Ok(Comparison::AllocationMismatch { offset: pos });
+        }
+        let mut len = len_a.min(len_b).clamp(1, left);
+        // Equal statuses: both zeros, or both allocated (or neither) alike.
+        if !status_a.zero && status_a.allocated {
+            len = len.min(CHUNK);
+            if let Some(offset) = bufs.first_difference(first, second, pos, len)? {
+                return Ok(Comparison::Differ { offset });
+            }
+        }
+        pos = pos.saturating_add(len);
+    }
+    Ok(Comparison::Identical)
+}
+
 /// The first sector of `disk` from `pos` to its end that is not all zeros.
 fn first_nonzero_from<D: GuestDisk + ?Sized>(
     disk: &D,
@@ -141,8 +169,9 @@ fn first_nonzero_from<D: GuestDisk + ?Sized>(
     bufs: &mut Buffers,
 ) -> Result<Option<u64>> {
     let end = disk.disk_size();
+    let mut walk = Walk::new(disk);
     while pos < end {
-        let (kind, len) = stretch(disk, pos, end)?;
+        let (kind, len) = walk.stretch(pos, end)?;
         let len = if kind.reads_as_zeros() {
             len
         } else {
@@ -157,13 +186,35 @@ fn first_nonzero_from<D: GuestDisk + ?Sized>(
     Ok(None)
 }
 
-/// The allocation of `disk` at `pos` and its length, at least 1 and not past `end`.
-fn stretch<D: GuestDisk + ?Sized>(disk: &D, pos: u64, end: u64) -> Result<(Allocation, u64)> {
-    let left = end.saturating_sub(pos);
-    Ok(match disk.allocation_at(pos)? {
-        Some((kind, len)) => (kind, len.clamp(1, left.max(1))),
-        None => (Allocation::Zero, left),
-    })
+/// Steps through one disk's allocation map, keeping the stretch looked up last: a long
+/// stretch met in many steps (beside many short ones of the other disk, or data read a
+/// chunk at a time) is looked up once, not again from each step's start.
+struct Walk<'d, D: ?Sized> {
+    disk: &'d D,
+    /// `[start, end)` of the stretch looked up last, and its allocation.
+    known: Option<(u64, u64, Allocation)>,
+}
+
+impl<'d, D: GuestDisk + ?Sized> Walk<'d, D> {
+    fn new(disk: &'d D) -> Self {
+        Walk { disk, known: None }
+    }
+
+    /// The allocation of the disk at `pos` and its length, at least 1 and not past `end`.
+    fn stretch(&mut self, pos: u64, end: u64) -> Result<(Allocation, u64)> {
+        let left = end.saturating_sub(pos);
+        if let Some((start, stop, kind)) = self.known {
+            if start <= pos && pos < stop {
+                return Ok((kind, stop.saturating_sub(pos).clamp(1, left.max(1))));
+            }
+        }
+        let (kind, len) = match self.disk.allocation_at(pos)? {
+            Some((kind, len)) => (kind, len.clamp(1, left.max(1))),
+            None => (Allocation::Zero, left),
+        };
+        self.known = Some((pos, pos.saturating_add(len), kind));
+        Ok((kind, len))
+    }
 }
 
 /// The two read buffers, reused from chunk to chunk.

@@ -261,6 +261,11 @@ struct Planner<'d, D: ?Sized> {
     disk: &'d D,
     pos: u64,
     end: u64,
+    /// The stretch looked up last: `[start, end)`, and whether it is read. The segments cut
+    /// from one stretch (a zero stretch longer than [`MAX_ZERO_SEGMENT`], data longer than a
+    /// chunk) take the rest of it from here instead of looking the stretch up again from
+    /// each segment's start, which cost the rest of the stretch every time.
+    known: Option<(u64, u64, bool)>,
 }
 
 impl<D: GuestDisk + ?Sized> Planner<'_, D> {
@@ -297,7 +302,19 @@ impl<D: GuestDisk + ?Sized> Planner<'_, D> {
 
     /// Whether the disk must be read from `pos`, and for how long (at least 1 byte, not
     /// past the end of the output).
-    fn stretch_at(&self, pos: u64) -> Result<(bool, u64)> {
+    fn stretch_at(&mut self, pos: u64) -> Result<(bool, u64)> {
+        if let Some((start, end, read)) = self.known {
+            if start <= pos && pos < end {
+                return Ok((read, end.saturating_sub(pos)));
+            }
+        }
+        let (read, len) = self.look_up(pos)?;
+        self.known = Some((pos, pos.saturating_add(len), read));
+        Ok((read, len))
+    }
+
+    /// [`Planner::stretch_at`], asking the disk.
+    fn look_up(&self, pos: u64) -> Result<(bool, u64)> {
         let left = self.end.saturating_sub(pos);
         let in_disk = self.disk.disk_size().saturating_sub(pos);
         let (read, len) = match self.disk.allocation_at(pos)? {
@@ -432,6 +449,7 @@ where
         disk,
         pos: 0,
         end: total,
+        known: None,
     };
     progress(0, total);
     if threads <= 1 {

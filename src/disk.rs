@@ -5,9 +5,12 @@ use positioned_io::ReadAt;
 
 use crate::error::{Error, Result};
 use crate::extent::ExtentKind;
+use crate::holes::HoleQuery;
 use crate::image::Backing;
 use crate::io::read_up_to;
+use crate::map::{self, LayerStatus};
 use crate::open::FileId;
+use crate::plan::{Planner, SegmentKind};
 use crate::reader::Reader;
 
 /// How a stretch of a guest disk is allocated, across its whole backing chain (what QEMU's
@@ -31,6 +34,72 @@ impl Allocation {
         !matches!(self, Allocation::Data | Allocation::Compressed)
     }
 }
+
+/// QEMU's block status of a stretch of a guest disk: the flags its block layer reports
+/// through the whole backing chain (`bdrv_block_status_above`), which
+/// `qemu-img compare -s` compares. See [`GuestDisk::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub struct BlockStatus {
+    /// `BDRV_BLOCK_DATA`: stored as data somewhere in the chain (it may still read as zeros:
+    /// a hole in the file under a data cluster of a `preallocation=metadata` image).
+    pub data: bool,
+    /// `BDRV_BLOCK_ZERO`: reads as zeros.
+    pub zero: bool,
+    /// `BDRV_BLOCK_OFFSET_VALID`: where it lies in a file is known (plain data, preallocated
+    /// zeros, a raw file; not compressed or encrypted data).
+    pub offset_valid: bool,
+    /// `BDRV_BLOCK_ALLOCATED`: some layer of the chain decides what it reads (zeros for want
+    /// of any layer are not allocated).
+    pub allocated: bool,
+    /// `BDRV_BLOCK_EOF`: the stretch, as QEMU cuts it, reaches the end of the disk (or,
+    /// unallocated everywhere, the end of the last layer asked).
+    pub eof: bool,
+    /// `BDRV_BLOCK_COMPRESSED`.
+    pub compressed: bool,
+}
+
+impl BlockStatus {
+    /// The status an [`Allocation`] implies, for disks that know no more about themselves.
+    fn of(allocation: Allocation, eof: bool) -> Self {
+        let data = !allocation.reads_as_zeros();
+        BlockStatus {
+            data,
+            zero: !data,
+            offset_valid: false,
+            allocated: allocation != Allocation::Unallocated,
+            eof,
+            compressed: allocation == Allocation::Compressed,
+        }
+    }
+
+    /// The allocation this status reads as.
+    fn allocation(self) -> Allocation {
+        match self {
+            BlockStatus {
+                zero: true,
+                allocated: true,
+                ..
+            } => Allocation::Zero,
+            BlockStatus { zero: true, .. } => Allocation::Unallocated,
+            BlockStatus {
+                compressed: true, ..
+            } => Allocation::Compressed,
+            _ => Allocation::Data,
+        }
+    }
+
+    /// The status past the end of a layer (QEMU's `BDRV_BLOCK_EOF` with no bytes).
+    fn past_end() -> Self {
+        BlockStatus {
+            eof: true,
+            ..BlockStatus::default()
+        }
+    }
+}
+
+/// QEMU's qcow2 driver answers for at most `INT_MAX` bytes at once.
+const QEMU_MAX_STATUS: u64 = i32::MAX as u64;
 
 /// A guest disk that [`convert_to_writer`](crate::convert_to_writer),
 /// [`convert_to_file`](crate::convert_to_file) and [`compare`](crate::compare) can read.
@@ -65,6 +134,20 @@ pub trait GuestDisk {
         let _ = file;
         Ok(false)
     }
+
+    /// QEMU's block status from `pos` and the length of the stretch it covers (at least 1,
+    /// not past the end), or `None` at or past the end. [`Reader`] and [`RawDisk`] cut their
+    /// stretches where QEMU does, so that a strict [`compare`](crate::compare) steps through
+    /// the disks, and names the offset of a difference, as `qemu-img compare -s` does. The
+    /// default derives the status from [`GuestDisk::allocation_at`] (no host offsets).
+    fn block_status(&self, pos: u64) -> Result<Option<(BlockStatus, u64)>> {
+        let size = self.disk_size();
+        let left = size.saturating_sub(pos);
+        Ok(self.allocation_at(pos)?.map(|(allocation, len)| {
+            let len = len.clamp(1, left.max(1));
+            (BlockStatus::of(allocation, len >= left), len)
+        }))
+    }
 }
 
 impl<I: ReadAt> GuestDisk for Reader<'_, I> {
@@ -83,24 +166,79 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
     }
 
     fn allocation_at(&self, pos: u64) -> Result<Option<(Allocation, u64)>> {
+        self.allocation_in(pos, u64::MAX)
+    }
+
+    fn block_status(&self, pos: u64) -> Result<Option<(BlockStatus, u64)>> {
+        let size = self.guest_size();
+        if pos >= size {
+            return Ok(None);
+        }
+        // QEMU's `bdrv_co_common_block_status_above` with no base: down the chain until a
+        // layer has the stretch, each asked for no more than the layer above answered.
+        let (mut status, mut len) = qcow2_block_status(self, pos, size.saturating_sub(pos))?;
+        if status.allocated || len == 0 {
+            return Ok(Some((status, len.max(1))));
+        }
+        let eof = status.eof.then_some(pos.saturating_add(len));
+        let mut bytes = len;
+        let mut below = self.image().backing_source();
+        while let Some(layer) = below {
+            let (found, n) = layer.block_status(pos, bytes)?;
+            if n == 0 {
+                // Past the end of a shorter layer: zeros, allocated there.
+                status = BlockStatus {
+                    zero: true,
+                    allocated: true,
+                    ..BlockStatus::default()
+                };
+                len = bytes;
+                break;
+            }
+            (status, len) = (found, n);
+            if found.allocated {
+                status.eof = false; // that layer's end, not this disk's
+                break;
+            }
+            bytes = n;
+            below = layer.backing_source();
+        }
+        if eof == Some(pos.saturating_add(len)) {
+            status.eof = true;
+        }
+        Ok(Some((status, len.max(1))))
+    }
+
+    fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
+        Ok(FileId::of_file(file)?.is_some_and(|id| self.image().reads_file(id)))
+    }
+}
+
+impl<I: ReadAt> Reader<'_, I> {
+    /// [`GuestDisk::allocation_at`], looking no further than `max` bytes from `pos`
+    /// (`max` > 0): what a caller that takes at most that much costs no more.
+    pub(crate) fn allocation_in(&self, pos: u64, max: u64) -> Result<Option<(Allocation, u64)>> {
         let image = self.image();
+        let limit = pos.saturating_add(max.max(1));
         let cluster_left = crate::reader::remaining_in_block(pos, image.geometry.cluster_bits);
         // The cluster at `pos` first: a compressed one is reported alone (as QEMU reports
         // them, so that convert's chunks, and with them its sparse decisions, fall where
         // qemu-img's do), and a data stretch only as far as a caller takes at once. Finding
         // a stretch's end costs its length, and callers step through data a chunk at a time.
-        let Some(first) = self.extent_in(pos..pos.saturating_add(cluster_left))? else {
+        let Some(first) = self.extent_in(pos..pos.saturating_add(cluster_left).min(limit))? else {
             return Ok(None);
         };
         let extent = match first.kind {
             ExtentKind::Compressed => Some(first),
-            ExtentKind::Data { .. } => self.extent_in(pos..pos.saturating_add(DATA_LOOKUP))?,
-            _ => self.extent_at(pos)?,
+            ExtentKind::Data { .. } => {
+                self.extent_in(pos..pos.saturating_add(DATA_LOOKUP).min(limit))?
+            }
+            _ => self.extent_in(pos..limit)?,
         };
         let extent = extent.unwrap_or(first);
         Ok(Some(match extent.kind {
             ExtentKind::Compressed => (Allocation::Compressed, extent.length),
-            ExtentKind::Data { .. } => (Allocation::Data, extent.length),
+            ExtentKind::Data { host_offset } => self.data_allocation(host_offset, extent.length),
             ExtentKind::Zero => (Allocation::Zero, extent.length),
             ExtentKind::Unallocated => match &image.backing {
                 Some(Backing::Source { source, .. }) => source.allocation(pos, extent.length)?,
@@ -113,9 +251,157 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
             _ => (Allocation::Data, extent.length),
         }))
     }
+}
 
-    fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
-        Ok(FileId::of_file(file)?.is_some_and(|id| self.image().reads_file(id)))
+impl<I: ReadAt> Reader<'_, I> {
+    /// Plain data at `host` for `len` bytes: zeros where the file has holes in an image
+    /// that looks preallocated with `preallocation=metadata`, as QEMU (and the map) sees them,
+    /// so they are never read.
+    fn data_allocation(&self, host: u64, len: u64) -> (Allocation, u64) {
+        let image = self.image();
+        let (Some(holes), None) = (image.data_holes(), image.crypt.as_ref()) else {
+            return (Allocation::Data, len);
+        };
+        if !image.metadata_preallocated() {
+            return (Allocation::Data, len);
+        }
+        let mut status = LayerStatus {
+            len,
+            present: true,
+            data: true,
+            offset: Some(host),
+            ..LayerStatus::default()
+        };
+        map::clip_to_file_holes(&mut status, holes, host);
+        match status.zero {
+            true => (Allocation::Zero, status.len.max(1)),
+            false => (Allocation::Data, status.len.max(1)),
+        }
+    }
+}
+
+/// One qcow2 layer's block status, as QEMU's `bdrv_co_do_block_status` over
+/// `qcow2_co_block_status` answers it, for at most `bytes` from `pos` of `reader`'s guest:
+/// a run of one kind (host offsets following on) within one L2 table and `INT_MAX` bytes,
+/// cut at the file's holes where QEMU looks at them (`BDRV_BLOCK_RECURSE`). Length 0 (and
+/// `eof`) at or past the end of the guest.
+pub(crate) fn qcow2_block_status<I: ReadAt>(
+    reader: &Reader<'_, I>,
+    pos: u64,
+    bytes: u64,
+) -> Result<(BlockStatus, u64)> {
+    let size = reader.guest_size();
+    if pos >= size {
+        return Ok((BlockStatus::past_end(), 0));
+    }
+    let image = reader.image();
+    let l2_bits = image.geometry.l2_bits();
+    let table_end = (pos >> l2_bits).saturating_add(1) << l2_bits;
+    let end = pos
+        .saturating_add(bytes.min(size.saturating_sub(pos)).min(QEMU_MAX_STATUS))
+        .min(table_end);
+    let mut planner = Planner::new(reader);
+    // From the start of a table, walk its first run whole, not just what this step takes:
+    // a table found empty so is remembered (EmptyTables), and QEMU's steps of INT_MAX bytes
+    // through it, and through every other L1 entry naming it, cost nothing more.
+    let walk_end = match crate::bytes::low_bits(pos, l2_bits) {
+        0 => table_end,
+        _ => end,
+    };
+    let first = planner.segment(pos, walk_end)?;
+    let kind = first.kind;
+    let compressed = matches!(kind, SegmentKind::Compressed { .. });
+    let mut stop = pos.saturating_add(first.len).min(end);
+    // The planner cuts runs of many units short; QEMU does not.
+    while !compressed && stop < end {
+        let next = planner.segment(stop, end)?;
+        if next.len == 0 || !kind.continued_by(next.kind, stop.saturating_sub(pos)) {
+            break;
+        }
+        stop = stop.saturating_add(next.len);
+    }
+    let mut len = stop.saturating_sub(pos).max(1);
+    // QEMU gives no offset for encrypted data, nor for compressed data.
+    let offset = kind.host().filter(|_| image.crypt.is_none()).map(|h| h.0);
+    let data = compressed || matches!(kind, SegmentKind::Data(_));
+    let mut zero = matches!(kind, SegmentKind::Zero(_));
+    let allocated = data || zero;
+    if !allocated {
+        // Unallocated: zeros when nothing lies below, or when the layer below ends first.
+        zero = match image.backing_source() {
+            Some(below) => pos >= below.guest_size(),
+            None if image.has_backing_attached() => true, // explicit zeros
+            None => match image.header().backing_file() {
+                Some(name) => {
+                    return Err(Error::BackingMissing {
+                        name: name.to_owned(),
+                    })
+                }
+                None => true,
+            },
+        };
+    }
+    if let (true, false, Some(host), Some(holes)) = (data, compressed, offset, image.data_holes()) {
+        if image.metadata_preallocated() {
+            let mut status = LayerStatus {
+                len,
+                present: true,
+                data: true,
+                offset: Some(host),
+                ..LayerStatus::default()
+            };
+            map::clip_to_file_holes(&mut status, holes, host);
+            len = status.len.max(1);
+            zero |= status.zero;
+        }
+    }
+    let status = BlockStatus {
+        data,
+        zero,
+        offset_valid: offset.is_some(),
+        allocated,
+        eof: pos.saturating_add(len) >= size,
+        compressed,
+    };
+    Ok((status, len))
+}
+
+/// A raw file's block status (QEMU's raw format over `file-posix`): data or a hole, as the
+/// file system says, for at most `bytes` from `pos` of a file QEMU counts as `size` bytes.
+/// Length 0 (and `eof`) at or past the end.
+pub(crate) fn raw_block_status(
+    holes: Option<&dyn HoleQuery>,
+    size: u64,
+    pos: u64,
+    bytes: u64,
+) -> (BlockStatus, u64) {
+    if pos >= size || bytes == 0 {
+        return (BlockStatus::past_end(), 0);
+    }
+    let layer = map::raw_layer_status(holes, size, None, pos, bytes.min(size.saturating_sub(pos)));
+    let len = layer.len.max(1);
+    let status = BlockStatus {
+        data: layer.data,
+        zero: layer.zero,
+        offset_valid: true,
+        allocated: true,
+        eof: pos.saturating_add(len) >= size,
+        compressed: false,
+    };
+    (status, len)
+}
+
+/// The allocation a raw layer's status reads as, with its length.
+pub(crate) fn raw_allocation(
+    holes: Option<&dyn HoleQuery>,
+    size: u64,
+    pos: u64,
+    max: u64,
+) -> (Allocation, u64) {
+    match raw_block_status(holes, size, pos, max) {
+        // Past its end the guest reads zeros, which QEMU counts as allocated zeros.
+        (_, 0) => (Allocation::Zero, max),
+        (status, len) => (status.allocation(), len),
     }
 }
 
@@ -127,12 +413,12 @@ const DATA_LOOKUP: u64 = 8 << 20;
 /// The allocation of `disk` (a backing image) from `pos`, at most `max` bytes long
 /// (`max` > 0). Past the end of a shorter backing image the guest reads zeros, which QEMU
 /// counts as allocated zeros.
-pub(crate) fn backing_allocation<S: GuestDisk + ?Sized>(
-    source: &S,
+pub(crate) fn backing_allocation<I: ReadAt>(
+    source: &Reader<'_, I>,
     pos: u64,
     max: u64,
 ) -> Result<(Allocation, u64)> {
-    match source.allocation_at(pos)? {
+    match source.allocation_in(pos, max)? {
         Some((allocation, len)) => Ok((allocation, len.clamp(1, max))),
         None => Ok((Allocation::Zero, max)),
     }
@@ -141,7 +427,9 @@ pub(crate) fn backing_allocation<S: GuestDisk + ?Sized>(
 /// A raw disk image: any [`ReadAt`] source, with the size given.
 ///
 /// Reads past the end of the source (up to `size`) are zeros. The source's bytes count as
-/// [`Allocation::Data`], and what lies past its end as [`Allocation::Zero`].
+/// [`Allocation::Data`], and what lies past its end as [`Allocation::Zero`]; holes in the
+/// file, when known ([`RawDisk::open_path`] asks the file system, as QEMU does, or see
+/// [`RawDisk::with_hole_query`]), count as [`Allocation::Zero`] and are never read.
 ///
 /// ```
 /// let raw = qcow2::RawDisk::open_path("fixtures/backing-raw-base.raw")?;
@@ -151,7 +439,6 @@ pub(crate) fn backing_allocation<S: GuestDisk + ?Sized>(
 /// assert!(matches!(result, qcow2::Comparison::Differ { .. }));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
 pub struct RawDisk<R> {
     source: R,
     size: u64,
@@ -159,6 +446,19 @@ pub struct RawDisk<R> {
     data_len: u64,
     /// The file's identity, when made from a file.
     id: Option<FileId>,
+    /// Where the file has holes, when known.
+    holes: Option<Box<dyn HoleQuery>>,
+}
+
+impl<R: std::fmt::Debug> std::fmt::Debug for RawDisk<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDisk")
+            .field("source", &self.source)
+            .field("size", &self.size)
+            .field("data_len", &self.data_len)
+            .field("holes_known", &self.holes.is_some())
+            .finish()
+    }
 }
 
 impl<R: ReadAt> RawDisk<R> {
@@ -169,12 +469,20 @@ impl<R: ReadAt> RawDisk<R> {
             size,
             data_len: size,
             id: None,
+            holes: None,
         }
     }
 
     /// The source.
     pub fn get_ref(&self) -> &R {
         &self.source
+    }
+
+    /// Find the source's holes with `holes` (a handle to the same file): they read as
+    /// zeros without being read, as QEMU's block status reports them.
+    pub fn with_hole_query<H: HoleQuery + 'static>(mut self, holes: H) -> Self {
+        self.holes = Some(Box::new(holes));
+        self
     }
 
     /// The source, back.
@@ -185,7 +493,8 @@ impl<R: ReadAt> RawDisk<R> {
 
 impl RawDisk<std::fs::File> {
     /// Open a raw file as QEMU does: its size rounded up to whole 512-byte sectors, the
-    /// partial last sector reading as zeros past the end of the file.
+    /// partial last sector reading as zeros past the end of the file, its holes (as the file
+    /// system reports them) reading as zeros.
     ///
     /// The file is opened as [`open_file`](crate::open_file) opens it, with default options:
     /// a FIFO, socket, directory or device is an [`Error::NotRegularFile`] at once, never a
@@ -216,11 +525,17 @@ impl RawDisk<std::fs::File> {
         let len = crate::open::disk_len(&file)
             .map_err(|e| Error::io(format!("reading the size of {name}"), e))?;
         let id = FileId::of_file(&file)?;
+        // Without a second handle the holes are unknown: all data, as QEMU when lseek fails.
+        let holes = file
+            .try_clone()
+            .ok()
+            .map(|f| Box::new(f) as Box<dyn HoleQuery>);
         Ok(RawDisk {
             source: file,
             size: len.checked_next_multiple_of(SECTOR).unwrap_or(len),
             data_len: len,
             id,
+            holes,
         })
     }
 }
@@ -247,15 +562,37 @@ impl<R: ReadAt> GuestDisk for RawDisk<R> {
         if pos >= self.size {
             return Ok(None);
         }
+        let left = self.size.saturating_sub(pos);
         Ok(Some(
             match self.data_len.checked_sub(pos).filter(|&n| n > 0) {
-                Some(n) => (Allocation::Data, n),
-                None => (Allocation::Zero, self.size.saturating_sub(pos)),
+                Some(n) if self.holes.is_none() => (Allocation::Data, n),
+                Some(_) => raw_allocation(self.holes.as_deref(), self.size, pos, left),
+                None => (Allocation::Zero, left),
             },
         ))
     }
 
     fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
         Ok(self.id.is_some() && FileId::of_file(file)? == self.id)
+    }
+
+    fn block_status(&self, pos: u64) -> Result<Option<(BlockStatus, u64)>> {
+        if pos >= self.size {
+            return Ok(None);
+        }
+        let left = self.size.saturating_sub(pos);
+        Ok(Some(match self.holes.as_deref() {
+            Some(holes) => raw_block_status(Some(holes), self.size, pos, left),
+            // Without holes: data up to the end of the source, zeros past it.
+            None => {
+                let (allocation, len) = match self.data_len.checked_sub(pos).filter(|&n| n > 0) {
+                    Some(n) => (Allocation::Data, n),
+                    None => (Allocation::Zero, left),
+                };
+                let mut status = BlockStatus::of(allocation, len >= left);
+                status.offset_valid = true;
+                (status, len)
+            }
+        }))
     }
 }

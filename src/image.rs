@@ -9,7 +9,7 @@ use crate::bitmap::Bitmap;
 use crate::cache::{new_image_id, ByteLru};
 use crate::compress::ClusterCache;
 use crate::crypt::{Encryption, Secret};
-use crate::disk::Allocation;
+use crate::disk::{Allocation, BlockStatus};
 use crate::error::{Error, Result};
 use crate::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
 use crate::holes::HoleQuery;
@@ -50,6 +50,9 @@ pub(crate) trait GuestSource: Send + Sync {
     fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)>;
     /// Whether this source (through its own chain) reads the file `id`.
     fn reads_file(&self, id: FileId) -> bool;
+    /// QEMU's block status of this layer alone for at most `bytes` at `pos` (its own
+    /// `bdrv_co_do_block_status`); length 0 at or past its end.
+    fn block_status(&self, pos: u64, bytes: u64) -> Result<(BlockStatus, u64)>;
 }
 
 /// What [`info`](crate::info) needs of any image in a chain, whatever its source type.
@@ -104,10 +107,21 @@ impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
         ))
     }
     fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
-        match self.size.checked_sub(pos).filter(|&left| left > 0) {
-            Some(left) => Ok((Allocation::Data, left.min(max))),
-            None => Ok((Allocation::Zero, max)),
-        }
+        // The file's holes read as zeros, never read: a sparse base costs its data only.
+        Ok(crate::disk::raw_allocation(
+            self.holes.as_deref(),
+            self.size,
+            pos,
+            max,
+        ))
+    }
+    fn block_status(&self, pos: u64, bytes: u64) -> Result<(BlockStatus, u64)> {
+        Ok(crate::disk::raw_block_status(
+            self.holes.as_deref(),
+            self.size,
+            pos,
+            bytes,
+        ))
     }
     fn reads_file(&self, id: FileId) -> bool {
         self.id == Some(id)
@@ -558,7 +572,15 @@ impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
         Qcow2::backing_source(self)
     }
     fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
-        crate::disk::backing_allocation(&self.reader()?, pos, max)
+        // Through the chain's read state, which keeps what walks learn (empty L2 tables).
+        self.check_data_file()?;
+        let reader = Reader::with_state(self, &self.chain_state);
+        crate::disk::backing_allocation(&reader, pos, max)
+    }
+    fn block_status(&self, pos: u64, bytes: u64) -> Result<(BlockStatus, u64)> {
+        self.check_data_file()?;
+        let reader = Reader::with_state(self, &self.chain_state);
+        crate::disk::qcow2_block_status(&reader, pos, bytes)
     }
     fn reads_file(&self, id: FileId) -> bool {
         Qcow2::reads_file(self, id)

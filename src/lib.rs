@@ -122,7 +122,7 @@ pub use convert::{
 };
 pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
 pub use dirty::{DirtyExtent, DirtyExtents};
-pub use disk::{Allocation, GuestDisk, RawDisk};
+pub use disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
 pub use error::{Error, FeatureKind, Result};
 pub use extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};
 pub use extent::{Extent, ExtentKind};

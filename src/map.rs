@@ -170,13 +170,13 @@ impl<'a, I: ReadAt> Iterator for MapIter<'a, I> {
 /// One layer's answer for a stretch starting at a guest offset, before the chain is asked.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct LayerStatus<'a> {
-    len: u64,
-    present: bool,
-    zero: bool,
-    data: bool,
-    compressed: bool,
-    offset: Option<u64>,
-    file: Option<&'a Path>,
+    pub(crate) len: u64,
+    pub(crate) present: bool,
+    pub(crate) zero: bool,
+    pub(crate) data: bool,
+    pub(crate) compressed: bool,
+    pub(crate) offset: Option<u64>,
+    pub(crate) file: Option<&'a Path>,
 }
 
 /// Down the chain from `reader`'s layer until one has data or zeros (`get_block_status`).
@@ -278,7 +278,7 @@ pub(crate) fn qcow2_layer_status<'a, I: ReadAt>(
 
 /// QEMU's `BDRV_BLOCK_RECURSE`: data clusters of a preallocated image may be holes in the
 /// file, which read as zeros; so does anything past the end of the file.
-fn clip_to_file_holes(status: &mut LayerStatus<'_>, holes: &dyn HoleQuery, offset: u64) {
+pub(crate) fn clip_to_file_holes(status: &mut LayerStatus<'_>, holes: &dyn HoleQuery, offset: u64) {
     let Some(file_len) = holes.file_len() else {
         return; // QEMU ignores a failed query
     };

@@ -406,6 +406,10 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let Some(table_at) = self.reader.l2_table_offset(l1_index)? else {
             return Ok(self.unallocated_tables(start, l1_index, end));
         };
+        if self.reader.state().empty_tables.has(table_at) {
+            // A table already walked and found to map nothing: as if unallocated.
+            return Ok(self.unallocated_tables(start, l1_index, end));
+        }
         let table_end = end.min(l1_index.saturating_add(1) << g.l2_bits());
         let (mapping, unit_host) = self.unit(table_at, pos, table_end)?;
         let kind = SegmentKind::of(mapping, unit_host);
@@ -444,6 +448,15 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             }
             cur = cur.saturating_add(1u64 << unit_bits);
         }
+        let table_start = l1_index << g.l2_bits();
+        let whole_table = pos == table_start
+            && cur >= table_end
+            && table_end == l1_index.saturating_add(1) << g.l2_bits();
+        if kind == SegmentKind::Unallocated(None) && whole_table {
+            // Remember it: an image whose L1 entries all name one empty table is then walked
+            // in time proportional to its L1 table, not to its guest size.
+            self.reader.state().empty_tables.put(table_at);
+        }
         Ok(Segment {
             start,
             len: cur.min(table_end).saturating_sub(pos),
@@ -457,7 +470,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let mut next = l1_index.saturating_add(1);
         while next << l2_bits < end
             && next.saturating_sub(l1_index) < MAX_TABLES_PER_SEGMENT
-            && self.reader.l2_unallocated(next)
+            && self.l2_maps_nothing(next)
         {
             if next >= self.reader.l1_len() {
                 // Past the L1 table all is unallocated, up to any virtual size.
@@ -471,6 +484,17 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             start,
             len: stop.saturating_sub(start.0),
             kind: SegmentKind::Unallocated(None),
+        }
+    }
+
+    /// Whether the L2 table for L1 index `index` maps nothing: unallocated (an entry past the
+    /// L1 table is), or known to hold only unallocated entries ([`EmptyTables`]). A malformed
+    /// entry is not: the next segment reports it.
+    fn l2_maps_nothing(&self, index: u64) -> bool {
+        match self.reader.l2_table_offset(index) {
+            Ok(None) => true,
+            Ok(Some(at)) => self.reader.state().empty_tables.has(at),
+            Err(_) => false,
         }
     }
 
@@ -567,6 +591,38 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
     }
 }
 
+/// Slots of [`EmptyTables`].
+const EMPTY_TABLE_SLOTS: usize = 8;
+
+/// The file offsets of a few L2 tables a reader walked whole and found to map nothing (every
+/// entry unallocated, without a host offset), direct-mapped by offset: the planner then steps
+/// over each further L1 entry naming one of them at once, as over an unallocated L1 entry.
+/// Tables are read-only here, so what was found stays true.
+#[derive(Default)]
+pub(crate) struct EmptyTables {
+    /// Offset + 1 of a table found empty; 0 for none.
+    slots: [AtomicU64; EMPTY_TABLE_SLOTS],
+}
+
+impl EmptyTables {
+    fn slot(&self, at: u64) -> Option<&AtomicU64> {
+        // Tables are cluster-aligned: skip the low bits that are always zero (512 B at least).
+        let index = (at >> 9) as usize % EMPTY_TABLE_SLOTS;
+        self.slots.get(index)
+    }
+
+    fn has(&self, at: u64) -> bool {
+        self.slot(at)
+            .is_some_and(|s| s.load(Ordering::Relaxed) == at.saturating_add(1))
+    }
+
+    fn put(&self, at: u64) {
+        if let Some(s) = self.slot(at) {
+            s.store(at.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+}
+
 /// 64-bit words per L2 entry: two with extended L2 entries.
 #[inline]
 fn words_per_entry(g: &Geometry) -> u64 {
@@ -629,12 +685,6 @@ impl<I: ReadAt> Reader<'_, I> {
             .l1_offset()
             .saturating_add(l1_index.saturating_mul(TABLE_ENTRY_LEN));
         table::l2_table_offset(entry, &self.image().geometry, entry_at)
-    }
-
-    /// Whether the L2 table for L1 index `index` is unallocated (an entry past the L1 table
-    /// is). A malformed entry is not: the next segment reports it.
-    fn l2_unallocated(&self, index: u64) -> bool {
-        matches!(self.l2_table_offset(index), Ok(None))
     }
 
     /// Slice `number` of the L2 table at `table_at`, from the cache or else read from the

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::header::CompressionType;
 use crate::image::{Backing, Qcow2};
 use crate::io::read_up_to;
-use crate::plan::{HostOffset, NearSlices, Planner, SegmentKind};
+use crate::plan::{EmptyTables, HostOffset, NearSlices, Planner, SegmentKind};
 use crate::pool::Pool;
 
 /// Reads guest data of one image: the active disk, or an internal snapshot.
@@ -51,6 +51,8 @@ pub(crate) struct ReadState {
     /// A buffer for reading L2 slices, kept so that a walk does not allocate (and the kernel
     /// zero) fresh memory for every table.
     pub(crate) scratch: std::sync::Mutex<Vec<u8>>,
+    /// L2 tables walked whole and found to map nothing.
+    pub(crate) empty_tables: EmptyTables,
 }
 
 impl ReadState {
@@ -59,6 +61,7 @@ impl ReadState {
             last_end: AtomicU64::new(u64::MAX),
             near: NearSlices::default(),
             scratch: std::sync::Mutex::new(Vec::new()),
+            empty_tables: EmptyTables::default(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use positioned_io::ReadAt;
-use qcow2::{Allocation, CompareOptions, Comparison, GuestDisk, OpenOptions, Qcow2, RawDisk};
+use qcow2::{CompareOptions, Comparison, GuestDisk, OpenOptions, Qcow2, RawDisk};
 
 /// Compare the guest disks of IMG1 and IMG2.
 #[derive(clap::Args, Debug)]
@@ -37,42 +37,9 @@ pub struct Args {
 /// A disk opened for comparison.
 enum Opened {
     Image(Box<Qcow2<File>>),
-    /// A raw file, whose holes count as zeros.
-    Raw(RawHoles),
-}
-
-/// A raw file whose holes count as zeros, as QEMU's block status reports them: a sparse
-/// file is compared by its data only.
-struct RawHoles {
-    raw: RawDisk<File>,
-}
-
-impl GuestDisk for RawHoles {
-    fn disk_size(&self) -> u64 {
-        self.raw.disk_size()
-    }
-
-    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
-        self.raw.read_disk(pos, buf)
-    }
-
-    fn reads_file(&self, file: &File) -> qcow2::Result<bool> {
-        self.raw.reads_file(file)
-    }
-
-    fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(Allocation, u64)>> {
-        let found = self.raw.allocation_at(pos)?;
-        let Some((Allocation::Data, len)) = found else {
-            return Ok(found);
-        };
-        Ok(Some(
-            match crate::convert::host_run(self.raw.get_ref(), pos) {
-                Some((true, n)) => (Allocation::Zero, len.min(n)),
-                Some((false, n)) => (Allocation::Data, len.min(n)),
-                None => (Allocation::Data, len),
-            },
-        ))
-    }
+    /// A raw file: its holes (which the file system reports) read as zeros, as in QEMU's
+    /// block status, so a sparse file is compared by its data only.
+    Raw(RawDisk<File>),
 }
 
 /// Run `qcow2 compare`.
@@ -178,9 +145,7 @@ fn open(
                 path, secret,
             )?)))
         }
-        "raw" => Ok(Opened::Raw(RawHoles {
-            raw: RawDisk::from_file(file).map_err(|e| fail(&e))?,
-        })),
+        "raw" => Ok(Opened::Raw(RawDisk::from_file(file).map_err(|e| fail(&e))?)),
         other => Err(fail(&format!(
             "unsupported format '{other}' (qcow2 and raw are read)"
         ))),
