@@ -112,14 +112,17 @@ pub enum Error {
     },
 
     /// A value read from the image exceeds one of the [`Limits`](crate::Limits) in force.
-    #[error("{what} needs {requested} bytes, over the limit of {limit}")]
+    #[error("{what} needs {requested} {unit}, over the limit of {limit}")]
     LimitExceeded {
         /// What would have been allocated or followed.
         what: &'static str,
-        /// How much the image asked for.
+        /// How much the image asked for, counted in `unit`.
         requested: u64,
-        /// The limit.
+        /// The limit, in the same unit.
         limit: u64,
+        /// What `requested` and `limit` count, e.g. `"bytes"`, or `"PBKDF2 blocks"` for
+        /// [`Limits::max_kdf_blocks`](crate::Limits::max_kdf_blocks).
+        unit: &'static str,
     },
 
     /// A read needs the backing image, but none is attached.

@@ -20,6 +20,7 @@ mod names;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use positioned_io::ReadAt;
@@ -87,6 +88,51 @@ impl From<Vec<u8>> for Secret {
 impl From<&str> for Secret {
     fn from(s: &str) -> Self {
         Secret::new(s.as_bytes())
+    }
+}
+
+/// The PBKDF2 work one open may still do (in blocks: see
+/// [`Limits::max_kdf_blocks`](crate::Limits::max_kdf_blocks)), shared by every image of the
+/// chain it opens.
+#[derive(Debug, Clone)]
+pub(crate) struct KdfBudget {
+    limit: u64,
+    spent: Arc<AtomicU64>,
+}
+
+impl KdfBudget {
+    /// A budget of `limit` blocks, none spent.
+    pub(crate) fn new(limit: u64) -> Self {
+        KdfBudget {
+            limit,
+            spent: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Count `work` blocks about to be computed, or refuse them (counting nothing) when they
+    /// would take the open past its limit.
+    pub(crate) fn spend(&self, work: u64) -> Result<()> {
+        let limit = self.limit;
+        self.spent
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |spent| {
+                let total = spent.saturating_add(work);
+                (total <= limit).then_some(total)
+            })
+            .map(drop)
+            .or_else(|spent| {
+                Limits::check_in(
+                    "PBKDF2 blocks",
+                    "LUKS key derivation for this open (every key slot tried, in every image of the chain)",
+                    spent.saturating_add(work),
+                    limit,
+                )
+            })
+    }
+
+    /// The blocks spent so far.
+    #[cfg(test)]
+    pub(crate) fn spent(&self) -> u64 {
+        self.spent.load(Ordering::SeqCst)
     }
 }
 
@@ -217,12 +263,17 @@ pub(crate) struct Encryption {
 
 impl Encryption {
     /// Open the encryption of an image whose header says it is encrypted; `None` otherwise.
+    ///
+    /// Unlocking a LUKS image draws on `kdf`, the PBKDF2 budget of the open.
     pub(crate) fn open<I: ReadAt>(
         io: &I,
         header: &Header,
         secret: Option<&Secret>,
         limits: &Limits,
+        kdf: &KdfBudget,
     ) -> Result<Option<Self>> {
+        #[cfg(not(feature = "encryption"))]
+        let _ = kdf;
         match header.crypt_method() {
             0 => Ok(None),
             1 => {
@@ -259,7 +310,7 @@ impl Encryption {
                 let parsed = luks::LuksHeader::parse(&bytes, ext.offset)?;
                 #[cfg(feature = "encryption")]
                 let key = secret
-                    .map(|s| parsed.unlock(io, ext, s.passphrase(), limits))
+                    .map(|s| parsed.unlock(io, ext, s.passphrase(), kdf))
                     .transpose()?;
                 Ok(Some(Encryption {
                     info: parsed.info(),
@@ -386,6 +437,32 @@ mod tests {
             .read_exact_at(0, &mut [0u8; 512])
             .unwrap_err();
         *err.into_inner().unwrap().downcast::<Error>().unwrap()
+    }
+
+    #[test]
+    fn the_kdf_budget_counts_before_spending() {
+        let budget = super::KdfBudget::new(100);
+        let shared = budget.clone();
+        budget.spend(60).unwrap();
+        let err = shared.spend(41).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LimitExceeded {
+                    requested: 101,
+                    limit: 100,
+                    unit: "PBKDF2 blocks",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The refused work is not counted: what is left can still be spent.
+        assert_eq!(budget.spent(), 60);
+        shared.spend(40).unwrap();
+        assert_eq!(budget.spent(), 100);
+        assert!(budget.spend(1).is_err());
+        assert!(super::KdfBudget::new(u64::MAX).spend(u64::MAX).is_ok());
     }
 
     #[test]
