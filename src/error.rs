@@ -272,6 +272,12 @@ pub enum Error {
         slots_tried: u32,
     },
 
+    /// The secret of an encrypted image is not valid UTF-8 (a NUL byte counts as invalid):
+    /// QEMU refuses such a secret as a passphrase ("Data from secret ... is not valid UTF-8"),
+    /// and so does this crate, when it would unlock the image with it.
+    #[error("data from the secret is not valid UTF-8")]
+    SecretNotUtf8,
+
     /// The image is encrypted with an algorithm (or combination) this crate does not decrypt.
     #[error("unsupported encryption: {what}")]
     UnsupportedEncryption {
@@ -338,6 +344,7 @@ impl Error {
             | Error::UnsupportedBackingFormat { .. }
             | Error::UnsupportedEncryption { .. } => io::ErrorKind::Unsupported,
             Error::WrongSecret { .. } => io::ErrorKind::PermissionDenied,
+            Error::SecretNotUtf8 => io::ErrorKind::InvalidInput,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
             Error::Internal(_) => io::ErrorKind::Other,

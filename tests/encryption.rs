@@ -248,7 +248,12 @@ fn legacy_aes_keys_are_the_first_16_bytes_and_nothing_checks_them() {
     assert_eq!(read(b"0123456789abcdef-anything"), row.sha256);
     // A wrong key is not detected (as in QEMU): the data is garbage.
     assert_ne!(read(b"0123456789abcdeX"), row.sha256);
-    assert_ne!(read(b"0123456789\0bcdef"), row.sha256);
+    // A NUL in the secret: QEMU refuses it (not UTF-8 text) rather than cut the key there.
+    let options = OpenOptions::new().secret(&b"0123456789\0bcdef"[..]);
+    let err = Qcow2::open_path_with(dir().join("legacy-aes.qcow2"), &options)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::SecretNotUtf8), "{err}");
 }
 
 /// The file offset of the LUKS header of a fixture.
@@ -365,6 +370,34 @@ fn find_encryption_ext(b: &[u8]) -> usize {
     let magic = 0x0537_be77u32.to_be_bytes();
     let at = b[..4096].windows(4).position(|w| w == magic).unwrap();
     at + 8
+}
+
+#[test]
+fn secrets_that_are_not_utf8_unlock_nothing() {
+    let path = dir().join("luks-aes-128-ecb-sha256.qcow2");
+    let open = |secret: &[u8]| {
+        Qcow2::open_path_with(&path, &OpenOptions::new().secret(secret)).map(|_| ())
+    };
+    // QEMU refuses these as passphrases; the first two used to be cut at the NUL (the second
+    // unlocked the image as "abc").
+    for secret in [&b"\0abc"[..], b"abc\0", b"ab\xffc", b"\xed\xa0\x80"] {
+        let err = open(secret).unwrap_err();
+        assert!(matches!(err, Error::SecretNotUtf8), "{secret:?}: {err}");
+        assert_eq!(err.to_string(), "data from the secret is not valid UTF-8");
+    }
+    // Valid UTF-8, the wrong secret: U+FFFE is a noncharacter, still UTF-8 (glib agrees).
+    for secret in ["\u{fffe}", "", "abc\n"] {
+        let err = open(secret.as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, Error::WrongSecret { .. }),
+            "{secret:?}: {err}"
+        );
+    }
+    open(b"abc").unwrap();
+    // Without a secret, and for an image that is not encrypted, nothing looks at it.
+    Qcow2::open_path(&path).unwrap();
+    let plain = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v3-64k-basic.qcow2");
+    Qcow2::open_path_with(plain, &OpenOptions::new().secret(&b"\0"[..])).unwrap();
 }
 
 #[test]

@@ -38,7 +38,9 @@ pub(crate) const SECTOR_SIZE: u64 = 512;
 /// `--object secret,id=ID,data=...`.
 ///
 /// The bytes are zeroed when the last copy is dropped and never shown by `Debug`. Like QEMU,
-/// the secret ends at its first NUL byte, and legacy AES uses at most its first 16 bytes.
+/// which takes an image's passphrase as UTF-8 text, a secret that is not valid UTF-8 (or holds
+/// a NUL byte) unlocks nothing: opening an encrypted image with it fails with
+/// [`Error::SecretNotUtf8`]. Legacy AES uses at most the secret's first 16 bytes.
 #[derive(Clone)]
 pub struct Secret(Arc<SecretBytes>);
 
@@ -65,11 +67,15 @@ impl Secret {
         Secret(Arc::new(SecretBytes(bytes.into())))
     }
 
-    /// The passphrase as QEMU uses it: up to the first NUL byte (QEMU passes it to `strlen`).
-    pub(crate) fn passphrase(&self) -> &[u8] {
+    /// The passphrase, as QEMU's `qcrypto_secret_lookup_as_utf8` gives it to LUKS and legacy
+    /// AES: refused unless it is valid UTF-8 without a NUL byte (glib's `g_utf8_validate`,
+    /// given the length, fails on a NUL).
+    pub(crate) fn passphrase(&self) -> Result<&str> {
         let bytes = &self.0 .0;
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        bytes.get(..end).unwrap_or_default()
+        match std::str::from_utf8(bytes) {
+            Ok(text) if !text.contains('\0') => Ok(text),
+            _ => Err(Error::SecretNotUtf8),
+        }
     }
 }
 
@@ -310,7 +316,7 @@ impl Encryption {
                 let parsed = luks::LuksHeader::parse(&bytes, ext.offset)?;
                 #[cfg(feature = "encryption")]
                 let key = secret
-                    .map(|s| parsed.unlock(io, ext, s.passphrase(), kdf))
+                    .map(|s| parsed.unlock(io, ext, s.passphrase()?.as_bytes(), kdf))
                     .transpose()?;
                 Ok(Some(Encryption {
                     info: parsed.info(),
