@@ -112,14 +112,17 @@ pub enum Error {
     },
 
     /// A value read from the image exceeds one of the [`Limits`](crate::Limits) in force.
-    #[error("{what} needs {requested} bytes, over the limit of {limit}")]
+    #[error("{what} needs {requested} {unit}, over the limit of {limit}")]
     LimitExceeded {
         /// What would have been allocated or followed.
         what: &'static str,
-        /// How much the image asked for.
+        /// How much the image asked for, counted in `unit`.
         requested: u64,
-        /// The limit.
+        /// The limit, in the same unit.
         limit: u64,
+        /// What `requested` and `limit` count, e.g. `"bytes"`, or `"PBKDF2 blocks"` for
+        /// [`Limits::max_kdf_blocks`](crate::Limits::max_kdf_blocks).
+        unit: &'static str,
     },
 
     /// A read needs the backing image, but none is attached.
@@ -275,6 +278,12 @@ pub enum Error {
         slots_tried: u32,
     },
 
+    /// The secret of an encrypted image is not valid UTF-8 (a NUL byte counts as invalid):
+    /// QEMU refuses such a secret as a passphrase ("Data from secret ... is not valid UTF-8"),
+    /// and so does this crate, when it would unlock the image with it.
+    #[error("data from the secret is not valid UTF-8")]
+    SecretNotUtf8,
+
     /// The image is encrypted with an algorithm (or combination) this crate does not decrypt.
     #[error("unsupported encryption: {what}")]
     UnsupportedEncryption {
@@ -341,6 +350,7 @@ impl Error {
             | Error::UnsupportedBackingFormat { .. }
             | Error::UnsupportedEncryption { .. } => io::ErrorKind::Unsupported,
             Error::WrongSecret { .. } => io::ErrorKind::PermissionDenied,
+            Error::SecretNotUtf8 => io::ErrorKind::InvalidInput,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
             Error::OutputIsSource => io::ErrorKind::InvalidInput,

@@ -233,7 +233,7 @@ impl<I: ReadAt> Qcow2<I> {
         let l1 = read_l1(&io, header.l1_table_offset(), header.l1_size())?;
         let snapshots = read_snapshots(&io, &header, &limits)?;
         let bitmaps = crate::dirty::read_bitmaps(&io, &header, header.size() & !511, &limits)?;
-        let crypt = Encryption::open(&io, &header, secret, &limits)?;
+        let crypt = Encryption::open(&io, &header, secret, &limits, &options.kdf_budget())?;
         let threads = options
             .decompression_threads
             .unwrap_or_else(default_threads);

@@ -327,6 +327,7 @@ impl ImageInfo {
         options: &OpenOptions,
     ) -> Result<Vec<ImageInfo>> {
         let top = path.as_ref();
+        let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
         let file = crate::open::checked_open(top, "image", options.allow_devices)?;
         let mut visited = vec![canonical(top)?];
         let mut chain = vec![qcow2_info(file, top, options)?];

@@ -36,6 +36,7 @@ impl Qcow2<File> {
     /// device is an [`Error::NotRegularFile`] at once, never a blocked open.
     pub fn open_path_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
+        let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
         let file = checked_open(path, "image", options.allow_devices)?;
         let mut visited = HashSet::new();
         visited.insert(canonical(path)?);

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::crypt::{Secret, SecretCallback, SecretFn};
+use crate::crypt::{KdfBudget, Secret, SecretCallback, SecretFn};
 use crate::limits::Limits;
 
 /// What a file named by an image is for.
@@ -108,6 +108,9 @@ pub struct OpenOptions {
     /// Per-file secrets for chains whose images have different ones
     /// ([`Qcow2::open_path_with`](crate::Qcow2::open_path_with) only).
     pub secret_callback: Option<SecretCallback>,
+    /// The PBKDF2 budget of the open under way, shared by the images of its chain; `None` in
+    /// the options a caller holds (each open then starts with a fresh budget).
+    pub(crate) kdf_budget: Option<KdfBudget>,
 }
 
 impl OpenOptions {
@@ -166,6 +169,23 @@ impl OpenOptions {
         let f: Arc<SecretFn> = Arc::new(f);
         self.secret_callback = Some(SecretCallback(f));
         self
+    }
+
+    /// These options for one open of a whole chain: its images share one PBKDF2 budget of
+    /// [`Limits::max_kdf_blocks`].
+    pub(crate) fn for_one_open(&self) -> OpenOptions {
+        OpenOptions {
+            kdf_budget: Some(KdfBudget::new(self.limits.max_kdf_blocks)),
+            ..self.clone()
+        }
+    }
+
+    /// The PBKDF2 budget an image opened with these options draws on: the open's, or (for an
+    /// image opened on its own) a fresh one.
+    pub(crate) fn kdf_budget(&self) -> KdfBudget {
+        self.kdf_budget
+            .clone()
+            .unwrap_or_else(|| KdfBudget::new(self.limits.max_kdf_blocks))
     }
 
     /// The secret for the image at `path`: the callback's answer, else the common secret.

@@ -248,7 +248,12 @@ fn legacy_aes_keys_are_the_first_16_bytes_and_nothing_checks_them() {
     assert_eq!(read(b"0123456789abcdef-anything"), row.sha256);
     // A wrong key is not detected (as in QEMU): the data is garbage.
     assert_ne!(read(b"0123456789abcdeX"), row.sha256);
-    assert_ne!(read(b"0123456789\0bcdef"), row.sha256);
+    // A NUL in the secret: QEMU refuses it (not UTF-8 text) rather than cut the key there.
+    let options = OpenOptions::new().secret(&b"0123456789\0bcdef"[..]);
+    let err = Qcow2::open_path_with(dir().join("legacy-aes.qcow2"), &options)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::SecretNotUtf8), "{err}");
 }
 
 /// The file offset of the LUKS header of a fixture.
@@ -302,7 +307,7 @@ fn corrupted_key_material_and_headers_fail_cleanly() {
 
     // A tighter limit refuses even the fixture's own iterations.
     let mut tight = Limits::default();
-    tight.max_kdf_iterations = 100;
+    tight.max_kdf_blocks = 100;
     let err = open_bytes(good.clone(), "abc", tight).err().unwrap();
     assert!(matches!(err, Error::LimitExceeded { .. }), "{err}");
 
@@ -365,6 +370,34 @@ fn find_encryption_ext(b: &[u8]) -> usize {
     let magic = 0x0537_be77u32.to_be_bytes();
     let at = b[..4096].windows(4).position(|w| w == magic).unwrap();
     at + 8
+}
+
+#[test]
+fn secrets_that_are_not_utf8_unlock_nothing() {
+    let path = dir().join("luks-aes-128-ecb-sha256.qcow2");
+    let open = |secret: &[u8]| {
+        Qcow2::open_path_with(&path, &OpenOptions::new().secret(secret)).map(|_| ())
+    };
+    // QEMU refuses these as passphrases; the first two used to be cut at the NUL (the second
+    // unlocked the image as "abc").
+    for secret in [&b"\0abc"[..], b"abc\0", b"ab\xffc", b"\xed\xa0\x80"] {
+        let err = open(secret).unwrap_err();
+        assert!(matches!(err, Error::SecretNotUtf8), "{secret:?}: {err}");
+        assert_eq!(err.to_string(), "data from the secret is not valid UTF-8");
+    }
+    // Valid UTF-8, the wrong secret: U+FFFE is a noncharacter, still UTF-8 (glib agrees).
+    for secret in ["\u{fffe}", "", "abc\n"] {
+        let err = open(secret.as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, Error::WrongSecret { .. }),
+            "{secret:?}: {err}"
+        );
+    }
+    open(b"abc").unwrap();
+    // Without a secret, and for an image that is not encrypted, nothing looks at it.
+    Qcow2::open_path(&path).unwrap();
+    let plain = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v3-64k-basic.qcow2");
+    Qcow2::open_path_with(plain, &OpenOptions::new().secret(&b"\0"[..])).unwrap();
 }
 
 #[test]
@@ -623,4 +656,218 @@ fn header_rules_match_qemus_verdicts() {
             "{what}: qemu-img opens: {theirs}, we: {ours:?}"
         );
     }
+}
+
+// ------------------------------------------------------------- PBKDF2 budget --
+
+/// What trying each active key slot of `image` costs, in the PBKDF2 blocks
+/// `Limits::max_kdf_blocks` counts: the slot's iterations and its anti-forensic stripes but
+/// one, each times the hash-sized blocks of the key, plus the master-key digest's iterations.
+fn slot_work(image: &Qcow2<impl ReadAt>) -> Vec<u64> {
+    let info = image.encryption().unwrap();
+    let digest_len: u64 = match info.hash_alg.as_deref().unwrap() {
+        "sha1" => 20,
+        "sha224" => 28,
+        "sha256" => 32,
+        "sha384" => 48,
+        "sha512" => 64,
+        other => panic!("hash {other}"),
+    };
+    let cipher_key: u64 = match info.cipher_alg.as_deref().unwrap() {
+        "aes-128" | "cast5-128" | "serpent-128" | "twofish-128" => 16,
+        "aes-192" => 24,
+        "aes-256" | "serpent-256" | "twofish-256" => 32,
+        other => panic!("cipher {other}"),
+    };
+    let key_bytes = match info.cipher_mode.as_deref() {
+        Some("xts") => cipher_key * 2,
+        _ => cipher_key,
+    };
+    let blocks = key_bytes.div_ceil(digest_len);
+    let mk = info.master_key_iters.unwrap();
+    info.slots
+        .iter()
+        .filter(|s| s.active)
+        .map(|s| {
+            u64::from(s.iters.unwrap()) * blocks + u64::from(s.stripes.unwrap() - 1) * blocks + mk
+        })
+        .collect()
+}
+
+fn limits_of(max_kdf_blocks: u64) -> Limits {
+    let mut limits = Limits::default();
+    limits.max_kdf_blocks = max_kdf_blocks;
+    limits
+}
+
+/// The open's refusal: `LimitExceeded` in PBKDF2 blocks, requesting `requested`.
+fn assert_kdf_refusal(err: &Error, requested: u64, limit: u64) {
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded { unit: "PBKDF2 blocks", requested: r, limit: l, .. }
+                if *r == requested && *l == limit
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("needs {requested} PBKDF2 blocks")) && !text.contains("bytes"),
+        "{text}"
+    );
+}
+
+/// Three LUKS layers (from the committed fixtures: `chain-luks-over-luks.qcow2` twice, one
+/// copy pointed at the other, over `chain-luks-base.qcow2`), in `into`.
+fn three_luks_layers(into: &Path) -> (PathBuf, OpenOptions) {
+    let over = std::fs::read(dir().join("chain-luks-over-luks.qcow2")).unwrap();
+    let mut top = over.clone();
+    let name = b"chain-luks-base.qcow2";
+    let at = top.windows(name.len()).position(|w| w == name).unwrap();
+    top[at..at + name.len()].copy_from_slice(b"chain-luks-mid1.qcow2");
+    std::fs::write(into.join("top.qcow2"), top).unwrap();
+    std::fs::write(into.join("chain-luks-mid1.qcow2"), over).unwrap();
+    let base = dir().join("chain-luks-base.qcow2");
+    std::fs::copy(base, into.join("chain-luks-base.qcow2")).unwrap();
+    let options = options_for("top.qcow2=top,chain-luks-mid1.qcow2=top,chain-luks-base.qcow2=base");
+    (into.join("top.qcow2"), options)
+}
+
+#[test]
+fn the_pbkdf2_budget_is_shared_by_every_layer_of_one_open() {
+    let tmp = TempDir::new("encryption-kdf-chain");
+    let (top, options) = three_luks_layers(tmp.path());
+    // Each layer's work, from its header (one active slot each).
+    let layers: Vec<u64> = [
+        "top.qcow2",
+        "chain-luks-mid1.qcow2",
+        "chain-luks-base.qcow2",
+    ]
+    .iter()
+    .map(|n| slot_work(&Qcow2::open(File::open(tmp.join(n)).unwrap()).unwrap())[0])
+    .collect();
+    let total: u64 = layers.iter().sum();
+
+    // Exactly the chain's work: it opens, every layer unlocked.
+    let image = Qcow2::open_path_with(&top, &options.clone().limits(limits_of(total))).unwrap();
+    assert!(image.is_unlocked());
+    read_all(&image.reader().unwrap(), image.guest_size());
+
+    // One block less: each layer alone is well under the limit, the three together are not.
+    // The last layer is refused before its PBKDF2 runs.
+    let limit = total - 1;
+    assert!(layers.iter().all(|&w| w < limit / 2), "{layers:?}");
+    let started = std::time::Instant::now();
+    let err = Qcow2::open_path_with(&top, &options.clone().limits(limits_of(limit)))
+        .err()
+        .unwrap();
+    let took = started.elapsed();
+    assert_kdf_refusal(&err, total, limit);
+    // The two layers unlocked cost about 30 000 blocks (a few hundredths of a second); the
+    // deadline is far above that, and far below unlocking a layer at the default limit.
+    assert!(took.as_secs_f64() < 5.0, "refused after {took:?}");
+
+    // `ImageInfo::chain_from_path` opens the chain too, each layer on its own, unlocking it
+    // with `OpenOptions::secret` (the base's is another: it would fail, but is refused first).
+    let common = OpenOptions::new().secret("top").limits(limits_of(limit));
+    let err = qcow2::ImageInfo::chain_from_path(&top, &common)
+        .err()
+        .unwrap();
+    assert_kdf_refusal(&err, total, limit);
+
+    // The same options open again: the budget is per open, not per OpenOptions.
+    let options = options.limits(limits_of(total));
+    Qcow2::open_path_with(&top, &options).unwrap();
+    Qcow2::open_path_with(&top, &options).unwrap();
+}
+
+#[test]
+fn a_wrong_secret_pays_for_every_key_slot_it_tries() {
+    let path = dir().join("luks-2slots.qcow2");
+    let work = slot_work(&Qcow2::open_path(&path).unwrap());
+    assert_eq!(work.len(), 2);
+    let both = work[0] + work[1];
+    let open = |secret: &str, limit: u64| {
+        Qcow2::open_path_with(
+            &path,
+            &OpenOptions::new().secret(secret).limits(limits_of(limit)),
+        )
+    };
+    // Enough for both slots: a wrong secret is reported as such.
+    let err = open("wrong", both).err().unwrap();
+    assert!(
+        matches!(err, Error::WrongSecret { slots_tried: 2 }),
+        "{err}"
+    );
+    // One block less: the second try is refused before it runs.
+    assert_kdf_refusal(&open("wrong", both - 1).err().unwrap(), both, both - 1);
+    // The second slot's secret pays for the first slot's try too, as in QEMU.
+    assert_kdf_refusal(&open("second", both - 1).err().unwrap(), both, both - 1);
+    open("second", both).unwrap();
+    // The first slot's secret pays for that slot only.
+    open("abc", work[0]).unwrap();
+    assert_kdf_refusal(
+        &open("abc", work[0] - 1).err().unwrap(),
+        work[0],
+        work[0] - 1,
+    );
+}
+
+/// A `qemu-img`-made LUKS image with `hash` and a 64-byte key (aes-256-xts), cheap to unlock.
+fn make_luks(qemu: &Qemu, dir: &Path, name: &str, hash: &str) -> PathBuf {
+    qemu.img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-o",
+            &format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg=aes-256,encrypt.cipher-mode=xts,encrypt.hash-alg={hash}"),
+            name,
+            "1M",
+        ],
+    );
+    dir.join(name)
+}
+
+#[test]
+fn sha1_with_a_64_byte_key_costs_four_blocks_an_iteration() {
+    let Some(qemu) = Qemu::find_or_skip("sha1_with_a_64_byte_key_costs_four_blocks_an_iteration")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("encryption-kdf-sha1");
+    let path = make_luks(&qemu, tmp.path(), "sha1.qcow2", "sha1");
+    let image = Qcow2::open_path(&path).unwrap();
+    let info = image.encryption().unwrap();
+    let iters = u64::from(info.slots[0].iters.unwrap());
+    let mk = info.master_key_iters.unwrap();
+    // 64 bytes of key from 20-byte SHA-1 blocks: 4 blocks, twice SHA-256's 2.
+    let work = 4 * iters + 4 * 3999 + mk;
+    assert_eq!(slot_work(&image), [work]);
+    let open = |limit: u64| {
+        Qcow2::open_path_with(
+            &path,
+            &OpenOptions::new().secret("abc").limits(limits_of(limit)),
+        )
+    };
+    open(work).unwrap();
+    assert_kdf_refusal(&open(work - 1).err().unwrap(), work, work - 1);
+
+    // At the default limit: 2^25 iterations (under the former cap of 2^26 iterations per
+    // image) are 2^27 blocks, over the default 2^27 with the rest: refused before any runs
+    // (they would take 30 s of CPU in an optimized build, minutes in a debug one).
+    let mut bytes = std::fs::read(&path).unwrap();
+    let slot0 = luks_offset(&bytes) + 208;
+    bytes[slot0 + 4..slot0 + 8].copy_from_slice(&(1u32 << 25).to_be_bytes());
+    let started = std::time::Instant::now();
+    let err = open_bytes(bytes, "abc", Limits::default()).err().unwrap();
+    let took = started.elapsed();
+    let limit = Limits::default().max_kdf_blocks;
+    assert_eq!(limit, 1 << 27);
+    assert_kdf_refusal(&err, 4 * (1 << 25) + 4 * 3999 + mk, limit);
+    assert!(took.as_secs_f64() < 5.0, "refused after {took:?}");
 }

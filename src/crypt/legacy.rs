@@ -25,9 +25,10 @@ pub(crate) fn info() -> EncryptionInfo {
 #[cfg(feature = "encryption")]
 pub(crate) fn unlock(secret: &super::Secret) -> crate::Result<super::cipher::SectorCipher> {
     use super::names::{CipherAlg, CipherMode, IvGenAlg};
-    // The key is the passphrase's first 16 bytes, zero padded.
+    // The key is the passphrase's first 16 bytes, zero padded (QEMU copies at most 16 bytes
+    // of the string, which holds no NUL).
     let mut key = zeroize::Zeroizing::new([0u8; 16]);
-    let pass = secret.passphrase();
+    let pass = secret.passphrase()?.as_bytes();
     let n = pass.len().min(16);
     if let (Some(k), Some(p)) = (key.get_mut(..n), pass.get(..n)) {
         k.copy_from_slice(p);

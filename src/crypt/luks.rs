@@ -297,6 +297,19 @@ impl LuksHeader {
         Ok(self)
     }
 
+    /// The PBKDF2 blocks (HMACs of the header's hash) trying `slot` costs: deriving its key,
+    /// each hash-sized block of the key separately; the anti-forensic merge, one hash per
+    /// hash-sized piece of the key for each stripe but the last; and the master-key digest.
+    pub(crate) fn slot_work(&self, slot: &KeySlot) -> u64 {
+        let digest_len = (self.hash.digest_len() as u64).max(1);
+        let key_blocks = u64::from(self.key_bytes).div_ceil(digest_len);
+        let derive = u64::from(slot.iterations).saturating_mul(key_blocks);
+        let merge = u64::from(slot.stripes.saturating_sub(1)).saturating_mul(key_blocks);
+        let mk_blocks = (DIGEST_LEN as u64).div_ceil(digest_len);
+        let mk_digest = u64::from(self.mk_iterations).saturating_mul(mk_blocks);
+        derive.saturating_add(merge).saturating_add(mk_digest)
+    }
+
     /// What `qemu-img info` reports.
     pub(crate) fn info(&self) -> EncryptionInfo {
         EncryptionInfo {
@@ -334,10 +347,10 @@ mod unlock {
     use super::{LuksHeader, DIGEST_LEN, SECTOR_SIZE};
     use crate::crypt::cipher::SectorCipher;
     use crate::crypt::hash;
+    use crate::crypt::KdfBudget;
     use crate::error::{Error, Result};
     use crate::extension::EncryptionExtension;
     use crate::io::read_metadata;
-    use crate::limits::Limits;
     use zeroize::Zeroizing;
 
     impl LuksHeader {
@@ -348,23 +361,13 @@ mod unlock {
             io: &I,
             ext: &EncryptionExtension,
             passphrase: &[u8],
-            limits: &Limits,
+            kdf: &KdfBudget,
         ) -> Result<SectorCipher> {
-            // Bound the work before doing any: each slot tried costs its own iterations and
-            // those of the master-key digest.
-            let work = self
-                .slots
-                .iter()
-                .filter(|s| s.active)
-                .map(|s| u64::from(s.iterations).saturating_add(u64::from(self.mk_iterations)))
-                .fold(0u64, u64::saturating_add);
-            Limits::check(
-                "LUKS key derivation (PBKDF2 iterations)",
-                work,
-                limits.max_kdf_iterations,
-            )?;
             let key_len = self.key_bytes as usize;
             for slot in self.slots.iter().filter(|s| s.active) {
+                // Count the slot's work before doing any (QEMU tries every active slot, so
+                // a wrong secret pays for them all).
+                kdf.spend(self.slot_work(slot))?;
                 let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
                 hash::pbkdf2(
                     self.hash,
@@ -552,6 +555,33 @@ mod tests {
         set_u32(&mut h, AT_KEY_BYTES, 32);
         assert_eq!(malformed_at(&h), AT_CIPHER_MODE as u64);
         assert!(LuksHeader::parse(&valid()[..100], 0).is_err());
+    }
+
+    #[test]
+    fn a_slot_costs_its_pbkdf2_blocks() {
+        // aes-256-xts: a 64-byte key. Slot 0: 2000 iterations, 4000 stripes; master key 1000.
+        let work = |hash: &str| {
+            let mut h = valid();
+            set_name(&mut h, AT_HASH_SPEC, hash);
+            let parsed = LuksHeader::parse(&h, 0).unwrap();
+            parsed.slot_work(&parsed.slots[0])
+        };
+        // Two 32-byte SHA-256 blocks per iteration and per stripe merged.
+        assert_eq!(work("sha256"), 2 * 2000 + 2 * 3999 + 1000);
+        // Four 20-byte SHA-1 blocks: twice as many.
+        assert_eq!(work("sha1"), 4 * 2000 + 4 * 3999 + 1000);
+        // One 64-byte SHA-512 block.
+        assert_eq!(work("sha512"), 2000 + 3999 + 1000);
+        // The largest a header can declare does not overflow.
+        let mut h = valid();
+        set_name(&mut h, AT_HASH_SPEC, "sha1");
+        set_u32(&mut h, AT_KEY_SLOTS + 4, u32::MAX);
+        set_u32(&mut h, AT_MK_ITERATIONS, u32::MAX);
+        let parsed = LuksHeader::parse(&h, 0).unwrap();
+        assert_eq!(
+            parsed.slot_work(&parsed.slots[0]),
+            4 * u64::from(u32::MAX) + 4 * 3999 + u64::from(u32::MAX)
+        );
     }
 
     #[test]

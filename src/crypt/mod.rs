@@ -20,6 +20,7 @@ mod names;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use positioned_io::ReadAt;
@@ -37,7 +38,9 @@ pub(crate) const SECTOR_SIZE: u64 = 512;
 /// `--object secret,id=ID,data=...`.
 ///
 /// The bytes are zeroed when the last copy is dropped and never shown by `Debug`. Like QEMU,
-/// the secret ends at its first NUL byte, and legacy AES uses at most its first 16 bytes.
+/// which takes an image's passphrase as UTF-8 text, a secret that is not valid UTF-8 (or holds
+/// a NUL byte) unlocks nothing: opening an encrypted image with it fails with
+/// [`Error::SecretNotUtf8`]. Legacy AES uses at most the secret's first 16 bytes.
 #[derive(Clone)]
 pub struct Secret(Arc<SecretBytes>);
 
@@ -64,11 +67,15 @@ impl Secret {
         Secret(Arc::new(SecretBytes(bytes.into())))
     }
 
-    /// The passphrase as QEMU uses it: up to the first NUL byte (QEMU passes it to `strlen`).
-    pub(crate) fn passphrase(&self) -> &[u8] {
+    /// The passphrase, as QEMU's `qcrypto_secret_lookup_as_utf8` gives it to LUKS and legacy
+    /// AES: refused unless it is valid UTF-8 without a NUL byte (glib's `g_utf8_validate`,
+    /// given the length, fails on a NUL).
+    pub(crate) fn passphrase(&self) -> Result<&str> {
         let bytes = &self.0 .0;
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        bytes.get(..end).unwrap_or_default()
+        match std::str::from_utf8(bytes) {
+            Ok(text) if !text.contains('\0') => Ok(text),
+            _ => Err(Error::SecretNotUtf8),
+        }
     }
 }
 
@@ -87,6 +94,51 @@ impl From<Vec<u8>> for Secret {
 impl From<&str> for Secret {
     fn from(s: &str) -> Self {
         Secret::new(s.as_bytes())
+    }
+}
+
+/// The PBKDF2 work one open may still do (in blocks: see
+/// [`Limits::max_kdf_blocks`](crate::Limits::max_kdf_blocks)), shared by every image of the
+/// chain it opens.
+#[derive(Debug, Clone)]
+pub(crate) struct KdfBudget {
+    limit: u64,
+    spent: Arc<AtomicU64>,
+}
+
+impl KdfBudget {
+    /// A budget of `limit` blocks, none spent.
+    pub(crate) fn new(limit: u64) -> Self {
+        KdfBudget {
+            limit,
+            spent: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Count `work` blocks about to be computed, or refuse them (counting nothing) when they
+    /// would take the open past its limit.
+    pub(crate) fn spend(&self, work: u64) -> Result<()> {
+        let limit = self.limit;
+        self.spent
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |spent| {
+                let total = spent.saturating_add(work);
+                (total <= limit).then_some(total)
+            })
+            .map(drop)
+            .or_else(|spent| {
+                Limits::check_in(
+                    "PBKDF2 blocks",
+                    "LUKS key derivation for this open (every key slot tried, in every image of the chain)",
+                    spent.saturating_add(work),
+                    limit,
+                )
+            })
+    }
+
+    /// The blocks spent so far.
+    #[cfg(test)]
+    pub(crate) fn spent(&self) -> u64 {
+        self.spent.load(Ordering::SeqCst)
     }
 }
 
@@ -217,12 +269,17 @@ pub(crate) struct Encryption {
 
 impl Encryption {
     /// Open the encryption of an image whose header says it is encrypted; `None` otherwise.
+    ///
+    /// Unlocking a LUKS image draws on `kdf`, the PBKDF2 budget of the open.
     pub(crate) fn open<I: ReadAt>(
         io: &I,
         header: &Header,
         secret: Option<&Secret>,
         limits: &Limits,
+        kdf: &KdfBudget,
     ) -> Result<Option<Self>> {
+        #[cfg(not(feature = "encryption"))]
+        let _ = kdf;
         match header.crypt_method() {
             0 => Ok(None),
             1 => {
@@ -259,7 +316,7 @@ impl Encryption {
                 let parsed = luks::LuksHeader::parse(&bytes, ext.offset)?;
                 #[cfg(feature = "encryption")]
                 let key = secret
-                    .map(|s| parsed.unlock(io, ext, s.passphrase(), limits))
+                    .map(|s| parsed.unlock(io, ext, s.passphrase()?.as_bytes(), kdf))
                     .transpose()?;
                 Ok(Some(Encryption {
                     info: parsed.info(),
@@ -386,6 +443,32 @@ mod tests {
             .read_exact_at(0, &mut [0u8; 512])
             .unwrap_err();
         *err.into_inner().unwrap().downcast::<Error>().unwrap()
+    }
+
+    #[test]
+    fn the_kdf_budget_counts_before_spending() {
+        let budget = super::KdfBudget::new(100);
+        let shared = budget.clone();
+        budget.spend(60).unwrap();
+        let err = shared.spend(41).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LimitExceeded {
+                    requested: 101,
+                    limit: 100,
+                    unit: "PBKDF2 blocks",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The refused work is not counted: what is left can still be spent.
+        assert_eq!(budget.spent(), 60);
+        shared.spend(40).unwrap();
+        assert_eq!(budget.spent(), 100);
+        assert!(budget.spend(1).is_err());
+        assert!(super::KdfBudget::new(u64::MAX).spend(u64::MAX).is_ok());
     }
 
     #[test]

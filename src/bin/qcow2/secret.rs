@@ -7,6 +7,11 @@
 //! file name cannot name a secret in `qemu-img`; here, when the images are given by file name,
 //! a lone `--object secret` (or `--secret-file PATH`) unlocks every encrypted image of the
 //! chain.
+//!
+//! As in `qemu-img`, a passphrase must be UTF-8 text without NUL bytes (after base64
+//! decoding, with `format=base64`): the library refuses any other when it unlocks an image
+//! ("data from the secret is not valid UTF-8"), and an image that is not encrypted never
+//! looks at it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +26,8 @@ pub struct SecretArgs {
     /// (add `format=base64` for base64 data). Repeatable.
     #[arg(long = "object", value_name = "secret,id=ID,data=...|file=PATH")]
     pub objects: Vec<String>,
-    /// Read the secret of every encrypted image from this file (its bytes, as `file=PATH`).
+    /// Read the secret of every encrypted image from this file (its bytes, as `file=PATH`:
+    /// UTF-8 text, a final newline included).
     #[arg(long = "secret-file", value_name = "PATH")]
     pub secret_file: Option<PathBuf>,
 }
