@@ -136,16 +136,22 @@ pub(crate) fn parse_all(
             break;
         };
         let magic = be_u32(cluster0, at).unwrap_or(EXT_END);
-        if magic == EXT_END {
-            break;
-        }
         let len = be_u32(cluster0, at.saturating_add(4)).unwrap_or(0);
         let data_at = offset.saturating_add(EXT_HEADER_LEN);
+        // QEMU checks the length against the room left before it looks at the type: an end
+        // marker with a length that does not fit is refused too ("Header extension too
+        // large"), as is a v3 header whose `header_length` starts the walk mid-extension.
         if data_at > end || u64::from(len) > end.saturating_sub(data_at) {
             return Err(Error::malformed(
-                format!("header extension {magic:#010x} of {len} bytes runs past {end:#x}"),
+                format!(
+                    "header extension {magic:#010x} is too large: its {len} bytes run past \
+                     {end:#x}"
+                ),
                 offset,
             ));
+        }
+        if magic == EXT_END {
+            break;
         }
         let data = usize::try_from(data_at)
             .ok()
@@ -382,6 +388,29 @@ mod tests {
         let mut b = area(&[]);
         b[112..120].copy_from_slice(&[0x12, 0x34, 0x56, 0x78, 0, 0, 0x10, 0]);
         let r = parse_area(&b, 1024, ctx(0, 0));
+        assert!(
+            matches!(r, Err(Error::Malformed { offset: 112, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn the_end_marker_length_is_checked_like_any_other() {
+        let mut b = area(&[]);
+        // An end marker whose length does not fit before the end of the area: refused.
+        b[116..120].copy_from_slice(&65536u32.to_be_bytes());
+        let r = parse_area(&b, 65536, ctx(0, 0));
+        assert!(
+            matches!(&r, Err(Error::Malformed { offset: 112, what }) if what.contains("too large")),
+            "{r:?}"
+        );
+        // One that fits is an end marker all the same: what follows is not read.
+        b[116..120].copy_from_slice(&16u32.to_be_bytes());
+        b[136..140].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[140..144].copy_from_slice(&65536u32.to_be_bytes());
+        assert!(parse_area(&b, 65536, ctx(0, 0)).unwrap().list.is_empty());
+        // An end marker whose header itself runs past the end (a backing name at 116).
+        let r = parse_area(&area(&[]), 116, ctx(0, 0));
         assert!(
             matches!(r, Err(Error::Malformed { offset: 112, .. })),
             "{r:?}"
