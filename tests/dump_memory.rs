@@ -5,11 +5,16 @@
 
 mod common;
 
+#[cfg(feature = "cli")]
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+#[cfg(feature = "cli")]
 use std::process::{Command, Stdio};
+#[cfg(feature = "cli")]
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+#[cfg(feature = "cli")]
+use std::time::Duration;
+use std::time::Instant;
 
 use common::{Qemu, TempDir};
 use qcow2::Qcow2;
