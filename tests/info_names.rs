@@ -112,6 +112,23 @@ fn names_that_are_not_utf8_are_kept_as_bytes() {
     let base_path = [d.as_os_str().as_bytes(), b"/", DIR, b"/", BASE].concat();
     assert_eq!(chain[2].filename_bytes.as_deref(), Some(&base_path[..]));
 
+    // `map` follows the chain and names the file that holds each extent, byte for byte.
+    qemu.io(&d.join(os(DIR)), "qcow2", "mid.qcow2", &["write 64k 64k"]);
+    let map = |program: &Path| {
+        let out = Command::new(program)
+            .current_dir(d)
+            .arg("map")
+            .arg(os(TOP))
+            .output()
+            .unwrap();
+        (out.stdout, out.status.code())
+    };
+    let theirs = map(&qemu.img);
+    assert_eq!(theirs.1, Some(0));
+    assert!(theirs.0.windows(MID.len()).any(|w| w == MID));
+    #[cfg(feature = "cli")]
+    assert_eq!(map(Path::new(env!("CARGO_BIN_EXE_qcow2"))), theirs, "map");
+
     // The command against qemu-img, byte for byte.
     for chain in [false, true] {
         for output in ["human", "json"] {

@@ -141,14 +141,17 @@ fn dump(
                 return Err("file contains external, encrypted or compressed clusters".into());
             }
             if data && !e.zero {
-                let file = e.file.map(|f| f.display().to_string()).unwrap_or_default();
-                writeln!(
+                write!(
                     out,
-                    "{:<16}{:<16}{:<16}{file}",
+                    "{:<16}{:<16}{:<16}",
                     hex(e.start),
                     hex(e.length),
                     hex(e.offset.unwrap_or(0))
                 )?;
+                // The file name as it is, UTF-8 or not, as qemu-img prints it.
+                let file = e.file.map(|f| f.as_os_str().as_encoded_bytes());
+                out.write_all(file.unwrap_or_default())?;
+                writeln!(out)?;
             }
         }
         Output::Json => {
