@@ -127,6 +127,25 @@ pub(crate) fn parse_all(
     ctx: &Context,
 ) -> Result<Extensions> {
     let mut out = Extensions::default();
+    walk(cluster0, start, end, ctx, &mut out)?;
+    Ok(out)
+}
+
+/// The extensions as far as they parse: what QEMU has read when an extension fails its
+/// check (it names unknown feature bits from a feature table found before the failure).
+pub(crate) fn parse_until_error(
+    cluster0: &[u8],
+    start: u64,
+    end: u64,
+    ctx: &Context,
+) -> Extensions {
+    let mut out = Extensions::default();
+    let _ = walk(cluster0, start, end, ctx, &mut out);
+    out
+}
+
+/// [`parse_all`] into `out`, which keeps what was parsed before an error.
+fn walk(cluster0: &[u8], start: u64, end: u64, ctx: &Context, out: &mut Extensions) -> Result<()> {
     let mut offset = start;
     while offset < end {
         let Some(at) = usize::try_from(offset)
@@ -165,7 +184,7 @@ pub(crate) fn parse_all(
         out.take(ExtensionKind::from_magic(magic), data, data_at, ctx)?;
         offset = data_at.saturating_add(align8(u64::from(len)).unwrap_or(u64::MAX));
     }
-    Ok(out)
+    Ok(())
 }
 
 impl Extensions {
@@ -415,6 +434,25 @@ mod tests {
             matches!(r, Err(Error::Malformed { offset: 112, .. })),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn what_parsed_before_an_error_is_kept_for_naming_features() {
+        let table = [0u8, 5, b'x', 0, 0, 0, 0, 0];
+        let mut b = area(&[(EXT_FEATURE_NAMES, &[table.to_vec(), vec![0; 40]].concat())]);
+        b[172..176].copy_from_slice(&65536u32.to_be_bytes()); // the end marker's length
+        let limits = Limits::default();
+        let c = Context {
+            cluster_bits: 16,
+            autoclear_features: 0,
+            crypt_method: 0,
+            limits: &limits,
+        };
+        assert!(parse_all(&b, 112, 65536, &c).is_err());
+        let names = parse_until_error(&b, 112, 65536, &c).feature_names;
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].bit, 5);
+        assert_eq!(names[0].name, "x");
     }
 
     #[test]

@@ -482,28 +482,25 @@ impl Header {
         Ok(())
     }
 
-    /// The extensions as far as they parse, for naming unknown feature bits.
+    /// The extensions as far as they parse (up to the first that fails QEMU's checks), for
+    /// naming unknown feature bits as QEMU names them.
     fn extensions_best_effort(
         &self,
         cluster0: &[u8],
         cluster_size: u64,
         limits: &Limits,
     ) -> Extensions {
-        let mut probe = self.clone();
-        match probe.read_extensions(cluster0, cluster_size, limits) {
-            Ok(()) => probe.ext,
-            Err(_) => Extensions::default(),
-        }
+        let (start, end, ctx) = self.extension_area(cluster_size, limits);
+        extension::parse_until_error(cluster0, start, end, &ctx)
     }
 
-    /// The extensions, from the end of the header (byte 72 for version 2, `header_length` for
-    /// version 3) to the backing-file name or the end of the cluster, as QEMU reads them.
-    fn read_extensions(
-        &mut self,
-        cluster0: &[u8],
+    /// Where the extensions are (from the end of the header to the backing file name or the
+    /// end of the first cluster), and what their checks need.
+    fn extension_area<'l>(
+        &self,
         cluster_size: u64,
-        limits: &Limits,
-    ) -> Result<()> {
+        limits: &'l Limits,
+    ) -> (u64, u64, extension::Context<'l>) {
         let end = if self.backing_file_offset != 0 {
             self.backing_file_offset
         } else {
@@ -515,7 +512,19 @@ impl Header {
             crypt_method: self.crypt_method,
             limits,
         };
-        self.ext = extension::parse_all(cluster0, u64::from(self.header_length), end, &ctx)?;
+        (u64::from(self.header_length), end, ctx)
+    }
+
+    /// The extensions, from the end of the header (byte 72 for version 2, `header_length` for
+    /// version 3) to the backing-file name or the end of the cluster, as QEMU reads them.
+    fn read_extensions(
+        &mut self,
+        cluster0: &[u8],
+        cluster_size: u64,
+        limits: &Limits,
+    ) -> Result<()> {
+        let (start, end, ctx) = self.extension_area(cluster_size, limits);
+        self.ext = extension::parse_all(cluster0, start, end, &ctx)?;
         Ok(())
     }
 

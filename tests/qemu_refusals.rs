@@ -211,3 +211,55 @@ fn refused_at_open_as_qemu_refuses() {
         }
     }
 }
+
+/// An unknown incompatible bit is named from the image's feature table, which QEMU reads up
+/// to the first extension that fails its checks: an end marker whose length does not fit,
+/// after the table, does not lose the name.
+#[test]
+fn unknown_features_are_named_from_a_table_before_a_bad_extension() {
+    let Some(qemu) =
+        Qemu::find_or_skip("unknown_features_are_named_from_a_table_before_a_bad_extension")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("qemu-refusals-features");
+    let d = tmp.path();
+    let name = "tenth.qcow2";
+    make(&qemu, d, name, "1.1", "1M", &[]);
+    let end = end_marker(d, name);
+    let path = d.join(name);
+    let mut b = std::fs::read(&path).unwrap();
+    // Incompatible bit 10, named "tenth" by the table entry that named the dirty bit.
+    b[78] |= 0x04;
+    let mut at = 112;
+    let mut renamed = false;
+    while at < end {
+        let magic = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        if magic == 0x6803_f857 {
+            for e in (at + 8..at + 8 + len).step_by(48) {
+                if b[e] == 0 && b[e + 1] == 0 {
+                    b[e + 1] = 10;
+                    b[e + 2..e + 48].fill(0);
+                    b[e + 2..e + 7].copy_from_slice(b"tenth");
+                    renamed = true;
+                }
+            }
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    assert!(renamed, "the feature table names the dirty bit");
+    b[end + 4..end + 8].copy_from_slice(&be32(0x10000));
+    std::fs::write(&path, &b).unwrap();
+    let theirs = qemu_verdict(&qemu, d, name);
+    assert!(
+        theirs
+            .as_deref()
+            .is_some_and(|t| t.ends_with("Unsupported qcow2 feature(s): tenth")),
+        "{theirs:?}"
+    );
+    match Qcow2::open(std::fs::File::open(&path).unwrap()) {
+        Ok(_) => panic!("QEMU refuses it ({theirs:?}), the crate opens it"),
+        Err(e) => assert!(e.to_string().contains("(tenth)"), "the crate says {e}"),
+    }
+}
