@@ -127,6 +127,25 @@ pub(crate) fn parse_all(
     ctx: &Context,
 ) -> Result<Extensions> {
     let mut out = Extensions::default();
+    walk(cluster0, start, end, ctx, &mut out)?;
+    Ok(out)
+}
+
+/// The extensions as far as they parse: what QEMU has read when an extension fails its
+/// check (it names unknown feature bits from a feature table found before the failure).
+pub(crate) fn parse_until_error(
+    cluster0: &[u8],
+    start: u64,
+    end: u64,
+    ctx: &Context,
+) -> Extensions {
+    let mut out = Extensions::default();
+    let _ = walk(cluster0, start, end, ctx, &mut out);
+    out
+}
+
+/// [`parse_all`] into `out`, which keeps what was parsed before an error.
+fn walk(cluster0: &[u8], start: u64, end: u64, ctx: &Context, out: &mut Extensions) -> Result<()> {
     let mut offset = start;
     while offset < end {
         let Some(at) = usize::try_from(offset)
@@ -136,16 +155,22 @@ pub(crate) fn parse_all(
             break;
         };
         let magic = be_u32(cluster0, at).unwrap_or(EXT_END);
-        if magic == EXT_END {
-            break;
-        }
         let len = be_u32(cluster0, at.saturating_add(4)).unwrap_or(0);
         let data_at = offset.saturating_add(EXT_HEADER_LEN);
+        // QEMU checks the length against the room left before it looks at the type: an end
+        // marker with a length that does not fit is refused too ("Header extension too
+        // large"), as is a v3 header whose `header_length` starts the walk mid-extension.
         if data_at > end || u64::from(len) > end.saturating_sub(data_at) {
             return Err(Error::malformed(
-                format!("header extension {magic:#010x} of {len} bytes runs past {end:#x}"),
+                format!(
+                    "header extension {magic:#010x} is too large: its {len} bytes run past \
+                     {end:#x}"
+                ),
                 offset,
             ));
+        }
+        if magic == EXT_END {
+            break;
         }
         let data = usize::try_from(data_at)
             .ok()
@@ -159,7 +184,7 @@ pub(crate) fn parse_all(
         out.take(ExtensionKind::from_magic(magic), data, data_at, ctx)?;
         offset = data_at.saturating_add(align8(u64::from(len)).unwrap_or(u64::MAX));
     }
-    Ok(out)
+    Ok(())
 }
 
 impl Extensions {
@@ -386,6 +411,48 @@ mod tests {
             matches!(r, Err(Error::Malformed { offset: 112, .. })),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn the_end_marker_length_is_checked_like_any_other() {
+        let mut b = area(&[]);
+        // An end marker whose length does not fit before the end of the area: refused.
+        b[116..120].copy_from_slice(&65536u32.to_be_bytes());
+        let r = parse_area(&b, 65536, ctx(0, 0));
+        assert!(
+            matches!(&r, Err(Error::Malformed { offset: 112, what }) if what.contains("too large")),
+            "{r:?}"
+        );
+        // One that fits is an end marker all the same: what follows is not read.
+        b[116..120].copy_from_slice(&16u32.to_be_bytes());
+        b[136..140].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[140..144].copy_from_slice(&65536u32.to_be_bytes());
+        assert!(parse_area(&b, 65536, ctx(0, 0)).unwrap().list.is_empty());
+        // An end marker whose header itself runs past the end (a backing name at 116).
+        let r = parse_area(&area(&[]), 116, ctx(0, 0));
+        assert!(
+            matches!(r, Err(Error::Malformed { offset: 112, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn what_parsed_before_an_error_is_kept_for_naming_features() {
+        let table = [0u8, 5, b'x', 0, 0, 0, 0, 0];
+        let mut b = area(&[(EXT_FEATURE_NAMES, &[table.to_vec(), vec![0; 40]].concat())]);
+        b[172..176].copy_from_slice(&65536u32.to_be_bytes()); // the end marker's length
+        let limits = Limits::default();
+        let c = Context {
+            cluster_bits: 16,
+            autoclear_features: 0,
+            crypt_method: 0,
+            limits: &limits,
+        };
+        assert!(parse_all(&b, 112, 65536, &c).is_err());
+        let names = parse_until_error(&b, 112, 65536, &c).feature_names;
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].bit, 5);
+        assert_eq!(names[0].name, "x");
     }
 
     #[test]

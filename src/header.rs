@@ -321,7 +321,14 @@ impl Header {
             .checked_mul(SNAPSHOT_HEADER_LEN)
             .ok_or_else(|| Error::malformed("snapshot table size overflows", at::NB_SNAPSHOTS))?;
         if self.nb_snapshots == 0 {
-            return Ok(());
+            // QEMU validates the offset of an empty table too ("Snapshot table offset
+            // invalid"); only where it may be (0, past the header) does not matter then.
+            return self.check_table_offset(
+                "snapshot table",
+                self.snapshots_offset,
+                0,
+                at::SNAPSHOTS_OFFSET,
+            );
         }
         self.check_table_placement(
             "snapshot table",
@@ -364,12 +371,19 @@ impl Header {
             ));
         }
         if self.l1_size == 0 {
-            return Ok(());
+            // As for the snapshot table: "Active L1 table offset invalid" even when empty.
+            return self.check_table_offset(
+                "L1 table",
+                self.l1_table_offset,
+                0,
+                at::L1_TABLE_OFFSET,
+            );
         }
         self.check_table_placement("L1 table", self.l1_table_offset, bytes, at::L1_TABLE_OFFSET)
     }
 
-    /// QEMU's `validate_table_offset`: cluster aligned, and the end must not overflow.
+    /// QEMU's `qcow2_validate_table` ("... offset invalid"), then an offset of 0 refused: the
+    /// table would overlap the header.
     fn check_table_placement(
         &self,
         what: &str,
@@ -377,9 +391,22 @@ impl Header {
         len: u64,
         field_at: u64,
     ) -> Result<()> {
+        self.check_table_offset(what, offset, len, field_at)?;
+        if offset == 0 {
+            return Err(Error::malformed(
+                format!("{what} overlaps the header"),
+                field_at,
+            ));
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_validate_table` on a table's offset, checked whatever the table's size:
+    /// cluster aligned, and its end at most `i64::MAX`.
+    fn check_table_offset(&self, what: &str, offset: u64, len: u64, field_at: u64) -> Result<()> {
         if low_bits(offset, self.cluster_bits) != 0 {
             return Err(Error::malformed(
-                format!("{what} offset {offset:#x} is not cluster aligned"),
+                format!("{what} offset invalid: {offset:#x} is not cluster aligned"),
                 field_at,
             ));
         }
@@ -388,13 +415,7 @@ impl Header {
             .is_none_or(|end| end > i64::MAX as u64)
         {
             return Err(Error::malformed(
-                format!("{what} at {offset:#x} + {len:#x} overflows"),
-                field_at,
-            ));
-        }
-        if offset == 0 {
-            return Err(Error::malformed(
-                format!("{what} overlaps the header"),
+                format!("{what} offset invalid: {offset:#x} + {len:#x} is past 2^63"),
                 field_at,
             ));
         }
@@ -461,28 +482,25 @@ impl Header {
         Ok(())
     }
 
-    /// The extensions as far as they parse, for naming unknown feature bits.
+    /// The extensions as far as they parse (up to the first that fails QEMU's checks), for
+    /// naming unknown feature bits as QEMU names them.
     fn extensions_best_effort(
         &self,
         cluster0: &[u8],
         cluster_size: u64,
         limits: &Limits,
     ) -> Extensions {
-        let mut probe = self.clone();
-        match probe.read_extensions(cluster0, cluster_size, limits) {
-            Ok(()) => probe.ext,
-            Err(_) => Extensions::default(),
-        }
+        let (start, end, ctx) = self.extension_area(cluster_size, limits);
+        extension::parse_until_error(cluster0, start, end, &ctx)
     }
 
-    /// The extensions, from the end of the header (byte 72 for version 2, `header_length` for
-    /// version 3) to the backing-file name or the end of the cluster, as QEMU reads them.
-    fn read_extensions(
-        &mut self,
-        cluster0: &[u8],
+    /// Where the extensions are (from the end of the header to the backing file name or the
+    /// end of the first cluster), and what their checks need.
+    fn extension_area<'l>(
+        &self,
         cluster_size: u64,
-        limits: &Limits,
-    ) -> Result<()> {
+        limits: &'l Limits,
+    ) -> (u64, u64, extension::Context<'l>) {
         let end = if self.backing_file_offset != 0 {
             self.backing_file_offset
         } else {
@@ -494,7 +512,19 @@ impl Header {
             crypt_method: self.crypt_method,
             limits,
         };
-        self.ext = extension::parse_all(cluster0, u64::from(self.header_length), end, &ctx)?;
+        (u64::from(self.header_length), end, ctx)
+    }
+
+    /// The extensions, from the end of the header (byte 72 for version 2, `header_length` for
+    /// version 3) to the backing-file name or the end of the cluster, as QEMU reads them.
+    fn read_extensions(
+        &mut self,
+        cluster0: &[u8],
+        cluster_size: u64,
+        limits: &Limits,
+    ) -> Result<()> {
+        let (start, end, ctx) = self.extension_area(cluster_size, limits);
+        self.ext = extension::parse_all(cluster0, start, end, &ctx)?;
         Ok(())
     }
 

@@ -2,16 +2,17 @@
 //! (`bdrv_node_info_dump`, `bdrv_snapshot_dump` and `dump_qdict` in block/qapi.c,
 //! `dump_human_image_info` in qemu-img.c, `size_to_str` in util/cutils.c).
 //!
-//! QEMU pads with `printf` widths, which count bytes: so do the helpers here.
+//! QEMU pads with `printf` widths, which count bytes: so do the helpers here. The text is
+//! bytes: QEMU prints file names as they are, UTF-8 or not.
 
-use std::fmt::Write;
+use std::io::Write;
 
 use crate::info::{BitmapInfo, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotInfo};
 
 /// `info` at `indentation` (4 spaces a level), then its children, as `qemu-img info` prints
 /// a node of the block graph. `path` names the node (`""` for the image itself).
 pub(crate) fn image(
-    out: &mut String,
+    out: &mut Vec<u8>,
     info: &ImageInfo,
     indentation: usize,
     path: &str,
@@ -35,7 +36,7 @@ pub(crate) fn image(
 
 /// One node, without its children (`bdrv_node_info_dump`), and without `disk size:`.
 fn node(
-    out: &mut String,
+    out: &mut Vec<u8>,
     info: &ImageInfo,
     indentation: usize,
     protocol: bool,
@@ -46,8 +47,8 @@ fn node(
     } else {
         ("image", "file format", "virtual size")
     };
-    if let Some(filename) = &info.filename {
-        line(out, indentation, format_args!("{name}: {filename}"));
+    if let Some(filename) = name_bytes(&info.filename_bytes, &info.filename) {
+        line_with(out, indentation, &format!("{name}: "), filename, b"");
     }
     line(out, indentation, format_args!("{format}: {}", info.format));
     line(
@@ -72,17 +73,22 @@ fn node(
     if info.dirty {
         line(out, indentation, format_args!("cleanly shut down: no"));
     }
-    if let Some(backing) = &info.backing_filename {
-        let actual = match &info.full_backing_filename {
-            None => " (cannot determine actual path)".to_owned(),
-            Some(full) if full != backing => format!(" (actual path: {full})"),
-            Some(_) => String::new(),
-        };
-        line(
-            out,
-            indentation,
-            format_args!("backing file: {backing}{actual}"),
+    if let Some(backing) = name_bytes(&info.backing_filename_bytes, &info.backing_filename) {
+        let full = name_bytes(
+            &info.full_backing_filename_bytes,
+            &info.full_backing_filename,
         );
+        let mut rest = Vec::new();
+        match full {
+            None => rest.extend_from_slice(b" (cannot determine actual path)"),
+            Some(full) if full != backing => {
+                rest.extend_from_slice(b" (actual path: ");
+                rest.extend_from_slice(full);
+                rest.extend_from_slice(b")");
+            }
+            Some(_) => {}
+        }
+        line_with(out, indentation, "backing file: ", backing, &rest);
         if let Some(format) = &info.backing_filename_format {
             line(
                 out,
@@ -106,7 +112,7 @@ fn node(
 
 /// The snapshot table (nothing without snapshots), each line after `indent`.
 pub(crate) fn snapshots(
-    out: &mut String,
+    out: &mut Vec<u8>,
     list: &[SnapshotInfo],
     indent: &str,
     utc_offset: &dyn Fn(i64) -> i64,
@@ -159,7 +165,7 @@ fn snapshot_row(s: &SnapshotInfo, utc_offset: &dyn Fn(i64) -> i64) -> String {
 
 /// `qcow2` format-specific data (`dump_qdict` of `ImageInfoSpecificQCow2`): keys in QEMU's
 /// order with dashes as spaces.
-fn qcow2_specific(out: &mut String, q: &Qcow2Specific, level: usize) {
+fn qcow2_specific(out: &mut Vec<u8>, q: &Qcow2Specific, level: usize) {
     line(out, level, format_args!("compat: {}", q.compat));
     line(
         out,
@@ -198,10 +204,10 @@ fn qcow2_specific(out: &mut String, q: &Qcow2Specific, level: usize) {
 }
 
 /// The `encrypt` block, keys in QEMU's order (the order `EncryptionInfo` declares them).
-fn encrypt(out: &mut String, e: &crate::EncryptionInfo, level: usize) {
+fn encrypt(out: &mut Vec<u8>, e: &crate::EncryptionInfo, level: usize) {
     line(out, level, format_args!("encrypt:"));
     let inner = level.saturating_add(1);
-    let text = |out: &mut String, key: &str, value: &Option<String>| {
+    let text = |out: &mut Vec<u8>, key: &str, value: &Option<String>| {
         if let Some(v) = value {
             line(out, inner, format_args!("{key}: {v}"));
         }
@@ -241,7 +247,7 @@ fn encrypt(out: &mut String, e: &crate::EncryptionInfo, level: usize) {
 }
 
 /// Element `i` of the bitmaps list.
-fn bitmap(out: &mut String, i: usize, b: &BitmapInfo, level: usize) {
+fn bitmap(out: &mut Vec<u8>, i: usize, b: &BitmapInfo, level: usize) {
     let inner = level.saturating_add(1);
     line(out, level, format_args!("[{i}]:"));
     line(out, inner, format_args!("flags:"));
@@ -253,8 +259,28 @@ fn bitmap(out: &mut String, i: usize, b: &BitmapInfo, level: usize) {
 }
 
 /// One line at `level` (4 spaces a level).
-fn line(out: &mut String, level: usize, text: std::fmt::Arguments<'_>) {
+fn line(out: &mut Vec<u8>, level: usize, text: std::fmt::Arguments<'_>) {
     let _ = writeln!(out, "{:width$}{text}", "", width = level.saturating_mul(4));
+}
+
+/// One line at `level`: `prefix`, then `name` byte for byte, then `suffix`.
+fn line_with(out: &mut Vec<u8>, level: usize, prefix: &str, name: &[u8], suffix: &[u8]) {
+    let _ = write!(
+        out,
+        "{:width$}{prefix}",
+        "",
+        width = level.saturating_mul(4)
+    );
+    out.extend_from_slice(name);
+    out.extend_from_slice(suffix);
+    out.push(b'\n');
+}
+
+/// A name's bytes when known, else its text's.
+fn name_bytes<'a>(bytes: &'a Option<Vec<u8>>, text: &'a Option<String>) -> Option<&'a [u8]> {
+    bytes
+        .as_deref()
+        .or_else(|| text.as_deref().map(str::as_bytes))
 }
 
 /// `%-Ns`: `s` padded on the right to `width` bytes.

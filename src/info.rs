@@ -58,8 +58,8 @@ pub struct ImageInfo {
     pub snapshots: Vec<SnapshotInfo>,
     /// Virtual disk size in bytes (for a `file` node, the file's length).
     pub virtual_size: u64,
-    /// The path the image was opened from, as given; `None` when opened from a source
-    /// without a path.
+    /// The path the image was opened from, as given, as text the way QEMU's JSON shows it
+    /// (see [`ImageInfo::filename_bytes`]); `None` when opened from a source without a path.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub filename: Option<String>,
     /// Cluster size in bytes (qcow2 only).
@@ -71,13 +71,16 @@ pub struct ImageInfo {
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub format_specific: Option<FormatSpecific>,
     /// The backing file name resolved against this image's directory, as QEMU resolves it
-    /// (known when the image was opened by path).
+    /// (known when the image was opened by path), as text the way QEMU's JSON shows it (see
+    /// [`ImageInfo::full_backing_filename_bytes`]).
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub full_backing_filename: Option<String>,
     /// Whether the image is encrypted (only written when it is).
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "is_false"))]
     pub encrypted: bool,
-    /// The backing file name as stored in the header.
+    /// The backing file name as stored in the header, as text the way QEMU's JSON shows it:
+    /// each byte sequence that is not UTF-8 becomes U+FFFD as QEMU decodes it (see
+    /// [`ImageInfo::backing_filename_bytes`] for the bytes).
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub backing_filename: Option<String>,
     /// The dirty bit (QEMU's `dirty-flag`).
@@ -87,6 +90,17 @@ pub struct ImageInfo {
     /// of QEMU's output: see [`ImageInfo::chain_from_path`] for `--backing-chain`).
     #[cfg_attr(feature = "serde", serde(skip))]
     pub backing_chain: Vec<ChainEntry>,
+    /// [`ImageInfo::filename`]'s bytes, unaltered (on Unix a path need not be UTF-8):
+    /// `qemu-img info` prints these.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub filename_bytes: Option<Vec<u8>>,
+    /// [`ImageInfo::full_backing_filename`]'s bytes, unaltered: the path the backing file is
+    /// opened from.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub full_backing_filename_bytes: Option<Vec<u8>>,
+    /// [`ImageInfo::backing_filename`]'s bytes, exactly as stored (up to the first NUL).
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub backing_filename_bytes: Option<Vec<u8>>,
 }
 
 /// A child node and its information (QEMU's `BlockChildInfo`).
@@ -287,7 +301,7 @@ impl<I: ReadAt + Send + Sync> Qcow2<I> {
         let mut info = info_of(self);
         if let Some(path) = self.path() {
             if let Ok(meta) = std::fs::metadata(path) {
-                info.children = vec![file_child(&path.display().to_string(), meta.len())];
+                info.children = vec![file_child(&path_bytes(path), meta.len())];
             }
         }
         info
@@ -420,28 +434,42 @@ impl ImageInfo {
 
     /// Like [`ImageInfo::to_human`], with snapshot dates shifted by `utc_offset(date)`
     /// seconds (the local time zone's offset from UTC at that date).
+    ///
+    /// File names that are not UTF-8 are shown lossily here; [`ImageInfo::to_human_bytes`]
+    /// has them byte for byte, as `qemu-img` prints them.
     pub fn to_human_with_offset(&self, utc_offset: &dyn Fn(i64) -> i64) -> String {
-        let mut out = String::new();
+        String::from_utf8_lossy(&self.to_human_bytes(utc_offset)).into_owned()
+    }
+
+    /// [`ImageInfo::to_human_with_offset`] as bytes: file names (the image's, its backing
+    /// file's) exactly as given or stored, UTF-8 or not, as `qemu-img info` prints them.
+    pub fn to_human_bytes(&self, utc_offset: &dyn Fn(i64) -> i64) -> Vec<u8> {
+        let mut out = Vec::new();
         crate::human::image(&mut out, self, 0, "", utc_offset);
         out
     }
 
     /// Several images as `qemu-img info --backing-chain` prints them: separated by an empty
-    /// line.
+    /// line. Lossy where a file name is not UTF-8: see [`ImageInfo::chain_to_human_bytes`].
     pub fn chain_to_human(chain: &[ImageInfo], utc_offset: &dyn Fn(i64) -> i64) -> String {
-        let texts: Vec<String> = chain
+        String::from_utf8_lossy(&Self::chain_to_human_bytes(chain, utc_offset)).into_owned()
+    }
+
+    /// [`ImageInfo::chain_to_human`] as bytes, file names byte for byte.
+    pub fn chain_to_human_bytes(chain: &[ImageInfo], utc_offset: &dyn Fn(i64) -> i64) -> Vec<u8> {
+        let texts: Vec<Vec<u8>> = chain
             .iter()
-            .map(|info| info.to_human_with_offset(utc_offset))
+            .map(|info| info.to_human_bytes(utc_offset))
             .collect();
-        texts.join("\n")
+        texts.join(&b'\n')
     }
 
     /// The snapshot table as `qemu-img snapshot -l` prints it (nothing when there are no
     /// snapshots), dates shifted by `utc_offset(date)` seconds.
     pub fn snapshot_list(&self, utc_offset: &dyn Fn(i64) -> i64) -> String {
-        let mut out = String::new();
+        let mut out = Vec::new();
         crate::human::snapshots(&mut out, &self.snapshots, "", utc_offset);
-        out
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 
@@ -461,7 +489,7 @@ fn qcow2_info(file: File, path: &Path, options: &OpenOptions) -> Result<ImageInf
     let mut image = Qcow2::open_with(file, options)?;
     image.path = Some(path.to_path_buf());
     let mut info = info_of(&image);
-    info.children = vec![file_child(&path.display().to_string(), len)];
+    info.children = vec![file_child(&path_bytes(path), len)];
     Ok(info)
 }
 
@@ -471,11 +499,12 @@ fn raw_info(file: &File, path: &Path) -> Result<ImageInfo> {
         .metadata()
         .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
         .len();
-    let name = path.display().to_string();
+    let name = path_bytes(path);
     Ok(ImageInfo {
         children: vec![file_child(&name, len)],
         virtual_size: sectors(len),
-        filename: Some(name),
+        filename: Some(qemu_text(&name)),
+        filename_bytes: Some(name),
         format: "raw",
         ..ImageInfo::empty()
     })
@@ -487,34 +516,109 @@ fn sectors(len: u64) -> u64 {
 }
 
 /// The backing file `info` (opened from `path`) names, with its recorded format.
-/// QEMU opens the full backing name, so the next image's `filename` is that string; names
-/// with a protocol go through [`resolve`], which refuses all but `file:`.
+/// QEMU opens the full backing name, so the next image's `filename` is that name, byte for
+/// byte; names with a protocol go through [`resolve`], which refuses all but `file:`.
 fn next_in_chain(info: &ImageInfo, path: &Path) -> Option<Result<(PathBuf, Option<String>)>> {
-    let name = info.backing_filename.as_deref()?;
+    let name = info.backing_filename_bytes.as_deref()?;
     let format = info.backing_filename_format.clone();
-    match &info.full_backing_filename {
-        Some(full) if !has_protocol(name.as_bytes()) => Some(Ok((PathBuf::from(full), format))),
-        _ => Some(resolve(path, Path::new(name)).map(|p| (p, format))),
+    match &info.full_backing_filename_bytes {
+        Some(full) if !has_protocol(name) => Some(Ok((bytes_path(full), format))),
+        _ => Some(resolve(path, &bytes_path(name)).map(|p| (p, format))),
     }
 }
 
 /// QEMU's `bdrv_make_absolute_filename`: a name with a protocol or an absolute one as it is,
-/// else the image's directory (its name up to the last `/`) followed by the name, as strings.
-fn full_backing_name(image: &str, backing: &str) -> String {
-    if has_protocol(backing.as_bytes()) || backing.starts_with('/') {
-        return backing.to_owned();
+/// else the image's directory (its name up to the last `/`) followed by the name, as bytes.
+fn full_backing_name(image: &[u8], backing: &[u8]) -> Vec<u8> {
+    if has_protocol(backing) || backing.starts_with(b"/") {
+        return backing.to_vec();
     }
-    let dir = image.rfind('/').and_then(|slash| image.get(..=slash));
-    format!("{}{backing}", dir.unwrap_or_default())
+    let dir = image
+        .iter()
+        .rposition(|&b| b == b'/')
+        .and_then(|slash| image.get(..=slash));
+    [dir.unwrap_or_default(), backing].concat()
+}
+
+/// A path's bytes: exactly on Unix (where QEMU takes file names as bytes), lossily elsewhere.
+#[cfg(unix)]
+fn path_bytes(path: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().to_vec()
+}
+
+/// A path's bytes: exactly on Unix (where QEMU takes file names as bytes), lossily elsewhere.
+#[cfg(not(unix))]
+fn path_bytes(path: &Path) -> Vec<u8> {
+    path.to_string_lossy().into_owned().into_bytes()
+}
+
+/// Bytes as a path: exactly on Unix, lossily elsewhere.
+#[cfg(unix)]
+fn bytes_path(bytes: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+}
+
+/// Bytes as a path: exactly on Unix, lossily elsewhere.
+#[cfg(not(unix))]
+fn bytes_path(bytes: &[u8]) -> PathBuf {
+    PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// A name's bytes as QEMU's JSON shows them (`to_json` in qobject/qjson.c, decoding with
+/// `mod_utf8_codepoint` in util/unicode.c): each invalid sequence (a stray or impossible
+/// byte, a sequence cut short, an overlong form, a surrogate, a code point past U+10FFFF, a
+/// noncharacter) is one U+FFFD, and `\xC0\x80` is U+0000. The JSON printer then escapes the
+/// text as QEMU does.
+pub(crate) fn qemu_text(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some((&lead, tail)) = rest.split_first() {
+        let (cp, used) = mod_utf8_codepoint(lead, tail);
+        out.push(cp.and_then(char::from_u32).unwrap_or('\u{fffd}'));
+        rest = tail.get(used..).unwrap_or_default();
+    }
+    out
+}
+
+/// QEMU's `mod_utf8_codepoint` on a sequence starting with `lead`: the code point (`None`
+/// when invalid) and how many bytes of `tail` it took.
+fn mod_utf8_codepoint(lead: u8, tail: &[u8]) -> (Option<u32>, usize) {
+    if lead < 0x80 {
+        return (Some(u32::from(lead)), 0);
+    }
+    if lead >= 0xfe || lead & 0x40 == 0 {
+        return (None, 0); // impossible byte, or a continuation byte out of place
+    }
+    let len = lead.leading_ones() as usize; // 2 to 6
+    let mut cp = u32::from(lead) & (0x7f_u32 >> len);
+    let mut used = 0usize;
+    for _ in 1..len {
+        match tail.get(used) {
+            Some(&b) if b & 0xc0 == 0x80 => {
+                cp = (cp << 6) | u32::from(b & 0x3f);
+                used = used.saturating_add(1);
+            }
+            _ => return (None, used), // continuation byte missing
+        }
+    }
+    const MIN: [u32; 5] = [0x80, 0x800, 0x1_0000, 0x20_0000, 0x400_0000];
+    let min = MIN.get(len.saturating_sub(2)).copied().unwrap_or(0);
+    let noncharacter = (0xfdd0..=0xfdef).contains(&cp) || cp & 0xfffe == 0xfffe;
+    let valid = cp <= 0x10_ffff && !noncharacter && !(0xd800..=0xdfff).contains(&cp);
+    let overlong = cp < min && !(cp == 0 && len == 2);
+    ((valid && !overlong).then_some(cp), used)
 }
 
 /// The host file node under an image. QEMU counts its length in whole 512-byte sectors too.
-fn file_child(filename: &str, len: u64) -> ChildInfo {
+fn file_child(filename: &[u8], len: u64) -> ChildInfo {
     ChildInfo {
         name: "file".to_owned(),
         info: ImageInfo {
             virtual_size: sectors(len),
-            filename: Some(filename.to_owned()),
+            filename: Some(qemu_text(filename)),
+            filename_bytes: Some(filename.to_vec()),
             format: "file",
             format_specific: Some(FormatSpecific::File(FileSpecific {})),
             ..ImageInfo::empty()
@@ -538,6 +642,9 @@ impl ImageInfo {
             backing_filename: None,
             dirty: false,
             backing_chain: Vec::new(),
+            filename_bytes: None,
+            full_backing_filename_bytes: None,
+            backing_filename_bytes: None,
         }
     }
 }
@@ -545,13 +652,18 @@ impl ImageInfo {
 fn info_of(view: &dyn ImageView) -> ImageInfo {
     let h: &Header = view.header();
     // QEMU reports the backing format and full name only along with a backing file.
-    let backing = h.backing_file();
+    let backing = h.backing_file_bytes();
+    let filename = view.path().map(path_bytes);
+    let full_backing = match (&filename, backing) {
+        (Some(path), Some(name)) => Some(full_backing_name(path, name)),
+        _ => None,
+    };
     ImageInfo {
         children: Vec::new(),
         backing_filename_format: backing.and(h.backing_format()).map(str::to_owned),
         snapshots: view.snapshots().iter().map(SnapshotInfo::from).collect(),
         virtual_size: h.size() & !511, // QEMU counts whole sectors
-        filename: view.path().map(|p| p.display().to_string()),
+        filename: filename.as_deref().map(qemu_text),
         cluster_size: Some(h.cluster_size()),
         format: "qcow2",
         format_specific: Some(FormatSpecific::Qcow2(qcow2_specific(
@@ -559,14 +671,14 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
             view.bitmaps(),
             view.encryption(),
         ))),
-        full_backing_filename: match (view.path(), backing) {
-            (Some(path), Some(name)) => Some(full_backing_name(&path.display().to_string(), name)),
-            _ => None,
-        },
+        full_backing_filename: full_backing.as_deref().map(qemu_text),
         encrypted: h.crypt_method() != 0,
-        backing_filename: backing.map(str::to_owned),
+        backing_filename: backing.map(qemu_text),
         dirty: h.is_dirty(),
         backing_chain: chain_below(view),
+        filename_bytes: filename,
+        full_backing_filename_bytes: full_backing,
+        backing_filename_bytes: backing.map(<[u8]>::to_vec),
     }
 }
 
@@ -616,12 +728,39 @@ mod tests {
 
     #[test]
     fn full_backing_names_are_qemus() {
-        assert_eq!(full_backing_name("top.qcow2", "base.qcow2"), "base.qcow2");
-        assert_eq!(full_backing_name("sub/t.qcow2", "../b"), "sub/../b");
-        assert_eq!(full_backing_name("a//t.qcow2", "b"), "a//b");
-        assert_eq!(full_backing_name("/x/t.qcow2", "/abs/b"), "/abs/b");
-        assert_eq!(full_backing_name("/x/t.qcow2", "nbd://h/e"), "nbd://h/e");
-        assert_eq!(full_backing_name("/x/t.qcow2", "file:b"), "file:b");
+        let full = |image: &str, backing: &str| {
+            String::from_utf8(full_backing_name(image.as_bytes(), backing.as_bytes())).unwrap()
+        };
+        assert_eq!(full("top.qcow2", "base.qcow2"), "base.qcow2");
+        assert_eq!(full("sub/t.qcow2", "../b"), "sub/../b");
+        assert_eq!(full("a//t.qcow2", "b"), "a//b");
+        assert_eq!(full("/x/t.qcow2", "/abs/b"), "/abs/b");
+        assert_eq!(full("/x/t.qcow2", "nbd://h/e"), "nbd://h/e");
+        assert_eq!(full("/x/t.qcow2", "file:b"), "file:b");
+        assert_eq!(
+            full_backing_name(b"d\xff/t.qcow2", b"b\xfe"),
+            b"d\xff/b\xfe".to_vec()
+        );
+    }
+
+    #[test]
+    fn names_decode_as_qemus_json_shows_them() {
+        assert_eq!(qemu_text(b"plain \xc3\xa9"), "plain é");
+        assert_eq!(qemu_text(b"a\xff\xfeb"), "a\u{fffd}\u{fffd}b");
+        // A cut sequence is one U+FFFD with the continuation bytes it had.
+        assert_eq!(qemu_text(b"\xe2\x82z"), "\u{fffd}z");
+        assert_eq!(qemu_text(b"\xf0\x9f\x98"), "\u{fffd}");
+        // Stray continuation bytes: one each.
+        assert_eq!(qemu_text(b"\x80\xbf"), "\u{fffd}\u{fffd}");
+        // Overlong forms, surrogates, past U+10FFFF, noncharacters: one for the sequence.
+        assert_eq!(qemu_text(b"\xe0\x80\xaf"), "\u{fffd}");
+        assert_eq!(qemu_text(b"\xed\xa0\x80"), "\u{fffd}");
+        assert_eq!(qemu_text(b"\xf4\x90\x80\x80"), "\u{fffd}");
+        assert_eq!(qemu_text(b"\xef\xb7\x90\xef\xbf\xbe"), "\u{fffd}\u{fffd}");
+        assert_eq!(qemu_text(b"\xf8\x88\x80\x80\x80!"), "\u{fffd}!");
+        // Modified UTF-8's NUL, and a character beyond the BMP.
+        assert_eq!(qemu_text(b"\xc0\x80"), "\0");
+        assert_eq!(qemu_text("😀".as_bytes()), "😀");
     }
 
     #[test]
@@ -776,7 +915,7 @@ mod tests {
         );
         let json = serde_json::to_string(&BitmapInfo::from(&bitmap)).unwrap();
         assert_hash_order(&json, &["flags", "name", "granularity"]);
-        let json = serde_json::to_string(&file_child("f", 1)).unwrap();
+        let json = serde_json::to_string(&file_child(b"f", 1)).unwrap();
         assert_hash_order(&json, &["name", "info"]);
         let json = serde_json::to_string(&FormatSpecific::File(FileSpecific {})).unwrap();
         assert_eq!(json, r#"{"type":"file","data":{}}"#);

@@ -433,15 +433,23 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             if cur >= table_end {
                 break;
             }
+            // A unit after the first that cannot be decoded (a misaligned or invalid entry)
+            // ends the segment, as QEMU's count of contiguous clusters stops at it: the
+            // segment that starts there reports the error. `qemu-img map` prints what comes
+            // before it.
             if kind == SegmentKind::Unallocated(None) {
                 // Most of a sparse table is zero entries: step over them without decoding.
-                let zeros = self.zero_entries(table_at, cur, table_end)?;
+                let Ok(zeros) = self.zero_entries(table_at, cur, table_end) else {
+                    break;
+                };
                 if zeros > 0 {
                     cur = cur.saturating_add(zeros << g.cluster_bits);
                     continue;
                 }
             }
-            let (mapping, unit_host) = self.unit(table_at, cur, table_end)?;
+            let Ok((mapping, unit_host)) = self.unit(table_at, cur, table_end) else {
+                break;
+            };
             let next = SegmentKind::of(mapping, unit_host);
             if !kind.continued_by(next, cur.saturating_sub(pos)) {
                 break;

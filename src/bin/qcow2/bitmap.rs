@@ -1,12 +1,12 @@
 //! `qcow2 bitmap --dump NAME IMG`: the dirty extents of a persistent bitmap, as `qemu-nbd -B
 //! NAME` exports them (`qemu-img map` over NBD with `x-dirty-bitmap`).
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ValueEnum;
-use qcow2::{DirtyExtent, OpenOptions, Qcow2};
+use qcow2::{OpenOptions, Qcow2};
 
 /// Dump the dirty extents of a persistent dirty bitmap.
 #[derive(clap::Args)]
@@ -30,37 +30,53 @@ enum Output {
     Json,
 }
 
-/// Print the extents; one line on stderr and a failure exit on any error.
+/// Print the extents as they are found; one line on stderr and a failure exit on any error
+/// (after the extents found before it).
 pub fn run(args: Args) -> ExitCode {
-    match dump(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = dump(&args, &mut out);
+    let flushed = out.flush();
+    match (result, flushed) {
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        (Err(e), _) => {
             eprintln!("qcow2 bitmap: {}: {e}", args.image.display());
+            ExitCode::FAILURE
+        }
+        (Ok(()), Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        (Ok(()), Err(e)) => {
+            eprintln!("qcow2 bitmap: writing the output: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn dump(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+/// Write each extent as the iterator yields it: memory stays bounded however many extents
+/// the bitmap has (a 640 KiB image can describe 2^30 of them). The JSON array is written an
+/// element at a time; after an error it is left unclosed, as `qemu-img map` leaves its own.
+fn dump(args: &Args, out: &mut impl Write) -> Result<(), Box<dyn std::error::Error>> {
     // Bitmaps live in the image file itself: no backing or data file is needed.
     // Opened without blocking and checked on the descriptor: a FIFO is refused at once.
     let file = qcow2::open_file(&args.image, &OpenOptions::new().allow_devices(true))?;
     let image = Qcow2::open(file)?;
-    let extents = image
-        .dirty_extents(&args.dump, args.allow_in_use)?
-        .collect::<Result<Vec<DirtyExtent>, _>>()?;
-    let mut out = std::io::stdout().lock();
-    match args.output {
-        Output::Json => {
-            serde_json::to_writer(&mut out, &extents)?;
-            writeln!(out)?;
-        }
-        Output::Human => {
-            for e in &extents {
-                writeln!(out, "{} {}", e.start, e.length)?;
+    let extents = image.dirty_extents(&args.dump, args.allow_in_use)?;
+    if let Output::Json = args.output {
+        write!(out, "[")?;
+    }
+    for (i, extent) in extents.enumerate() {
+        let e = extent?;
+        match args.output {
+            Output::Json => {
+                if i > 0 {
+                    write!(out, ",")?;
+                }
+                serde_json::to_writer(&mut *out, &e)?;
             }
+            Output::Human => writeln!(out, "{} {}", e.start, e.length)?,
         }
     }
-    out.flush()?;
+    if let Output::Json = args.output {
+        writeln!(out, "]")?;
+    }
     Ok(())
 }

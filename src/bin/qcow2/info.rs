@@ -1,5 +1,6 @@
 //! `qcow2 info`: `qemu-img info` for qcow2 images.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,10 +41,18 @@ pub fn run(args: Args) -> ExitCode {
             Err(code) => return code,
         }
     };
-    let text = match (args.output, args.backing_chain) {
-        (Output::Json, true) => ImageInfo::chain_to_json(&chain) + "\n",
-        (Output::Json, false) => chain.iter().map(|i| i.to_json() + "\n").collect(),
-        (Output::Human, _) => ImageInfo::chain_to_human(&chain, &common::local_utc_offset),
+    let text: Vec<u8> = match (args.output, args.backing_chain) {
+        (Output::Json, true) => (ImageInfo::chain_to_json(&chain) + "\n").into_bytes(),
+        (Output::Json, false) => chain
+            .iter()
+            .flat_map(|i| (i.to_json() + "\n").into_bytes())
+            .collect(),
+        // File names byte for byte, as qemu-img prints them.
+        (Output::Human, _) => ImageInfo::chain_to_human_bytes(&chain, &common::local_utc_offset),
     };
-    common::print(&text)
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&text).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => common::fail("writing the output", e),
+    }
 }

@@ -90,27 +90,33 @@ fn map(args: &Args, out: &mut impl Write) -> Result<(), Failure> {
         )?,
         Output::Json => write!(out, "[")?,
     }
-    let mut first = true;
-    let mut last: Option<MapExtent<'_>> = None;
+    // The iterator yields an extent once it knows the next one does not continue it, which
+    // is when qemu-img prints its own: print each at once. A JSON entry is followed by
+    // ",\n" when another came after it (or a failure did: qemu-img had its next status).
+    let mut printed = false;
     for extent in reader.map(args.start_offset..end) {
-        let extent = extent.map_err(|e| format!("could not read file metadata: {e}"))?;
-        if let Some(previous) = last.replace(extent) {
-            dump(args.output, &previous, first, out)?;
-            if args.output == Output::Json {
-                writeln!(out, ",")?;
+        let extent = match extent {
+            Ok(extent) => extent,
+            Err(e) => {
+                if printed && args.output == Output::Json {
+                    writeln!(out, ",")?;
+                }
+                return Err(format!("could not read file metadata: {e}").into());
             }
-            first = false;
+        };
+        if printed && args.output == Output::Json {
+            writeln!(out, ",")?;
         }
+        dump(args.output, &extent, !printed, out)?;
+        printed = true;
     }
-    match last {
-        Some(last) => dump(args.output, &last, first, out)?,
+    if !printed && args.output == Output::Json {
         // Nothing to map: qemu-img still prints its empty extent at the start offset.
-        None if args.output == Output::Json => write!(
+        write!(
             out,
             "{{ \"start\": {}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}",
             args.start_offset
-        )?,
-        None => {}
+        )?;
     }
     if args.output == Output::Json {
         writeln!(out, "]")?;
@@ -135,14 +141,17 @@ fn dump(
                 return Err("file contains external, encrypted or compressed clusters".into());
             }
             if data && !e.zero {
-                let file = e.file.map(|f| f.display().to_string()).unwrap_or_default();
-                writeln!(
+                write!(
                     out,
-                    "{:<16}{:<16}{:<16}{file}",
+                    "{:<16}{:<16}{:<16}",
                     hex(e.start),
                     hex(e.length),
                     hex(e.offset.unwrap_or(0))
                 )?;
+                // The file name as it is, UTF-8 or not, as qemu-img prints it.
+                let file = e.file.map(|f| f.as_os_str().as_encoded_bytes());
+                out.write_all(file.unwrap_or_default())?;
+                writeln!(out)?;
             }
         }
         Output::Json => {
