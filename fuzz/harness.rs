@@ -169,18 +169,21 @@ pub fn jobs<I: ReadAt + Size + Send + Sync>(
     let end = start.saturating_add(JOB_BYTES).min(size);
     let range = start..end;
     map_is_contiguous(reader, range.clone());
+    block_status_is_contiguous(reader, range.clone());
     let len = (end - start) as usize;
     let mut plain = vec![0u8; len];
     let plain_ok = reader.read_exact_at(start, &mut plain).is_ok();
     parallel_read_matches(reader, range, &plain, plain_ok, rng);
     if size <= JOB_BYTES {
-        let same = qcow2::compare(reader, reader, &qcow2::CompareOptions::new());
-        if let Ok(same) = same {
-            assert_eq!(
-                same,
-                qcow2::Comparison::Identical,
-                "a disk differs from itself"
-            );
+        for strict in [false, true] {
+            let options = qcow2::CompareOptions::new().strict(strict);
+            if let Ok(same) = qcow2::compare(reader, reader, &options) {
+                assert_eq!(
+                    same,
+                    qcow2::Comparison::Identical,
+                    "a disk differs from itself (strict: {strict})"
+                );
+            }
         }
         let mut out = Vec::new();
         // One thread, as the image's pool here: a conversion's own threads exit after it
@@ -211,6 +214,31 @@ fn map_is_contiguous<I: ReadAt>(reader: &Reader<'_, I>, range: std::ops::Range<u
             pos <= range.end,
             "map extent past the range at {:#x}",
             e.start
+        );
+    }
+}
+
+/// QEMU's block status from the start of `range`, at most 256 steps: each stretch non-empty,
+/// following the last, inside the guest, and `eof` on the one that reaches its end.
+fn block_status_is_contiguous<I: ReadAt>(reader: &Reader<'_, I>, range: std::ops::Range<u64>) {
+    let size = reader.guest_size();
+    let mut pos = range.start;
+    for _ in 0..256 {
+        if pos >= range.end {
+            break;
+        }
+        let Ok(found) = qcow2::GuestDisk::block_status(reader, pos) else {
+            break;
+        };
+        let Some((status, len)) = found else {
+            panic!("no block status at {pos:#x}, inside a guest of {size:#x} bytes");
+        };
+        assert!(len > 0, "empty block status stretch at {pos:#x}");
+        pos += len;
+        assert!(pos <= size, "block status past the end at {pos:#x}");
+        assert!(
+            status.eof || pos < size,
+            "no eof flag on the stretch ending the disk"
         );
     }
 }
