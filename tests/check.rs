@@ -694,6 +694,61 @@ const CORRUPTIONS: &[Corruption] = &[
             img.set_u64(at, img.u64_at(at) | 1);
         },
     },
+    // Bit 63 is part of the offset for QEMU (REFT_OFFSET_MASK keeps it): the block lies
+    // past what QEMU may read (EIO), so every refcount it holds is unreadable, and the check
+    // goes on ("Can't get refcount for cluster N").
+    Corruption {
+        name: "refcount_table_entry_bit_63",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, img.u64_at(at) | 1 << 63);
+        },
+    },
+    Corruption {
+        name: "refcount_table_entry_bit_63_snapshot",
+        create: &[],
+        io: WRITES,
+        snapshot: true,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, img.u64_at(at) | 1 << 63);
+        },
+    },
+    // Below QEMU's largest offset (2^63 - 2^30) the block reads as zeros past the end.
+    Corruption {
+        name: "refcount_table_entry_bit_62",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, img.u64_at(at) | 1 << 62);
+        },
+    },
+    // The last cluster QEMU may read, and the one past it.
+    Corruption {
+        name: "refcount_block_at_qemus_last_offset",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, (1 << 63) - (1 << 30) - img.cluster_size());
+        },
+    },
+    Corruption {
+        name: "refcount_block_past_qemus_last_offset",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, (1 << 63) - (1 << 30));
+        },
+    },
     Corruption {
         name: "refcount_block_outside_image",
         create: &[],
