@@ -1189,3 +1189,37 @@ fn snapshot_l1_tables_past_the_end_check_as_qemu_img_checks_them() {
     let report = assert_same_as_qemu(&qemu, dir, name).expect("both checked it");
     assert!(report.corruptions >= 2, "{:?}", report.problems);
 }
+
+/// L1 entries naming L2 tables past the end of the file: QEMU counts a reference past the
+/// end and reads zeros; the crate reads nothing there, and reports the same.
+#[test]
+fn l2_tables_past_the_end_check_as_qemu_img_checks_them() {
+    let Some(qemu) = Qemu::find_or_skip("l2_tables_past_the_end_check_as_qemu_img_checks_them")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("check-l2-past-end");
+    let dir = tmp.path();
+    let name = "l2-past.qcow2";
+    // 64 GiB: an L1 table of 128 entries.
+    qemu.img(dir, &["create", "-q", "-f", "qcow2", name, "64G"]);
+    qemu.io(
+        dir,
+        "qcow2",
+        name,
+        &["write -P 1 0 64k", "write -P 2 1G 64k"],
+    );
+    let path = dir.join(name);
+    let mut img = Img::load(&path);
+    let cs = img.cluster_size();
+    for i in 3..40 {
+        let copied = if i % 2 == 0 { COPIED } else { 0 };
+        img.set_u64(img.l1_at(i), copied | ((1 << 40) + i * cs));
+    }
+    // One partly past the end: its first half is in the file.
+    let end = img.bytes.len() as u64;
+    img.set_u64(img.l1_at(40), COPIED | (end - cs / 2));
+    std::fs::write(&path, &img.bytes).unwrap();
+    let report = assert_same_as_qemu(&qemu, dir, name).expect("both checked it");
+    assert!(report.corruptions >= 37, "{:?}", report.problems);
+}

@@ -190,5 +190,115 @@ fn snapshots_stacked_on_the_same_bytes_stop_quickly() {
     let (result, took) = check_before_deadline(dir.join("stacked-zeros.qcow2"));
     eprintln!("stacked-zeros.qcow2: {took:?}");
     let err = result.expect_err("the check stops");
-    assert!(err.to_string().contains("L1 tables stacked"), "{err}");
+    assert!(
+        err.to_string().contains("tables stacked on the same bytes"),
+        "{err}"
+    );
+}
+
+/// An L1 table naming L2 tables past the end of the file: QEMU reads each as zeros (in the
+/// walk and again for the COPIED flags); the crate reads none of them.
+#[test]
+fn l2_tables_past_the_end_cost_nothing_to_walk() {
+    let Some(qemu) = Qemu::find_or_skip("l2_tables_past_the_end_cost_nothing_to_walk") else {
+        return;
+    };
+    let tmp = TempDir::new("check-bound-l2-past-end");
+    let dir = tmp.path();
+    qemu.img(dir, &["create", "-q", "-f", "qcow2", "l2.qcow2", "64T"]);
+    qemu.io(dir, "qcow2", "l2.qcow2", &["write -P 1 0 64k"]);
+    let mut bytes = std::fs::read(dir.join("l2.qcow2")).unwrap();
+    let l1 = be64(&bytes, 40);
+    let copied = be64(&bytes, l1) & (1 << 63);
+    for i in 1..131072u64 {
+        set64(&mut bytes, l1 + 8 * i, copied | ((1 << 40) + i * CLUSTER));
+    }
+    std::fs::write(dir.join("l2.qcow2"), &bytes).unwrap();
+    let (result, took) = check_before_deadline(dir.join("l2.qcow2"));
+    eprintln!("l2.qcow2: {took:?}");
+    let report = result.expect("the check completes");
+    // Each L2 table past the end is a reference past the end, and its COPIED flag is wrong
+    // (refcount 0).
+    assert_eq!(
+        report.corruptions,
+        2 * 131071,
+        "{:?}",
+        report.problems.first()
+    );
+}
+
+/// Rewrite the bitmap directory of the image in `bytes` (512-byte clusters, one bitmap made
+/// by qemu-img) as `count` bitmaps whose tables are `table(i)`: (offset, entries).
+pub fn set_bitmaps(bytes: &mut Vec<u8>, count: u32, table: impl Fn(u32) -> (u64, u32)) {
+    let ext = bytes
+        .windows(4)
+        .position(|w| w == 0x2385_2875u32.to_be_bytes())
+        .expect("a bitmaps extension");
+    let dir = (bytes.len() as u64).div_ceil(512) * 512;
+    bytes.resize(dir as usize, 0);
+    for i in 0..count {
+        let (offset, entries) = table(i);
+        let name = format!("b{i}");
+        let mut e = Vec::with_capacity(40);
+        e.extend_from_slice(&offset.to_be_bytes());
+        e.extend_from_slice(&entries.to_be_bytes());
+        e.extend_from_slice(&0u32.to_be_bytes()); // flags
+        e.push(1); // dirty tracking
+        e.push(9); // granularity 512 bytes: a table entry covers 2 MiB
+        e.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        e.extend_from_slice(&0u32.to_be_bytes()); // extra data
+        e.extend_from_slice(name.as_bytes());
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        bytes.extend_from_slice(&e);
+    }
+    let size = bytes.len() as u64 - dir;
+    let data = ext + 8;
+    bytes[data..data + 4].copy_from_slice(&count.to_be_bytes());
+    set64(bytes, data as u64 + 8, size);
+    set64(bytes, data as u64 + 16, dir);
+    // Room for the last table entry's reads: the file ends at a cluster boundary.
+    let end = (bytes.len() as u64).div_ceil(512) * 512;
+    bytes.resize(end as usize, 0);
+}
+
+/// 255 bitmaps whose tables (32768 entries, 256 KiB, each: the 64 MiB the open allows in all)
+/// are stacked on the same bytes:
+/// the entries read are bounded by the file. (Not 65535 bitmaps: the open compares every
+/// bitmap's name with every other's, which takes longer than the check. Tables past the end
+/// of the file are refused by the open.)
+#[test]
+fn bitmap_tables_stacked_on_the_same_bytes_stop_quickly() {
+    let Some(qemu) = Qemu::find_or_skip("bitmap_tables_stacked_on_the_same_bytes_stop_quickly")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("check-bound-bitmaps");
+    let dir = tmp.path();
+    let name = "bitmaps.qcow2";
+    // 64 GiB at 512-byte clusters: a bitmap of 512-byte granularity has 32768 table entries.
+    let create = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        name,
+        "64G",
+    ];
+    qemu.img(dir, &create);
+    qemu.img(dir, &["bitmap", "--add", name, "b0"]);
+    // Tables stacked inside the file: the entries read are bounded by the file.
+    let mut bytes = std::fs::read(dir.join(name)).unwrap();
+    let zeros = bytes.len() as u64;
+    bytes.resize(bytes.len() + (256 << 10), 0);
+    set_bitmaps(&mut bytes, 255, |_| (zeros, 32768));
+    std::fs::write(dir.join("stacked.qcow2"), &bytes).unwrap();
+    let (result, took) = check_before_deadline(dir.join("stacked.qcow2"));
+    eprintln!("stacked.qcow2: {took:?}");
+    let err = result.expect_err("the check stops");
+    assert!(
+        err.to_string().contains("tables stacked on the same bytes"),
+        "{err}"
+    );
 }

@@ -23,9 +23,9 @@ use crate::table::{
 /// references in a debug build, so a damaged image whose walk is cheap
 /// anyway is checked as QEMU checks it.
 const MIN_L2_WALK_ENTRIES: u64 = 1 << 19;
-/// A pass may always read this many L1 entries from inside the file (32 MiB, one largest L1
-/// table), whatever the file's size (see [`WalkBudget`]).
-const MIN_L1_ENTRIES: u64 = 1 << 22;
+/// A pass may always read this many L1 and bitmap table entries from inside the file (32 MiB,
+/// one largest L1 table), whatever the file's size (see [`WalkBudget`]).
+const MIN_TABLE_ENTRIES: u64 = 1 << 22;
 /// Table entries read at a time when a table is streamed.
 const STREAM_ENTRIES: usize = 4096;
 
@@ -37,11 +37,12 @@ const STREAM_ENTRIES: usize = 4096;
 /// own clusters of the file, and each L1 table names an L2 table once; snapshots share L2
 /// tables, so one L2 table is walked once per L1 table naming it. Hence:
 ///
-/// - L1 entries are read only where the table lies inside the file: past its end they are
-///   zeros (as QEMU reads them) and name nothing, so a snapshot whose L1 table lies past the
-///   end costs one reference, however long the table claims to be. The entries read from
-///   inside the file, all tables together, are at most the file's length in entries (or
-///   [`MIN_L1_ENTRIES`]): only tables stacked on the same bytes read more.
+/// - L1 entries (and bitmap table entries) are read only where the table lies inside the
+///   file: past its end they are zeros (as QEMU reads them) and name nothing, so a snapshot
+///   whose L1 table lies past the end costs one reference, however long the table claims to
+///   be; an L2 table past the end is not read either. The entries read from inside the file,
+///   all tables together, are at most the file's length in entries (or
+///   [`MIN_TABLE_ENTRIES`]): only tables stacked on the same bytes read more.
 /// - Each L1 table lying inside the file, on clusters no earlier L1 table covers, may walk as
 ///   many L2 tables inside the file as it names distinct ones there (up to the file's
 ///   clusters): what it earned, for itself alone. Tables past the end, or stacked on another
@@ -53,8 +54,8 @@ const STREAM_ENTRIES: usize = 4096;
 /// (for hours) and, in the end, report the references.
 #[derive(Debug, Clone, Default)]
 pub(super) struct WalkBudget {
-    /// L1 entries a pass may read from inside the file.
-    l1_entries: u64,
+    /// L1 and bitmap table entries a pass may read from inside the file.
+    table_entries: u64,
     /// L2 walks each L1 table earned: the active table's, then each snapshot's in the order
     /// of the snapshot table (none for the snapshots the walk skips).
     earned: Vec<u64>,
@@ -65,7 +66,7 @@ pub(super) struct WalkBudget {
 /// What is left of the [`WalkBudget`] in the current pass.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct BudgetLeft {
-    l1_entries: u64,
+    table_entries: u64,
     /// Walks left of what the L1 table being walked earned.
     table_walks: u64,
     spare_walks: u64,
@@ -86,7 +87,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         let image = self.image;
         let header = image.header();
         self.left = BudgetLeft {
-            l1_entries: self.budget.l1_entries,
+            table_entries: self.budget.table_entries,
             table_walks: 0,
             spare_walks: self.budget.spare_walks,
         };
@@ -232,7 +233,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             // Past the end of the file the entries are zeros: nothing to read or walk.
             None => usize::try_from(self.entries_inside(table_offset, entries)).unwrap_or(0),
         };
-        self.spend_l1_entries(total as u64, table_offset)?;
+        self.spend_table_entries(total as u64, table_offset)?;
         let mut chunk = Vec::new();
         let mut start = 0usize;
         while start < total {
@@ -302,7 +303,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             .checked_div(header.l2_entry_len())
             .unwrap_or(1);
         Ok(WalkBudget {
-            l1_entries: (self.file_len / TABLE_ENTRY_LEN).max(MIN_L1_ENTRIES),
+            table_entries: (self.file_len / TABLE_ENTRY_LEN).max(MIN_TABLE_ENTRIES),
             earned,
             spare_walks: MIN_L2_WALK_ENTRIES
                 .checked_div(entries_per_l2)
@@ -364,19 +365,21 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             .min(u64::from(entries))
     }
 
-    /// Spend `count` L1 entries read from inside the file (see [`WalkBudget`]).
-    fn spend_l1_entries(&mut self, count: u64, at: u64) -> Result<()> {
-        match self.left.l1_entries.checked_sub(count) {
+    /// Spend `count` L1 or bitmap table entries read from inside the file (see
+    /// [`WalkBudget`]).
+    fn spend_table_entries(&mut self, count: u64, at: u64) -> Result<()> {
+        match self.left.table_entries.checked_sub(count) {
             Some(left) => {
-                self.left.l1_entries = left;
+                self.left.table_entries = left;
                 Ok(())
             }
             None => Err(Error::malformed(
                 format!(
-                    "the L1 tables (the active one and {} snapshots') hold more than {} entries \
-                     inside a file of {} bytes: L1 tables stacked on the same bytes",
+                    "the L1 tables (of the image and its {} snapshots) and the bitmap tables \
+                     hold more than {} entries inside a file of {} bytes: tables stacked on \
+                     the same bytes",
                     self.image.snapshots().len(),
-                    self.budget.l1_entries,
+                    self.budget.table_entries,
                     self.file_len
                 ),
                 at,
@@ -432,8 +435,12 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         self.walk_l2(l2_offset, table)
     }
 
-    /// QEMU's `check_refcounts_l2`.
+    /// QEMU's `check_refcounts_l2`. An L2 table past the end of the file reads as zeros,
+    /// which count nothing: it is not read.
     fn walk_l2(&mut self, l2_offset: u64, table: Table) -> Result<()> {
+        if l2_offset >= self.file_len {
+            return Ok(());
+        }
         let mut buf = std::mem::take(&mut self.l2_buf);
         let read = read_padded(&self.image.io, l2_offset, &mut buf, "L2 table");
         let result = read.map(|()| self.walk_l2_entries(&buf, l2_offset, table));
@@ -572,8 +579,13 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         self.reference(ext.directory_offset, ext.directory_size);
         let cluster_bits = self.layout.cluster_bits;
         for bitmap in &image.bitmaps {
-            let entries = u64::from(bitmap.table_size);
-            self.reference(bitmap.table_offset, table_bytes(entries));
+            self.reference(
+                bitmap.table_offset,
+                table_bytes(u64::from(bitmap.table_size)),
+            );
+            // Past the end of the file the entries are zeros (valid, naming no cluster).
+            let entries = self.entries_inside(bitmap.table_offset, bitmap.table_size);
+            self.spend_table_entries(entries, bitmap.table_offset)?;
             // QEMU reads and validates the whole table before counting its clusters.
             let mut start = 0u64;
             while start < entries {
