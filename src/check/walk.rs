@@ -20,8 +20,8 @@ use crate::table::{
 
 /// A pass may always walk this many L2 entries, whatever the file's size (see
 /// [`WalkBudget`]): 64 walks of L2 tables of 64 KiB clusters, a quarter of a second of
-/// references in a debug build, so a damaged image whose walk is cheap
-/// anyway is checked as QEMU checks it.
+/// references in a debug build, so a damaged image whose walk is cheap anyway is checked as
+/// QEMU checks it.
 const MIN_L2_WALK_ENTRIES: u64 = 1 << 19;
 /// A pass may always read this many L1 and bitmap table entries from inside the file (32 MiB,
 /// one largest L1 table), whatever the file's size (see [`WalkBudget`]).
@@ -30,8 +30,8 @@ const MIN_TABLE_ENTRIES: u64 = 1 << 22;
 const STREAM_ENTRIES: usize = 4096;
 
 /// What one pass over the metadata may spend, so that the whole check is bounded by what the
-/// file holds, never by what its tables claim. Computed once, from the header and the
-/// snapshot table alone; the same for every pass.
+/// file holds, never by what its tables claim. Computed once, before anything is walked, from
+/// the header, the snapshot table and the L1 tables that earn walks; the same for every pass.
 ///
 /// A sound image reads each of its L1 tables (the active one and each snapshot's) from its
 /// own clusters of the file, and each L1 table names an L2 table once; snapshots share L2
@@ -46,9 +46,13 @@ const STREAM_ENTRIES: usize = 4096;
 /// - Each L1 table lying inside the file, on clusters no earlier L1 table covers, may walk as
 ///   many L2 tables inside the file as it names distinct ones there (up to the file's
 ///   clusters): what it earned, for itself alone. Tables past the end, or stacked on another
-///   table's clusters, earn nothing; naming one L2 table again earns nothing. Beyond what they earned, all the tables together may
-///   walk [`MIN_L2_WALK_ENTRIES`] entries' worth more (so a damaged image whose walk is
-///   cheap is checked as QEMU checks it).
+///   table's clusters, earn nothing; naming one L2 table again earns nothing. Beyond what
+///   they earned, all the tables together may walk [`MIN_L2_WALK_ENTRIES`] entries' worth
+///   more (so a damaged image whose walk is cheap is checked as QEMU checks it).
+///
+/// What a crafted file can still cost is what a sound image of its shape costs QEMU: L1
+/// tables on their own clusters, each naming many distinct L2 tables (snapshots sharing
+/// them), at most (L1 tables in the file) x (L2 tables in the file) walks.
 ///
 /// Past either bound the check stops with [`Error::Malformed`], where QEMU would go on
 /// (for hours) and, in the end, report the references.
