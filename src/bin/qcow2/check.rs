@@ -279,10 +279,10 @@ fn chain_message(e: &Error, log: &OpenLog, top: &Path) -> String {
         .filter(|(path, _)| log.last_backing.as_ref() == Some(path))
         .and_then(|_| backing_format(log.named_by.as_deref().unwrap_or(top)))
         .filter(|format| !QEMU_DRIVERS.contains(&format.as_str()));
+    if let Some(format) = unknown {
+        return format!("{prefix}Unknown driver '{format}'");
+    }
     let what = match (e, &log.failed) {
-        (_, Some(_)) if unknown.is_some() => {
-            format!("Unknown driver '{}'", unknown.unwrap_or_default())
-        }
         (_, Some((path, why))) => format!("Could not open '{}': {why}", path.display()),
         (Error::NotQcow2 { .. }, None) => "Image is not in qcow2 format".to_owned(),
         (Error::UnsupportedBackingFormat { format, .. }, None) => {
