@@ -694,6 +694,61 @@ const CORRUPTIONS: &[Corruption] = &[
             img.set_u64(at, img.u64_at(at) | 1);
         },
     },
+    // Bit 63 is part of the offset for QEMU (REFT_OFFSET_MASK keeps it): the block lies
+    // past what QEMU may read (EIO), so every refcount it holds is unreadable, and the check
+    // goes on ("Can't get refcount for cluster N").
+    Corruption {
+        name: "refcount_table_entry_bit_63",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, img.u64_at(at) | 1 << 63);
+        },
+    },
+    Corruption {
+        name: "refcount_table_entry_bit_63_snapshot",
+        create: &[],
+        io: WRITES,
+        snapshot: true,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, img.u64_at(at) | 1 << 63);
+        },
+    },
+    // Below QEMU's largest offset (2^63 - 2^30) the block reads as zeros past the end.
+    Corruption {
+        name: "refcount_table_entry_bit_62",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, img.u64_at(at) | 1 << 62);
+        },
+    },
+    // The last cluster QEMU may read, and the one past it.
+    Corruption {
+        name: "refcount_block_at_qemus_last_offset",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, (1 << 63) - (1 << 30) - img.cluster_size());
+        },
+    },
+    Corruption {
+        name: "refcount_block_past_qemus_last_offset",
+        create: &[],
+        io: WRITES,
+        snapshot: false,
+        patch: |img| {
+            let at = img.reftable_at(0);
+            img.set_u64(at, (1 << 63) - (1 << 30));
+        },
+    },
     Corruption {
         name: "refcount_block_outside_image",
         create: &[],
@@ -1021,7 +1076,7 @@ fn hostile_images_that_open_check_as_qemu_img_checks_them() {
 
 /// An L1 table naming one L2 table far more often than the file has clusters would keep a
 /// check walking it for hours (QEMU's does): the crate's check stops with an error naming the
-/// repetition, after the 512 walks its budget allows here.
+/// repetition, after the 1 + 64 walks its budget allows here.
 #[test]
 fn an_l2_table_named_again_and_again_stops_the_check() {
     let Some(qemu) = Qemu::find_or_skip("an_l2_table_named_again_and_again_stops_the_check") else {
@@ -1054,7 +1109,117 @@ fn an_l2_table_named_again_and_again_stops_the_check() {
     let err = image.check().expect_err("the check stops");
     let text = err.to_string();
     assert!(
-        text.contains("L2 table named again and again") && text.contains("more than 512 times"),
+        text.contains("L2 table named again and again")
+            && text.contains("and 64 more times in all"),
         "{text}"
     );
+}
+
+/// Snapshots share L2 tables: each L1 table walks all 16 here, 25 tables in all, far more
+/// walks than the check allows a file that earns none (64): the snapshots' L1 tables, each
+/// on its own cluster of the file, earn the walks a sound image needs, and the check is
+/// qemu-img's.
+#[test]
+fn many_snapshots_sharing_l2_tables_check_as_qemu_img_checks_them() {
+    let Some(qemu) =
+        Qemu::find_or_skip("many_snapshots_sharing_l2_tables_check_as_qemu_img_checks_them")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("check-many-snapshots");
+    let dir = tmp.path();
+    let name = "many.qcow2";
+    // 64 KiB clusters: an L2 table maps 512 MiB; 8 GiB is 16 L2 tables.
+    qemu.img(dir, &["create", "-q", "-f", "qcow2", name, "8G"]);
+    let writes: Vec<String> = (0..16u64)
+        .map(|i| format!("write -P {} {} 64k", i + 1, i << 29))
+        .collect();
+    qemu.io(dir, "qcow2", name, &writes);
+    for s in 0..24u64 {
+        qemu.img(dir, &["snapshot", "-c", &format!("s{s}"), name]);
+        if s % 8 == 0 {
+            let at = ((s / 8) << 29) + (64 << 10);
+            qemu.io(dir, "qcow2", name, &[format!("write -P 9 {at} 64k")]);
+        }
+    }
+    let report = assert_same_as_qemu(&qemu, dir, name).expect("both checked it");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(
+        Qcow2::open_path(dir.join(name)).unwrap().snapshots().len(),
+        24
+    );
+}
+
+/// Snapshot L1 tables past the end of the file: QEMU counts the reference (a corruption) and
+/// reads zeros; the crate reads nothing there, and reports the same.
+#[test]
+fn snapshot_l1_tables_past_the_end_check_as_qemu_img_checks_them() {
+    let Some(qemu) =
+        Qemu::find_or_skip("snapshot_l1_tables_past_the_end_check_as_qemu_img_checks_them")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("check-snapshot-l1-past-end");
+    let dir = tmp.path();
+    let name = "past.qcow2";
+    qemu.img(dir, &["create", "-q", "-f", "qcow2", name, "1G"]);
+    for s in 0..3 {
+        qemu.io(
+            dir,
+            "qcow2",
+            name,
+            &[format!("write -P {s} {} 64k", s << 20)],
+        );
+        qemu.img(dir, &["snapshot", "-c", &format!("s{s}"), name]);
+    }
+    let path = dir.join(name);
+    let mut img = Img::load(&path);
+    let mut at = img.u64_at(64);
+    // (L1 offset, L1 entries) for each snapshot: the third keeps its own.
+    for (offset, entries) in [(1u64 << 40, 1u32), (1 << 41, 4 << 20)] {
+        img.set_u64(at, offset);
+        img.bytes[at as usize + 8..at as usize + 12].copy_from_slice(&entries.to_be_bytes());
+        let b = &img.bytes[at as usize..];
+        let id = u64::from(u16::from_be_bytes([b[12], b[13]]));
+        let name = u64::from(u16::from_be_bytes([b[14], b[15]]));
+        let extra = u64::from(u32::from_be_bytes(b[36..40].try_into().unwrap()));
+        at += (40 + extra + id + name).div_ceil(8) * 8;
+    }
+    std::fs::write(&path, &img.bytes).unwrap();
+    let report = assert_same_as_qemu(&qemu, dir, name).expect("both checked it");
+    assert!(report.corruptions >= 2, "{:?}", report.problems);
+}
+
+/// L1 entries naming L2 tables past the end of the file: QEMU counts a reference past the
+/// end and reads zeros; the crate reads nothing there, and reports the same.
+#[test]
+fn l2_tables_past_the_end_check_as_qemu_img_checks_them() {
+    let Some(qemu) = Qemu::find_or_skip("l2_tables_past_the_end_check_as_qemu_img_checks_them")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("check-l2-past-end");
+    let dir = tmp.path();
+    let name = "l2-past.qcow2";
+    // 64 GiB: an L1 table of 128 entries.
+    qemu.img(dir, &["create", "-q", "-f", "qcow2", name, "64G"]);
+    qemu.io(
+        dir,
+        "qcow2",
+        name,
+        &["write -P 1 0 64k", "write -P 2 1G 64k"],
+    );
+    let path = dir.join(name);
+    let mut img = Img::load(&path);
+    let cs = img.cluster_size();
+    for i in 3..40 {
+        let copied = if i % 2 == 0 { COPIED } else { 0 };
+        img.set_u64(img.l1_at(i), copied | ((1 << 40) + i * cs));
+    }
+    // One partly past the end: its first half is in the file.
+    let end = img.bytes.len() as u64;
+    img.set_u64(img.l1_at(40), COPIED | (end - cs / 2));
+    std::fs::write(&path, &img.bytes).unwrap();
+    let report = assert_same_as_qemu(&qemu, dir, name).expect("both checked it");
+    assert!(report.corruptions >= 37, "{:?}", report.problems);
 }

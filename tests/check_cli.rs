@@ -173,3 +173,209 @@ fn cli_fails_cleanly_on_bad_input() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
+
+/// qemu-img's and the crate's stderr, less the `NAME: ` prefix of their one message.
+fn message(out: &Output, tool: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let prefix = format!("{tool}: ");
+    stderr
+        .lines()
+        .map(|l| l.strip_prefix(&prefix).unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Both tools fail to open the image (`args`, run in `dir`), with the same message.
+fn assert_same_open_failure(qemu: &Qemu, dir: &Path, args: &[&str], theirs_args: &[&str]) {
+    for output in [None, Some("--output=json")] {
+        let ours_args: Vec<&str> = output.into_iter().chain(args.iter().copied()).collect();
+        let q_args: Vec<&str> = output
+            .into_iter()
+            .chain(theirs_args.iter().copied())
+            .collect();
+        let ours = qcow2(dir, &ours_args);
+        let theirs = qemu_img(qemu, dir, &q_args);
+        assert_eq!(theirs.status.code(), Some(1), "{q_args:?}: qemu-img status");
+        assert_eq!(ours.status.code(), Some(1), "{ours_args:?}: status");
+        assert_eq!(
+            message(&ours, "qcow2"),
+            message(&theirs, "qemu-img"),
+            "{ours_args:?}: message"
+        );
+        assert!(
+            ours.stdout.is_empty() && theirs.stdout.is_empty(),
+            "{args:?}"
+        );
+    }
+}
+
+/// qemu-img check opens the whole chain: a backing file or data file that cannot be opened
+/// fails the check (status 1), with qemu-img's message.
+#[test]
+fn cli_opens_the_chain_as_qemu_img() {
+    let Some(qemu) = Qemu::find_or_skip("cli_opens_the_chain_as_qemu_img") else {
+        return;
+    };
+    let tmp = TempDir::new("check-cli-chain");
+    let dir = tmp.path();
+    let create = |args: &[&str]| {
+        let mut all = vec!["create", "-q", "-f", "qcow2"];
+        all.extend_from_slice(args);
+        qemu.img(dir, &all);
+    };
+    // A sound chain checks as the top image alone.
+    create(&["base.qcow2", "1M"]);
+    create(&["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    create(&["-b", "top.qcow2", "-F", "qcow2", "top2.qcow2"]);
+    assert_eq!(assert_same_output(&qemu, dir, "top2.qcow2"), 0);
+    // The base is missing: one and two levels down, and named through a directory.
+    std::fs::remove_file(dir.join("base.qcow2")).unwrap();
+    assert_same_open_failure(&qemu, dir, &["top.qcow2"], &["top.qcow2"]);
+    assert_same_open_failure(&qemu, dir, &["top2.qcow2"], &["top2.qcow2"]);
+    let parent = dir.parent().unwrap();
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    let nested = format!("{name}/top2.qcow2");
+    assert_same_open_failure(&qemu, parent, &[&nested], &[&nested]);
+    // An absolute name, and a raw backing file.
+    create(&[
+        "-u",
+        "-b",
+        "/nonexistent/base.qcow2",
+        "-F",
+        "qcow2",
+        "abs.qcow2",
+        "1M",
+    ]);
+    assert_same_open_failure(&qemu, dir, &["abs.qcow2"], &["abs.qcow2"]);
+    create(&["-u", "-b", "missing.raw", "-F", "raw", "raw.qcow2", "1M"]);
+    assert_same_open_failure(&qemu, dir, &["raw.qcow2"], &["raw.qcow2"]);
+    // A backing format QEMU does not know, whether the file is there or not.
+    for (name, backing) in [
+        ("fmt.qcow2", "here.qcow2"),
+        ("fmt-gone.qcow2", "gone.qcow2"),
+    ] {
+        create(&["here.qcow2", "1M"]);
+        create(&["-b", "here.qcow2", "-F", "qcow2", name]);
+        let mut bytes = std::fs::read(dir.join(name)).unwrap();
+        let at = bytes.windows(5).position(|w| w == b"qcow2").unwrap();
+        bytes[at..at + 5].copy_from_slice(b"qcow9");
+        std::fs::write(dir.join(name), bytes).unwrap();
+        if backing == "gone.qcow2" {
+            std::fs::remove_file(dir.join("here.qcow2")).unwrap();
+        }
+        assert_same_open_failure(&qemu, dir, &[name], &[name]);
+    }
+    // A backing file that is not qcow2.
+    std::fs::write(dir.join("junk.bin"), b"not an image").unwrap();
+    create(&["-u", "-b", "junk.bin", "-F", "qcow2", "junk.qcow2", "1M"]);
+    assert_same_open_failure(&qemu, dir, &["junk.qcow2"], &["junk.qcow2"]);
+    // An external data file that is missing, and the data-file bit without a data file.
+    create(&["-o", "data_file=data.raw", "df.qcow2", "1M"]);
+    assert_eq!(assert_same_output(&qemu, dir, "df.qcow2"), 0);
+    std::fs::copy(dir.join("df.qcow2"), dir.join("df-unnamed.qcow2")).unwrap();
+    std::fs::remove_file(dir.join("data.raw")).unwrap();
+    assert_same_open_failure(&qemu, dir, &["df.qcow2"], &["df.qcow2"]);
+    let mut bytes = std::fs::read(dir.join("df-unnamed.qcow2")).unwrap();
+    // The data file name extension (0x44415441) becomes an unknown one, ignored.
+    let at = bytes
+        .windows(4)
+        .position(|w| w == 0x4441_5441u32.to_be_bytes())
+        .unwrap();
+    bytes[at..at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    std::fs::write(dir.join("df-unnamed.qcow2"), bytes).unwrap();
+    assert_same_open_failure(&qemu, dir, &["df-unnamed.qcow2"], &["df-unnamed.qcow2"]);
+}
+
+/// An encrypted image is checked with its secret: `--object secret` (or `--secret-file`)
+/// with a plain file name, or `--image-opts` naming it, as qemu-img takes it.
+#[test]
+fn cli_checks_a_luks_image_with_its_secret() {
+    let Some(qemu) = Qemu::find_or_skip("cli_checks_a_luks_image_with_its_secret") else {
+        return;
+    };
+    let tmp = TempDir::new("check-cli-luks");
+    let dir = tmp.path();
+    let secret = "secret,id=sec0,data=abc";
+    qemu.img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            secret,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            "luks.qcow2",
+            "1M",
+        ],
+    );
+    let opts = "driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=sec0";
+    let io = std::process::Command::new(&qemu.io)
+        .current_dir(dir)
+        .args([
+            "--object",
+            secret,
+            "--image-opts",
+            opts,
+            "-c",
+            "write -P 3 0 64k",
+        ])
+        .output()
+        .unwrap();
+    assert!(io.status.success(), "{io:?}");
+    std::fs::write(dir.join("secret.txt"), b"abc").unwrap();
+    for output in ["--output=human", "--output=json"] {
+        let theirs = qemu_img(
+            &qemu,
+            dir,
+            &[output, "--object", secret, "--image-opts", opts],
+        );
+        assert_eq!(theirs.status.code(), Some(0), "{theirs:?}");
+        let stdout = String::from_utf8_lossy(&theirs.stdout);
+        assert!(stdout.contains("allocated") || stdout.contains("allocated-clusters"));
+        // Ours names the image as qemu-img did: by the options, or by its file name.
+        for args in [
+            vec![output, "--object", secret, "--image-opts", opts],
+            vec![output, "--object", secret, "luks.qcow2"],
+            vec![output, "--secret-file", "secret.txt", "luks.qcow2"],
+        ] {
+            let ours = qcow2(dir, &args);
+            assert_eq!(ours.status.code(), Some(0), "{args:?}: {ours:?}");
+            let named = args.last().unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                stdout.replace(opts, named),
+                "{args:?}"
+            );
+        }
+    }
+    // Without the secret, or with a wrong one: qemu-img's message, status 1.
+    assert_same_open_failure(&qemu, dir, &["luks.qcow2"], &["luks.qcow2"]);
+    let wrong = ["--object", "secret,id=sec0,data=abd", "--image-opts", opts];
+    assert_same_open_failure(&qemu, dir, &wrong, &wrong);
+}
+
+/// A refcount table entry with bit 63 set (an offset bit for QEMU, past what it may read):
+/// qemu-img prints its whole report, a "Can't get refcount" line per cluster, status 1.
+#[test]
+fn cli_reports_an_unreadable_refcount_block_as_qemu_img() {
+    let Some(qemu) = Qemu::find_or_skip("cli_reports_an_unreadable_refcount_block_as_qemu_img")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("check-cli-bit63");
+    let dir = tmp.path();
+    qemu.img(dir, &["create", "-q", "-f", "qcow2", "bit63.qcow2", "1M"]);
+    qemu.io(dir, "qcow2", "bit63.qcow2", &["write -P 1 0 128k"]);
+    let at = u64_at(dir, "bit63.qcow2", 48) as usize;
+    patch_u64(dir, "bit63.qcow2", at, |old| old | 1 << 63);
+    assert_eq!(assert_same_output(&qemu, dir, "bit63.qcow2"), 1);
+    let out = qcow2(dir, &["bit63.qcow2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Can't get refcount for cluster 0: Input/output error"),
+        "{stderr}"
+    );
+}

@@ -180,3 +180,50 @@ fn damaged_images_check_without_panic_in_bounded_memory() {
     }
     assert!(checked > 300, "only {checked} damaged images opened");
 }
+
+/// The largest active L1 table (4 Mi entries, 32 MiB), every entry naming the same L2 table:
+/// the check counts the distinct L2 tables it names (a sorted copy of the entries) before it
+/// walks, and stops at the repetition, within the same memory bound.
+#[test]
+fn the_largest_l1_table_naming_one_l2_table_stops_in_bounded_memory() {
+    let Some(qemu) =
+        Qemu::find_or_skip("the_largest_l1_table_naming_one_l2_table_stops_in_bounded_memory")
+    else {
+        return;
+    };
+    let tmp = TempDir::new("check-memory-l1");
+    let name = "l1.qcow2";
+    // 128 GiB at 512-byte clusters: an L2 table maps 32 KiB, the L1 table has 4 Mi entries.
+    let create = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        name,
+        "128G",
+    ];
+    qemu.img(tmp.path(), &create);
+    qemu.io(tmp.path(), "qcow2", name, &["write -P 1 0 512"]);
+    let path = tmp.join(name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    assert_eq!(
+        u32::from_be_bytes(bytes[36..40].try_into().unwrap()),
+        4 << 20
+    );
+    let first: [u8; 8] = bytes[l1..l1 + 8].try_into().unwrap();
+    for i in 1..(4usize << 20) {
+        bytes[l1 + 8 * i..l1 + 8 * i + 8].copy_from_slice(&first);
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let (result, peak) = peak_during(|| {
+        let image = Qcow2::open(std::fs::File::open(&path).unwrap()).unwrap();
+        image.check()
+    });
+    let err = result.expect_err("the check stops at the repetition");
+    assert!(err.to_string().contains("named again and again"), "{err}");
+    assert!((peak as isize) < PEAK_BOUND, "peak {peak} bytes");
+    eprintln!("{name}: peak {} KiB", peak >> 10);
+}

@@ -6,7 +6,7 @@ use positioned_io::{ReadAt, Size};
 
 use super::stored::{read_padded, Stored, StoredRefcounts};
 use super::{table_bytes, Checker, ProblemKind, PHASE_COMPARE, PHASE_COPIED};
-use crate::bytes::be_u64;
+use crate::bytes::{be_u64, leading_zero_bytes};
 use crate::error::Result;
 use crate::table::{ClusterType, L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COPIED};
 
@@ -103,11 +103,29 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                     l1_offset.saturating_add(table_bytes(l1_index as u64)),
                 );
             }
+            // Past the end of the file the table reads as zeros: no entry to check.
+            if l2_offset >= self.file_len {
+                continue;
+            }
             if let Err(e) = read_padded(&image.io, l2_offset, &mut l2, "L2 table") {
                 self.l2_buf = l2;
                 return Err(e);
             }
-            for (j, raw) in l2.chunks_exact(entry_len).enumerate() {
+            let entries = l2.len().checked_div(entry_len).unwrap_or(0);
+            let mut j = 0usize;
+            while j < entries {
+                let at = j.saturating_mul(entry_len);
+                // Runs of zero entries (most of a sparse table) have no flag to check.
+                let zeros = leading_zero_bytes(l2.get(at..).unwrap_or_default())
+                    .checked_div(entry_len)
+                    .unwrap_or(0);
+                if zeros > 0 {
+                    j = j.saturating_add(zeros);
+                    continue;
+                }
+                let raw = l2.get(at..at.saturating_add(entry_len)).unwrap_or_default();
+                let index = j;
+                j = j.saturating_add(1);
                 let l2_entry = be_u64(raw, 0).unwrap_or(0);
                 if !matches!(
                     self.geometry.cluster_type(l2_entry),
@@ -132,7 +150,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                     self.problem(
                         (PHASE_COPIED, seq, 0, 0),
                         ProblemKind::CopiedFlagData { l2_entry, refcount },
-                        l2_offset.saturating_add((j as u64).saturating_mul(entry_len as u64)),
+                        l2_offset.saturating_add((index as u64).saturating_mul(entry_len as u64)),
                     );
                 }
             }

@@ -130,8 +130,9 @@ pub(crate) struct Checker<'a, I> {
     /// table by that cluster, which is compared too).
     grown: bool,
     highest: u64,
-    /// L2 tables inside the file this pass may still walk (see `spend_l2_walk`).
-    l2_walks_left: u64,
+    /// What a pass may spend walking, and what is left of it in this pass.
+    budget: walk::WalkBudget,
+    left: walk::BudgetLeft,
     l2_buf: Vec<u8>,
     report: CheckReport,
     found: Vec<(SortKey, Problem)>,
@@ -188,7 +189,8 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
             sites: 0,
             grown: false,
             highest: 0,
-            l2_walks_left: 0,
+            budget: walk::WalkBudget::default(),
+            left: walk::BudgetLeft::default(),
             l2_buf: vec![0u8; 1usize << cluster_bits.min(header::MAX_CLUSTER_BITS)],
             report,
             found: Vec::new(),
@@ -198,6 +200,7 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
 
     fn run(mut self) -> Result<CheckReport> {
         let window_len = self.counters_len();
+        self.budget = self.walk_budget()?;
         for window in counters::windows(self.file_clusters.saturating_add(1), window_len) {
             self.counters.clear();
             self.window = window;

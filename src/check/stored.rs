@@ -13,11 +13,17 @@ use crate::refcount::{RefTableEntry, RefcountLayout};
 /// Bytes of refcount blocks kept in the cache.
 const CACHE_BYTES: u64 = 4 << 20;
 
+/// The end of what QEMU may read from a file (`BDRV_MAX_LENGTH`: `INT64_MAX` rounded down to
+/// 1 GiB); a read that ends later fails with `EIO`. A refcount table entry with bit 63 set
+/// (an offset bit for QEMU) names a block there.
+const QEMU_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 /// A stored refcount, or why it cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stored {
     Refcount(u64),
-    /// The refcount block's offset is not cluster aligned (QEMU fails with EIO).
+    /// The refcount block's offset is not cluster aligned, or the block lies past what QEMU
+    /// may read (QEMU fails with EIO either way).
     Unreadable,
 }
 
@@ -54,6 +60,10 @@ impl<'a, I: ReadAt + ?Sized> StoredRefcounts<'a, I> {
             RefTableEntry::Unaligned(_) => return Ok(Stored::Unreadable),
             RefTableEntry::Block(offset) => offset,
         };
+        let block_end = offset.checked_add(1 << self.layout.cluster_bits);
+        if block_end.is_none_or(|end| end > QEMU_MAX_LENGTH) {
+            return Ok(Stored::Unreadable);
+        }
         let layout = self.layout;
         let block = self.block(offset)?;
         Ok(Stored::Refcount(layout.get(block, block_index)))
@@ -110,5 +120,11 @@ mod tests {
         assert_eq!(stored.get(1024).unwrap(), Stored::Unreadable); // 0x600: unaligned
         assert_eq!(stored.get(1536).unwrap(), Stored::Refcount(0)); // block past EOF
         assert_eq!(stored.get(1 << 40).unwrap(), Stored::Refcount(0)); // past the table
+                                                                       // Bit 63 set: past what QEMU may read. The last block QEMU may read reads as zeros.
+        let table = [0x400 | 1 << 63, QEMU_MAX_LENGTH - 0x400, QEMU_MAX_LENGTH];
+        let mut stored = StoredRefcounts::new(&file, layout, &table);
+        assert_eq!(stored.get(0).unwrap(), Stored::Unreadable);
+        assert_eq!(stored.get(512).unwrap(), Stored::Refcount(0));
+        assert_eq!(stored.get(1024).unwrap(), Stored::Unreadable);
     }
 }

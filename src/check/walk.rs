@@ -11,6 +11,7 @@ use crate::bitmap::{decode_table_entry, DataCluster};
 use crate::bytes::{be_u64, leading_zero_bytes};
 use crate::error::{Error, Result};
 use crate::header::CRYPT_LUKS;
+use crate::header::TABLE_ENTRY_LEN;
 use crate::refcount::{RefTableEntry, REFTABLE_ENTRY_LEN};
 use crate::table::{
     ClusterType, L1_OFFSET_MASK, L1_RESERVED_MASK, L2_OFFSET_MASK, L2_STD_RESERVED_MASK,
@@ -18,11 +19,62 @@ use crate::table::{
 };
 
 /// A pass may always walk this many L2 entries, whatever the file's size (see
-/// `spend_l2_walk`): about a quarter of a second, so a damaged image whose walk is cheap
-/// anyway is checked as QEMU checks it.
-const MIN_L2_WALK_ENTRIES: u64 = 1 << 22;
+/// [`WalkBudget`]): 64 walks of L2 tables of 64 KiB clusters, a quarter of a second of
+/// references in a debug build, so a damaged image whose walk is cheap anyway is checked as
+/// QEMU checks it.
+const MIN_L2_WALK_ENTRIES: u64 = 1 << 19;
+/// A pass may always read this many L1 and bitmap table entries from inside the file (32 MiB,
+/// one largest L1 table), whatever the file's size (see [`WalkBudget`]).
+const MIN_TABLE_ENTRIES: u64 = 1 << 22;
 /// Table entries read at a time when a table is streamed.
 const STREAM_ENTRIES: usize = 4096;
+
+/// What one pass over the metadata may spend, so that the whole check is bounded by what the
+/// file holds, never by what its tables claim. Computed once, before anything is walked, from
+/// the header, the snapshot table and the L1 tables that earn walks; the same for every pass.
+///
+/// A sound image reads each of its L1 tables (the active one and each snapshot's) from its
+/// own clusters of the file, and each L1 table names an L2 table once; snapshots share L2
+/// tables, so one L2 table is walked once per L1 table naming it. Hence:
+///
+/// - L1 entries (and bitmap table entries) are read only where the table lies inside the
+///   file: past its end they are zeros (as QEMU reads them) and name nothing, so a snapshot
+///   whose L1 table lies past the end costs one reference, however long the table claims to
+///   be; an L2 table past the end is not read either. The entries read from inside the file,
+///   all tables together, are at most the file's length in entries (or
+///   [`MIN_TABLE_ENTRIES`]): only tables stacked on the same bytes read more.
+/// - Each L1 table lying inside the file, on clusters no earlier L1 table covers, may walk as
+///   many L2 tables inside the file as it names distinct ones there (up to the file's
+///   clusters): what it earned, for itself alone. Tables past the end, or stacked on another
+///   table's clusters, earn nothing; naming one L2 table again earns nothing. Beyond what
+///   they earned, all the tables together may walk [`MIN_L2_WALK_ENTRIES`] entries' worth
+///   more (so a damaged image whose walk is cheap is checked as QEMU checks it).
+///
+/// What a crafted file can still cost is what a sound image of its shape costs QEMU: L1
+/// tables on their own clusters, each naming many distinct L2 tables (snapshots sharing
+/// them), at most (L1 tables in the file) x (L2 tables in the file) walks.
+///
+/// Past either bound the check stops with [`Error::Malformed`], where QEMU would go on
+/// (for hours) and, in the end, report the references.
+#[derive(Debug, Clone, Default)]
+pub(super) struct WalkBudget {
+    /// L1 and bitmap table entries a pass may read from inside the file.
+    table_entries: u64,
+    /// L2 walks each L1 table earned: the active table's, then each snapshot's in the order
+    /// of the snapshot table (none for the snapshots the walk skips).
+    earned: Vec<u64>,
+    /// L2 walks a pass may make beyond what the tables earned.
+    spare_walks: u64,
+}
+
+/// What is left of the [`WalkBudget`] in the current pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct BudgetLeft {
+    table_entries: u64,
+    /// Walks left of what the L1 table being walked earned.
+    table_walks: u64,
+    spare_walks: u64,
+}
 
 /// Which L1 table is walked: the active one also feeds the allocation statistics.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -38,7 +90,11 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         self.sites = 0;
         let image = self.image;
         let header = image.header();
-        self.l2_walks_left = self.l2_walk_budget();
+        self.left = BudgetLeft {
+            table_entries: self.budget.table_entries,
+            table_walks: 0,
+            spare_walks: self.budget.spare_walks,
+        };
         let cluster_size = image.cluster_size();
         self.reference(0, cluster_size);
         let active = std::sync::Arc::clone(&image.l1);
@@ -47,6 +103,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             header.l1_size(),
             Some(&active),
             Table::Active,
+            self.budget.earned.first().copied().unwrap_or(0),
         )?;
         self.walk_snapshots()?;
         self.reference(header.snapshots_offset(), self.snapshots_size);
@@ -119,7 +176,13 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 header.snapshots_offset(),
             );
         }
-        for snap in image.snapshots() {
+        for (index, snap) in image.snapshots().iter().enumerate() {
+            let earned = self
+                .budget
+                .earned
+                .get(index.saturating_add(1))
+                .copied()
+                .unwrap_or(0);
             if self.geometry.unaligned(snap.l1_table_offset) {
                 self.walk_problem(
                     ProblemKind::SnapshotL1Unaligned {
@@ -142,25 +205,39 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 );
                 continue;
             }
-            self.walk_l1(snap.l1_table_offset, snap.l1_size, None, Table::Snapshot)?;
+            self.walk_l1(
+                snap.l1_table_offset,
+                snap.l1_size,
+                None,
+                Table::Snapshot,
+                earned,
+            )?;
         }
         Ok(())
     }
 
     /// QEMU's `check_refcounts_l1`: the table itself, then each L2 table and what it maps.
-    /// `held` is the table when it is in memory already; otherwise it is streamed.
+    /// `held` is the table when it is in memory already; otherwise it is streamed. The table
+    /// may walk `earned` L2 tables (see [`WalkBudget`]).
     fn walk_l1(
         &mut self,
         table_offset: u64,
         entries: u32,
         held: Option<&[u64]>,
         table: Table,
+        earned: u64,
     ) -> Result<()> {
         if entries == 0 {
             return Ok(());
         }
+        self.left.table_walks = earned;
         self.reference(table_offset, table_bytes(u64::from(entries)));
-        let total = entries as usize;
+        let total = match held {
+            Some(l1) => l1.len().min(entries as usize),
+            // Past the end of the file the entries are zeros: nothing to read or walk.
+            None => usize::try_from(self.entries_inside(table_offset, entries)).unwrap_or(0),
+        };
+        self.spend_table_entries(total as u64, table_offset)?;
         let mut chunk = Vec::new();
         let mut start = 0usize;
         while start < total {
@@ -176,6 +253,9 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 }
             };
             for (i, &entry) in slice.iter().enumerate() {
+                if entry == 0 {
+                    continue;
+                }
                 let entry_at =
                     table_offset.saturating_add(table_bytes(start.saturating_add(i) as u64));
                 self.walk_l1_entry(entry, entry_at, table)?;
@@ -186,37 +266,134 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         Ok(())
     }
 
-    /// The L2 tables inside the file a pass may walk (see `spend_l2_walk`).
-    fn l2_walk_budget(&self) -> u64 {
+    /// The check's [`WalkBudget`]. Reads the L1 tables that earn walks (at most the file's
+    /// length in all: they lie inside it, each on its own clusters).
+    pub(super) fn walk_budget(&self) -> Result<WalkBudget> {
         let image = self.image;
         let header = image.header();
-        let l1_tables = std::iter::once((header.l1_table_offset(), header.l1_size()))
-            .chain(
-                image
-                    .snapshots()
-                    .iter()
-                    .map(|s| (s.l1_table_offset, s.l1_size)),
-            )
-            .filter(|&(_, entries)| entries > 0)
-            .map(|(offset, _)| offset)
-            .collect::<std::collections::HashSet<u64>>();
-        let entries_per_table = image
+        let bits = self.layout.cluster_bits;
+        // The L1 tables the walk reads, in its order; skipped snapshots read nothing.
+        let tables = std::iter::once((header.l1_table_offset(), header.l1_size())).chain(
+            image.snapshots().iter().map(|s| {
+                if self.walks_snapshot_l1(s) {
+                    (s.l1_table_offset, s.l1_size)
+                } else {
+                    (0, 0)
+                }
+            }),
+        );
+        // Clusters of the file covered by an earlier L1 table: (first, last) by first.
+        let mut claimed = std::collections::BTreeMap::<u64, u64>::new();
+        let mut earned = Vec::new();
+        for (index, (offset, entries)) in tables.enumerate() {
+            let inside = self.entries_inside(offset, entries);
+            let first = offset >> bits;
+            let last = offset.saturating_add(table_bytes(inside).saturating_sub(1)) >> bits;
+            let stacked = claimed
+                .range(..=last)
+                .next_back()
+                .is_some_and(|(_, &end)| end >= first);
+            if inside == 0 || stacked {
+                earned.push(0);
+                continue;
+            }
+            claimed.insert(first, last);
+            let held = (index == 0).then_some(&image.l1[..]);
+            let distinct = self.distinct_l2_tables(offset, inside, held)?;
+            earned.push(distinct.min(self.file_clusters));
+        }
+        let entries_per_l2 = image
             .cluster_size()
             .checked_div(header.l2_entry_len())
             .unwrap_or(1);
-        self.file_clusters
-            .saturating_mul(l1_tables.len() as u64)
-            .max(
-                MIN_L2_WALK_ENTRIES
-                    .checked_div(entries_per_table)
-                    .unwrap_or(1),
-            )
+        Ok(WalkBudget {
+            table_entries: (self.file_len / TABLE_ENTRY_LEN).max(MIN_TABLE_ENTRIES),
+            earned,
+            spare_walks: MIN_L2_WALK_ENTRIES
+                .checked_div(entries_per_l2)
+                .unwrap_or(1)
+                .max(1),
+        })
+    }
+
+    /// How many distinct L2 tables inside the file the first `inside` entries of the L1
+    /// table at `offset` (`held`, when in memory) name.
+    fn distinct_l2_tables(&self, offset: u64, inside: u64, held: Option<&[u64]>) -> Result<u64> {
+        let mut named = Vec::new();
+        let mut keep = |entries: &[u64]| {
+            named.extend(
+                entries
+                    .iter()
+                    .map(|e| e & L1_OFFSET_MASK)
+                    .filter(|&l2| l2 != 0 && l2 < self.file_len),
+            );
+        };
+        match held {
+            Some(l1) => keep(
+                l1.get(..usize::try_from(inside).unwrap_or(usize::MAX))
+                    .unwrap_or(l1),
+            ),
+            None => {
+                let mut start = 0u64;
+                while start < inside {
+                    let count = inside.saturating_sub(start).min(STREAM_ENTRIES as u64);
+                    let at = offset.saturating_add(table_bytes(start));
+                    keep(&read_entries(
+                        &self.image.io,
+                        at,
+                        count as usize,
+                        "L1 table",
+                    )?);
+                    start = start.saturating_add(count);
+                }
+            }
+        }
+        named.sort_unstable();
+        named.dedup();
+        Ok(named.len() as u64)
+    }
+
+    /// Whether the walk reads this snapshot's L1 table (QEMU skips an unaligned or too large
+    /// one, with an error).
+    fn walks_snapshot_l1(&self, snap: &crate::snapshot::Snapshot) -> bool {
+        !self.geometry.unaligned(snap.l1_table_offset)
+            && table_bytes(u64::from(snap.l1_size)) <= MAX_L1_BYTES
+    }
+
+    /// How many of the `entries` entries of a table at `offset` lie (if only in part) inside
+    /// the file: the rest read as zeros, as QEMU reads them, and name nothing.
+    fn entries_inside(&self, offset: u64, entries: u32) -> u64 {
+        self.file_len
+            .saturating_sub(offset)
+            .div_ceil(TABLE_ENTRY_LEN)
+            .min(u64::from(entries))
+    }
+
+    /// Spend `count` L1 or bitmap table entries read from inside the file (see
+    /// [`WalkBudget`]).
+    fn spend_table_entries(&mut self, count: u64, at: u64) -> Result<()> {
+        match self.left.table_entries.checked_sub(count) {
+            Some(left) => {
+                self.left.table_entries = left;
+                Ok(())
+            }
+            None => Err(Error::malformed(
+                format!(
+                    "the L1 tables (of the image and its {} snapshots) and the bitmap tables \
+                     hold more than {} entries inside a file of {} bytes: tables stacked on \
+                     the same bytes",
+                    self.image.snapshots().len(),
+                    self.budget.table_entries,
+                    self.file_len
+                ),
+                at,
+            )),
+        }
     }
 
     /// Every L2 table inside the file that an L1 entry names (at `l2_offset`) costs one walk
-    /// of the pass's budget: as many walks as the file has clusters, for each L1 table at its
-    /// own offset (or [`MIN_L2_WALK_ENTRIES`] entries, if more). A sound image never spends
-    /// it all (an L1 table names an L2 table once), but QEMU walks an L2 table again every
+    /// of what its L1 table earned, or else of the pass's spare walks (see [`WalkBudget`]).
+    /// A sound image never needs the spare walks, but QEMU walks an L2 table again every
     /// time it is named: an L1 of 131072 entries naming one L2 table of 8192 entries, in a
     /// 2.5 MiB file, kept `qemu-img check` busy for more than 12 minutes. The check stops
     /// with an error there instead.
@@ -224,17 +401,22 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         if l2_offset == 0 || l2_offset >= self.file_len {
             return Ok(());
         }
-        match self.l2_walks_left.checked_sub(1) {
+        if let Some(left) = self.left.table_walks.checked_sub(1) {
+            self.left.table_walks = left;
+            return Ok(());
+        }
+        match self.left.spare_walks.checked_sub(1) {
             Some(left) => {
-                self.l2_walks_left = left;
+                self.left.spare_walks = left;
                 Ok(())
             }
             None => Err(Error::malformed(
                 format!(
-                    "the L1 tables name L2 tables inside the file more than {} times, in a \
-                     file of {} clusters: an L2 table named again and again",
-                    self.l2_walk_budget(),
-                    self.file_clusters
+                    "the L1 tables name L2 tables inside the file more often than a sound \
+                     image would (each table once per distinct L2 table it names, if it lies \
+                     in the file on its own clusters, and {} more times in all), in a file of \
+                     {} clusters: an L2 table named again and again",
+                    self.budget.spare_walks, self.file_clusters,
                 ),
                 entry_at,
             )),
@@ -257,8 +439,12 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         self.walk_l2(l2_offset, table)
     }
 
-    /// QEMU's `check_refcounts_l2`.
+    /// QEMU's `check_refcounts_l2`. An L2 table past the end of the file reads as zeros,
+    /// which count nothing: it is not read.
     fn walk_l2(&mut self, l2_offset: u64, table: Table) -> Result<()> {
+        if l2_offset >= self.file_len {
+            return Ok(());
+        }
         let mut buf = std::mem::take(&mut self.l2_buf);
         let read = read_padded(&self.image.io, l2_offset, &mut buf, "L2 table");
         let result = read.map(|()| self.walk_l2_entries(&buf, l2_offset, table));
@@ -397,8 +583,13 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         self.reference(ext.directory_offset, ext.directory_size);
         let cluster_bits = self.layout.cluster_bits;
         for bitmap in &image.bitmaps {
-            let entries = u64::from(bitmap.table_size);
-            self.reference(bitmap.table_offset, table_bytes(entries));
+            self.reference(
+                bitmap.table_offset,
+                table_bytes(u64::from(bitmap.table_size)),
+            );
+            // Past the end of the file the entries are zeros (valid, naming no cluster).
+            let entries = self.entries_inside(bitmap.table_offset, bitmap.table_size);
+            self.spend_table_entries(entries, bitmap.table_offset)?;
             // QEMU reads and validates the whole table before counting its clusters.
             let mut start = 0u64;
             while start < entries {

@@ -4,10 +4,11 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::{Parser, ValueEnum};
 use positioned_io::{ReadAt, Size};
-use qcow2::{CheckReport, Error, OpenOptions, Qcow2};
+use qcow2::{CheckReport, Error, FilePolicy, FileRole, OpenOptions, Qcow2};
 
 /// qemu-img's status for an image format without checks.
 const NOT_SUPPORTED: u8 = 63;
@@ -34,7 +35,15 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short = 'q', long)]
     pub quiet: bool,
-    /// The image.
+    /// Secrets of encrypted images (as qemu-img takes them; a plain file name cannot name its
+    /// secret in qemu-img, so it needs `--image-opts` where the crate also takes a lone one).
+    #[command(flatten)]
+    pub secret: crate::secret::SecretArgs,
+    /// IMAGE is a list of options, as qemu-img takes them:
+    /// `driver=qcow2,file.filename=IMG,encrypt.key-secret=ID[,backing.encrypt.key-secret=ID2]`.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// The image (with `--image-opts`, its options).
     pub image: PathBuf,
 }
 
@@ -46,21 +55,27 @@ pub fn run(args: Args) -> ExitCode {
             "unsupported image format '{format}' (only qcow2 is checked)"
         ));
     }
-    let checked =
-        match Qcow2::open_path_with(&args.image, &OpenOptions::new().backing_as_zeros(true)) {
-            Ok(image) => Ok(image.check()),
-            Err(Error::Corrupt) => open_corrupt(&args.image).map(|image| image.check()),
-            Err(e) => Err(e),
-        };
-    let mut report = match checked {
+    let (path, options) = match open_options(&args) {
+        Ok(opened) => opened,
+        Err(message) => return fail(&message),
+    };
+    let mut report = match open_and_check(&path, &options) {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => return fail(&format!("Check failed: {e}")),
         // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
-        Err(e @ Error::NotQcow2 { .. }) if args.format.is_none() => {
+        Err(Failure::Open(e @ Error::NotQcow2 { .. })) if args.format.is_none() => {
             eprintln!("qcow2: This image format does not support checks ({e})");
             return ExitCode::from(NOT_SUPPORTED);
         }
-        Err(e) => return fail(&format!("Could not open '{}': {e}", args.image.display())),
+        Err(Failure::Open(e)) => {
+            return fail(&format!("Could not open '{}': {e}", args.image.display()))
+        }
+        Err(Failure::Chain(message)) => {
+            return fail(&format!(
+                "Could not open '{}': {message}",
+                args.image.display()
+            ))
+        }
     };
     report.filename = args.image.display().to_string();
     print_problems(&report);
@@ -82,9 +97,224 @@ pub fn run(args: Args) -> ExitCode {
     ExitCode::from(report.exit_status())
 }
 
+/// The image's path and the options to open it with: its secrets, from `--object` or
+/// `--secret-file`, or named in `--image-opts`.
+fn open_options(args: &Args) -> Result<(PathBuf, OpenOptions), String> {
+    if args.image_opts {
+        let text = args
+            .image
+            .to_str()
+            .ok_or("--image-opts options must be UTF-8")?;
+        args.secret.apply_image_opts(text, OpenOptions::new())
+    } else {
+        Ok((args.image.clone(), args.secret.apply(OpenOptions::new())?))
+    }
+}
+
+/// Why an image could not be checked before its check began.
+enum Failure {
+    /// The image itself did not open.
+    Open(Error),
+    /// A file below it did not open, or something it needs is missing: qemu-img's message.
+    Chain(String),
+}
+
+/// Open the image as `qemu-img check` opens it, with its backing chain and data file (a file
+/// missing from the chain fails the check), then check it.
+fn open_and_check(
+    path: &Path,
+    options: &OpenOptions,
+) -> Result<qcow2::Result<CheckReport>, Failure> {
+    let log = Arc::new(Mutex::new(OpenLog::default()));
+    let chain = options.clone().files(logged_opens(&log));
+    let opened = match Qcow2::open_path_with(path, &chain) {
+        Ok(image) => image,
+        // QEMU opens images with the corrupt bit read-only; the library refuses them.
+        Err(Error::Corrupt) if log_of(&log).backing_files == 0 => {
+            return open_corrupt(path, options)
+                .map(|image| image.check())
+                .map_err(Failure::Open);
+        }
+        // A backing image with the corrupt bit, which QEMU opens read-only too.
+        Err(Error::Corrupt) => {
+            let top = options.clone().backing_as_zeros(true);
+            Qcow2::open_path_with(path, &top).map_err(Failure::Open)?
+        }
+        Err(e) => {
+            let log = log_of(&log);
+            let top_only = log.backing_files == 0 && log.failed.is_none();
+            if top_only && !matches!(e, Error::WrongSecret { .. }) {
+                return Err(Failure::Open(e));
+            }
+            return Err(Failure::Chain(chain_message(&e, &log, path)));
+        }
+    };
+    if let Err(Error::DataFileMissing { .. }) = opened.reader() {
+        return Err(Failure::Chain(
+            "'data-file' is required for this image".to_owned(),
+        ));
+    }
+    if opened.encryption().is_some() && !opened.is_unlocked() {
+        return Err(Failure::Chain(
+            "Parameter 'encrypt.key-secret' is required for cipher".to_owned(),
+        ));
+    }
+    Ok(opened.check())
+}
+
+/// The files below the image that the open of its chain asked for.
+#[derive(Debug, Default, Clone)]
+struct OpenLog {
+    /// Backing files opened (or tried): the depth in the chain of what comes next.
+    backing_files: usize,
+    /// The image that named the last backing file opened (or tried).
+    named_by: Option<PathBuf>,
+    /// The last backing file opened (or tried).
+    last_backing: Option<PathBuf>,
+    /// The file that failed to open, and qemu-img's words for why (`strerror`).
+    failed: Option<(PathBuf, String)>,
+}
+
+fn log_of(log: &Mutex<OpenLog>) -> OpenLog {
+    log.lock().map(|l| l.clone()).unwrap_or_default()
+}
+
+/// A file policy that opens every file as `qemu-img` does (without blocking on a FIFO: the
+/// library refuses anything but a regular file), and records what it opened in `log`.
+fn logged_opens(log: &Arc<Mutex<OpenLog>>) -> FilePolicy {
+    let log = Arc::clone(log);
+    FilePolicy::Callback(Arc::new(move |path: &Path, role: FileRole| {
+        let opened = open_nonblocking(path);
+        if let Ok(mut log) = log.lock() {
+            if role == FileRole::Backing {
+                log.backing_files = log.backing_files.saturating_add(1);
+                log.named_by = log.last_backing.replace(path.to_path_buf());
+            }
+            if let Err(e) = &opened {
+                log.failed = Some((path.to_path_buf(), strerror(e)));
+            }
+        }
+        opened
+    }))
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    File::open(path)
+}
+
+/// An I/O error as C's `strerror` words it (Rust adds " (os error N)").
+fn strerror(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(at) => text.get(..at).unwrap_or(&text).to_owned(),
+        None => text,
+    }
+}
+
+/// QEMU's block drivers (qemu-img 10.0's list): a backing format among them is one QEMU
+/// would open, which the crate does not read; any other is "Unknown driver".
+const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// What qemu-img says when a file below the image fails to open: "Could not open backing
+/// file: " once per level of the chain, then what failed.
+fn chain_message(e: &Error, log: &OpenLog, top: &Path) -> String {
+    let prefix = "Could not open backing file: ".repeat(log.backing_files);
+    // QEMU looks the backing format up before it opens the file.
+    let unknown = log
+        .failed
+        .as_ref()
+        .filter(|(path, _)| log.last_backing.as_ref() == Some(path))
+        .and_then(|_| backing_format(log.named_by.as_deref().unwrap_or(top)))
+        .filter(|format| !QEMU_DRIVERS.contains(&format.as_str()));
+    if let Some(format) = unknown {
+        return format!("{prefix}Unknown driver '{format}'");
+    }
+    let what = match (e, &log.failed) {
+        (_, Some((path, why))) => format!("Could not open '{}': {why}", path.display()),
+        (Error::NotQcow2 { .. }, None) => "Image is not in qcow2 format".to_owned(),
+        (Error::UnsupportedBackingFormat { format, .. }, None) => {
+            if QEMU_DRIVERS.contains(&format.as_str()) {
+                format!("the qcow2 crate does not read {format} images")
+            } else {
+                format!("Unknown driver '{format}'")
+            }
+        }
+        (Error::WrongSecret { .. }, None) => {
+            "Invalid password, cannot unlock any keyslot".to_owned()
+        }
+        (e, None) => e.to_string(),
+    };
+    format!("{prefix}{what}")
+}
+
+/// The backing format the image at `path` names in its header, if any.
+fn backing_format(path: &Path) -> Option<String> {
+    let alone = OpenOptions::new()
+        .backing_as_zeros(true)
+        .files(FilePolicy::Nothing);
+    let image = match Qcow2::open_path_with(path, &alone) {
+        Err(Error::Corrupt) => return None,
+        opened => opened.ok()?,
+    };
+    image.header().backing_format().map(str::to_owned)
+}
+
 /// Open an image whose corrupt bit is set. QEMU checks such images read-only; the library
 /// refuses them on open, so the check reads the file with the bit hidden from the header.
-fn open_corrupt(path: &Path) -> qcow2::Result<Qcow2<CorruptBitHidden>> {
+fn open_corrupt(path: &Path, options: &OpenOptions) -> qcow2::Result<Qcow2<CorruptBitHidden>> {
     let file =
         File::open(path).map_err(|e| Error::from_io(format!("opening {}", path.display()), e))?;
     let mut version = [0u8; 4];
@@ -94,7 +324,7 @@ fn open_corrupt(path: &Path) -> qcow2::Result<Qcow2<CorruptBitHidden>> {
         file,
         v3: u32::from_be_bytes(version) >= 3,
     };
-    Qcow2::open_with(source, &OpenOptions::new())
+    Qcow2::open_with(source, options)
 }
 
 /// The image file, with incompatible feature bit 1 (corrupt, header byte 79 bit 1 of a
