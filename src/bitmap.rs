@@ -307,9 +307,12 @@ fn check_entry(e: RawEntry, ctx: &DirectoryContext) -> Result<Bitmap> {
 /// The name QEMU refuses as a duplicate when it loads bitmaps (`bdrv_create_dirty_bitmap`):
 /// an earlier bitmap has the same name, unless this one is in use (QEMU then skips it).
 pub(crate) fn check_duplicates(bitmaps: &[Bitmap]) -> Result<()> {
-    for (i, b) in bitmaps.iter().enumerate() {
-        let earlier = bitmaps.get(..i).unwrap_or_default();
-        if !b.in_use() && earlier.iter().any(|e| e.raw_name == b.raw_name) {
+    // A set, not a scan of the earlier entries: 65535 bitmaps (QEMU's limit) would otherwise
+    // cost two billion name comparisons at open.
+    let mut seen = std::collections::HashSet::with_capacity(bitmaps.len());
+    for b in bitmaps {
+        let first = seen.insert(b.raw_name.as_slice());
+        if !first && !b.in_use() {
             return Err(Error::malformed(
                 format!("bitmap {:?} appears twice in the bitmap directory", b.name),
                 b.entry_offset,

@@ -259,7 +259,8 @@ fn parse_bitmaps(data: &[u8], at: u64, ctx: &Context) -> Result<Option<BitmapsEx
             at,
         ));
     }
-    Limits::check(
+    Limits::check_in(
+        "bitmaps",
         "bitmap count",
         u64::from(nb_bitmaps),
         ctx.limits.max_bitmaps,

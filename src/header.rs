@@ -312,7 +312,8 @@ impl Header {
     }
 
     fn check_snapshot_table(&self, limits: &Limits) -> Result<()> {
-        Limits::check(
+        Limits::check_in(
+            "snapshots",
             "snapshot count",
             u64::from(self.nb_snapshots),
             limits.max_snapshots,

@@ -154,7 +154,12 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
                 )
             })?;
         let file_clusters = file_len.div_ceil(header.cluster_size());
-        Limits::check("checked host clusters", file_clusters, MAX_FILE_CLUSTERS)?;
+        Limits::check_in(
+            "clusters",
+            "checked host clusters",
+            file_clusters,
+            MAX_FILE_CLUSTERS,
+        )?;
         let layout = RefcountLayout {
             cluster_bits,
             order: header.refcount_order(),
