@@ -38,9 +38,44 @@ impl std::fmt::Display for FeatureKind {
 /// carry a file offset), it needs a file the caller did not supply or allow
 /// ([`Error::BackingMissing`], [`Error::DataFileMissing`], [`Error::FileRefused`]), or the
 /// underlying I/O failed ([`Error::Io`]).
+///
+/// An error's text does not repeat its cause's: variants that wrap another error
+/// ([`Error::Io`], [`Error::ReadFailed`], [`Error::SinkFailed`]) give it from
+/// [`source`](std::error::Error::source), so a printer that walks the chain shows each
+/// text once. Reads through [`positioned_io::ReadAt`] return a [`std::io::Error`] that wraps
+/// this type: see [`Reader`](crate::Reader#errors) for how to get it back.
+///
+/// ```
+/// use qcow2::{Error, Qcow2};
+///
+/// match Qcow2::open(std::fs::File::open("fixtures/backing-raw-base.raw")?) {
+///     Err(Error::NotQcow2 { found }) => println!("not qcow2 (magic {found:#x})"),
+///     Err(e) => return Err(e.into()),
+///     Ok(_) => unreachable!("a raw file"),
+/// }
+///
+/// // The whole chain of causes, each once.
+/// let err = Qcow2::open_path("fixtures/no-such-file.qcow2").unwrap_err();
+/// let mut text = err.to_string();
+/// let mut source = std::error::Error::source(&err);
+/// while let Some(cause) = source {
+///     text += &format!(": {cause}");
+///     source = cause.source();
+/// }
+/// assert!(text.starts_with("I/O error while opening image fixtures/no-such-file.qcow2: "));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The file is shorter than a qcow2 header (72 bytes for version 2, 104 for version 3):
+    /// too short to hold its magic, or a header cut short.
+    #[error("the file is too short to be a qcow2 image ({len} bytes)")]
+    TooShort {
+        /// The file's length in bytes.
+        len: u64,
+    },
+
     /// The first four bytes are not `QFI\xfb`.
     #[error("not a qcow2 image (magic {found:#010x}, expected 0x514649fb)")]
     NotQcow2 {
@@ -247,7 +282,7 @@ pub enum Error {
     Internal(&'static str),
 
     /// The underlying source failed.
-    #[error("I/O error while {context}: {source}")]
+    #[error("I/O error while {context}")]
     Io {
         /// What was being read.
         context: String,
@@ -293,7 +328,7 @@ pub enum Error {
 
     /// A [parallel read](crate::Reader::read_parallel) could not read the guest from this
     /// offset on (everything before it went to the sink).
-    #[error("reading the guest at offset {guest_offset:#x} failed: {source}")]
+    #[error("reading the guest at offset {guest_offset:#x} failed")]
     ReadFailed {
         /// Where the chunk (or the part of the map) that failed starts.
         guest_offset: u64,
@@ -304,7 +339,7 @@ pub enum Error {
 
     /// The sink of a [parallel read](crate::Reader::read_parallel) refused the chunk at this
     /// guest offset; the read stopped there.
-    #[error("the sink failed on the chunk at guest offset {guest_offset:#x}: {source}")]
+    #[error("the sink failed on the chunk at guest offset {guest_offset:#x}")]
     SinkFailed {
         /// Where the chunk starts.
         guest_offset: u64,
@@ -334,6 +369,24 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// Whether the file is not a qcow2 image at all: its first four bytes are not the magic
+    /// ([`Error::NotQcow2`]) or it is too short to hold them ([`Error::TooShort`] under 4
+    /// bytes). `qemu-img` probes such a file as raw; a file with the magic that fails to open
+    /// is a broken qcow2 image, not this.
+    ///
+    /// ```
+    /// let err = qcow2::Qcow2::open(vec![0u8; 3]).unwrap_err();
+    /// assert_eq!(err.to_string(), "the file is too short to be a qcow2 image (3 bytes)");
+    /// assert!(err.is_not_qcow2());
+    /// ```
+    pub fn is_not_qcow2(&self) -> bool {
+        match self {
+            Error::NotQcow2 { .. } => true,
+            Error::TooShort { len } => *len < 4,
+            _ => false,
         }
     }
 

@@ -126,14 +126,27 @@ pub(crate) fn probe_cluster_bits(prefix: &[u8]) -> Result<u32> {
     Ok(bits)
 }
 
+/// `buf` is the start of the file, or all of it when shorter: a file shorter than its
+/// version's header is [`Error::TooShort`].
 fn check_magic_and_version(buf: &[u8]) -> Result<u32> {
-    let magic = be_u32(buf, at::MAGIC as usize).ok_or(Error::NotQcow2 { found: 0 })?;
+    let too_short = || Error::TooShort {
+        len: buf.len() as u64,
+    };
+    let magic = be_u32(buf, at::MAGIC as usize).ok_or_else(too_short)?;
     if magic != MAGIC {
         return Err(Error::NotQcow2 { found: magic });
     }
-    let version = be_u32(buf, at::VERSION as usize).ok_or_else(|| short("the header"))?;
+    let version = be_u32(buf, at::VERSION as usize).ok_or_else(too_short)?;
     if version != 2 && version != 3 {
         return Err(Error::UnsupportedVersion { version });
+    }
+    let header_len = if version == 2 {
+        V2_HEADER_LEN
+    } else {
+        V3_MIN_HEADER_LEN
+    };
+    if (buf.len() as u64) < u64::from(header_len) {
+        return Err(too_short());
     }
     Ok(version)
 }
@@ -857,7 +870,19 @@ mod tests {
                 matches!(parse(&b), Err(Error::UnsupportedVersion { version }) if version == v)
             );
         }
-        assert!(matches!(parse(&[0x51, 0x46]), Err(Error::NotQcow2 { .. })));
+        assert!(matches!(
+            parse(&[0x51, 0x46]),
+            Err(Error::TooShort { len: 2 })
+        ));
+        // The magic and a version, but not the whole header.
+        let b = valid_v3();
+        assert!(matches!(
+            parse(&b[..100]),
+            Err(Error::TooShort { len: 100 })
+        ));
+        let mut b = valid_v3();
+        set_u32(&mut b, 4, 2);
+        assert!(matches!(parse(&b[..71]), Err(Error::TooShort { len: 71 })));
     }
 
     #[test]

@@ -578,7 +578,7 @@ enum Disk {
 fn open_disk(path: &Path) -> Disk {
     match Qcow2::open_path(path) {
         Ok(i) => Disk::Image(Box::new(i)),
-        Err(qcow2::Error::NotQcow2 { .. }) => Disk::Raw(RawDisk::open_path(path).unwrap()),
+        Err(e) if e.is_not_qcow2() => Disk::Raw(RawDisk::open_path(path).unwrap()),
         Err(e) => panic!("{}: {e}", path.display()),
     }
 }

@@ -63,7 +63,7 @@ pub fn run(args: Args) -> ExitCode {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => return fail(&format!("Check failed: {e}")),
         // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
-        Err(Failure::Open(e @ Error::NotQcow2 { .. })) if args.format.is_none() => {
+        Err(Failure::Open(e)) if e.is_not_qcow2() && args.format.is_none() => {
             eprintln!("qcow2: This image format does not support checks ({e})");
             return ExitCode::from(NOT_SUPPORTED);
         }
