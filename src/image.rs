@@ -234,9 +234,7 @@ impl<I: ReadAt> Qcow2<I> {
         let snapshots = read_snapshots(&io, &header, &limits)?;
         let bitmaps = crate::dirty::read_bitmaps(&io, &header, header.size() & !511, &limits)?;
         let crypt = Encryption::open(&io, &header, secret, &limits, &options.kdf_budget())?;
-        let threads = options
-            .decompression_threads
-            .unwrap_or_else(default_threads);
+        let threads = options.threads.unwrap_or_else(default_threads);
         let mut image = Qcow2 {
             io,
             header,

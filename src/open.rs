@@ -29,11 +29,29 @@ impl Qcow2<File> {
         Self::open_path_with(path, &OpenOptions::default())
     }
 
-    /// Open an image by path, opening other files only as `options.files` allows.
+    /// Open an image by path with options: other files are opened only as
+    /// [`OpenOptions::files`] allows, with its limits, threads and secret.
     ///
     /// The image itself and every file it names must be regular files (block devices too
     /// when [`OpenOptions::allow_devices`] says so): a FIFO, socket, directory or character
     /// device is an [`Error::NotRegularFile`] at once, never a blocked open.
+    ///
+    /// ```
+    /// use qcow2::{Error, FilePolicy, OpenOptions, Qcow2};
+    ///
+    /// // Open no other file: the overlay's backing file is refused.
+    /// let options = OpenOptions::new().files(FilePolicy::Nothing);
+    /// let err = Qcow2::open_path_with("fixtures/chain-top.qcow2", &options).unwrap_err();
+    /// assert!(matches!(err, Error::FileRefused { .. }));
+    ///
+    /// // Backing files inside the image's own directory only, two threads.
+    /// let path = std::path::Path::new("fixtures/chain-top.qcow2");
+    /// let dir = path.parent().unwrap_or(std::path::Path::new(""));
+    /// let options = OpenOptions::new().files(FilePolicy::Under(dir.into())).threads(2);
+    /// let image = Qcow2::open_path_with(path, &options)?;
+    /// assert!(image.has_backing_attached());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn open_path_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
         let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
@@ -317,6 +335,13 @@ pub(crate) fn open_allowed(path: &Path, role: FileRole, options: &OpenOptions) -
         FilePolicy::Any => checked_open(path, role.describe(), devices),
         FilePolicy::Nothing => Err(refuse("the open policy allows no other files".to_owned())),
         FilePolicy::Under(dir) => {
+            // An empty path (what `Path::parent` gives for a bare file name) is the current
+            // directory, as it is when a path is resolved relative to it.
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir.as_path()
+            };
             let file = beneath::open(dir, path, role.describe()).map_err(|e| match e {
                 beneath::Failure::Outside(reason) => refuse(reason),
                 beneath::Failure::Error(e) => e,

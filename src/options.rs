@@ -47,7 +47,8 @@ pub enum FilePolicy {
     /// the resolved name is then opened beneath a descriptor of the directory with
     /// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symlink or rename swapped in
     /// meanwhile cannot make it open a file outside (elsewhere the file opened is checked to
-    /// be the one resolved).
+    /// be the one resolved). An empty path means the current directory, so that
+    /// `Path::parent` of a bare file name (`Some("")`) can be passed as it is.
     ///
     /// [`Error::FileRefused`]: crate::Error::FileRefused
     Under(PathBuf),
@@ -82,32 +83,31 @@ impl fmt::Debug for FilePolicy {
 #[non_exhaustive]
 pub struct OpenOptions {
     /// Bounds on what the image may make the reader allocate.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Which other files may be opened ([`Qcow2::open_path`](crate::Qcow2::open_path) only:
     /// [`Qcow2::open_with`](crate::Qcow2::open_with) never opens a file).
-    pub files: FilePolicy,
+    pub(crate) files: FilePolicy,
     /// Read clusters the image does not hold as zeros instead of reading its backing file
     /// (no backing file is opened; [`Qcow2::open_with`](crate::Qcow2::open_with) attaches the
     /// zeros itself).
-    pub backing_as_zeros: bool,
+    pub(crate) backing_as_zeros: bool,
     /// Most threads one read may use to decompress compressed clusters, to decrypt the
     /// data of an encrypted image, or to read the layers below an overlay in a large read
     /// (the calling thread included); `None` means one per core, up to 8. `Some(1)` never
     /// starts a thread. It is also the size of the image's worker pool (shared by its backing
     /// chain, started on first use), on which
-    /// [`Reader::read_parallel`](crate::Reader::read_parallel) reads; see
-    /// [`OpenOptions::threads`].
-    pub decompression_threads: Option<usize>,
+    /// [`Reader::read_parallel`](crate::Reader::read_parallel) reads.
+    pub(crate) threads: Option<usize>,
     /// Let [`Qcow2::open_path`](crate::Qcow2::open_path) open block devices (as the image or
     /// a file it names); off by default. FIFOs, sockets, directories and character devices
     /// are always refused.
-    pub allow_devices: bool,
+    pub(crate) allow_devices: bool,
     /// The secret of encrypted images: every encrypted image of a chain is unlocked with it,
     /// unless [`OpenOptions::secret_for`] gives one for that file.
-    pub secret: Option<Secret>,
+    pub(crate) secret: Option<Secret>,
     /// Per-file secrets for chains whose images have different ones
     /// ([`Qcow2::open_path_with`](crate::Qcow2::open_path_with) only).
-    pub secret_callback: Option<SecretCallback>,
+    pub(crate) secret_callback: Option<SecretCallback>,
     /// The PBKDF2 budget of the open under way, shared by the images of its chain; `None` in
     /// the options a caller holds (each open then starts with a fresh budget).
     pub(crate) kdf_budget: Option<KdfBudget>,
@@ -115,29 +115,34 @@ pub struct OpenOptions {
 
 impl OpenOptions {
     /// Default options: QEMU's limits, and backing files followed as `qemu-img` does.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Set the limits.
+    #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
     }
 
     /// Set which other files may be opened.
+    #[must_use]
     pub fn files(mut self, policy: FilePolicy) -> Self {
         self.files = policy;
         self
     }
 
     /// Read unallocated clusters as zeros and open no backing file.
+    #[must_use]
     pub fn backing_as_zeros(mut self, yes: bool) -> Self {
         self.backing_as_zeros = yes;
         self
     }
 
     /// Allow block devices as the image, its backing files or its data file.
+    #[must_use]
     pub fn allow_devices(mut self, yes: bool) -> Self {
         self.allow_devices = yes;
         self
@@ -155,13 +160,15 @@ impl OpenOptions {
     /// image.reader()?.read_exact_at(0, &mut buf)?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
-        self.secret = Some(Secret::new(secret));
+    #[must_use]
+    pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.secret = Some(secret.into());
         self
     }
 
     /// Ask `f` for the secret of each image a chain opens (by its path as opened); where it
     /// answers `None`, [`OpenOptions::secret`] applies.
+    #[must_use]
     pub fn secret_for(
         mut self,
         f: impl Fn(&Path) -> Option<Secret> + Send + Sync + 'static,
@@ -196,27 +203,29 @@ impl OpenOptions {
             .or_else(|| self.secret.clone())
     }
 
-    /// Use at most `threads` threads per read to decompress (1: only the calling thread).
-    pub fn decompression_threads(mut self, threads: usize) -> Self {
-        self.decompression_threads = Some(threads.max(1));
-        self
+    /// The old name of [`OpenOptions::threads`], which it calls.
+    #[deprecated(since = "0.3.0", note = "use `OpenOptions::threads`: the same setting")]
+    #[must_use]
+    pub fn decompression_threads(self, threads: usize) -> Self {
+        self.threads(threads)
     }
 
     /// The image's threads (1 to 64; default one per core, up to 8): the size of its
     /// worker pool, which starts on first use and is shared by its backing chain, and the
-    /// most threads one read decompresses, decrypts or reads backing layers on. The same
-    /// setting as [`OpenOptions::decompression_threads`], under a name that says what it now
-    /// covers.
+    /// most threads one read decompresses, decrypts or reads backing layers on (the calling
+    /// thread included). 1 never starts a thread.
     ///
     /// ```
     /// let options = qcow2::OpenOptions::new().threads(2);
     /// let image = qcow2::Qcow2::open_path_with("fixtures/v3-64k-basic.qcow2", &options)?;
     /// let mut out = Vec::new();
-    /// image.reader()?.read_parallel_to_writer(.., &qcow2::ParallelRead::new(), &mut out)?;
+    /// image.reader()?.read_parallel_to_writer(.., &qcow2::ParallelReadOptions::new(), &mut out)?;
     /// assert_eq!(out.len() as u64, image.guest_size());
     /// # Ok::<(), qcow2::Error>(())
     /// ```
-    pub fn threads(self, threads: usize) -> Self {
-        self.decompression_threads(threads)
+    #[must_use]
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads.max(1));
+        self
     }
 }

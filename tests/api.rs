@@ -332,8 +332,8 @@ fn decompression_threads_do_not_change_what_is_read() {
         image.reader().unwrap().read_exact_at(0, &mut all).unwrap();
         all
     };
-    let one = read_all(&OpenOptions::new().decompression_threads(1));
-    let four = read_all(&OpenOptions::new().decompression_threads(4));
+    let one = read_all(&OpenOptions::new().threads(1));
+    let four = read_all(&OpenOptions::new().threads(4));
     let default = read_all(&OpenOptions::new());
     assert_eq!(one, four);
     assert_eq!(one, default);

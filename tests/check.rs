@@ -130,8 +130,7 @@ fn assert_same_as_qemu(qemu: &Qemu, dir: &Path, name: &str) -> Option<CheckRepor
     );
     // Many small windows (several passes over the metadata) find exactly the same.
     for budget in [1, 24, 4096] {
-        let mut options = CheckOptions::default();
-        options.memory_budget = budget;
+        let options = CheckOptions::new().memory_budget(budget);
         let mut windowed = image.check_with(&options).expect("windowed check");
         windowed.filename = name.to_owned();
         assert_eq!(

@@ -126,8 +126,7 @@ fn a_terabyte_file_checks_in_windows_within_the_budget() {
         .unwrap();
     file.set_len(1 << 40).unwrap();
     drop(file);
-    let mut options = CheckOptions::default();
-    options.memory_budget = 4 << 20;
+    let options = CheckOptions::new().memory_budget(4 << 20);
     let (report, peak) = check_measured(&tmp.join(name), &options);
     assert_counts(&report, &qemu_json(&qemu, tmp.path(), name), name);
     assert!(peak < 16 << 20, "peak {peak} bytes with a 4 MiB budget");
@@ -166,8 +165,7 @@ fn damaged_images_check_without_panic_in_bounded_memory() {
             let (result, peak) = peak_during(|| {
                 std::panic::catch_unwind(|| {
                     let image = Qcow2::open(bytes.clone()).ok()?;
-                    let mut options = CheckOptions::default();
-                    options.memory_budget = 1 << 10;
+                    let options = CheckOptions::new().memory_budget(1 << 10);
                     Some(image.check_with(&options))
                 })
             });

@@ -37,19 +37,40 @@ const MAX_FILE_CLUSTERS: u64 = i32::MAX as u64;
 ///
 /// ```
 /// let image = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
-/// let mut options = qcow2::CheckOptions::default();
-/// options.memory_budget = 1 << 20; // count references 1 MiB of counters at a time
+/// // Count references with 1 MiB of counters at a time.
+/// let options = qcow2::CheckOptions::new().memory_budget(1 << 20);
 /// assert!(image.check_with(&options)?.is_clean());
 /// # Ok::<(), qcow2::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CheckOptions {
+    memory_budget: u64,
+    max_problems: usize,
+}
+
+impl CheckOptions {
+    /// 32 MiB of counters, at most 100 000 problems kept.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// Bytes of reference counters held at once (one counter per host cluster of a window,
-    /// as wide as the image's refcounts). Larger files take several passes over the metadata.
-    pub memory_budget: u64,
-    /// Most problems kept in [`CheckReport::problems`]; all are counted.
-    pub max_problems: usize,
+    /// as wide as the image's refcounts; 32 MiB by default). Larger files take several passes
+    /// over the metadata.
+    #[must_use]
+    pub fn memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = bytes;
+        self
+    }
+
+    /// Most problems kept in [`CheckReport::problems`] (100 000 by default); all are counted.
+    #[must_use]
+    pub fn max_problems(mut self, problems: usize) -> Self {
+        self.max_problems = problems;
+        self
+    }
 }
 
 impl Default for CheckOptions {

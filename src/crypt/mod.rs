@@ -62,7 +62,17 @@ impl Drop for SecretBytes {
 }
 
 impl Secret {
-    /// A secret from its bytes.
+    /// A secret from its bytes (a `&str`, `String`, `&[u8]` or `Vec<u8>` also converts
+    /// into one with `into()`).
+    ///
+    /// ```
+    /// let secret = qcow2::Secret::new("abc");
+    /// let options = qcow2::OpenOptions::new().secret(secret); // or .secret("abc")
+    /// let image = qcow2::Qcow2::open_path_with("fixtures/luks.qcow2", &options)?;
+    /// assert!(image.is_unlocked());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    #[must_use]
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
         Secret(Arc::new(SecretBytes(bytes.into())))
     }
@@ -94,6 +104,36 @@ impl From<Vec<u8>> for Secret {
 impl From<&str> for Secret {
     fn from(s: &str) -> Self {
         Secret::new(s.as_bytes())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret::new(s.into_bytes())
+    }
+}
+
+impl From<&String> for Secret {
+    fn from(s: &String) -> Self {
+        Secret::new(s.as_bytes())
+    }
+}
+
+impl From<&[u8]> for Secret {
+    fn from(bytes: &[u8]) -> Self {
+        Secret::new(bytes)
+    }
+}
+
+impl<const N: usize> From<&[u8; N]> for Secret {
+    fn from(bytes: &[u8; N]) -> Self {
+        Secret::new(&bytes[..])
+    }
+}
+
+impl From<&Secret> for Secret {
+    fn from(secret: &Secret) -> Self {
+        secret.clone()
     }
 }
 
