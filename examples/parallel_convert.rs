@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::time::Instant;
 
-use qcow2::{Chunk, OpenOptions, ParallelRead, Qcow2, WriteAt};
+use qcow2::{Chunk, OpenOptions, ParallelReadOptions, PositionalSink, Qcow2};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reader = image.reader()?;
     let out = File::create(out_path)?;
     let (mut data, mut zeros) = (0u64, 0u64);
-    reader.read_parallel(.., &ParallelRead::new().threads(threads), |chunk| {
+    reader.read_parallel(.., &ParallelReadOptions::new().threads(threads), |chunk| {
         match chunk {
             Chunk::Data { offset, bytes } => {
                 data += bytes.len() as u64;
@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ => Ok(()),
         }
     })?;
-    WriteAt::set_len(&out, image.guest_size())?;
+    PositionalSink::set_len(&out, image.guest_size())?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{out_path}: {} MiB of data written, {} MiB of zeros left as holes, {threads} threads, \

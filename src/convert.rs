@@ -100,7 +100,7 @@ impl ConvertOptions {
 
 /// A sink written at positions, shared by the threads of a conversion: a file, or anything
 /// that can be written at an offset and given a length.
-pub trait WriteAt {
+pub trait PositionalSink {
     /// Write all of `buf` at byte offset `pos`.
     fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()>;
     /// Set the length of the sink, extending it with zeros (holes) or cutting it short.
@@ -112,7 +112,7 @@ pub trait WriteAt {
     }
 }
 
-impl WriteAt for std::fs::File {
+impl PositionalSink for std::fs::File {
     #[cfg(unix)]
     fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(self, buf, pos)
@@ -186,7 +186,7 @@ where
 /// [`ConvertOptions::sparse_size`] says. `progress(done, total)` is called on the calling
 /// thread, with `done` rising to `total`.
 ///
-/// When the sink is a file ([`WriteAt::as_file`]) that the disk reads
+/// When the sink is a file ([`PositionalSink::as_file`]) that the disk reads
 /// ([`GuestDisk::reads_file`]: the image, a backing file, the data file, under any name or
 /// link), the conversion is refused with [`Error::OutputIsSource`] before the sink is
 /// touched. Open the output without truncating it, as below, so that nothing is lost
@@ -215,7 +215,7 @@ pub fn convert_to_file<D, F>(
 ) -> Result<()>
 where
     D: GuestDisk + Sync + ?Sized,
-    F: WriteAt + Sync + ?Sized,
+    F: PositionalSink + Sync + ?Sized,
 {
     if let Some(file) = out.as_file() {
         if disk.reads_file(file)? {
@@ -384,7 +384,7 @@ struct Positional<'f, F: ?Sized> {
     sparse_sectors: u64,
 }
 
-impl<F: WriteAt + ?Sized> Positional<'_, F> {
+impl<F: PositionalSink + ?Sized> Positional<'_, F> {
     fn write(&self, pos: u64, buf: &[u8]) -> Result<()> {
         self.out
             .write_all_at(pos, buf)
@@ -392,7 +392,7 @@ impl<F: WriteAt + ?Sized> Positional<'_, F> {
     }
 }
 
-impl<F: WriteAt + Sync + ?Sized> Place for Positional<'_, F> {
+impl<F: PositionalSink + Sync + ?Sized> Place for Positional<'_, F> {
     fn place(&self, start: u64, buf: &[u8]) -> Result<bool> {
         if self.sparse_sectors == 0 {
             self.write(start, buf)?;
@@ -411,7 +411,7 @@ struct PositionalZeros<'p, 'f, F: ?Sized> {
     sink: &'p Positional<'f, F>,
 }
 
-impl<F: WriteAt + ?Sized> Ordered for PositionalZeros<'_, '_, F> {
+impl<F: PositionalSink + ?Sized> Ordered for PositionalZeros<'_, '_, F> {
     fn chunk(&mut self, _: u64, _: &[u8]) -> Result<()> {
         Ok(()) // written in place already
     }

@@ -1,11 +1,19 @@
 //! Read qcow2 virtual disk images, the native format of QEMU/KVM.
 //!
+//! Add to `Cargo.toml` (the reader's traits come from `positioned_io`, re-exported as
+//! [`qcow2::positioned_io`](positioned_io), so no second dependency has to match its version):
+//!
+//! ```toml
+//! [dependencies]
+//! qcow2 = "0.3"
+//! ```
+//!
 //! Open an image with [`Qcow2::open`] (any [`positioned_io::ReadAt`] source) or
 //! [`Qcow2::open_path`] (a path, following its backing chain), then read the guest disk
 //! through a [`Reader`], which implements [`positioned_io::ReadAt`]:
 //!
 //! ```
-//! use positioned_io::ReadAt;
+//! use qcow2::positioned_io::ReadAt;
 //!
 //! let bytes = std::fs::read("fixtures/v3-64k-basic.qcow2")?; // any ReadAt works, Vec<u8> too
 //! let image = qcow2::Qcow2::open(bytes)?;
@@ -57,6 +65,8 @@
 //!   ([`Qcow2::encryption`]) and reads fail with [`Error::Encrypted`]. Feature `encryption`
 //!   (on by default).
 #![forbid(unsafe_code)]
+// docs.rs builds with `--cfg docsrs`: feature-gated items say which feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // Image bytes are untrusted: outside tests, no panicking shortcuts, no unchecked indexing
 // and no unchecked arithmetic.
 #![cfg_attr(
@@ -91,6 +101,7 @@ mod extent;
 mod feature;
 // Entry points for the parser fuzz targets (internal, no stability promise).
 #[cfg(feature = "fuzzing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fuzzing")))]
 pub mod fuzzing;
 mod header;
 mod holes;
@@ -113,11 +124,20 @@ mod refcount;
 mod snapshot;
 mod table;
 
+/// The `positioned_io` crate, whose [`ReadAt`](positioned_io::ReadAt) and
+/// [`Size`](positioned_io::Size) traits the API takes and implements: use it as
+/// `qcow2::positioned_io` rather than depending on it yourself (the versions must match).
+pub use positioned_io;
+
 pub use bitmap::Bitmap;
 pub use check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
 pub use compare::{compare, CompareOptions, Comparison};
+/// The old name of [`PositionalSink`], kept for one release (a trait cannot be deprecated
+/// under a second name: this re-export keeps `impl qcow2::WriteAt for ...` compiling).
+#[doc(hidden)]
+pub use convert::PositionalSink as WriteAt;
 pub use convert::{
-    convert_to_file, convert_to_writer, ConvertOptions, WriteAt, DEFAULT_SPARSE_SIZE,
+    convert_to_file, convert_to_writer, ConvertOptions, PositionalSink, DEFAULT_SPARSE_SIZE,
     MAX_SPARSE_SIZE,
 };
 pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
@@ -141,6 +161,9 @@ pub use limits::Limits;
 pub use map::{MapExtent, MapIter};
 pub use open::open_file;
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
-pub use parallel::{Chunk, ParallelRead};
+pub use parallel::{Chunk, ParallelReadOptions};
+/// The old name of [`ParallelReadOptions`].
+#[deprecated(since = "0.3.0", note = "renamed `ParallelReadOptions`")]
+pub type ParallelRead = ParallelReadOptions;
 pub use reader::Reader;
 pub use snapshot::Snapshot;

@@ -16,19 +16,19 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use positioned_io::ReadAt;
 
-use crate::convert::WriteAt;
+use crate::convert::PositionalSink;
 use crate::disk::GuestDisk;
 use crate::error::{Error, Result};
 use crate::map::{clip, MapIter};
 use crate::pool::Scope;
 use crate::reader::Reader;
 
-/// The chunk size unless [`ParallelRead::chunk_size`] says otherwise, or the cluster size if
+/// The chunk size unless [`ParallelReadOptions::chunk_size`] says otherwise, or the cluster size if
 /// larger (so that threads do not share a compressed cluster). Measured on 64 KiB clusters:
 /// 2 threads with 2 buffers each of 1 MiB spend a quarter more CPU than with 512 KiB ones, which
 /// stay in the CPU caches between reads; 256 KiB and less pay more for the handing over.
 const DEFAULT_CHUNK_SIZE: u64 = 512 << 10;
-/// Bounds of [`ParallelRead::chunk_size`].
+/// Bounds of [`ParallelReadOptions::chunk_size`].
 const MIN_CHUNK_SIZE: u64 = 4096;
 const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Buffers per reading thread: one being read, the others finished or in the sink. With
@@ -51,17 +51,17 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// How [`Reader::read_parallel`] reads: on how many threads, in chunks of what size.
 ///
 /// ```
-/// let options = qcow2::ParallelRead::new().threads(4).chunk_size(2 << 20);
+/// let options = qcow2::ParallelReadOptions::new().threads(4).chunk_size(2 << 20);
 /// # let _ = options;
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct ParallelRead {
+pub struct ParallelReadOptions {
     threads: Option<usize>,
     chunk_size: Option<u64>,
 }
 
-impl ParallelRead {
+impl ParallelReadOptions {
     /// All the image's threads, chunks of 512 KiB (or of a cluster, when larger).
     pub fn new() -> Self {
         Self::default()
@@ -130,11 +130,11 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
     /// chunks.
     ///
     /// ```
-    /// use qcow2::{Chunk, ParallelRead, Qcow2};
+    /// use qcow2::{Chunk, ParallelReadOptions, Qcow2};
     ///
     /// let image = Qcow2::open_path("fixtures/chain-top.qcow2")?; // a three-image chain
     /// let (mut data, mut zeros, mut end) = (0, 0, 0);
-    /// image.reader()?.read_parallel(.., &ParallelRead::new().threads(2), |chunk| {
+    /// image.reader()?.read_parallel(.., &ParallelReadOptions::new().threads(2), |chunk| {
     ///     assert_eq!(chunk.offset(), end); // in order, no gaps
     ///     end = chunk.end();
     ///     match chunk {
@@ -168,7 +168,7 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
     pub fn read_parallel<F>(
         &self,
         range: impl RangeBounds<u64>,
-        options: &ParallelRead,
+        options: &ParallelReadOptions,
         mut sink: F,
     ) -> Result<()>
     where
@@ -232,14 +232,14 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
     /// ```
     /// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
     /// let mut out = Vec::new();
-    /// image.reader()?.read_parallel_to_writer(.., &qcow2::ParallelRead::new(), &mut out)?;
+    /// image.reader()?.read_parallel_to_writer(.., &qcow2::ParallelReadOptions::new(), &mut out)?;
     /// assert_eq!(out.len() as u64, image.guest_size());
     /// # Ok::<(), qcow2::Error>(())
     /// ```
     pub fn read_parallel_to_writer<W: Write>(
         &self,
         range: impl RangeBounds<u64>,
-        options: &ParallelRead,
+        options: &ParallelReadOptions,
         mut out: W,
     ) -> Result<()> {
         self.read_parallel(range, options, |chunk| match chunk {
@@ -259,15 +259,15 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
     /// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
     /// let path = std::env::temp_dir().join(format!("qcow2-par-{}.raw", std::process::id()));
     /// let file = std::fs::File::create(&path)?;
-    /// image.reader()?.read_parallel_to_file(.., &qcow2::ParallelRead::new(), &file)?;
+    /// image.reader()?.read_parallel_to_file(.., &qcow2::ParallelReadOptions::new(), &file)?;
     /// assert_eq!(file.metadata()?.len(), image.guest_size());
     /// # std::fs::remove_file(&path)?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn read_parallel_to_file<W: WriteAt + ?Sized>(
+    pub fn read_parallel_to_file<W: PositionalSink + ?Sized>(
         &self,
         range: impl RangeBounds<u64>,
-        options: &ParallelRead,
+        options: &ParallelReadOptions,
         out: &W,
     ) -> Result<()> {
         let (start, end) = clip(&range, self.guest_size());

@@ -14,7 +14,7 @@ mod common;
 
 use common::{describe_difference, Qemu, Rng, TempDir};
 use positioned_io::ReadAt;
-use qcow2::{OpenOptions, ParallelRead, Qcow2};
+use qcow2::{OpenOptions, ParallelReadOptions, Qcow2};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -133,7 +133,9 @@ fn check_every_read_shape(qemu: &Qemu, dir: &TempDir, name: &str, size: u64, opt
         // A parallel read: each chunk is read on a pool thread, its whole clusters
         // decompressed straight into the chunk's buffer.
         for chunk in [64 * KIB, 512 * KIB, 3 * MIB + 4096] {
-            let options = ParallelRead::new().threads(threads).chunk_size(chunk);
+            let options = ParallelReadOptions::new()
+                .threads(threads)
+                .chunk_size(chunk);
             let mut out = Vec::new();
             let image = open();
             let reader = image.reader().expect("reader");

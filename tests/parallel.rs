@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{Qemu, Rng, TempDir};
 use positioned_io::ReadAt;
-use qcow2::{Chunk, Error, OpenOptions, ParallelRead, Qcow2, Reader};
+use qcow2::{Chunk, Error, OpenOptions, ParallelReadOptions, Qcow2, Reader};
 
 const MIB: u64 = 1 << 20;
 
@@ -252,7 +252,7 @@ fn collect<I: ReadAt + Sync>(
     reader: &Reader<'_, I>,
     start: u64,
     end: u64,
-    options: &ParallelRead,
+    options: &ParallelReadOptions,
 ) -> Seen {
     let mut seen = Seen::default();
     reader
@@ -366,7 +366,7 @@ fn chunks_match_qemu_img_convert_and_map() {
         ];
         for threads in [1, 4] {
             for chunk in [None, Some(64 << 10)] {
-                let mut options = ParallelRead::new().threads(threads);
+                let mut options = ParallelReadOptions::new().threads(threads);
                 if let Some(bytes) = chunk {
                     options = options.chunk_size(bytes);
                 }
@@ -385,7 +385,7 @@ fn chunks_match_qemu_img_convert_and_map() {
         }
         // The sparse images do have holes, reported as such.
         if name == "sparse.qcow2" || name == "chain-top.qcow2" {
-            let seen = collect(&reader, 0, size, &ParallelRead::new());
+            let seen = collect(&reader, 0, size, &ParallelReadOptions::new());
             assert!(
                 seen.zeros.iter().map(|z| z.1).sum::<u64>() > 8 * MIB,
                 "{name}"
@@ -407,7 +407,7 @@ fn writer_and_file_sinks_hold_what_qemu_img_converts() {
         let reference = qemu.convert_to_raw(d, case.name, &[] as &[&str]);
         let image = Qcow2::open_path(d.join(case.name)).unwrap();
         let reader = image.reader().unwrap();
-        let options = ParallelRead::new().threads(2);
+        let options = ParallelReadOptions::new().threads(2);
         let mut stream = Vec::new();
         reader
             .read_parallel_to_writer(.., &options, &mut stream)
@@ -511,7 +511,7 @@ fn a_failing_read_is_returned_after_everything_before_it() {
         let image = Qcow2::open_with(source, &OpenOptions::new().threads(4)).unwrap();
         let reader = image.reader().unwrap();
         let mut got = Vec::new();
-        let options = ParallelRead::new().threads(threads);
+        let options = ParallelReadOptions::new().threads(threads);
         let err = reader
             .read_parallel(.., &options, |chunk| {
                 match chunk {
@@ -561,7 +561,7 @@ fn a_failure_behind_a_slow_chunk_ends_the_read() {
         std::thread::spawn(move || {
             let image = Qcow2::open_with(source, &OpenOptions::new().threads(2)).unwrap();
             let reader = image.reader().unwrap();
-            let options = ParallelRead::new().threads(2).chunk_size(512 << 10);
+            let options = ParallelReadOptions::new().threads(2).chunk_size(512 << 10);
             let result = reader.read_parallel(.., &options, |_| Ok(()));
             let _ = done.send(result.map_err(|e| e.to_string()));
         });
@@ -587,7 +587,9 @@ fn a_sink_error_stops_the_read_and_is_returned() {
     let reader = image.reader().unwrap();
     for threads in [1, 4] {
         let mut calls = Vec::new();
-        let options = ParallelRead::new().threads(threads).chunk_size(256 << 10);
+        let options = ParallelReadOptions::new()
+            .threads(threads)
+            .chunk_size(256 << 10);
         let err = reader
             .read_parallel(.., &options, |chunk| {
                 calls.push(chunk.offset());
@@ -613,7 +615,7 @@ fn a_sink_error_stops_the_read_and_is_returned() {
     // The pool is still there for the next read.
     let mut total = 0;
     reader
-        .read_parallel(.., &ParallelRead::new(), |c| {
+        .read_parallel(.., &ParallelReadOptions::new(), |c| {
             total = c.end();
             Ok(())
         })
@@ -633,7 +635,7 @@ fn a_panicking_sink_neither_hangs_nor_breaks_the_pool() {
     let reader = image.reader().unwrap();
     let mut calls = 0;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        reader.read_parallel(.., &ParallelRead::new(), |_| {
+        reader.read_parallel(.., &ParallelReadOptions::new(), |_| {
             calls += 1;
             if calls == 2 {
                 panic!("sink panics");
@@ -644,7 +646,7 @@ fn a_panicking_sink_neither_hangs_nor_breaks_the_pool() {
     assert!(result.is_err(), "the panic reaches the caller");
     let mut out = Vec::new();
     reader
-        .read_parallel_to_writer(.., &ParallelRead::new(), &mut out)
+        .read_parallel_to_writer(.., &ParallelReadOptions::new(), &mut out)
         .unwrap();
     assert!(out == reference);
 }
@@ -671,7 +673,7 @@ fn a_missing_backing_file_stops_the_read_with_backing_missing() {
     let err = image
         .reader()
         .unwrap()
-        .read_parallel(.., &ParallelRead::new().threads(2), |c| {
+        .read_parallel(.., &ParallelReadOptions::new().threads(2), |c| {
             delivered = c.end();
             Ok(())
         })
@@ -717,7 +719,11 @@ fn reads_run_on_the_image_pool_not_on_new_threads() {
     for _ in 0..6 {
         let reader = image.reader().unwrap();
         reader
-            .read_parallel(.., &ParallelRead::new().chunk_size(128 << 10), |_| Ok(()))
+            .read_parallel(
+                ..,
+                &ParallelReadOptions::new().chunk_size(128 << 10),
+                |_| Ok(()),
+            )
             .unwrap();
     }
     // Six reads of 96 chunks each, on at most the 3 pool threads and the caller.
@@ -752,7 +758,9 @@ fn pool_threads_reading_compressed_chunks_do_not_wait_on_the_pool() {
             let image = Qcow2::open_path_with(&path, &OpenOptions::new().threads(threads)).unwrap();
             for chunk in [4 << 10, 16 << 10, 64 << 10] {
                 let mut out = Vec::new();
-                let options = ParallelRead::new().threads(threads).chunk_size(chunk);
+                let options = ParallelReadOptions::new()
+                    .threads(threads)
+                    .chunk_size(chunk);
                 image
                     .reader()
                     .unwrap()
@@ -796,7 +804,7 @@ fn reads_share_the_pool_side_by_side_and_nested() {
             let image = Qcow2::open_path_with(&path, &OpenOptions::new().threads(2)).unwrap();
             let whole = |reader: &Reader<'_, File>| {
                 let mut out = Vec::new();
-                let options = ParallelRead::new().chunk_size(64 << 10);
+                let options = ParallelReadOptions::new().chunk_size(64 << 10);
                 reader
                     .read_parallel_to_writer(.., &options, &mut out)
                     .unwrap();
@@ -810,18 +818,22 @@ fn reads_share_the_pool_side_by_side_and_nested() {
                 let reader = image.reader().unwrap();
                 let mut nested = 0;
                 reader
-                    .read_parallel(.., &ParallelRead::new().chunk_size(1 << 20), |chunk| {
-                        if nested < 3 {
-                            nested += 1;
-                            assert!(whole(&reader) == *reference, "nested read_parallel");
-                        }
-                        if let Chunk::Data { offset, bytes } = chunk {
-                            let mut again = vec![0u8; bytes.len()];
-                            reader.read_exact_at(offset, &mut again)?;
-                            assert!(again == bytes, "read_exact_at {offset:#x} in the sink");
-                        }
-                        Ok(())
-                    })
+                    .read_parallel(
+                        ..,
+                        &ParallelReadOptions::new().chunk_size(1 << 20),
+                        |chunk| {
+                            if nested < 3 {
+                                nested += 1;
+                                assert!(whole(&reader) == *reference, "nested read_parallel");
+                            }
+                            if let Chunk::Data { offset, bytes } = chunk {
+                                let mut again = vec![0u8; bytes.len()];
+                                reader.read_exact_at(offset, &mut again)?;
+                                assert!(again == bytes, "read_exact_at {offset:#x} in the sink");
+                            }
+                            Ok(())
+                        },
+                    )
                     .unwrap();
                 for t in side_by_side {
                     assert!(t.join().unwrap() == *reference, "side by side");
@@ -847,7 +859,7 @@ fn an_empty_16_tib_disk_is_a_few_zero_chunks() {
     image
         .reader()
         .unwrap()
-        .read_parallel(.., &ParallelRead::new(), |c| {
+        .read_parallel(.., &ParallelReadOptions::new(), |c| {
             assert!(matches!(c, Chunk::Zeros { .. }), "{c:?}");
             chunks.push((c.offset(), c.end()));
             Ok(())

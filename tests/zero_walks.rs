@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{Qemu, TempDir};
-use qcow2::{compare, CompareOptions, Comparison, ConvertOptions, Qcow2, RawDisk, WriteAt};
+use qcow2::{compare, CompareOptions, Comparison, ConvertOptions, PositionalSink, Qcow2, RawDisk};
 
 /// How long one operation may take (debug build, on a loaded machine: the fixed code takes
 /// about a tenth of this; the quadratic walks took minutes).
@@ -42,7 +42,7 @@ struct Sink {
     bytes: Mutex<u64>,
 }
 
-impl WriteAt for Sink {
+impl PositionalSink for Sink {
     fn write_all_at(&self, pos: u64, buf: &[u8]) -> std::io::Result<()> {
         *self.bytes.lock().unwrap() += buf.len() as u64;
         let mut w = self.written.lock().unwrap();

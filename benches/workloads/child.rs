@@ -11,7 +11,7 @@ use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGa
 use positioned_io::ReadAt;
 use qcow2::{
     compare, convert_to_file, Chunk, CompareOptions, Comparison, ConvertOptions, ExtentKind,
-    OpenOptions, ParallelRead, Qcow2, RawDisk,
+    OpenOptions, ParallelReadOptions, Qcow2, RawDisk,
 };
 
 use crate::common::{mix, Res, MIB};
@@ -198,7 +198,7 @@ fn seq_parallel(img: &Path, threads: usize) -> Res<u64> {
     let image = Qcow2::open_path_with(img, &OpenOptions::new().threads(threads))?;
     let reader = image.reader()?;
     let mut sum = 0u64;
-    let options = ParallelRead::new().threads(threads);
+    let options = ParallelReadOptions::new().threads(threads);
     reader.read_parallel(.., &options, |chunk| {
         let part = match chunk {
             Chunk::Data { bytes, .. } => sample(bytes),
