@@ -252,7 +252,7 @@ fn parallel_read_matches<I: ReadAt + Sync>(
     plain_ok: bool,
     rng: &mut XorShift,
 ) {
-    let options = qcow2::ParallelRead::new().chunk_size(4096 << rng.below(5));
+    let options = qcow2::ParallelReadOptions::new().chunk_size(4096 << rng.below(5));
     let mut got = vec![0u8; plain.len()];
     let mut pos = range.start;
     let result = reader.read_parallel(range.clone(), &options, |chunk| {
@@ -284,7 +284,7 @@ fn parallel_read_matches<I: ReadAt + Sync>(
 
 /// The first extents of a bitmap (in use or not): ascending, apart, inside the guest.
 pub fn dirty_extents<I: ReadAt>(image: &Qcow2<I>, name: &str) {
-    let Ok(extents) = image.dirty_extents(name, true) else {
+    let Ok(extents) = image.dirty_extents_allow_in_use(name) else {
         return;
     };
     let mut end = None;

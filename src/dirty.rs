@@ -114,20 +114,42 @@ impl<I: ReadAt> Qcow2<I> {
     /// The dirty extents of the bitmap named `name`, in ascending guest order, adjacent runs
     /// merged: what `qemu-nbd -B NAME` reports as dirty.
     ///
-    /// A bitmap with the in-use flag was not saved cleanly, and QEMU refuses to use it
-    /// ([`Error::BitmapInUse`]); with `allow_in_use` its stored bits are read anyway. The
-    /// bitmap table is read (bounded by [`Limits::max_bitmap_table_bytes`]) and then one
-    /// cluster of bitmap data at a time, as the iterator advances.
+    /// A bitmap with the in-use flag was not saved cleanly, and QEMU refuses to use it: so
+    /// does this method ([`Error::BitmapInUse`]); [`Qcow2::dirty_extents_allow_in_use`] reads
+    /// its stored bits anyway. The bitmap table is read (bounded by
+    /// [`Limits::max_bitmap_table_bytes`]) and then one cluster of bitmap data at a time, as
+    /// the iterator advances.
     ///
     /// ```
     /// let image = qcow2::Qcow2::open(std::fs::File::open("fixtures/bitmaps.qcow2")?)?;
-    /// for extent in image.dirty_extents("b0", false)? {
+    /// for extent in image.dirty_extents("b0")? {
     ///     let extent = extent?;
     ///     println!("{} bytes dirty at {}", extent.length, extent.start);
     /// }
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn dirty_extents(&self, name: &str, allow_in_use: bool) -> Result<DirtyExtents<'_, I>> {
+    pub fn dirty_extents(&self, name: &str) -> Result<DirtyExtents<'_, I>> {
+        self.dirty_extents_impl(name, false)
+    }
+
+    /// [`Qcow2::dirty_extents`], but a bitmap with the in-use flag (not saved cleanly, which
+    /// QEMU refuses to use) is read too: its stored bits may miss writes made since it was
+    /// last saved. Other bitmaps read as with [`Qcow2::dirty_extents`].
+    ///
+    /// ```
+    /// let image = qcow2::Qcow2::open(std::fs::File::open("fixtures/bitmaps.qcow2")?)?;
+    /// let dirty: u64 = image
+    ///     .dirty_extents_allow_in_use("b0")?
+    ///     .map(|extent| extent.map(|e| e.length))
+    ///     .sum::<qcow2::Result<u64>>()?;
+    /// # let _ = dirty;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dirty_extents_allow_in_use(&self, name: &str) -> Result<DirtyExtents<'_, I>> {
+        self.dirty_extents_impl(name, true)
+    }
+
+    fn dirty_extents_impl(&self, name: &str, allow_in_use: bool) -> Result<DirtyExtents<'_, I>> {
         let b = self.bitmap(name)?;
         if b.in_use() && !allow_in_use {
             return Err(Error::BitmapInUse {
@@ -167,6 +189,7 @@ impl<I: ReadAt> Qcow2<I> {
 ///
 /// An error (a data cluster that cannot be read) comes after the extents found before it,
 /// and ends the iteration.
+#[must_use = "iterators are lazy and do nothing unless consumed"]
 pub struct DirtyExtents<'a, I> {
     io: &'a I,
     name: String,

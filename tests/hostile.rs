@@ -457,15 +457,15 @@ fn bitmap_oddities_qemu_accepts() {
     let (image, _) = expect_accepted("bitmap-name-empty");
     let names: Vec<&str> = image.bitmaps().iter().map(|b| b.name.as_str()).collect();
     assert_eq!(names, [""], "an empty name is listed as QEMU lists it");
-    assert_eq!(image.dirty_extents("", false).unwrap().count(), 0);
+    assert_eq!(image.dirty_extents("").unwrap().count(), 0);
     // In use: QEMU does not read the table at open; reading it anyway finds the bad entry.
     let (image, _) = expect_accepted("bitmap-in-use-bad-table");
     assert!(matches!(
-        image.dirty_extents("b0", false),
+        image.dirty_extents("b0"),
         Err(Error::BitmapInUse { .. })
     ));
     assert!(matches!(
-        image.dirty_extents("b0", true),
+        image.dirty_extents_allow_in_use("b0"),
         Err(Error::Malformed { offset: 0x800, .. })
     ));
 }

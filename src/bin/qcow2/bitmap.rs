@@ -59,7 +59,11 @@ fn dump(args: &Args, out: &mut impl Write) -> Result<(), Box<dyn std::error::Err
     // Opened without blocking and checked on the descriptor: a FIFO is refused at once.
     let file = qcow2::open_file(&args.image, &OpenOptions::new().allow_devices(true))?;
     let image = Qcow2::open(file)?;
-    let extents = image.dirty_extents(&args.dump, args.allow_in_use)?;
+    let extents = if args.allow_in_use {
+        image.dirty_extents_allow_in_use(&args.dump)?
+    } else {
+        image.dirty_extents(&args.dump)?
+    };
     if let Output::Json = args.output {
         write!(out, "[")?;
     }
