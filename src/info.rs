@@ -38,6 +38,21 @@ pub struct ChainEntry {
 ///
 /// Everything `qemu-img info --output=json` prints is here except `actual-size` (the space
 /// the file takes on the host file system, which says nothing about the image).
+///
+/// ```
+/// use qcow2::{ImageInfo, OpenOptions};
+///
+/// let info = ImageInfo::from_path("fixtures/chain-top.qcow2", &OpenOptions::new())?;
+/// assert_eq!(info.format, "qcow2");
+/// assert_eq!(info.cluster_size, Some(8192));
+/// assert!(info.backing_filename.is_some());
+/// print!("{}", info.to_human());
+///
+/// // The whole chain, as `qemu-img info --backing-chain` reports it.
+/// let chain = ImageInfo::chain_from_path("fixtures/chain-top.qcow2", &OpenOptions::new())?;
+/// assert_eq!(chain.len(), 3);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(
     feature = "serde",
@@ -406,6 +421,7 @@ impl ImageInfo {
     /// # Ok::<(), qcow2::Error>(())
     /// ```
     #[cfg(feature = "serde")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
     pub fn to_json(&self) -> String {
         crate::qjson::to_string(self)
     }
@@ -413,6 +429,7 @@ impl ImageInfo {
     /// Several images as `qemu-img info --backing-chain --output=json` prints them: a JSON
     /// array of [`ImageInfo::to_json`] objects.
     #[cfg(feature = "serde")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
     pub fn chain_to_json(chain: &[ImageInfo]) -> String {
         crate::qjson::to_string(chain)
     }

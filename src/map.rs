@@ -74,6 +74,16 @@ impl MapExtent<'_> {
 }
 
 /// The extents of a guest range, in order, each as long as it can be: see [`Reader::map`].
+///
+/// Lazy: nothing is read until it is iterated.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let image = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
+/// image.reader()?.map(..); // error: unused `MapIter` that must be used
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[must_use = "iterators are lazy and do nothing unless consumed"]
 pub struct MapIter<'a, I> {
     reader: Reader<'a, I>,
     /// Where the next status is asked.
@@ -82,6 +92,16 @@ pub struct MapIter<'a, I> {
     /// A status already asked that did not continue the extent returned last.
     pending: Option<MapExtent<'a>>,
     failed: bool,
+}
+
+impl<I> std::fmt::Debug for MapIter<'_, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapIter")
+            .field("pos", &self.pos)
+            .field("end", &self.end)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a, I: ReadAt> Reader<'a, I> {

@@ -30,6 +30,33 @@ use crate::pool::Pool;
 ///
 /// Give each thread its own reader: a reader's state (where the last read ended, the L2
 /// slices it used last) is its own, and readers do not contend.
+///
+/// ```
+/// use positioned_io::ReadAt;
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let reader = image.reader()?; // the active disk; Qcow2::snapshot_reader for a snapshot
+/// let mut sector = [0u8; 512];
+/// reader.read_exact_at(0, &mut sector)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// `ReadAt` returns [`std::io::Error`]: its kind classifies the failure
+/// ([`Error::io_kind`]) and it wraps the typed [`qcow2::Error`](Error), which
+/// [`get_ref`](std::io::Error::get_ref) or [`into_inner`](std::io::Error::into_inner) and a
+/// downcast give back:
+///
+/// ```
+/// use positioned_io::ReadAt;
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/luks.qcow2")?; // no secret: data unreadable
+/// let err = image.reader()?.read_at(0, &mut [0u8; 512]).unwrap_err();
+/// let typed = err.get_ref().and_then(|e| e.downcast_ref::<qcow2::Error>());
+/// assert!(matches!(typed, Some(qcow2::Error::Encrypted { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
     l1: Arc<[u64]>,
@@ -63,6 +90,15 @@ impl ReadState {
             scratch: std::sync::Mutex::new(Vec::new()),
             empty_tables: EmptyTables::default(),
         }
+    }
+}
+
+impl<I> std::fmt::Debug for Reader<'_, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("size", &self.size)
+            .field("l1_offset", &self.l1_offset)
+            .finish_non_exhaustive()
     }
 }
 
@@ -965,7 +1001,7 @@ mod tests {
             }
         };
         // Without read-ahead: one decompression per compressed cluster, however many reads.
-        let single = OpenOptions::new().decompression_threads(1);
+        let single = OpenOptions::new().threads(1);
         let image = Qcow2::open_with(file(), &single).unwrap();
         whole_image_in_sectors(&image.reader().unwrap());
         let clusters = image.compressed.decompressed();
@@ -976,7 +1012,7 @@ mod tests {
 
         // With read-ahead (on the pool: wait for it before counting): the second sequential read decompresses the clusters ahead, and
         // still each only once.
-        let two = OpenOptions::new().decompression_threads(2);
+        let two = OpenOptions::new().threads(2);
         let image = Qcow2::open_with(file(), &two).unwrap();
         let reader = image.reader().unwrap();
         reader.read_exact_at(0, &mut sector).unwrap();
@@ -1068,7 +1104,7 @@ mod tests {
         let compressed = compressed_clusters(&bytes);
         let (good, bad) = (compressed[1].1, compressed[2]);
         bytes[bad.0 as usize..bad.0 as usize + 64].fill(0xff);
-        let options = OpenOptions::new().decompression_threads(2);
+        let options = OpenOptions::new().threads(2);
         let image = Qcow2::open_with(bytes, &options).unwrap();
         let reader = image.reader().unwrap();
         let mut sector = [0u8; 512];
