@@ -40,7 +40,11 @@ pub fn run(args: Args) -> ExitCode {
     match (result, flushed) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
         (Err(e), _) => {
-            eprintln!("qcow2 bitmap: {}: {e}", args.image.display());
+            eprintln!(
+                "qcow2 bitmap: {}: {}",
+                args.image.display(),
+                crate::common::chain(&*e)
+            );
             ExitCode::FAILURE
         }
         (Ok(()), Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,

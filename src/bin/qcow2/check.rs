@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
+use crate::common::chain;
 use clap::{Parser, ValueEnum};
 use positioned_io::{ReadAt, Size};
 use qcow2::{CheckReport, Error, FilePolicy, FileRole, OpenOptions, Qcow2};
@@ -61,14 +62,21 @@ pub fn run(args: Args) -> ExitCode {
     };
     let mut report = match open_and_check(&path, &options) {
         Ok(Ok(report)) => report,
-        Ok(Err(e)) => return fail(&format!("Check failed: {e}")),
+        Ok(Err(e)) => return fail(&format!("Check failed: {}", chain(&e))),
         // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
         Err(Failure::Open(e)) if e.is_not_qcow2() && args.format.is_none() => {
-            eprintln!("qcow2: This image format does not support checks ({e})");
+            eprintln!(
+                "qcow2: This image format does not support checks ({})",
+                chain(&e)
+            );
             return ExitCode::from(NOT_SUPPORTED);
         }
         Err(Failure::Open(e)) => {
-            return fail(&format!("Could not open '{}': {e}", args.image.display()))
+            return fail(&format!(
+                "Could not open '{}': {}",
+                args.image.display(),
+                chain(&e)
+            ))
         }
         Err(Failure::Chain(message)) => {
             return fail(&format!(
@@ -295,7 +303,7 @@ fn chain_message(e: &Error, log: &OpenLog, top: &Path) -> String {
         (Error::WrongSecret { .. }, None) => {
             "Invalid password, cannot unlock any keyslot".to_owned()
         }
-        (e, None) => e.to_string(),
+        (e, None) => chain(e),
     };
     format!("{prefix}{what}")
 }

@@ -37,10 +37,22 @@ pub fn fail(what: impl Display, why: impl Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// An error and its causes on one line, `error: cause: cause`: the library's errors do not
+/// repeat their cause's text, they give it from `source()`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
 /// What `qemu-img` knows of the qcow2 image at `path`, opened alone (no backing file, no data
 /// file), with the crate's default limits. Anything that is not a qcow2 image is refused.
 pub fn image_info(path: &Path) -> Result<ImageInfo, ExitCode> {
-    ImageInfo::from_path(path, &OpenOptions::default()).map_err(|e| fail(path.display(), e))
+    ImageInfo::from_path(path, &OpenOptions::default()).map_err(|e| fail(path.display(), chain(&e)))
 }
 
 /// Open the qcow2 image at `path` with its backing chain and data file, as `qemu-img` opens
@@ -48,7 +60,7 @@ pub fn image_info(path: &Path) -> Result<ImageInfo, ExitCode> {
 // For the subcommands that read guest data (map, compare, convert, check).
 #[allow(dead_code)]
 pub fn open(path: &Path, options: &OpenOptions) -> Result<Qcow2<std::fs::File>, ExitCode> {
-    Qcow2::open_path_with(path, options).map_err(|e| fail(path.display(), e))
+    Qcow2::open_path_with(path, options).map_err(|e| fail(path.display(), chain(&e)))
 }
 
 /// Write `text` to stdout; a closed pipe or full disk is one line on stderr, not a panic.

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::common::chain;
 use positioned_io::ReadAt;
 use qcow2::{CompareOptions, Comparison, GuestDisk, OpenOptions, Qcow2, RawDisk};
 
@@ -60,7 +61,7 @@ pub fn run(args: Args) -> ExitCode {
     match compare(&a, &b, &args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qcow2: Error while comparing: {e}");
+            eprintln!("qcow2: Error while comparing: {}", chain(&e));
             ExitCode::from(4)
         }
     }
@@ -132,11 +133,11 @@ fn open(
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
     // Opened once, without blocking, and checked on the descriptor: a FIFO cannot hang the
     // open, and the file probed is the file read.
-    let file =
-        qcow2::open_file(path, &OpenOptions::new().allow_devices(true)).map_err(|e| fail(&e))?;
+    let file = qcow2::open_file(path, &OpenOptions::new().allow_devices(true))
+        .map_err(|e| fail(&chain(&e)))?;
     let format = match format {
         Some(f) => f.to_owned(),
-        None => probe(&file).map_err(|e| fail(&e))?.to_owned(),
+        None => probe(&file).map_err(|e| fail(&chain(&e)))?.to_owned(),
     };
     match format.as_str() {
         "qcow2" => {
@@ -145,7 +146,9 @@ fn open(
                 path, secret,
             )?)))
         }
-        "raw" => Ok(Opened::Raw(RawDisk::from_file(file).map_err(|e| fail(&e))?)),
+        "raw" => Ok(Opened::Raw(
+            RawDisk::from_file(file).map_err(|e| fail(&chain(&e)))?,
+        )),
         other => Err(fail(&format!(
             "unsupported format '{other}' (qcow2 and raw are read)"
         ))),

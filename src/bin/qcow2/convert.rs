@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::common::chain;
 use qcow2::{Allocation, ConvertOptions, ExtentKind, GuestDisk, OpenOptions, Qcow2, Reader};
 
 /// qemu-img's message for a bad `-S`.
@@ -89,7 +90,7 @@ fn convert(args: &Args) -> Result<(), String> {
     };
     let reader = match &args.snapshot {
         Some(spec) => snapshot_reader(&image, spec)?,
-        None => image.reader().map_err(|e| e.to_string())?,
+        None => image.reader().map_err(|e| chain(&e))?,
     };
     // qemu-img sizes the output by the image, padding or cutting a snapshot's disk.
     options = options.size(image.guest_size());
@@ -126,7 +127,7 @@ pub(crate) fn open_image(
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
     let options = OpenOptions::new().allow_devices(true);
     let options = secret.apply(options)?;
-    Qcow2::open_path_with(path, &options).map_err(|e| fail(&e))
+    Qcow2::open_path_with(path, &options).map_err(|e| fail(&chain(&e)))
 }
 
 /// Open an image named by `--image-opts` options, each layer of its chain with the secret its
@@ -139,7 +140,7 @@ pub(crate) fn open_image_opts(
     let base = OpenOptions::new().allow_devices(true);
     let (path, options) = secret.apply_image_opts(text, base)?;
     let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
-    let image = Qcow2::open_path_with(&path, &options).map_err(|e| fail(&e))?;
+    let image = Qcow2::open_path_with(&path, &options).map_err(|e| fail(&chain(&e)))?;
     // QEMU: "Header reported 'luks' encryption format but options specify 'aes'".
     let asked = text
         .split(',')
@@ -180,7 +181,7 @@ fn snapshot_reader<'a>(image: &'a Qcow2<File>, spec: &str) -> Result<Reader<'a, 
     let snapshot = found.ok_or(NOT_FOUND)?;
     image
         .snapshot_reader(&snapshot.id)
-        .map_err(|e| format!("Failed to load snapshot: {e}"))
+        .map_err(|e| format!("Failed to load snapshot: {}", chain(&e)))
 }
 
 /// Write the conversion to `output`: standard output or a FIFO as a stream, anything else
@@ -191,7 +192,13 @@ fn write_output<D: GuestDisk + Sync>(
     options: &ConvertOptions,
     progress: impl FnMut(u64, u64),
 ) -> Result<(), String> {
-    let fail = |e: qcow2::Error| format!("error while converting to {}: {e}", output.display());
+    let fail = |e: qcow2::Error| {
+        format!(
+            "error while converting to {}: {}",
+            output.display(),
+            chain(&e)
+        )
+    };
     let is_source = |file: &File, what: &str| match reader.reads_file(file) {
         Ok(false) => Ok(()),
         Ok(true) => Err(format!(

@@ -33,7 +33,7 @@ pub fn run(args: Args) -> ExitCode {
     let chain = if args.backing_chain {
         match ImageInfo::chain_from_path(&args.filename, &OpenOptions::default()) {
             Ok(chain) => chain,
-            Err(e) => return common::fail(args.filename.display(), e),
+            Err(e) => return common::fail(args.filename.display(), common::chain(&e)),
         }
     } else {
         match common::image_info(&args.filename) {

@@ -48,7 +48,7 @@ pub fn run(args: Args) -> ExitCode {
     match (result, flushed) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
         (Err(e), _) => {
-            eprintln!("qcow2 map: {e}");
+            eprintln!("qcow2 map: {}", crate::common::chain(&*e));
             ExitCode::FAILURE
         }
         (Ok(()), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -67,8 +67,10 @@ fn map(args: &Args, out: &mut impl Write) -> Result<(), Failure> {
         return Err(format!("unsupported image format '{format}': only qcow2").into());
     }
     let options = args.secret.apply(qcow2::OpenOptions::new())?;
-    let image = Qcow2::open_path_with(&args.filename, &options)
-        .map_err(|e| format!("could not open '{}': {e}", args.filename.display()))?;
+    let image = Qcow2::open_path_with(&args.filename, &options).map_err(|e| {
+        let e = crate::common::chain(&e);
+        format!("could not open '{}': {e}", args.filename.display())
+    })?;
     if image.encryption().is_some() && !image.is_unlocked() {
         return Err(format!(
             "could not open '{}': the image is encrypted; give its secret \

@@ -36,7 +36,8 @@ pub fn run(args: Args) -> ExitCode {
             .secret
             .apply(qcow2::OpenOptions::new())
             .and_then(|options| {
-                qcow2::Qcow2::open_path_with(&args.filename, &options).map_err(|e| e.to_string())
+                qcow2::Qcow2::open_path_with(&args.filename, &options)
+                    .map_err(|e| crate::common::chain(&e))
             })
             .map(|image| image.is_unlocked());
         match unlocked {
