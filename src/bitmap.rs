@@ -39,6 +39,15 @@ const TABLE_ALL_ONES: u64 = 1;
 /// written since the bitmap was created or cleared. [`Qcow2::dirty_extents`] reads them.
 ///
 /// [`Qcow2::dirty_extents`]: crate::Qcow2::dirty_extents
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/bitmaps.qcow2")?;
+/// for bitmap in image.bitmaps() {
+///     println!("{}: granularity {}, in use {}", bitmap.name, bitmap.granularity, bitmap.in_use());
+/// }
+/// assert_eq!(image.bitmaps().len(), 2);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Bitmap {

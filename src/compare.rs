@@ -14,6 +14,16 @@ const SECTOR: u64 = 512;
 const CHUNK: u64 = 2 << 20;
 
 /// How [`compare`] compares.
+///
+/// ```
+/// use qcow2::{compare, CompareOptions, Comparison, Qcow2};
+///
+/// let image = Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let strict = CompareOptions::new().strict(true); // qemu-img compare -s
+/// let outcome = compare(&image.reader()?, &image.reader()?, &strict)?;
+/// assert_eq!(outcome, Comparison::Identical);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CompareOptions {
@@ -22,6 +32,7 @@ pub struct CompareOptions {
 
 impl CompareOptions {
     /// Compare contents only; a larger disk must read as zeros past the smaller one's end.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -32,6 +43,7 @@ impl CompareOptions {
     /// disk, compressed), compared where qemu-img compares them, at the start of each of its
     /// steps; holes in raw files and in the data clusters of `preallocation=metadata` images
     /// read as zeros there, as in QEMU.
+    #[must_use]
     pub fn strict(mut self, strict: bool) -> Self {
         self.strict = strict;
         self

@@ -67,6 +67,7 @@ impl Default for ConvertOptions {
 
 impl ConvertOptions {
     /// One reading thread per core (at most 8), `-S 4k`, the disk's own size.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -74,6 +75,7 @@ impl ConvertOptions {
     /// Read on this many threads (1 to 64; 1 reads on the calling thread only). Chunks are
     /// dealt to the threads in turn; if a thread cannot be started, the conversion runs
     /// on those that could, or on the calling thread.
+    #[must_use]
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads.clamp(1, MAX_THREADS);
         self
@@ -83,6 +85,7 @@ impl ConvertOptions {
     /// sink when they make a run of at least this many bytes (rounded down to whole
     /// 512-byte sectors, at most [`MAX_SPARSE_SIZE`]); 0 writes every byte, zeros too, so
     /// the output is fully allocated. Streams receive every byte whatever this says.
+    #[must_use]
     pub fn sparse_size(mut self, bytes: u64) -> Self {
         let bytes = bytes.min(MAX_SPARSE_SIZE);
         self.sparse_size = bytes.saturating_sub(bytes % SECTOR);
@@ -92,6 +95,7 @@ impl ConvertOptions {
     /// Copy this many bytes instead of the disk's size: zeros past the disk's end, or the
     /// disk cut short. `qemu-img convert -l` pads a snapshot smaller than the image (taken
     /// before a resize) to the image's size.
+    #[must_use]
     pub fn size(mut self, bytes: u64) -> Self {
         self.size = Some(bytes);
         self
@@ -100,6 +104,36 @@ impl ConvertOptions {
 
 /// A sink written at positions, shared by the threads of a conversion: a file, or anything
 /// that can be written at an offset and given a length.
+///
+/// A [`std::fs::File`] is one; a sink of your own needs only `write_all_at` and `set_len`:
+///
+/// ```
+/// use std::sync::Mutex;
+///
+/// struct Memory(Mutex<Vec<u8>>);
+///
+/// impl qcow2::PositionalSink for Memory {
+///     fn write_all_at(&self, pos: u64, buf: &[u8]) -> std::io::Result<()> {
+///         let mut out = self.0.lock().unwrap();
+///         let end = pos as usize + buf.len();
+///         if out.len() < end {
+///             out.resize(end, 0);
+///         }
+///         out[pos as usize..end].copy_from_slice(buf);
+///         Ok(())
+///     }
+///     fn set_len(&self, len: u64) -> std::io::Result<()> {
+///         self.0.lock().unwrap().resize(len as usize, 0);
+///         Ok(())
+///     }
+/// }
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let sink = Memory(Mutex::new(Vec::new()));
+/// qcow2::convert_to_file(&image.reader()?, &sink, &qcow2::ConvertOptions::new(), |_, _| {})?;
+/// assert_eq!(sink.0.lock().unwrap().len() as u64, image.guest_size());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 pub trait PositionalSink {
     /// Write all of `buf` at byte offset `pos`.
     fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()>;

@@ -189,6 +189,13 @@ impl<I: ReadAt> Qcow2<I> {
 ///
 /// An error (a data cluster that cannot be read) comes after the extents found before it,
 /// and ends the iteration.
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/bitmaps.qcow2")?;
+/// let extents: Vec<qcow2::DirtyExtent> = image.dirty_extents("b0")?.collect::<Result<_, _>>()?;
+/// assert!(extents.windows(2).all(|w| w[0].start + w[0].length < w[1].start)); // merged, in order
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[must_use = "iterators are lazy and do nothing unless consumed"]
 pub struct DirtyExtents<'a, I> {
     io: &'a I,

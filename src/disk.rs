@@ -106,6 +106,23 @@ const QEMU_MAX_STATUS: u64 = i32::MAX as u64;
 ///
 /// Implemented by [`Reader`] (a qcow2 image's active disk or snapshot, through its backing
 /// chain) and by [`RawDisk`].
+///
+/// ```
+/// use qcow2::GuestDisk;
+///
+/// // Code that takes any disk, qcow2 or raw.
+/// fn first_sector(disk: &impl GuestDisk) -> qcow2::Result<[u8; 512]> {
+///     let mut sector = [0u8; 512];
+///     disk.read_disk(0, &mut sector)?;
+///     Ok(sector)
+/// }
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let raw = qcow2::RawDisk::open_path("fixtures/backing-raw-base.raw")?;
+/// first_sector(&image.reader()?)?;
+/// first_sector(&raw)?;
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 pub trait GuestDisk {
     /// Size of the disk in bytes.
     fn disk_size(&self) -> u64;
@@ -480,6 +497,7 @@ impl<R: ReadAt> RawDisk<R> {
 
     /// Find the source's holes with `holes` (a handle to the same file): they read as
     /// zeros without being read, as QEMU's block status reports them.
+    #[must_use]
     pub fn with_hole_query<H: HoleQuery + 'static>(mut self, holes: H) -> Self {
         self.holes = Some(Box::new(holes));
         self

@@ -360,6 +360,15 @@ impl Error {
 
     /// Wrap an I/O error with what was being done, for callers that mix their own I/O with
     /// the crate's.
+    ///
+    /// ```
+    /// fn read_config(path: &str) -> qcow2::Result<Vec<u8>> {
+    ///     std::fs::read(path).map_err(|e| qcow2::Error::from_io(format!("reading {path}"), e))
+    /// }
+    /// let err = read_config("/no/such/config").unwrap_err();
+    /// assert_eq!(err.to_string(), "I/O error while reading /no/such/config");
+    /// assert_eq!(err.io_kind(), std::io::ErrorKind::NotFound);
+    /// ```
     pub fn from_io(context: impl Into<String>, source: io::Error) -> Self {
         Self::io(context, source)
     }
@@ -391,6 +400,16 @@ impl Error {
     }
 
     /// The [`io::ErrorKind`] this error maps to in [`std::io::Error`].
+    ///
+    /// ```
+    /// use qcow2::GuestDisk;
+    ///
+    /// let image = qcow2::Qcow2::open_path("fixtures/luks.qcow2")?; // without its secret
+    /// let err = image.reader()?.read_disk(0, &mut [0u8; 512]).unwrap_err();
+    /// assert!(matches!(err, qcow2::Error::Encrypted { .. }));
+    /// assert_eq!(err.io_kind(), std::io::ErrorKind::Unsupported);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn io_kind(&self) -> io::ErrorKind {
         match self {
             Error::Io { source, .. } => source.kind(),

@@ -28,6 +28,22 @@ pub enum ExtentKind {
 }
 
 /// A stretch of the guest disk stored one way.
+///
+/// ```
+/// use qcow2::ExtentKind;
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+/// let reader = image.reader()?;
+/// let mut pos = 0;
+/// while let Some(extent) = reader.extent_at(pos)? {
+///     if let ExtentKind::Data { host_offset } = extent.kind {
+///         println!("{:#x}+{:#x} at file offset {host_offset:#x}", extent.start, extent.length);
+///     }
+///     pos = extent.start + extent.length;
+/// }
+/// assert_eq!(pos, image.guest_size());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Extent {
     /// Guest offset of its first byte.

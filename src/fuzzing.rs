@@ -351,6 +351,12 @@ pub fn compressed_cluster(input: &[u8], cluster_bits: u32, zstd: bool) -> Result
 /// it (benches/inflate.rs times it against other decoders).
 pub struct ClusterDecoder(Decompressor);
 
+impl std::fmt::Debug for ClusterDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterDecoder(..)")
+    }
+}
+
 impl Default for ClusterDecoder {
     fn default() -> Self {
         Self::new()

@@ -79,6 +79,15 @@ impl CompressionType {
 }
 
 /// The parsed and validated image header, with its extensions.
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
+/// let header = image.header();
+/// assert_eq!(header.version(), 3);
+/// assert_eq!(header.cluster_size(), 65536);
+/// assert!(!header.is_corrupt());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Header {
     version: u32,

@@ -312,6 +312,14 @@ impl<I: ReadAt + Send + Sync> Qcow2<I> {
     ///
     /// For an image opened by path, the `file` child lists the host file (its length is
     /// read when this is called; it is left out if the file can no longer be examined).
+    ///
+    /// ```
+    /// let image = qcow2::Qcow2::open_path("fixtures/snap.qcow2")?;
+    /// let info = image.info();
+    /// assert_eq!(info.virtual_size, image.guest_size());
+    /// assert_eq!(info.snapshots.len(), 2);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn info(&self) -> ImageInfo {
         let mut info = info_of(self);
         if let Some(path) = self.path() {

@@ -65,6 +65,7 @@
 //!   ([`Qcow2::encryption`]) and reads fail with [`Error::Encrypted`]. Feature `encryption`
 //!   (on by default).
 #![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
 // docs.rs builds with `--cfg docsrs`: feature-gated items say which feature they need.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Image bytes are untrusted: outside tests, no panicking shortcuts, no unchecked indexing
@@ -83,6 +84,7 @@
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
+#[derive(Debug)]
 pub struct ReadmeDoctests;
 
 mod bitmap;

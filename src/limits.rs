@@ -91,6 +91,14 @@ impl Default for Limits {
 
 impl Limits {
     /// No limits beyond what the format itself can express. For trusted images only.
+    ///
+    /// ```
+    /// // A trusted image with a huge snapshot table.
+    /// let options = qcow2::OpenOptions::new().limits(qcow2::Limits::unlimited());
+    /// let image = qcow2::Qcow2::open_path_with("fixtures/snap.qcow2", &options)?;
+    /// # let _ = image;
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn unlimited() -> Self {
         Limits {
             max_l1_bytes: u64::MAX,

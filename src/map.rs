@@ -26,6 +26,15 @@ const SECTOR: u64 = 512;
 ///
 /// With the `serde` feature it serializes as one entry of `qemu-img map --output=json`
 /// (`offset` left out when there is none; `file` is not part of it).
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let reader = image.reader()?;
+/// let first = reader.map(..).next().expect("a non-empty disk")?;
+/// assert_eq!(first.start, 0);
+/// println!("{} bytes from layer {} (data {}, zero {})", first.length, first.depth, first.data, first.zero);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]

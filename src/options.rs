@@ -32,6 +32,25 @@ impl FileRole {
 pub type OpenFileFn = dyn Fn(&Path, FileRole) -> io::Result<File> + Send + Sync;
 
 /// Which files [`Qcow2::open_path`](crate::Qcow2::open_path) may open besides the image itself.
+///
+/// ```
+/// use qcow2::{FilePolicy, OpenOptions, Qcow2};
+///
+/// // Only files in the image's own directory (a bare file name's parent, "", is the current
+/// // directory).
+/// let path = std::path::Path::new("fixtures/chain-top.qcow2");
+/// let dir = path.parent().unwrap_or(std::path::Path::new("")).to_path_buf();
+/// let image = Qcow2::open_path_with(path, &OpenOptions::new().files(FilePolicy::Under(dir)))?;
+/// assert!(image.has_backing_attached());
+///
+/// // Or decide file by file.
+/// let policy = FilePolicy::Callback(std::sync::Arc::new(|path: &std::path::Path, _role| {
+///     std::fs::File::open(path)
+/// }));
+/// let image = Qcow2::open_path_with(path, &OpenOptions::new().files(policy))?;
+/// assert!(image.has_backing_attached());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum FilePolicy {
@@ -121,6 +140,15 @@ impl OpenOptions {
     }
 
     /// Set the limits.
+    ///
+    /// ```
+    /// let mut limits = qcow2::Limits::default();
+    /// limits.l2_cache_bytes = 1 << 20; // at most 1 MiB of L2 tables in memory
+    /// let options = qcow2::OpenOptions::new().limits(limits);
+    /// let image = qcow2::Qcow2::open_path_with("fixtures/v3-64k-basic.qcow2", &options)?;
+    /// assert_eq!(image.limits().l2_cache_bytes, 1 << 20);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
@@ -135,6 +163,14 @@ impl OpenOptions {
     }
 
     /// Read unallocated clusters as zeros and open no backing file.
+    ///
+    /// ```
+    /// // The overlay alone: what its backing files would supply reads as zeros.
+    /// let options = qcow2::OpenOptions::new().backing_as_zeros(true);
+    /// let image = qcow2::Qcow2::open_path_with("fixtures/chain-top.qcow2", &options)?;
+    /// assert!(image.has_backing_attached());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     #[must_use]
     pub fn backing_as_zeros(mut self, yes: bool) -> Self {
         self.backing_as_zeros = yes;
@@ -168,6 +204,18 @@ impl OpenOptions {
 
     /// Ask `f` for the secret of each image a chain opens (by its path as opened); where it
     /// answers `None`, [`OpenOptions::secret`] applies.
+    ///
+    /// ```
+    /// use qcow2::{OpenOptions, Qcow2, Secret};
+    ///
+    /// // Every image of the chain with its own secret, by file name.
+    /// let options = OpenOptions::new().secret_for(|path| {
+    ///     (path.file_name()? == "luks.qcow2").then(|| Secret::new("abc"))
+    /// });
+    /// let image = Qcow2::open_path_with("fixtures/luks.qcow2", &options)?;
+    /// assert!(image.is_unlocked());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     #[must_use]
     pub fn secret_for(
         mut self,

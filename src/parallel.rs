@@ -63,12 +63,14 @@ pub struct ParallelReadOptions {
 
 impl ParallelReadOptions {
     /// All the image's threads, chunks of 512 KiB (or of a cluster, when larger).
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Read on this many of the image's pool threads (at least 1, at most the image's
     /// [`threads`](crate::OpenOptions::threads)); by default all of them.
+    #[must_use]
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = Some(threads.max(1));
         self
@@ -77,6 +79,7 @@ impl ParallelReadOptions {
     /// Read data in chunks of this many bytes (4 KiB to 64 MiB; by default 512 KiB, or the
     /// cluster size when larger): a chunk ends at a multiple of it, or where the data ends.
     /// Memory in use is about `3 × threads × chunk_size`, whatever the size of the image.
+    #[must_use]
     pub fn chunk_size(mut self, bytes: u64) -> Self {
         self.chunk_size = Some(bytes.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE));
         self
@@ -84,6 +87,21 @@ impl ParallelReadOptions {
 }
 
 /// What [`Reader::read_parallel`] hands its sink: the next stretch of the guest, in order.
+///
+/// ```
+/// use qcow2::{Chunk, ParallelReadOptions, Qcow2};
+///
+/// let image = Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+/// let mut zeros = 0;
+/// image.reader()?.read_parallel(.., &ParallelReadOptions::new(), |chunk| {
+///     if let Chunk::Zeros { len, .. } = chunk {
+///         zeros += len; // never read: a sink may seek past them
+///     }
+///     Ok(())
+/// })?;
+/// assert!(zeros < image.guest_size());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Chunk<'a> {

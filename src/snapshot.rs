@@ -28,6 +28,15 @@ mod at {
 }
 
 /// One internal snapshot.
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/snap.qcow2")?;
+/// let names: Vec<&str> = image.snapshots().iter().map(|s| s.name.as_str()).collect();
+/// assert_eq!(names, ["s1", "s2"]);
+/// let reader = image.snapshot_reader("s1")?; // by id ("1") or name
+/// # let _ = reader;
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Unique id string (QEMU numbers them "1", "2", ...).

@@ -105,6 +105,16 @@ impl<I: ReadAt + Size> Qcow2<I> {
     }
 
     /// [`Qcow2::check`] with options.
+    ///
+    /// ```
+    /// // Keep at most 10 problems in the report (all are counted).
+    /// let options = qcow2::CheckOptions::new().max_problems(10).memory_budget(1 << 20);
+    /// let image = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
+    /// let report = image.check_with(&options)?;
+    /// assert!(report.problems.len() <= 10);
+    /// print!("{}", report.summary());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn check_with(&self, options: &CheckOptions) -> Result<CheckReport> {
         // As `qemu-img check`: an encrypted image is checked only once it is unlocked.
         if let Some(crypt) = &self.crypt {

@@ -199,6 +199,14 @@ pub enum ProblemClass {
 }
 
 /// One inconsistency found by a check.
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/v3-dirty.qcow2")?;
+/// for problem in &image.check()?.problems {
+///     println!("{problem} ({:?}, at file offset {:#x})", problem.kind.class(), problem.offset);
+/// }
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Problem {

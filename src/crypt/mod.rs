@@ -41,6 +41,19 @@ pub(crate) const SECTOR_SIZE: u64 = 512;
 /// which takes an image's passphrase as UTF-8 text, a secret that is not valid UTF-8 (or holds
 /// a NUL byte) unlocks nothing: opening an encrypted image with it fails with
 /// [`Error::SecretNotUtf8`]. Legacy AES uses at most the secret's first 16 bytes.
+///
+/// ```
+/// // From a file, as `qemu-img --object secret,id=s0,file=PATH` takes it.
+/// # let path = std::env::temp_dir().join(format!("qcow2-doc-secret-{}", std::process::id()));
+/// # std::fs::write(&path, "abc")?;
+/// let secret = qcow2::Secret::new(std::fs::read(&path)?);
+/// # std::fs::remove_file(&path)?;
+/// assert_eq!(format!("{secret:?}"), "Secret(..)"); // never shown
+/// let options = qcow2::OpenOptions::new().secret(secret);
+/// let image = qcow2::Qcow2::open_path_with("fixtures/luks.qcow2", &options)?;
+/// assert!(image.is_unlocked());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct Secret(Arc<SecretBytes>);
 
