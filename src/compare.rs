@@ -51,6 +51,18 @@ impl CompareOptions {
 }
 
 /// What [`compare`] found.
+///
+/// ```
+/// use qcow2::{compare, CompareOptions, Comparison, Qcow2};
+///
+/// let image = Qcow2::open_path("fixtures/snap.qcow2")?;
+/// match compare(&image.reader()?, &image.snapshot_reader("s1")?, &CompareOptions::new())? {
+///     Comparison::Identical => println!("unchanged since s1"),
+///     Comparison::Differ { offset } => println!("changed from byte {offset} on"),
+///     other => println!("{other:?}"),
+/// }
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Comparison {

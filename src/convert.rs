@@ -85,6 +85,12 @@ impl ConvertOptions {
     /// sink when they make a run of at least this many bytes (rounded down to whole
     /// 512-byte sectors, at most [`MAX_SPARSE_SIZE`]); 0 writes every byte, zeros too, so
     /// the output is fully allocated. Streams receive every byte whatever this says.
+    ///
+    /// ```
+    /// // Every byte written, zeros too: a fully allocated raw file (qemu-img convert -S 0).
+    /// let options = qcow2::ConvertOptions::new().sparse_size(0);
+    /// # let _ = options;
+    /// ```
     #[must_use]
     pub fn sparse_size(mut self, bytes: u64) -> Self {
         let bytes = bytes.min(MAX_SPARSE_SIZE);

@@ -480,6 +480,17 @@ impl<R: std::fmt::Debug> std::fmt::Debug for RawDisk<R> {
 
 impl<R: ReadAt> RawDisk<R> {
     /// A raw disk of `size` bytes read from `source`.
+    ///
+    /// ```
+    /// use qcow2::GuestDisk;
+    ///
+    /// let raw = qcow2::RawDisk::new(vec![1u8; 4096], 4096); // any ReadAt: a Vec, a File
+    /// let mut buf = [0u8; 8];
+    /// raw.read_disk(4088, &mut buf)?;
+    /// assert_eq!(buf, [1; 8]);
+    /// assert_eq!(raw.disk_size(), 4096);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn new(source: R, size: u64) -> Self {
         RawDisk {
             source,
@@ -519,6 +530,15 @@ impl RawDisk<std::fs::File> {
     /// blocked open. To read a block device, open it with
     /// [`OpenOptions::allow_devices`](crate::OpenOptions::allow_devices) and use
     /// [`RawDisk::from_file`].
+    ///
+    /// ```
+    /// let raw = qcow2::RawDisk::open_path("fixtures/backing-raw-base.raw")?;
+    /// let image = qcow2::Qcow2::open_path("fixtures/overlay-raw.qcow2")?;
+    /// // The overlay over its raw backing file, against the raw file alone.
+    /// let outcome = qcow2::compare(&image.reader()?, &raw, &qcow2::CompareOptions::new())?;
+    /// # let _ = outcome;
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn open_path(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = crate::open::checked_open(path, "raw disk", false)?;

@@ -165,6 +165,17 @@ impl Header {
     ///
     /// `cluster0` holds the first cluster, or as much of it as the file has; bytes past its
     /// end read as zeros (an end marker), as QEMU reads past the end of a file.
+    ///
+    /// ```
+    /// let bytes = std::fs::read("fixtures/v3-64k-basic.qcow2")?;
+    /// let header = qcow2::Header::parse(&bytes[..65536], &qcow2::Limits::default())?;
+    /// assert_eq!(header.cluster_bits(), 16);
+    /// assert!(matches!(
+    ///     qcow2::Header::parse(&bytes[..3], &qcow2::Limits::default()),
+    ///     Err(qcow2::Error::TooShort { len: 3 })
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn parse(cluster0: &[u8], limits: &Limits) -> Result<Header> {
         let version = check_magic_and_version(cluster0)?;
         let cluster_bits = probe_cluster_bits(cluster0)?;

@@ -476,6 +476,15 @@ impl ImageInfo {
 
     /// Several images as `qemu-img info --backing-chain` prints them: separated by an empty
     /// line. Lossy where a file name is not UTF-8: see [`ImageInfo::chain_to_human_bytes`].
+    ///
+    /// ```
+    /// use qcow2::{ImageInfo, OpenOptions};
+    ///
+    /// let chain = ImageInfo::chain_from_path("fixtures/chain-top.qcow2", &OpenOptions::new())?;
+    /// let text = ImageInfo::chain_to_human(&chain, &|_secs| 0); // dates in UTC
+    /// assert_eq!(text.lines().filter(|l| l.starts_with("image: ")).count(), 3);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn chain_to_human(chain: &[ImageInfo], utc_offset: &dyn Fn(i64) -> i64) -> String {
         String::from_utf8_lossy(&Self::chain_to_human_bytes(chain, utc_offset)).into_owned()
     }

@@ -156,6 +156,14 @@ impl OpenOptions {
     }
 
     /// Set which other files may be opened.
+    ///
+    /// ```
+    /// use qcow2::{Error, FilePolicy, OpenOptions, Qcow2};
+    ///
+    /// let options = OpenOptions::new().files(FilePolicy::Nothing);
+    /// let err = Qcow2::open_path_with("fixtures/chain-top.qcow2", &options).unwrap_err();
+    /// assert!(matches!(err, Error::FileRefused { .. }));
+    /// ```
     #[must_use]
     pub fn files(mut self, policy: FilePolicy) -> Self {
         self.files = policy;

@@ -79,6 +79,16 @@ impl ParallelReadOptions {
     /// Read data in chunks of this many bytes (4 KiB to 64 MiB; by default 512 KiB, or the
     /// cluster size when larger): a chunk ends at a multiple of it, or where the data ends.
     /// Memory in use is about `3 × threads × chunk_size`, whatever the size of the image.
+    ///
+    /// ```
+    /// // Two threads, 1 MiB chunks: about 6 MiB of buffers.
+    /// let options = qcow2::ParallelReadOptions::new().threads(2).chunk_size(1 << 20);
+    /// let image = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
+    /// let mut out = Vec::new();
+    /// image.reader()?.read_parallel_to_writer(.., &options, &mut out)?;
+    /// assert_eq!(out.len() as u64, image.guest_size());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     #[must_use]
     pub fn chunk_size(mut self, bytes: u64) -> Self {
         self.chunk_size = Some(bytes.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE));

@@ -120,6 +120,13 @@ impl CheckReport {
 
     /// The exit status `qemu-img check` gives this result: 1 when the check had errors,
     /// 2 for corruptions, 3 for leaks only, 0 for a clean image.
+    ///
+    /// ```
+    /// let report = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?.check()?;
+    /// assert_eq!(report.exit_status(), 0);
+    /// assert!(report.is_clean());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
     pub fn exit_status(&self) -> u8 {
         if self.check_errors > 0 {
             1
