@@ -74,7 +74,9 @@ impl ConvertOptions {
 
     /// Read on this many threads (1 to 64; 1 reads on the calling thread only). Chunks are
     /// dealt to the threads in turn; if a thread cannot be started, the conversion runs
-    /// on those that could, or on the calling thread.
+    /// on those that could, or on the calling thread. These are the conversion's own
+    /// threads, not the image's pool ([`OpenOptions::threads`](crate::OpenOptions::threads)),
+    /// on which their reads may still decompress or decrypt.
     #[must_use]
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads.clamp(1, MAX_THREADS);

@@ -271,6 +271,12 @@ impl OpenOptions {
     /// most threads one read decompresses, decrypts or reads backing layers on (the calling
     /// thread included). 1 never starts a thread.
     ///
+    /// The crate's other `threads` settings are parts of a job, not pools:
+    /// [`ParallelReadOptions::threads`](crate::ParallelReadOptions::threads) is how many of
+    /// these pool threads one parallel read uses, and
+    /// [`ConvertOptions::threads`](crate::ConvertOptions::threads) how many threads a
+    /// conversion reads on (threads of its own).
+    ///
     /// ```
     /// let options = qcow2::OpenOptions::new().threads(2);
     /// let image = qcow2::Qcow2::open_path_with("fixtures/v3-64k-basic.qcow2", &options)?;

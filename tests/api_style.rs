@@ -83,6 +83,12 @@ fn secret_takes_a_secret_and_what_converts_into_one() {
     assert!(unlocked(OpenOptions::new().secret(b"abc")));
     assert!(unlocked(OpenOptions::new().secret(&b"abc"[..])));
     assert!(unlocked(OpenOptions::new().secret(b"abc".to_vec())));
+    let bytes = b"abc".to_vec();
+    assert!(unlocked(OpenOptions::new().secret(&bytes)));
+    assert!(unlocked(OpenOptions::new().secret(*b"abc")));
+    assert!(unlocked(
+        OpenOptions::new().secret(bytes.into_boxed_slice())
+    ));
     assert!(unlocked(OpenOptions::new().secret("abc")));
 }
 

@@ -144,6 +144,24 @@ impl<const N: usize> From<&[u8; N]> for Secret {
     }
 }
 
+impl From<&Vec<u8>> for Secret {
+    fn from(bytes: &Vec<u8>) -> Self {
+        Secret::new(bytes.as_slice())
+    }
+}
+
+impl<const N: usize> From<[u8; N]> for Secret {
+    fn from(bytes: [u8; N]) -> Self {
+        Secret::new(bytes)
+    }
+}
+
+impl From<Box<[u8]>> for Secret {
+    fn from(bytes: Box<[u8]>) -> Self {
+        Secret::new(bytes)
+    }
+}
+
 impl From<&Secret> for Secret {
     fn from(secret: &Secret) -> Self {
         secret.clone()
