@@ -328,7 +328,7 @@ hostile_cases! {
     zlib_with_bit: "zlib-with-bit", Open => Error::Malformed { .. },
     extl2_4k_clusters: "extl2-4k-clusters", Open => Error::Malformed { .. },
     // Truncated files.
-    trunc_50: "trunc-50", Open => Error::Malformed { .. },
+    trunc_50: "trunc-50", Open => Error::TooShort { len: 50 },
     trunc_mid_l1: "trunc-mid-l1", Open => Error::PastEnd { what: "L1 table", .. },
     trunc_mid_l2: "trunc-mid-l2", Read => Error::PastEnd { what: "L2 table", .. },
     // L1 and L2 entries (iotest 060): the offset is the bad entry's.
