@@ -11,6 +11,23 @@ use crate::reader::Reader;
 const MAX_SEGMENTS_PER_CALL: u32 = 1 << 12;
 
 /// How one stretch of the guest disk is stored in this image.
+///
+/// ```
+/// use qcow2::ExtentKind;
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+/// let reader = image.reader()?;
+/// let mut compressed = 0;
+/// let mut pos = 0;
+/// while let Some(extent) = reader.extent_at(pos)? {
+///     if extent.kind == ExtentKind::Compressed {
+///         compressed += extent.length;
+///     }
+///     pos = extent.start + extent.length;
+/// }
+/// assert!(compressed > 0);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ExtentKind {

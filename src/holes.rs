@@ -31,6 +31,31 @@ pub enum Region {
 /// `fstat`; elsewhere it answers "unknown". [`Qcow2::open_path`](crate::Qcow2::open_path)
 /// attaches it for every file it opens; after [`Qcow2::open`](crate::Qcow2::open), attach
 /// one with [`Qcow2::set_hole_query`](crate::Qcow2::set_hole_query).
+///
+/// A source of your own (an in-memory image, a network file) can say where its holes are:
+///
+/// ```
+/// use qcow2::{HoleQuery, Region, RawDisk};
+///
+/// /// A disk whose second half is a hole.
+/// struct HalfEmpty(u64);
+///
+/// impl HoleQuery for HalfEmpty {
+///     fn region_at(&self, pos: u64) -> Option<Region> {
+///         let half = self.0 / 2;
+///         Some(if pos < half {
+///             Region::Data { end: half }
+///         } else {
+///             Region::Hole { next_data: None }
+///         })
+///     }
+/// }
+///
+/// let raw = RawDisk::new(vec![7u8; 8192], 8192).with_hole_query(HalfEmpty(8192));
+/// let status = qcow2::GuestDisk::block_status(&raw, 4096)?;
+/// assert!(matches!(status, Some((s, 4096)) if s.zero));
+/// # Ok::<(), qcow2::Error>(())
+/// ```
 pub trait HoleQuery: Send + Sync {
     /// Whether `pos` lies in data or in a hole, and where that ends.
     fn region_at(&self, _pos: u64) -> Option<Region> {
