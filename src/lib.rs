@@ -87,6 +87,47 @@
 #[derive(Debug)]
 pub struct ReadmeDoctests;
 
+/// `#[must_use]` checks: each block must fail to compile (an unused builder result or lazy
+/// iterator is an error under `deny(unused_must_use)`); the last one, which uses them, must
+/// compile.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let options = qcow2::OpenOptions::new();
+/// options.threads(2); // the configured options are dropped
+/// ```
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// qcow2::ParallelReadOptions::new().chunk_size(1 << 20);
+/// ```
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// qcow2::CheckOptions::new().max_problems(10);
+/// ```
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let image = qcow2::Qcow2::open_path("fixtures/bitmaps.qcow2")?;
+/// image.dirty_extents("b0")?; // nothing read
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+///
+/// ```
+/// #![deny(unused_must_use)]
+/// let options = qcow2::OpenOptions::new().threads(2);
+/// let image = qcow2::Qcow2::open_path_with("fixtures/bitmaps.qcow2", &options)?;
+/// let extents = image.dirty_extents("b0")?.count();
+/// let map = image.reader()?.map(..).count();
+/// # let _ = (extents, map, qcow2::ParallelReadOptions::new().chunk_size(1 << 20));
+/// # let _ = qcow2::CheckOptions::new().max_problems(10);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[cfg(doctest)]
+#[derive(Debug)]
+pub struct MustUseChecks;
+
 mod bitmap;
 mod bytes;
 mod cache;
