@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::ValueEnum;
 use qcow2::{OpenOptions, Qcow2};
 
+use crate::common;
+
 /// Dump the dirty extents of a persistent dirty bitmap.
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,15 +41,11 @@ pub fn run(args: Args) -> ExitCode {
     let flushed = out.flush();
     match (result, flushed) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
-        (Err(e), _) => {
-            eprintln!("qcow2 bitmap: {}: {e}", args.image.display());
-            ExitCode::FAILURE
-        }
-        (Ok(()), Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        (Ok(()), Err(e)) => {
-            eprintln!("qcow2 bitmap: writing the output: {e}");
-            ExitCode::FAILURE
-        }
+        (Err(e), _) => match e.downcast_ref::<std::io::Error>() {
+            Some(e) => common::output_failed(e),
+            None => common::fail(e),
+        },
+        (Ok(()), Err(e)) => common::output_failed(&e),
     }
 }
 
@@ -57,14 +55,19 @@ pub fn run(args: Args) -> ExitCode {
 fn dump(args: &Args, out: &mut impl Write) -> Result<(), Box<dyn std::error::Error>> {
     // Bitmaps live in the image file itself: no backing or data file is needed.
     // Opened without blocking and checked on the descriptor: a FIFO is refused at once.
-    let file = qcow2::open_file(&args.image, &OpenOptions::new().allow_devices(true))?;
-    let image = Qcow2::open(file)?;
-    let extents = image.dirty_extents(&args.dump, args.allow_in_use)?;
+    let could_not_open = |e| common::could_not_open(&args.image, e);
+    let file = qcow2::open_file(&args.image, &OpenOptions::new().allow_devices(true))
+        .map_err(could_not_open)?;
+    let image = Qcow2::open(file).map_err(could_not_open)?;
+    let unreadable = |e| format!("Could not read bitmap '{}': {e}", args.dump);
+    let extents = image
+        .dirty_extents(&args.dump, args.allow_in_use)
+        .map_err(unreadable)?;
     if let Output::Json = args.output {
         write!(out, "[")?;
     }
     for (i, extent) in extents.enumerate() {
-        let e = extent?;
+        let e = extent.map_err(unreadable)?;
         match args.output {
             Output::Json => {
                 if i > 0 {

@@ -64,17 +64,14 @@ pub fn run(args: Args) -> ExitCode {
         Ok(Err(e)) => return fail(&format!("Check failed: {e}")),
         // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
         Err(Failure::Open(e @ Error::NotQcow2 { .. })) if args.format.is_none() => {
-            eprintln!("qcow2: This image format does not support checks ({e})");
+            crate::common::error(format_args!(
+                "This image format does not support checks ({e})"
+            ));
             return ExitCode::from(NOT_SUPPORTED);
         }
-        Err(Failure::Open(e)) => {
-            return fail(&format!("Could not open '{}': {e}", args.image.display()))
-        }
+        Err(Failure::Open(e)) => return fail(&crate::common::could_not_open(&args.image, e)),
         Err(Failure::Chain(message)) => {
-            return fail(&format!(
-                "Could not open '{}': {message}",
-                args.image.display()
-            ))
+            return fail(&crate::common::could_not_open(&args.image, message))
         }
     };
     report.filename = args.image.display().to_string();
@@ -86,13 +83,15 @@ pub fn run(args: Args) -> ExitCode {
         };
         match printed {
             Ok(text) => {
-                let _ = std::io::stdout().write_all(text.as_bytes());
+                // A reader that left (`| head`) is not an error: qemu-img ignores it too.
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
             }
             Err(e) => return fail(&format!("cannot write the report: {e}")),
         }
     }
     if report.check_errors > 0 {
-        eprintln!("qcow2: Check failed");
+        crate::common::error("Check failed");
     }
     ExitCode::from(report.exit_status())
 }
@@ -378,6 +377,5 @@ fn json(report: &CheckReport) -> serde_json::Result<String> {
 }
 
 fn fail(message: &str) -> ExitCode {
-    eprintln!("qcow2: {message}");
-    ExitCode::from(1)
+    crate::common::fail(message)
 }

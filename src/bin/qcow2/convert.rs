@@ -33,7 +33,7 @@ pub struct Args {
     threads: Option<u16>,
     /// Runs of at least SIZE zero bytes become holes in the output (default 4k; 0 writes
     /// every byte). Suffixes k, M, G... as in qemu-img.
-    #[arg(short = 'S', value_name = "SIZE")]
+    #[arg(short = 'S', value_name = "SIZE", allow_hyphen_values = true)]
     sparse_size: Option<String>,
     /// Print nothing but errors.
     #[arg(short = 'q')]
@@ -54,25 +54,42 @@ pub struct Args {
 /// Run `qcow2 convert`.
 pub fn run(args: Args) -> ExitCode {
     match convert(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("qcow2: {message}");
-            ExitCode::FAILURE
-        }
+        Ok(()) | Err(Stop::ReaderLeft) => ExitCode::SUCCESS,
+        Err(Stop::Failed(message)) => crate::common::fail(message),
     }
 }
 
-fn convert(args: &Args) -> Result<(), String> {
+/// Why a conversion stopped before its end.
+enum Stop {
+    /// An error, qemu-img's message.
+    Failed(String),
+    /// The output is a pipe whose reader left (`| head -c1`): the conversion ends quietly,
+    /// as a program in a pipe does.
+    ReaderLeft,
+}
+
+impl From<String> for Stop {
+    fn from(message: String) -> Stop {
+        Stop::Failed(message)
+    }
+}
+
+impl From<&str> for Stop {
+    fn from(message: &str) -> Stop {
+        Stop::Failed(message.to_owned())
+    }
+}
+
+fn convert(args: &Args) -> Result<(), Stop> {
     if args.output_format != "raw" {
         return Err(format!(
             "Unsupported output format '{}' (only raw is written)",
             args.output_format
-        ));
+        )
+        .into());
     }
     if let Some(f) = args.format.as_deref().filter(|f| *f != "qcow2") {
-        return Err(format!(
-            "Unsupported input format '{f}' (only qcow2 is read)"
-        ));
+        return Err(format!("Unsupported input format '{f}' (only qcow2 is read)").into());
     }
     // Without -m, the library's default: one thread per core, up to 8.
     let mut options = ConvertOptions::new();
@@ -80,7 +97,7 @@ fn convert(args: &Args) -> Result<(), String> {
         options = options.threads(usize::from(threads));
     }
     if let Some(s) = &args.sparse_size {
-        options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
+        options = options.sparse_size(parse_sparse_size(s)?);
     }
     let image = if args.image_opts {
         open_image_opts(&args.image, &args.secret)?.1
@@ -123,7 +140,7 @@ pub(crate) fn open_image(
     path: &Path,
     secret: &crate::secret::SecretArgs,
 ) -> Result<Qcow2<File>, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    let fail = |e: &dyn std::fmt::Display| crate::common::could_not_open(path, e);
     let options = OpenOptions::new().allow_devices(true);
     let options = secret.apply(options)?;
     Qcow2::open_path_with(path, &options).map_err(|e| fail(&e))
@@ -138,7 +155,7 @@ pub(crate) fn open_image_opts(
     let text = opts.to_str().ok_or("--image-opts options must be UTF-8")?;
     let base = OpenOptions::new().allow_devices(true);
     let (path, options) = secret.apply_image_opts(text, base)?;
-    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    let fail = |e: &dyn std::fmt::Display| crate::common::could_not_open(&path, e);
     let image = Qcow2::open_path_with(&path, &options).map_err(|e| fail(&e))?;
     // QEMU: "Header reported 'luks' encryption format but options specify 'aes'".
     let asked = text
@@ -190,14 +207,20 @@ fn write_output<D: GuestDisk + Sync>(
     output: &Path,
     options: &ConvertOptions,
     progress: impl FnMut(u64, u64),
-) -> Result<(), String> {
-    let fail = |e: qcow2::Error| format!("error while converting to {}: {e}", output.display());
+) -> Result<(), Stop> {
+    let fail = |e: qcow2::Error| match e.io_kind() {
+        std::io::ErrorKind::BrokenPipe => Stop::ReaderLeft,
+        _ => Stop::Failed(format!(
+            "error while converting to {}: {e}",
+            output.display()
+        )),
+    };
     let is_source = |file: &File, what: &str| match reader.reads_file(file) {
         Ok(false) => Ok(()),
-        Ok(true) => Err(format!(
+        Ok(true) => Err(Stop::Failed(format!(
             "{what}: it is a file the image being converted reads (the image, a backing file \
              or the data file); it was left as it was"
-        )),
+        ))),
         Err(e) => Err(fail(e)),
     };
     if output.as_os_str() == "-" {
@@ -359,11 +382,15 @@ fn progress_bar(wanted: bool, total: u64) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-/// A `-S` size as qemu-img reads it: a number with an optional suffix (b, k, M, G, T, P, E,
-/// any case, powers of 1024), a multiple of 512 up to 16 MiB.
-fn parse_sparse_size(text: &str) -> Option<u64> {
-    let bytes = crate::common::parse_size(text).ok()?;
-    (bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE).then_some(bytes)
+/// A `-S` size as qemu-img reads it ([`crate::common::cvtnum`]), a multiple of 512 up to
+/// 16 MiB; else qemu-img's message.
+fn parse_sparse_size(text: &str) -> Result<u64, String> {
+    let bytes = crate::common::cvtnum("buffer size for sparse output", text)?;
+    if bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE {
+        Ok(bytes)
+    } else {
+        Err(BAD_SPARSE_SIZE.to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -372,15 +399,18 @@ mod tests {
 
     #[test]
     fn sparse_sizes_parse_like_qemu_img() {
-        assert_eq!(parse_sparse_size("0"), Some(0));
-        assert_eq!(parse_sparse_size("4k"), Some(4096));
-        assert_eq!(parse_sparse_size("4K"), Some(4096));
-        assert_eq!(parse_sparse_size("1M"), Some(1 << 20));
-        assert_eq!(parse_sparse_size("16M"), Some(16 << 20));
-        assert_eq!(parse_sparse_size("512b"), Some(512));
-        assert_eq!(parse_sparse_size("1000"), None);
-        assert_eq!(parse_sparse_size("17M"), None);
-        assert_eq!(parse_sparse_size("x"), None);
-        assert_eq!(parse_sparse_size("4kk"), None);
+        let parsed = |s| parse_sparse_size(s).ok();
+        assert_eq!(parsed("0"), Some(0));
+        assert_eq!(parsed("4k"), Some(4096));
+        assert_eq!(parsed("4K"), Some(4096));
+        assert_eq!(parsed("1M"), Some(1 << 20));
+        assert_eq!(parsed("16M"), Some(16 << 20));
+        assert_eq!(parsed("512b"), Some(512));
+        assert_eq!(parsed("1.5k"), Some(1536));
+        assert_eq!(parsed("0x1000"), Some(4096));
+        assert_eq!(parsed("1000"), None);
+        assert_eq!(parsed("17M"), None);
+        assert_eq!(parsed("x"), None);
+        assert_eq!(parsed("4kk"), None);
     }
 }
