@@ -34,7 +34,9 @@ pub fn fixture_cases() -> (Vec<Case>, Vec<PathBuf>) {
     let mut refused = Vec::new();
     for name in common::fixture_images() {
         let image = dir.join(&name);
-        if ["v3-corrupt.qcow2"].contains(&name.as_str()) {
+        // v3-corrupt.qcow2 is shown as qemu-img shows it (`corrupt: true`); the crate
+        // refuses only to read its data. `refused` stays for images it cannot show.
+        if [].contains(&name.as_str()) {
             refused.push(image);
             continue;
         }
