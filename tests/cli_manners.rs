@@ -339,3 +339,66 @@ fn open_failures_read_as_qemu_img_s() {
         }
     }
 }
+
+/// The percentages of qemu-img's `-p` records (`    (x.xx/100%)\r`... then `\n`), or why
+/// `text` is not made of them.
+fn progress_records(text: &[u8]) -> Result<Vec<f64>, String> {
+    let text = std::str::from_utf8(text).map_err(|e| e.to_string())?;
+    let body = text.strip_suffix('\n').ok_or("no final newline")?;
+    let body = body.strip_suffix('\r').ok_or("no final \\r")?;
+    body.split('\r')
+        .map(|r| {
+            let pct = r
+                .strip_prefix("    (")
+                .and_then(|r| r.strip_suffix("/100%)"))
+                .ok_or(format!("not a record: {r:?}"))?;
+            let (whole, frac) = pct.split_once('.').ok_or(format!("{r:?}"))?;
+            if frac.len() != 2 || whole.is_empty() {
+                return Err(format!("not %3.2f: {r:?}"));
+            }
+            pct.parse::<f64>().map_err(|e| format!("{r:?}: {e}"))
+        })
+        .collect()
+}
+
+#[test]
+fn progress_without_a_terminal_is_qemu_img_s() {
+    let Some(qemu) = Qemu::find_or_skip("progress_without_a_terminal_is_qemu_img_s") else {
+        return;
+    };
+    let dir = TempDir::new("cli-progress");
+    let image = dir.join("p.qcow2");
+    let image = path_str(&image);
+    qemu.img(dir.path(), &["create", "-q", "-f", "qcow2", image, "64M"]);
+    let writes: Vec<String> = (0..64).map(|i| format!("write -P 3 {}M 512k", i)).collect();
+    qemu.io(dir.path(), "qcow2", image, &writes);
+    let out = dir.join("out.raw");
+    let out = path_str(&out);
+    // qemu-img prints its records on stdout, whatever stderr is.
+    let theirs = Command::new(&qemu.img)
+        .args(["convert", "-p", "-O", "raw", image, out])
+        .output()
+        .unwrap();
+    assert!(theirs.status.success());
+    let t = progress_records(&theirs.stdout).unwrap();
+    let ours = qcow2(&["convert", "-p", image, out]);
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    assert!(ours.stderr.is_empty());
+    let o = progress_records(&ours.stdout).unwrap();
+    assert_eq!((o[0], o[o.len() - 1]), (t[0], t[t.len() - 1]), "{o:?}");
+    assert!(o.len() > 10, "{o:?}");
+    assert!(o.windows(2).all(|w| w[0] < w[1]), "{o:?}");
+    // With the disk on stdout, the records go to stderr; the disk is unchanged.
+    let piped = qcow2(&["convert", "-p", image, "-"]);
+    assert!(piped.status.success());
+    assert!(piped.stdout == std::fs::read(out).unwrap());
+    let p = progress_records(&piped.stderr).unwrap();
+    assert_eq!((p[0], p[p.len() - 1]), (0.0, 100.0), "{p:?}");
+    // -q wins.
+    let quiet = qcow2(&["convert", "-q", "-p", image, out]);
+    assert!(quiet.status.success() && quiet.stdout.is_empty() && quiet.stderr.is_empty());
+}

@@ -25,7 +25,9 @@ pub struct Args {
     /// Copy this internal snapshot: `snapshot.id=ID`, `snapshot.name=NAME`, or an id or name.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
-    /// Show a progress bar (on a terminal only).
+    /// Show the progress: a bar when standard error is a terminal, else qemu-img's
+    /// `    (x.xx/100%)` records ending in `\r`, on standard output (on standard error when
+    /// the output is `-`).
     #[arg(short = 'p')]
     progress: bool,
     /// Read on N threads (1 to 16; default: one per core, up to 8).
@@ -110,12 +112,12 @@ fn convert(args: &Args) -> Result<(), Stop> {
     };
     // qemu-img sizes the output by the image, padding or cutting a snapshot's disk.
     options = options.size(image.guest_size());
-    let bar = progress_bar(args.progress && !args.quiet, image.guest_size());
-    let progress = |done: u64, _total: u64| {
-        if let Some(bar) = &bar {
-            bar.set_position(done);
-        }
-    };
+    let mut shown = Progress::new(
+        args.progress && !args.quiet,
+        image.guest_size(),
+        args.output.as_os_str() == "-",
+    );
+    let progress = |done: u64, total: u64| shown.update(done, total);
     let result = match host_holes(&image) {
         Some(file) => {
             let disk = HoleAware {
@@ -126,9 +128,7 @@ fn convert(args: &Args) -> Result<(), Stop> {
         }
         None => write_output(&reader, &args.output, &options, progress),
     };
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    shown.end(result.is_ok());
     result
 }
 
@@ -368,18 +368,93 @@ pub(crate) fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
     None
 }
 
-/// A progress bar on standard error, when asked for and standard error is a terminal.
-fn progress_bar(wanted: bool, total: u64) -> Option<indicatif::ProgressBar> {
-    if !wanted || !std::io::stderr().is_terminal() {
-        return None;
+/// How `-p` shows the progress.
+enum Progress {
+    /// Not asked for (or `-q`).
+    Off,
+    /// A bar on standard error, a terminal.
+    Bar(indicatif::ProgressBar),
+    /// qemu-img's records, for scripts: `    (%3.2f/100%)\r` each time the progress grew by
+    /// more than 1% (and at 0% and 100%), then `\n` at the end, as qemu-img's
+    /// `qemu_progress_print` prints them on standard output.
+    Percent {
+        /// Standard error instead of standard output (which carries the disk).
+        to_stderr: bool,
+        /// The percentage last printed.
+        last: f32,
+    },
+}
+
+impl Progress {
+    fn new(wanted: bool, total: u64, output_is_stdout: bool) -> Progress {
+        if !wanted {
+            return Progress::Off;
+        }
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style);
+            }
+            return Progress::Bar(bar);
+        }
+        let shown = Progress::Percent {
+            to_stderr: output_is_stdout,
+            last: 0.0,
+        };
+        shown.print("    (0.00/100%)\r");
+        shown
     }
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style);
+
+    fn update(&mut self, done: u64, total: u64) {
+        match self {
+            Progress::Off => {}
+            Progress::Bar(bar) => bar.set_position(done),
+            Progress::Percent { last, .. } => {
+                // Single precision, as qemu-img's `float` percentage.
+                let current = if total == 0 {
+                    100.0
+                } else {
+                    (100.0 * done as f64 / total as f64).min(100.0) as f32
+                };
+                if current > *last + 1.0 || (current == 100.0 && *last < 100.0) {
+                    *last = current;
+                    self.print(&format!("    ({:.2}/100%)\r", f64::from(current)));
+                }
+            }
+        }
     }
-    Some(bar)
+
+    /// After the conversion: 100% if it completed, then the end of the line.
+    fn end(mut self, completed: bool) {
+        if completed {
+            self.update(1, 1);
+        }
+        match &self {
+            Progress::Off => {}
+            Progress::Bar(bar) => bar.finish_and_clear(),
+            Progress::Percent { .. } => self.print("\n"),
+        }
+    }
+
+    /// Write a record and flush it; a closed stream is no error.
+    fn print(&self, text: &str) {
+        use std::io::Write;
+        let written = match self {
+            Progress::Percent {
+                to_stderr: true, ..
+            } => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(text.as_bytes()).and_then(|()| err.flush())
+            }
+            _ => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes()).and_then(|()| out.flush())
+            }
+        };
+        let _ = written;
+    }
 }
 
 /// A `-S` size as qemu-img reads it ([`crate::common::cvtnum`]), a multiple of 512 up to
