@@ -243,3 +243,69 @@ pub fn cvtnum(name: &str, text: &str) -> Result<u64, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{strtosz, SizeError};
+
+    /// qemu-img 10.0's verdicts (tests/cli_manners.rs checks a longer table against it).
+    #[test]
+    fn sizes_read_as_qemu_strtosz() {
+        let ok = [
+            ("0", 0),
+            ("4k", 4096),
+            ("1.5k", 1536),
+            ("1.k", 1024),
+            (".5k", 512),
+            ("+.5k", 512),
+            (" 4k", 4096),
+            ("0x1000", 4096),
+            ("+0x10", 16),
+            ("1.0", 1),
+            ("0.0007k", 1),
+            ("1.00000000001k", 1024),
+            (".9999999999999999999999k", 1024),
+            ("0.9999999999999999999999", 1),
+            ("0.00000000000000000001k", 0),
+            ("1.5e", 1_729_382_256_910_270_464),
+            ("8191.99999999999999P", 9_223_372_036_854_775_797),
+            ("18446744073709551615", u64::MAX),
+        ];
+        for (text, bytes) in ok {
+            assert_eq!(strtosz(text), Ok(bytes), "{text:?}");
+        }
+        let invalid = [
+            "",
+            "x",
+            "4k ",
+            "4kb",
+            "1e3",
+            "1.5",
+            "1.5b",
+            ".5",
+            "1..5k",
+            "0x",
+            "0x1000k",
+            "0x1.5",
+            "00x10",
+            "-4k",
+            "-.5k",
+            "-0x10",
+            "inf",
+            "0.00000000000000000001",
+            "99999999999999999999k",
+        ];
+        for text in invalid {
+            assert_eq!(strtosz(text), Err(SizeError::Invalid), "{text:?}");
+        }
+        for text in [
+            "-0",
+            "-5",
+            "16E",
+            "0x10000000000000000",
+            "99999999999999999999",
+        ] {
+            assert_eq!(strtosz(text), Err(SizeError::Range), "{text:?}");
+        }
+    }
+}
