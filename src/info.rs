@@ -333,7 +333,9 @@ impl<I: ReadAt + Send + Sync> Qcow2<I> {
 
 impl ImageInfo {
     /// What `qemu-img info PATH` reports: the qcow2 image at `path` is opened alone, without
-    /// its backing file or data file (so neither needs to exist).
+    /// its backing file or data file (so neither needs to exist). An image with the corrupt
+    /// bit is reported as QEMU reports it, `corrupt: Some(true)` in [`Qcow2Specific`] (it
+    /// still cannot be opened to be read: [`Error::Corrupt`]).
     ///
     /// ```
     /// let info = qcow2::ImageInfo::from_path("fixtures/snap.qcow2", &Default::default())?;
@@ -520,11 +522,51 @@ fn qcow2_info(file: File, path: &Path, options: &OpenOptions) -> Result<ImageInf
         .metadata()
         .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?
         .len();
-    let mut image = Qcow2::open_with(file, options)?;
-    image.path = Some(path.to_path_buf());
-    let mut info = info_of(&image);
+    // A second handle to the same open file, for an image with the corrupt bit.
+    let spare = file
+        .try_clone()
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let mut info = match Qcow2::open_with(file, options) {
+        Ok(mut image) => {
+            image.path = Some(path.to_path_buf());
+            info_of(&image)
+        }
+        // QEMU shows an image with the corrupt bit (it opens it read-only): its metadata is
+        // read with the bit hidden, and the bit reported. Its data stays refused.
+        Err(Error::Corrupt) => {
+            let mut image = Qcow2::open_with(CorruptBitHidden(spare), options)?;
+            image.path = Some(path.to_path_buf());
+            let mut info = info_of(&image);
+            if let Some(FormatSpecific::Qcow2(q)) = &mut info.format_specific {
+                q.corrupt = Some(true);
+            }
+            info
+        }
+        Err(e) => return Err(e),
+    };
     info.children = vec![file_child(&path_bytes(path), len)];
     Ok(info)
+}
+
+/// An image file whose corrupt bit (incompatible feature bit 1: bit 1 of header byte 79,
+/// the last of the big-endian incompatible features at 72..80) reads as clear. Only used
+/// for an image refused with [`Error::Corrupt`], so a version 3 header.
+struct CorruptBitHidden(File);
+
+impl ReadAt for CorruptBitHidden {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        const BYTE: u64 = 79;
+        let n = self.0.read_at(pos, buf)?;
+        if let Some(at) = BYTE
+            .checked_sub(pos)
+            .and_then(|at| usize::try_from(at).ok())
+        {
+            if let Some(byte) = buf.get_mut(at).filter(|_| at < n) {
+                *byte &= !(1 << 1);
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// A raw image: its size in whole sectors, as QEMU counts it, over the file's exact length.

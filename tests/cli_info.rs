@@ -226,7 +226,6 @@ fn failures_are_one_line() {
         vec!["snapshot".into(), "-l".into(), p("disk.raw")],
         vec!["info".into(), "--backing-chain".into(), p("a.qcow2")],
         vec!["info".into(), "--backing-chain".into(), p("orphan.qcow2")],
-        vec!["info".into(), fixture("v3-corrupt.qcow2")],
         vec!["snapshot".into(), "-l".into(), fixture("aes.qcow2")],
     ];
     for args in &cases {
@@ -242,7 +241,7 @@ fn failures_are_one_line() {
             .unwrap();
         assert!(!out.status.success(), "qemu-img info {image} succeeded");
     }
-    // Usage errors are clap's (several lines), with its exit status 2.
+    // Usage errors are clap's (several lines), with qemu-img's exit status 1.
     for args in [
         &["info", "-f", "raw", "x.qcow2"][..],
         &["info", "--output=xml", "x.qcow2"][..],
@@ -250,6 +249,29 @@ fn failures_are_one_line() {
         &["info"][..],
     ] {
         let out = qcow2(args, "UTC");
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+    }
+}
+
+/// An image with the corrupt bit is shown as qemu-img shows it (`corrupt: true`, byte for
+/// byte in the fixture cases), by `ImageInfo::from_path` too; its data stays refused.
+#[test]
+fn corrupt_bit_is_shown_not_read() {
+    let image = common::fixtures_dir().join("v3-corrupt.qcow2");
+    let info = qcow2::ImageInfo::from_path(&image, &Default::default()).unwrap();
+    assert_eq!(info.qcow2().and_then(|q| q.corrupt), Some(true));
+    let image = path_str(&image);
+    let human = qcow2_stdout(&["info", image], "UTC").unwrap();
+    assert!(human.contains("\n    corrupt: true\n"), "{human}");
+    let json = qcow2_stdout(&["info", "--output=json", image], "UTC").unwrap();
+    assert!(json.contains("\"corrupt\": true"), "{json}");
+    let chain = qcow2_stdout(&["info", "--backing-chain", image], "UTC").unwrap();
+    assert!(chain.contains("corrupt: true"), "{chain}");
+    assert!(qcow2::Qcow2::open_path(image).is_err());
+    for args in [&["map", image][..], &["convert", image, "-"][..]] {
+        let out = qcow2(args, "UTC");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("corrupt"), "{args:?}: {stderr}");
     }
 }

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::ValueEnum;
 use qcow2::{OpenOptions, Qcow2};
 
+use crate::common;
+
 /// Dump the dirty extents of a persistent dirty bitmap.
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,19 +41,11 @@ pub fn run(args: Args) -> ExitCode {
     let flushed = out.flush();
     match (result, flushed) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
-        (Err(e), _) => {
-            eprintln!(
-                "qcow2 bitmap: {}: {}",
-                args.image.display(),
-                crate::common::chain(&*e)
-            );
-            ExitCode::FAILURE
-        }
-        (Ok(()), Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        (Ok(()), Err(e)) => {
-            eprintln!("qcow2 bitmap: writing the output: {e}");
-            ExitCode::FAILURE
-        }
+        (Err(e), _) => match e.downcast_ref::<std::io::Error>() {
+            Some(e) => common::output_failed(e),
+            None => common::fail(common::chain(&*e)),
+        },
+        (Ok(()), Err(e)) => common::output_failed(&e),
     }
 }
 
@@ -61,18 +55,25 @@ pub fn run(args: Args) -> ExitCode {
 fn dump(args: &Args, out: &mut impl Write) -> Result<(), Box<dyn std::error::Error>> {
     // Bitmaps live in the image file itself: no backing or data file is needed.
     // Opened without blocking and checked on the descriptor: a FIFO is refused at once.
-    let file = qcow2::open_file(&args.image, &OpenOptions::new().allow_devices(true))?;
-    let image = Qcow2::open(file)?;
-    let extents = if args.allow_in_use {
-        image.dirty_extents_allow_in_use(&args.dump)?
-    } else {
-        image.dirty_extents(&args.dump)?
+    let could_not_open = |e: qcow2::Error| common::could_not_open(&args.image, common::chain(&e));
+    let file = qcow2::open_file(&args.image, &OpenOptions::new().allow_devices(true))
+        .map_err(could_not_open)?;
+    let image = Qcow2::open(file).map_err(could_not_open)?;
+    let unreadable = |e: qcow2::Error| {
+        let e = common::chain(&e);
+        format!("Could not read bitmap '{}': {e}", args.dump)
     };
+    let extents = if args.allow_in_use {
+        image.dirty_extents_allow_in_use(&args.dump)
+    } else {
+        image.dirty_extents(&args.dump)
+    }
+    .map_err(unreadable)?;
     if let Output::Json = args.output {
         write!(out, "[")?;
     }
     for (i, extent) in extents.enumerate() {
-        let e = extent?;
+        let e = extent.map_err(unreadable)?;
         match args.output {
             Output::Json => {
                 if i > 0 {

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use crate::common::chain;
 use clap::{Parser, ValueEnum};
 use positioned_io::{ReadAt, Size};
 use qcow2::{CheckReport, Error, FilePolicy, FileRole, OpenOptions, Qcow2};
@@ -62,27 +61,21 @@ pub fn run(args: Args) -> ExitCode {
     };
     let mut report = match open_and_check(&path, &options) {
         Ok(Ok(report)) => report,
-        Ok(Err(e)) => return fail(&format!("Check failed: {}", chain(&e))),
+        Ok(Err(e)) => return fail(&format!("Check failed: {}", crate::common::chain(&e))),
         // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
         Err(Failure::Open(e)) if e.is_not_qcow2() && args.format.is_none() => {
-            eprintln!(
-                "qcow2: This image format does not support checks ({})",
-                chain(&e)
-            );
+            crate::common::error(format_args!(
+                "This image format does not support checks ({})",
+                crate::common::chain(&e)
+            ));
             return ExitCode::from(NOT_SUPPORTED);
         }
         Err(Failure::Open(e)) => {
-            return fail(&format!(
-                "Could not open '{}': {}",
-                args.image.display(),
-                chain(&e)
-            ))
+            let e = crate::common::chain(&e);
+            return fail(&crate::common::could_not_open(&args.image, e));
         }
         Err(Failure::Chain(message)) => {
-            return fail(&format!(
-                "Could not open '{}': {message}",
-                args.image.display()
-            ))
+            return fail(&crate::common::could_not_open(&args.image, message))
         }
     };
     report.filename = args.image.display().to_string();
@@ -94,13 +87,15 @@ pub fn run(args: Args) -> ExitCode {
         };
         match printed {
             Ok(text) => {
-                let _ = std::io::stdout().write_all(text.as_bytes());
+                // A reader that left (`| head`) is not an error: qemu-img ignores it too.
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
             }
             Err(e) => return fail(&format!("cannot write the report: {e}")),
         }
     }
     if report.check_errors > 0 {
-        eprintln!("qcow2: Check failed");
+        crate::common::error("Check failed");
     }
     ExitCode::from(report.exit_status())
 }
@@ -303,7 +298,7 @@ fn chain_message(e: &Error, log: &OpenLog, top: &Path) -> String {
         (Error::WrongSecret { .. }, None) => {
             "Invalid password, cannot unlock any keyslot".to_owned()
         }
-        (e, None) => chain(e),
+        (e, None) => crate::common::chain(e),
     };
     format!("{prefix}{what}")
 }
@@ -386,6 +381,5 @@ fn json(report: &CheckReport) -> serde_json::Result<String> {
 }
 
 fn fail(message: &str) -> ExitCode {
-    eprintln!("qcow2: {message}");
-    ExitCode::from(1)
+    crate::common::fail(message)
 }

@@ -4,12 +4,14 @@
 //! 4 an error while comparing.
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::common::chain;
 use positioned_io::ReadAt;
 use qcow2::{CompareOptions, Comparison, GuestDisk, OpenOptions, Qcow2, RawDisk};
+
+use crate::common;
 
 /// Compare the guest disks of IMG1 and IMG2.
 #[derive(clap::Args, Debug)]
@@ -54,14 +56,14 @@ pub fn run(args: Args) -> ExitCode {
     let (a, b) = match opened {
         Ok(pair) => pair,
         Err(message) => {
-            eprintln!("qcow2: {message}");
+            common::error(message);
             return ExitCode::from(2);
         }
     };
     match compare(&a, &b, &args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qcow2: Error while comparing: {}", chain(&e));
+            common::error(format_args!("Error while comparing: {}", common::chain(&e)));
             ExitCode::from(4)
         }
     }
@@ -88,8 +90,9 @@ fn compare(a: &Opened, b: &Opened, args: &Args) -> qcow2::Result<u8> {
     let common = disk_a.disk_size().min(disk_b.disk_size());
     let sizes_differ = disk_a.disk_size() != disk_b.disk_size();
     let say = |line: &str| {
+        // A line or two, as qemu-img prints them: a reader that left is not an error.
         if !args.quiet {
-            println!("{line}");
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
         }
     };
     // qemu-img warns of different sizes once the common part matched.
@@ -130,14 +133,16 @@ fn open(
     format: Option<&str>,
     secret: &crate::secret::SecretArgs,
 ) -> Result<Opened, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    let fail = |e: &dyn std::fmt::Display| common::could_not_open(path, e);
     // Opened once, without blocking, and checked on the descriptor: a FIFO cannot hang the
     // open, and the file probed is the file read.
     let file = qcow2::open_file(path, &OpenOptions::new().allow_devices(true))
-        .map_err(|e| fail(&chain(&e)))?;
+        .map_err(|e| fail(&common::chain(&e)))?;
     let format = match format {
         Some(f) => f.to_owned(),
-        None => probe(&file).map_err(|e| fail(&chain(&e)))?.to_owned(),
+        None => probe(&file)
+            .map_err(|e| fail(&common::chain(&e)))?
+            .to_owned(),
     };
     match format.as_str() {
         "qcow2" => {
@@ -147,7 +152,7 @@ fn open(
             )?)))
         }
         "raw" => Ok(Opened::Raw(
-            RawDisk::from_file(file).map_err(|e| fail(&chain(&e)))?,
+            RawDisk::from_file(file).map_err(|e| fail(&common::chain(&e)))?,
         )),
         other => Err(fail(&format!(
             "unsupported format '{other}' (qcow2 and raw are read)"

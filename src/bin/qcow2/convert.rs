@@ -6,7 +6,6 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::common::chain;
 use qcow2::{Allocation, ConvertOptions, ExtentKind, GuestDisk, OpenOptions, Qcow2, Reader};
 
 /// qemu-img's message for a bad `-S`.
@@ -26,7 +25,9 @@ pub struct Args {
     /// Copy this internal snapshot: `snapshot.id=ID`, `snapshot.name=NAME`, or an id or name.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
-    /// Show a progress bar (on a terminal only).
+    /// Show the progress: a bar when standard error is a terminal, else qemu-img's
+    /// `    (x.xx/100%)` records ending in `\r`, on standard output (on standard error when
+    /// the output is `-`).
     #[arg(short = 'p')]
     progress: bool,
     /// Read on N threads (1 to 16; default: one per core, up to 8).
@@ -34,7 +35,7 @@ pub struct Args {
     threads: Option<u16>,
     /// Runs of at least SIZE zero bytes become holes in the output (default 4k; 0 writes
     /// every byte). Suffixes k, M, G... as in qemu-img.
-    #[arg(short = 'S', value_name = "SIZE")]
+    #[arg(short = 'S', value_name = "SIZE", allow_hyphen_values = true)]
     sparse_size: Option<String>,
     /// Print nothing but errors.
     #[arg(short = 'q')]
@@ -55,25 +56,42 @@ pub struct Args {
 /// Run `qcow2 convert`.
 pub fn run(args: Args) -> ExitCode {
     match convert(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("qcow2: {message}");
-            ExitCode::FAILURE
-        }
+        Ok(()) | Err(Stop::ReaderLeft) => ExitCode::SUCCESS,
+        Err(Stop::Failed(message)) => crate::common::fail(message),
     }
 }
 
-fn convert(args: &Args) -> Result<(), String> {
+/// Why a conversion stopped before its end.
+enum Stop {
+    /// An error, qemu-img's message.
+    Failed(String),
+    /// The output is a pipe whose reader left (`| head -c1`): the conversion ends quietly,
+    /// as a program in a pipe does.
+    ReaderLeft,
+}
+
+impl From<String> for Stop {
+    fn from(message: String) -> Stop {
+        Stop::Failed(message)
+    }
+}
+
+impl From<&str> for Stop {
+    fn from(message: &str) -> Stop {
+        Stop::Failed(message.to_owned())
+    }
+}
+
+fn convert(args: &Args) -> Result<(), Stop> {
     if args.output_format != "raw" {
         return Err(format!(
             "Unsupported output format '{}' (only raw is written)",
             args.output_format
-        ));
+        )
+        .into());
     }
     if let Some(f) = args.format.as_deref().filter(|f| *f != "qcow2") {
-        return Err(format!(
-            "Unsupported input format '{f}' (only qcow2 is read)"
-        ));
+        return Err(format!("Unsupported input format '{f}' (only qcow2 is read)").into());
     }
     // Without -m, the library's default: one thread per core, up to 8.
     let mut options = ConvertOptions::new();
@@ -81,7 +99,7 @@ fn convert(args: &Args) -> Result<(), String> {
         options = options.threads(usize::from(threads));
     }
     if let Some(s) = &args.sparse_size {
-        options = options.sparse_size(parse_sparse_size(s).ok_or(BAD_SPARSE_SIZE)?);
+        options = options.sparse_size(parse_sparse_size(s)?);
     }
     let image = if args.image_opts {
         open_image_opts(&args.image, &args.secret)?.1
@@ -90,16 +108,16 @@ fn convert(args: &Args) -> Result<(), String> {
     };
     let reader = match &args.snapshot {
         Some(spec) => snapshot_reader(&image, spec)?,
-        None => image.reader().map_err(|e| chain(&e))?,
+        None => image.reader().map_err(|e| crate::common::chain(&e))?,
     };
     // qemu-img sizes the output by the image, padding or cutting a snapshot's disk.
     options = options.size(image.guest_size());
-    let bar = progress_bar(args.progress && !args.quiet, image.guest_size());
-    let progress = |done: u64, _total: u64| {
-        if let Some(bar) = &bar {
-            bar.set_position(done);
-        }
-    };
+    let mut shown = Progress::new(
+        args.progress && !args.quiet,
+        image.guest_size(),
+        args.output.as_os_str() == "-",
+    );
+    let progress = |done: u64, total: u64| shown.update(done, total);
     let result = match host_holes(&image) {
         Some(file) => {
             let disk = HoleAware {
@@ -110,9 +128,7 @@ fn convert(args: &Args) -> Result<(), String> {
         }
         None => write_output(&reader, &args.output, &options, progress),
     };
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    shown.end(result.is_ok());
     result
 }
 
@@ -124,10 +140,10 @@ pub(crate) fn open_image(
     path: &Path,
     secret: &crate::secret::SecretArgs,
 ) -> Result<Qcow2<File>, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
+    let fail = |e: &dyn std::fmt::Display| crate::common::could_not_open(path, e);
     let options = OpenOptions::new().allow_devices(true);
     let options = secret.apply(options)?;
-    Qcow2::open_path_with(path, &options).map_err(|e| fail(&chain(&e)))
+    Qcow2::open_path_with(path, &options).map_err(|e| fail(&crate::common::chain(&e)))
 }
 
 /// Open an image named by `--image-opts` options, each layer of its chain with the secret its
@@ -139,8 +155,9 @@ pub(crate) fn open_image_opts(
     let text = opts.to_str().ok_or("--image-opts options must be UTF-8")?;
     let base = OpenOptions::new().allow_devices(true);
     let (path, options) = secret.apply_image_opts(text, base)?;
-    let fail = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", path.display());
-    let image = Qcow2::open_path_with(&path, &options).map_err(|e| fail(&chain(&e)))?;
+    let fail = |e: &dyn std::fmt::Display| crate::common::could_not_open(&path, e);
+    let image =
+        Qcow2::open_path_with(&path, &options).map_err(|e| fail(&crate::common::chain(&e)))?;
     // QEMU: "Header reported 'luks' encryption format but options specify 'aes'".
     let asked = text
         .split(',')
@@ -181,7 +198,7 @@ fn snapshot_reader<'a>(image: &'a Qcow2<File>, spec: &str) -> Result<Reader<'a, 
     let snapshot = found.ok_or(NOT_FOUND)?;
     image
         .snapshot_reader(&snapshot.id)
-        .map_err(|e| format!("Failed to load snapshot: {}", chain(&e)))
+        .map_err(|e| format!("Failed to load snapshot: {}", crate::common::chain(&e)))
 }
 
 /// Write the conversion to `output`: standard output or a FIFO as a stream, anything else
@@ -191,20 +208,21 @@ fn write_output<D: GuestDisk + Sync>(
     output: &Path,
     options: &ConvertOptions,
     progress: impl FnMut(u64, u64),
-) -> Result<(), String> {
-    let fail = |e: qcow2::Error| {
-        format!(
+) -> Result<(), Stop> {
+    let fail = |e: qcow2::Error| match e.io_kind() {
+        std::io::ErrorKind::BrokenPipe => Stop::ReaderLeft,
+        _ => Stop::Failed(format!(
             "error while converting to {}: {}",
             output.display(),
-            chain(&e)
-        )
+            crate::common::chain(&e)
+        )),
     };
     let is_source = |file: &File, what: &str| match reader.reads_file(file) {
         Ok(false) => Ok(()),
-        Ok(true) => Err(format!(
+        Ok(true) => Err(Stop::Failed(format!(
             "{what}: it is a file the image being converted reads (the image, a backing file \
              or the data file); it was left as it was"
-        )),
+        ))),
         Err(e) => Err(fail(e)),
     };
     if output.as_os_str() == "-" {
@@ -352,25 +370,104 @@ pub(crate) fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
     None
 }
 
-/// A progress bar on standard error, when asked for and standard error is a terminal.
-fn progress_bar(wanted: bool, total: u64) -> Option<indicatif::ProgressBar> {
-    if !wanted || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style);
-    }
-    Some(bar)
+/// How `-p` shows the progress.
+enum Progress {
+    /// Not asked for (or `-q`).
+    Off,
+    /// A bar on standard error, a terminal.
+    Bar(indicatif::ProgressBar),
+    /// qemu-img's records, for scripts: `    (%3.2f/100%)\r` each time the progress grew by
+    /// more than 1% (and at 0% and 100%), then `\n` at the end, as qemu-img's
+    /// `qemu_progress_print` prints them on standard output.
+    Percent {
+        /// Standard error instead of standard output (which carries the disk).
+        to_stderr: bool,
+        /// The percentage last printed.
+        last: f32,
+    },
 }
 
-/// A `-S` size as qemu-img reads it: a number with an optional suffix (b, k, M, G, T, P, E,
-/// any case, powers of 1024), a multiple of 512 up to 16 MiB.
-fn parse_sparse_size(text: &str) -> Option<u64> {
-    let bytes = crate::common::parse_size(text).ok()?;
-    (bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE).then_some(bytes)
+impl Progress {
+    fn new(wanted: bool, total: u64, output_is_stdout: bool) -> Progress {
+        if !wanted {
+            return Progress::Off;
+        }
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style);
+            }
+            return Progress::Bar(bar);
+        }
+        let shown = Progress::Percent {
+            to_stderr: output_is_stdout,
+            last: 0.0,
+        };
+        shown.print("    (0.00/100%)\r");
+        shown
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        match self {
+            Progress::Off => {}
+            Progress::Bar(bar) => bar.set_position(done),
+            Progress::Percent { last, .. } => {
+                // Single precision, as qemu-img's `float` percentage.
+                let current = if total == 0 {
+                    100.0
+                } else {
+                    (100.0 * done as f64 / total as f64).min(100.0) as f32
+                };
+                if current > *last + 1.0 || (current == 100.0 && *last < 100.0) {
+                    *last = current;
+                    self.print(&format!("    ({:.2}/100%)\r", f64::from(current)));
+                }
+            }
+        }
+    }
+
+    /// After the conversion: 100% if it completed, then the end of the line.
+    fn end(mut self, completed: bool) {
+        if completed {
+            self.update(1, 1);
+        }
+        match &self {
+            Progress::Off => {}
+            Progress::Bar(bar) => bar.finish_and_clear(),
+            Progress::Percent { .. } => self.print("\n"),
+        }
+    }
+
+    /// Write a record and flush it; a closed stream is no error.
+    fn print(&self, text: &str) {
+        use std::io::Write;
+        let written = match self {
+            Progress::Percent {
+                to_stderr: true, ..
+            } => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(text.as_bytes()).and_then(|()| err.flush())
+            }
+            _ => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes()).and_then(|()| out.flush())
+            }
+        };
+        let _ = written;
+    }
+}
+
+/// A `-S` size as qemu-img reads it ([`crate::common::cvtnum`]), a multiple of 512 up to
+/// 16 MiB; else qemu-img's message.
+fn parse_sparse_size(text: &str) -> Result<u64, String> {
+    let bytes = crate::common::cvtnum("buffer size for sparse output", text)?;
+    if bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE {
+        Ok(bytes)
+    } else {
+        Err(BAD_SPARSE_SIZE.to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -379,15 +476,18 @@ mod tests {
 
     #[test]
     fn sparse_sizes_parse_like_qemu_img() {
-        assert_eq!(parse_sparse_size("0"), Some(0));
-        assert_eq!(parse_sparse_size("4k"), Some(4096));
-        assert_eq!(parse_sparse_size("4K"), Some(4096));
-        assert_eq!(parse_sparse_size("1M"), Some(1 << 20));
-        assert_eq!(parse_sparse_size("16M"), Some(16 << 20));
-        assert_eq!(parse_sparse_size("512b"), Some(512));
-        assert_eq!(parse_sparse_size("1000"), None);
-        assert_eq!(parse_sparse_size("17M"), None);
-        assert_eq!(parse_sparse_size("x"), None);
-        assert_eq!(parse_sparse_size("4kk"), None);
+        let parsed = |s| parse_sparse_size(s).ok();
+        assert_eq!(parsed("0"), Some(0));
+        assert_eq!(parsed("4k"), Some(4096));
+        assert_eq!(parsed("4K"), Some(4096));
+        assert_eq!(parsed("1M"), Some(1 << 20));
+        assert_eq!(parsed("16M"), Some(16 << 20));
+        assert_eq!(parsed("512b"), Some(512));
+        assert_eq!(parsed("1.5k"), Some(1536));
+        assert_eq!(parsed("0x1000"), Some(4096));
+        assert_eq!(parsed("1000"), None);
+        assert_eq!(parsed("17M"), None);
+        assert_eq!(parsed("x"), None);
+        assert_eq!(parsed("4kk"), None);
     }
 }

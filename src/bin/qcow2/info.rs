@@ -1,6 +1,5 @@
 //! `qcow2 info`: `qemu-img info` for qcow2 images.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,7 +32,9 @@ pub fn run(args: Args) -> ExitCode {
     let chain = if args.backing_chain {
         match ImageInfo::chain_from_path(&args.filename, &OpenOptions::default()) {
             Ok(chain) => chain,
-            Err(e) => return common::fail(args.filename.display(), common::chain(&e)),
+            Err(e) => {
+                return common::fail(common::could_not_open(&args.filename, common::chain(&e)))
+            }
         }
     } else {
         match common::image_info(&args.filename) {
@@ -50,9 +51,5 @@ pub fn run(args: Args) -> ExitCode {
         // File names byte for byte, as qemu-img prints them.
         (Output::Human, _) => ImageInfo::chain_to_human_bytes(&chain, &common::local_utc_offset),
     };
-    let mut out = std::io::stdout().lock();
-    match out.write_all(&text).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => common::fail("writing the output", e),
-    }
+    common::print(&text)
 }

@@ -48,7 +48,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit with status 1, as qemu-img's do (clap's 2 would mean "corruptions
+    // found" to a script running `check`); --help and --version print on stdout, status 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         Command::Bitmap(args) => bitmap::run(args),
         Command::Info(args) => info::run(args),

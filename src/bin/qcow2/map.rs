@@ -7,18 +7,21 @@ use std::process::ExitCode;
 
 use qcow2::{MapExtent, Qcow2};
 
+use crate::common;
+
 /// `qemu-img map`'s arguments.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Output format: `human` (a table of the data extents) or `json` (every extent).
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
-    /// First guest byte to map (suffixes k, M, G, T, P, E as in qemu-img).
-    #[arg(short = 's', long, default_value = "0", value_parser = crate::common::parse_size)]
-    start_offset: u64,
+    /// First guest byte to map, as qemu-img reads sizes: suffixes k, M, G, T, P, E (1.5k),
+    /// or hexadecimal (0x10000).
+    #[arg(short = 's', long, value_name = "OFFSET", allow_hyphen_values = true)]
+    start_offset: Option<String>,
     /// Most bytes to map from the start offset.
-    #[arg(short = 'l', long, value_parser = crate::common::parse_size)]
-    max_length: Option<u64>,
+    #[arg(short = 'l', long, value_name = "LENGTH", allow_hyphen_values = true)]
+    max_length: Option<String>,
     /// Image format: only `qcow2`.
     #[arg(short = 'f', long)]
     format: Option<String>,
@@ -47,15 +50,11 @@ pub fn run(args: Args) -> ExitCode {
     let flushed = out.flush();
     match (result, flushed) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
-        (Err(e), _) => {
-            eprintln!("qcow2 map: {}", crate::common::chain(&*e));
-            ExitCode::FAILURE
-        }
-        (Ok(()), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        (Ok(()), Err(e)) => {
-            eprintln!("qcow2 map: writing the output: {e}");
-            ExitCode::FAILURE
-        }
+        (Err(e), _) => match e.downcast_ref::<io::Error>() {
+            Some(e) => common::output_failed(e),
+            None => common::fail(common::chain(&*e)),
+        },
+        (Ok(()), Err(e)) => common::output_failed(&e),
     }
 }
 
@@ -63,25 +62,32 @@ pub fn run(args: Args) -> ExitCode {
 type Failure = Box<dyn std::error::Error>;
 
 fn map(args: &Args, out: &mut impl Write) -> Result<(), Failure> {
+    // qemu-img reads its options before it opens the image.
+    let start_offset = match &args.start_offset {
+        Some(s) => common::cvtnum("start offset", s)?,
+        None => 0,
+    };
+    let max_length = match &args.max_length {
+        Some(s) => Some(common::cvtnum("max length", s)?),
+        None => None,
+    };
     if let Some(format) = args.format.as_deref().filter(|f| *f != "qcow2") {
-        return Err(format!("unsupported image format '{format}': only qcow2").into());
+        return Err(format!("Unsupported image format '{format}': only qcow2 is read").into());
     }
     let options = args.secret.apply(qcow2::OpenOptions::new())?;
-    let image = Qcow2::open_path_with(&args.filename, &options).map_err(|e| {
-        let e = crate::common::chain(&e);
-        format!("could not open '{}': {e}", args.filename.display())
-    })?;
+    let image = Qcow2::open_path_with(&args.filename, &options)
+        .map_err(|e| common::could_not_open(&args.filename, common::chain(&e)))?;
     if image.encryption().is_some() && !image.is_unlocked() {
-        return Err(format!(
-            "could not open '{}': the image is encrypted; give its secret \
+        return Err(common::could_not_open(
+            &args.filename,
+            "the image is encrypted; give its secret \
              (--object secret,id=ID,data=... or --secret-file PATH)",
-            args.filename.display()
         )
         .into());
     }
     let reader = image.reader()?;
-    let end = match args.max_length {
-        Some(max) => args.start_offset.saturating_add(max),
+    let end = match max_length {
+        Some(max) => start_offset.saturating_add(max),
         None => u64::MAX,
     };
     match args.output {
@@ -96,14 +102,14 @@ fn map(args: &Args, out: &mut impl Write) -> Result<(), Failure> {
     // is when qemu-img prints its own: print each at once. A JSON entry is followed by
     // ",\n" when another came after it (or a failure did: qemu-img had its next status).
     let mut printed = false;
-    for extent in reader.map(args.start_offset..end) {
+    for extent in reader.map(start_offset..end) {
         let extent = match extent {
             Ok(extent) => extent,
             Err(e) => {
                 if printed && args.output == Output::Json {
                     writeln!(out, ",")?;
                 }
-                return Err(format!("could not read file metadata: {e}").into());
+                return Err(format!("Could not read file metadata: {e}").into());
             }
         };
         if printed && args.output == Output::Json {
@@ -117,7 +123,7 @@ fn map(args: &Args, out: &mut impl Write) -> Result<(), Failure> {
         write!(
             out,
             "{{ \"start\": {}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}",
-            args.start_offset
+            start_offset
         )?;
     }
     if args.output == Output::Json {
@@ -183,15 +189,15 @@ fn hex(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::parse_size;
+    use crate::common::cvtnum;
 
     #[test]
     fn sizes_and_hex_as_qemu_img() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1k"), Ok(1024));
-        assert_eq!(parse_size("3M"), Ok(3 << 20));
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("9E").is_err());
+        assert_eq!(cvtnum("x", "4096"), Ok(4096));
+        assert_eq!(cvtnum("x", "1k"), Ok(1024));
+        assert_eq!(cvtnum("x", "3M"), Ok(3 << 20));
+        assert!(cvtnum("x", "x").is_err());
+        assert!(cvtnum("x", "9E").is_err());
         assert_eq!(hex(0), "0");
         assert_eq!(hex(65536), "0x10000");
     }

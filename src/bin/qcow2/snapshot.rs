@@ -43,18 +43,16 @@ pub fn run(args: Args) -> ExitCode {
         match unlocked {
             Ok(true) => {}
             Ok(false) => {
-                eprintln!(
-                    "qcow2: Could not open '{}': the image is encrypted; give its secret \
+                return common::fail(common::could_not_open(
+                    &args.filename,
+                    "the image is encrypted; give its secret \
                      (--object secret,id=ID,data=... or --secret-file PATH)",
-                    args.filename.display()
-                );
-                return ExitCode::FAILURE;
+                ));
             }
             Err(e) => {
-                eprintln!("qcow2: Could not open '{}': {e}", args.filename.display());
-                return ExitCode::FAILURE;
+                return common::fail(common::could_not_open(&args.filename, e));
             }
         }
     }
-    common::print(&info.snapshot_list(&common::local_utc_offset))
+    common::print(info.snapshot_list(&common::local_utc_offset).as_bytes())
 }
