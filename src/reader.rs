@@ -30,6 +30,10 @@ use crate::pool::Pool;
 ///
 /// Give each thread its own reader: a reader's state (where the last read ended, the L2
 /// slices it used last) is its own, and readers do not contend.
+///
+/// A reader borrows its image. To return one from a function, keep one in a struct or move
+/// one to a thread that needs `'static`, use an [`OwnedReader`](crate::OwnedReader)
+/// ([`Qcow2::into_reader`]), which reads the same way, as fast, and is also `Read + Seek`.
 pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
     l1: Table<'a>,
