@@ -108,6 +108,7 @@ impl<I: ReadAt> OwnedReader<I> {
     /// assert!(!extents.is_empty());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    #[must_use]
     #[inline]
     pub fn as_reader(&self) -> Reader<'_, I> {
         Reader::borrowed(&self.image, &self.view, &self.state)
@@ -116,16 +117,19 @@ impl<I: ReadAt> OwnedReader<I> {
 
 impl<I> OwnedReader<I> {
     /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
+    #[must_use]
     pub fn guest_size(&self) -> u64 {
         self.view.size
     }
 
     /// The image this reader reads.
+    #[must_use]
     pub fn image(&self) -> &Arc<Qcow2<I>> {
         &self.image
     }
 
     /// Where [`Read::read`] reads next.
+    #[must_use]
     pub fn position(&self) -> u64 {
         self.pos
     }
