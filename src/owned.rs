@@ -128,6 +128,20 @@ impl<I> OwnedReader<I> {
         &self.image
     }
 
+    /// The image back, shared with the other readers made from it, if any
+    /// ([`Arc::try_unwrap`] gives it alone once they are gone).
+    ///
+    /// ```
+    /// let disk = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?.into_reader()?;
+    /// let image = std::sync::Arc::try_unwrap(disk.into_image()).expect("no other reader");
+    /// assert_eq!(image.cluster_size(), 65536);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
+    pub fn into_image(self) -> Arc<Qcow2<I>> {
+        self.image
+    }
+
     /// Where [`Read::read`] reads next.
     #[must_use]
     pub fn position(&self) -> u64 {

@@ -247,8 +247,11 @@ fn errors_come_from_the_borrowed_constructors() {
 }
 
 /// Random 4 KiB reads and sequential 1 MiB reads through an `OwnedReader` and a borrowed
-/// `Reader` of the same image, alternated run after run; prints the medians and their
-/// ratio. Run in release (see the top of this file); the image is made with qemu-img.
+/// `Reader` of the same image (made with qemu-img), finely interleaved: each round times
+/// batches of the same reads on both in turn, first one then the other, so that load from
+/// other processes falls on both alike. Prints the medians over rounds and the median of
+/// the per-round ratios. Run in release (see the top of this file); `OWNED_BENCH_MIB` and
+/// `OWNED_BENCH_ROUNDS` change the image size (256) and the rounds (15).
 #[test]
 #[ignore = "speed measurement: run in release with --ignored --nocapture"]
 fn owned_reads_as_fast_as_borrowed() {
@@ -256,94 +259,99 @@ fn owned_reads_as_fast_as_borrowed() {
         return;
     };
     const MIB: u64 = 1 << 20;
-    let size_mib: u64 = std::env::var("OWNED_BENCH_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(256);
-    let runs: usize = std::env::var("OWNED_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(9);
+    let env = |name: &str, default: u64| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (size_mib, rounds) = (env("OWNED_BENCH_MIB", 256), env("OWNED_BENCH_ROUNDS", 15));
     let dir = TempDir::new("owned-bench");
-    let raw = dir.join("data.raw");
     let mut data = vec![0u8; (size_mib * MIB) as usize];
     common::Rng::new(7).fill(&mut data);
-    std::fs::write(&raw, &data).unwrap();
+    std::fs::write(dir.join("data.raw"), &data).unwrap();
     drop(data);
-    let image = dir.join("data.qcow2");
-    qemu.img(
-        dir.path(),
-        &[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "data.raw",
-            "data.qcow2",
-        ],
-    );
-    let shared = Arc::new(Qcow2::open_path(&image).unwrap());
+    let args = [
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "data.raw",
+        "data.qcow2",
+    ];
+    qemu.img(dir.path(), &args);
+    let shared = Arc::new(Qcow2::open_path(dir.join("data.qcow2")).unwrap());
     let borrowed = shared.reader().unwrap();
     let owned = OwnedReader::new(Arc::clone(&shared)).unwrap();
+    let disks: [&dyn ReadAt; 2] = [&borrowed, &owned];
     let size = owned.guest_size();
+    let mut big = vec![0u8; MIB as usize];
+    for pos in (0..size).step_by(MIB as usize) {
+        borrowed.read_exact_at(pos, &mut big).unwrap(); // page cache and L2 cache warm
+    }
 
-    let random = |disk: &dyn ReadAt| -> (f64, u64) {
-        let mut rng = common::Rng::new(1);
-        let mut buf = vec![0u8; 4096];
-        let mut sum = 0u64;
-        let reads = 200_000;
-        let start = Instant::now();
-        for _ in 0..reads {
-            let pos = rng.below(size / 4096) * 4096;
-            disk.read_exact_at(pos, &mut buf).unwrap();
-            sum = sum.wrapping_add(u64::from(buf[17]));
+    // Each round: batches of reads (offset, length), each batch timed on both readers.
+    let mut time_round = |batches: &[Vec<(u64, usize)>], round: u64| -> [f64; 2] {
+        let mut total = [0f64; 2];
+        for (b, batch) in batches.iter().enumerate() {
+            let mut sums = [0u64; 2];
+            for k in 0..2 {
+                let i = (k + b + round as usize) % 2; // which goes first alternates
+                let start = Instant::now();
+                for &(pos, len) in batch {
+                    disks[i].read_exact_at(pos, &mut big[..len]).unwrap();
+                    sums[i] = sums[i].wrapping_add(u64::from(big[len - 1]));
+                }
+                total[i] += start.elapsed().as_secs_f64();
+            }
+            assert_eq!(sums[0], sums[1], "same bytes");
         }
-        (start.elapsed().as_nanos() as f64 / reads as f64, sum)
+        total
     };
-    let sequential = |disk: &dyn ReadAt| -> (f64, u64) {
-        let mut buf = vec![0u8; MIB as usize];
-        let mut sum = 0u64;
-        let start = Instant::now();
-        for pos in (0..size).step_by(MIB as usize) {
-            disk.read_exact_at(pos, &mut buf).unwrap();
-            sum = sum.wrapping_add(u64::from(buf[4095]));
-        }
-        let secs = start.elapsed().as_secs_f64();
-        ((size as f64 / MIB as f64) / secs, sum) // MiB/s
-    };
-    // Warm the page cache and the L2 cache.
-    sequential(&borrowed);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    type Job<'a> = (&'a str, &'a dyn Fn(&dyn ReadAt) -> (f64, u64), &'a str);
-    let jobs: [Job<'_>; 2] = [
+    let mut rng = common::Rng::new(1);
+    let random: Vec<Vec<(u64, usize)>> = (0..100)
+        .map(|_| {
+            (0..2000)
+                .map(|_| (rng.below(size / 4096) * 4096, 4096))
+                .collect()
+        })
+        .collect();
+    let sequential: Vec<Vec<(u64, usize)>> = (0..size)
+        .step_by(16 * MIB as usize)
+        .map(|from| {
+            let end = (from + 16 * MIB).min(size);
+            (from..end)
+                .step_by(MIB as usize)
+                .map(|p| (p, MIB as usize))
+                .collect()
+        })
+        .collect();
+    let reads = (random.len() * random[0].len()) as f64;
+    for (label, batches, unit) in [
         ("random 4 KiB", &random, "ns/read"),
         ("sequential 1 MiB", &sequential, "MiB/s"),
-    ];
-    for (label, job, unit) in jobs {
-        let (mut b, mut o) = (Vec::new(), Vec::new());
-        for run in 0..runs {
-            // Alternate which goes first.
-            let (rb, ro) = if run % 2 == 0 {
-                let rb = job(&borrowed);
-                (rb, job(&owned))
-            } else {
-                let ro = job(&owned);
-                (job(&borrowed), ro)
-            };
-            assert_eq!(rb.1, ro.1, "{label}: same bytes");
-            b.push(rb.0);
-            o.push(ro.0);
-        }
-        let (mb, mo) = (median(b.clone()), median(o.clone()));
+    ] {
+        let per_round: Vec<[f64; 2]> = (0..rounds)
+            .map(|round| {
+                let secs = time_round(batches, round);
+                match unit {
+                    "ns/read" => secs.map(|s| s * 1e9 / reads),
+                    _ => secs.map(|s| size as f64 / MIB as f64 / s),
+                }
+            })
+            .collect();
+        let of = |i: usize| per_round.iter().map(|r| r[i]).collect::<Vec<_>>();
+        let (b, o) = (median(of(0)), median(of(1)));
+        let ratio = median(per_round.iter().map(|r| r[1] / r[0]).collect());
         println!(
-            "{label}: borrowed {mb:.1} {unit}, owned {mo:.1} {unit}, owned/borrowed {:.3} \
-             ({runs} alternated runs, {size_mib} MiB image)\n  borrowed {b:.1?}\n  owned    {o:.1?}",
-            mo / mb
+            "{label}: borrowed {b:.1} {unit}, owned {o:.1} {unit} (medians of {rounds} rounds, \
+             {size_mib} MiB image); owned/borrowed {ratio:.3} (median of per-round ratios)"
         );
     }
 }
