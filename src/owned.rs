@@ -1,6 +1,7 @@
 //! [`OwnedReader`]: a reader that owns (a share of) its image.
 
 use std::io::{self, Read, Seek, SeekFrom};
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use positioned_io::{ReadAt, Size};
@@ -115,6 +116,17 @@ impl<I: ReadAt> OwnedReader<I> {
     }
 }
 
+impl<I: ReadAt> OwnedReader<I> {
+    /// [`OwnedReader::as_reader`] for one call, never dropped: it owns nothing (it borrows
+    /// its L1 table and read state), and its drop glue, which the compiler cannot see is
+    /// empty (the read state has interior mutability), cost a 4 KiB read 13 instructions
+    /// of about 490 (measured with callgrind).
+    #[inline]
+    fn borrowed(&self) -> ManuallyDrop<Reader<'_, I>> {
+        ManuallyDrop::new(self.as_reader())
+    }
+}
+
 impl<I> OwnedReader<I> {
     /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
     #[must_use]
@@ -178,7 +190,7 @@ impl<I> std::fmt::Debug for OwnedReader<I> {
 impl<I: ReadAt> ReadAt for OwnedReader<I> {
     #[inline]
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        self.as_reader().read_at(pos, buf)
+        self.borrowed().read_at(pos, buf)
     }
 }
 
@@ -228,19 +240,19 @@ impl<I: ReadAt> GuestDisk for OwnedReader<I> {
     }
 
     fn read_disk(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        self.as_reader().read_disk(pos, buf)
+        self.borrowed().read_disk(pos, buf)
     }
 
     fn allocation_at(&self, pos: u64) -> Result<Option<(Allocation, u64)>> {
-        self.as_reader().allocation_at(pos)
+        self.borrowed().allocation_at(pos)
     }
 
     fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
-        self.as_reader().reads_file(file)
+        self.borrowed().reads_file(file)
     }
 
     fn block_status(&self, pos: u64) -> Result<Option<(BlockStatus, u64)>> {
-        self.as_reader().block_status(pos)
+        self.borrowed().block_status(pos)
     }
 }
 
