@@ -104,8 +104,8 @@ const QEMU_MAX_STATUS: u64 = i32::MAX as u64;
 /// A guest disk that [`convert_to_writer`](crate::convert_to_writer),
 /// [`convert_to_file`](crate::convert_to_file) and [`compare`](crate::compare) can read.
 ///
-/// Implemented by [`Reader`] (a qcow2 image's active disk or snapshot, through its backing
-/// chain) and by [`RawDisk`].
+/// Implemented by [`Reader`] and [`OwnedReader`](crate::OwnedReader) (a qcow2 image's active
+/// disk or snapshot, through its backing chain) and by [`RawDisk`].
 ///
 /// ```
 /// use qcow2::GuestDisk;

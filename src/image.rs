@@ -300,7 +300,8 @@ impl<I: ReadAt> Qcow2<I> {
         &self.limits
     }
 
-    /// A reader of the active image.
+    /// A reader of the active image. It borrows the image: [`Qcow2::into_reader`] gives one
+    /// that owns it.
     ///
     /// Fails with [`Error::DataFileMissing`] when the image needs an external data file that
     /// is not attached. A missing backing file is reported by the read that needs it.
@@ -317,7 +318,8 @@ impl<I: ReadAt> Qcow2<I> {
     /// A reader of an internal snapshot, found by id or else by name (as `qemu-img` does).
     ///
     /// Its size is the snapshot's disk size; it reads what
-    /// `qemu-img convert -l snapshot.name=NAME` reads.
+    /// `qemu-img convert -l snapshot.name=NAME` reads. It borrows the image:
+    /// [`Qcow2::into_snapshot_reader`] gives one that owns it.
     pub fn snapshot_reader(&self, id_or_name: &str) -> Result<Reader<'_, I>> {
         self.check_data_file()?;
         let snap = self

@@ -40,7 +40,10 @@
 //!   exactly as `qemu-img map` does ([`MapExtent`]; holes in the files found through
 //!   [`HoleQuery`]); [`Reader::extent_at`] tells how one layer stores each stretch.
 //! - **`Read + Seek`.** A [`Reader`] is `ReadAt + Size`: `positioned_io::SizeCursor::new(&reader)`
-//!   hands it to code that wants `std::io::Read + Seek` (see `examples/partitions.rs`).
+//!   hands it to code that wants `std::io::Read + Seek` (see `examples/partitions.rs`). Or
+//!   let the reader own its image: [`Qcow2::into_reader`] gives an [`OwnedReader`], itself
+//!   `Read + Seek`, `Send + Sync` and `'static`, to return from a function, keep in a struct
+//!   or move to a thread.
 //! - **Consistency check.** [`Qcow2::check`] counts every reference to a host cluster
 //!   against the stored refcounts, as `qemu-img check` does, read-only and in bounded memory;
 //!   the [`CheckReport`] has qemu-img's counts and each [`Problem`] with its file offset.
@@ -156,6 +159,7 @@ mod limits;
 mod map;
 mod open;
 mod options;
+mod owned;
 mod parallel;
 mod plan;
 mod pool;
@@ -204,6 +208,7 @@ pub use limits::Limits;
 pub use map::{MapExtent, MapIter};
 pub use open::open_file;
 pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
+pub use owned::OwnedReader;
 pub use parallel::{Chunk, ParallelReadOptions};
 /// The old name of [`ParallelReadOptions`].
 #[deprecated(since = "0.3.0", note = "renamed `ParallelReadOptions`")]

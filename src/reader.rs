@@ -31,6 +31,10 @@ use crate::pool::Pool;
 /// Give each thread its own reader: a reader's state (where the last read ended, the L2
 /// slices it used last) is its own, and readers do not contend.
 ///
+/// A reader borrows its image. To return one from a function, keep one in a struct or move
+/// one to a thread that needs `'static`, use an [`OwnedReader`](crate::OwnedReader)
+/// ([`Qcow2::into_reader`]), which reads the same way, as fast, and is also `Read + Seek`.
+///
 /// ```
 /// use positioned_io::ReadAt;
 ///
@@ -59,7 +63,7 @@ use crate::pool::Pool;
 /// ```
 pub struct Reader<'a, I> {
     image: &'a Qcow2<I>,
-    l1: Arc<[u64]>,
+    l1: Table<'a>,
     /// File offset of that L1 table (the active one's, or a snapshot's), for errors.
     l1_offset: u64,
     size: u64,
@@ -109,9 +113,63 @@ enum State<'a> {
     Shared(&'a ReadState),
 }
 
+/// A reader's L1 table: its own reference, or one borrowed from whatever outlives the reader
+/// (the image, an [`OwnedReader`](crate::OwnedReader)), so that making a reader for one read
+/// touches no reference count.
+enum Table<'a> {
+    Own(Arc<[u64]>),
+    Borrowed(&'a Arc<[u64]>),
+}
+
+impl Table<'_> {
+    #[inline]
+    fn get(&self) -> &Arc<[u64]> {
+        match self {
+            Table::Own(table) => table,
+            Table::Borrowed(table) => table,
+        }
+    }
+}
+
+/// What a reader reads: its L1 table (the active one or a snapshot's), that table's file
+/// offset, and the guest size. An [`OwnedReader`](crate::OwnedReader) keeps it.
+pub(crate) struct View {
+    pub(crate) l1: Arc<[u64]>,
+    pub(crate) l1_offset: u64,
+    pub(crate) size: u64,
+}
+
 impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, l1_offset: u64, size: u64) -> Self {
-        Self::with(image, l1, l1_offset, size, State::Own(ReadState::new()))
+        Self::with(
+            image,
+            Table::Own(l1),
+            l1_offset,
+            size,
+            State::Own(ReadState::new()),
+        )
+    }
+
+    /// A reader of `view` of `image` that keeps its state in `state`, all borrowed: made
+    /// for every read through an [`OwnedReader`](crate::OwnedReader), at no cost.
+    #[inline]
+    pub(crate) fn borrowed(image: &'a Qcow2<I>, view: &'a View, state: &'a ReadState) -> Self {
+        Self::with(
+            image,
+            Table::Borrowed(&view.l1),
+            view.l1_offset,
+            view.size,
+            State::Shared(state),
+        )
+    }
+
+    /// What this reader reads, to keep without the borrow of the image.
+    pub(crate) fn view(&self) -> View {
+        View {
+            l1: Arc::clone(self.l1.get()),
+            l1_offset: self.l1_offset,
+            size: self.size,
+        }
     }
 
     /// A reader of the active image that keeps its state in `state`, which outlives it: the
@@ -121,16 +179,17 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let (l1_offset, size) = (image.header.l1_table_offset(), image.guest_size());
         Self::with(
             image,
-            Arc::clone(&image.l1),
+            Table::Borrowed(&image.l1),
             l1_offset,
             size,
             State::Shared(state),
         )
     }
 
+    #[inline]
     fn with(
         image: &'a Qcow2<I>,
-        l1: Arc<[u64]>,
+        l1: Table<'a>,
         l1_offset: u64,
         size: u64,
         state: State<'a>,
@@ -153,7 +212,12 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     /// Another reader of the same view (active image or snapshot), with its own read state.
     pub(crate) fn same_view(&self) -> Self {
-        Reader::new(self.image, Arc::clone(&self.l1), self.l1_offset, self.size)
+        let l1 = match self.l1 {
+            Table::Own(ref table) => Table::Own(Arc::clone(table)),
+            Table::Borrowed(table) => Table::Borrowed(table),
+        };
+        let state = State::Own(ReadState::new());
+        Self::with(self.image, l1, self.l1_offset, self.size, state)
     }
 
     /// Guest size in bytes (a snapshot reader's is the snapshot's disk size).
@@ -351,7 +415,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     /// Entries in this reader's L1 table: every index from here on is unallocated.
     pub(crate) fn l1_len(&self) -> u64 {
-        self.l1.len() as u64
+        self.l1.get().len() as u64
     }
 
     /// File offset of this reader's L1 table, for errors.
@@ -363,7 +427,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn l1_entry(&self, index: u64) -> Option<u64> {
         usize::try_from(index)
             .ok()
-            .and_then(|i| self.l1.get(i))
+            .and_then(|i| self.l1.get().get(i))
             .copied()
     }
 
