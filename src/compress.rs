@@ -232,7 +232,7 @@ static ZEROS: [u8; 1 << MAX_CLUSTER_BITS] = [0; 1 << MAX_CLUSTER_BITS];
 
 /// A zeroed buffer of `len` bytes to decode a cluster into, in place. An `Arc` made from a
 /// `vec![0; len]` would copy it: that copy cost 4% of the time zstd takes to decode a 64 KiB
-/// cluster (benches/inflate.rs); copying from `ZEROS` costs as little as writing zeros, and
+/// cluster (benches/peers/inflate.rs); copying from `ZEROS` costs as little as writing zeros, and
 /// stays fast in unoptimized builds, unlike collecting an iterator.
 fn zeroed_cluster(len: usize) -> Arc<[u8]> {
     match ZEROS.get(..len) {
@@ -280,7 +280,7 @@ impl<B> Spares<B> {
 
 /// Reusable decoder state for both compression types.
 pub(crate) struct Decompressor {
-    #[cfg(feature = "zlib")]
+    #[cfg(feature = "libdeflate")]
     libdeflate: Option<libdeflater::Decompressor>,
     #[cfg(feature = "zlib")]
     inflate: Option<flate2::Decompress>,
@@ -292,7 +292,7 @@ impl Decompressor {
     /// A decoder, its state made on first use.
     pub(crate) fn new() -> Self {
         Decompressor {
-            #[cfg(feature = "zlib")]
+            #[cfg(feature = "libdeflate")]
             libdeflate: None,
             #[cfg(feature = "zlib")]
             inflate: None,
@@ -344,15 +344,15 @@ impl Decompressor {
     /// one `inflate(Z_FINISH)` into the cluster, a success when it fills the cluster, whether
     /// or not the stream ends there).
     ///
-    /// libdeflate's one-shot decoder, a fifth less time here, answers the common case: a
-    /// stream that ends exactly at the end of the cluster, or (an error either way) short of
-    /// it. Whatever it refuses goes to zlib, which alone knows QEMU's answer: a stream running
-    /// past the cluster (which QEMU truncates), or one that is malformed only after the point
-    /// where zlib stops. The one difference left: libdeflate reads a few malformed streams that
-    /// zlib refuses (length symbols 286-287 or distance symbols 30-31, more than 286 or 30
-    /// code lengths, and codewords missing from an incomplete code, decoded as a symbol); no
-    /// encoder writes them.
-    #[cfg(feature = "zlib")]
+    /// With the `libdeflate` feature, libdeflate's one-shot decoder, a fifth less time here
+    /// (benches/peers/inflate.rs), answers the common case: a stream that ends exactly at the
+    /// end of the cluster, or (an error either way) short of it. Whatever it refuses goes to
+    /// zlib, which alone knows QEMU's answer: a stream running past the cluster (which QEMU
+    /// truncates), or one that is malformed only after the point where zlib stops. The one
+    /// difference left: libdeflate reads a few malformed streams that zlib refuses (length
+    /// symbols 286-287 or distance symbols 30-31, more than 286 or 30 code lengths, and
+    /// codewords missing from an incomplete code, decoded as a symbol); no encoder writes them.
+    #[cfg(feature = "libdeflate")]
     fn inflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), String> {
         let fast = self
             .libdeflate
@@ -362,6 +362,12 @@ impl Decompressor {
             Ok(len) => Err(format!("deflate stream gave {len} of {} bytes", out.len())),
             Err(_) => self.inflate_as_zlib(input, out),
         }
+    }
+
+    /// Inflate with zlib-rs alone (pure Rust), as QEMU does: see [`Self::inflate_as_zlib`].
+    #[cfg(all(feature = "zlib", not(feature = "libdeflate")))]
+    fn inflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+        self.inflate_as_zlib(input, out)
     }
 
     /// QEMU's inflate, step for step, with zlib-rs.

@@ -191,12 +191,14 @@ impl PositionalSink for std::fs::File {
 /// bytes are written, with `done` rising to `total`.
 ///
 /// ```
+/// # #[cfg(feature = "zlib")] {
 /// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
 /// let reader = image.reader()?;
 /// let mut out = Vec::new();
 /// let options = qcow2::ConvertOptions::new().threads(2);
 /// qcow2::convert_to_writer(&reader, &mut out, &options, |_done, _total| {})?;
 /// assert_eq!(out.len() as u64, image.guest_size());
+/// # }
 /// # Ok::<(), qcow2::Error>(())
 /// ```
 pub fn convert_to_writer<D, W>(

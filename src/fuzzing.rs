@@ -348,7 +348,7 @@ pub fn compressed_cluster(input: &[u8], cluster_bits: u32, zstd: bool) -> Result
 }
 
 /// The reader's decoder of compressed clusters, kept from call to call as the reader keeps
-/// it (benches/inflate.rs times it against other decoders).
+/// it (benches/peers/inflate.rs times it against other decoders).
 pub struct ClusterDecoder(Decompressor);
 
 impl std::fmt::Debug for ClusterDecoder {

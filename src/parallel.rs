@@ -258,10 +258,12 @@ impl<I: ReadAt + Sync> Reader<'_, I> {
     /// order, zeros included (written from a static buffer, never read), then `out` flushed.
     ///
     /// ```
+    /// # #[cfg(feature = "zlib")] {
     /// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
     /// let mut out = Vec::new();
     /// image.reader()?.read_parallel_to_writer(.., &qcow2::ParallelReadOptions::new(), &mut out)?;
     /// assert_eq!(out.len() as u64, image.guest_size());
+    /// # }
     /// # Ok::<(), qcow2::Error>(())
     /// ```
     pub fn read_parallel_to_writer<W: Write>(

@@ -324,6 +324,7 @@ fn data_cluster_wholly_past_the_end_of_the_file_is_an_error() {
     );
 }
 
+#[cfg(feature = "zlib")]
 #[test]
 fn decompression_threads_do_not_change_what_is_read() {
     let read_all = |options: &OpenOptions| {

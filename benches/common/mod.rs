@@ -18,7 +18,15 @@ pub const MIB: u64 = 1 << 20;
 pub fn target_dir(name: &str) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .unwrap_or_else(|| {
+            // The workspace's target directory, also from the peers' crate (benches/peers).
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let root = match dir.ends_with("benches/peers") {
+                true => dir.parent().and_then(Path::parent).unwrap_or(dir),
+                false => dir,
+            };
+            root.join("target")
+        })
         .join(name)
 }
 

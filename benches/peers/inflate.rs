@@ -2,8 +2,8 @@
 //! convert -c` image, decoded one after another by each candidate decoder, in the same run.
 //!
 //! ```text
-//! cargo bench --bench inflate                         # 64 MiB of text, 7 rounds (seconds)
-//! cargo bench --bench inflate -- --size-mib 16 --runs 5
+//! cargo bench -p qcow2-bench-peers --bench inflate                         # 64 MiB of text, 7 rounds (seconds)
+//! cargo bench -p qcow2-bench-peers --bench inflate -- --size-mib 16 --runs 5
 //! ```
 //!
 //! Makes, once, under `target/bench-inflate/`, a raw file of random letters from a
@@ -16,9 +16,10 @@
 //! ns per cluster by wall time (with the min-max over rounds) and by the thread's CPU
 //! time, and MiB/s of output per CPU second.
 //!
-//! Run without `--bench` (as `cargo test --benches` does), it is a smoke test on a tiny image
+//! Run without `--bench` (as `cargo test -p qcow2-bench-peers --benches` does), it is a smoke test on a tiny image
 //! in a temporary directory.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::fs;
@@ -41,7 +42,7 @@ struct Config {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cargo bench --bench inflate [-- [--size-mib N] [--runs K] [--dir PATH]]");
+    eprintln!("usage: cargo bench -p qcow2-bench-peers --bench inflate [-- [--size-mib N] [--runs K] [--dir PATH]]");
     std::process::exit(2)
 }
 
@@ -164,6 +165,7 @@ fn zlib_decoders() -> Vec<(&'static str, Decode)> {
     use flate2::{Decompress, FlushDecompress, Status};
     let mut flate2 = Decompress::new(false);
     let mut libdeflate = libdeflater::Decompressor::new();
+    let mut miniz = Box::<miniz_oxide::inflate::core::DecompressorOxide>::default();
     let decoders: Vec<(&'static str, Decode)> = vec![
         (
             "flate2 (zlib-rs), reused state, Finish (before)",
@@ -191,6 +193,22 @@ fn zlib_decoders() -> Vec<(&'static str, Decode)> {
                 match rc {
                     zlib_rs::ReturnCode::Ok if done.len() == len => Ok(()),
                     rc => Err(format!("{rc:?}")),
+                }
+            }),
+        ),
+        (
+            "miniz_oxide (safe Rust), reused state",
+            Box::new(move |input: &[u8], out: &mut [u8]| {
+                use miniz_oxide::inflate::core::inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+                use miniz_oxide::inflate::TINFLStatus;
+                miniz.init();
+                // Raw deflate (no zlib header flag), all input given, output the whole cluster.
+                let flags = TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+                let (status, _, n) =
+                    miniz_oxide::inflate::core::decompress(&mut miniz, input, out, 0, flags);
+                match status {
+                    TINFLStatus::Done | TINFLStatus::HasMoreOutput if n == out.len() => Ok(()),
+                    status => Err(format!("{status:?}: {n}")),
                 }
             }),
         ),
@@ -306,22 +324,14 @@ fn zstd_decoders() -> Vec<(&'static str, Decode)> {
     decoders.into_iter().chain(crate_decoder(true)).collect()
 }
 
-/// The crate's own decoder (its internal `Decompressor`), reached through the `fuzzing`
-/// feature's entry points: a row only in builds with `--features fuzzing`.
+/// The crate's own decoder (its internal `Decompressor`, as built here: with `libdeflate`),
+/// reached through the `fuzzing` feature's entry points.
 fn crate_decoder(zstd: bool) -> Option<(&'static str, Decode)> {
-    #[cfg(feature = "fuzzing")]
-    {
-        let mut decoder = qcow2::fuzzing::ClusterDecoder::new();
-        Some((
-            "qcow2 crate, Decompressor (this build)",
-            Box::new(move |input: &[u8], out: &mut [u8]| decoder.decode(zstd, input, out)),
-        ))
-    }
-    #[cfg(not(feature = "fuzzing"))]
-    {
-        let _ = zstd;
-        None
-    }
+    let mut decoder = qcow2::fuzzing::ClusterDecoder::new();
+    Some((
+        "qcow2 crate, Decompressor (this build)",
+        Box::new(move |input: &[u8], out: &mut [u8]| decoder.decode(zstd, input, out)),
+    ))
 }
 
 /// Ways to make the `Arc<[u8]>` a cluster is decoded into and shared as (the "decoder"

@@ -3,15 +3,15 @@
 //! imago. See `benches/README.md` for what each row measures and how to reproduce it.
 //!
 //! ```text
-//! cargo bench --bench workloads                          # 1 GiB inputs, 5 rounds
-//! cargo bench --bench workloads -- --size-mib 256 --runs 3 --only rand
+//! cargo bench -p qcow2-bench-peers --bench workloads                          # 1 GiB inputs, 5 rounds
+//! cargo bench -p qcow2-bench-peers --bench workloads -- --size-mib 256 --runs 3 --only rand
 //! ```
 //!
 //! Every pass runs in a child process (this bench re-executed with `--child`, or the peer's
 //! own process), so each reports its own peak RSS and CPU time. Run without `--bench` (as
-//! `cargo test --benches` does), it is a smoke test on tiny inputs in a temporary directory.
+//! `cargo test -p qcow2-bench-peers --benches` does), it is a smoke test on tiny inputs in a temporary directory.
 
-#[path = "../common/mod.rs"]
+#[path = "../../common/mod.rs"]
 mod common;
 
 mod child;
@@ -45,7 +45,7 @@ pub struct Config {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench workloads [-- [--size-mib N] [--zlib-mib N] \
+        "usage: cargo bench -p qcow2-bench-peers --bench workloads [-- [--size-mib N] [--zlib-mib N] \
          [--clusters N] [--reads N] [--runs K] [--dir PATH] [--only NAME[,NAME..]]]\n\
          workloads: {}",
         rows::ALL.map(|(name, _)| name).join(", ")

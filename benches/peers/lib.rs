@@ -1,0 +1,1 @@
+//! Nothing: this package only holds benchmarks (see Cargo.toml).
