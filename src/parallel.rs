@@ -101,7 +101,7 @@ impl ParallelReadOptions {
 /// ```
 /// use qcow2::{Chunk, ParallelReadOptions, Qcow2};
 ///
-/// let image = Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+/// let image = Qcow2::open_path("fixtures/chain-top.qcow2")?;
 /// let mut zeros = 0;
 /// image.reader()?.read_parallel(.., &ParallelReadOptions::new(), |chunk| {
 ///     if let Chunk::Zeros { len, .. } = chunk {
