@@ -8,7 +8,7 @@ use crate::extent::ExtentKind;
 use crate::holes::HoleQuery;
 use crate::image::Backing;
 use crate::io::read_up_to;
-use crate::map::{self, LayerStatus};
+use crate::map;
 use crate::open::FileId;
 use crate::plan::{Planner, SegmentKind};
 use crate::reader::Reader;
@@ -276,23 +276,13 @@ impl<I: ReadAt> Reader<'_, I> {
     /// so they are never read.
     fn data_allocation(&self, host: u64, len: u64) -> (Allocation, u64) {
         let image = self.image();
-        let (Some(holes), None) = (image.data_holes(), image.crypt.as_ref()) else {
-            return (Allocation::Data, len);
-        };
-        if !image.metadata_preallocated() {
-            return (Allocation::Data, len);
+        if image.crypt.is_some() {
+            return (Allocation::Data, len); // the file holds ciphertext: QEMU does not look
         }
-        let mut status = LayerStatus {
-            len,
-            present: true,
-            data: true,
-            offset: Some(host),
-            ..LayerStatus::default()
-        };
-        map::clip_to_file_holes(&mut status, holes, host);
-        match status.zero {
-            true => (Allocation::Zero, status.len.max(1)),
-            false => (Allocation::Data, status.len.max(1)),
+        match map::preallocated_holes(image, host, len) {
+            Some((true, len)) => (Allocation::Zero, len),
+            Some((false, len)) => (Allocation::Data, len),
+            None => (Allocation::Data, len),
         }
     }
 }
@@ -344,32 +334,12 @@ pub(crate) fn qcow2_block_status<I: ReadAt>(
     let mut zero = matches!(kind, SegmentKind::Zero(_));
     let allocated = data || zero;
     if !allocated {
-        // Unallocated: zeros when nothing lies below, or when the layer below ends first.
-        zero = match image.backing_source() {
-            Some(below) => pos >= below.guest_size(),
-            None if image.has_backing_attached() => true, // explicit zeros
-            None => match image.header().backing_file() {
-                Some(name) => {
-                    return Err(Error::BackingMissing {
-                        name: name.to_owned(),
-                    })
-                }
-                None => true,
-            },
-        };
+        zero = map::unallocated_reads_zero(image, pos)?;
     }
-    if let (true, false, Some(host), Some(holes)) = (data, compressed, offset, image.data_holes()) {
-        if image.metadata_preallocated() {
-            let mut status = LayerStatus {
-                len,
-                present: true,
-                data: true,
-                offset: Some(host),
-                ..LayerStatus::default()
-            };
-            map::clip_to_file_holes(&mut status, holes, host);
-            len = status.len.max(1);
-            zero |= status.zero;
+    if let (true, false, Some(host)) = (data, compressed, offset) {
+        if let Some((holes, run)) = map::preallocated_holes(image, host, len) {
+            zero |= holes;
+            len = run;
         }
     }
     let status = BlockStatus {

@@ -19,7 +19,7 @@ use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::image::{Backing, ImageView, Qcow2};
-use crate::open::{canonical, has_protocol, open_allowed, probe_format, resolve};
+use crate::open::{bytes_path, canonical, has_protocol, open_allowed, probe_format, resolve};
 use crate::options::{FileRole, OpenOptions};
 use crate::snapshot::Snapshot;
 
@@ -627,19 +627,6 @@ fn path_bytes(path: &Path) -> Vec<u8> {
 #[cfg(not(unix))]
 fn path_bytes(path: &Path) -> Vec<u8> {
     path.to_string_lossy().into_owned().into_bytes()
-}
-
-/// Bytes as a path: exactly on Unix, lossily elsewhere.
-#[cfg(unix)]
-fn bytes_path(bytes: &[u8]) -> PathBuf {
-    use std::os::unix::ffi::OsStrExt;
-    PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
-}
-
-/// Bytes as a path: exactly on Unix, lossily elsewhere.
-#[cfg(not(unix))]
-fn bytes_path(bytes: &[u8]) -> PathBuf {
-    PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// A name's bytes as QEMU's JSON shows them (`to_json` in qobject/qjson.c, decoding with

@@ -16,6 +16,7 @@ use positioned_io::ReadAt;
 
 use crate::error::{Error, Result};
 use crate::holes::{HoleQuery, Region};
+use crate::image::Qcow2;
 use crate::plan::{Planner, SegmentKind};
 use crate::reader::Reader;
 
@@ -281,28 +282,55 @@ pub(crate) fn qcow2_layer_status<'a, I: ReadAt>(
     }
     status.present = status.data || status.zero;
     if !status.present {
-        // Unallocated: zeros when nothing lies below, or when the layer below ends first.
-        status.zero = match image.backing_source() {
-            Some(below) => pos >= below.guest_size(),
-            None if image.has_backing_attached() => true, // explicit zeros
-            None => match image.header().backing_file() {
-                Some(name) => {
-                    return Err(Error::BackingMissing {
-                        name: name.to_owned(),
-                    })
-                }
-                None => true,
-            },
-        };
+        status.zero = unallocated_reads_zero(image, pos)?;
     }
-    // Only plain data of an image that looks preallocated: QEMU's BDRV_BLOCK_RECURSE.
-    let plain_data = status.data && !status.compressed;
-    if let (true, Some(offset), Some(holes)) = (plain_data, status.offset, image.data_holes()) {
-        if image.metadata_preallocated() {
-            clip_to_file_holes(&mut status, holes, offset);
+    if let (true, false, Some(offset)) = (status.data, status.compressed, status.offset) {
+        if let Some((zero, len)) = preallocated_holes(image, offset, status.len) {
+            status.zero |= zero;
+            status.len = len;
         }
     }
     Ok(status)
+}
+
+/// Whether an unallocated stretch of `image` at `pos` reads as zeros: when nothing lies below
+/// (no backing file, or zeros attached in its place), or when the layer below ends before
+/// `pos`. A backing file named but not attached is [`Error::BackingMissing`].
+pub(crate) fn unallocated_reads_zero<I: ReadAt>(image: &Qcow2<I>, pos: u64) -> Result<bool> {
+    match image.backing_source() {
+        Some(below) => Ok(pos >= below.guest_size()),
+        None if image.has_backing_attached() => Ok(true), // explicit zeros
+        None => match image.header().backing_file() {
+            Some(name) => Err(Error::BackingMissing {
+                name: name.to_owned(),
+            }),
+            None => Ok(true),
+        },
+    }
+}
+
+/// QEMU's `BDRV_BLOCK_RECURSE`: plain data at `host` for `len` bytes of an image that looks
+/// preallocated (`preallocation=metadata`) reads as zeros where its file has holes. Whether
+/// the stretch from `host` reads as zeros, and how far (at least 1 byte); `None` when QEMU does
+/// not look (the holes are unknown, or the image does not look preallocated).
+pub(crate) fn preallocated_holes<I: ReadAt>(
+    image: &Qcow2<I>,
+    host: u64,
+    len: u64,
+) -> Option<(bool, u64)> {
+    let holes = image.data_holes()?;
+    if !image.metadata_preallocated() {
+        return None;
+    }
+    let mut status = LayerStatus {
+        len,
+        present: true,
+        data: true,
+        offset: Some(host),
+        ..LayerStatus::default()
+    };
+    clip_to_file_holes(&mut status, holes, host);
+    Some((status.zero, status.len.max(1)))
 }
 
 /// QEMU's `BDRV_BLOCK_RECURSE`: data clusters of a preallocated image may be holes in the

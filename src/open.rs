@@ -299,14 +299,16 @@ pub(crate) fn resolve(image: &Path, name: &Path) -> Result<PathBuf> {
     Ok(image.parent().unwrap_or(Path::new("")).join(name))
 }
 
+/// Bytes as a path: exactly on Unix (where QEMU takes file names as bytes), lossily elsewhere.
 #[cfg(unix)]
-fn bytes_path(bytes: &[u8]) -> PathBuf {
+pub(crate) fn bytes_path(bytes: &[u8]) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
 }
 
+/// Bytes as a path: exactly on Unix, lossily elsewhere.
 #[cfg(not(unix))]
-fn bytes_path(bytes: &[u8]) -> PathBuf {
+pub(crate) fn bytes_path(bytes: &[u8]) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
 }
 
