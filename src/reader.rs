@@ -1,5 +1,6 @@
 //! [`Reader`]: guest reads through the L1 and L2 tables.
 
+use std::borrow::Cow;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -116,20 +117,7 @@ enum State<'a> {
 /// A reader's L1 table: its own reference, or one borrowed from whatever outlives the reader
 /// (the image, an [`OwnedReader`](crate::OwnedReader)), so that making a reader for one read
 /// touches no reference count.
-enum Table<'a> {
-    Own(Arc<[u64]>),
-    Borrowed(&'a Arc<[u64]>),
-}
-
-impl Table<'_> {
-    #[inline]
-    fn get(&self) -> &Arc<[u64]> {
-        match self {
-            Table::Own(table) => table,
-            Table::Borrowed(table) => table,
-        }
-    }
-}
+type Table<'a> = Cow<'a, Arc<[u64]>>;
 
 /// What a reader reads: its L1 table (the active one or a snapshot's), that table's file
 /// offset, and the guest size. An [`OwnedReader`](crate::OwnedReader) keeps it.
@@ -143,7 +131,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn new(image: &'a Qcow2<I>, l1: Arc<[u64]>, l1_offset: u64, size: u64) -> Self {
         Self::with(
             image,
-            Table::Own(l1),
+            Cow::Owned(l1),
             l1_offset,
             size,
             State::Own(ReadState::new()),
@@ -156,7 +144,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn borrowed(image: &'a Qcow2<I>, view: &'a View, state: &'a ReadState) -> Self {
         Self::with(
             image,
-            Table::Borrowed(&view.l1),
+            Cow::Borrowed(&view.l1),
             view.l1_offset,
             view.size,
             State::Shared(state),
@@ -166,7 +154,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     /// What this reader reads, to keep without the borrow of the image.
     pub(crate) fn view(&self) -> View {
         View {
-            l1: Arc::clone(self.l1.get()),
+            l1: Arc::clone(&self.l1),
             l1_offset: self.l1_offset,
             size: self.size,
         }
@@ -179,7 +167,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let (l1_offset, size) = (image.header.l1_table_offset(), image.guest_size());
         Self::with(
             image,
-            Table::Borrowed(&image.l1),
+            Cow::Borrowed(&image.l1),
             l1_offset,
             size,
             State::Shared(state),
@@ -212,10 +200,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     /// Another reader of the same view (active image or snapshot), with its own read state.
     pub(crate) fn same_view(&self) -> Self {
-        let l1 = match self.l1 {
-            Table::Own(ref table) => Table::Own(Arc::clone(table)),
-            Table::Borrowed(table) => Table::Borrowed(table),
-        };
+        let l1 = self.l1.clone(); // a reference count, or the same borrow
         let state = State::Own(ReadState::new());
         Self::with(self.image, l1, self.l1_offset, self.size, state)
     }
@@ -415,7 +400,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
 
     /// Entries in this reader's L1 table: every index from here on is unallocated.
     pub(crate) fn l1_len(&self) -> u64 {
-        self.l1.get().len() as u64
+        self.l1.len() as u64
     }
 
     /// File offset of this reader's L1 table, for errors.
@@ -427,7 +412,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     pub(crate) fn l1_entry(&self, index: u64) -> Option<u64> {
         usize::try_from(index)
             .ok()
-            .and_then(|i| self.l1.get().get(i))
+            .and_then(|i| self.l1.get(i))
             .copied()
     }
 
