@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::feature::FeatureName;
+use crate::format::feature::FeatureName;
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

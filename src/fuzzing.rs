@@ -13,17 +13,17 @@
 
 use positioned_io::ReadAt;
 
-use crate::bitmap::{self, DataCluster, DirectoryContext};
-use crate::bytes::{align8, be_u32, field, low_bits};
-use crate::compress::{self, Decompressor};
-use crate::dirty;
+use crate::base::bytes::{align8, be_u32, field, low_bits};
+use crate::base::io::read_metadata;
+use crate::base::limits::Limits;
 use crate::error::{Error, Result};
-use crate::header::{CompressionType, Header, SNAPSHOT_HEADER_LEN, TABLE_ENTRY_LEN};
-use crate::header::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
-use crate::io::read_metadata;
-use crate::limits::Limits;
-use crate::snapshot;
-use crate::table::{self, Geometry, Mapping};
+use crate::format::bitmap::{self, DataCluster, DirectoryContext};
+use crate::format::compress::{self, Decompressor};
+use crate::format::header::{CompressionType, Header, SNAPSHOT_HEADER_LEN, TABLE_ENTRY_LEN};
+use crate::format::header::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+use crate::format::snapshot;
+use crate::format::table::{self, Geometry, Mapping};
+use crate::image::dirty;
 
 /// Extended L2 needs clusters of at least 16 KiB (spec: "Extended L2 Entries").
 const MIN_EXTENDED_L2_CLUSTER_BITS: u32 = 14;

@@ -142,87 +142,59 @@ pub struct ReadmeDoctests;
 #[derive(Debug)]
 pub struct MustUseChecks;
 
-mod bitmap;
-mod bytes;
-mod cache;
-mod check;
-mod compare;
-mod compress;
-mod convert;
+mod base;
 mod crypt;
-mod dirty;
-mod disk;
 mod error;
-mod extension;
-mod extent;
-mod feature;
+mod format;
 // Entry points for the parser fuzz targets (internal, no stability promise).
 #[cfg(feature = "fuzzing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fuzzing")))]
 pub mod fuzzing;
-mod header;
-mod holes;
-mod human;
+mod guest;
 mod image;
-mod info;
-mod io;
-mod limits;
-mod map;
-mod open;
-mod options;
-mod owned;
-mod parallel;
-mod plan;
-mod pool;
-mod prealloc;
-#[cfg(feature = "serde")]
-mod qjson;
-mod reader;
-mod refcount;
-mod snapshot;
-mod table;
+mod jobs;
 
 /// The `positioned_io` crate, whose [`ReadAt`](positioned_io::ReadAt) and
 /// [`Size`](positioned_io::Size) traits the API takes and implements: use it as
 /// `qcow2::positioned_io` rather than depending on it yourself (the versions must match).
 pub use positioned_io;
 
-pub use bitmap::Bitmap;
-pub use check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
-pub use compare::{compare, CompareOptions, Comparison};
-/// The old name of [`PositionalSink`], kept for one release (a trait cannot be deprecated
-/// under a second name: this re-export keeps `impl qcow2::WriteAt for ...` compiling).
-#[doc(hidden)]
-pub use convert::PositionalSink as WriteAt;
-pub use convert::{
-    convert_to_file, convert_to_writer, ConvertOptions, PositionalSink, DEFAULT_SPARSE_SIZE,
-    MAX_SPARSE_SIZE,
-};
+pub use base::holes::{HoleQuery, Region};
+pub use base::limits::Limits;
 pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
-pub use dirty::{DirtyExtent, DirtyExtents};
-pub use disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
 pub use error::{Error, FeatureKind, Result};
-pub use extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};
-pub use extent::{Extent, ExtentKind};
-pub use feature::{
+pub use format::bitmap::Bitmap;
+pub use format::extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};
+pub use format::feature::{
     Feature, FeatureName, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
-pub use header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
-pub use holes::{HoleQuery, Region};
-pub use image::Qcow2;
-pub use info::{
+pub use format::header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+pub use guest::disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
+pub use guest::map::{MapExtent, MapIter};
+pub use guest::parallel::{Chunk, ParallelReadOptions};
+pub use image::dirty::{DirtyExtent, DirtyExtents};
+pub use image::extent::{Extent, ExtentKind};
+pub use image::open::open_file;
+pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
+pub use image::owned::OwnedReader;
+pub use image::qcow2::Qcow2;
+pub use jobs::check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
+pub use jobs::compare::{compare, CompareOptions, Comparison};
+/// The old name of [`PositionalSink`], kept for one release (a trait cannot be deprecated
+/// under a second name: this re-export keeps `impl qcow2::WriteAt for ...` compiling).
+#[doc(hidden)]
+pub use jobs::convert::PositionalSink as WriteAt;
+pub use jobs::convert::{
+    convert_to_file, convert_to_writer, ConvertOptions, PositionalSink, DEFAULT_SPARSE_SIZE,
+    MAX_SPARSE_SIZE,
+};
+pub use jobs::info::{
     BitmapInfo, ChainEntry, ChildInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
     SnapshotInfo,
 };
-pub use limits::Limits;
-pub use map::{MapExtent, MapIter};
-pub use open::open_file;
-pub use options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
-pub use owned::OwnedReader;
-pub use parallel::{Chunk, ParallelReadOptions};
 /// The old name of [`ParallelReadOptions`].
 #[deprecated(since = "0.3.0", note = "renamed `ParallelReadOptions`")]
 pub type ParallelRead = ParallelReadOptions;
-pub use reader::Reader;
-pub use snapshot::Snapshot;
+pub use format::snapshot::Snapshot;
+pub use image::reader::Reader;

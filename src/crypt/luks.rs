@@ -4,7 +4,7 @@
 //! of QEMU's `qcrypto_block_luks_check_header` and `qcrypto_block_luks_parse_header`, in their
 //! order. [`LuksHeader::unlock`] reads key material and derives keys.
 
-use crate::bytes::{be_u16, be_u32, field};
+use crate::base::bytes::{be_u16, be_u32, field};
 use crate::error::{Error, Result};
 
 use super::names::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
@@ -345,12 +345,12 @@ mod unlock {
     use positioned_io::ReadAt;
 
     use super::{LuksHeader, DIGEST_LEN, SECTOR_SIZE};
+    use crate::base::io::read_metadata;
     use crate::crypt::cipher::SectorCipher;
     use crate::crypt::hash;
     use crate::crypt::KdfBudget;
     use crate::error::{Error, Result};
-    use crate::extension::EncryptionExtension;
-    use crate::io::read_metadata;
+    use crate::format::extension::EncryptionExtension;
     use zeroize::Zeroizing;
 
     impl LuksHeader {

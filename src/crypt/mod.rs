@@ -25,11 +25,11 @@ use std::sync::Arc;
 
 use positioned_io::ReadAt;
 
+use crate::base::io::read_metadata;
+use crate::base::limits::Limits;
 use crate::error::{Error, Result};
-use crate::header::Header;
-use crate::image::Qcow2;
-use crate::io::read_metadata;
-use crate::limits::Limits;
+use crate::format::header::Header;
+use crate::image::qcow2::Qcow2;
 
 /// Encryption sector size: QEMU encrypts qcow2 data in 512-byte units, each with its own IV.
 pub(crate) const SECTOR_SIZE: u64 = 512;
@@ -442,7 +442,7 @@ impl Encryption {
         host: u64,
         guest: u64,
         data: &mut [u8],
-        pool: &crate::pool::Pool,
+        pool: &crate::base::pool::Pool,
     ) -> Result<()> {
         #[cfg(feature = "encryption")]
         if let Some(key) = &self.key {
@@ -465,7 +465,7 @@ fn decrypt_in_parallel(
     key: &cipher::SectorCipher,
     first: u64,
     data: &mut [u8],
-    pool: &crate::pool::Pool,
+    pool: &crate::base::pool::Pool,
 ) {
     let threads = pool
         .threads()

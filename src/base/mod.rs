@@ -1,0 +1,9 @@
+//! The ground floor: bounds-checked bytes, reading with bounded allocation, caches, the worker
+//! pool, what the file system knows about holes, and the limits an image must stay within.
+
+pub(crate) mod bytes;
+pub(crate) mod cache;
+pub(crate) mod holes;
+pub(crate) mod io;
+pub(crate) mod limits;
+pub(crate) mod pool;

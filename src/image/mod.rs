@@ -1,0 +1,13 @@
+//! One image: [`Qcow2`](crate::Qcow2) (loading, open options, opening by path and following
+//! the chain), the planner over its L1/L2 tables, and the [`Reader`](crate::Reader) that
+//! executes plans. A writer belongs here, beside the reader.
+
+pub(crate) mod dirty;
+pub(crate) mod extent;
+pub(crate) mod open;
+pub(crate) mod options;
+pub(crate) mod owned;
+pub(crate) mod plan;
+pub(crate) mod prealloc;
+pub(crate) mod qcow2;
+pub(crate) mod reader;

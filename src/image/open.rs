@@ -1,0 +1,670 @@
+//! Opening an image by path: following its backing chain and data file under a [`FilePolicy`].
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::base::holes::HoleQuery;
+use crate::base::io::read_up_to;
+use crate::error::{Error, Result};
+use crate::format::header::MAGIC;
+use crate::image::options::{FilePolicy, FileRole, OpenOptions};
+use crate::image::qcow2::Qcow2;
+
+impl Qcow2<File> {
+    /// Open an image by path as `qemu-img` does: follow its backing chain (names resolved
+    /// relative to the directory of the image that names them) and open its external data
+    /// file, with default options ([`FilePolicy::Any`]).
+    ///
+    /// ```
+    /// use positioned_io::ReadAt;
+    ///
+    /// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+    /// let mut buf = vec![0u8; 4096];
+    /// image.reader()?.read_exact_at(0, &mut buf)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_path(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_path_with(path, &OpenOptions::default())
+    }
+
+    /// Open an image by path with options: other files are opened only as
+    /// [`OpenOptions::files`] allows, with its limits, threads and secret.
+    ///
+    /// The image itself and every file it names must be regular files (block devices too
+    /// when [`OpenOptions::allow_devices`] says so): a FIFO, socket, directory or character
+    /// device is an [`Error::NotRegularFile`] at once, never a blocked open.
+    ///
+    /// ```
+    /// use qcow2::{Error, FilePolicy, OpenOptions, Qcow2};
+    ///
+    /// // Open no other file: the overlay's backing file is refused.
+    /// let options = OpenOptions::new().files(FilePolicy::Nothing);
+    /// let err = Qcow2::open_path_with("fixtures/chain-top.qcow2", &options).unwrap_err();
+    /// assert!(matches!(err, Error::FileRefused { .. }));
+    ///
+    /// // Backing files inside the image's own directory only, two threads.
+    /// let path = std::path::Path::new("fixtures/chain-top.qcow2");
+    /// let dir = path.parent().unwrap_or(std::path::Path::new(""));
+    /// let options = OpenOptions::new().files(FilePolicy::Under(dir.into())).threads(2);
+    /// let image = Qcow2::open_path_with(path, &options)?;
+    /// assert!(image.has_backing_attached());
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn open_path_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
+        let file = checked_open(path, "image", options.allow_devices)?;
+        let mut visited = HashSet::new();
+        visited.insert(canonical(path)?);
+        open_chain_link(file, path.to_path_buf(), options, &mut visited, 0)
+    }
+}
+
+/// Open one qcow2 image of a chain and, below it, the rest. Depth is bounded by the limits,
+/// so the recursion is too.
+fn open_chain_link(
+    file: File,
+    path: PathBuf,
+    options: &OpenOptions,
+    visited: &mut HashSet<PathBuf>,
+    depth: u32,
+) -> Result<Qcow2<File>> {
+    let holes = hole_query(&file);
+    let id = FileId::of(&file, &path)?;
+    let secret = options.secret_for_path(&path);
+    let mut image = Qcow2::open_with_secret(file, options, secret.as_ref())?;
+    image.holes = holes;
+    image.path = Some(path.clone());
+    image.files.extend(id);
+    // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
+    if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
+        let data_path = resolve(&path, &name)?;
+        let data = open_allowed(&data_path, FileRole::DataFile, options)?;
+        image.files.extend(FileId::of(&data, &data_path)?);
+        image.data_file_holes = hole_query(&data);
+        image.data_file_path = Some(data_path);
+        image.set_data_file(data)?;
+    }
+    let Some(name) = image.header().backing_file_path().map(Path::to_path_buf) else {
+        return Ok(image);
+    };
+    if image.has_backing_attached() {
+        return Ok(image); // backing_as_zeros
+    }
+    let next_depth = depth.saturating_add(1);
+    if next_depth > options.limits.max_chain_depth {
+        return Err(Error::BackingChain {
+            path,
+            reason: format!(
+                "backing chain deeper than {}",
+                options.limits.max_chain_depth
+            ),
+        });
+    }
+    let backing_path = resolve(&path, &name)?;
+    let file = open_allowed(&backing_path, FileRole::Backing, options)?;
+    if !visited.insert(canonical(&backing_path).unwrap_or_else(|_| backing_path.clone())) {
+        return Err(Error::BackingChain {
+            path: backing_path,
+            reason: "backing chain loops back to an image already in it".to_owned(),
+        });
+    }
+    let format = match image.header().backing_format() {
+        Some(f) => f.to_owned(),
+        None => probe_format(&file, &backing_path)?.to_owned(),
+    };
+    match format.as_str() {
+        "qcow2" => {
+            let backing = open_chain_link(file, backing_path, options, visited, next_depth)?;
+            image.set_backing_image(backing);
+        }
+        "raw" | "file" => {
+            let size = disk_len(&file).map_err(|e| {
+                Error::io(format!("reading the size of {}", backing_path.display()), e)
+            })?;
+            // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
+            let size = size.checked_next_multiple_of(512).unwrap_or(size);
+            let holes = hole_query(&file);
+            let id = FileId::of(&file, &backing_path)?;
+            image.set_backing_raw_from(file, size, Some(backing_path), holes, id);
+        }
+        _ => {
+            return Err(Error::UnsupportedBackingFormat {
+                format,
+                path: backing_path,
+            })
+        }
+    }
+    Ok(image)
+}
+
+/// The length of a disk file: a regular file's size, or a block device's (which `stat`
+/// reports as 0: its end is found by seeking there).
+pub(crate) fn disk_len(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    io::Seek::seek(&mut &*file, io::SeekFrom::End(0))
+}
+
+/// A file's identity, its device and inode: the same file whatever name, hard link, symlink
+/// or descriptor reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of an opened file, from `fstat` on its descriptor (`None` where the
+    /// platform has no inode numbers). `path` is for the error message.
+    pub(crate) fn of(file: &File, path: &Path) -> Result<Option<FileId>> {
+        sys::file_id(file).map_err(|e| Error::io(format!("inspecting {}", path.display()), e))
+    }
+
+    /// [`FileId::of`] for a file handed to the library without its name.
+    pub(crate) fn of_file(file: &File) -> Result<Option<FileId>> {
+        sys::file_id(file).map_err(|e| Error::io("inspecting a file (fstat)", e))
+    }
+}
+
+/// Open a file for reading the way this crate opens every file: read-only, close-on-exec,
+/// non-blocking (so that a FIFO without a writer cannot hang the open), then checked with
+/// `fstat` on the descriptor opened (not on the path, which may change meanwhile): it must
+/// be a regular file, or a block device when [`OpenOptions::allow_devices`] says so.
+///
+/// Use it to open an image before [`Qcow2::open`], or a raw disk before
+/// [`RawDisk::from_file`](crate::RawDisk::from_file); [`Qcow2::open_path`] opens every file
+/// of a chain this way. A FIFO, socket, directory or character device is an
+/// [`Error::NotRegularFile`].
+///
+/// ```
+/// let options = qcow2::OpenOptions::new();
+/// let file = qcow2::open_file("fixtures/v3-64k-basic.qcow2", &options)?;
+/// let image = qcow2::Qcow2::open(file)?;
+/// # let _ = image;
+/// assert!(matches!(
+///     qcow2::open_file("fixtures", &options),
+///     Err(qcow2::Error::NotRegularFile { kind: "directory", .. })
+/// ));
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+pub fn open_file(path: impl AsRef<Path>, options: &OpenOptions) -> Result<File> {
+    checked_open(path.as_ref(), "image", options.allow_devices)
+}
+
+/// A second handle to `file` that answers the map's questions about holes (none if the
+/// handle cannot be had: the map then takes the file as all data).
+fn hole_query(file: &File) -> Option<Box<dyn HoleQuery>> {
+    file.try_clone()
+        .ok()
+        .map(|f| Box::new(f) as Box<dyn HoleQuery>)
+}
+
+/// QEMU's rule without a backing format: probe the content. qcow2's magic means qcow2; the
+/// signature of another format QEMU probes means that format (which we then refuse rather
+/// than misread as raw); anything else is raw.
+pub(crate) fn probe_format(file: &File, path: &Path) -> Result<&'static str> {
+    let mut head = [0u8; 512];
+    let got = read_up_to(file, 0, &mut head)
+        .map_err(|e| Error::io(format!("probing {}", path.display()), e))?;
+    Ok(probe_bytes(head.get(..got).unwrap_or_default(), path))
+}
+
+/// The format QEMU's probes (`bdrv_probe` of each driver) would pick for a file starting with
+/// `head`: the magics and the version fields those probes check. QEMU's dmg probe looks only
+/// at the name.
+fn probe_bytes(head: &[u8], path: &Path) -> &'static str {
+    /// (offset, signature, format); the qcow and qcow2 magic is handled apart (its version).
+    const SIGNATURES: &[(usize, &[u8], &str)] = &[
+        (0, b"KDMV", "vmdk"),
+        (0, b"COWD", "vmdk"),
+        (0, b"# Disk DescriptorFile", "vmdk"),
+        (0, b"vhdxfile", "vhdx"),
+        (0, b"conectix", "vpc"),
+        (0, b"QED\0", "qed"),
+        (0, b"LUKS\xba\xbe", "luks"),
+        (0, b"WithoutFreeSpace\x02\0\0\0", "parallels"),
+        (0, b"WithouFreSpacExt\x02\0\0\0", "parallels"),
+        (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n", "cloop"),
+        (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+    ];
+    if head.get(..4) == Some(&MAGIC.to_be_bytes()[..]) {
+        return match head
+            .get(4..8)
+            .and_then(|v| v.try_into().ok())
+            .map(u32::from_be_bytes)
+        {
+            Some(1) => "qcow",
+            Some(v) if v >= 2 => "qcow2",
+            _ => "raw",
+        };
+    }
+    if is_bochs(head) {
+        return "bochs";
+    }
+    if path.extension().is_some_and(|e| e == "dmg") && path.file_stem().is_some() {
+        return "dmg";
+    }
+    SIGNATURES
+        .iter()
+        .find(|(at, sig, _)| head.get(*at..at.saturating_add(sig.len())) == Some(*sig))
+        .map_or("raw", |(_, _, name)| *name)
+}
+
+/// Bochs: a C-string magic, type "Redolog", subtype "Growing" and version 1 or 2.
+fn is_bochs(head: &[u8]) -> bool {
+    let c_string = |at: usize, len: usize| {
+        head.get(at..at.saturating_add(len))
+            .map(crate::base::bytes::until_nul)
+    };
+    let version = head
+        .get(64..68)
+        .and_then(|v| v.try_into().ok())
+        .map(u32::from_le_bytes);
+    c_string(0, 32) == Some(&b"Bochs Virtual HD Image"[..])
+        && c_string(32, 16) == Some(&b"Redolog"[..])
+        && c_string(48, 16) == Some(&b"Growing"[..])
+        && matches!(version, Some(0x0001_0000 | 0x0002_0000))
+}
+
+/// Resolve a name from an image header as QEMU does: a protocol name (`nbd:`, `json:`, ...)
+/// is refused; `file:NAME` is NAME as given (relative to the current directory, as QEMU's
+/// file protocol takes it); an absolute name is itself; any other name is relative to the
+/// directory of the image naming it.
+pub(crate) fn resolve(image: &Path, name: &Path) -> Result<PathBuf> {
+    let bytes = name.as_os_str().as_encoded_bytes();
+    if let Some(rest) = bytes.strip_prefix(b"file:") {
+        // `rest` is `bytes` less an ASCII prefix: still a valid encoding.
+        let rest = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("file:"))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bytes_path(rest));
+        return Ok(rest);
+    }
+    if has_protocol(bytes) {
+        return Err(Error::FileRefused {
+            path: name.to_path_buf(),
+            role: "backing or data file",
+            reason: "protocol and json: file names are not supported".to_owned(),
+        });
+    }
+    if name.is_absolute() {
+        return Ok(name.to_path_buf());
+    }
+    Ok(image.parent().unwrap_or(Path::new("")).join(name))
+}
+
+/// Bytes as a path: exactly on Unix (where QEMU takes file names as bytes), lossily elsewhere.
+#[cfg(unix)]
+pub(crate) fn bytes_path(bytes: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+}
+
+/// Bytes as a path: exactly on Unix, lossily elsewhere.
+#[cfg(not(unix))]
+pub(crate) fn bytes_path(bytes: &[u8]) -> PathBuf {
+    PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// QEMU's `path_has_protocol`: a colon before any slash.
+pub(crate) fn has_protocol(name: &[u8]) -> bool {
+    match name.iter().position(|&b| b == b':') {
+        Some(colon) => !name.get(..colon).unwrap_or_default().contains(&b'/'),
+        None => false,
+    }
+}
+
+pub(crate) fn canonical(path: &Path) -> Result<PathBuf> {
+    path.canonicalize()
+        .map_err(|e| Error::io(format!("resolving {}", path.display()), e))
+}
+
+/// Open a file the image names, as the policy allows, and check what was opened.
+pub(crate) fn open_allowed(path: &Path, role: FileRole, options: &OpenOptions) -> Result<File> {
+    let refuse = |reason: String| Error::FileRefused {
+        path: path.to_path_buf(),
+        role: role.describe(),
+        reason,
+    };
+    let devices = options.allow_devices;
+    match &options.files {
+        FilePolicy::Any => checked_open(path, role.describe(), devices),
+        FilePolicy::Nothing => Err(refuse("the open policy allows no other files".to_owned())),
+        FilePolicy::Under(dir) => {
+            // An empty path (what `Path::parent` gives for a bare file name) is the current
+            // directory, as it is when a path is resolved relative to it.
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir.as_path()
+            };
+            let file = beneath::open(dir, path, role.describe()).map_err(|e| match e {
+                beneath::Failure::Outside(reason) => refuse(reason),
+                beneath::Failure::Error(e) => e,
+            })?;
+            check_file_type(&file, path, role.describe(), devices)?;
+            Ok(file)
+        }
+        FilePolicy::Callback(f) => {
+            let file = f(path, role).map_err(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => refuse(e.to_string()),
+                _ => Error::io(format!("opening {} {}", role.describe(), path.display()), e),
+            })?;
+            check_file_type(&file, path, role.describe(), devices)?;
+            Ok(file)
+        }
+    }
+}
+
+/// Open `path` read-only without blocking (a FIFO opens at once in non-blocking mode), then
+/// refuse anything but a regular file (or a block device, when allowed).
+pub(crate) fn checked_open(path: &Path, role: &'static str, devices: bool) -> Result<File> {
+    let file = sys::open_nonblocking(path)
+        .map_err(|e| Error::io(format!("opening {role} {}", path.display()), e))?;
+    check_file_type(&file, path, role, devices)?;
+    Ok(file)
+}
+
+/// Refuse an opened file that is not a regular file (block devices pass when allowed).
+fn check_file_type(file: &File, path: &Path, role: &'static str, devices: bool) -> Result<()> {
+    let kind = sys::file_kind(file)
+        .map_err(|e| Error::io(format!("inspecting {role} {}", path.display()), e))?;
+    match kind {
+        "regular file" => Ok(()),
+        "block device" if devices => Ok(()),
+        kind => Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+            role,
+            kind,
+        }),
+    }
+}
+
+#[cfg(unix)]
+mod sys {
+    use std::fs::File;
+    use std::io;
+    use std::path::Path;
+
+    use rustix::fs::{FileType, Mode, OFlags};
+
+    /// Read-only, close-on-exec, never a controlling terminal, and non-blocking so that a
+    /// FIFO without a writer cannot hang the open (regular files ignore the flag).
+    pub(super) const FLAGS: OFlags = OFlags::RDONLY
+        .union(OFlags::CLOEXEC)
+        .union(OFlags::NOCTTY)
+        .union(OFlags::NONBLOCK);
+
+    pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
+        Ok(File::from(rustix::fs::open(path, FLAGS, Mode::empty())?))
+    }
+
+    pub(super) fn file_id(file: &File) -> io::Result<Option<super::FileId>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        Ok(Some(super::FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }))
+    }
+
+    pub(super) fn file_kind(file: &File) -> io::Result<&'static str> {
+        let stat = rustix::fs::fstat(file)?;
+        Ok(match FileType::from_raw_mode(stat.st_mode) {
+            FileType::RegularFile => "regular file",
+            FileType::BlockDevice => "block device",
+            FileType::CharacterDevice => "character device",
+            FileType::Fifo => "FIFO",
+            FileType::Socket => "socket",
+            FileType::Directory => "directory",
+            FileType::Symlink => "symbolic link",
+            _ => "special file",
+        })
+    }
+}
+
+#[cfg(not(unix))]
+mod sys {
+    use std::fs::File;
+    use std::io;
+    use std::path::Path;
+
+    pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
+        File::open(path)
+    }
+
+    pub(super) fn file_id(_file: &File) -> io::Result<Option<super::FileId>> {
+        Ok(None)
+    }
+
+    pub(super) fn file_kind(file: &File) -> io::Result<&'static str> {
+        let kind = file.metadata()?.file_type();
+        Ok(if kind.is_file() {
+            "regular file"
+        } else if kind.is_dir() {
+            "directory"
+        } else {
+            "special file"
+        })
+    }
+}
+
+/// `FilePolicy::Under`: the file actually opened lies under the directory, whatever symlinks
+/// or renames happen meanwhile.
+mod beneath {
+    use std::fs::File;
+    use std::path::{Path, PathBuf};
+
+    use crate::error::Error;
+
+    pub(super) enum Failure {
+        /// The path leads outside the directory: a refusal.
+        Outside(String),
+        Error(Error),
+    }
+
+    /// `path` relative to `dir`, for a path that cannot be resolved now (a missing file, a
+    /// dangling symlink: the open then says why): its directory resolved, when it can be, and
+    /// its last component as written, else the whole path as written (symlinks and `..` left
+    /// to the kernel to resolve, beneath the directory).
+    fn lexical(dir: &Path, path: &Path) -> Result<PathBuf, Failure> {
+        let absolute = |p: &Path| std::path::absolute(p).ok();
+        let dirs = [absolute(dir), dir.canonicalize().ok()];
+        let parent_resolved = || {
+            let name = path.file_name()?;
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            Some(
+                parent
+                    .unwrap_or(Path::new("."))
+                    .canonicalize()
+                    .ok()?
+                    .join(name),
+            )
+        };
+        for p in [parent_resolved(), absolute(path)].iter().flatten() {
+            for d in dirs.iter().flatten() {
+                if let Ok(rel) = p.strip_prefix(d) {
+                    if !rel.as_os_str().is_empty() {
+                        return Ok(rel.to_path_buf());
+                    }
+                }
+            }
+        }
+        Err(outside(dir))
+    }
+
+    fn outside(dir: &Path) -> Failure {
+        Failure::Outside(format!("it is not under {}", dir.display()))
+    }
+
+    /// Where `path` resolves now (every symlink and `..` followed, whatever route they
+    /// take), relative to the directory resolved the same way: `None` when the path cannot be
+    /// resolved (it is missing); a refusal when it resolves outside.
+    fn resolved(dir: &Path, path: &Path) -> Result<Option<PathBuf>, Failure> {
+        let Ok(target) = path.canonicalize() else {
+            return Ok(None);
+        };
+        let dir_resolved = dir.canonicalize().map_err(|e| {
+            Failure::Error(Error::io(
+                format!("resolving the allowed directory {}", dir.display()),
+                e,
+            ))
+        })?;
+        match target.strip_prefix(&dir_resolved) {
+            Ok(rel) if !rel.as_os_str().is_empty() => Ok(Some(rel.to_path_buf())),
+            _ => Err(Failure::Outside(format!(
+                "it resolves to {}, outside {}",
+                target.display(),
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Open `path` if it resolves under `dir`, by whatever route (`../d/x`, an absolute
+    /// symlink into `d`), and refuse it if it resolves outside.
+    ///
+    /// The path is resolved first, then its resolved name is opened relative to a descriptor
+    /// of the directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: whatever
+    /// symlinks or renames happen meanwhile, the file opened lies beneath the directory (a
+    /// component turned into a symlink meanwhile makes the open fail). A path that cannot be
+    /// resolved (a missing file) is opened as written under `RESOLVE_BENEATH`, so the kernel
+    /// reports why it cannot be opened, or that it leads outside.
+    #[cfg(target_os = "linux")]
+    pub(super) fn open(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let io_error = |what: &str, e: std::io::Error| {
+            Failure::Error(Error::io(format!("{what} {}", path.display()), e))
+        };
+        let dir_fd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_error("opening the allowed directory for", e.into()))?;
+        let (rel, how) = match resolved(dir, path)? {
+            Some(rel) => (rel, ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS),
+            None => (
+                lexical(dir, path)?,
+                ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+            ),
+        };
+        match rustix::fs::openat2(&dir_fd, &rel, super::sys::FLAGS, Mode::empty(), how) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(rustix::io::Errno::XDEV) => Err(Failure::Outside(format!(
+                "it resolves outside {}",
+                dir.display()
+            ))),
+            // A component of the resolved name became a symlink after it was resolved.
+            Err(rustix::io::Errno::LOOP) if how.contains(ResolveFlags::NO_SYMLINKS) => Err(
+                Failure::Outside("the path changed while it was being opened".to_owned()),
+            ),
+            // Kernels before 5.6 have no openat2: check the opened file instead.
+            Err(rustix::io::Errno::NOSYS) => open_and_verify(dir, path, role),
+            Err(e) => Err(io_error(&format!("opening {role}"), e.into())),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn open(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
+        if resolved(dir, path)?.is_none() {
+            lexical(dir, path)?;
+        }
+        open_and_verify(dir, path, role)
+    }
+
+    /// Open, then make sure the file opened is the one at the resolved path under `dir`
+    /// (same device and inode), so a swap between check and open is caught.
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    fn open_and_verify(dir: &Path, path: &Path, role: &str) -> Result<File, Failure> {
+        let io_error = |e: std::io::Error| {
+            Failure::Error(Error::io(format!("opening {role} {}", path.display()), e))
+        };
+        let dir = dir.canonicalize().map_err(io_error)?;
+        let file = super::sys::open_nonblocking(path).map_err(io_error)?;
+        let target = path.canonicalize().map_err(io_error)?;
+        if !target.starts_with(&dir) {
+            return Err(outside(&dir));
+        }
+        if !same_file(&file, &target).map_err(io_error)? {
+            return Err(Failure::Outside(
+                "the file changed while it was being opened".to_owned(),
+            ));
+        }
+        Ok(file)
+    }
+
+    #[cfg(unix)]
+    fn same_file(file: &File, path: &Path) -> std::io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (file.metadata()?, std::fs::metadata(path)?);
+        Ok(a.dev() == b.dev() && a.ino() == b.ino())
+    }
+
+    #[cfg(not(unix))]
+    fn same_file(_file: &File, _path: &Path) -> std::io::Result<bool> {
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(image: &Path, name: &str) -> Result<PathBuf> {
+        super::resolve(image, Path::new(name))
+    }
+
+    #[test]
+    fn names_resolve_like_qemu() {
+        let img = Path::new("/images/vm/top.qcow2");
+        assert_eq!(
+            resolve(img, "base.qcow2").unwrap(),
+            Path::new("/images/vm/base.qcow2")
+        );
+        assert_eq!(
+            resolve(img, "../b.raw").unwrap(),
+            Path::new("/images/vm/../b.raw")
+        );
+        assert_eq!(
+            resolve(img, "/abs/b.qcow2").unwrap(),
+            Path::new("/abs/b.qcow2")
+        );
+        // QEMU's file protocol takes the rest as given: relative to the current directory.
+        assert_eq!(resolve(img, "file:b.qcow2").unwrap(), Path::new("b.qcow2"));
+        assert!(resolve(img, "nbd://host/export").is_err());
+        assert!(resolve(img, "json:{\"driver\":\"file\"}").is_err());
+        assert!(!has_protocol(b"dir/with:colon"));
+    }
+
+    #[test]
+    fn probing_names_formats_it_does_not_read() {
+        let p = Path::new("disk.img");
+        let mut qcow2 = MAGIC.to_be_bytes().to_vec();
+        qcow2.extend(3u32.to_be_bytes());
+        assert_eq!(probe_bytes(&qcow2, p), "qcow2");
+        qcow2[4..8].copy_from_slice(&1u32.to_be_bytes());
+        assert_eq!(probe_bytes(&qcow2, p), "qcow");
+        assert_eq!(probe_bytes(b"KDMV\x01\x00", p), "vmdk");
+        assert_eq!(probe_bytes(b"COWD\x01\x00", p), "vmdk");
+        let mut vdi = vec![0u8; 0x44];
+        vdi[0x40..].copy_from_slice(b"\x7f\x10\xda\xbe");
+        assert_eq!(probe_bytes(&vdi, p), "vdi");
+        let mut bochs = vec![0u8; 512];
+        bochs[..22].copy_from_slice(b"Bochs Virtual HD Image");
+        bochs[32..39].copy_from_slice(b"Redolog");
+        bochs[48..55].copy_from_slice(b"Growing");
+        bochs[64..68].copy_from_slice(&0x0002_0000u32.to_le_bytes());
+        assert_eq!(probe_bytes(&bochs, p), "bochs");
+        bochs[64] = 9;
+        assert_eq!(probe_bytes(&bochs, p), "raw");
+        assert_eq!(probe_bytes(b"anything", Path::new("x.dmg")), "dmg");
+        assert_eq!(probe_bytes(b"just some disk bytes", p), "raw");
+        assert_eq!(probe_bytes(b"", p), "raw");
+    }
+}

@@ -1,0 +1,928 @@
+//! Copy a guest disk to a raw sink, like `qemu-img convert -O raw`.
+//!
+//! The disk's allocation map decides what is read: stretches that read as zeros (zero
+//! clusters, unallocated clusters with no backing data) are never read, so a sparse image
+//! converts in time proportional to its data. What is read goes in chunks of up to 2 MiB
+//! (qemu-img's buffer), on as many threads as asked.
+//!
+//! A stream ([`convert_to_writer`]) receives every byte in guest order, zeros included. A
+//! positional sink ([`convert_to_file`]) gets holes where the guest reads as zeros: zero
+//! stretches are skipped, and inside chunks that were read, runs of zeros are found the way
+//! `qemu-img convert -S SIZE` finds them (its `is_allocated_sectors_min`).
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::ops::Range;
+use std::sync::mpsc::{self, Receiver, Sender};
+
+use crate::error::{Error, Result};
+use crate::guest::disk::GuestDisk;
+
+/// qemu-img's default `-S`: 4 KiB of zeros make a hole.
+pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
+
+/// The largest `-S` qemu-img accepts (`MAX_BUF_SECTORS` sectors, 16 MiB).
+pub const MAX_SPARSE_SIZE: u64 = 16 << 20;
+
+/// Sparse detection works on 512-byte sectors, as in QEMU.
+const SECTOR: u64 = 512;
+
+/// The most bytes read at once: qemu-img's `IO_BUF_SIZE`, so chunks end where its do.
+const CHUNK: u64 = 2 << 20;
+
+/// The longest stretch of zeros handled at once, so that progress moves on through a huge
+/// sparse disk written to a stream.
+const MAX_ZERO_SEGMENT: u64 = 1 << 30;
+
+/// The most threads a conversion reads on.
+const MAX_THREADS: usize = 64;
+
+/// A buffer of zeros for writing zero stretches to streams.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// How [`convert_to_writer`] and [`convert_to_file`] copy a disk.
+///
+/// ```
+/// let options = qcow2::ConvertOptions::new().threads(4).sparse_size(64 * 1024);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConvertOptions {
+    threads: usize,
+    sparse_size: u64,
+    size: Option<u64>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            // As many as an image's pool (qemu-img keeps 8 requests in flight).
+            threads: crate::image::qcow2::default_threads(),
+            sparse_size: DEFAULT_SPARSE_SIZE,
+            size: None,
+        }
+    }
+}
+
+impl ConvertOptions {
+    /// One reading thread per core (at most 8), `-S 4k`, the disk's own size.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Read on this many threads (1 to 64; 1 reads on the calling thread only). Chunks are
+    /// dealt to the threads in turn; if a thread cannot be started, the conversion runs
+    /// on those that could, or on the calling thread. These are the conversion's own
+    /// threads, not the image's pool ([`OpenOptions::threads`](crate::OpenOptions::threads)),
+    /// on which their reads may still decompress or decrypt.
+    #[must_use]
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.clamp(1, MAX_THREADS);
+        self
+    }
+
+    /// Like `qemu-img convert -S`: zeros inside data are left as holes in a positional
+    /// sink when they make a run of at least this many bytes (rounded down to whole
+    /// 512-byte sectors, at most [`MAX_SPARSE_SIZE`]); 0 writes every byte, zeros too, so
+    /// the output is fully allocated. Streams receive every byte whatever this says.
+    ///
+    /// ```
+    /// // Every byte written, zeros too: a fully allocated raw file (qemu-img convert -S 0).
+    /// let options = qcow2::ConvertOptions::new().sparse_size(0);
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn sparse_size(mut self, bytes: u64) -> Self {
+        let bytes = bytes.min(MAX_SPARSE_SIZE);
+        self.sparse_size = bytes.saturating_sub(bytes % SECTOR);
+        self
+    }
+
+    /// Copy this many bytes instead of the disk's size: zeros past the disk's end, or the
+    /// disk cut short. `qemu-img convert -l` pads a snapshot smaller than the image (taken
+    /// before a resize) to the image's size.
+    #[must_use]
+    pub fn size(mut self, bytes: u64) -> Self {
+        self.size = Some(bytes);
+        self
+    }
+}
+
+/// A sink written at positions, shared by the threads of a conversion: a file, or anything
+/// that can be written at an offset and given a length.
+///
+/// A [`std::fs::File`] is one; a sink of your own needs only `write_all_at` and `set_len`:
+///
+/// ```
+/// use std::sync::Mutex;
+///
+/// struct Memory(Mutex<Vec<u8>>);
+///
+/// impl qcow2::PositionalSink for Memory {
+///     fn write_all_at(&self, pos: u64, buf: &[u8]) -> std::io::Result<()> {
+///         let mut out = self.0.lock().unwrap();
+///         let end = pos as usize + buf.len();
+///         if out.len() < end {
+///             out.resize(end, 0);
+///         }
+///         out[pos as usize..end].copy_from_slice(buf);
+///         Ok(())
+///     }
+///     fn set_len(&self, len: u64) -> std::io::Result<()> {
+///         self.0.lock().unwrap().resize(len as usize, 0);
+///         Ok(())
+///     }
+/// }
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let sink = Memory(Mutex::new(Vec::new()));
+/// qcow2::convert_to_file(&image.reader()?, &sink, &qcow2::ConvertOptions::new(), |_, _| {})?;
+/// assert_eq!(sink.0.lock().unwrap().len() as u64, image.guest_size());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+pub trait PositionalSink {
+    /// Write all of `buf` at byte offset `pos`.
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()>;
+    /// Set the length of the sink, extending it with zeros (holes) or cutting it short.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The file the sink writes, when it is one: [`convert_to_file`] then makes sure it is
+    /// not a file the disk reads before changing it. The default says none.
+    fn as_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+}
+
+impl PositionalSink for std::fs::File {
+    #[cfg(unix)]
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, pos)
+    }
+
+    #[cfg(windows)]
+    fn write_all_at(&self, pos: u64, mut buf: &[u8]) -> io::Result<()> {
+        let mut pos = pos;
+        while !buf.is_empty() {
+            match std::os::windows::fs::FileExt::seek_write(self, buf, pos) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    buf = buf.get(n..).unwrap_or_default();
+                    pos = pos.saturating_add(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        std::fs::File::set_len(self, len)
+    }
+
+    fn as_file(&self) -> Option<&std::fs::File> {
+        Some(self)
+    }
+}
+
+/// Copy `disk` to a stream (a pipe, standard output, a `Vec<u8>`): every byte in guest
+/// order, zeros written out. `progress(done, total)` is called on the calling thread as
+/// bytes are written, with `done` rising to `total`.
+///
+/// ```
+/// # #[cfg(feature = "zlib")] {
+/// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+/// let reader = image.reader()?;
+/// let mut out = Vec::new();
+/// let options = qcow2::ConvertOptions::new().threads(2);
+/// qcow2::convert_to_writer(&reader, &mut out, &options, |_done, _total| {})?;
+/// assert_eq!(out.len() as u64, image.guest_size());
+/// # }
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+pub fn convert_to_writer<D, W>(
+    disk: &D,
+    mut out: W,
+    options: &ConvertOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + Sync + ?Sized,
+    W: Write,
+{
+    let total = options.size.unwrap_or_else(|| disk.disk_size());
+    let mut stream = Stream { out: &mut out };
+    copy(
+        disk,
+        &InOrder,
+        &mut stream,
+        total,
+        options.threads,
+        &mut progress,
+    )?;
+    out.flush().map_err(|e| Error::io("flushing the output", e))
+}
+
+/// Copy `disk` to a positional sink: the sink is emptied (its length set to 0), only data is
+/// written, each chunk by the thread that read it, and the sink's length is then set to the
+/// disk's size. Zero stretches are left as holes, and so are runs of zeros inside data as
+/// [`ConvertOptions::sparse_size`] says. `progress(done, total)` is called on the calling
+/// thread, with `done` rising to `total`.
+///
+/// When the sink is a file ([`PositionalSink::as_file`]) that the disk reads
+/// ([`GuestDisk::reads_file`]: the image, a backing file, the data file, under any name or
+/// link), the conversion is refused with [`Error::OutputIsSource`] before the sink is
+/// touched. Open the output without truncating it, as below, so that nothing is lost
+/// before this check: `File::create` would empty a backing file given as the output
+/// before the conversion could refuse it.
+///
+/// ```
+/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let reader = image.reader()?;
+/// let path = std::env::temp_dir().join(format!("qcow2-doc-{}.raw", std::process::id()));
+/// let file = std::fs::OpenOptions::new()
+///     .write(true)
+///     .create(true)
+///     .truncate(false)
+///     .open(&path)?;
+/// qcow2::convert_to_file(&reader, &file, &qcow2::ConvertOptions::new(), |_, _| {})?;
+/// assert_eq!(file.metadata()?.len(), image.guest_size());
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn convert_to_file<D, F>(
+    disk: &D,
+    out: &F,
+    options: &ConvertOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + Sync + ?Sized,
+    F: PositionalSink + Sync + ?Sized,
+{
+    if let Some(file) = out.as_file() {
+        if disk.reads_file(file)? {
+            return Err(Error::OutputIsSource);
+        }
+    }
+    out.set_len(0)
+        .map_err(|e| Error::io("emptying the output", e))?;
+    let total = options.size.unwrap_or_else(|| disk.disk_size());
+    let positional = Positional {
+        out,
+        sparse_sectors: options.sparse_size / SECTOR,
+    };
+    let mut zeros = PositionalZeros { sink: &positional };
+    copy(
+        disk,
+        &positional,
+        &mut zeros,
+        total,
+        options.threads,
+        &mut progress,
+    )?;
+    out.set_len(total)
+        .map_err(|e| Error::io(format!("setting the output length to {total}"), e))
+}
+
+/// A stretch of the output: read from the disk, or known to be zeros.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    start: u64,
+    len: u64,
+    read: bool,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+}
+
+/// Walks the disk's allocation map into segments: zero stretches whole, data in chunks.
+struct Planner<'d, D: ?Sized> {
+    disk: &'d D,
+    pos: u64,
+    end: u64,
+    /// The stretch looked up last: `[start, end)`, and whether it is read. The segments cut
+    /// from one stretch (a zero stretch longer than [`MAX_ZERO_SEGMENT`], data longer than a
+    /// chunk) take the rest of it from here instead of looking the stretch up again from
+    /// each segment's start, which cost the rest of the stretch every time.
+    known: Option<(u64, u64, bool)>,
+}
+
+impl<D: GuestDisk + ?Sized> Planner<'_, D> {
+    fn next(&mut self) -> Result<Option<Segment>> {
+        let start = self.pos;
+        if start >= self.end {
+            return Ok(None);
+        }
+        let mut pos = start;
+        // Zero stretches of any kind, one after another, make one segment.
+        let zeros_end = start.saturating_add(MAX_ZERO_SEGMENT).min(self.end);
+        while pos < zeros_end {
+            match self.stretch_at(pos)? {
+                (true, len) if pos == start => {
+                    self.pos = pos.saturating_add(len.min(CHUNK));
+                    return Ok(Some(Segment {
+                        start,
+                        len: self.pos.saturating_sub(start),
+                        read: true,
+                    }));
+                }
+                (true, _) => break,
+                (false, len) => pos = pos.saturating_add(len),
+            }
+        }
+        let pos = pos.min(zeros_end);
+        self.pos = pos;
+        Ok(Some(Segment {
+            start,
+            len: pos.saturating_sub(start),
+            read: false,
+        }))
+    }
+
+    /// Whether the disk must be read from `pos`, and for how long (at least 1 byte, not
+    /// past the end of the output).
+    fn stretch_at(&mut self, pos: u64) -> Result<(bool, u64)> {
+        if let Some((start, end, read)) = self.known {
+            if start <= pos && pos < end {
+                return Ok((read, end.saturating_sub(pos)));
+            }
+        }
+        let (read, len) = self.look_up(pos)?;
+        self.known = Some((pos, pos.saturating_add(len), read));
+        Ok((read, len))
+    }
+
+    /// [`Planner::stretch_at`], asking the disk.
+    fn look_up(&self, pos: u64) -> Result<(bool, u64)> {
+        let left = self.end.saturating_sub(pos);
+        let in_disk = self.disk.disk_size().saturating_sub(pos);
+        let (read, len) = match self.disk.allocation_at(pos)? {
+            Some((allocation, len)) if in_disk > 0 => {
+                (!allocation.reads_as_zeros(), len.clamp(1, in_disk))
+            }
+            // Past the disk's end (a padded snapshot): zeros.
+            _ => (false, left),
+        };
+        Ok((read, len.min(left)))
+    }
+}
+
+/// What is done with a chunk on the thread that read it.
+trait Place: Sync {
+    /// Store the chunk read at `start`; `true` when the calling thread must still write it,
+    /// in guest order.
+    fn place(&self, start: u64, buf: &[u8]) -> Result<bool>;
+}
+
+/// What the calling thread does, in guest order.
+trait Ordered {
+    /// A chunk that [`Place::place`] left to the calling thread.
+    fn chunk(&mut self, start: u64, buf: &[u8]) -> Result<()>;
+    /// A stretch of zeros that was not read.
+    fn zeros(&mut self, start: u64, len: u64) -> Result<()>;
+}
+
+/// Streams write everything on the calling thread.
+struct InOrder;
+
+impl Place for InOrder {
+    fn place(&self, _: u64, _: &[u8]) -> Result<bool> {
+        Ok(true)
+    }
+}
+
+struct Stream<'w, W> {
+    out: &'w mut W,
+}
+
+impl<W: Write> Ordered for Stream<'_, W> {
+    fn chunk(&mut self, start: u64, buf: &[u8]) -> Result<()> {
+        self.out
+            .write_all(buf)
+            .map_err(|e| Error::io(format!("writing the output at offset {start}"), e))
+    }
+
+    fn zeros(&mut self, start: u64, len: u64) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let n = len.saturating_sub(done).min(ZEROS.len() as u64) as usize;
+            self.chunk(
+                start.saturating_add(done),
+                ZEROS.get(..n).unwrap_or_default(),
+            )?;
+            done = done.saturating_add(n as u64);
+        }
+        Ok(())
+    }
+}
+
+/// A positional sink: chunks are written in place by the threads that read them.
+struct Positional<'f, F: ?Sized> {
+    out: &'f F,
+    /// `-S` in sectors; 0 writes everything.
+    sparse_sectors: u64,
+}
+
+impl<F: PositionalSink + ?Sized> Positional<'_, F> {
+    fn write(&self, pos: u64, buf: &[u8]) -> Result<()> {
+        self.out
+            .write_all_at(pos, buf)
+            .map_err(|e| Error::io(format!("writing the output at offset {pos}"), e))
+    }
+}
+
+impl<F: PositionalSink + Sync + ?Sized> Place for Positional<'_, F> {
+    fn place(&self, start: u64, buf: &[u8]) -> Result<bool> {
+        if self.sparse_sectors == 0 {
+            self.write(start, buf)?;
+            return Ok(false);
+        }
+        for range in ranges_to_write(buf, start / SECTOR, self.sparse_sectors) {
+            let at = start.saturating_add(range.start as u64);
+            self.write(at, buf.get(range).unwrap_or_default())?;
+        }
+        Ok(false)
+    }
+}
+
+/// Zero stretches of a positional sink: holes, unless `-S 0` asks for every byte.
+struct PositionalZeros<'p, 'f, F: ?Sized> {
+    sink: &'p Positional<'f, F>,
+}
+
+impl<F: PositionalSink + ?Sized> Ordered for PositionalZeros<'_, '_, F> {
+    fn chunk(&mut self, _: u64, _: &[u8]) -> Result<()> {
+        Ok(()) // written in place already
+    }
+
+    fn zeros(&mut self, start: u64, len: u64) -> Result<()> {
+        if self.sink.sparse_sectors != 0 {
+            return Ok(());
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = len.saturating_sub(done).min(ZEROS.len() as u64) as usize;
+            let at = start.saturating_add(done);
+            self.sink.write(at, ZEROS.get(..n).unwrap_or_default())?;
+            done = done.saturating_add(n as u64);
+        }
+        Ok(())
+    }
+}
+
+/// Copy `total` bytes of `disk`, reading on `threads` threads.
+fn copy<D, P, O>(
+    disk: &D,
+    place: &P,
+    out: &mut O,
+    total: u64,
+    threads: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + Sync + ?Sized,
+    P: Place,
+    O: Ordered,
+{
+    let mut planner = Planner {
+        disk,
+        pos: 0,
+        end: total,
+        known: None,
+    };
+    progress(0, total);
+    if threads <= 1 {
+        return copy_here(&mut planner, place, out, total, progress);
+    }
+    std::thread::scope(|scope| {
+        let mut workers = Vec::new();
+        for i in 0..threads {
+            let (jobs, job_rx) = mpsc::channel::<Segment>();
+            let (done_tx, done) = mpsc::channel::<Result<Option<Vec<u8>>>>();
+            let (spent, spent_rx) = mpsc::channel::<Vec<u8>>();
+            let ends = WorkerEnds {
+                jobs: job_rx,
+                done: done_tx,
+                spent: spent_rx,
+            };
+            let spawned = refuse_spawn_in_tests(i).and_then(|()| {
+                std::thread::Builder::new()
+                    .name(format!("qcow2-convert-{i}"))
+                    .spawn_scoped(scope, move || work(disk, place, ends))
+            });
+            match spawned {
+                Ok(_) => workers.push(Worker { jobs, done, spent }),
+                // The system will not give more threads: go on with those there are.
+                Err(_) => break,
+            }
+        }
+        if workers.is_empty() {
+            return copy_here(&mut planner, place, out, total, progress);
+        }
+        collect(&mut planner, &workers, out, total, progress)
+        // Dropping the workers' job senders here ends their loops; the scope joins them.
+    })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: how many threads a copy started on this thread may spawn before the system
+    /// "refuses" more.
+    static SPAWN_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Tests make thread creation fail past a limit; elsewhere this always lets it go on.
+fn refuse_spawn_in_tests(index: usize) -> io::Result<()> {
+    #[cfg(test)]
+    if index >= SPAWN_LIMIT.with(std::cell::Cell::get) {
+        return Err(io::Error::other("no more threads (test)"));
+    }
+    let _ = index;
+    Ok(())
+}
+
+/// The whole copy on the calling thread.
+fn copy_here<D, P, O>(
+    planner: &mut Planner<'_, D>,
+    place: &P,
+    out: &mut O,
+    total: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + ?Sized,
+    P: Place,
+    O: Ordered,
+{
+    let mut buf = Vec::new();
+    while let Some(segment) = planner.next()? {
+        if segment.read {
+            // Stale bytes are fine: the read fills all of it.
+            buf.resize(segment.len as usize, 0); // at most CHUNK
+            planner.disk.read_disk(segment.start, &mut buf)?;
+            if place.place(segment.start, &buf)? {
+                out.chunk(segment.start, &buf)?;
+            }
+        } else {
+            out.zeros(segment.start, segment.len)?;
+        }
+        progress(segment.end(), total);
+    }
+    Ok(())
+}
+
+/// A reading thread: the chunks it is dealt, and what it made of each, in order.
+struct Worker {
+    jobs: Sender<Segment>,
+    done: Receiver<Result<Option<Vec<u8>>>>,
+    /// Buffers written by the calling thread, handed back for the next chunks.
+    spent: Sender<Vec<u8>>,
+}
+
+/// A reading thread's loop: read each chunk dealt to it, place it, and send back the chunk
+/// (when the calling thread must write it) or the error. Ends when the jobs stop.
+fn work<D, P>(disk: &D, place: &P, channels: WorkerEnds)
+where
+    D: GuestDisk + ?Sized,
+    P: Place,
+{
+    let mut buf = Vec::new();
+    while let Ok(segment) = channels.jobs.recv() {
+        if buf.capacity() == 0 {
+            buf = channels.spent.try_recv().unwrap_or_default();
+        }
+        let result = read_and_place(disk, place, segment, &mut buf);
+        let failed = result.is_err();
+        if channels.done.send(result).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// A worker's ends of its channels.
+struct WorkerEnds {
+    jobs: Receiver<Segment>,
+    done: Sender<Result<Option<Vec<u8>>>>,
+    spent: Receiver<Vec<u8>>,
+}
+
+/// Read a chunk into `buf` and place it; the buffer is taken when the calling thread must
+/// still write it.
+fn read_and_place<D, P>(
+    disk: &D,
+    place: &P,
+    segment: Segment,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Vec<u8>>>
+where
+    D: GuestDisk + ?Sized,
+    P: Place,
+{
+    // Stale bytes are fine: the read fills all of it.
+    buf.resize(segment.len as usize, 0); // at most CHUNK
+    disk.read_disk(segment.start, buf)?;
+    Ok(place
+        .place(segment.start, buf)?
+        .then(|| std::mem::take(buf)))
+}
+
+/// The calling thread's side of a threaded copy: deal chunks to the workers in turn, and
+/// take their results back in the same order, so that the output is written in guest order
+/// with at most two chunks per worker in flight.
+fn collect<D, O>(
+    planner: &mut Planner<'_, D>,
+    workers: &[Worker],
+    out: &mut O,
+    total: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + ?Sized,
+    O: Ordered,
+{
+    let window = workers.len().saturating_mul(2);
+    let mut queue: VecDeque<(Segment, usize)> = VecDeque::new();
+    let mut in_flight = 0usize;
+    let mut next_worker = 0usize;
+    let mut planned_all = false;
+    loop {
+        while !planned_all && in_flight < window && queue.len() < window.saturating_mul(4) {
+            let Some(segment) = planner.next()? else {
+                planned_all = true;
+                break;
+            };
+            if !segment.read && queue.is_empty() {
+                out.zeros(segment.start, segment.len)?;
+                progress(segment.end(), total);
+                continue;
+            }
+            let mut worker = usize::MAX; // zeros: no worker
+            if segment.read {
+                worker = next_worker;
+                let w = workers.get(worker).ok_or_else(worker_gone)?;
+                if w.jobs.send(segment).is_err() {
+                    // The worker stopped: it failed, and said why.
+                    return Err(failure_of(w));
+                }
+                next_worker = next_worker.saturating_add(1);
+                if next_worker >= workers.len() {
+                    next_worker = 0;
+                }
+                in_flight = in_flight.saturating_add(1);
+            }
+            queue.push_back((segment, worker));
+        }
+        let Some((segment, worker)) = queue.pop_front() else {
+            return Ok(()); // planned all, and all written
+        };
+        if segment.read {
+            in_flight = in_flight.saturating_sub(1);
+            let result = workers
+                .get(worker)
+                .and_then(|w| w.done.recv().ok())
+                .ok_or_else(worker_gone)?;
+            if let Some(buf) = result? {
+                out.chunk(segment.start, &buf)?;
+                if let Some(w) = workers.get(worker) {
+                    let _ = w.spent.send(buf); // a worker that stopped needs none
+                }
+            }
+        } else {
+            out.zeros(segment.start, segment.len)?;
+        }
+        progress(segment.end(), total);
+    }
+}
+
+/// The error a stopped worker sent, after any results still queued before it.
+fn failure_of(worker: &Worker) -> Error {
+    while let Ok(result) = worker.done.recv() {
+        if let Err(e) = result {
+            return e;
+        }
+    }
+    worker_gone()
+}
+
+fn worker_gone() -> Error {
+    Error::io(
+        "converting",
+        io::Error::other("a reading thread stopped unexpectedly"),
+    )
+}
+
+/// The byte ranges of `buf` (which starts at sector `first_sector` of the disk) that
+/// `qemu-img convert -S` writes, with `min_sectors` > 0: everything but runs of zero sectors
+/// that its `is_allocated_sectors_min` skips. A partial last sector counts as a sector.
+pub(crate) fn ranges_to_write(
+    buf: &[u8],
+    first_sector: u64,
+    min_sectors: u64,
+) -> Vec<Range<usize>> {
+    let sectors = Sectors {
+        buf,
+        count: buf.len().div_ceil(SECTOR as usize),
+        // The writes are aligned to the largest power of two not above -S (the output's
+        // own request alignment, one byte for a file, is smaller).
+        alignment: prev_power_of_two(min_sectors.max(1)),
+    };
+    let min = usize::try_from(min_sectors).unwrap_or(usize::MAX).max(1);
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let mut at = 0usize;
+    while at < sectors.count {
+        let (allocated, count) = sectors.allocated_min(at, first_sector, min);
+        let end = at.saturating_add(count.max(1)).min(sectors.count);
+        if allocated {
+            let bytes = sectors.byte_range(at, end);
+            match ranges.last_mut() {
+                Some(last) if last.end == bytes.start => last.end = bytes.end,
+                _ => ranges.push(bytes),
+            }
+        }
+        at = end;
+    }
+    ranges
+}
+
+/// A buffer seen as 512-byte sectors.
+struct Sectors<'b> {
+    buf: &'b [u8],
+    count: usize,
+    alignment: u64,
+}
+
+impl Sectors<'_> {
+    fn byte_range(&self, from: usize, to: usize) -> Range<usize> {
+        let s = SECTOR as usize;
+        from.saturating_mul(s).min(self.buf.len())..to.saturating_mul(s).min(self.buf.len())
+    }
+
+    fn is_zero(&self, sector: usize) -> bool {
+        let r = self.byte_range(sector, sector.saturating_add(1));
+        is_zero(self.buf.get(r).unwrap_or_default())
+    }
+
+    /// qemu-img's `is_allocated_sectors`: whether the run from sector `from` is data, and
+    /// how many sectors it spans, its end moved to an alignment boundary where it can be.
+    fn run(&self, from: usize, first_sector: u64) -> (bool, usize) {
+        let n = self.count.saturating_sub(from);
+        if n == 0 {
+            return (false, 0);
+        }
+        let mut zero = self.is_zero(from);
+        let mut i = 1usize;
+        while i < n && self.is_zero(from.saturating_add(i)) == zero {
+            i = i.saturating_add(1);
+        }
+        if i == n {
+            return (!zero, i);
+        }
+        let absolute = first_sector
+            .saturating_add(from as u64)
+            .saturating_add(i as u64);
+        let tail = (absolute & self.alignment.saturating_sub(1)) as usize;
+        if tail != 0 {
+            if zero && i <= tail {
+                // The data after this short run rewrites its sectors anyway.
+                zero = false;
+            }
+            if zero {
+                i = i.saturating_sub(tail);
+            } else {
+                let up = (self.alignment as usize).saturating_sub(tail);
+                i = i.saturating_add(up).min(n);
+            }
+        }
+        (!zero, i)
+    }
+
+    /// qemu-img's `is_allocated_sectors_min`: like [`Sectors::run`], but a data run takes in
+    /// the runs of fewer than `min` zero sectors that follow it, up to its last data.
+    fn allocated_min(&self, from: usize, first_sector: u64, min: usize) -> (bool, usize) {
+        let n = self.count.saturating_sub(from);
+        let min = min.min(n);
+        let (allocated, first) = self.run(from, first_sector);
+        if !allocated {
+            return (false, first);
+        }
+        let mut used = first;
+        let mut checked = first;
+        while checked < n {
+            let (allocated, count) = self.run(from.saturating_add(checked), first_sector);
+            if count == 0 {
+                break;
+            }
+            checked = checked.saturating_add(count);
+            if allocated {
+                used = checked;
+            } else if count >= min {
+                break;
+            }
+        }
+        (true, used)
+    }
+}
+
+/// The largest power of two not above `n` (`n` > 0).
+fn prev_power_of_two(n: u64) -> u64 {
+    1u64 << (63u32.saturating_sub(n.leading_zeros()))
+}
+
+/// Whether `bytes` are all zero, sixteen at a time.
+pub(crate) fn is_zero(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(16);
+    let words_zero =
+        chunks.all(|c| <[u8; 16]>::try_from(c).is_ok_and(|w| u128::from_ne_bytes(w) == 0));
+    words_zero && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sectors(pattern: &str) -> Vec<u8> {
+        // One character per sector: '0' zeros, anything else data.
+        pattern
+            .bytes()
+            .flat_map(|c| [u8::from(c != b'0'); 512])
+            .collect()
+    }
+
+    fn written(pattern: &str, first: u64, min: u64) -> String {
+        let buf = sectors(pattern);
+        let mut out = vec![b'.'; pattern.len()];
+        for r in ranges_to_write(&buf, first, min) {
+            out[r.start / 512..r.end.div_ceil(512)].fill(b'w');
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn zero_runs_shorter_than_min_inside_data_are_written() {
+        // -S 4k: 8 sectors, aligned to 8.
+        assert_eq!(written("1111111100000000", 0, 8), "wwwwwwww........");
+        assert_eq!(written("1111111100001111", 0, 8), "wwwwwwwwwwwwwwww");
+        assert_eq!(written("0000000011111111", 0, 8), "........wwwwwwww");
+    }
+
+    #[test]
+    fn runs_end_on_alignment_boundaries() {
+        // Data in sector 1 only: written up to the 8-sector boundary; a short zero run at
+        // the start is written too (the data after it rewrites its block).
+        assert_eq!(written("0100000000000000", 0, 8), "wwwwwwww........");
+        // Starting mid-block: alignment counts from the disk's sector 0.
+        assert_eq!(written("00001000000000", 4, 8), "....wwwwwwww..");
+    }
+
+    #[test]
+    fn trailing_zeros_are_holes_and_partial_sectors_count() {
+        let mut buf = sectors("11111111");
+        buf.extend_from_slice(&[0u8; 100]);
+        assert_eq!(ranges_to_write(&buf, 0, 8), vec![0..4096]);
+        let mut buf = vec![0u8; 4096 + 100];
+        buf[4096 + 99] = 1;
+        assert_eq!(ranges_to_write(&buf, 0, 8), vec![4096..4196]);
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0; 100]));
+        let mut b = [0u8; 100];
+        b[99] = 1;
+        assert!(!is_zero(&b));
+        b[99] = 0;
+        b[3] = 1;
+        assert!(!is_zero(&b));
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn threads_that_cannot_start_leave_the_work_to_the_others() {
+        let mut data = vec![0u8; 9 << 20];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 251) as u8 * u8::from(i % (3 << 20) > 65536);
+        }
+        let disk = crate::RawDisk::new(data.clone(), data.len() as u64);
+        for limit in [0, 1, 2, usize::MAX] {
+            SPAWN_LIMIT.with(|l| l.set(limit));
+            let mut out = Vec::new();
+            let options = ConvertOptions::new().threads(4);
+            convert_to_writer(&disk, &mut out, &options, |_, _| {}).unwrap();
+            assert!(out == data, "spawn limit {limit}: output differs");
+        }
+        SPAWN_LIMIT.with(|l| l.set(usize::MAX));
+    }
+
+    #[test]
+    fn powers_of_two() {
+        assert_eq!(prev_power_of_two(1), 1);
+        assert_eq!(prev_power_of_two(8), 8);
+        assert_eq!(prev_power_of_two(12), 8);
+        assert_eq!(prev_power_of_two(32768), 32768);
+    }
+}
