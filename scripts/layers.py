@@ -113,23 +113,72 @@ def split_group(body: str):
             yield tuple(p for p in it.split(" as ")[0].split("::") if p)
 
 
-def target_file(path: tuple, modules: dict):
-    """The file of the longest module prefix of `path`."""
+def root_exports(modules: dict) -> dict:
+    """Names lib.rs re-exports (`pub use a::b::X`) -> the module path they come from, so
+    that `crate::X` counts as an import of the file that defines X."""
+    text = strip_comments((SRC / "lib.rs").read_text())
+    out = {}
+    for m in re.finditer(r"pub use ((?:\w+::)+)(\{[^}]*\}|\w+)( as \w+)?;", text):
+        head = tuple(p for p in m.group(1).split("::") if p)
+        names = re.findall(r"\w+", m.group(2))
+        alias = m.group(3)
+        for name in names:
+            key = alias.split()[-1] if alias and len(names) == 1 else name
+            out[key] = head
+    return out
+
+
+def target_file(path: tuple, modules: dict, exports: dict):
+    """The file of the longest module prefix of `path` (through lib.rs's re-exports)."""
+    if path and path[0] in exports:
+        path = exports[path[0]] + path[1:]
     for n in range(len(path), -1, -1):
         if path[:n] in modules:
             return modules[path[:n]]
     return None
 
 
+def circles(edges: dict) -> list:
+    """The strongly connected components of more than one file (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
 def main() -> int:
     show = "--graph" in sys.argv
     modules = module_files()
+    exports = root_exports(modules)
     edges = {}
     for mod, rel in sorted(modules.items(), key=lambda kv: kv[1]):
         text = test_free(strip_comments((SRC / rel).read_text()))
         targets = set()
         for path in crate_paths(text):
-            target = target_file(path, modules)
+            target = target_file(path, modules, exports)
             if target and target != rel and target != "lib.rs":
                 targets.add(target)
         edges[rel] = targets
@@ -141,11 +190,12 @@ def main() -> int:
             a, b = ORDER.index(layer_of(rel)), ORDER.index(layer_of(target))
             if b > a and (rel, target) not in EXCEPTIONS:
                 problems.append(f"climbs: {rel} ({layer_of(rel)}) imports {target} ({layer_of(target)})")
-    for rel, targets in sorted(edges.items()):
-        for target in sorted(targets):
-            folder = lambda f: f.rsplit("/", 1)[0] if "/" in f else ""
-            if folder(rel) != folder(target) and rel in edges.get(target, ()) and rel < target:
-                problems.append(f"circle: {rel} <-> {target}")
+    folder = lambda f: f.rsplit("/", 1)[0] if "/" in f else ""
+    for group in circles(edges):
+        if len({folder(f) for f in group}) > 1:
+            problems.append(f"circle: {' -> '.join(group)}")
+        else:
+            print(f"note: circle inside {folder(group[0])}/: {' -> '.join(group)}")
     for name, why in EXCEPTIONS.items():
         print(f"allowed: {name[0]} imports {name[1]}: {why}")
     for p in problems:

@@ -2,32 +2,10 @@
 
 use std::io;
 
-use crate::format::feature::FeatureName;
+use crate::format::feature::{FeatureKind, FeatureName};
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Which kind of feature bit a [`Error::UnsupportedFeature`] names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum FeatureKind {
-    /// Incompatible features (header bytes 72-79): a reader that does not know one must refuse.
-    Incompatible,
-    /// Compatible features (header bytes 80-87): safe to ignore.
-    Compatible,
-    /// Autoclear features (header bytes 88-95): cleared by writers that do not know them.
-    Autoclear,
-}
-
-impl std::fmt::Display for FeatureKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            FeatureKind::Incompatible => "incompatible",
-            FeatureKind::Compatible => "compatible",
-            FeatureKind::Autoclear => "autoclear",
-        })
-    }
-}
 
 /// Everything that can go wrong while opening or reading an image.
 ///

@@ -162,12 +162,13 @@ pub use positioned_io;
 pub use base::holes::{HoleQuery, Region};
 pub use base::limits::Limits;
 pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
-pub use error::{Error, FeatureKind, Result};
+pub use error::{Error, Result};
 pub use format::bitmap::Bitmap;
 pub use format::extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};
 pub use format::feature::{
-    Feature, FeatureName, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
-    INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+    Feature, FeatureKind, FeatureName, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
 pub use format::header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 pub use guest::disk::{Allocation, BlockStatus, GuestDisk, RawDisk};

@@ -1,5 +1,8 @@
 //! Bounds on what an image may make the reader allocate or follow.
 
+/// Largest L1 table QEMU uses, in bytes (QEMU `QCOW_MAX_L1_SIZE`): the default bound.
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
+
 /// Limits checked before every allocation or traversal sized by values read from the image.
 ///
 /// The defaults accept every image QEMU itself opens (they are QEMU's own limits) while
@@ -72,7 +75,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_l1_bytes: crate::format::table::MAX_L1_BYTES,
+            max_l1_bytes: MAX_L1_BYTES,
             max_refcount_table_bytes: 8 << 20,
             max_snapshots: 65536,
             max_snapshot_table_bytes: 64 << 20,

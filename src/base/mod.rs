@@ -7,3 +7,8 @@ pub(crate) mod holes;
 pub(crate) mod io;
 pub(crate) mod limits;
 pub(crate) mod pool;
+
+/// QEMU's block layer counts in 512-byte sectors (`BDRV_SECTOR_SIZE`): file lengths, sparse
+/// detection, compressed cluster lengths (spec: "Compressed Clusters Descriptor") and
+/// encryption IVs all use it.
+pub(crate) const SECTOR: u64 = 512;

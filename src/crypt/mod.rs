@@ -29,10 +29,9 @@ use crate::base::io::read_metadata;
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::header::Header;
-use crate::image::qcow2::Qcow2;
 
-/// Encryption sector size: QEMU encrypts qcow2 data in 512-byte units, each with its own IV.
-pub(crate) const SECTOR_SIZE: u64 = 512;
+/// QEMU encrypts qcow2 data in 512-byte sectors, each with its own IV.
+pub(crate) use crate::base::SECTOR as SECTOR_SIZE;
 
 /// A secret (passphrase) for an encrypted image, as `qemu-img` takes it from
 /// `--object secret,id=ID,data=...`.
@@ -486,20 +485,6 @@ fn decrypt_in_parallel(
         })
         .collect();
     pool.run_all(&mut shares, |(at, chunk)| key.decrypt(*at, chunk));
-}
-
-impl<I> Qcow2<I> {
-    /// The image's encryption, as `qemu-img info` reports it; `None` when not encrypted.
-    pub fn encryption(&self) -> Option<&EncryptionInfo> {
-        self.crypt.as_ref().map(|c| &c.info)
-    }
-
-    /// Whether guest data can be read: the image is not encrypted, or a secret unlocked it.
-    pub fn is_unlocked(&self) -> bool {
-        self.crypt
-            .as_ref()
-            .is_none_or(|c| c.check_unlocked().is_ok())
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@ use crate::base::bytes::{align8, be_u32, be_u64, field, low_bits, until_nul};
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::feature::{self, FeatureName};
-use crate::format::header::CRYPT_LUKS;
 
 // Extension types (spec: "Header extensions").
 /// End of the extension area.
@@ -101,6 +100,8 @@ pub(crate) struct Context<'a> {
     pub cluster_bits: u32,
     pub autoclear_features: u64,
     pub crypt_method: u32,
+    /// Whether `crypt_method` names LUKS, the one method with an encryption header.
+    pub luks: bool,
     pub limits: &'a Limits,
 }
 
@@ -288,7 +289,7 @@ fn parse_bitmaps(data: &[u8], at: u64, ctx: &Context) -> Result<Option<BitmapsEx
 
 /// The encryption header pointer, accepted only in a LUKS image, as QEMU accepts it.
 fn parse_encryption(data: &[u8], at: u64, ctx: &Context) -> Result<EncryptionExtension> {
-    if ctx.crypt_method != CRYPT_LUKS {
+    if !ctx.luks {
         return Err(Error::malformed(
             format!(
                 "encryption header extension in an image with crypt_method {} (only LUKS has one)",
@@ -348,6 +349,7 @@ mod tests {
             cluster_bits: 16,
             autoclear_features: autoclear,
             crypt_method: crypt,
+            luks: crypt == 2,
             limits: &limits,
         };
         parse_all(b, 112, end, &c)
@@ -447,6 +449,7 @@ mod tests {
             cluster_bits: 16,
             autoclear_features: 0,
             crypt_method: 0,
+            luks: false,
             limits: &limits,
         };
         assert!(parse_all(&b, 112, 65536, &c).is_err());

@@ -1,7 +1,6 @@
 //! Feature bits (header bytes 72-95) and the feature-name table extension.
 
 use crate::base::bytes::{field, lossy};
-use crate::error::FeatureKind;
 
 /// Incompatible bit 0: the image was not closed cleanly; refcounts may be stale (reads are fine).
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -24,6 +23,28 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear bit 1: the external data file is a valid raw image by itself.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+
+/// Which kind of feature bit a [`Error::UnsupportedFeature`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FeatureKind {
+    /// Incompatible features (header bytes 72-79): a reader that does not know one must refuse.
+    Incompatible,
+    /// Compatible features (header bytes 80-87): safe to ignore.
+    Compatible,
+    /// Autoclear features (header bytes 88-95): cleared by writers that do not know them.
+    Autoclear,
+}
+
+impl std::fmt::Display for FeatureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FeatureKind::Incompatible => "incompatible",
+            FeatureKind::Compatible => "compatible",
+            FeatureKind::Autoclear => "autoclear",
+        })
+    }
+}
 
 /// One entry of the feature-name table: 48 bytes (spec: type u8, bit u8, name 46 bytes).
 const FEATURE_ENTRY_LEN: usize = 48;

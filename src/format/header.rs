@@ -7,11 +7,11 @@ use std::path::Path;
 
 use crate::base::bytes::{be_u32, be_u64, field, lossy, low_bits, until_nul};
 use crate::base::limits::Limits;
-use crate::error::{Error, FeatureKind, Result};
+use crate::error::{Error, Result};
 use crate::format::extension::{
     self, BitmapsExtension, EncryptionExtension, Extension, Extensions,
 };
-use crate::format::feature::{self, Feature, FeatureName};
+use crate::format::feature::{self, Feature, FeatureKind, FeatureName};
 
 /// `QFI\xfb`, header bytes 0-3.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -546,6 +546,7 @@ impl Header {
             cluster_bits: self.cluster_bits,
             autoclear_features: self.autoclear_features,
             crypt_method: self.crypt_method,
+            luks: self.crypt_method == CRYPT_LUKS,
             limits,
         };
         (u64::from(self.header_length), end, ctx)

@@ -21,13 +21,11 @@ pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
 /// Standard L2 entry bit 0: the cluster reads as zeros.
 const OFLAG_ZERO: u64 = 1;
 /// Compressed data is counted in 512-byte sectors.
-const COMPRESSED_SECTOR: u64 = 512;
+use crate::base::SECTOR as COMPRESSED_SECTOR;
 /// Subclusters per cluster with extended L2 entries.
 const SUBCLUSTER_BITS: u32 = 5;
 /// Extended L2 bitmap, low half: subcluster `i` is allocated (QEMU `QCOW_L2_BITMAP_ALL_ALLOC`).
 pub(crate) const SUB_ALLOC_MASK: u64 = 0xffff_ffff;
-/// Largest L1 table QEMU uses, in bytes (QEMU `QCOW_MAX_L1_SIZE`).
-pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// The layout facts needed to decode entries.
 #[derive(Debug, Clone, Copy)]

@@ -5,6 +5,7 @@ use positioned_io::ReadAt;
 
 use crate::base::holes::HoleQuery;
 use crate::base::io::read_up_to;
+use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::guest::map;
 use crate::image::extent::ExtentKind;
@@ -548,9 +549,6 @@ impl RawDisk<std::fs::File> {
         })
     }
 }
-
-/// QEMU sizes raw files in 512-byte sectors.
-const SECTOR: u64 = 512;
 
 impl<R: ReadAt> GuestDisk for RawDisk<R> {
     fn disk_size(&self) -> u64 {

@@ -15,13 +15,11 @@ use std::path::Path;
 use positioned_io::ReadAt;
 
 use crate::base::holes::{HoleQuery, Region};
+use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::image::plan::{Planner, SegmentKind};
 use crate::image::qcow2::Qcow2;
 use crate::image::reader::Reader;
-
-/// QEMU counts file lengths in whole 512-byte sectors.
-const SECTOR: u64 = 512;
 
 /// A stretch of the guest disk that reads the same way, with `qemu-img map`'s properties.
 ///

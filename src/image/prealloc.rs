@@ -9,11 +9,9 @@ use positioned_io::ReadAt;
 
 use crate::base::holes::HoleQuery;
 use crate::base::io::read_metadata;
+use crate::base::SECTOR;
 use crate::format::header::Header;
 use crate::format::refcount::{RefTableEntry, RefcountLayout};
-/// QEMU counts file lengths in 512-byte sectors.
-const SECTOR: u64 = 512;
-
 /// True when clusters with a non-zero refcount (among those the file spans) reach
 /// `max(real * 10 / 9, real + 2)`, `real` being the clusters the file system allocated.
 /// Any error or unknown answer is "no", as in QEMU.

@@ -508,6 +508,20 @@ impl<I: ReadAt> Qcow2<I> {
     }
 }
 
+impl<I> Qcow2<I> {
+    /// The image's encryption, as `qemu-img info` reports it; `None` when not encrypted.
+    pub fn encryption(&self) -> Option<&crate::EncryptionInfo> {
+        self.crypt.as_ref().map(|c| &c.info)
+    }
+
+    /// Whether guest data can be read: the image is not encrypted, or a secret unlocked it.
+    pub fn is_unlocked(&self) -> bool {
+        self.crypt
+            .as_ref()
+            .is_none_or(|c| c.check_unlocked().is_ok())
+    }
+}
+
 impl<I> std::fmt::Debug for Qcow2<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2")

@@ -477,7 +477,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         guest: u64,
         out: &mut [u8],
     ) -> Result<()> {
-        const SECTOR: u64 = crate::crypt::SECTOR_SIZE;
+        use crate::base::SECTOR;
         let head = host % SECTOR;
         let end = host.saturating_add(out.len() as u64);
         let tail = end.next_multiple_of(SECTOR).saturating_sub(end);

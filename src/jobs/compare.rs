@@ -4,11 +4,9 @@
 //! rest is read in chunks of up to 2 MiB. A difference is reported at the start of the
 //! first 512-byte sector that differs, as qemu-img reports it.
 
+use crate::base::SECTOR;
 use crate::error::Result;
 use crate::guest::disk::{Allocation, GuestDisk};
-
-/// qemu-img reports differences by 512-byte sector.
-const SECTOR: u64 = 512;
 
 /// The most bytes read from each disk at once (qemu-img's `IO_BUF_SIZE`).
 const CHUNK: u64 = 2 << 20;

@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::sync::mpsc::{self, Receiver, Sender};
 
+use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::guest::disk::GuestDisk;
 
@@ -23,9 +24,6 @@ pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
 
 /// The largest `-S` qemu-img accepts (`MAX_BUF_SECTORS` sectors, 16 MiB).
 pub const MAX_SPARSE_SIZE: u64 = 16 << 20;
-
-/// Sparse detection works on 512-byte sectors, as in QEMU.
-const SECTOR: u64 = 512;
 
 /// The most bytes read at once: qemu-img's `IO_BUF_SIZE`, so chunks end where its do.
 const CHUNK: u64 = 2 << 20;

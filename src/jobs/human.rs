@@ -381,6 +381,73 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
+/// `qemu-img info` and `qemu-img snapshot -l` as text.
+impl ImageInfo {
+    /// The information as `qemu-img info` prints it, line for line, without the `disk size:`
+    /// lines (they depend on the host file system). Snapshot dates are in UTC; see
+    /// [`ImageInfo::to_human_with_offset`] for local time as `qemu-img` prints it.
+    ///
+    /// ```
+    /// let info = qcow2::ImageInfo::from_path("fixtures/chain-mid.qcow2", &Default::default())?;
+    /// let text = info.to_human();
+    /// assert!(text.starts_with("image: fixtures/chain-mid.qcow2\nfile format: qcow2\n"));
+    /// assert!(text.contains("\nvirtual size: 4 MiB (4194304 bytes)\n"));
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn to_human(&self) -> String {
+        self.to_human_with_offset(&|_| 0)
+    }
+
+    /// Like [`ImageInfo::to_human`], with snapshot dates shifted by `utc_offset(date)`
+    /// seconds (the local time zone's offset from UTC at that date).
+    ///
+    /// File names that are not UTF-8 are shown lossily here; [`ImageInfo::to_human_bytes`]
+    /// has them byte for byte, as `qemu-img` prints them.
+    pub fn to_human_with_offset(&self, utc_offset: &dyn Fn(i64) -> i64) -> String {
+        String::from_utf8_lossy(&self.to_human_bytes(utc_offset)).into_owned()
+    }
+
+    /// [`ImageInfo::to_human_with_offset`] as bytes: file names (the image's, its backing
+    /// file's) exactly as given or stored, UTF-8 or not, as `qemu-img info` prints them.
+    pub fn to_human_bytes(&self, utc_offset: &dyn Fn(i64) -> i64) -> Vec<u8> {
+        let mut out = Vec::new();
+        image(&mut out, self, 0, "", utc_offset);
+        out
+    }
+
+    /// Several images as `qemu-img info --backing-chain` prints them: separated by an empty
+    /// line. Lossy where a file name is not UTF-8: see [`ImageInfo::chain_to_human_bytes`].
+    ///
+    /// ```
+    /// use qcow2::{ImageInfo, OpenOptions};
+    ///
+    /// let chain = ImageInfo::chain_from_path("fixtures/chain-top.qcow2", &OpenOptions::new())?;
+    /// let text = ImageInfo::chain_to_human(&chain, &|_secs| 0); // dates in UTC
+    /// assert_eq!(text.lines().filter(|l| l.starts_with("image: ")).count(), 3);
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn chain_to_human(chain: &[ImageInfo], utc_offset: &dyn Fn(i64) -> i64) -> String {
+        String::from_utf8_lossy(&Self::chain_to_human_bytes(chain, utc_offset)).into_owned()
+    }
+
+    /// [`ImageInfo::chain_to_human`] as bytes, file names byte for byte.
+    pub fn chain_to_human_bytes(chain: &[ImageInfo], utc_offset: &dyn Fn(i64) -> i64) -> Vec<u8> {
+        let texts: Vec<Vec<u8>> = chain
+            .iter()
+            .map(|info| info.to_human_bytes(utc_offset))
+            .collect();
+        texts.join(&b'\n')
+    }
+
+    /// The snapshot table as `qemu-img snapshot -l` prints it (nothing when there are no
+    /// snapshots), dates shifted by `utc_offset(date)` seconds.
+    pub fn snapshot_list(&self, utc_offset: &dyn Fn(i64) -> i64) -> String {
+        let mut out = Vec::new();
+        snapshots(&mut out, &self.snapshots, "", utc_offset);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ use super::counters::Increment;
 use super::stored::read_padded;
 use super::{table_bytes, Checker, ProblemKind, AT_REFERENCE, PHASE_WALK};
 use crate::base::bytes::{be_u64, leading_zero_bytes};
+use crate::base::limits::MAX_L1_BYTES;
 use crate::error::{Error, Result};
 use crate::format::bitmap::{decode_table_entry, DataCluster};
 use crate::format::header::CRYPT_LUKS;
@@ -15,7 +16,7 @@ use crate::format::header::TABLE_ENTRY_LEN;
 use crate::format::refcount::{RefTableEntry, REFTABLE_ENTRY_LEN};
 use crate::format::table::{
     ClusterType, L1_OFFSET_MASK, L1_RESERVED_MASK, L2_OFFSET_MASK, L2_STD_RESERVED_MASK,
-    MAX_L1_BYTES, OFLAG_COPIED, SUB_ALLOC_MASK,
+    OFLAG_COPIED, SUB_ALLOC_MASK,
 };
 
 /// A pass may always walk this many L2 entries, whatever the file's size (see
