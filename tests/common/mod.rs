@@ -1,6 +1,7 @@
 //! Helpers shared by integration tests that drive QEMU's tools.
 //!
-//! Use from a test file with `mod common;`. Not every test file uses every helper, hence the
+//! Each test binary's `main.rs` declares it once (`#[path = "../common/mod.rs"] mod common;`)
+//! and its modules `use crate::common;`. Not every module uses every helper, hence the
 //! `dead_code` allowance below.
 //!
 //! * [`Qemu::find_or_skip`]: locate `qemu-img` and `qemu-io` (or `$QEMU_IMG` / `$QEMU_IO`).
