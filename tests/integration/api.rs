@@ -1,16 +1,10 @@
 //! The public API's promises, on committed fixtures (no QEMU needed).
 
 use std::fs::File;
-use std::path::PathBuf;
 
+use crate::common::fixture;
 use positioned_io::{ReadAt, Size};
 use qcow2::{Error, FilePolicy, OpenOptions, Qcow2, Reader};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 fn qcow2_error(e: &std::io::Error) -> &Error {
     e.get_ref()

@@ -5,17 +5,12 @@ use std::error::Error as _;
 use std::fmt::Debug;
 use std::path::PathBuf;
 
+use crate::common::fixture;
 // The re-export is the very crate the API uses: its traits are the ones `Reader` implements.
 use qcow2::positioned_io::{ReadAt, Size};
 use qcow2::{
     Chunk, Error, FilePolicy, OpenOptions, ParallelReadOptions, PositionalSink, Qcow2, Secret,
 };
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 /// Every text of the chain `err`, `err.source()`, ..., joined as chain printers do.
 fn chain(err: &dyn std::error::Error) -> String {

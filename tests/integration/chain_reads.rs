@@ -9,41 +9,44 @@
 
 use crate::common;
 
-use common::{describe_difference, Qemu, Rng, TempDir};
+use common::{describe_difference, Rng};
 use positioned_io::ReadAt;
 use qcow2::Qcow2;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-/// A test's tools and directory, with one pattern file per layer (prime lengths, so each
-/// layer's bytes depend on where in a write they fall and differ from the other layers').
+/// A test's tools and directory (a [`common::Env`], which it derefs to), with one pattern
+/// file per layer (prime lengths, so each layer's bytes depend on where in a write they fall
+/// and differ from the other layers').
 struct Chain {
-    qemu: Qemu,
-    dir: TempDir,
+    env: common::Env,
+}
+
+impl std::ops::Deref for Chain {
+    type Target = common::Env;
+    fn deref(&self) -> &common::Env {
+        &self.env
+    }
 }
 
 impl Chain {
     fn new(test: &str) -> Option<Chain> {
-        let qemu = Qemu::find_or_skip(test)?;
-        let dir = TempDir::new(test);
+        let env = common::Env::new(test)?;
         for (i, len) in [4093usize, 4091, 4079, 4073].into_iter().enumerate() {
             let mut pattern = vec![0u8; len];
             Rng::new(0xc4a1 + i as u64).fill(&mut pattern);
-            std::fs::write(dir.join(format!("pat{i}.bin")), pattern).expect("pattern file");
+            std::fs::write(env.path(&format!("pat{i}.bin")), pattern).expect("pattern file");
         }
-        Some(Chain { qemu, dir })
+        Some(Chain { env })
     }
 
     /// `qemu-img create -f qcow2 [-b BACKING -F FMT] -o OPTS NAME SIZE`.
     fn create(&self, name: &str, size: u64, opts: &str, backing: Option<(&str, &str)>) {
-        let size = size.to_string();
-        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts];
-        if let Some((file, format)) = backing {
-            args.extend(["-b", file, "-F", format]);
+        match backing {
+            None => self.env.create(name, size, opts),
+            Some((file, format)) => self.env.create_over(name, size, opts, file, format),
         }
-        args.extend([name, size.as_str()]);
-        self.qemu.img(self.dir.path(), &args);
     }
 
     /// `base.qcow2` written whole, `mid.qcow2` over it holding every 64 KiB cluster `i`
@@ -63,28 +66,9 @@ impl Chain {
         over("top.qcow2", "mid.qcow2", 2, "pat2.bin", top_extra);
     }
 
-    fn io(&self, name: &str, cmds: &[String]) {
-        self.qemu.io(self.dir.path(), "qcow2", name, cmds);
-    }
-
-    /// How many `qemu-img map` extents of `name` (its own layer) have `key: true`: makes
-    /// sure an image holds what a case is about.
-    #[cfg(feature = "zlib")]
-    fn map_count(&self, name: &str, key: &str) -> usize {
-        let out = self
-            .qemu
-            .img(self.dir.path(), &["map", "--output=json", name]);
-        let map: serde_json::Value = serde_json::from_slice(&out).expect("qemu-img map JSON");
-        map.as_array()
-            .map(|a| a.iter().filter(|e| e[key] == true).count())
-            .unwrap_or(0)
-    }
-
     /// Open `top` with its chain and compare reads of every shape with QEMU's bytes.
     fn verify(&self, label: &str, top: &str, unit: u64) {
-        let expected = self
-            .qemu
-            .convert_to_raw(self.dir.path(), top, &[] as &[&str]);
+        let expected = self.convert(top, &[]);
         let image = Qcow2::open_path(self.dir.join(top))
             .unwrap_or_else(|e| panic!("{label}: open_path({top}): {e}"));
         let reader = image.reader().expect("reader");

@@ -48,15 +48,8 @@ fn compressed_image(
 ) -> (std::path::PathBuf, Vec<u8>) {
     let raw = dir.join(format!("{name}.raw"));
     std::fs::write(&raw, mixed_disk(size, size ^ opts.len() as u64)).expect("raw disk");
-    let args = [
-        "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", opts,
-    ];
-    let mut args: Vec<&str> = args.to_vec();
-    let raw_name = format!("{name}.raw");
-    args.extend([raw_name.as_str(), name]);
-    qemu.img(dir.path(), &args);
-    let map = qemu.img(dir.path(), &["map", "--output=json", name]);
-    let map: serde_json::Value = serde_json::from_slice(&map).expect("qemu-img map JSON");
+    qemu.compress(dir.path(), &format!("{name}.raw"), name, opts);
+    let map = qemu.map_json(dir.path(), name);
     let extents = map.as_array().expect("qemu-img map: a list");
     let compressed: u64 = extents
         .iter()

@@ -47,22 +47,7 @@ fn base_image(qemu: &Qemu, dir: &Path, kind: &str) -> String {
     fs::write(dir.join("guest.raw"), guest_data()).unwrap();
     let name = format!("base-{kind}.qcow2");
     let opts = format!("cluster_size={CLUSTER},compression_type={kind}");
-    qemu.img(
-        dir,
-        &[
-            "convert",
-            "-q",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            &opts,
-            "guest.raw",
-            &name,
-        ],
-    );
+    qemu.compress(dir, "guest.raw", &name, &opts);
     name
 }
 

@@ -9,76 +9,31 @@
 use crate::common;
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{describe_difference, Qemu, TempDir};
+use common::{describe_difference, Env};
 use positioned_io::ReadAt;
 use qcow2::{Error, FilePolicy, OpenOptions, Qcow2};
 
-/// One test's QEMU tools and temp dir.
-struct Env {
-    qemu: Qemu,
-    dir: TempDir,
+/// What the tests here ask of an [`Env`] beyond QEMU's tools: the crate's reading of an image,
+/// next to QEMU's.
+trait Compare {
+    /// The crate's whole guest, opened by path (following backing and data files).
+    fn crate_reads(&self, image: &str, options: &OpenOptions) -> Result<Vec<u8>, Error>;
+    /// Both read `image` and get the same bytes.
+    fn assert_same_read(&self, image: &str, options: &OpenOptions) -> Vec<u8>;
+    /// QEMU refuses to read `image`; so does the crate, with an error `check` accepts.
+    fn assert_both_refuse(&self, image: &str, check: impl Fn(&Error) -> bool);
 }
 
-impl Env {
-    fn new(test: &str) -> Option<Env> {
-        let qemu = Qemu::find_or_skip(test)?;
-        Some(Env {
-            qemu,
-            dir: TempDir::new(test),
-        })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn img(&self, args: &[&str]) {
-        self.qemu.img(self.dir.path(), args);
-    }
-
-    fn io(&self, image: &str, cmds: &[&str]) {
-        self.qemu.io(self.dir.path(), "qcow2", image, cmds);
-    }
-
-    /// `qemu-img convert -O raw` of `image`: its bytes, or QEMU's error message.
-    fn qemu_reads(&self, image: &str) -> Result<Vec<u8>, String> {
-        let out = self.path("qemu-out.raw");
-        let result = Command::new(&self.qemu.img)
-            .current_dir(self.dir.path())
-            .args(["convert", "-O", "raw", image])
-            .arg(&out)
-            .output()
-            .expect("run qemu-img");
-        if !result.status.success() {
-            return Err(String::from_utf8_lossy(&result.stderr).into_owned());
-        }
-        let data = std::fs::read(&out).expect("read qemu-img output");
-        let _ = std::fs::remove_file(&out);
-        Ok(data)
-    }
-
-    /// The crate's whole guest, opened by path (following backing and data files).
+impl Compare for Env {
     fn crate_reads(&self, image: &str, options: &OpenOptions) -> Result<Vec<u8>, Error> {
         let image = Qcow2::open_path_with(self.path(image), options)?;
         read_guest(&image)
     }
 
-    fn patch(&self, image: &str, at: u64, bytes: &[u8]) {
-        let path = self.path(image);
-        let mut data = std::fs::read(&path).expect("read image");
-        data[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
-        std::fs::write(&path, data).expect("write image");
-    }
-
-    fn read_file(&self, image: &str) -> Vec<u8> {
-        std::fs::read(self.path(image)).expect("read image")
-    }
-
-    /// Both read `image` and get the same bytes.
     fn assert_same_read(&self, image: &str, options: &OpenOptions) -> Vec<u8> {
         let theirs = self
             .qemu_reads(image)
@@ -92,7 +47,6 @@ impl Env {
         ours
     }
 
-    /// QEMU refuses to read `image`; so does the crate, with an error `check` accepts.
     fn assert_both_refuse(&self, image: &str, check: impl Fn(&Error) -> bool) {
         let theirs = self.qemu_reads(image);
         assert!(theirs.is_err(), "{image}: qemu-img convert read it");
@@ -666,19 +620,7 @@ fn zstd_clusters_of_other_writers_read_as_qemu_reads_them() {
     };
     let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(env.path("src.raw"), pattern.repeat(4)).unwrap();
-    env.img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        "src.raw",
-        "z.qcow2",
-    ]);
+    env.compress("src.raw", "z.qcow2", "compression_type=zstd");
     env.assert_same_read("z.qcow2", &OpenOptions::new());
     let cluster: Vec<u8> = (0..65536u32).map(|i| (i % 199) as u8).collect();
     // Cluster 1: three frames. Cluster 2: no content size, a 16 MiB window.
@@ -721,9 +663,7 @@ fn two_descriptors_at_one_host_offset_read_the_same_in_any_order() {
     };
     let pattern: Vec<u8> = (0..4 * 65536u32).map(|i| (i % 253) as u8).collect();
     std::fs::write(env.path("src.raw"), &pattern).unwrap();
-    env.img(&[
-        "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "src.raw", "c.qcow2",
-    ]);
+    env.compress("src.raw", "c.qcow2", "");
     // Cluster 1's descriptor: cluster 0's host offset, one sector longer (QEMU reads the extra
     // sector and ignores it once the cluster is full): the same data, a different key.
     let data = env.read_file("c.qcow2");

@@ -341,13 +341,7 @@ fn fresh_images(qemu: &Qemu, dir: &Path) -> Vec<(String, Option<&'static str>)> 
     std::fs::write(d.join("src.raw"), &raw).unwrap();
     for (name, cs) in [("comp4k.qcow2", "4096"), ("comp64k.qcow2", "65536")] {
         let o = format!("cluster_size={cs}");
-        qemu_img(
-            qemu,
-            d,
-            &[
-                "convert", "-q", "-c", "-O", "qcow2", "-o", &o, "src.raw", name,
-            ],
-        );
+        qemu.compress(d, "src.raw", name, &o);
     }
     io(qemu, d, "comp4k.qcow2", &["write -P 0x55 5000 3000"]);
     // 512-byte clusters, writes crossing L2 tables.

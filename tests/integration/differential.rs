@@ -12,9 +12,9 @@ use crate::common;
 
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{describe_difference, is_all_zero, read_full, Qemu, Rng, TempDir};
+use common::{describe_difference, is_all_zero, read_full, Rng};
 use positioned_io::ReadAt;
 use qcow2::{Error, Qcow2, Reader};
 use serde_json::Value;
@@ -28,84 +28,35 @@ const TIB: u64 = 1024 * GIB;
 /// offsets that are aligned to nothing.
 const CHUNKS: [usize; 3] = [1 << 20, 65536 + 513, 4095];
 
-/// One test's QEMU tools, temp dir, pattern file and collected failures.
+/// One test's QEMU tools and temp dir (a [`common::Env`], which it derefs to), with a pattern
+/// file and the failures collected so far.
 struct Env {
-    qemu: Qemu,
-    dir: TempDir,
+    env: common::Env,
     failures: Vec<String>,
     cases: usize,
+}
+
+impl std::ops::Deref for Env {
+    type Target = common::Env;
+    fn deref(&self) -> &common::Env {
+        &self.env
+    }
 }
 
 impl Env {
     /// `None` (after the loud skip notice) when QEMU's tools are missing.
     fn new(test: &str) -> Option<Env> {
-        let qemu = Qemu::find_or_skip(test)?;
-        let dir = TempDir::new(test);
+        let env = common::Env::new(test)?;
         // A pattern file for `qemu-io write -s`: incompressible, prime length, so the data
         // depends on the position inside each write.
         let mut pat = vec![0u8; 4093];
         Rng::new(0x5eed).fill(&mut pat);
-        std::fs::write(dir.join("pat.bin"), pat).expect("pattern file");
+        std::fs::write(env.path("pat.bin"), pat).expect("pattern file");
         Some(Env {
-            qemu,
-            dir,
+            env,
             failures: Vec::new(),
             cases: 0,
         })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn img(&self, args: &[&str]) {
-        self.qemu.img(self.dir.path(), args);
-    }
-
-    /// `qemu-img create -q -f qcow2 [-o OPTS] NAME SIZE`.
-    fn create(&self, name: &str, size: u64, opts: &str) {
-        let size = size.to_string();
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([name, size.as_str()]);
-        self.img(&args);
-    }
-
-    /// `qemu-img create -q -f qcow2 -b BACKING -F FMT [-o OPTS] NAME SIZE`.
-    fn create_over(&self, name: &str, size: u64, opts: &str, backing: &str, fmt: &str) {
-        let size = size.to_string();
-        let mut args = vec!["create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([name, size.as_str()]);
-        self.img(&args);
-    }
-
-    fn io(&self, name: &str, cmds: &[String]) {
-        self.qemu.io(self.dir.path(), "qcow2", name, cmds);
-    }
-
-    fn copy(&self, from: &str, to: &str) {
-        std::fs::copy(self.path(from), self.path(to)).expect("copy image");
-    }
-
-    fn convert(&self, name: &str, extra: &[&str]) -> Vec<u8> {
-        self.qemu.convert_to_raw(self.dir.path(), name, extra)
-    }
-
-    /// How many `qemu-img map --output=json` extents of `name` have `key: true`
-    /// (e.g. "compressed", "zero"): makes sure an image really has what a case is about.
-    fn map_count(&self, name: &str, key: &str) -> usize {
-        let out = self
-            .qemu
-            .img(self.dir.path(), &["map", "--output=json", name]);
-        let map: Value = serde_json::from_slice(&out).expect("qemu-img map JSON");
-        map.as_array()
-            .map(|a| a.iter().filter(|e| e[key] == Value::Bool(true)).count())
-            .unwrap_or(0)
     }
 
     fn fail(&mut self, msg: String) {
@@ -733,19 +684,8 @@ fn compressed_zlib_and_zstd() {
         std::fs::write(env.path(&src), mixed_source(c, size, c)).expect("write source");
         for ct in ["zlib", "zstd"] {
             let name = format!("{ct}-{c}.qcow2");
-            env.img(&[
-                "convert",
-                "-q",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &format!("cluster_size={c},compression_type={ct}"),
-                &src,
-                &name,
-            ]);
+            let opts = format!("cluster_size={c},compression_type={ct}");
+            env.compress(&src, &name, &opts);
             assert!(
                 env.map_count(&name, "compressed") > 0,
                 "test setup: {name} has no compressed cluster"
@@ -1247,17 +1187,7 @@ fn internal_snapshots() {
         mixed_source(64 * KIB, 12 * 64 * KIB, 9),
     )
     .expect("source");
-    env.img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "csrc.raw",
-        "csnap.qcow2",
-    ]);
+    env.compress("csrc.raw", "csnap.qcow2", "");
     snap(&env, "csnap.qcow2", "compressed");
     env.io(
         "csnap.qcow2",
@@ -1346,7 +1276,7 @@ fn info_flags_bitmaps_and_refusals() {
 /// a committed fixture read by the crate is the reference, with one byte flipped).
 #[test]
 fn harness_reports_first_difference() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v3-64k-basic.qcow2");
+    let path = common::fixture("v3-64k-basic.qcow2");
     let image = Qcow2::open_path(&path).expect("fixture");
     let reader = image.reader().expect("reader");
     let mut expected = vec![0u8; reader.guest_size() as usize];

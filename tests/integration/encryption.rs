@@ -18,7 +18,7 @@ use positioned_io::ReadAt;
 use qcow2::{Error, Limits, OpenOptions, Qcow2, Secret};
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/encrypted")
+    common::fixture("encrypted")
 }
 
 /// One row of `fixtures/encrypted/manifest.tsv`.
@@ -395,7 +395,7 @@ fn secrets_that_are_not_utf8_unlock_nothing() {
     open(b"abc").unwrap();
     // Without a secret, and for an image that is not encrypted, nothing looks at it.
     Qcow2::open_path(&path).unwrap();
-    let plain = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v3-64k-basic.qcow2");
+    let plain = common::fixture("v3-64k-basic.qcow2");
     Qcow2::open_path_with(plain, &OpenOptions::new().secret(&b"\0"[..])).unwrap();
 }
 

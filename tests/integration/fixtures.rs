@@ -5,7 +5,6 @@
 use positioned_io::ReadAt;
 use qcow2::Qcow2;
 use sha2::{Digest, Sha256};
-use std::path::Path;
 
 struct Entry {
     image: String,
@@ -15,10 +14,8 @@ struct Entry {
 }
 
 fn manifest() -> Vec<Entry> {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/manifest.tsv"),
-    )
-    .expect("fixtures/manifest.tsv");
+    let text = std::fs::read_to_string(crate::common::fixture("manifest.tsv"))
+        .expect("fixtures/manifest.tsv");
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
@@ -74,7 +71,7 @@ fn needs_disabled_feature(name: &str) -> Option<&'static str> {
 
 #[test]
 fn every_fixture_reads_as_qemu_read_it() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let dir = crate::common::fixtures_dir();
     let entries = manifest();
     assert!(
         entries.len() >= 30,

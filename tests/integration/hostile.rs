@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ const READ_CAP: u64 = 64 << 20;
 const CORPUS_BUDGET: u64 = 5 << 19;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hostile")
+    crate::common::fixture("hostile")
 }
 
 fn path_of(name: &str) -> PathBuf {

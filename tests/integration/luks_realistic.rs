@@ -12,7 +12,6 @@
 //! Made with: `qemu-img create -f qcow2 --object secret,id=sec0,data=qemu
 //! -o encrypt.format=luks,encrypt.key-secret=sec0 fixtures/encrypted/luks-default-iter.qcow2 1M`.
 
-use std::path::Path;
 use std::time::Instant;
 
 use positioned_io::ReadAt;
@@ -21,8 +20,7 @@ use qcow2::{OpenOptions, Qcow2};
 #[test]
 #[ignore = "seconds in release, minutes in an unoptimized build: PBKDF2 with qemu-img's defaults"]
 fn luks_image_with_qemu_img_default_iterations_opens() {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/encrypted/luks-default-iter.qcow2");
+    let path = crate::common::fixture("encrypted/luks-default-iter.qcow2");
     let start = Instant::now();
     let image = Qcow2::open_path_with(&path, &OpenOptions::new().secret("qemu")).unwrap();
     let opened = start.elapsed();

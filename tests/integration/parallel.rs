@@ -94,20 +94,7 @@ const CASES: &[Case] = &[
         snapshot: None,
         make: |q, d| {
             raw_file(d, "text.raw", 6 << 20, 2, true);
-            img(
-                q,
-                d,
-                &[
-                    "convert",
-                    "-c",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    "cluster_size=4k",
-                    "text.raw",
-                    "zlib.qcow2",
-                ],
-            );
+            q.compress(d, "text.raw", "zlib.qcow2", "cluster_size=4k");
             // Mixed: some plain clusters over the compressed ones.
             io(
                 q,
