@@ -1,12 +1,15 @@
 //! Helpers shared by integration tests that drive QEMU's tools.
 //!
-//! Use from a test file with `mod common;`. Not every test file uses every helper, hence the
+//! Each test binary's `main.rs` declares it once (`#[path = "../common/mod.rs"] mod common;`)
+//! and its modules `use crate::common;`. Not every module uses every helper, hence the
 //! `dead_code` allowance below.
 //!
 //! * [`Qemu::find_or_skip`]: locate `qemu-img` and `qemu-io` (or `$QEMU_IMG` / `$QEMU_IO`).
 //!   When they are missing the test FAILS if the environment says `CI=true`, and otherwise
 //!   prints a loud `SKIPPED: qemu-img not found` to stderr and the caller returns. Never skip
 //!   silently.
+//! * [`Env`]: one test's QEMU tools and temp dir, with the `qemu-img` / `qemu-io` calls tests
+//!   make on images in that dir (create, write, compress, convert, map, patch bytes).
 //! * [`TempDir`]: a fresh directory under [`std::env::temp_dir`], removed on drop (kept when
 //!   `QCOW2_KEEP_TEMP` is set, to inspect images after a failure).
 //! * [`run`] / [`Qemu::img`] / [`Qemu::io`]: run a command, panicking with its command line,
@@ -145,6 +148,23 @@ impl Qemu {
         data
     }
 
+    /// `qemu-img convert -q -c -f raw -O qcow2 [-o OPTS] RAW IMAGE` in `dir`: a compressed image
+    /// of the raw file `raw` (`opts` empty: QEMU's defaults).
+    pub fn compress(&self, dir: &Path, raw: &str, image: &str, opts: &str) {
+        let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([raw, image]);
+        self.img(dir, &args);
+    }
+
+    /// `qemu-img map --output=json IMAGE` in `dir`, parsed: the list of extents.
+    pub fn map_json(&self, dir: &Path, image: &str) -> serde_json::Value {
+        let out = self.img(dir, &["map", "--output=json", image]);
+        serde_json::from_slice(&out).expect("qemu-img map JSON")
+    }
+
     /// `qemu-img info --output=json [--backing-chain] IMAGE`, parsed.
     pub fn info_json(&self, dir: &Path, image: &str, backing_chain: bool) -> serde_json::Value {
         let mut args = vec!["info", "--output=json"];
@@ -159,6 +179,120 @@ impl Qemu {
                 String::from_utf8_lossy(&out)
             )
         })
+    }
+}
+
+/// One test's QEMU tools and temp dir; image names are relative to the dir (QEMU's tools run
+/// in it).
+#[derive(Debug)]
+pub struct Env {
+    /// `qemu-img` and `qemu-io`.
+    pub qemu: Qemu,
+    /// Where the test's images live, removed at the end.
+    pub dir: TempDir,
+}
+
+impl Env {
+    /// The tools and a fresh dir, or `None` after reporting the skip (panics instead under
+    /// CI): `let Some(env) = Env::new("my_test") else { return };`.
+    pub fn new(test: &str) -> Option<Env> {
+        let qemu = Qemu::find_or_skip(test)?;
+        Some(Env {
+            qemu,
+            dir: TempDir::new(test),
+        })
+    }
+
+    /// `name` in the test's dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `qemu-img ARGS`; panics on failure. Returns stdout.
+    pub fn img<S: AsRef<OsStr>>(&self, args: &[S]) -> Vec<u8> {
+        self.qemu.img(self.dir.path(), args)
+    }
+
+    /// `qemu-io -f qcow2 -c CMD... IMAGE` (one open for all commands); panics on failure.
+    pub fn io<S: AsRef<str>>(&self, image: &str, cmds: &[S]) {
+        self.qemu.io(self.dir.path(), "qcow2", image, cmds);
+    }
+
+    /// `qemu-img create -q -f qcow2 [-o OPTS] NAME SIZE`.
+    pub fn create(&self, name: &str, size: u64, opts: &str) {
+        let size = size.to_string();
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([name, size.as_str()]);
+        self.img(&args);
+    }
+
+    /// `qemu-img create -q -f qcow2 -b BACKING -F FMT [-o OPTS] NAME SIZE`.
+    pub fn create_over(&self, name: &str, size: u64, opts: &str, backing: &str, fmt: &str) {
+        let size = size.to_string();
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([name, size.as_str()]);
+        self.img(&args);
+    }
+
+    /// [`Qemu::compress`]: `qemu-img convert -q -c -f raw -O qcow2 [-o OPTS] RAW IMAGE`.
+    pub fn compress(&self, raw: &str, image: &str, opts: &str) {
+        self.qemu.compress(self.dir.path(), raw, image, opts);
+    }
+
+    /// [`Qemu::convert_to_raw`]: QEMU's bytes of `image` (`qemu-img convert [EXTRA] -O raw`);
+    /// panics when qemu-img fails.
+    pub fn convert(&self, image: &str, extra: &[&str]) -> Vec<u8> {
+        self.qemu.convert_to_raw(self.dir.path(), image, extra)
+    }
+
+    /// `qemu-img convert -O raw IMAGE`: its bytes, or QEMU's error message.
+    pub fn qemu_reads(&self, image: &str) -> Result<Vec<u8>, String> {
+        let out = self.path("qemu-out.raw");
+        let result = Command::new(&self.qemu.img)
+            .current_dir(self.dir.path())
+            .args(["convert", "-O", "raw", image])
+            .arg(&out)
+            .output()
+            .expect("run qemu-img");
+        if !result.status.success() {
+            return Err(String::from_utf8_lossy(&result.stderr).into_owned());
+        }
+        let data = std::fs::read(&out).expect("read qemu-img output");
+        let _ = std::fs::remove_file(&out);
+        Ok(data)
+    }
+
+    /// How many `qemu-img map --output=json` extents of `image` have `key: true` (e.g.
+    /// "compressed", "zero"): makes sure an image really has what a case is about.
+    pub fn map_count(&self, image: &str, key: &str) -> usize {
+        let map = self.qemu.map_json(self.dir.path(), image);
+        map.as_array()
+            .map(|a| a.iter().filter(|e| e[key] == true).count())
+            .unwrap_or(0)
+    }
+
+    /// A copy of image `from` named `to`.
+    pub fn copy(&self, from: &str, to: &str) {
+        std::fs::copy(self.path(from), self.path(to)).expect("copy image");
+    }
+
+    /// The bytes of the file `image`.
+    pub fn read_file(&self, image: &str) -> Vec<u8> {
+        std::fs::read(self.path(image)).expect("read image")
+    }
+
+    /// Overwrite the file `image` at `at` with `bytes`.
+    pub fn patch(&self, image: &str, at: u64, bytes: &[u8]) {
+        let path = self.path(image);
+        let mut data = std::fs::read(&path).expect("read image");
+        data[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(&path, data).expect("write image");
     }
 }
 
@@ -400,6 +534,11 @@ impl Rng {
 /// The committed fixtures directory.
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// A committed fixture: `fixtures/NAME` (NAME may hold a subdirectory).
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures_dir().join(name)
 }
 
 /// The images listed in `fixtures/manifest.tsv` (snapshot lines `IMAGE@SNAP` left out).
