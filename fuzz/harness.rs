@@ -1,5 +1,5 @@
 //! Open-and-read harness shared by the fuzz targets (`fuzz/fuzz_targets/*.rs`) and the
-//! deterministic mutation test (`tests/mutation.rs`, which includes this file with `#[path]`).
+//! deterministic mutation test (`tests/memory/mutation.rs`, which includes this file with `#[path]`).
 //!
 //! Errors are expected and ignored: hostile images must give an `Err`, never a panic, a hang or
 //! an unbounded allocation. Besides "no panic", the harness checks the `ReadAt` contract of

@@ -261,7 +261,7 @@ pub fn cvtnum(name: &str, text: &str) -> Result<u64, String> {
 mod tests {
     use super::{strtosz, SizeError};
 
-    /// qemu-img 10.0's verdicts (tests/cli_manners.rs checks a longer table against it).
+    /// qemu-img 10.0's verdicts (tests/integration/cli_manners.rs checks a longer table against it).
     #[test]
     fn sizes_read_as_qemu_strtosz() {
         let ok = [
