@@ -7,10 +7,10 @@ use crate::base::holes::HoleQuery;
 use crate::base::io::read_up_to;
 use crate::base::SECTOR;
 use crate::error::{Error, Result};
+use crate::format::table::{remaining_in_block, ExtentKind};
 use crate::guest::map;
-use crate::image::extent::ExtentKind;
 use crate::image::open::FileId;
-use crate::image::plan::{Planner, SegmentKind};
+use crate::image::plan::Planner;
 use crate::image::qcow2::Backing;
 use crate::image::reader::Reader;
 
@@ -238,8 +238,7 @@ impl<I: ReadAt> Reader<'_, I> {
     pub(crate) fn allocation_in(&self, pos: u64, max: u64) -> Result<Option<(Allocation, u64)>> {
         let image = self.image();
         let limit = pos.saturating_add(max.max(1));
-        let cluster_left =
-            crate::image::reader::remaining_in_block(pos, image.geometry.cluster_bits);
+        let cluster_left = remaining_in_block(pos, image.geometry.cluster_bits);
         // The cluster at `pos` first: a compressed one is reported alone (as QEMU reports
         // them, so that convert's chunks, and with them its sparse decisions, fall where
         // qemu-img's do), and a data stretch only as far as a caller takes at once. Finding
@@ -248,7 +247,7 @@ impl<I: ReadAt> Reader<'_, I> {
             return Ok(None);
         };
         let extent = match first.kind {
-            ExtentKind::Compressed => Some(first),
+            ExtentKind::Compressed { .. } => Some(first),
             ExtentKind::Data { .. } => {
                 self.extent_in(pos..pos.saturating_add(DATA_LOOKUP).min(limit))?
             }
@@ -256,18 +255,16 @@ impl<I: ReadAt> Reader<'_, I> {
         };
         let extent = extent.unwrap_or(first);
         Ok(Some(match extent.kind {
-            ExtentKind::Compressed => (Allocation::Compressed, extent.length),
+            ExtentKind::Compressed { .. } => (Allocation::Compressed, extent.length),
             ExtentKind::Data { host_offset } => self.data_allocation(host_offset, extent.length),
-            ExtentKind::Zero => (Allocation::Zero, extent.length),
-            ExtentKind::Unallocated => match &image.backing {
+            ExtentKind::Zero { .. } => (Allocation::Zero, extent.length),
+            ExtentKind::Unallocated { .. } => match &image.backing {
                 Some(Backing::Source { source, .. }) => source.allocation(pos, extent.length)?,
                 Some(Backing::Zeros) => (Allocation::Unallocated, extent.length),
                 // A backing file that is named but not attached: reading reports it.
                 None if image.header.backing_file().is_some() => (Allocation::Data, extent.length),
                 None => (Allocation::Unallocated, extent.length),
             },
-            #[allow(unreachable_patterns)] // ExtentKind is non_exhaustive
-            _ => (Allocation::Data, extent.length),
         }))
     }
 }
@@ -319,21 +316,21 @@ pub(crate) fn qcow2_block_status<I: ReadAt>(
     };
     let first = planner.segment(pos, walk_end)?;
     let kind = first.kind;
-    let compressed = matches!(kind, SegmentKind::Compressed { .. });
-    let mut stop = pos.saturating_add(first.len).min(end);
+    let compressed = matches!(kind, ExtentKind::Compressed { .. });
+    let mut stop = pos.saturating_add(first.length).min(end);
     // The planner cuts runs of many units short; QEMU does not.
     while !compressed && stop < end {
         let next = planner.segment(stop, end)?;
-        if next.len == 0 || !kind.continued_by(next.kind, stop.saturating_sub(pos)) {
+        if next.length == 0 || !kind.continued_by(next.kind, stop.saturating_sub(pos)) {
             break;
         }
-        stop = stop.saturating_add(next.len);
+        stop = stop.saturating_add(next.length);
     }
     let mut len = stop.saturating_sub(pos).max(1);
     // QEMU gives no offset for encrypted data, nor for compressed data.
-    let offset = kind.host().filter(|_| image.crypt.is_none()).map(|h| h.0);
-    let data = compressed || matches!(kind, SegmentKind::Data(_));
-    let mut zero = matches!(kind, SegmentKind::Zero(_));
+    let offset = kind.host_offset().filter(|_| image.crypt.is_none());
+    let data = kind.is_data();
+    let mut zero = matches!(kind, ExtentKind::Zero { .. });
     let allocated = data || zero;
     if !allocated {
         zero = map::unallocated_reads_zero(image, pos)?;

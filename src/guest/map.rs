@@ -17,7 +17,8 @@ use positioned_io::ReadAt;
 use crate::base::holes::{HoleQuery, Region};
 use crate::base::SECTOR;
 use crate::error::{Error, Result};
-use crate::image::plan::{Planner, SegmentKind};
+use crate::format::table::ExtentKind;
+use crate::image::plan::Planner;
 use crate::image::qcow2::Qcow2;
 use crate::image::reader::Reader;
 
@@ -265,14 +266,14 @@ pub(crate) fn qcow2_layer_status<'a, I: ReadAt>(
     let image = reader.image();
     let segment = Planner::new(reader).segment(pos, pos.saturating_add(len))?;
     let kind = segment.kind;
-    let compressed = matches!(kind, SegmentKind::Compressed { .. });
+    let compressed = matches!(kind, ExtentKind::Compressed { .. });
     let mut status = LayerStatus {
-        len: segment.len,
-        data: compressed || matches!(kind, SegmentKind::Data(_)),
-        zero: matches!(kind, SegmentKind::Zero(_)),
+        len: segment.length,
+        data: kind.is_data(),
+        zero: matches!(kind, ExtentKind::Zero { .. }),
         compressed,
         // QEMU gives no offset for encrypted data: the file holds ciphertext there.
-        offset: kind.host().filter(|_| image.crypt.is_none()).map(|h| h.0),
+        offset: kind.host_offset().filter(|_| image.crypt.is_none()),
         ..LayerStatus::default()
     };
     if status.offset.is_some() {

@@ -15,8 +15,8 @@ use crate::base::bytes::{leading_zero_bytes, low_bits};
 use crate::base::io::read_metadata_into;
 use crate::error::{Error, Result};
 use crate::format::header::TABLE_ENTRY_LEN;
-use crate::format::table::{self, Geometry, Mapping};
-use crate::image::reader::{remaining_in_block, Reader};
+use crate::format::table::{self, remaining_in_block, Extent, ExtentKind, Geometry};
+use crate::image::reader::Reader;
 
 /// Bytes of an L2 table cached as one piece (or the whole table, when smaller).
 pub(crate) const SLICE_BYTES: u64 = 4096;
@@ -25,85 +25,6 @@ pub(crate) const SLICE_BYTES: u64 = 4096;
 /// every call is bounded whatever the image holds; the segment is then cut short there.
 const MAX_UNITS_PER_SEGMENT: u64 = 1 << 16;
 const MAX_TABLES_PER_SEGMENT: u64 = 1 << 20;
-
-/// A byte offset in the guest disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct GuestOffset(pub u64);
-
-/// A byte offset in the image file, or in its external data file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct HostOffset(pub u64);
-
-impl HostOffset {
-    #[inline]
-    pub(crate) fn plus(self, n: u64) -> Self {
-        HostOffset(self.0.saturating_add(n))
-    }
-}
-
-/// How a segment is stored in this layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SegmentKind {
-    /// Stored as is from this host offset on.
-    Data(HostOffset),
-    /// Part of one compressed cluster, which decompresses from `input_len` bytes at `host`.
-    Compressed { host: HostOffset, input_len: u64 },
-    /// Reads as zeros; with the host offset of its first byte when its clusters have one
-    /// (preallocated), as `qemu-img map` reports.
-    Zero(Option<HostOffset>),
-    /// Not stored in this layer (the backing image decides); with a host offset when its
-    /// clusters have one (unallocated subclusters of an allocated cluster).
-    Unallocated(Option<HostOffset>),
-}
-
-impl SegmentKind {
-    #[inline]
-    fn of(mapping: Mapping, unit_host: Option<u64>) -> Self {
-        let host = unit_host.map(HostOffset);
-        match mapping {
-            Mapping::Data { host_offset } => SegmentKind::Data(HostOffset(host_offset)),
-            Mapping::Compressed { host_offset, len } => SegmentKind::Compressed {
-                host: HostOffset(host_offset),
-                input_len: len,
-            },
-            Mapping::Zero => SegmentKind::Zero(host),
-            Mapping::Unallocated => SegmentKind::Unallocated(host),
-        }
-    }
-
-    /// The host offset of the first byte, when there is one of its own (not compressed).
-    pub(crate) fn host(self) -> Option<HostOffset> {
-        match self {
-            SegmentKind::Data(h) => Some(h),
-            SegmentKind::Zero(h) | SegmentKind::Unallocated(h) => h,
-            SegmentKind::Compressed { .. } => None,
-        }
-    }
-
-    /// Whether `next`, found `gap` bytes after the start of a segment of this kind, is the
-    /// same kind with host offsets (where there are any) continuing without a jump.
-    #[inline]
-    pub(crate) fn continued_by(self, next: SegmentKind, gap: u64) -> bool {
-        let same_kind = std::mem::discriminant(&self) == std::mem::discriminant(&next);
-        let host_follows = match (self.host(), next.host()) {
-            (Some(a), Some(b)) => a.plus(gap) == b && a.0.checked_add(gap).is_some(),
-            (None, None) => true,
-            _ => false,
-        };
-        same_kind && host_follows && !matches!(self, SegmentKind::Compressed { .. })
-    }
-}
-
-/// Guest bytes from `start` on, stored one way, with host offsets contiguous where they have
-/// any, within one L2 table (unallocated L2 tables in a row make one segment); a compressed
-/// segment is (part of) one cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Segment {
-    pub start: GuestOffset,
-    /// Never 0 for a segment inside the guest.
-    pub len: u64,
-    pub kind: SegmentKind,
-}
 
 /// One cached piece of an L2 table.
 #[derive(Clone)]
@@ -391,43 +312,38 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
 
     /// The segment starting at guest offset `pos`, ending at `end` at the latest (clipped to
     /// the guest). Empty (unallocated, length 0) at or past the end.
-    pub(crate) fn segment(&mut self, pos: u64, end: u64) -> Result<Segment> {
+    pub(crate) fn segment(&mut self, pos: u64, end: u64) -> Result<Extent> {
         let end = end.min(self.reader.guest_size());
-        let start = GuestOffset(pos);
         if pos >= end {
-            return Ok(Segment {
-                start,
-                len: 0,
-                kind: SegmentKind::Unallocated(None),
+            return Ok(Extent {
+                start: pos,
+                length: 0,
+                kind: ExtentKind::NOTHING,
             });
         }
         let g = self.geometry;
         let l1_index = pos >> g.l2_bits();
         let Some(table_at) = self.reader.l2_table_offset(l1_index)? else {
-            return Ok(self.unallocated_tables(start, l1_index, end));
+            return Ok(self.unallocated_tables(pos, l1_index, end));
         };
         if self.reader.state().empty_tables.has(table_at) {
             // A table already walked and found to map nothing: as if unallocated.
-            return Ok(self.unallocated_tables(start, l1_index, end));
+            return Ok(self.unallocated_tables(pos, l1_index, end));
         }
         let table_end = end.min(l1_index.saturating_add(1) << g.l2_bits());
-        let (mapping, unit_host) = self.unit(table_at, pos, table_end)?;
-        let kind = SegmentKind::of(mapping, unit_host);
-        if let SegmentKind::Compressed { .. } = kind {
+        let kind = self.unit(table_at, pos, table_end)?;
+        if let ExtentKind::Compressed { .. } = kind {
             // One cluster at a time, as QEMU reports and decompresses them.
-            let len = remaining_in_block(pos, g.cluster_bits).min(end.saturating_sub(pos));
-            return Ok(Segment { start, len, kind });
+            let length = remaining_in_block(pos, g.cluster_bits).min(end.saturating_sub(pos));
+            return Ok(Extent {
+                start: pos,
+                length,
+                kind,
+            });
         }
         let unit_bits = g.unit_bits();
-        // The first unit's host offset, moved back to `pos` inside it.
-        let kind = match kind {
-            SegmentKind::Data(h) => SegmentKind::Data(h.plus(low_bits(pos, unit_bits))),
-            SegmentKind::Zero(h) => SegmentKind::Zero(h.map(|h| h.plus(low_bits(pos, unit_bits)))),
-            SegmentKind::Unallocated(h) => {
-                SegmentKind::Unallocated(h.map(|h| h.plus(low_bits(pos, unit_bits))))
-            }
-            compressed => compressed,
-        };
+        // The first unit's host offset, moved on to `pos` inside it.
+        let kind = kind.advanced(low_bits(pos, unit_bits));
         let mut cur = pos.saturating_add(remaining_in_block(pos, unit_bits));
         for _ in 1..MAX_UNITS_PER_SEGMENT {
             if cur >= table_end {
@@ -437,7 +353,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             // ends the segment, as QEMU's count of contiguous clusters stops at it: the
             // segment that starts there reports the error. `qemu-img map` prints what comes
             // before it.
-            if kind == SegmentKind::Unallocated(None) {
+            if kind == ExtentKind::NOTHING {
                 // Most of a sparse table is zero entries: step over them without decoding.
                 let Ok(zeros) = self.zero_entries(table_at, cur, table_end) else {
                     break;
@@ -447,10 +363,9 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
                     continue;
                 }
             }
-            let Ok((mapping, unit_host)) = self.unit(table_at, cur, table_end) else {
+            let Ok(next) = self.unit(table_at, cur, table_end) else {
                 break;
             };
-            let next = SegmentKind::of(mapping, unit_host);
             if !kind.continued_by(next, cur.saturating_sub(pos)) {
                 break;
             }
@@ -460,20 +375,20 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let whole_table = pos == table_start
             && cur >= table_end
             && table_end == l1_index.saturating_add(1) << g.l2_bits();
-        if kind == SegmentKind::Unallocated(None) && whole_table {
+        if kind == ExtentKind::NOTHING && whole_table {
             // Remember it: an image whose L1 entries all name one empty table is then walked
             // in time proportional to its L1 table, not to its guest size.
             self.reader.state().empty_tables.put(table_at);
         }
-        Ok(Segment {
-            start,
-            len: cur.min(table_end).saturating_sub(pos),
+        Ok(Extent {
+            start: pos,
+            length: cur.min(table_end).saturating_sub(pos),
             kind,
         })
     }
 
     /// The unallocated L2 tables from `l1_index` on, up to `end`, as one segment.
-    fn unallocated_tables(&self, start: GuestOffset, l1_index: u64, end: u64) -> Segment {
+    fn unallocated_tables(&self, start: u64, l1_index: u64, end: u64) -> Extent {
         let l2_bits = self.geometry.l2_bits();
         let mut next = l1_index.saturating_add(1);
         while next << l2_bits < end
@@ -488,10 +403,10 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             next = next.saturating_add(1);
         }
         let stop = (next << l2_bits).min(end);
-        Segment {
+        Extent {
             start,
-            len: stop.saturating_sub(start.0),
-            kind: SegmentKind::Unallocated(None),
+            length: stop.saturating_sub(start),
+            kind: ExtentKind::NOTHING,
         }
     }
 
@@ -508,7 +423,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
 
     /// Decode the unit at guest offset `guest` of the L2 table at `table_at`; `end` (inside
     /// the same table) says how far the walk may go, for reading slices ahead.
-    fn unit(&mut self, table_at: u64, guest: u64, end: u64) -> Result<(Mapping, Option<u64>)> {
+    fn unit(&mut self, table_at: u64, guest: u64, end: u64) -> Result<ExtentKind> {
         let g = self.geometry;
         let (at, word) = entry_position(table_at, guest, &g);
         // A planner's first unit is often its only one (a small read): read the entry from
@@ -532,11 +447,11 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             }
         };
         let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
-        let (mapping, unit_host) = table::decode_l2_with_host(entry, bitmap, sub, &g, entry_at)?;
+        let kind = table::decode_l2(entry, bitmap, sub, &g, entry_at)?;
         if g.external_data {
-            check_data_file_offset(unit_host, guest, g.unit_bits(), entry_at)?;
+            check_data_file_offset(kind.host_offset(), guest, g.unit_bits(), entry_at)?;
         }
-        Ok((mapping, unit_host))
+        Ok(kind)
     }
 
     /// How many whole clusters from `pos` (a cluster boundary, or else none count) up to
@@ -785,8 +700,8 @@ impl<I: ReadAt> Reader<'_, I> {
         let linear = near.linear.read(NearSlices::slot(at, g), at)?;
         let (entry, bitmap, entry_at) = linear.entry(at, word, g)?;
         let sub = (low_bits(pos, g.cluster_bits) >> g.unit_bits()) as u32;
-        match table::decode_l2_with_host(entry, bitmap, sub, g, entry_at) {
-            Ok((Mapping::Data { host_offset }, _)) => host_offset.checked_add(within),
+        match table::decode_l2(entry, bitmap, sub, g, entry_at) {
+            Ok(ExtentKind::Data { host_offset }) => host_offset.checked_add(within),
             _ => None,
         }
     }
@@ -850,17 +765,20 @@ mod tests {
     }
 
     #[test]
-    fn segment_kinds_continue_only_with_contiguous_hosts() {
-        let data = SegmentKind::Data(HostOffset(0x10000));
-        assert!(data.continued_by(SegmentKind::Data(HostOffset(0x20000)), 0x10000));
-        assert!(!data.continued_by(SegmentKind::Data(HostOffset(0x30000)), 0x10000));
-        assert!(!data.continued_by(SegmentKind::Zero(None), 0x10000));
-        let zero = SegmentKind::Zero(None);
-        assert!(zero.continued_by(SegmentKind::Zero(None), 1 << 20));
-        assert!(!zero.continued_by(SegmentKind::Zero(Some(HostOffset(0))), 1 << 20));
-        let compressed = SegmentKind::Compressed {
-            host: HostOffset(0x10000),
-            input_len: 512,
+    fn kinds_continue_only_with_contiguous_hosts() {
+        let data = ExtentKind::Data {
+            host_offset: 0x10000,
+        };
+        let data_at = |host_offset| ExtentKind::Data { host_offset };
+        let zero = |host_offset| ExtentKind::Zero { host_offset };
+        assert!(data.continued_by(data_at(0x20000), 0x10000));
+        assert!(!data.continued_by(data_at(0x30000), 0x10000));
+        assert!(!data.continued_by(zero(None), 0x10000));
+        assert!(zero(None).continued_by(zero(None), 1 << 20));
+        assert!(!zero(None).continued_by(zero(Some(0)), 1 << 20));
+        let compressed = ExtentKind::Compressed {
+            host_offset: 0x10000,
+            compressed_len: 512,
         };
         assert!(!compressed.continued_by(compressed, 0));
     }

@@ -13,7 +13,8 @@ use crate::base::pool::Pool;
 use crate::error::{Error, Result};
 use crate::format::compress::{self, ClusterCache};
 use crate::format::header::CompressionType;
-use crate::image::plan::{EmptyTables, HostOffset, NearSlices, Planner, SegmentKind};
+use crate::format::table::{remaining_in_block, ExtentKind};
+use crate::image::plan::{EmptyTables, NearSlices, Planner};
 use crate::image::qcow2::{Backing, Qcow2};
 
 /// Reads guest data of one image: the active disk, or an internal snapshot.
@@ -227,12 +228,13 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             return Ok(());
         }
         if let Some(host) = self.point_data(pos, buf.len()) {
-            return self.read_run(SegmentKind::Data(HostOffset(host)), pos, buf);
+            return self.read_run(ExtentKind::Data { host_offset: host }, pos, buf);
         }
         let end = pos.saturating_add(buf.len() as u64);
         let mut planner = Planner::new(self);
         let first = planner.segment(pos, end)?;
-        if first.len >= buf.len() as u64 && !matches!(first.kind, SegmentKind::Compressed { .. }) {
+        if first.length >= buf.len() as u64 && !matches!(first.kind, ExtentKind::Compressed { .. })
+        {
             // One run (most small reads): none of the bookkeeping below.
             return self.read_run(first.kind, pos, buf);
         }
@@ -255,17 +257,21 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                     return Err(e);
                 }
             };
-            if segment.len == 0 {
+            if segment.length == 0 {
                 return Err(Error::Internal("the planner made no progress"));
             }
             let at = usize::try_from(guest.saturating_sub(pos)).unwrap_or(usize::MAX);
-            let len = clamp_len(segment.len, buf.len().saturating_sub(at));
-            if let SegmentKind::Compressed { host, input_len } = segment.kind {
+            let len = clamp_len(segment.length, buf.len().saturating_sub(at));
+            if let ExtentKind::Compressed {
+                host_offset: host,
+                compressed_len: input_len,
+            } = segment.kind
+            {
                 // Runs only grow by contiguous guest bytes: end the pending one here.
                 self.finish(pending.take(), &mut runs, pos, buf)?;
                 batch.push(CompressedPart {
                     guest,
-                    host: host.0,
+                    host,
                     input_len,
                     at,
                     len,
@@ -333,7 +339,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let Some(run) = run else {
             return Ok(());
         };
-        if !runs.deferring || matches!(run.kind, SegmentKind::Zero(_)) {
+        if !runs.deferring || matches!(run.kind, ExtentKind::Zero { .. }) {
             return self.flush(Some(run), pos, buf);
         }
         runs.bytes = runs.bytes.saturating_add(run.len);
@@ -355,7 +361,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let below = runs
             .list
             .iter()
-            .filter(|r| matches!(r.kind, SegmentKind::Unallocated(_)))
+            .filter(|r| matches!(r.kind, ExtentKind::Unallocated { .. }))
             .count();
         let source = match &self.image.backing {
             Some(Backing::Source { source, .. }) if below > 0 && runs.list.len() > 1 => {
@@ -426,15 +432,15 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     }
 
     /// Read the run of `kind` at guest offset `guest` into `out`, its length.
-    fn read_run(&self, kind: SegmentKind, guest: u64, out: &mut [u8]) -> Result<()> {
+    fn read_run(&self, kind: ExtentKind, guest: u64, out: &mut [u8]) -> Result<()> {
         match kind {
-            SegmentKind::Zero(_) => out.fill(0),
-            SegmentKind::Data(HostOffset(host)) => match &self.image.crypt {
+            ExtentKind::Zero { .. } => out.fill(0),
+            ExtentKind::Data { host_offset: host } => match &self.image.crypt {
                 Some(crypt) => self.read_encrypted(crypt, host, guest, out)?,
                 None => self.read_data(host, out)?,
             },
-            SegmentKind::Unallocated(_) => self.read_unallocated(guest, out)?,
-            SegmentKind::Compressed { .. } => {
+            ExtentKind::Unallocated { .. } => self.read_unallocated(guest, out)?,
+            ExtentKind::Compressed { .. } => {
                 return Err(Error::Internal("a compressed segment among plain runs"))
             }
         }
@@ -709,17 +715,20 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             let Ok(segment) = planner.segment(next, end) else {
                 break;
             };
-            if segment.len == 0 {
+            if segment.length == 0 {
                 break;
             }
             let at = next;
-            next = next.saturating_add(segment.len);
-            let SegmentKind::Compressed { host, input_len } = segment.kind else {
+            next = next.saturating_add(segment.length);
+            let ExtentKind::Compressed {
+                host_offset: host,
+                compressed_len: input_len,
+            } = segment.kind
+            else {
                 continue; // mixed images: look past uncompressed clusters
             };
-            let key = (self.image.id, host.0, input_len);
-            if clusters.iter().any(|c| c.is(host.0, input_len)) || self.image.compressed.knows(key)
-            {
+            let key = (self.image.id, host, input_len);
+            if clusters.iter().any(|c| c.is(host, input_len)) || self.image.compressed.knows(key) {
                 if added == 0 {
                     // The last read-ahead is still ahead of us: let the reader catch up, so
                     // the next one is a batch worth sharing between threads.
@@ -727,7 +736,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 }
                 continue;
             }
-            let Ok(input) = self.compressed_input(host.0, input_len) else {
+            let Ok(input) = self.compressed_input(host, input_len) else {
                 break;
             };
             added = added.saturating_add(1);
@@ -741,7 +750,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 continue;
             }
             clusters.push(Cluster {
-                host: host.0,
+                host,
                 input_len,
                 guest: at,
                 input,
@@ -887,7 +896,7 @@ fn split_runs(
         let at = usize::try_from(run.guest.saturating_sub(pos)).unwrap_or(usize::MAX);
         let (out, after) = split_part(rest, at.saturating_sub(rest_at), run.len)?;
         (rest, rest_at) = (after, at.saturating_add(run.len));
-        if !matches!(run.kind, SegmentKind::Unallocated(_)) {
+        if !matches!(run.kind, ExtentKind::Unallocated { .. }) {
             own.push((run, out));
             continue;
         }
@@ -954,7 +963,7 @@ impl FirstFailure {
 /// A run being grown: how it reads, where it starts in the guest, how long it is.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    kind: SegmentKind,
+    kind: ExtentKind,
     guest: u64,
     len: usize,
 }
@@ -963,22 +972,16 @@ impl Pending {
     /// Whether `next` continues this run: data without a gap in the file (segments end at
     /// L2 tables, data need not), zeros or unallocated whatever their host offsets.
     #[inline]
-    fn continues_with(&self, next: SegmentKind) -> bool {
+    fn continues_with(&self, next: ExtentKind) -> bool {
         match (self.kind, next) {
-            (SegmentKind::Data(a), SegmentKind::Data(b)) => {
-                a.0.checked_add(self.len as u64) == Some(b.0)
+            (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
+                a.checked_add(self.len as u64) == Some(b)
             }
-            (SegmentKind::Zero(_), SegmentKind::Zero(_))
-            | (SegmentKind::Unallocated(_), SegmentKind::Unallocated(_)) => true,
+            (ExtentKind::Zero { .. }, ExtentKind::Zero { .. })
+            | (ExtentKind::Unallocated { .. }, ExtentKind::Unallocated { .. }) => true,
             _ => false,
         }
     }
-}
-
-/// Bytes from `offset` to the end of its aligned block of `1 << bits` bytes.
-#[inline]
-pub(crate) fn remaining_in_block(offset: u64, bits: u32) -> u64 {
-    (1u64 << bits).saturating_sub(low_bits(offset, bits))
 }
 
 /// `a` clamped to `max`, as a length.
@@ -1016,7 +1019,8 @@ impl<I: ReadAt> Size for Reader<'_, I> {
 
 #[cfg(all(test, feature = "zlib"))]
 mod tests {
-    use crate::image::plan::{Planner, SegmentKind};
+    use crate::format::table::ExtentKind;
+    use crate::image::plan::Planner;
     use crate::Qcow2;
     use positioned_io::ReadAt;
 
@@ -1028,7 +1032,7 @@ mod tests {
         (0..16u64)
             .map(|i| i << image.geometry.cluster_bits)
             .filter_map(|g| match planner.segment(g, g + 1).unwrap().kind {
-                SegmentKind::Compressed { host, .. } => Some((host.0, g)),
+                ExtentKind::Compressed { host_offset, .. } => Some((host_offset, g)),
                 _ => None,
             })
             .collect()
