@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::table::{remaining_in_block, ExtentKind};
 use crate::guest::map;
 use crate::image::open::FileId;
+use crate::image::owned::OwnedReader;
 use crate::image::plan::Planner;
 use crate::image::qcow2::Backing;
 use crate::image::reader::Reader;
@@ -229,6 +230,29 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
 
     fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
         Ok(FileId::of_file(file)?.is_some_and(|id| self.image().reads_file(id)))
+    }
+}
+
+/// An owned reader is a disk as its borrowed reader is.
+impl<I: ReadAt> GuestDisk for OwnedReader<I> {
+    fn disk_size(&self) -> u64 {
+        self.guest_size()
+    }
+
+    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        self.borrowed().read_disk(pos, buf)
+    }
+
+    fn allocation_at(&self, pos: u64) -> Result<Option<(Allocation, u64)>> {
+        self.borrowed().allocation_at(pos)
+    }
+
+    fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
+        self.borrowed().reads_file(file)
+    }
+
+    fn block_status(&self, pos: u64) -> Result<Option<(BlockStatus, u64)>> {
+        self.borrowed().block_status(pos)
     }
 }
 
