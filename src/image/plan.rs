@@ -12,11 +12,16 @@ use positioned_io::ReadAt;
 
 use crate::base::bytes::be_u64;
 use crate::base::bytes::{leading_zero_bytes, low_bits};
+use crate::base::cache::ByteLru;
 use crate::base::io::read_metadata_into;
 use crate::error::{Error, Result};
 use crate::format::header::TABLE_ENTRY_LEN;
 use crate::format::table::{self, remaining_in_block, Extent, ExtentKind, Geometry};
 use crate::image::reader::Reader;
+
+/// L2 table slices, as stored, by (image id, file offset), within a byte budget shared by a
+/// backing chain.
+pub(crate) type L2Cache = ByteLru<(u64, u64), u8>;
 
 /// Bytes of an L2 table cached as one piece (or the whole table, when smaller).
 pub(crate) const SLICE_BYTES: u64 = 4096;
