@@ -63,7 +63,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         if pos >= size {
             return Ok(None);
         }
-        let mut planner = Planner::new(self);
+        let mut planner = Planner::new(self.tables());
         let mut kind: Option<ExtentKind> = None;
         let mut end = pos;
         for _ in 0..MAX_SEGMENTS_PER_CALL {

@@ -126,7 +126,7 @@ pub(crate) fn qcow2_layer_extent<'a, I: ReadAt>(
     let end = pos
         .saturating_add(len.min(size.saturating_sub(pos)).min(QEMU_MAX_STATUS))
         .min(table_end);
-    let mut planner = Planner::new(reader);
+    let mut planner = Planner::new(reader.tables());
     // From the start of a table, walk its first run whole, not just what this step takes:
     // a table found empty so is remembered (EmptyTables), and QEMU's steps of INT_MAX bytes
     // through it, and through every other L1 entry naming it, cost nothing more.

@@ -1,6 +1,7 @@
 //! The read planner: the one walk over the L1 and L2 tables. It turns a guest range into
-//! segments, each stored one way (data at a host offset, compressed, zeros, not here), and
-//! reads, [`Reader::extent_at`], the map and the read-ahead are all built on it.
+//! extents, each stored one way (data at a host offset, compressed, zeros, not here), and
+//! reads, [`Reader::extent_at`](crate::Reader::extent_at), the map and the read-ahead are all
+//! built on it. It plans over [`Tables`], which a reader lends it; the reader executes plans.
 //!
 //! L2 tables are cached in slices of [`SLICE_BYTES`] (as QEMU does since 4.0): a point read
 //! costs one small read of metadata on a miss, and a walk reads the rest of a table at once.
@@ -17,7 +18,6 @@ use crate::base::io::read_metadata_into;
 use crate::error::{Error, Result};
 use crate::format::header::TABLE_ENTRY_LEN;
 use crate::format::table::{self, remaining_in_block, Extent, ExtentKind, Geometry};
-use crate::image::reader::Reader;
 
 /// L2 table slices, as stored, by (image id, file offset), within a byte budget shared by a
 /// backing chain.
@@ -297,19 +297,51 @@ impl Slots {
 
 /// Walks the tables of one reader, keeping the L2 slice it is in, so that a walk looks the
 /// cache up once per slice, not once per cluster.
-pub(crate) struct Planner<'r, 'a, I> {
-    reader: &'r Reader<'a, I>,
+pub(crate) struct Planner<'t> {
+    tables: Tables<'t>,
     geometry: Geometry,
     slice: Option<Slice>,
     /// Whether the first unit was looked up, in place if the reader kept its slice.
     peeked: bool,
 }
 
-impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
-    pub(crate) fn new(reader: &'r Reader<'a, I>) -> Self {
+/// What the planner plans over: the tables of one view of an image (the active disk or a
+/// snapshot), lent by a reader.
+#[derive(Clone, Copy)]
+pub(crate) struct Tables<'t> {
+    pub(crate) geometry: Geometry,
+    /// The view's L1 table.
+    pub(crate) l1: &'t [u64],
+    /// File offset of that L1 table, for errors.
+    pub(crate) l1_offset: u64,
+    /// The view's guest size.
+    pub(crate) size: u64,
+    /// The image file, where the L2 tables are.
+    pub(crate) io: &'t dyn ReadAt,
+    /// The cache of L2 slices the image shares with its chain, and the image's key in it.
+    pub(crate) cache: &'t Mutex<L2Cache>,
+    pub(crate) image_id: u64,
+    /// What the lending reader remembers of the tables.
+    pub(crate) memory: &'t TableMemory,
+}
+
+/// What a reader remembers of its tables between plans.
+#[derive(Default)]
+pub(crate) struct TableMemory {
+    /// The slices this reader used last: found again without the shared cache's lock.
+    near: NearSlices,
+    /// A buffer for reading L2 slices, kept so that a walk does not allocate (and the kernel
+    /// zero) fresh memory for every table.
+    scratch: Mutex<Vec<u8>>,
+    /// L2 tables walked whole and found to map nothing.
+    empty_tables: EmptyTables,
+}
+
+impl<'t> Planner<'t> {
+    pub(crate) fn new(tables: Tables<'t>) -> Self {
         Planner {
-            reader,
-            geometry: reader.image().geometry,
+            geometry: tables.geometry,
+            tables,
             slice: None,
             peeked: false,
         }
@@ -318,7 +350,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
     /// The segment starting at guest offset `pos`, ending at `end` at the latest (clipped to
     /// the guest). Empty (unallocated, length 0) at or past the end.
     pub(crate) fn segment(&mut self, pos: u64, end: u64) -> Result<Extent> {
-        let end = end.min(self.reader.guest_size());
+        let end = end.min(self.tables.size);
         if pos >= end {
             return Ok(Extent {
                 start: pos,
@@ -328,10 +360,10 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         }
         let g = self.geometry;
         let l1_index = pos >> g.l2_bits();
-        let Some(table_at) = self.reader.l2_table_offset(l1_index)? else {
+        let Some(table_at) = self.tables.l2_table_offset(l1_index)? else {
             return Ok(self.unallocated_tables(pos, l1_index, end));
         };
-        if self.reader.state().empty_tables.has(table_at) {
+        if self.tables.memory.empty_tables.has(table_at) {
             // A table already walked and found to map nothing: as if unallocated.
             return Ok(self.unallocated_tables(pos, l1_index, end));
         }
@@ -383,7 +415,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         if kind == ExtentKind::NOTHING && whole_table {
             // Remember it: an image whose L1 entries all name one empty table is then walked
             // in time proportional to its L1 table, not to its guest size.
-            self.reader.state().empty_tables.put(table_at);
+            self.tables.memory.empty_tables.put(table_at);
         }
         Ok(Extent {
             start: pos,
@@ -400,7 +432,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             && next.saturating_sub(l1_index) < MAX_TABLES_PER_SEGMENT
             && self.l2_maps_nothing(next)
         {
-            if next >= self.reader.l1_len() {
+            if next >= self.tables.l1_len() {
                 // Past the L1 table all is unallocated, up to any virtual size.
                 next = u64::MAX >> l2_bits;
                 break;
@@ -419,9 +451,9 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
     /// L1 table is), or known to hold only unallocated entries ([`EmptyTables`]). A malformed
     /// entry is not: the next segment reports it.
     fn l2_maps_nothing(&self, index: u64) -> bool {
-        match self.reader.l2_table_offset(index) {
+        match self.tables.l2_table_offset(index) {
             Ok(None) => true,
-            Ok(Some(at)) => self.reader.state().empty_tables.has(at),
+            Ok(Some(at)) => self.tables.memory.empty_tables.has(at),
             Err(_) => false,
         }
     }
@@ -437,7 +469,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let kept = match self.peeked {
             false => {
                 self.peeked = true;
-                self.reader.state().near.entry(at, word, &g)
+                self.tables.memory.near.entry(at, word, &g)
             }
             true => None,
         };
@@ -496,7 +528,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             .is_some_and(|s| s.l1_index == l1_index && s.number == number);
         if !kept {
             let at = table_at.saturating_add(number.saturating_mul(slice_bytes(&g)));
-            let near = &self.reader.state().near;
+            let near = &self.tables.memory.near;
             let slice = match near.get(at, &g) {
                 Some(slice) => Slice {
                     l1_index,
@@ -505,7 +537,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
                 },
                 None => {
                     let last = slice_number(end.saturating_sub(1).max(guest), &g).max(number);
-                    let slice = self.reader.l2_slice(table_at, l1_index, number, last)?;
+                    let slice = self.tables.l2_slice(table_at, l1_index, number, last)?;
                     near.put(&slice, &g);
                     slice
                 }
@@ -603,27 +635,36 @@ fn slice_bytes(g: &Geometry) -> u64 {
         .saturating_mul(1 << slice_entry_bits(g))
 }
 
-impl<I: ReadAt> Reader<'_, I> {
+impl Tables<'_> {
+    /// Entries in the L1 table: every index from here on is unallocated.
+    #[inline]
+    fn l1_len(&self) -> u64 {
+        self.l1.len() as u64
+    }
+
     /// The L2 table offset for L1 index `l1_index`; `None` if unallocated or past the table.
-    pub(crate) fn l2_table_offset(&self, l1_index: u64) -> Result<Option<u64>> {
-        let Some(entry) = self.l1_entry(l1_index) else {
+    #[inline]
+    fn l2_table_offset(&self, l1_index: u64) -> Result<Option<u64>> {
+        let entry = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i).copied());
+        let Some(entry) = entry else {
             return Ok(None); // past the L1 table: unallocated, as QEMU reads it
         };
         let entry_at = self
-            .l1_offset()
+            .l1_offset
             .saturating_add(l1_index.saturating_mul(TABLE_ENTRY_LEN));
-        table::l2_table_offset(entry, &self.image().geometry, entry_at)
+        table::l2_table_offset(entry, &self.geometry, entry_at)
     }
 
     /// Slice `number` of the L2 table at `table_at`, from the cache or else read from the
     /// file, together with the slices after it up to `last` (cached for the walk to come).
     fn l2_slice(&self, table_at: u64, l1_index: u64, number: u64, last: u64) -> Result<Slice> {
-        let image = self.image();
-        let g = &image.geometry;
+        let g = &self.geometry;
         let bytes = slice_bytes(g);
         let at = table_at.saturating_add(number.saturating_mul(bytes));
-        let cache = &image.l2_cache;
-        let key = (image.id, at);
+        let cache = self.cache;
+        let key = (self.image_id, at);
         let cached = cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -640,7 +681,7 @@ impl<I: ReadAt> Reader<'_, I> {
         // Read ahead, in the same read, the slices up to `last` that this reader does not
         // keep yet (at most as many as it keeps). They go to this reader's own slices only:
         // the shared cache gets what some read asked for, not a walk's every slice.
-        let near = &self.state().near;
+        let near = &self.memory.near;
         let mut count = 1u64;
         while count < NEAR_SLOTS as u64
             && number.saturating_add(count) <= last
@@ -648,13 +689,13 @@ impl<I: ReadAt> Reader<'_, I> {
         {
             count = count.saturating_add(1);
         }
-        let mut scratch = self.state().scratch.try_lock();
+        let mut scratch = self.memory.scratch.try_lock();
         let mut own = Vec::new();
         let buf = match scratch.as_deref_mut() {
             Ok(reused) => reused,
             Err(_) => &mut own,
         };
-        read_metadata_into(&image.io, at, count.saturating_mul(bytes), "L2 table", buf)?;
+        read_metadata_into(self.io, at, count.saturating_mul(bytes), "L2 table", buf)?;
         let mut first = None;
         for (i, piece) in buf
             .chunks(usize::try_from(bytes).unwrap_or(usize::MAX))
@@ -693,7 +734,7 @@ impl<I: ReadAt> Reader<'_, I> {
     /// also reports anything wrong with the entry.
     #[inline]
     pub(crate) fn point_data(&self, pos: u64, len: usize) -> Option<u64> {
-        let g = &self.image().geometry;
+        let g = &self.geometry;
         let within = low_bits(pos, g.unit_bits());
         if g.external_data || within.checked_add(len as u64)? > 1u64 << g.unit_bits() {
             return None;
@@ -701,7 +742,7 @@ impl<I: ReadAt> Reader<'_, I> {
         let l1_index = pos >> g.l2_bits();
         let table_at = self.l2_table_offset(l1_index).ok()??;
         let (at, word) = entry_position(table_at, pos, g);
-        let near = &self.state().near;
+        let near = &self.memory.near;
         let linear = near.linear.read(NearSlices::slot(at, g), at)?;
         let (entry, bitmap, entry_at) = linear.entry(at, word, g)?;
         let sub = (low_bits(pos, g.cluster_bits) >> g.unit_bits()) as u32;

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::format::compress::{self, ClusterCache};
 use crate::format::header::CompressionType;
 use crate::format::table::{remaining_in_block, ExtentKind};
-use crate::image::plan::{EmptyTables, NearSlices, Planner};
+use crate::image::plan::{Planner, TableMemory, Tables};
 use crate::image::qcow2::{Backing, Qcow2};
 
 /// Reads guest data of one image: the active disk, or an internal snapshot.
@@ -79,22 +79,15 @@ pub(crate) struct ReadState {
     /// Where the last read of compressed clusters ended: a read starting there is
     /// sequential, and reads ahead.
     last_end: AtomicU64,
-    /// The slices this reader used last: found again without the shared cache's lock.
-    pub(crate) near: NearSlices,
-    /// A buffer for reading L2 slices, kept so that a walk does not allocate (and the kernel
-    /// zero) fresh memory for every table.
-    pub(crate) scratch: std::sync::Mutex<Vec<u8>>,
-    /// L2 tables walked whole and found to map nothing.
-    pub(crate) empty_tables: EmptyTables,
+    /// What the planner learnt of the tables (the L2 slices used last, empty tables).
+    tables: TableMemory,
 }
 
 impl ReadState {
     pub(crate) fn new() -> Self {
         ReadState {
             last_end: AtomicU64::new(u64::MAX),
-            near: NearSlices::default(),
-            scratch: std::sync::Mutex::new(Vec::new()),
-            empty_tables: EmptyTables::default(),
+            tables: TableMemory::default(),
         }
     }
 }
@@ -192,10 +185,26 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
     }
 
-    pub(crate) fn state(&self) -> &ReadState {
+    fn state(&self) -> &ReadState {
         match &self.state {
             State::Own(state) => state,
             State::Shared(state) => state,
+        }
+    }
+
+    /// The tables this reader reads through, lent to the planner.
+    #[inline]
+    pub(crate) fn tables(&self) -> Tables<'_> {
+        let image = self.image;
+        Tables {
+            geometry: image.geometry,
+            l1: &self.l1,
+            l1_offset: self.l1_offset,
+            size: self.size,
+            io: &image.io,
+            cache: &image.l2_cache,
+            image_id: image.id,
+            memory: &self.state().tables,
         }
     }
 
@@ -227,11 +236,11 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         if buf.is_empty() {
             return Ok(());
         }
-        if let Some(host) = self.point_data(pos, buf.len()) {
+        if let Some(host) = self.tables().point_data(pos, buf.len()) {
             return self.read_run(ExtentKind::Data { host_offset: host }, pos, buf);
         }
         let end = pos.saturating_add(buf.len() as u64);
-        let mut planner = Planner::new(self);
+        let mut planner = Planner::new(self.tables());
         let first = planner.segment(pos, end)?;
         if first.length >= buf.len() as u64 && !matches!(first.kind, ExtentKind::Compressed { .. })
         {
@@ -402,24 +411,6 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             read_below();
         });
         failed.into_result()
-    }
-
-    /// Entries in this reader's L1 table: every index from here on is unallocated.
-    pub(crate) fn l1_len(&self) -> u64 {
-        self.l1.len() as u64
-    }
-
-    /// File offset of this reader's L1 table, for errors.
-    pub(crate) fn l1_offset(&self) -> u64 {
-        self.l1_offset
-    }
-
-    /// The raw L1 entry at `index`, `None` past the table.
-    pub(crate) fn l1_entry(&self, index: u64) -> Option<u64> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
     }
 
     /// Read a finished run into its part of `buf` (which starts at guest offset `pos`).
@@ -703,7 +694,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let end = first
             .saturating_add(count << geometry.cluster_bits)
             .min(table_end);
-        let mut planner = Planner::new(self);
+        let mut planner = Planner::new(self.tables());
         let mut next = first;
         let mut added = 0u64;
         // On the pool, without waiting (the next reads wait for what they need); else
@@ -1028,7 +1019,7 @@ mod tests {
     fn compressed_clusters(bytes: &[u8]) -> Vec<(u64, u64)> {
         let image = Qcow2::open(bytes.to_vec()).unwrap();
         let reader = image.reader().unwrap();
-        let mut planner = Planner::new(&reader);
+        let mut planner = Planner::new(reader.tables());
         (0..16u64)
             .map(|i| i << image.geometry.cluster_bits)
             .filter_map(|g| match planner.segment(g, g + 1).unwrap().kind {
