@@ -25,8 +25,8 @@ use crate::image::reader::Reader;
 /// QEMU's qcow2 driver answers for at most `INT_MAX` bytes at once.
 const QEMU_MAX_STATUS: u64 = i32::MAX as u64;
 
-/// A source of guest data that reads like a disk: a raw file, or another qcow2 image.
-pub(crate) trait GuestSource: Send + Sync {
+/// One layer of a backing chain, below the image read: a raw file, or another qcow2 image.
+pub(crate) trait Layer: Send + Sync {
     /// Fill `buf` with guest bytes at `pos`; bytes past the end read as zeros.
     fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()>;
     /// Guest size in bytes.
@@ -93,7 +93,7 @@ pub(crate) enum Below<'a> {
     /// A backing file is named but not attached: reading there fails.
     Missing(&'a str),
     /// Another layer.
-    Layer(&'a dyn GuestSource),
+    Layer(&'a dyn Layer),
 }
 
 /// What a qcow2 layer says about at most `len` bytes at `pos` of `reader`'s guest, as QEMU's
@@ -243,7 +243,7 @@ pub(crate) struct RawSource<B> {
     pub(crate) id: Option<FileId>,
 }
 
-impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
+impl<B: ReadAt + Send + Sync> Layer for RawSource<B> {
     fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         let got = read_up_to(&self.source, pos, buf)
             .map_err(|e| Error::io(format!("reading raw backing file at {pos:#x}"), e))?;
@@ -273,7 +273,7 @@ impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
     }
 }
 
-impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
+impl<I: ReadAt + Send + Sync> Layer for Qcow2<I> {
     fn share_caches(&mut self, l2: &Arc<Mutex<L2Cache>>, compressed: &Arc<ClusterCache>) {
         Qcow2::share_caches(self, l2, compressed);
     }

@@ -17,7 +17,7 @@ use crate::format::compress::ClusterCache;
 use crate::format::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::table::Geometry;
-use crate::image::layer::{GuestSource, RawSource};
+use crate::image::layer::{Layer, RawSource};
 use crate::image::open::FileId;
 use crate::image::options::OpenOptions;
 use crate::image::plan::L2Cache;
@@ -44,7 +44,7 @@ pub(crate) trait ImageView: Send + Sync {
 pub(crate) enum Backing {
     /// A raw file or another image.
     Source {
-        source: Box<dyn GuestSource>,
+        source: Box<dyn Layer>,
         format: &'static str,
     },
     /// Zeros, by the caller's explicit choice.
@@ -214,7 +214,8 @@ impl<I: ReadAt> Qcow2<I> {
     /// that owns it.
     ///
     /// Fails with [`Error::DataFileMissing`] when the image needs an external data file that
-    /// is not attached. A missing backing file is reported by the read that needs it.
+    /// is not attached. A missing backing file is reported ([`Error::BackingMissing`]) by the
+    /// read, map, allocation or block status that needs it.
     pub fn reader(&self) -> Result<Reader<'_, I>> {
         self.check_data_file()?;
         Ok(Reader::new(
@@ -307,7 +308,7 @@ impl<I: ReadAt> Qcow2<I> {
     }
 
     /// The layer below this image, when a backing image or raw file is attached.
-    pub(crate) fn backing_source(&self) -> Option<&dyn GuestSource> {
+    pub(crate) fn backing_source(&self) -> Option<&dyn Layer> {
         match &self.backing {
             Some(Backing::Source { source, .. }) => Some(source.as_ref()),
             _ => None,
