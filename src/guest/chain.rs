@@ -76,7 +76,6 @@ pub(crate) fn walk<'a, I: ReadAt>(
                 "a layer gave an empty answer inside its guest",
             ));
         }
-        // Ours lives as long as `reader`'s image; the layer's borrows it too.
         layer = answer;
         below = next.below();
         depth = depth.saturating_add(1);

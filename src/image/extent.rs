@@ -8,7 +8,7 @@ use crate::format::table::{Extent, ExtentKind};
 use crate::image::plan::Planner;
 use crate::image::reader::Reader;
 
-/// Most segments one [`Reader::extent_at`] call joins, so that every call is bounded whatever
+/// Most extents one [`Reader::extent_at`] call joins, so that every call is bounded whatever
 /// the image holds; the extent returned is then cut short there.
 const MAX_SEGMENTS_PER_CALL: u32 = 1 << 12;
 
@@ -70,13 +70,13 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             if end >= size {
                 break;
             }
-            let segment = planner.segment(end, size)?;
+            let extent = planner.extent(end, size)?;
             match kind {
-                None => kind = Some(segment.kind),
-                Some(k) if k.continued_by(segment.kind, end.saturating_sub(pos)) => {}
+                None => kind = Some(extent.kind),
+                Some(k) if k.continued_by(extent.kind, end.saturating_sub(pos)) => {}
                 Some(_) => break,
             }
-            end = end.saturating_add(segment.length);
+            end = end.saturating_add(extent.length);
         }
         Ok(kind.map(|kind| Extent {
             start: pos,

@@ -134,14 +134,14 @@ pub(crate) fn qcow2_layer_extent<'a, I: ReadAt>(
         0 => table_end,
         _ => end,
     };
-    let first = planner.segment(pos, walk_end)?;
+    let first = planner.extent(pos, walk_end)?;
     let kind = first.kind;
     let mut stop = pos.saturating_add(first.length).min(end);
     // The planner cuts runs of many units short; QEMU does not. A unit that cannot be
     // decoded ends the run, as QEMU's count of contiguous clusters stops at it: the next
     // answer reports it.
     while stop < end {
-        let Ok(next) = planner.segment(stop, end) else {
+        let Ok(next) = planner.extent(stop, end) else {
             break;
         };
         if next.length == 0 || !kind.continued_by(next.kind, stop.saturating_sub(pos)) {

@@ -26,10 +26,10 @@ pub(crate) type L2Cache = ByteLru<(u64, u64), u8>;
 /// Bytes of an L2 table cached as one piece (or the whole table, when smaller).
 pub(crate) const SLICE_BYTES: u64 = 4096;
 
-/// Most units (clusters or subclusters) one segment spans, and most unallocated L2 tables:
-/// every call is bounded whatever the image holds; the segment is then cut short there.
-const MAX_UNITS_PER_SEGMENT: u64 = 1 << 16;
-const MAX_TABLES_PER_SEGMENT: u64 = 1 << 20;
+/// Most units (clusters or subclusters) one extent spans, and most unallocated L2 tables:
+/// every call is bounded whatever the image holds; the extent is then cut short there.
+const MAX_UNITS_PER_EXTENT: u64 = 1 << 16;
+const MAX_TABLES_PER_EXTENT: u64 = 1 << 20;
 
 /// One cached piece of an L2 table.
 #[derive(Clone)]
@@ -347,9 +347,9 @@ impl<'t> Planner<'t> {
         }
     }
 
-    /// The segment starting at guest offset `pos`, ending at `end` at the latest (clipped to
+    /// The extent starting at guest offset `pos`, ending at `end` at the latest (clipped to
     /// the guest). Empty (unallocated, length 0) at or past the end.
-    pub(crate) fn segment(&mut self, pos: u64, end: u64) -> Result<Extent> {
+    pub(crate) fn extent(&mut self, pos: u64, end: u64) -> Result<Extent> {
         let end = end.min(self.tables.size);
         if pos >= end {
             return Ok(Extent {
@@ -382,13 +382,13 @@ impl<'t> Planner<'t> {
         // The first unit's host offset, moved on to `pos` inside it.
         let kind = kind.advanced(low_bits(pos, unit_bits));
         let mut cur = pos.saturating_add(remaining_in_block(pos, unit_bits));
-        for _ in 1..MAX_UNITS_PER_SEGMENT {
+        for _ in 1..MAX_UNITS_PER_EXTENT {
             if cur >= table_end {
                 break;
             }
             // A unit after the first that cannot be decoded (a misaligned or invalid entry)
-            // ends the segment, as QEMU's count of contiguous clusters stops at it: the
-            // segment that starts there reports the error. `qemu-img map` prints what comes
+            // ends the extent, as QEMU's count of contiguous clusters stops at it: the
+            // extent that starts there reports the error. `qemu-img map` prints what comes
             // before it.
             if kind == ExtentKind::NOTHING {
                 // Most of a sparse table is zero entries: step over them without decoding.
@@ -424,12 +424,12 @@ impl<'t> Planner<'t> {
         })
     }
 
-    /// The unallocated L2 tables from `l1_index` on, up to `end`, as one segment.
+    /// The unallocated L2 tables from `l1_index` on, up to `end`, as one extent.
     fn unallocated_tables(&self, start: u64, l1_index: u64, end: u64) -> Extent {
         let l2_bits = self.geometry.l2_bits();
         let mut next = l1_index.saturating_add(1);
         while next << l2_bits < end
-            && next.saturating_sub(l1_index) < MAX_TABLES_PER_SEGMENT
+            && next.saturating_sub(l1_index) < MAX_TABLES_PER_EXTENT
             && self.l2_maps_nothing(next)
         {
             if next >= self.tables.l1_len() {
@@ -449,7 +449,7 @@ impl<'t> Planner<'t> {
 
     /// Whether the L2 table for L1 index `index` maps nothing: unallocated (an entry past the
     /// L1 table is), or known to hold only unallocated entries ([`EmptyTables`]). A malformed
-    /// entry is not: the next segment reports it.
+    /// entry is not: the next extent reports it.
     fn l2_maps_nothing(&self, index: u64) -> bool {
         match self.tables.l2_table_offset(index) {
             Ok(None) => true,

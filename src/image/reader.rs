@@ -241,7 +241,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
         let end = pos.saturating_add(buf.len() as u64);
         let mut planner = Planner::new(self.tables());
-        let first = planner.segment(pos, end)?;
+        let first = planner.extent(pos, end)?;
         if first.length >= buf.len() as u64 && !matches!(first.kind, ExtentKind::Compressed { .. })
         {
             // One run (most small reads): none of the bookkeeping below.
@@ -255,26 +255,26 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let mut guest = pos;
         while guest < end {
             let planned = match first.take() {
-                Some(segment) => Ok(segment),
-                None => planner.segment(guest, end),
+                Some(extent) => Ok(extent),
+                None => planner.extent(guest, end),
             };
-            let segment = match planned {
-                Ok(segment) => segment,
+            let extent = match planned {
+                Ok(extent) => extent,
                 Err(e) => {
                     // As without deferring: the runs finished before this one fail first.
                     self.read_runs(&mut runs, pos, buf)?;
                     return Err(e);
                 }
             };
-            if segment.length == 0 {
+            if extent.length == 0 {
                 return Err(Error::Internal("the planner made no progress"));
             }
             let at = usize::try_from(guest.saturating_sub(pos)).unwrap_or(usize::MAX);
-            let len = clamp_len(segment.length, buf.len().saturating_sub(at));
+            let len = clamp_len(extent.length, buf.len().saturating_sub(at));
             if let ExtentKind::Compressed {
                 host_offset: host,
                 compressed_len: input_len,
-            } = segment.kind
+            } = extent.kind
             {
                 // Runs only grow by contiguous guest bytes: end the pending one here.
                 self.finish(pending.take(), &mut runs, pos, buf)?;
@@ -293,14 +293,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 }
             } else {
                 pending = match pending.take() {
-                    Some(p) if p.continues_with(segment.kind) => Some(Pending {
+                    Some(p) if p.continues_with(extent.kind) => Some(Pending {
                         len: p.len.saturating_add(len),
                         ..p
                     }),
                     finished => {
                         self.finish(finished, &mut runs, pos, buf)?;
                         Some(Pending {
-                            kind: segment.kind,
+                            kind: extent.kind,
                             guest,
                             len,
                         })
@@ -432,7 +432,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
             },
             ExtentKind::Unallocated { .. } => self.read_unallocated(guest, out)?,
             ExtentKind::Compressed { .. } => {
-                return Err(Error::Internal("a compressed segment among plain runs"))
+                return Err(Error::Internal("a compressed extent among plain runs"))
             }
         }
         Ok(())
@@ -703,18 +703,18 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let detached = self.image.pool.can_spawn_detached()
             && crate::base::pool::current_worker() == usize::MAX;
         while next < end {
-            let Ok(segment) = planner.segment(next, end) else {
+            let Ok(extent) = planner.extent(next, end) else {
                 break;
             };
-            if segment.length == 0 {
+            if extent.length == 0 {
                 break;
             }
             let at = next;
-            next = next.saturating_add(segment.length);
+            next = next.saturating_add(extent.length);
             let ExtentKind::Compressed {
                 host_offset: host,
                 compressed_len: input_len,
-            } = segment.kind
+            } = extent.kind
             else {
                 continue; // mixed images: look past uncompressed clusters
             };
@@ -960,7 +960,7 @@ struct Pending {
 }
 
 impl Pending {
-    /// Whether `next` continues this run: data without a gap in the file (segments end at
+    /// Whether `next` continues this run: data without a gap in the file (extents end at
     /// L2 tables, data need not), zeros or unallocated whatever their host offsets.
     #[inline]
     fn continues_with(&self, next: ExtentKind) -> bool {
@@ -1022,7 +1022,7 @@ mod tests {
         let mut planner = Planner::new(reader.tables());
         (0..16u64)
             .map(|i| i << image.geometry.cluster_bits)
-            .filter_map(|g| match planner.segment(g, g + 1).unwrap().kind {
+            .filter_map(|g| match planner.extent(g, g + 1).unwrap().kind {
                 ExtentKind::Compressed { host_offset, .. } => Some((host_offset, g)),
                 _ => None,
             })
