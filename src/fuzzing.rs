@@ -22,7 +22,7 @@ use crate::format::compress::{self, Decompressor};
 use crate::format::header::{CompressionType, Header, SNAPSHOT_HEADER_LEN, TABLE_ENTRY_LEN};
 use crate::format::header::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::snapshot;
-use crate::format::table::{self, Geometry, Mapping};
+use crate::format::table::{self, ExtentKind, Geometry};
 use crate::image::dirty;
 
 /// Extended L2 needs clusters of at least 16 KiB (spec: "Extended L2 Entries").
@@ -264,10 +264,10 @@ pub fn l2_entries(
     }
 }
 
-fn check_mapping(mapping: Mapping, entry: u64, g: &Geometry) {
+fn check_mapping(mapping: ExtentKind, entry: u64, g: &Geometry) {
     match mapping {
-        Mapping::Unallocated | Mapping::Zero => {}
-        Mapping::Data { host_offset } => {
+        ExtentKind::Unallocated { .. } | ExtentKind::Zero { .. } => {}
+        ExtentKind::Data { host_offset } => {
             assert_eq!(
                 low_bits(host_offset, g.unit_bits()),
                 0,
@@ -280,7 +280,10 @@ fn check_mapping(mapping: Mapping, entry: u64, g: &Geometry) {
                 "data outside its cluster"
             );
         }
-        Mapping::Compressed { host_offset, len } => {
+        ExtentKind::Compressed {
+            host_offset,
+            compressed_len: len,
+        } => {
             assert!(
                 !g.external_data,
                 "compressed cluster with an external data file"
@@ -434,8 +437,10 @@ mod tests {
         for l2 in l2_tables(file, &h) {
             for entry in l2.chunks_exact(8) {
                 let entry = u64::from_be_bytes(entry.try_into().unwrap());
-                if let Ok(Mapping::Compressed { host_offset, len }) =
-                    table::decode_l2(entry, 0, 0, &g, 0)
+                if let Ok(ExtentKind::Compressed {
+                    host_offset,
+                    compressed_len: len,
+                }) = table::decode_l2(entry, 0, 0, &g, 0)
                 {
                     let (at, len) = (host_offset as usize, len as usize);
                     out.push(&file[at..(at + len).min(file.len())]);

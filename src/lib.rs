@@ -171,11 +171,11 @@ pub use format::feature::{
     INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
 pub use format::header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+pub use format::table::{Extent, ExtentKind};
 pub use guest::disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
 pub use guest::map::{MapExtent, MapIter};
 pub use guest::parallel::{Chunk, ParallelReadOptions};
 pub use image::dirty::{DirtyExtent, DirtyExtents};
-pub use image::extent::{Extent, ExtentKind};
 pub use image::open::open_file;
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use image::owned::OwnedReader;

@@ -1,6 +1,6 @@
 //! L1 and L2 table entries (spec: "Cluster mapping") and what they resolve to.
 //!
-//! Decoding is pure: an entry plus the image geometry gives a [`Mapping`] or an error.
+//! Decoding is pure: an entry plus the image geometry gives an [`ExtentKind`] or an error.
 
 use crate::base::bytes::low_bits;
 use crate::error::{Error, Result};
@@ -121,17 +121,146 @@ pub(crate) enum ClusterType {
     Compressed,
 }
 
-/// What one cluster or subcluster of the guest reads from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mapping {
-    /// Not allocated here: reads from the backing image, or zeros without one.
-    Unallocated,
+/// How one stretch of the guest is stored in one image (one layer of a backing chain): what
+/// an L2 entry says, with every host offset it gives.
+///
+/// ```
+/// use qcow2::ExtentKind;
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+/// let reader = image.reader()?;
+/// let mut compressed = 0;
+/// let mut pos = 0;
+/// while let Some(extent) = reader.extent_at(pos)? {
+///     if let ExtentKind::Compressed { .. } = extent.kind {
+///         compressed += extent.length;
+///     }
+///     pos = extent.start + extent.length;
+/// }
+/// assert!(compressed > 0);
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ExtentKind {
+    /// Stored as is, starting at this offset of the image file (or of its external data file).
+    Data {
+        /// Host offset of the extent's first byte.
+        host_offset: u64,
+    },
+    /// (Part of) one compressed cluster: the whole cluster decompresses from
+    /// `compressed_len` bytes at `host_offset` of the image file.
+    Compressed {
+        /// Host offset of the compressed data.
+        host_offset: u64,
+        /// Length of the compressed data in bytes.
+        compressed_len: u64,
+    },
     /// Reads as zeros, hiding any backing data.
-    Zero,
-    /// Stored as is at this host offset (of the unit's first byte).
-    Data { host_offset: u64 },
-    /// Compressed; the whole cluster decompresses from `len` bytes at `host_offset`.
-    Compressed { host_offset: u64, len: u64 },
+    Zero {
+        /// Host offset of the extent's first byte when its clusters are preallocated.
+        host_offset: Option<u64>,
+    },
+    /// Not stored in this image: reads from the backing image, or as zeros without one.
+    Unallocated {
+        /// Host offset of the extent's first byte when its cluster is allocated (unallocated
+        /// subclusters of an allocated cluster).
+        host_offset: Option<u64>,
+    },
+}
+
+impl ExtentKind {
+    /// Not stored here, and no host cluster either.
+    pub(crate) const NOTHING: ExtentKind = ExtentKind::Unallocated { host_offset: None };
+
+    /// The host offset of the first byte, when it has one of its own (compressed data has
+    /// none: its bytes are not where its guest bytes are).
+    #[inline]
+    pub(crate) fn host_offset(self) -> Option<u64> {
+        match self {
+            ExtentKind::Data { host_offset } => Some(host_offset),
+            ExtentKind::Zero { host_offset } | ExtentKind::Unallocated { host_offset } => {
+                host_offset
+            }
+            ExtentKind::Compressed { .. } => None,
+        }
+    }
+
+    /// The same kind `delta` bytes further on (host offsets moved along; compressed data
+    /// stays what it is).
+    #[inline]
+    pub(crate) fn advanced(self, delta: u64) -> Self {
+        let on = |h: Option<u64>| h.map(|h| h.saturating_add(delta));
+        match self {
+            ExtentKind::Data { host_offset } => ExtentKind::Data {
+                host_offset: host_offset.saturating_add(delta),
+            },
+            ExtentKind::Zero { host_offset } => ExtentKind::Zero {
+                host_offset: on(host_offset),
+            },
+            ExtentKind::Unallocated { host_offset } => ExtentKind::Unallocated {
+                host_offset: on(host_offset),
+            },
+            compressed @ ExtentKind::Compressed { .. } => compressed,
+        }
+    }
+
+    /// Whether `next`, found `gap` bytes after the start of a stretch of this kind, continues
+    /// it: the same kind, with host offsets (where there are any) going on without a jump.
+    /// Compressed clusters never continue one another: each is decompressed alone.
+    #[inline]
+    pub(crate) fn continued_by(self, next: ExtentKind, gap: u64) -> bool {
+        let same_kind = std::mem::discriminant(&self) == std::mem::discriminant(&next);
+        let host_follows = match (self.host_offset(), next.host_offset()) {
+            (Some(a), Some(b)) => a.checked_add(gap) == Some(b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_kind && host_follows && !matches!(self, ExtentKind::Compressed { .. })
+    }
+
+    /// Stored in this image as data, compressed or not.
+    #[inline]
+    pub(crate) fn is_data(self) -> bool {
+        matches!(
+            self,
+            ExtentKind::Data { .. } | ExtentKind::Compressed { .. }
+        )
+    }
+}
+
+/// A stretch of the guest disk stored one way in one image.
+///
+/// ```
+/// use qcow2::ExtentKind;
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
+/// let reader = image.reader()?;
+/// let mut pos = 0;
+/// while let Some(extent) = reader.extent_at(pos)? {
+///     if let ExtentKind::Data { host_offset } = extent.kind {
+///         println!("{:#x}+{:#x} at file offset {host_offset:#x}", extent.start, extent.length);
+///     }
+///     pos = extent.start + extent.length;
+/// }
+/// assert_eq!(pos, image.guest_size());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Extent {
+    /// Guest offset of its first byte.
+    pub start: u64,
+    /// Its length in bytes (never 0 inside the guest).
+    pub length: u64,
+    /// How it is stored.
+    pub kind: ExtentKind,
+}
+
+/// Bytes from `offset` to the end of its aligned block of `1 << bits` bytes (a cluster, a
+/// subcluster, an L2 table's reach).
+#[inline]
+pub(crate) fn remaining_in_block(offset: u64, bits: u32) -> u64 {
+    (1u64 << bits).saturating_sub(low_bits(offset, bits))
 }
 
 /// An L1 entry's L2 table offset, `None` when the L2 table is unallocated.
@@ -155,31 +284,19 @@ pub(crate) fn l2_table_offset(
     Ok(Some(offset))
 }
 
-/// Decode one L2 entry for subcluster `sub` (always 0 without extended L2). The readers use
-/// [`decode_l2_with_host`]; this is its short form for the tests and the fuzz targets.
-/// `bitmap` is the extended entry's second word; `entry_at` is where the entry sits, for errors.
-#[cfg(any(test, feature = "fuzzing"))]
+/// Decode one L2 entry for subcluster `sub` (always 0 without extended L2): what it is, with
+/// the host offset of the unit whenever its cluster has one: data, and also a preallocated
+/// zero cluster or an unallocated subcluster of an allocated cluster (`qemu-img map` reports
+/// where those lie; a writer reuses them). `bitmap` is the extended entry's second word;
+/// `entry_at` is where the entry sits, for errors.
+#[inline]
 pub(crate) fn decode_l2(
     entry: u64,
     bitmap: u64,
     sub: u32,
     geometry: &Geometry,
     entry_at: u64,
-) -> Result<Mapping> {
-    decode_l2_with_host(entry, bitmap, sub, geometry, entry_at).map(|(mapping, _)| mapping)
-}
-
-/// [`decode_l2`], and the host offset of the unit whenever its cluster has one: data, and
-/// also a preallocated zero cluster or an unallocated subcluster of an allocated cluster
-/// (`qemu-img map` reports where those lie; reads never need it).
-#[inline]
-pub(crate) fn decode_l2_with_host(
-    entry: u64,
-    bitmap: u64,
-    sub: u32,
-    geometry: &Geometry,
-    entry_at: u64,
-) -> Result<(Mapping, Option<u64>)> {
+) -> Result<ExtentKind> {
     let kind = geometry.cluster_type(entry);
     let mapping = decode_l2_mapping(entry, kind, bitmap, sub, geometry, entry_at)?;
     let host = entry & L2_OFFSET_MASK;
@@ -188,9 +305,18 @@ pub(crate) fn decode_l2_with_host(
     let has_host = matches!(kind, ClusterType::Normal | ClusterType::ZeroAlloc);
     // sub < 32 and the unit is at most 64 KiB: within one cluster.
     let unit_host = has_host.then(|| host | u64::from(sub) << geometry.unit_bits());
-    Ok((mapping, unit_host))
+    Ok(match mapping {
+        ExtentKind::Zero { .. } => ExtentKind::Zero {
+            host_offset: unit_host,
+        },
+        ExtentKind::Unallocated { .. } => ExtentKind::Unallocated {
+            host_offset: unit_host,
+        },
+        stored => stored,
+    })
 }
 
+/// What the entry says, without the host offsets of zeros and unallocated units.
 #[inline]
 fn decode_l2_mapping(
     entry: u64,
@@ -199,7 +325,7 @@ fn decode_l2_mapping(
     sub: u32,
     geometry: &Geometry,
     entry_at: u64,
-) -> Result<Mapping> {
+) -> Result<ExtentKind> {
     if kind == ClusterType::Compressed {
         return decode_compressed(entry, geometry, entry_at);
     }
@@ -222,10 +348,12 @@ fn decode_l2_mapping(
     }
     if !geometry.extended_l2 {
         return Ok(match kind {
-            ClusterType::Normal => Mapping::Data { host_offset: host },
-            ClusterType::ZeroPlain | ClusterType::ZeroAlloc => Mapping::Zero,
+            ClusterType::Normal => ExtentKind::Data { host_offset: host },
+            ClusterType::ZeroPlain | ClusterType::ZeroAlloc => {
+                ExtentKind::Zero { host_offset: None }
+            }
             // Compressed returned above.
-            ClusterType::Unallocated | ClusterType::Compressed => Mapping::Unallocated,
+            ClusterType::Unallocated | ClusterType::Compressed => ExtentKind::NOTHING,
         });
     }
     let allocated = kind == ClusterType::Normal;
@@ -239,29 +367,29 @@ fn decode_l2_mapping(
             return Err(invalid("unallocated cluster has allocated subclusters"));
         }
         return Ok(if sub_zero {
-            Mapping::Zero
+            ExtentKind::Zero { host_offset: None }
         } else {
-            Mapping::Unallocated
+            ExtentKind::NOTHING
         });
     }
     if alloc & zero != 0 {
         return Err(invalid("subcluster marked both allocated and zero"));
     }
     if sub_zero {
-        Ok(Mapping::Zero)
+        Ok(ExtentKind::Zero { host_offset: None })
     } else if sub_alloc {
         // sub < 32 and the unit is at most 64 KiB: within one cluster.
-        Ok(Mapping::Data {
+        Ok(ExtentKind::Data {
             host_offset: host | u64::from(sub) << geometry.unit_bits(),
         })
     } else {
-        Ok(Mapping::Unallocated)
+        Ok(ExtentKind::NOTHING)
     }
 }
 
 /// The compressed descriptor ([`Geometry::compressed_extent`]), refused with an external
 /// data file.
-fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<Mapping> {
+fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<ExtentKind> {
     if geometry.external_data {
         return Err(Error::InvalidL2Entry {
             entry,
@@ -269,8 +397,11 @@ fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<M
             reason: "compressed cluster in an image with an external data file",
         });
     }
-    let (host_offset, len) = geometry.compressed_extent(entry);
-    Ok(Mapping::Compressed { host_offset, len })
+    let (host_offset, compressed_len) = geometry.compressed_extent(entry);
+    Ok(ExtentKind::Compressed {
+        host_offset,
+        compressed_len,
+    })
 }
 
 #[cfg(test)]
@@ -349,16 +480,21 @@ mod tests {
 
     #[test]
     fn standard_l2_entries() {
-        assert_eq!(decode_l2(0, 0, 0, &G64K, 0).unwrap(), Mapping::Unallocated);
-        assert_eq!(decode_l2(1, 0, 0, &G64K, 0).unwrap(), Mapping::Zero);
+        assert_eq!(decode_l2(0, 0, 0, &G64K, 0).unwrap(), ExtentKind::NOTHING);
+        assert_eq!(
+            decode_l2(1, 0, 0, &G64K, 0).unwrap(),
+            ExtentKind::Zero { host_offset: None }
+        );
         // Zero flag with a preallocated cluster still reads zeros.
         assert_eq!(
             decode_l2(0x8000_0000_0005_0001, 0, 0, &G64K, 0).unwrap(),
-            Mapping::Zero
+            ExtentKind::Zero {
+                host_offset: Some(0x50000)
+            }
         );
         assert_eq!(
             decode_l2(0x8000_0000_0005_0000, 0, 0, &G64K, 0).unwrap(),
-            Mapping::Data {
+            ExtentKind::Data {
                 host_offset: 0x50000
             }
         );
@@ -390,12 +526,12 @@ mod tests {
         };
         assert_eq!(
             decode_l2(OFLAG_COPIED, 0, 0, &g, 0).unwrap(),
-            Mapping::Data { host_offset: 0 }
+            ExtentKind::Data { host_offset: 0 }
         );
-        assert_eq!(decode_l2(0, 0, 0, &g, 0).unwrap(), Mapping::Unallocated);
+        assert_eq!(decode_l2(0, 0, 0, &g, 0).unwrap(), ExtentKind::NOTHING);
         assert_eq!(
             decode_l2(OFLAG_COPIED, 0, 0, &G64K, 0).unwrap(),
-            Mapping::Unallocated
+            ExtentKind::NOTHING
         );
     }
 
@@ -405,9 +541,9 @@ mod tests {
         let entry = OFLAG_COMPRESSED | (3u64 << 54) | 0x12345;
         assert_eq!(
             decode_l2(entry, 0, 0, &G64K, 0).unwrap(),
-            Mapping::Compressed {
+            ExtentKind::Compressed {
                 host_offset: 0x12345,
-                len: 4 * 512 - 0x145
+                compressed_len: 4 * 512 - 0x145
             }
         );
         // The COPIED bit is not part of the offset.
@@ -423,32 +559,34 @@ mod tests {
         let entry = OFLAG_COMPRESSED | (1u64 << 61) | 0x400;
         assert_eq!(
             decode_l2(entry, 0, 0, &g512, 0).unwrap(),
-            Mapping::Compressed {
+            ExtentKind::Compressed {
                 host_offset: 0x400,
-                len: 1024
+                compressed_len: 1024
             }
         );
     }
 
     #[test]
     fn host_offsets_of_preallocated_zero_and_unallocated_subclusters() {
-        let host = |entry, bitmap, sub, g| decode_l2_with_host(entry, bitmap, sub, g, 0).unwrap();
+        let host = |entry, bitmap, sub, g| decode_l2(entry, bitmap, sub, g, 0).unwrap();
+        let zero = |host_offset| ExtentKind::Zero { host_offset };
+        let unallocated = |host_offset| ExtentKind::Unallocated { host_offset };
         assert_eq!(
             host(0x8000_0000_0005_0001, 0, 0, &G64K),
-            (Mapping::Zero, Some(0x50000))
+            zero(Some(0x50000))
         );
-        assert_eq!(host(1, 0, 0, &G64K), (Mapping::Zero, None));
-        assert_eq!(host(0, 0, 0, &G64K), (Mapping::Unallocated, None));
+        assert_eq!(host(1, 0, 0, &G64K), zero(None));
+        assert_eq!(host(0, 0, 0, &G64K), unallocated(None));
         let bitmap = (1u64 << (32 + 2)) | 0b0010;
         assert_eq!(
             host(0x8000_0000_0005_0000, bitmap, 0, &G64K_EXT),
-            (Mapping::Unallocated, Some(0x50000))
+            unallocated(Some(0x50000))
         );
         assert_eq!(
             host(0x8000_0000_0005_0000, bitmap, 2, &G64K_EXT),
-            (Mapping::Zero, Some(0x50000 + 2 * 2048))
+            zero(Some(0x50000 + 2 * 2048))
         );
-        assert_eq!(host(0, 1 << 33, 1, &G64K_EXT), (Mapping::Zero, None));
+        assert_eq!(host(0, 1 << 33, 1, &G64K_EXT), zero(None));
     }
 
     #[test]
@@ -457,22 +595,26 @@ mod tests {
         let bitmap = (1u64 << (32 + 2)) | 0b0010; // sub 1 allocated, sub 2 zero
         assert_eq!(
             decode_l2(entry, bitmap, 0, &G64K_EXT, 0).unwrap(),
-            Mapping::Unallocated
+            ExtentKind::Unallocated {
+                host_offset: Some(0x50000)
+            }
         );
         assert_eq!(
             decode_l2(entry, bitmap, 1, &G64K_EXT, 0).unwrap(),
-            Mapping::Data {
+            ExtentKind::Data {
                 host_offset: 0x50000 + 2048
             }
         );
         assert_eq!(
             decode_l2(entry, bitmap, 2, &G64K_EXT, 0).unwrap(),
-            Mapping::Zero
+            ExtentKind::Zero {
+                host_offset: Some(0x50000 + 2 * 2048)
+            }
         );
         // The zero flag of the first word means nothing with extended L2.
         assert_eq!(
             decode_l2(1, 0, 0, &G64K_EXT, 0).unwrap(),
-            Mapping::Unallocated
+            ExtentKind::NOTHING
         );
         // Allocated and zero at once is invalid.
         assert!(decode_l2(entry, (1u64 << 33) | 0b10, 0, &G64K_EXT, 0).is_err());

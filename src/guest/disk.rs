@@ -7,11 +7,11 @@ use crate::base::holes::HoleQuery;
 use crate::base::io::read_up_to;
 use crate::base::SECTOR;
 use crate::error::{Error, Result};
-use crate::guest::map;
-use crate::image::extent::ExtentKind;
+use crate::format::table::remaining_in_block;
+use crate::guest::chain;
+use crate::image::layer::raw_layer_extent;
 use crate::image::open::FileId;
-use crate::image::plan::{Planner, SegmentKind};
-use crate::image::qcow2::Backing;
+use crate::image::owned::OwnedReader;
 use crate::image::reader::Reader;
 
 /// How a stretch of a guest disk is allocated, across its whole backing chain (what QEMU's
@@ -75,7 +75,7 @@ impl BlockStatus {
     }
 
     /// The allocation this status reads as.
-    fn allocation(self) -> Allocation {
+    pub(crate) fn allocation(self) -> Allocation {
         match self {
             BlockStatus {
                 zero: true,
@@ -98,9 +98,6 @@ impl BlockStatus {
         }
     }
 }
-
-/// QEMU's qcow2 driver answers for at most `INT_MAX` bytes at once.
-const QEMU_MAX_STATUS: u64 = i32::MAX as u64;
 
 /// A guest disk that [`convert_to_writer`](crate::convert_to_writer),
 /// [`convert_to_file`](crate::convert_to_file) and [`compare`](crate::jobs::compare) can read.
@@ -192,39 +189,9 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
         if pos >= size {
             return Ok(None);
         }
-        // QEMU's `bdrv_co_common_block_status_above` with no base: down the chain until a
-        // layer has the stretch, each asked for no more than the layer above answered.
-        let (mut status, mut len) = qcow2_block_status(self, pos, size.saturating_sub(pos))?;
-        if status.allocated || len == 0 {
-            return Ok(Some((status, len.max(1))));
-        }
-        let eof = status.eof.then_some(pos.saturating_add(len));
-        let mut bytes = len;
-        let mut below = self.image().backing_source();
-        while let Some(layer) = below {
-            let (found, n) = layer.block_status(pos, bytes)?;
-            if n == 0 {
-                // Past the end of a shorter layer: zeros, allocated there.
-                status = BlockStatus {
-                    zero: true,
-                    allocated: true,
-                    ..BlockStatus::default()
-                };
-                len = bytes;
-                break;
-            }
-            (status, len) = (found, n);
-            if found.allocated {
-                status.eof = false; // that layer's end, not this disk's
-                break;
-            }
-            bytes = n;
-            below = layer.backing_source();
-        }
-        if eof == Some(pos.saturating_add(len)) {
-            status.eof = true;
-        }
-        Ok(Some((status, len.max(1))))
+        let chain = chain::walk(self, pos, size.saturating_sub(pos))?;
+        let len = chain.layer.extent.length.max(1);
+        Ok(Some((chain::block_status(&chain), len)))
     }
 
     fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
@@ -232,133 +199,72 @@ impl<I: ReadAt> GuestDisk for Reader<'_, I> {
     }
 }
 
+/// An owned reader is a disk as its borrowed reader is.
+impl<I: ReadAt> GuestDisk for OwnedReader<I> {
+    fn disk_size(&self) -> u64 {
+        self.guest_size()
+    }
+
+    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        self.borrowed().read_disk(pos, buf)
+    }
+
+    fn allocation_at(&self, pos: u64) -> Result<Option<(Allocation, u64)>> {
+        self.borrowed().allocation_at(pos)
+    }
+
+    fn reads_file(&self, file: &std::fs::File) -> Result<bool> {
+        self.borrowed().reads_file(file)
+    }
+
+    fn block_status(&self, pos: u64) -> Result<Option<(BlockStatus, u64)>> {
+        self.borrowed().block_status(pos)
+    }
+}
+
 impl<I: ReadAt> Reader<'_, I> {
     /// [`GuestDisk::allocation_at`], looking no further than `max` bytes from `pos`
     /// (`max` > 0): what a caller that takes at most that much costs no more.
     pub(crate) fn allocation_in(&self, pos: u64, max: u64) -> Result<Option<(Allocation, u64)>> {
-        let image = self.image();
-        let limit = pos.saturating_add(max.max(1));
-        let cluster_left =
-            crate::image::reader::remaining_in_block(pos, image.geometry.cluster_bits);
+        let size = self.guest_size();
+        if pos >= size {
+            return Ok(None);
+        }
+        let limit = pos.saturating_add(max.max(1)).min(size);
+        let cluster_left = remaining_in_block(pos, self.image().geometry.cluster_bits);
         // The cluster at `pos` first: a compressed one is reported alone (as QEMU reports
         // them, so that convert's chunks, and with them its sparse decisions, fall where
         // qemu-img's do), and a data stretch only as far as a caller takes at once. Finding
         // a stretch's end costs its length, and callers step through data a chunk at a time.
-        let Some(first) = self.extent_in(pos..pos.saturating_add(cluster_left).min(limit))? else {
-            return Ok(None);
+        let first = chain::walk(self, pos, cluster_left.min(limit.saturating_sub(pos)))?;
+        let allocation = chain::allocation(&first);
+        let reach = match allocation {
+            Allocation::Compressed => return Ok(Some((allocation, first.layer.extent.length))),
+            Allocation::Data => pos.saturating_add(DATA_LOOKUP).min(limit),
+            _ => limit,
         };
-        let extent = match first.kind {
-            ExtentKind::Compressed => Some(first),
-            ExtentKind::Data { .. } => {
-                self.extent_in(pos..pos.saturating_add(DATA_LOOKUP).min(limit))?
+        let mut end = pos.saturating_add(first.layer.extent.length);
+        for _ in 1..MAX_ANSWERS_PER_LOOKUP {
+            if end >= reach {
+                break;
             }
-            _ => self.extent_in(pos..limit)?,
-        };
-        let extent = extent.unwrap_or(first);
-        Ok(Some(match extent.kind {
-            ExtentKind::Compressed => (Allocation::Compressed, extent.length),
-            ExtentKind::Data { host_offset } => self.data_allocation(host_offset, extent.length),
-            ExtentKind::Zero => (Allocation::Zero, extent.length),
-            ExtentKind::Unallocated => match &image.backing {
-                Some(Backing::Source { source, .. }) => source.allocation(pos, extent.length)?,
-                Some(Backing::Zeros) => (Allocation::Unallocated, extent.length),
-                // A backing file that is named but not attached: reading reports it.
-                None if image.header.backing_file().is_some() => (Allocation::Data, extent.length),
-                None => (Allocation::Unallocated, extent.length),
-            },
-            #[allow(unreachable_patterns)] // ExtentKind is non_exhaustive
-            _ => (Allocation::Data, extent.length),
-        }))
-    }
-}
-
-impl<I: ReadAt> Reader<'_, I> {
-    /// Plain data at `host` for `len` bytes: zeros where the file has holes in an image
-    /// that looks preallocated with `preallocation=metadata`, as QEMU (and the map) sees them,
-    /// so they are never read.
-    fn data_allocation(&self, host: u64, len: u64) -> (Allocation, u64) {
-        let image = self.image();
-        if image.crypt.is_some() {
-            return (Allocation::Data, len); // the file holds ciphertext: QEMU does not look
+            // An error is reported by the lookup that starts there.
+            let Ok(next) = chain::walk(self, end, reach.saturating_sub(end)) else {
+                break;
+            };
+            if !chain::continued_by(&first, &next, end.saturating_sub(pos)) {
+                break;
+            }
+            end = end.saturating_add(next.layer.extent.length);
         }
-        match map::preallocated_holes(image, host, len) {
-            Some((true, len)) => (Allocation::Zero, len),
-            Some((false, len)) => (Allocation::Data, len),
-            None => (Allocation::Data, len),
-        }
+        Ok(Some((allocation, end.saturating_sub(pos))))
     }
-}
-
-/// One qcow2 layer's block status, as QEMU's `bdrv_co_do_block_status` over
-/// `qcow2_co_block_status` answers it, for at most `bytes` from `pos` of `reader`'s guest:
-/// a run of one kind (host offsets following on) within one L2 table and `INT_MAX` bytes,
-/// cut at the file's holes where QEMU looks at them (`BDRV_BLOCK_RECURSE`). Length 0 (and
-/// `eof`) at or past the end of the guest.
-pub(crate) fn qcow2_block_status<I: ReadAt>(
-    reader: &Reader<'_, I>,
-    pos: u64,
-    bytes: u64,
-) -> Result<(BlockStatus, u64)> {
-    let size = reader.guest_size();
-    if pos >= size {
-        return Ok((BlockStatus::past_end(), 0));
-    }
-    let image = reader.image();
-    let l2_bits = image.geometry.l2_bits();
-    let table_end = (pos >> l2_bits).saturating_add(1) << l2_bits;
-    let end = pos
-        .saturating_add(bytes.min(size.saturating_sub(pos)).min(QEMU_MAX_STATUS))
-        .min(table_end);
-    let mut planner = Planner::new(reader);
-    // From the start of a table, walk its first run whole, not just what this step takes:
-    // a table found empty so is remembered (EmptyTables), and QEMU's steps of INT_MAX bytes
-    // through it, and through every other L1 entry naming it, cost nothing more.
-    let walk_end = match crate::base::bytes::low_bits(pos, l2_bits) {
-        0 => table_end,
-        _ => end,
-    };
-    let first = planner.segment(pos, walk_end)?;
-    let kind = first.kind;
-    let compressed = matches!(kind, SegmentKind::Compressed { .. });
-    let mut stop = pos.saturating_add(first.len).min(end);
-    // The planner cuts runs of many units short; QEMU does not.
-    while !compressed && stop < end {
-        let next = planner.segment(stop, end)?;
-        if next.len == 0 || !kind.continued_by(next.kind, stop.saturating_sub(pos)) {
-            break;
-        }
-        stop = stop.saturating_add(next.len);
-    }
-    let mut len = stop.saturating_sub(pos).max(1);
-    // QEMU gives no offset for encrypted data, nor for compressed data.
-    let offset = kind.host().filter(|_| image.crypt.is_none()).map(|h| h.0);
-    let data = compressed || matches!(kind, SegmentKind::Data(_));
-    let mut zero = matches!(kind, SegmentKind::Zero(_));
-    let allocated = data || zero;
-    if !allocated {
-        zero = map::unallocated_reads_zero(image, pos)?;
-    }
-    if let (true, false, Some(host)) = (data, compressed, offset) {
-        if let Some((holes, run)) = map::preallocated_holes(image, host, len) {
-            zero |= holes;
-            len = run;
-        }
-    }
-    let status = BlockStatus {
-        data,
-        zero,
-        offset_valid: offset.is_some(),
-        allocated,
-        eof: pos.saturating_add(len) >= size,
-        compressed,
-    };
-    Ok((status, len))
 }
 
 /// A raw file's block status (QEMU's raw format over `file-posix`): data or a hole, as the
 /// file system says, for at most `bytes` from `pos` of a file QEMU counts as `size` bytes.
 /// Length 0 (and `eof`) at or past the end.
-pub(crate) fn raw_block_status(
+fn raw_block_status(
     holes: Option<&dyn HoleQuery>,
     size: u64,
     pos: u64,
@@ -367,31 +273,9 @@ pub(crate) fn raw_block_status(
     if pos >= size || bytes == 0 {
         return (BlockStatus::past_end(), 0);
     }
-    let layer = map::raw_layer_status(holes, size, None, pos, bytes.min(size.saturating_sub(pos)));
-    let len = layer.len.max(1);
-    let status = BlockStatus {
-        data: layer.data,
-        zero: layer.zero,
-        offset_valid: true,
-        allocated: true,
-        eof: pos.saturating_add(len) >= size,
-        compressed: false,
-    };
-    (status, len)
-}
-
-/// The allocation a raw layer's status reads as, with its length.
-pub(crate) fn raw_allocation(
-    holes: Option<&dyn HoleQuery>,
-    size: u64,
-    pos: u64,
-    max: u64,
-) -> (Allocation, u64) {
-    match raw_block_status(holes, size, pos, max) {
-        // Past its end the guest reads zeros, which QEMU counts as allocated zeros.
-        (_, 0) => (Allocation::Zero, max),
-        (status, len) => (status.allocation(), len),
-    }
+    let layer = raw_layer_extent(holes, size, None, pos, bytes.min(size.saturating_sub(pos)));
+    let len = layer.extent.length.max(1);
+    (chain::block_status(&chain::alone(layer)), len)
 }
 
 /// How far [`GuestDisk::allocation_at`] of a [`Reader`] looks into a data stretch: a multiple
@@ -399,19 +283,9 @@ pub(crate) fn raw_allocation(
 /// reported.
 const DATA_LOOKUP: u64 = 8 << 20;
 
-/// The allocation of `disk` (a backing image) from `pos`, at most `max` bytes long
-/// (`max` > 0). Past the end of a shorter backing image the guest reads zeros, which QEMU
-/// counts as allocated zeros.
-pub(crate) fn backing_allocation<I: ReadAt>(
-    source: &Reader<'_, I>,
-    pos: u64,
-    max: u64,
-) -> Result<(Allocation, u64)> {
-    match source.allocation_in(pos, max)? {
-        Some((allocation, len)) => Ok((allocation, len.clamp(1, max))),
-        None => Ok((Allocation::Zero, max)),
-    }
-}
+/// Most answers of the chain one allocation lookup joins, so that every lookup is bounded
+/// whatever the image holds; the stretch returned is then cut short there.
+const MAX_ANSWERS_PER_LOOKUP: u32 = 1 << 12;
 
 /// A raw disk image: any [`ReadAt`] source, with the size given.
 ///
@@ -573,7 +447,11 @@ impl<R: ReadAt> GuestDisk for RawDisk<R> {
         Ok(Some(
             match self.data_len.checked_sub(pos).filter(|&n| n > 0) {
                 Some(n) if self.holes.is_none() => (Allocation::Data, n),
-                Some(_) => raw_allocation(self.holes.as_deref(), self.size, pos, left),
+                Some(_) => {
+                    let (status, len) =
+                        raw_block_status(self.holes.as_deref(), self.size, pos, left);
+                    (status.allocation(), len)
+                }
                 None => (Allocation::Zero, left),
             },
         ))

@@ -1,99 +1,16 @@
-//! Where guest data is stored: the allocation map, like `qemu-img map`.
+//! Where guest data is stored in one image: [`Reader::extent_at`], like `qemu-img map` of
+//! one layer.
 
 use positioned_io::ReadAt;
 
 use crate::error::Result;
-use crate::image::plan::{Planner, SegmentKind};
+use crate::format::table::{Extent, ExtentKind};
+use crate::image::plan::Planner;
 use crate::image::reader::Reader;
 
-/// Most segments one [`Reader::extent_at`] call joins, so that every call is bounded whatever
+/// Most extents one [`Reader::extent_at`] call joins, so that every call is bounded whatever
 /// the image holds; the extent returned is then cut short there.
 const MAX_SEGMENTS_PER_CALL: u32 = 1 << 12;
-
-/// How one stretch of the guest disk is stored in this image.
-///
-/// ```
-/// use qcow2::ExtentKind;
-///
-/// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
-/// let reader = image.reader()?;
-/// let mut compressed = 0;
-/// let mut pos = 0;
-/// while let Some(extent) = reader.extent_at(pos)? {
-///     if extent.kind == ExtentKind::Compressed {
-///         compressed += extent.length;
-///     }
-///     pos = extent.start + extent.length;
-/// }
-/// assert!(compressed > 0);
-/// # Ok::<(), qcow2::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ExtentKind {
-    /// Stored as is, starting at this offset of the image file (or of its external data file).
-    Data {
-        /// Host offset of the extent's first byte.
-        host_offset: u64,
-    },
-    /// Stored compressed in the image file.
-    Compressed,
-    /// Reads as zeros, hiding any backing data.
-    Zero,
-    /// Not stored in this image: reads from the backing image, or as zeros without one.
-    Unallocated,
-}
-
-/// A stretch of the guest disk stored one way.
-///
-/// ```
-/// use qcow2::ExtentKind;
-///
-/// let image = qcow2::Qcow2::open_path("fixtures/zlib-4k-mixed.qcow2")?;
-/// let reader = image.reader()?;
-/// let mut pos = 0;
-/// while let Some(extent) = reader.extent_at(pos)? {
-///     if let ExtentKind::Data { host_offset } = extent.kind {
-///         println!("{:#x}+{:#x} at file offset {host_offset:#x}", extent.start, extent.length);
-///     }
-///     pos = extent.start + extent.length;
-/// }
-/// assert_eq!(pos, image.guest_size());
-/// # Ok::<(), qcow2::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Extent {
-    /// Guest offset of its first byte.
-    pub start: u64,
-    /// Its length in bytes (never 0).
-    pub length: u64,
-    /// How it is stored.
-    pub kind: ExtentKind,
-}
-
-impl ExtentKind {
-    fn of(kind: SegmentKind) -> Self {
-        match kind {
-            SegmentKind::Data(host) => ExtentKind::Data {
-                host_offset: host.0,
-            },
-            SegmentKind::Compressed { .. } => ExtentKind::Compressed,
-            SegmentKind::Zero(_) => ExtentKind::Zero,
-            SegmentKind::Unallocated(_) => ExtentKind::Unallocated,
-        }
-    }
-
-    /// Whether `next`, found `gap` bytes after the start of an extent of this kind,
-    /// continues it.
-    fn continued_by(self, next: ExtentKind, gap: u64) -> bool {
-        match (self, next) {
-            (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
-                a.checked_add(gap) == Some(b)
-            }
-            (a, b) => a == b,
-        }
-    }
-}
 
 impl<'a, I: ReadAt> Reader<'a, I> {
     /// The longest extent stored one way that starts at guest offset `pos`, or `None` at or
@@ -114,6 +31,8 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     ///
     /// The map is this image's own, like `qemu-img map` of one layer: a backing image's
     /// clusters show as [`ExtentKind::Unallocated`]. [`Reader::map`] maps the whole chain.
+    /// An extent's host offsets follow on without a jump; a compressed extent is (part of)
+    /// one cluster.
     pub fn extent_at(&self, pos: u64) -> Result<Option<Extent>> {
         self.extent_in(pos..u64::MAX)
     }
@@ -144,21 +63,20 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         if pos >= size {
             return Ok(None);
         }
-        let mut planner = Planner::new(self);
+        let mut planner = Planner::new(self.tables());
         let mut kind: Option<ExtentKind> = None;
         let mut end = pos;
         for _ in 0..MAX_SEGMENTS_PER_CALL {
             if end >= size {
                 break;
             }
-            let segment = planner.segment(end, size)?;
-            let here = ExtentKind::of(segment.kind);
+            let extent = planner.extent(end, size)?;
             match kind {
-                None => kind = Some(here),
-                Some(k) if k.continued_by(here, end.saturating_sub(pos)) => {}
+                None => kind = Some(extent.kind),
+                Some(k) if k.continued_by(extent.kind, end.saturating_sub(pos)) => {}
                 Some(_) => break,
             }
-            end = end.saturating_add(segment.len);
+            end = end.saturating_add(extent.length);
         }
         Ok(kind.map(|kind| Extent {
             start: pos,

@@ -4,6 +4,7 @@
 
 pub(crate) mod dirty;
 pub(crate) mod extent;
+pub(crate) mod layer;
 pub(crate) mod open;
 pub(crate) mod options;
 pub(crate) mod owned;

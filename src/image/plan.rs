@@ -1,6 +1,7 @@
 //! The read planner: the one walk over the L1 and L2 tables. It turns a guest range into
-//! segments, each stored one way (data at a host offset, compressed, zeros, not here), and
-//! reads, [`Reader::extent_at`], the map and the read-ahead are all built on it.
+//! extents, each stored one way (data at a host offset, compressed, zeros, not here), and
+//! reads, [`Reader::extent_at`](crate::Reader::extent_at), the map and the read-ahead are all
+//! built on it. It plans over [`Tables`], which a reader lends it; the reader executes plans.
 //!
 //! L2 tables are cached in slices of [`SLICE_BYTES`] (as QEMU does since 4.0): a point read
 //! costs one small read of metadata on a miss, and a walk reads the rest of a table at once.
@@ -12,98 +13,23 @@ use positioned_io::ReadAt;
 
 use crate::base::bytes::be_u64;
 use crate::base::bytes::{leading_zero_bytes, low_bits};
+use crate::base::cache::ByteLru;
 use crate::base::io::read_metadata_into;
 use crate::error::{Error, Result};
 use crate::format::header::TABLE_ENTRY_LEN;
-use crate::format::table::{self, Geometry, Mapping};
-use crate::image::reader::{remaining_in_block, Reader};
+use crate::format::table::{self, remaining_in_block, Extent, ExtentKind, Geometry};
+
+/// L2 table slices, as stored, by (image id, file offset), within a byte budget shared by a
+/// backing chain.
+pub(crate) type L2Cache = ByteLru<(u64, u64), u8>;
 
 /// Bytes of an L2 table cached as one piece (or the whole table, when smaller).
 pub(crate) const SLICE_BYTES: u64 = 4096;
 
-/// Most units (clusters or subclusters) one segment spans, and most unallocated L2 tables:
-/// every call is bounded whatever the image holds; the segment is then cut short there.
-const MAX_UNITS_PER_SEGMENT: u64 = 1 << 16;
-const MAX_TABLES_PER_SEGMENT: u64 = 1 << 20;
-
-/// A byte offset in the guest disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct GuestOffset(pub u64);
-
-/// A byte offset in the image file, or in its external data file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct HostOffset(pub u64);
-
-impl HostOffset {
-    #[inline]
-    pub(crate) fn plus(self, n: u64) -> Self {
-        HostOffset(self.0.saturating_add(n))
-    }
-}
-
-/// How a segment is stored in this layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SegmentKind {
-    /// Stored as is from this host offset on.
-    Data(HostOffset),
-    /// Part of one compressed cluster, which decompresses from `input_len` bytes at `host`.
-    Compressed { host: HostOffset, input_len: u64 },
-    /// Reads as zeros; with the host offset of its first byte when its clusters have one
-    /// (preallocated), as `qemu-img map` reports.
-    Zero(Option<HostOffset>),
-    /// Not stored in this layer (the backing image decides); with a host offset when its
-    /// clusters have one (unallocated subclusters of an allocated cluster).
-    Unallocated(Option<HostOffset>),
-}
-
-impl SegmentKind {
-    #[inline]
-    fn of(mapping: Mapping, unit_host: Option<u64>) -> Self {
-        let host = unit_host.map(HostOffset);
-        match mapping {
-            Mapping::Data { host_offset } => SegmentKind::Data(HostOffset(host_offset)),
-            Mapping::Compressed { host_offset, len } => SegmentKind::Compressed {
-                host: HostOffset(host_offset),
-                input_len: len,
-            },
-            Mapping::Zero => SegmentKind::Zero(host),
-            Mapping::Unallocated => SegmentKind::Unallocated(host),
-        }
-    }
-
-    /// The host offset of the first byte, when there is one of its own (not compressed).
-    pub(crate) fn host(self) -> Option<HostOffset> {
-        match self {
-            SegmentKind::Data(h) => Some(h),
-            SegmentKind::Zero(h) | SegmentKind::Unallocated(h) => h,
-            SegmentKind::Compressed { .. } => None,
-        }
-    }
-
-    /// Whether `next`, found `gap` bytes after the start of a segment of this kind, is the
-    /// same kind with host offsets (where there are any) continuing without a jump.
-    #[inline]
-    pub(crate) fn continued_by(self, next: SegmentKind, gap: u64) -> bool {
-        let same_kind = std::mem::discriminant(&self) == std::mem::discriminant(&next);
-        let host_follows = match (self.host(), next.host()) {
-            (Some(a), Some(b)) => a.plus(gap) == b && a.0.checked_add(gap).is_some(),
-            (None, None) => true,
-            _ => false,
-        };
-        same_kind && host_follows && !matches!(self, SegmentKind::Compressed { .. })
-    }
-}
-
-/// Guest bytes from `start` on, stored one way, with host offsets contiguous where they have
-/// any, within one L2 table (unallocated L2 tables in a row make one segment); a compressed
-/// segment is (part of) one cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Segment {
-    pub start: GuestOffset,
-    /// Never 0 for a segment inside the guest.
-    pub len: u64,
-    pub kind: SegmentKind,
-}
+/// Most units (clusters or subclusters) one extent spans, and most unallocated L2 tables:
+/// every call is bounded whatever the image holds; the extent is then cut short there.
+const MAX_UNITS_PER_EXTENT: u64 = 1 << 16;
+const MAX_TABLES_PER_EXTENT: u64 = 1 << 20;
 
 /// One cached piece of an L2 table.
 #[derive(Clone)]
@@ -371,73 +297,100 @@ impl Slots {
 
 /// Walks the tables of one reader, keeping the L2 slice it is in, so that a walk looks the
 /// cache up once per slice, not once per cluster.
-pub(crate) struct Planner<'r, 'a, I> {
-    reader: &'r Reader<'a, I>,
+pub(crate) struct Planner<'t> {
+    tables: Tables<'t>,
     geometry: Geometry,
     slice: Option<Slice>,
     /// Whether the first unit was looked up, in place if the reader kept its slice.
     peeked: bool,
 }
 
-impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
-    pub(crate) fn new(reader: &'r Reader<'a, I>) -> Self {
+/// What the planner plans over: the tables of one view of an image (the active disk or a
+/// snapshot), lent by a reader.
+#[derive(Clone, Copy)]
+pub(crate) struct Tables<'t> {
+    pub(crate) geometry: Geometry,
+    /// The view's L1 table.
+    pub(crate) l1: &'t [u64],
+    /// File offset of that L1 table, for errors.
+    pub(crate) l1_offset: u64,
+    /// The view's guest size.
+    pub(crate) size: u64,
+    /// The image file, where the L2 tables are.
+    pub(crate) io: &'t dyn ReadAt,
+    /// The cache of L2 slices the image shares with its chain, and the image's key in it.
+    pub(crate) cache: &'t Mutex<L2Cache>,
+    pub(crate) image_id: u64,
+    /// What the lending reader remembers of the tables.
+    pub(crate) memory: &'t TableMemory,
+}
+
+/// What a reader remembers of its tables between plans.
+#[derive(Default)]
+pub(crate) struct TableMemory {
+    /// The slices this reader used last: found again without the shared cache's lock.
+    near: NearSlices,
+    /// A buffer for reading L2 slices, kept so that a walk does not allocate (and the kernel
+    /// zero) fresh memory for every table.
+    scratch: Mutex<Vec<u8>>,
+    /// L2 tables walked whole and found to map nothing.
+    empty_tables: EmptyTables,
+}
+
+impl<'t> Planner<'t> {
+    pub(crate) fn new(tables: Tables<'t>) -> Self {
         Planner {
-            reader,
-            geometry: reader.image().geometry,
+            geometry: tables.geometry,
+            tables,
             slice: None,
             peeked: false,
         }
     }
 
-    /// The segment starting at guest offset `pos`, ending at `end` at the latest (clipped to
+    /// The extent starting at guest offset `pos`, ending at `end` at the latest (clipped to
     /// the guest). Empty (unallocated, length 0) at or past the end.
-    pub(crate) fn segment(&mut self, pos: u64, end: u64) -> Result<Segment> {
-        let end = end.min(self.reader.guest_size());
-        let start = GuestOffset(pos);
+    pub(crate) fn extent(&mut self, pos: u64, end: u64) -> Result<Extent> {
+        let end = end.min(self.tables.size);
         if pos >= end {
-            return Ok(Segment {
-                start,
-                len: 0,
-                kind: SegmentKind::Unallocated(None),
+            return Ok(Extent {
+                start: pos,
+                length: 0,
+                kind: ExtentKind::NOTHING,
             });
         }
         let g = self.geometry;
         let l1_index = pos >> g.l2_bits();
-        let Some(table_at) = self.reader.l2_table_offset(l1_index)? else {
-            return Ok(self.unallocated_tables(start, l1_index, end));
+        let Some(table_at) = self.tables.l2_table_offset(l1_index)? else {
+            return Ok(self.unallocated_tables(pos, l1_index, end));
         };
-        if self.reader.state().empty_tables.has(table_at) {
+        if self.tables.memory.empty_tables.has(table_at) {
             // A table already walked and found to map nothing: as if unallocated.
-            return Ok(self.unallocated_tables(start, l1_index, end));
+            return Ok(self.unallocated_tables(pos, l1_index, end));
         }
         let table_end = end.min(l1_index.saturating_add(1) << g.l2_bits());
-        let (mapping, unit_host) = self.unit(table_at, pos, table_end)?;
-        let kind = SegmentKind::of(mapping, unit_host);
-        if let SegmentKind::Compressed { .. } = kind {
+        let kind = self.unit(table_at, pos, table_end)?;
+        if let ExtentKind::Compressed { .. } = kind {
             // One cluster at a time, as QEMU reports and decompresses them.
-            let len = remaining_in_block(pos, g.cluster_bits).min(end.saturating_sub(pos));
-            return Ok(Segment { start, len, kind });
+            let length = remaining_in_block(pos, g.cluster_bits).min(end.saturating_sub(pos));
+            return Ok(Extent {
+                start: pos,
+                length,
+                kind,
+            });
         }
         let unit_bits = g.unit_bits();
-        // The first unit's host offset, moved back to `pos` inside it.
-        let kind = match kind {
-            SegmentKind::Data(h) => SegmentKind::Data(h.plus(low_bits(pos, unit_bits))),
-            SegmentKind::Zero(h) => SegmentKind::Zero(h.map(|h| h.plus(low_bits(pos, unit_bits)))),
-            SegmentKind::Unallocated(h) => {
-                SegmentKind::Unallocated(h.map(|h| h.plus(low_bits(pos, unit_bits))))
-            }
-            compressed => compressed,
-        };
+        // The first unit's host offset, moved on to `pos` inside it.
+        let kind = kind.advanced(low_bits(pos, unit_bits));
         let mut cur = pos.saturating_add(remaining_in_block(pos, unit_bits));
-        for _ in 1..MAX_UNITS_PER_SEGMENT {
+        for _ in 1..MAX_UNITS_PER_EXTENT {
             if cur >= table_end {
                 break;
             }
             // A unit after the first that cannot be decoded (a misaligned or invalid entry)
-            // ends the segment, as QEMU's count of contiguous clusters stops at it: the
-            // segment that starts there reports the error. `qemu-img map` prints what comes
+            // ends the extent, as QEMU's count of contiguous clusters stops at it: the
+            // extent that starts there reports the error. `qemu-img map` prints what comes
             // before it.
-            if kind == SegmentKind::Unallocated(None) {
+            if kind == ExtentKind::NOTHING {
                 // Most of a sparse table is zero entries: step over them without decoding.
                 let Ok(zeros) = self.zero_entries(table_at, cur, table_end) else {
                     break;
@@ -447,10 +400,9 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
                     continue;
                 }
             }
-            let Ok((mapping, unit_host)) = self.unit(table_at, cur, table_end) else {
+            let Ok(next) = self.unit(table_at, cur, table_end) else {
                 break;
             };
-            let next = SegmentKind::of(mapping, unit_host);
             if !kind.continued_by(next, cur.saturating_sub(pos)) {
                 break;
             }
@@ -460,27 +412,27 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let whole_table = pos == table_start
             && cur >= table_end
             && table_end == l1_index.saturating_add(1) << g.l2_bits();
-        if kind == SegmentKind::Unallocated(None) && whole_table {
+        if kind == ExtentKind::NOTHING && whole_table {
             // Remember it: an image whose L1 entries all name one empty table is then walked
             // in time proportional to its L1 table, not to its guest size.
-            self.reader.state().empty_tables.put(table_at);
+            self.tables.memory.empty_tables.put(table_at);
         }
-        Ok(Segment {
-            start,
-            len: cur.min(table_end).saturating_sub(pos),
+        Ok(Extent {
+            start: pos,
+            length: cur.min(table_end).saturating_sub(pos),
             kind,
         })
     }
 
-    /// The unallocated L2 tables from `l1_index` on, up to `end`, as one segment.
-    fn unallocated_tables(&self, start: GuestOffset, l1_index: u64, end: u64) -> Segment {
+    /// The unallocated L2 tables from `l1_index` on, up to `end`, as one extent.
+    fn unallocated_tables(&self, start: u64, l1_index: u64, end: u64) -> Extent {
         let l2_bits = self.geometry.l2_bits();
         let mut next = l1_index.saturating_add(1);
         while next << l2_bits < end
-            && next.saturating_sub(l1_index) < MAX_TABLES_PER_SEGMENT
+            && next.saturating_sub(l1_index) < MAX_TABLES_PER_EXTENT
             && self.l2_maps_nothing(next)
         {
-            if next >= self.reader.l1_len() {
+            if next >= self.tables.l1_len() {
                 // Past the L1 table all is unallocated, up to any virtual size.
                 next = u64::MAX >> l2_bits;
                 break;
@@ -488,27 +440,27 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             next = next.saturating_add(1);
         }
         let stop = (next << l2_bits).min(end);
-        Segment {
+        Extent {
             start,
-            len: stop.saturating_sub(start.0),
-            kind: SegmentKind::Unallocated(None),
+            length: stop.saturating_sub(start),
+            kind: ExtentKind::NOTHING,
         }
     }
 
     /// Whether the L2 table for L1 index `index` maps nothing: unallocated (an entry past the
     /// L1 table is), or known to hold only unallocated entries ([`EmptyTables`]). A malformed
-    /// entry is not: the next segment reports it.
+    /// entry is not: the next extent reports it.
     fn l2_maps_nothing(&self, index: u64) -> bool {
-        match self.reader.l2_table_offset(index) {
+        match self.tables.l2_table_offset(index) {
             Ok(None) => true,
-            Ok(Some(at)) => self.reader.state().empty_tables.has(at),
+            Ok(Some(at)) => self.tables.memory.empty_tables.has(at),
             Err(_) => false,
         }
     }
 
     /// Decode the unit at guest offset `guest` of the L2 table at `table_at`; `end` (inside
     /// the same table) says how far the walk may go, for reading slices ahead.
-    fn unit(&mut self, table_at: u64, guest: u64, end: u64) -> Result<(Mapping, Option<u64>)> {
+    fn unit(&mut self, table_at: u64, guest: u64, end: u64) -> Result<ExtentKind> {
         let g = self.geometry;
         let (at, word) = entry_position(table_at, guest, &g);
         // A planner's first unit is often its only one (a small read): read the entry from
@@ -517,7 +469,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
         let kept = match self.peeked {
             false => {
                 self.peeked = true;
-                self.reader.state().near.entry(at, word, &g)
+                self.tables.memory.near.entry(at, word, &g)
             }
             true => None,
         };
@@ -532,11 +484,11 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             }
         };
         let sub = (low_bits(guest, g.cluster_bits) >> g.unit_bits()) as u32;
-        let (mapping, unit_host) = table::decode_l2_with_host(entry, bitmap, sub, &g, entry_at)?;
+        let kind = table::decode_l2(entry, bitmap, sub, &g, entry_at)?;
         if g.external_data {
-            check_data_file_offset(unit_host, guest, g.unit_bits(), entry_at)?;
+            check_data_file_offset(kind.host_offset(), guest, g.unit_bits(), entry_at)?;
         }
-        Ok((mapping, unit_host))
+        Ok(kind)
     }
 
     /// How many whole clusters from `pos` (a cluster boundary, or else none count) up to
@@ -576,7 +528,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
             .is_some_and(|s| s.l1_index == l1_index && s.number == number);
         if !kept {
             let at = table_at.saturating_add(number.saturating_mul(slice_bytes(&g)));
-            let near = &self.reader.state().near;
+            let near = &self.tables.memory.near;
             let slice = match near.get(at, &g) {
                 Some(slice) => Slice {
                     l1_index,
@@ -585,7 +537,7 @@ impl<'r, 'a, I: ReadAt> Planner<'r, 'a, I> {
                 },
                 None => {
                     let last = slice_number(end.saturating_sub(1).max(guest), &g).max(number);
-                    let slice = self.reader.l2_slice(table_at, l1_index, number, last)?;
+                    let slice = self.tables.l2_slice(table_at, l1_index, number, last)?;
                     near.put(&slice, &g);
                     slice
                 }
@@ -683,27 +635,36 @@ fn slice_bytes(g: &Geometry) -> u64 {
         .saturating_mul(1 << slice_entry_bits(g))
 }
 
-impl<I: ReadAt> Reader<'_, I> {
+impl Tables<'_> {
+    /// Entries in the L1 table: every index from here on is unallocated.
+    #[inline]
+    fn l1_len(&self) -> u64 {
+        self.l1.len() as u64
+    }
+
     /// The L2 table offset for L1 index `l1_index`; `None` if unallocated or past the table.
-    pub(crate) fn l2_table_offset(&self, l1_index: u64) -> Result<Option<u64>> {
-        let Some(entry) = self.l1_entry(l1_index) else {
+    #[inline]
+    fn l2_table_offset(&self, l1_index: u64) -> Result<Option<u64>> {
+        let entry = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i).copied());
+        let Some(entry) = entry else {
             return Ok(None); // past the L1 table: unallocated, as QEMU reads it
         };
         let entry_at = self
-            .l1_offset()
+            .l1_offset
             .saturating_add(l1_index.saturating_mul(TABLE_ENTRY_LEN));
-        table::l2_table_offset(entry, &self.image().geometry, entry_at)
+        table::l2_table_offset(entry, &self.geometry, entry_at)
     }
 
     /// Slice `number` of the L2 table at `table_at`, from the cache or else read from the
     /// file, together with the slices after it up to `last` (cached for the walk to come).
     fn l2_slice(&self, table_at: u64, l1_index: u64, number: u64, last: u64) -> Result<Slice> {
-        let image = self.image();
-        let g = &image.geometry;
+        let g = &self.geometry;
         let bytes = slice_bytes(g);
         let at = table_at.saturating_add(number.saturating_mul(bytes));
-        let cache = &image.l2_cache;
-        let key = (image.id, at);
+        let cache = self.cache;
+        let key = (self.image_id, at);
         let cached = cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -720,7 +681,7 @@ impl<I: ReadAt> Reader<'_, I> {
         // Read ahead, in the same read, the slices up to `last` that this reader does not
         // keep yet (at most as many as it keeps). They go to this reader's own slices only:
         // the shared cache gets what some read asked for, not a walk's every slice.
-        let near = &self.state().near;
+        let near = &self.memory.near;
         let mut count = 1u64;
         while count < NEAR_SLOTS as u64
             && number.saturating_add(count) <= last
@@ -728,13 +689,13 @@ impl<I: ReadAt> Reader<'_, I> {
         {
             count = count.saturating_add(1);
         }
-        let mut scratch = self.state().scratch.try_lock();
+        let mut scratch = self.memory.scratch.try_lock();
         let mut own = Vec::new();
         let buf = match scratch.as_deref_mut() {
             Ok(reused) => reused,
             Err(_) => &mut own,
         };
-        read_metadata_into(&image.io, at, count.saturating_mul(bytes), "L2 table", buf)?;
+        read_metadata_into(self.io, at, count.saturating_mul(bytes), "L2 table", buf)?;
         let mut first = None;
         for (i, piece) in buf
             .chunks(usize::try_from(bytes).unwrap_or(usize::MAX))
@@ -773,7 +734,7 @@ impl<I: ReadAt> Reader<'_, I> {
     /// also reports anything wrong with the entry.
     #[inline]
     pub(crate) fn point_data(&self, pos: u64, len: usize) -> Option<u64> {
-        let g = &self.image().geometry;
+        let g = &self.geometry;
         let within = low_bits(pos, g.unit_bits());
         if g.external_data || within.checked_add(len as u64)? > 1u64 << g.unit_bits() {
             return None;
@@ -781,12 +742,12 @@ impl<I: ReadAt> Reader<'_, I> {
         let l1_index = pos >> g.l2_bits();
         let table_at = self.l2_table_offset(l1_index).ok()??;
         let (at, word) = entry_position(table_at, pos, g);
-        let near = &self.state().near;
+        let near = &self.memory.near;
         let linear = near.linear.read(NearSlices::slot(at, g), at)?;
         let (entry, bitmap, entry_at) = linear.entry(at, word, g)?;
         let sub = (low_bits(pos, g.cluster_bits) >> g.unit_bits()) as u32;
-        match table::decode_l2_with_host(entry, bitmap, sub, g, entry_at) {
-            Ok((Mapping::Data { host_offset }, _)) => host_offset.checked_add(within),
+        match table::decode_l2(entry, bitmap, sub, g, entry_at) {
+            Ok(ExtentKind::Data { host_offset }) => host_offset.checked_add(within),
             _ => None,
         }
     }
@@ -850,17 +811,20 @@ mod tests {
     }
 
     #[test]
-    fn segment_kinds_continue_only_with_contiguous_hosts() {
-        let data = SegmentKind::Data(HostOffset(0x10000));
-        assert!(data.continued_by(SegmentKind::Data(HostOffset(0x20000)), 0x10000));
-        assert!(!data.continued_by(SegmentKind::Data(HostOffset(0x30000)), 0x10000));
-        assert!(!data.continued_by(SegmentKind::Zero(None), 0x10000));
-        let zero = SegmentKind::Zero(None);
-        assert!(zero.continued_by(SegmentKind::Zero(None), 1 << 20));
-        assert!(!zero.continued_by(SegmentKind::Zero(Some(HostOffset(0))), 1 << 20));
-        let compressed = SegmentKind::Compressed {
-            host: HostOffset(0x10000),
-            input_len: 512,
+    fn kinds_continue_only_with_contiguous_hosts() {
+        let data = ExtentKind::Data {
+            host_offset: 0x10000,
+        };
+        let data_at = |host_offset| ExtentKind::Data { host_offset };
+        let zero = |host_offset| ExtentKind::Zero { host_offset };
+        assert!(data.continued_by(data_at(0x20000), 0x10000));
+        assert!(!data.continued_by(data_at(0x30000), 0x10000));
+        assert!(!data.continued_by(zero(None), 0x10000));
+        assert!(zero(None).continued_by(zero(None), 1 << 20));
+        assert!(!zero(None).continued_by(zero(Some(0)), 1 << 20));
+        let compressed = ExtentKind::Compressed {
+            host_offset: 0x10000,
+            compressed_len: 512,
         };
         assert!(!compressed.continued_by(compressed, 0));
     }

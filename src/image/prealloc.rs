@@ -12,6 +12,8 @@ use crate::base::io::read_metadata;
 use crate::base::SECTOR;
 use crate::format::header::Header;
 use crate::format::refcount::{RefTableEntry, RefcountLayout};
+use crate::image::layer::file_status;
+use crate::image::qcow2::Qcow2;
 /// True when clusters with a non-zero refcount (among those the file spans) reach
 /// `max(real * 10 / 9, real + 2)`, `real` being the clusters the file system allocated.
 /// Any error or unknown answer is "no", as in QEMU.
@@ -80,6 +82,41 @@ fn non_zero_entries(block: &[u8], layout: &RefcountLayout, n: u64) -> u64 {
     (0..n).filter(|&i| layout.get(block, i) != 0).count() as u64
 }
 
+/// QEMU's `BDRV_BLOCK_RECURSE`: plain data at `host` for `len` bytes of an image that looks
+/// preallocated (`preallocation=metadata`) reads as zeros where its file has holes. Whether
+/// the stretch from `host` reads as zeros, and how far (at least 1 byte); `None` when QEMU does
+/// not look (the holes are unknown, or the image does not look preallocated).
+pub(crate) fn preallocated_holes<I: ReadAt>(
+    image: &Qcow2<I>,
+    host: u64,
+    len: u64,
+) -> Option<(bool, u64)> {
+    let holes = image.data_holes()?;
+    if !image.metadata_preallocated() {
+        return None;
+    }
+    let (zero, len) = clip_to_file_holes(holes, host, len);
+    Some((zero, len.max(1)))
+}
+
+/// Data clusters of a preallocated image may be holes in the file, which read as zeros; so
+/// does anything past the end of the file. Whether `len` bytes of data at `offset` read as
+/// zeros, and how far.
+fn clip_to_file_holes(holes: &dyn HoleQuery, offset: u64, len: u64) -> (bool, u64) {
+    let Some(file_len) = holes.file_len() else {
+        return (false, len); // QEMU ignores a failed query
+    };
+    let total = file_len
+        .checked_next_multiple_of(SECTOR)
+        .unwrap_or(file_len);
+    let file = file_status(Some(holes), total, offset, len);
+    if file.eof && (file.len == 0 || file.zero) {
+        (true, len)
+    } else {
+        (file.zero, file.len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +138,19 @@ mod tests {
         // order 4: 16-bit big-endian entries.
         assert_eq!(non_zero_entries(&[0, 1, 0, 0, 1, 0], &layout(4), 3), 2);
         assert_eq!(non_zero_entries(&[0, 1, 0, 0, 1, 0], &layout(4), 1), 1);
+    }
+
+    #[test]
+    fn preallocated_data_in_a_hole_reads_as_zeros() {
+        let f = crate::image::layer::tests::Fake {
+            data: vec![(0, 65536)],
+            len: 3 * 65536,
+        };
+        // Data up to a hole: cut at the hole.
+        assert_eq!(clip_to_file_holes(&f, 0, 2 * 65536), (false, 65536));
+        // A hole reaching the end of the file: zeros for the whole run.
+        assert_eq!(clip_to_file_holes(&f, 65536, 4 * 65536), (true, 4 * 65536));
+        // Past the end of the file: zeros.
+        assert_eq!(clip_to_file_holes(&f, 8 * 65536, 65536), (true, 65536));
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use positioned_io::ReadAt;
 
-use crate::base::cache::{new_image_id, ByteLru};
+use crate::base::cache::new_image_id;
 use crate::base::holes::HoleQuery;
 use crate::base::io::{be_u64_table, check_within, read_metadata, read_up_to};
 use crate::base::limits::Limits;
@@ -17,43 +17,11 @@ use crate::format::compress::ClusterCache;
 use crate::format::header::{self, Header, PROBE_LEN, TABLE_ENTRY_LEN};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::table::Geometry;
-use crate::guest::disk::{Allocation, BlockStatus};
-use crate::guest::map::{self, LayerStatus};
+use crate::image::layer::{Layer, RawSource};
 use crate::image::open::FileId;
 use crate::image::options::OpenOptions;
+use crate::image::plan::L2Cache;
 use crate::image::reader::{ReadState, Reader};
-
-/// A source of guest data that reads like a disk: a raw file, or another qcow2 image.
-pub(crate) trait GuestSource: Send + Sync {
-    /// Fill `buf` with guest bytes at `pos`; bytes past the end read as zeros.
-    fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()>;
-    /// Guest size in bytes.
-    fn guest_size(&self) -> u64;
-    /// The file it was opened from, when known.
-    fn path(&self) -> Option<&std::path::Path>;
-    /// Share the caches of the image above it (qcow2 sources; raw ones have none).
-    fn share_caches(&mut self, _l2: &Arc<Mutex<L2Cache>>, _compressed: &Arc<ClusterCache>) {}
-    /// The image, when this source is a qcow2 image (for the backing chain in `info`).
-    fn as_image(&self) -> Option<&dyn ImageView> {
-        None
-    }
-    /// The map's status of this layer alone for `len` bytes at `pos` (inside its guest).
-    fn layer_status(&self, pos: u64, len: u64) -> Result<LayerStatus<'_>>;
-    /// The layer below, when there is one.
-    fn backing_source(&self) -> Option<&dyn GuestSource> {
-        None
-    }
-    /// Share the worker pool of the image above it (qcow2 sources; raw ones have none).
-    fn share_pool(&mut self, _pool: &Arc<Pool>) {}
-    /// How the guest is allocated from `pos` (through this source's own chain), for at most
-    /// `max` bytes (`max` > 0); past the end it reads as allocated zeros.
-    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)>;
-    /// Whether this source (through its own chain) reads the file `id`.
-    fn reads_file(&self, id: FileId) -> bool;
-    /// QEMU's block status of this layer alone for at most `bytes` at `pos` (its own
-    /// `bdrv_co_do_block_status`); length 0 at or past its end.
-    fn block_status(&self, pos: u64, bytes: u64) -> Result<(BlockStatus, u64)>;
-}
 
 /// What [`info`](crate::jobs::info) needs of any image in a chain, whatever its source type.
 pub(crate) trait ImageView: Send + Sync {
@@ -72,75 +40,16 @@ pub(crate) trait ImageView: Send + Sync {
     fn pool_id(&self) -> usize;
 }
 
-/// A raw backing file: any positioned source of a known length.
-struct RawSource<B> {
-    source: B,
-    size: u64,
-    path: Option<PathBuf>,
-    holes: Option<Box<dyn HoleQuery>>,
-    /// The file's identity, when it was opened by path.
-    id: Option<FileId>,
-}
-
-impl<B: ReadAt + Send + Sync> GuestSource for RawSource<B> {
-    fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        let got = read_up_to(&self.source, pos, buf)
-            .map_err(|e| Error::io(format!("reading raw backing file at {pos:#x}"), e))?;
-        if let Some(rest) = buf.get_mut(got..) {
-            rest.fill(0);
-        }
-        Ok(())
-    }
-    fn guest_size(&self) -> u64 {
-        self.size
-    }
-    fn path(&self) -> Option<&std::path::Path> {
-        self.path.as_deref()
-    }
-    fn layer_status(&self, pos: u64, len: u64) -> Result<LayerStatus<'_>> {
-        Ok(map::raw_layer_status(
-            self.holes.as_deref(),
-            self.size,
-            self.path.as_deref(),
-            pos,
-            len,
-        ))
-    }
-    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
-        // The file's holes read as zeros, never read: a sparse base costs its data only.
-        Ok(crate::guest::disk::raw_allocation(
-            self.holes.as_deref(),
-            self.size,
-            pos,
-            max,
-        ))
-    }
-    fn block_status(&self, pos: u64, bytes: u64) -> Result<(BlockStatus, u64)> {
-        Ok(crate::guest::disk::raw_block_status(
-            self.holes.as_deref(),
-            self.size,
-            pos,
-            bytes,
-        ))
-    }
-    fn reads_file(&self, id: FileId) -> bool {
-        self.id == Some(id)
-    }
-}
-
 /// What unallocated clusters read from.
 pub(crate) enum Backing {
     /// A raw file or another image.
     Source {
-        source: Box<dyn GuestSource>,
+        source: Box<dyn Layer>,
         format: &'static str,
     },
     /// Zeros, by the caller's explicit choice.
     Zeros,
 }
-
-/// L2 table slices, as stored, by (image id, file offset), within a byte budget shared by a backing chain.
-pub(crate) type L2Cache = ByteLru<(u64, u64), u8>;
 
 /// An opened qcow2 image.
 ///
@@ -305,7 +214,8 @@ impl<I: ReadAt> Qcow2<I> {
     /// that owns it.
     ///
     /// Fails with [`Error::DataFileMissing`] when the image needs an external data file that
-    /// is not attached. A missing backing file is reported by the read that needs it.
+    /// is not attached. A missing backing file is reported ([`Error::BackingMissing`]) by the
+    /// read, map, allocation or block status that needs it.
     pub fn reader(&self) -> Result<Reader<'_, I>> {
         self.check_data_file()?;
         Ok(Reader::new(
@@ -398,7 +308,7 @@ impl<I: ReadAt> Qcow2<I> {
     }
 
     /// The layer below this image, when a backing image or raw file is attached.
-    pub(crate) fn backing_source(&self) -> Option<&dyn GuestSource> {
+    pub(crate) fn backing_source(&self) -> Option<&dyn Layer> {
         match &self.backing {
             Some(Backing::Source { source, .. }) => Some(source.as_ref()),
             _ => None,
@@ -487,7 +397,7 @@ impl<I: ReadAt> Qcow2<I> {
         self.backing.is_some()
     }
 
-    fn check_data_file(&self) -> Result<()> {
+    pub(crate) fn check_data_file(&self) -> Result<()> {
         if self.header.has_data_file_bit() && self.data_file.is_none() {
             return Err(Error::DataFileMissing {
                 name: self
@@ -538,7 +448,11 @@ impl<I> std::fmt::Debug for Qcow2<I> {
 
 impl<I> Qcow2<I> {
     /// Use `l2` and `compressed` from now on, down the whole backing chain.
-    fn share_caches(&mut self, l2: &Arc<Mutex<L2Cache>>, compressed: &Arc<ClusterCache>) {
+    pub(crate) fn share_caches(
+        &mut self,
+        l2: &Arc<Mutex<L2Cache>>,
+        compressed: &Arc<ClusterCache>,
+    ) {
         self.l2_cache = Arc::clone(l2);
         self.compressed = Arc::clone(compressed);
         if let Some(Backing::Source { source, .. }) = &mut self.backing {
@@ -547,58 +461,11 @@ impl<I> Qcow2<I> {
     }
 
     /// Use `pool` from now on, down the whole backing chain.
-    fn share_pool(&mut self, pool: &Arc<Pool>) {
+    pub(crate) fn share_pool(&mut self, pool: &Arc<Pool>) {
         self.pool = Arc::clone(pool);
         if let Some(Backing::Source { source, .. }) = &mut self.backing {
             source.share_pool(pool);
         }
-    }
-}
-
-impl<I: ReadAt + Send + Sync> GuestSource for Qcow2<I> {
-    fn share_caches(&mut self, l2: &Arc<Mutex<L2Cache>>, compressed: &Arc<ClusterCache>) {
-        Qcow2::share_caches(self, l2, compressed);
-    }
-    fn share_pool(&mut self, pool: &Arc<Pool>) {
-        Qcow2::share_pool(self, pool);
-    }
-    fn read_guest(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_data_file()?;
-        let reader = Reader::with_state(self, &self.chain_state);
-        let in_image = self.guest_size().saturating_sub(pos).min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(in_image);
-        reader.read_guest(pos, inside)?;
-        past.fill(0);
-        Ok(())
-    }
-    fn guest_size(&self) -> u64 {
-        Qcow2::guest_size(self)
-    }
-    fn path(&self) -> Option<&std::path::Path> {
-        self.path.as_deref()
-    }
-    fn as_image(&self) -> Option<&dyn ImageView> {
-        Some(self)
-    }
-    fn layer_status(&self, pos: u64, len: u64) -> Result<LayerStatus<'_>> {
-        map::qcow2_layer_status(&self.reader()?, pos, len)
-    }
-    fn backing_source(&self) -> Option<&dyn GuestSource> {
-        Qcow2::backing_source(self)
-    }
-    fn allocation(&self, pos: u64, max: u64) -> Result<(Allocation, u64)> {
-        // Through the chain's read state, which keeps what walks learn (empty L2 tables).
-        self.check_data_file()?;
-        let reader = Reader::with_state(self, &self.chain_state);
-        crate::guest::disk::backing_allocation(&reader, pos, max)
-    }
-    fn block_status(&self, pos: u64, bytes: u64) -> Result<(BlockStatus, u64)> {
-        self.check_data_file()?;
-        let reader = Reader::with_state(self, &self.chain_state);
-        crate::guest::disk::qcow2_block_status(&reader, pos, bytes)
-    }
-    fn reads_file(&self, id: FileId) -> bool {
-        Qcow2::reads_file(self, id)
     }
 }
 

@@ -13,7 +13,8 @@ use crate::base::pool::Pool;
 use crate::error::{Error, Result};
 use crate::format::compress::{self, ClusterCache};
 use crate::format::header::CompressionType;
-use crate::image::plan::{EmptyTables, HostOffset, NearSlices, Planner, SegmentKind};
+use crate::format::table::{remaining_in_block, ExtentKind};
+use crate::image::plan::{Planner, TableMemory, Tables};
 use crate::image::qcow2::{Backing, Qcow2};
 
 /// Reads guest data of one image: the active disk, or an internal snapshot.
@@ -78,22 +79,15 @@ pub(crate) struct ReadState {
     /// Where the last read of compressed clusters ended: a read starting there is
     /// sequential, and reads ahead.
     last_end: AtomicU64,
-    /// The slices this reader used last: found again without the shared cache's lock.
-    pub(crate) near: NearSlices,
-    /// A buffer for reading L2 slices, kept so that a walk does not allocate (and the kernel
-    /// zero) fresh memory for every table.
-    pub(crate) scratch: std::sync::Mutex<Vec<u8>>,
-    /// L2 tables walked whole and found to map nothing.
-    pub(crate) empty_tables: EmptyTables,
+    /// What the planner learnt of the tables (the L2 slices used last, empty tables).
+    tables: TableMemory,
 }
 
 impl ReadState {
     pub(crate) fn new() -> Self {
         ReadState {
             last_end: AtomicU64::new(u64::MAX),
-            near: NearSlices::default(),
-            scratch: std::sync::Mutex::new(Vec::new()),
-            empty_tables: EmptyTables::default(),
+            tables: TableMemory::default(),
         }
     }
 }
@@ -191,10 +185,26 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         }
     }
 
-    pub(crate) fn state(&self) -> &ReadState {
+    fn state(&self) -> &ReadState {
         match &self.state {
             State::Own(state) => state,
             State::Shared(state) => state,
+        }
+    }
+
+    /// The tables this reader reads through, lent to the planner.
+    #[inline]
+    pub(crate) fn tables(&self) -> Tables<'_> {
+        let image = self.image;
+        Tables {
+            geometry: image.geometry,
+            l1: &self.l1,
+            l1_offset: self.l1_offset,
+            size: self.size,
+            io: &image.io,
+            cache: &image.l2_cache,
+            image_id: image.id,
+            memory: &self.state().tables,
         }
     }
 
@@ -226,13 +236,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         if buf.is_empty() {
             return Ok(());
         }
-        if let Some(host) = self.point_data(pos, buf.len()) {
-            return self.read_run(SegmentKind::Data(HostOffset(host)), pos, buf);
+        if let Some(host) = self.tables().point_data(pos, buf.len()) {
+            return self.read_run(ExtentKind::Data { host_offset: host }, pos, buf);
         }
         let end = pos.saturating_add(buf.len() as u64);
-        let mut planner = Planner::new(self);
-        let first = planner.segment(pos, end)?;
-        if first.len >= buf.len() as u64 && !matches!(first.kind, SegmentKind::Compressed { .. }) {
+        let mut planner = Planner::new(self.tables());
+        let first = planner.extent(pos, end)?;
+        if first.length >= buf.len() as u64 && !matches!(first.kind, ExtentKind::Compressed { .. })
+        {
             // One run (most small reads): none of the bookkeeping below.
             return self.read_run(first.kind, pos, buf);
         }
@@ -244,28 +255,32 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let mut guest = pos;
         while guest < end {
             let planned = match first.take() {
-                Some(segment) => Ok(segment),
-                None => planner.segment(guest, end),
+                Some(extent) => Ok(extent),
+                None => planner.extent(guest, end),
             };
-            let segment = match planned {
-                Ok(segment) => segment,
+            let extent = match planned {
+                Ok(extent) => extent,
                 Err(e) => {
                     // As without deferring: the runs finished before this one fail first.
                     self.read_runs(&mut runs, pos, buf)?;
                     return Err(e);
                 }
             };
-            if segment.len == 0 {
+            if extent.length == 0 {
                 return Err(Error::Internal("the planner made no progress"));
             }
             let at = usize::try_from(guest.saturating_sub(pos)).unwrap_or(usize::MAX);
-            let len = clamp_len(segment.len, buf.len().saturating_sub(at));
-            if let SegmentKind::Compressed { host, input_len } = segment.kind {
+            let len = clamp_len(extent.length, buf.len().saturating_sub(at));
+            if let ExtentKind::Compressed {
+                host_offset: host,
+                compressed_len: input_len,
+            } = extent.kind
+            {
                 // Runs only grow by contiguous guest bytes: end the pending one here.
                 self.finish(pending.take(), &mut runs, pos, buf)?;
                 batch.push(CompressedPart {
                     guest,
-                    host: host.0,
+                    host,
                     input_len,
                     at,
                     len,
@@ -278,14 +293,14 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 }
             } else {
                 pending = match pending.take() {
-                    Some(p) if p.continues_with(segment.kind) => Some(Pending {
+                    Some(p) if p.continues_with(extent.kind) => Some(Pending {
                         len: p.len.saturating_add(len),
                         ..p
                     }),
                     finished => {
                         self.finish(finished, &mut runs, pos, buf)?;
                         Some(Pending {
-                            kind: segment.kind,
+                            kind: extent.kind,
                             guest,
                             len,
                         })
@@ -333,7 +348,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let Some(run) = run else {
             return Ok(());
         };
-        if !runs.deferring || matches!(run.kind, SegmentKind::Zero(_)) {
+        if !runs.deferring || matches!(run.kind, ExtentKind::Zero { .. }) {
             return self.flush(Some(run), pos, buf);
         }
         runs.bytes = runs.bytes.saturating_add(run.len);
@@ -355,7 +370,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let below = runs
             .list
             .iter()
-            .filter(|r| matches!(r.kind, SegmentKind::Unallocated(_)))
+            .filter(|r| matches!(r.kind, ExtentKind::Unallocated { .. }))
             .count();
         let source = match &self.image.backing {
             Some(Backing::Source { source, .. }) if below > 0 && runs.list.len() > 1 => {
@@ -398,24 +413,6 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         failed.into_result()
     }
 
-    /// Entries in this reader's L1 table: every index from here on is unallocated.
-    pub(crate) fn l1_len(&self) -> u64 {
-        self.l1.len() as u64
-    }
-
-    /// File offset of this reader's L1 table, for errors.
-    pub(crate) fn l1_offset(&self) -> u64 {
-        self.l1_offset
-    }
-
-    /// The raw L1 entry at `index`, `None` past the table.
-    pub(crate) fn l1_entry(&self, index: u64) -> Option<u64> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
-    }
-
     /// Read a finished run into its part of `buf` (which starts at guest offset `pos`).
     fn flush(&self, pending: Option<Pending>, pos: u64, buf: &mut [u8]) -> Result<()> {
         let Some(Pending { kind, guest, len }) = pending else {
@@ -426,16 +423,16 @@ impl<'a, I: ReadAt> Reader<'a, I> {
     }
 
     /// Read the run of `kind` at guest offset `guest` into `out`, its length.
-    fn read_run(&self, kind: SegmentKind, guest: u64, out: &mut [u8]) -> Result<()> {
+    fn read_run(&self, kind: ExtentKind, guest: u64, out: &mut [u8]) -> Result<()> {
         match kind {
-            SegmentKind::Zero(_) => out.fill(0),
-            SegmentKind::Data(HostOffset(host)) => match &self.image.crypt {
+            ExtentKind::Zero { .. } => out.fill(0),
+            ExtentKind::Data { host_offset: host } => match &self.image.crypt {
                 Some(crypt) => self.read_encrypted(crypt, host, guest, out)?,
                 None => self.read_data(host, out)?,
             },
-            SegmentKind::Unallocated(_) => self.read_unallocated(guest, out)?,
-            SegmentKind::Compressed { .. } => {
-                return Err(Error::Internal("a compressed segment among plain runs"))
+            ExtentKind::Unallocated { .. } => self.read_unallocated(guest, out)?,
+            ExtentKind::Compressed { .. } => {
+                return Err(Error::Internal("a compressed extent among plain runs"))
             }
         }
         Ok(())
@@ -697,7 +694,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let end = first
             .saturating_add(count << geometry.cluster_bits)
             .min(table_end);
-        let mut planner = Planner::new(self);
+        let mut planner = Planner::new(self.tables());
         let mut next = first;
         let mut added = 0u64;
         // On the pool, without waiting (the next reads wait for what they need); else
@@ -706,20 +703,23 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         let detached = self.image.pool.can_spawn_detached()
             && crate::base::pool::current_worker() == usize::MAX;
         while next < end {
-            let Ok(segment) = planner.segment(next, end) else {
+            let Ok(extent) = planner.extent(next, end) else {
                 break;
             };
-            if segment.len == 0 {
+            if extent.length == 0 {
                 break;
             }
             let at = next;
-            next = next.saturating_add(segment.len);
-            let SegmentKind::Compressed { host, input_len } = segment.kind else {
+            next = next.saturating_add(extent.length);
+            let ExtentKind::Compressed {
+                host_offset: host,
+                compressed_len: input_len,
+            } = extent.kind
+            else {
                 continue; // mixed images: look past uncompressed clusters
             };
-            let key = (self.image.id, host.0, input_len);
-            if clusters.iter().any(|c| c.is(host.0, input_len)) || self.image.compressed.knows(key)
-            {
+            let key = (self.image.id, host, input_len);
+            if clusters.iter().any(|c| c.is(host, input_len)) || self.image.compressed.knows(key) {
                 if added == 0 {
                     // The last read-ahead is still ahead of us: let the reader catch up, so
                     // the next one is a batch worth sharing between threads.
@@ -727,7 +727,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 }
                 continue;
             }
-            let Ok(input) = self.compressed_input(host.0, input_len) else {
+            let Ok(input) = self.compressed_input(host, input_len) else {
                 break;
             };
             added = added.saturating_add(1);
@@ -741,7 +741,7 @@ impl<'a, I: ReadAt> Reader<'a, I> {
                 continue;
             }
             clusters.push(Cluster {
-                host: host.0,
+                host,
                 input_len,
                 guest: at,
                 input,
@@ -887,7 +887,7 @@ fn split_runs(
         let at = usize::try_from(run.guest.saturating_sub(pos)).unwrap_or(usize::MAX);
         let (out, after) = split_part(rest, at.saturating_sub(rest_at), run.len)?;
         (rest, rest_at) = (after, at.saturating_add(run.len));
-        if !matches!(run.kind, SegmentKind::Unallocated(_)) {
+        if !matches!(run.kind, ExtentKind::Unallocated { .. }) {
             own.push((run, out));
             continue;
         }
@@ -954,31 +954,25 @@ impl FirstFailure {
 /// A run being grown: how it reads, where it starts in the guest, how long it is.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    kind: SegmentKind,
+    kind: ExtentKind,
     guest: u64,
     len: usize,
 }
 
 impl Pending {
-    /// Whether `next` continues this run: data without a gap in the file (segments end at
+    /// Whether `next` continues this run: data without a gap in the file (extents end at
     /// L2 tables, data need not), zeros or unallocated whatever their host offsets.
     #[inline]
-    fn continues_with(&self, next: SegmentKind) -> bool {
+    fn continues_with(&self, next: ExtentKind) -> bool {
         match (self.kind, next) {
-            (SegmentKind::Data(a), SegmentKind::Data(b)) => {
-                a.0.checked_add(self.len as u64) == Some(b.0)
+            (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
+                a.checked_add(self.len as u64) == Some(b)
             }
-            (SegmentKind::Zero(_), SegmentKind::Zero(_))
-            | (SegmentKind::Unallocated(_), SegmentKind::Unallocated(_)) => true,
+            (ExtentKind::Zero { .. }, ExtentKind::Zero { .. })
+            | (ExtentKind::Unallocated { .. }, ExtentKind::Unallocated { .. }) => true,
             _ => false,
         }
     }
-}
-
-/// Bytes from `offset` to the end of its aligned block of `1 << bits` bytes.
-#[inline]
-pub(crate) fn remaining_in_block(offset: u64, bits: u32) -> u64 {
-    (1u64 << bits).saturating_sub(low_bits(offset, bits))
 }
 
 /// `a` clamped to `max`, as a length.
@@ -1016,7 +1010,8 @@ impl<I: ReadAt> Size for Reader<'_, I> {
 
 #[cfg(all(test, feature = "zlib"))]
 mod tests {
-    use crate::image::plan::{Planner, SegmentKind};
+    use crate::format::table::ExtentKind;
+    use crate::image::plan::Planner;
     use crate::Qcow2;
     use positioned_io::ReadAt;
 
@@ -1024,11 +1019,11 @@ mod tests {
     fn compressed_clusters(bytes: &[u8]) -> Vec<(u64, u64)> {
         let image = Qcow2::open(bytes.to_vec()).unwrap();
         let reader = image.reader().unwrap();
-        let mut planner = Planner::new(&reader);
+        let mut planner = Planner::new(reader.tables());
         (0..16u64)
             .map(|i| i << image.geometry.cluster_bits)
-            .filter_map(|g| match planner.segment(g, g + 1).unwrap().kind {
-                SegmentKind::Compressed { host, .. } => Some((host.0, g)),
+            .filter_map(|g| match planner.extent(g, g + 1).unwrap().kind {
+                ExtentKind::Compressed { host_offset, .. } => Some((host_offset, g)),
                 _ => None,
             })
             .collect()

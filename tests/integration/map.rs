@@ -9,10 +9,25 @@ use serde_json::Value;
 /// An extent as both sides can say it: (start, length, kind).
 type Entry = (u64, u64, ExtentKind);
 
+/// The kind as `qemu-img map` can say it: no host offsets for zeros and unallocated
+/// stretches, none of compressed data.
+fn comparable(kind: ExtentKind) -> ExtentKind {
+    match kind {
+        ExtentKind::Compressed { .. } => ExtentKind::Compressed {
+            host_offset: 0,
+            compressed_len: 0,
+        },
+        ExtentKind::Zero { .. } => ExtentKind::Zero { host_offset: None },
+        ExtentKind::Unallocated { .. } => ExtentKind::Unallocated { host_offset: None },
+        data => data,
+    }
+}
+
 /// Merge neighbours stored the same way (QEMU and the crate cut extents at different places).
 fn merged(entries: impl IntoIterator<Item = Entry>) -> Vec<Entry> {
     let mut out: Vec<Entry> = Vec::new();
     for (start, length, kind) in entries {
+        let kind = comparable(kind);
         if let Some(last) = out.last_mut() {
             let continues = match (last.2, kind) {
                 (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
@@ -33,11 +48,14 @@ fn merged(entries: impl IntoIterator<Item = Entry>) -> Vec<Entry> {
 fn qemu_kind(e: &Value) -> ExtentKind {
     let flag = |k: &str| e[k].as_bool().unwrap_or(false);
     if !flag("present") {
-        ExtentKind::Unallocated
+        ExtentKind::Unallocated { host_offset: None }
     } else if flag("compressed") {
-        ExtentKind::Compressed
+        ExtentKind::Compressed {
+            host_offset: 0,
+            compressed_len: 0,
+        }
     } else if flag("zero") && !flag("data") {
-        ExtentKind::Zero
+        ExtentKind::Zero { host_offset: None }
     } else {
         ExtentKind::Data {
             host_offset: e["offset"].as_u64().expect("data extent without offset"),

@@ -286,7 +286,10 @@ fn map_crate(img: &Path, read: bool) -> Res<u64> {
     let mut sum = 0u64;
     let mut pos = 0;
     while let Some(e) = reader.extent_at(pos)? {
-        let stored = matches!(e.kind, ExtentKind::Data { .. } | ExtentKind::Compressed);
+        let stored = matches!(
+            e.kind,
+            ExtentKind::Data { .. } | ExtentKind::Compressed { .. }
+        );
         if read && stored {
             let part = read_range_with(&mut buf, e.start, e.start + e.length, |p, buf| {
                 Ok(reader.read_exact_at(p, buf)?)
