@@ -190,6 +190,7 @@ pub use jobs::convert::{
     convert_to_file, convert_to_writer, ConvertOptions, PositionalSink, DEFAULT_SPARSE_SIZE,
     MAX_SPARSE_SIZE,
 };
+pub use jobs::hole_aware::HoleAwareReader;
 pub use jobs::info::{
     BitmapInfo, ChainEntry, ChildInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
     SnapshotInfo,
