@@ -176,7 +176,7 @@ pub use guest::map::{MapExtent, MapIter};
 pub use guest::parallel::{Chunk, ParallelReadOptions};
 pub use image::dirty::{DirtyExtent, DirtyExtents};
 pub use image::extent::{Extent, ExtentKind};
-pub use image::open::open_file;
+pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use image::owned::OwnedReader;
 pub use image::qcow2::Qcow2;

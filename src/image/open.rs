@@ -5,6 +5,8 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use positioned_io::{ReadAt, Size};
+
 use crate::base::holes::HoleQuery;
 use crate::base::io::read_up_to;
 use crate::error::{Error, Result};
@@ -194,6 +196,118 @@ impl FileId {
 /// ```
 pub fn open_file(path: impl AsRef<Path>, options: &OpenOptions) -> Result<File> {
     checked_open(path.as_ref(), "image", options.allow_devices)
+}
+
+impl FilePolicy {
+    /// Open every file as [`FilePolicy::Any`] does (read-only, without blocking, then checked
+    /// to be a regular file), and tell `watch` of each open as it happens: the path, what the
+    /// file is for, and the error when it could not be opened. For logging, or for saying
+    /// which file of a chain failed and how deep it lay. It is a [`FilePolicy::Callback`], so
+    /// a file the system refuses (`PermissionDenied`) is an [`Error::FileRefused`].
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use qcow2::{FilePolicy, FileRole, OpenOptions, Qcow2};
+    ///
+    /// let opened = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&opened);
+    /// let policy = FilePolicy::observed(move |path, role, error| {
+    ///     if let Ok(mut log) = log.lock() {
+    ///         log.push((path.to_path_buf(), role, error.is_none()));
+    ///     }
+    /// });
+    /// let options = OpenOptions::new().files(policy);
+    /// let image = Qcow2::open_path_with("fixtures/chain-top.qcow2", &options)?;
+    /// let opened = opened.lock().unwrap();
+    /// // Two backing files below the top image, both opened.
+    /// assert_eq!(opened.len(), 2);
+    /// assert!(opened.iter().all(|(_, role, ok)| *role == FileRole::Backing && *ok));
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn observed<F>(watch: F) -> FilePolicy
+    where
+        F: Fn(&Path, FileRole, Option<&io::Error>) + Send + Sync + 'static,
+    {
+        FilePolicy::Callback(std::sync::Arc::new(move |path: &Path, role: FileRole| {
+            let opened = sys::open_nonblocking(path);
+            watch(path, role, opened.as_ref().err());
+            opened
+        }))
+    }
+}
+
+/// An image source whose corrupt bit (incompatible feature bit 1: bit 1 of header byte 79,
+/// the last of the big-endian incompatible features at bytes 72-79 of a version 3 header)
+/// reads as clear; every other byte reads as it is.
+///
+/// QEMU opens an image with the corrupt bit read-only, so `qemu-img info` and `qemu-img
+/// check` still describe and check it; this crate refuses it ([`Error::Corrupt`]) so that
+/// nobody reads guest data through metadata known to be inconsistent. Open such an image
+/// through this source to read its metadata or check it. A version 2 header has no feature
+/// bits: it reads unchanged.
+///
+/// ```
+/// use qcow2::{CorruptBitHidden, Qcow2};
+///
+/// let file = qcow2::open_file("fixtures/v3-64k-basic.qcow2", &Default::default())?;
+/// let image = Qcow2::open(CorruptBitHidden::new(file)?)?;
+/// assert!(image.check()?.is_clean());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct CorruptBitHidden<I> {
+    io: I,
+    /// A version 3 (or later) header, where the bit lies.
+    v3: bool,
+}
+
+/// The header byte that holds incompatible feature bits 0-7 (bytes 72-79, big-endian), and
+/// the corrupt bit in it.
+const INCOMPAT_LOW_BYTE: u64 = 79;
+const CORRUPT_BIT: u8 = 1 << 1;
+
+impl<I: ReadAt> CorruptBitHidden<I> {
+    /// `io`, its corrupt bit hidden if its header is of version 3 or later (the version is
+    /// read now: header bytes 4-7).
+    pub fn new(io: I) -> Result<Self> {
+        let mut version = [0u8; 4];
+        io.read_exact_at(4, &mut version)
+            .map_err(|e| Error::io("reading the header", e))?;
+        Ok(CorruptBitHidden {
+            io,
+            v3: u32::from_be_bytes(version) >= 3,
+        })
+    }
+
+    /// The source underneath.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
+    /// The source underneath, taken back.
+    pub fn into_inner(self) -> I {
+        self.io
+    }
+}
+
+impl<I: ReadAt> ReadAt for CorruptBitHidden<I> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.io.read_at(pos, buf)?;
+        let at = INCOMPAT_LOW_BYTE
+            .checked_sub(pos)
+            .and_then(|at| usize::try_from(at).ok())
+            .filter(|&at| self.v3 && at < n);
+        if let Some(byte) = at.and_then(|at| buf.get_mut(at)) {
+            *byte &= !CORRUPT_BIT;
+        }
+        Ok(n)
+    }
+}
+
+impl<I: Size> Size for CorruptBitHidden<I> {
+    fn size(&self) -> io::Result<Option<u64>> {
+        self.io.size()
+    }
 }
 
 /// A second handle to `file` that answers the map's questions about holes (none if the

@@ -20,7 +20,7 @@ use crate::format::bitmap::Bitmap;
 use crate::format::header::Header;
 use crate::format::snapshot::Snapshot;
 use crate::image::open::{
-    bytes_path, canonical, has_protocol, open_allowed, probe_format, resolve,
+    bytes_path, canonical, has_protocol, open_allowed, probe_format, resolve, CorruptBitHidden,
 };
 use crate::image::options::{FileRole, OpenOptions};
 use crate::image::qcow2::{Backing, ImageView, Qcow2};
@@ -472,7 +472,7 @@ fn qcow2_info(file: File, path: &Path, options: &OpenOptions) -> Result<ImageInf
         // QEMU shows an image with the corrupt bit (it opens it read-only): its metadata is
         // read with the bit hidden, and the bit reported. Its data stays refused.
         Err(Error::Corrupt) => {
-            let mut image = Qcow2::open_with(CorruptBitHidden(spare), options)?;
+            let mut image = Qcow2::open_with(CorruptBitHidden::new(spare)?, options)?;
             image.path = Some(path.to_path_buf());
             let mut info = info_of(&image);
             if let Some(FormatSpecific::Qcow2(q)) = &mut info.format_specific {
@@ -484,27 +484,6 @@ fn qcow2_info(file: File, path: &Path, options: &OpenOptions) -> Result<ImageInf
     };
     info.children = vec![file_child(&path_bytes(path), len)];
     Ok(info)
-}
-
-/// An image file whose corrupt bit (incompatible feature bit 1: bit 1 of header byte 79,
-/// the last of the big-endian incompatible features at 72..80) reads as clear. Only used
-/// for an image refused with [`Error::Corrupt`], so a version 3 header.
-struct CorruptBitHidden(File);
-
-impl ReadAt for CorruptBitHidden {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        const BYTE: u64 = 79;
-        let n = self.0.read_at(pos, buf)?;
-        if let Some(at) = BYTE
-            .checked_sub(pos)
-            .and_then(|at| usize::try_from(at).ok())
-        {
-            if let Some(byte) = buf.get_mut(at).filter(|_| at < n) {
-                *byte &= !(1 << 1);
-            }
-        }
-        Ok(n)
-    }
 }
 
 /// A raw image: its size in whole sectors, as QEMU counts it, over the file's exact length.
