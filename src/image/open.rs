@@ -9,6 +9,7 @@ use positioned_io::{ReadAt, Size};
 
 use crate::base::holes::HoleQuery;
 use crate::base::io::read_up_to;
+use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::header::MAGIC;
 use crate::image::options::{FilePolicy, FileRole, OpenOptions};
@@ -55,91 +56,173 @@ impl Qcow2<File> {
     /// # Ok::<(), qcow2::Error>(())
     /// ```
     pub fn open_path_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
-        let path = path.as_ref();
-        let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
-        let file = checked_open(path, "image", options.allow_devices)?;
-        let mut visited = HashSet::new();
-        visited.insert(canonical(path)?);
-        open_chain_link(file, path.to_path_buf(), options, &mut visited, 0)
+        let (mut top, below, mut raw) =
+            walk_chain(path.as_ref(), options, open_link, open_raw_link, next_link)?;
+        // Attached from the bottom up: each image hands its caches to the chain below it.
+        let mut lower = None;
+        for mut image in below.into_iter().rev() {
+            attach(&mut image, lower.take(), &mut raw);
+            lower = Some(image);
+        }
+        attach(&mut top, lower, &mut raw);
+        Ok(top)
     }
 }
 
-/// Open one qcow2 image of a chain and, below it, the rest. Depth is bounded by the limits,
-/// so the recursion is too.
-fn open_chain_link(
-    file: File,
-    path: PathBuf,
+/// Where the next image of a chain is, as the image above it names it.
+pub(crate) enum NextPath {
+    /// A path to open as it is.
+    Resolved(PathBuf),
+    /// The name the image records, resolved against the image's path as QEMU resolves it
+    /// ([`resolve`]).
+    Named(PathBuf),
+}
+
+/// The file below an image in its chain: where it is and its recorded format (probed when
+/// none is recorded).
+pub(crate) struct NextLink {
+    pub(crate) path: NextPath,
+    pub(crate) format: Option<String>,
+}
+
+/// The one walk down a backing chain by path, for [`Qcow2::open_path_with`] and
+/// [`ImageInfo::chain_from_path`](crate::ImageInfo::chain_from_path): open the qcow2 image at
+/// `top` with `open_qcow2`, then, while `next` names the file below the last image opened,
+/// open that file as [`OpenOptions::files`] allows (refusing a chain deeper than
+/// [`Limits::max_chain_depth`](crate::Limits) or one that loops), take its recorded format or
+/// probe it, and read it with `open_qcow2` or `open_raw` (a raw file ends the chain).
+///
+/// Returns the top image, the qcow2 images below it (top first) and the raw file at the
+/// bottom, if any. The options are [`OpenOptions::for_one_open`]'s: one key-derivation budget
+/// for the whole chain.
+pub(crate) fn walk_chain<Q, R>(
+    top: &Path,
     options: &OpenOptions,
-    visited: &mut HashSet<PathBuf>,
-    depth: u32,
-) -> Result<Qcow2<File>> {
+    mut open_qcow2: impl FnMut(File, &Path, &OpenOptions) -> Result<Q>,
+    open_raw: impl FnOnce(File, &Path) -> Result<R>,
+    next: impl Fn(&Q) -> Option<NextLink>,
+) -> Result<(Q, Vec<Q>, Option<R>)> {
+    let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
+    let file = checked_open(top, "image", options.allow_devices)?;
+    let mut visited = HashSet::new();
+    visited.insert(canonical(top)?);
+    let first = open_qcow2(file, top, options)?;
+    let mut below: Vec<Q> = Vec::new();
+    let mut path = top.to_path_buf();
+    loop {
+        let last = below.last().unwrap_or(&first);
+        let Some(link) = next(last) else {
+            return Ok((first, below, None));
+        };
+        // The images opened so far: the depth of the next one.
+        if below.len() >= options.limits.max_chain_depth as usize {
+            return Err(Error::BackingChain {
+                path,
+                reason: format!(
+                    "backing chain deeper than {}",
+                    options.limits.max_chain_depth
+                ),
+            });
+        }
+        let backing_path = match link.path {
+            NextPath::Resolved(p) => p,
+            NextPath::Named(name) => resolve(&path, &name)?,
+        };
+        let file = open_allowed(&backing_path, FileRole::Backing, options)?;
+        if !visited.insert(canonical(&backing_path).unwrap_or_else(|_| backing_path.clone())) {
+            return Err(Error::BackingChain {
+                path: backing_path,
+                reason: "backing chain loops back to an image already in it".to_owned(),
+            });
+        }
+        let format = match link.format {
+            Some(f) => f,
+            None => probe_format(&file, &backing_path)?.to_owned(),
+        };
+        match format.as_str() {
+            "qcow2" => below.push(open_qcow2(file, &backing_path, options)?),
+            "raw" | "file" => {
+                let raw = open_raw(file, &backing_path)?;
+                return Ok((first, below, Some(raw)));
+            }
+            _ => {
+                return Err(Error::UnsupportedBackingFormat {
+                    format,
+                    path: backing_path,
+                })
+            }
+        }
+        path = backing_path;
+    }
+}
+
+/// A raw file at the bottom of a chain, ready to attach.
+struct RawLink {
+    file: File,
+    size: u64,
+    path: PathBuf,
+    holes: Option<Box<dyn HoleQuery>>,
+    id: Option<FileId>,
+}
+
+/// Open one qcow2 image of a chain with its data file (not its backing file).
+fn open_link(file: File, path: &Path, options: &OpenOptions) -> Result<Qcow2<File>> {
     let holes = hole_query(&file);
-    let id = FileId::of(&file, &path)?;
-    let secret = options.secret_for_path(&path);
+    let id = FileId::of(&file, path)?;
+    let secret = options.secret_for_path(path);
     let mut image = Qcow2::open_with_secret(file, options, secret.as_ref())?;
     image.holes = holes;
-    image.path = Some(path.clone());
+    image.path = Some(path.to_path_buf());
     image.files.extend(id);
     // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
     if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
-        let data_path = resolve(&path, &name)?;
+        let data_path = resolve(path, &name)?;
         let data = open_allowed(&data_path, FileRole::DataFile, options)?;
         image.files.extend(FileId::of(&data, &data_path)?);
         image.data_file_holes = hole_query(&data);
         image.data_file_path = Some(data_path);
         image.set_data_file(data)?;
     }
-    let Some(name) = image.header().backing_file_path().map(Path::to_path_buf) else {
-        return Ok(image);
-    };
-    if image.has_backing_attached() {
-        return Ok(image); // backing_as_zeros
-    }
-    let next_depth = depth.saturating_add(1);
-    if next_depth > options.limits.max_chain_depth {
-        return Err(Error::BackingChain {
-            path,
-            reason: format!(
-                "backing chain deeper than {}",
-                options.limits.max_chain_depth
-            ),
-        });
-    }
-    let backing_path = resolve(&path, &name)?;
-    let file = open_allowed(&backing_path, FileRole::Backing, options)?;
-    if !visited.insert(canonical(&backing_path).unwrap_or_else(|_| backing_path.clone())) {
-        return Err(Error::BackingChain {
-            path: backing_path,
-            reason: "backing chain loops back to an image already in it".to_owned(),
-        });
-    }
-    let format = match image.header().backing_format() {
-        Some(f) => f.to_owned(),
-        None => probe_format(&file, &backing_path)?.to_owned(),
-    };
-    match format.as_str() {
-        "qcow2" => {
-            let backing = open_chain_link(file, backing_path, options, visited, next_depth)?;
-            image.set_backing_image(backing);
-        }
-        "raw" | "file" => {
-            let size = disk_len(&file).map_err(|e| {
-                Error::io(format!("reading the size of {}", backing_path.display()), e)
-            })?;
-            // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
-            let size = size.checked_next_multiple_of(512).unwrap_or(size);
-            let holes = hole_query(&file);
-            let id = FileId::of(&file, &backing_path)?;
-            image.set_backing_raw_from(file, size, Some(backing_path), holes, id);
-        }
-        _ => {
-            return Err(Error::UnsupportedBackingFormat {
-                format,
-                path: backing_path,
-            })
-        }
-    }
     Ok(image)
+}
+
+/// A raw backing file, sized as QEMU sizes it.
+fn open_raw_link(file: File, path: &Path) -> Result<RawLink> {
+    let size = disk_len(&file)
+        .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?;
+    // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
+    let size = size.checked_next_multiple_of(SECTOR).unwrap_or(size);
+    let holes = hole_query(&file);
+    let id = FileId::of(&file, path)?;
+    Ok(RawLink {
+        file,
+        size,
+        path: path.to_path_buf(),
+        holes,
+        id,
+    })
+}
+
+/// The backing file `image` names, unless it has its backing already
+/// (`backing_as_zeros`).
+fn next_link(image: &Qcow2<File>) -> Option<NextLink> {
+    let name = image.header().backing_file_path()?;
+    if image.has_backing_attached() {
+        return None;
+    }
+    Some(NextLink {
+        path: NextPath::Named(name.to_path_buf()),
+        format: image.header().backing_format().map(str::to_owned),
+    })
+}
+
+/// Give `image` its backing: the qcow2 image below it, else the raw file at the bottom.
+fn attach(image: &mut Qcow2<File>, lower: Option<Qcow2<File>>, raw: &mut Option<RawLink>) {
+    if let Some(lower) = lower {
+        image.set_backing_image(lower);
+    } else if let Some(raw) = raw.take() {
+        image.set_backing_raw_from(raw.file, raw.size, Some(raw.path), raw.holes, raw.id);
+    }
 }
 
 /// The length of a disk file: a regular file's size, or a block device's (which `stat`
@@ -754,6 +837,31 @@ mod tests {
         assert!(resolve(img, "nbd://host/export").is_err());
         assert!(resolve(img, "json:{\"driver\":\"file\"}").is_err());
         assert!(!has_protocol(b"dir/with:colon"));
+    }
+
+    /// Opening a chain and describing it walk it the same way: the same images, and the
+    /// same refusal of a chain deeper than the limit.
+    #[test]
+    fn one_walk_opens_and_describes_a_chain() {
+        let top = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/chain-top.qcow2");
+        let options = OpenOptions::new();
+        let image = Qcow2::open_path_with(top, &options).unwrap();
+        let infos = crate::ImageInfo::chain_from_path(top, &options).unwrap();
+        assert_eq!(infos.len(), 3);
+        assert_eq!(image.info().backing_chain.len(), 2);
+        for (info, entry) in infos.iter().skip(1).zip(&image.info().backing_chain) {
+            assert_eq!(info.filename, entry.filename);
+            assert_eq!(info.virtual_size, entry.virtual_size);
+        }
+        let limits = crate::Limits {
+            max_chain_depth: 1,
+            ..Default::default()
+        };
+        let shallow = OpenOptions::new().limits(limits);
+        let opened = Qcow2::open_path_with(top, &shallow).unwrap_err();
+        let described = crate::ImageInfo::chain_from_path(top, &shallow).unwrap_err();
+        assert!(matches!(opened, Error::BackingChain { .. }), "{opened}");
+        assert_eq!(opened.to_string(), described.to_string());
     }
 
     #[test]
