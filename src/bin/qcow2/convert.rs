@@ -8,6 +8,10 @@ use std::process::ExitCode;
 
 use qcow2::{ConvertOptions, GuestDisk, HoleAwareReader, OpenOptions, Qcow2, Reader};
 
+/// qemu-img's sparse sizes are whole 512-byte sectors (QEMU's `BDRV_SECTOR_SIZE`; the
+/// library counts in them too but names no public constant).
+const SECTOR: u64 = 512;
+
 /// qemu-img's message for a bad `-S`.
 const BAD_SPARSE_SIZE: &str = "Invalid buffer size for sparse output specified. Valid sizes \
 are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates \
@@ -381,7 +385,7 @@ impl Progress {
 /// 16 MiB; else qemu-img's message.
 fn parse_sparse_size(text: &str) -> Result<u64, String> {
     let bytes = crate::common::cvtnum("buffer size for sparse output", text)?;
-    if bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE {
+    if bytes % SECTOR == 0 && bytes <= qcow2::MAX_SPARSE_SIZE {
         Ok(bytes)
     } else {
         Err(BAD_SPARSE_SIZE.to_owned())
