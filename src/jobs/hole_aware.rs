@@ -93,3 +93,63 @@ impl<I: ReadAt> GuestDisk for HoleAwareReader<'_, I> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::holes::{HoleQuery, Region};
+    use crate::image::qcow2::Qcow2;
+
+    /// A file that is one hole, as long as the image file.
+    struct AllHole(u64);
+
+    impl HoleQuery for AllHole {
+        fn region_at(&self, _pos: u64) -> Option<Region> {
+            Some(Region::Hole { next_data: None })
+        }
+        fn file_len(&self) -> Option<u64> {
+            Some(self.0)
+        }
+    }
+
+    /// The first guest offset the reader says is data.
+    fn first_data(disk: &dyn GuestDisk) -> Option<u64> {
+        let mut pos = 0;
+        while let Some((allocation, len)) = disk.allocation_at(pos).unwrap() {
+            if allocation == Allocation::Data {
+                return Some(pos);
+            }
+            pos += len;
+        }
+        None
+    }
+
+    #[test]
+    fn data_in_holes_of_the_image_file_reads_as_zeros() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/v3-64k-basic.qcow2");
+        let bytes = std::fs::read(path).unwrap();
+        let len = bytes.len() as u64;
+        // Without a hole query: the reader itself.
+        let plain = Qcow2::open(bytes.clone()).unwrap();
+        let reader = plain.reader().unwrap();
+        let data = first_data(&reader).expect("the fixture has data");
+        let aware = HoleAwareReader::new(&reader);
+        assert_eq!(
+            aware.allocation_at(data).unwrap(),
+            reader.allocation_at(data).unwrap()
+        );
+        // Every data cluster in a hole of the file: zeros, as long as the reader's stretch.
+        let mut holed = Qcow2::open(bytes).unwrap();
+        holed.set_hole_query(AllHole(len));
+        let reader = holed.reader().unwrap();
+        let Some((Allocation::Data, n)) = reader.allocation_at(data).unwrap() else {
+            panic!("the reader alone looks at no holes here");
+        };
+        let aware = HoleAwareReader::new(&reader);
+        assert_eq!(
+            aware.allocation_at(data).unwrap(),
+            Some((Allocation::Zero, n))
+        );
+        assert_eq!(first_data(&aware), None);
+    }
+}

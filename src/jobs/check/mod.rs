@@ -315,8 +315,8 @@ fn read_reftable<I: ReadAt>(image: &Qcow2<I>) -> Result<Vec<u64>> {
 /// byte lengths: a name that is not UTF-8 is kept with U+FFFD in its place), so the length
 /// cannot be computed from them. Only the 40-byte fixed part of each entry is read again, and
 /// every check here was already made at open ([`snapshot::entry_len`], the same offsets), so
-/// a broken table never gets this far: it fails the open. Keeping the
-/// table's length at open (QEMU's `s->snapshots_size`) would end this walk.
+/// a broken table never gets this far: it fails the open. Keeping the table's length at open
+/// (QEMU's `s->snapshots_size`) would end this walk.
 fn snapshot_table_size<I: ReadAt>(image: &Qcow2<I>) -> Result<u64> {
     let header = image.header();
     let start = header.snapshots_offset();
