@@ -15,6 +15,7 @@ use std::path::Path;
 
 use positioned_io::ReadAt;
 
+use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::bitmap::Bitmap;
 use crate::format::header::Header;
@@ -469,7 +470,7 @@ fn raw_info(file: &File, path: &Path) -> Result<ImageInfo> {
 
 /// `len` rounded up to whole 512-byte sectors.
 fn sectors(len: u64) -> u64 {
-    len.checked_next_multiple_of(512).unwrap_or(len)
+    len.checked_next_multiple_of(SECTOR).unwrap_or(len)
 }
 
 /// The backing file `info` names, with its recorded format.
@@ -610,7 +611,7 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
         children: Vec::new(),
         backing_filename_format: backing.and(h.backing_format()).map(str::to_owned),
         snapshots: view.snapshots().iter().map(SnapshotInfo::from).collect(),
-        virtual_size: h.size() & !511, // QEMU counts whole sectors
+        virtual_size: h.size() & !(SECTOR - 1), // QEMU counts whole sectors
         filename: filename.as_deref().map(qemu_text),
         cluster_size: Some(h.cluster_size()),
         format: "qcow2",
