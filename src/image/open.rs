@@ -1,4 +1,7 @@
-//! Opening an image by path: following its backing chain and data file under a [`FilePolicy`].
+//! Opening an image by path: following its backing chain and data file under a [`FilePolicy`]
+//! (one walk down the chain, [`walk_chain`], for opening it and for describing it), every file
+//! opened the same way ([`open_file`]: without blocking, checked with `fstat`), and
+//! [`CorruptBitHidden`] for reading an image QEMU opens read-only.
 
 use std::collections::HashSet;
 use std::fs::File;
