@@ -176,7 +176,7 @@ pub use guest::disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
 pub use guest::map::{MapExtent, MapIter};
 pub use guest::parallel::{Chunk, ParallelReadOptions};
 pub use image::dirty::{DirtyExtent, DirtyExtents};
-pub use image::open::open_file;
+pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use image::owned::OwnedReader;
 pub use image::qcow2::Qcow2;
@@ -190,6 +190,7 @@ pub use jobs::convert::{
     convert_to_file, convert_to_writer, ConvertOptions, PositionalSink, DEFAULT_SPARSE_SIZE,
     MAX_SPARSE_SIZE,
 };
+pub use jobs::hole_aware::HoleAwareReader;
 pub use jobs::info::{
     BitmapInfo, ChainEntry, ChildInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
     SnapshotInfo,

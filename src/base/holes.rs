@@ -71,6 +71,23 @@ pub trait HoleQuery: Send + Sync {
     }
 }
 
+/// Whether the file `holes` describes has a hole at `at`, and for how many bytes that stays
+/// so: `(true, n)` for a hole, `(false, n)` for data; `None` when the file system cannot say,
+/// or `at` is at or past the end of the file.
+pub(crate) fn run_at(holes: &dyn HoleQuery, at: u64) -> Option<(bool, u64)> {
+    match holes.region_at(at)? {
+        Region::Data { end } => Some((false, end.checked_sub(at).filter(|&n| n > 0)?)),
+        Region::Hole {
+            next_data: Some(data),
+        } => Some((true, data.checked_sub(at).filter(|&n| n > 0)?)),
+        // No data from `at` on: a hole up to the end of the file, if `at` is inside it.
+        Region::Hole { next_data: None } => {
+            let len = holes.file_len()?;
+            Some((true, len.checked_sub(at).filter(|&n| n > 0)?))
+        }
+    }
+}
+
 impl HoleQuery for File {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     fn region_at(&self, pos: u64) -> Option<Region> {

@@ -1,12 +1,18 @@
-//! Opening an image by path: following its backing chain and data file under a [`FilePolicy`].
+//! Opening an image by path: following its backing chain and data file under a [`FilePolicy`]
+//! (one walk down the chain, [`walk_chain`], for opening it and for describing it), every file
+//! opened the same way ([`open_file`]: without blocking, checked with `fstat`), and
+//! [`CorruptBitHidden`] for reading an image QEMU opens read-only.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use positioned_io::{ReadAt, Size};
+
 use crate::base::holes::HoleQuery;
 use crate::base::io::read_up_to;
+use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::header::MAGIC;
 use crate::image::options::{FilePolicy, FileRole, OpenOptions};
@@ -53,91 +59,173 @@ impl Qcow2<File> {
     /// # Ok::<(), qcow2::Error>(())
     /// ```
     pub fn open_path_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
-        let path = path.as_ref();
-        let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
-        let file = checked_open(path, "image", options.allow_devices)?;
-        let mut visited = HashSet::new();
-        visited.insert(canonical(path)?);
-        open_chain_link(file, path.to_path_buf(), options, &mut visited, 0)
+        let (mut top, below, mut raw) =
+            walk_chain(path.as_ref(), options, open_link, open_raw_link, next_link)?;
+        // Attached from the bottom up: each image hands its caches to the chain below it.
+        let mut lower = None;
+        for mut image in below.into_iter().rev() {
+            attach(&mut image, lower.take(), &mut raw);
+            lower = Some(image);
+        }
+        attach(&mut top, lower, &mut raw);
+        Ok(top)
     }
 }
 
-/// Open one qcow2 image of a chain and, below it, the rest. Depth is bounded by the limits,
-/// so the recursion is too.
-fn open_chain_link(
-    file: File,
-    path: PathBuf,
+/// Where the next image of a chain is, as the image above it names it.
+pub(crate) enum NextPath {
+    /// A path to open as it is.
+    Resolved(PathBuf),
+    /// The name the image records, resolved against the image's path as QEMU resolves it
+    /// ([`resolve`]).
+    Named(PathBuf),
+}
+
+/// The file below an image in its chain: where it is and its recorded format (probed when
+/// none is recorded).
+pub(crate) struct NextLink {
+    pub(crate) path: NextPath,
+    pub(crate) format: Option<String>,
+}
+
+/// The one walk down a backing chain by path, for [`Qcow2::open_path_with`] and
+/// [`ImageInfo::chain_from_path`](crate::ImageInfo::chain_from_path): open the qcow2 image at
+/// `top` with `open_qcow2`, then, while `next` names the file below the last image opened,
+/// open that file as [`OpenOptions::files`] allows (refusing a chain deeper than
+/// [`Limits::max_chain_depth`](crate::Limits) or one that loops), take its recorded format or
+/// probe it, and read it with `open_qcow2` or `open_raw` (a raw file ends the chain).
+///
+/// Returns the top image, the qcow2 images below it (top first) and the raw file at the
+/// bottom, if any. The options are [`OpenOptions::for_one_open`]'s: one key-derivation budget
+/// for the whole chain.
+pub(crate) fn walk_chain<Q, R>(
+    top: &Path,
     options: &OpenOptions,
-    visited: &mut HashSet<PathBuf>,
-    depth: u32,
-) -> Result<Qcow2<File>> {
+    mut open_qcow2: impl FnMut(File, &Path, &OpenOptions) -> Result<Q>,
+    open_raw: impl FnOnce(File, &Path) -> Result<R>,
+    next: impl Fn(&Q) -> Option<NextLink>,
+) -> Result<(Q, Vec<Q>, Option<R>)> {
+    let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
+    let file = checked_open(top, "image", options.allow_devices)?;
+    let mut visited = HashSet::new();
+    visited.insert(canonical(top)?);
+    let first = open_qcow2(file, top, options)?;
+    let mut below: Vec<Q> = Vec::new();
+    let mut path = top.to_path_buf();
+    loop {
+        let last = below.last().unwrap_or(&first);
+        let Some(link) = next(last) else {
+            return Ok((first, below, None));
+        };
+        // The images opened so far: the depth of the next one.
+        if below.len() >= options.limits.max_chain_depth as usize {
+            return Err(Error::BackingChain {
+                path,
+                reason: format!(
+                    "backing chain deeper than {}",
+                    options.limits.max_chain_depth
+                ),
+            });
+        }
+        let backing_path = match link.path {
+            NextPath::Resolved(p) => p,
+            NextPath::Named(name) => resolve(&path, &name)?,
+        };
+        let file = open_allowed(&backing_path, FileRole::Backing, options)?;
+        if !visited.insert(canonical(&backing_path).unwrap_or_else(|_| backing_path.clone())) {
+            return Err(Error::BackingChain {
+                path: backing_path,
+                reason: "backing chain loops back to an image already in it".to_owned(),
+            });
+        }
+        let format = match link.format {
+            Some(f) => f,
+            None => probe_format(&file, &backing_path)?.to_owned(),
+        };
+        match format.as_str() {
+            "qcow2" => below.push(open_qcow2(file, &backing_path, options)?),
+            "raw" | "file" => {
+                let raw = open_raw(file, &backing_path)?;
+                return Ok((first, below, Some(raw)));
+            }
+            _ => {
+                return Err(Error::UnsupportedBackingFormat {
+                    format,
+                    path: backing_path,
+                })
+            }
+        }
+        path = backing_path;
+    }
+}
+
+/// A raw file at the bottom of a chain, ready to attach.
+struct RawLink {
+    file: File,
+    size: u64,
+    path: PathBuf,
+    holes: Option<Box<dyn HoleQuery>>,
+    id: Option<FileId>,
+}
+
+/// Open one qcow2 image of a chain with its data file (not its backing file).
+fn open_link(file: File, path: &Path, options: &OpenOptions) -> Result<Qcow2<File>> {
     let holes = hole_query(&file);
-    let id = FileId::of(&file, &path)?;
-    let secret = options.secret_for_path(&path);
+    let id = FileId::of(&file, path)?;
+    let secret = options.secret_for_path(path);
     let mut image = Qcow2::open_with_secret(file, options, secret.as_ref())?;
     image.holes = holes;
-    image.path = Some(path.clone());
+    image.path = Some(path.to_path_buf());
     image.files.extend(id);
     // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
     if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
-        let data_path = resolve(&path, &name)?;
+        let data_path = resolve(path, &name)?;
         let data = open_allowed(&data_path, FileRole::DataFile, options)?;
         image.files.extend(FileId::of(&data, &data_path)?);
         image.data_file_holes = hole_query(&data);
         image.data_file_path = Some(data_path);
         image.set_data_file(data)?;
     }
-    let Some(name) = image.header().backing_file_path().map(Path::to_path_buf) else {
-        return Ok(image);
-    };
-    if image.has_backing_attached() {
-        return Ok(image); // backing_as_zeros
-    }
-    let next_depth = depth.saturating_add(1);
-    if next_depth > options.limits.max_chain_depth {
-        return Err(Error::BackingChain {
-            path,
-            reason: format!(
-                "backing chain deeper than {}",
-                options.limits.max_chain_depth
-            ),
-        });
-    }
-    let backing_path = resolve(&path, &name)?;
-    let file = open_allowed(&backing_path, FileRole::Backing, options)?;
-    if !visited.insert(canonical(&backing_path).unwrap_or_else(|_| backing_path.clone())) {
-        return Err(Error::BackingChain {
-            path: backing_path,
-            reason: "backing chain loops back to an image already in it".to_owned(),
-        });
-    }
-    let format = match image.header().backing_format() {
-        Some(f) => f.to_owned(),
-        None => probe_format(&file, &backing_path)?.to_owned(),
-    };
-    match format.as_str() {
-        "qcow2" => {
-            let backing = open_chain_link(file, backing_path, options, visited, next_depth)?;
-            image.set_backing_image(backing);
-        }
-        "raw" | "file" => {
-            let size = disk_len(&file).map_err(|e| {
-                Error::io(format!("reading the size of {}", backing_path.display()), e)
-            })?;
-            // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
-            let size = size.checked_next_multiple_of(512).unwrap_or(size);
-            let holes = hole_query(&file);
-            let id = FileId::of(&file, &backing_path)?;
-            image.set_backing_raw_from(file, size, Some(backing_path), holes, id);
-        }
-        _ => {
-            return Err(Error::UnsupportedBackingFormat {
-                format,
-                path: backing_path,
-            })
-        }
-    }
     Ok(image)
+}
+
+/// A raw backing file, sized as QEMU sizes it.
+fn open_raw_link(file: File, path: &Path) -> Result<RawLink> {
+    let size = disk_len(&file)
+        .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?;
+    // QEMU counts a raw file in whole sectors: the partial last one reads as zeros.
+    let size = size.checked_next_multiple_of(SECTOR).unwrap_or(size);
+    let holes = hole_query(&file);
+    let id = FileId::of(&file, path)?;
+    Ok(RawLink {
+        file,
+        size,
+        path: path.to_path_buf(),
+        holes,
+        id,
+    })
+}
+
+/// The backing file `image` names, unless it has its backing already
+/// (`backing_as_zeros`).
+fn next_link(image: &Qcow2<File>) -> Option<NextLink> {
+    let name = image.header().backing_file_path()?;
+    if image.has_backing_attached() {
+        return None;
+    }
+    Some(NextLink {
+        path: NextPath::Named(name.to_path_buf()),
+        format: image.header().backing_format().map(str::to_owned),
+    })
+}
+
+/// Give `image` its backing: the qcow2 image below it, else the raw file at the bottom.
+fn attach(image: &mut Qcow2<File>, lower: Option<Qcow2<File>>, raw: &mut Option<RawLink>) {
+    if let Some(lower) = lower {
+        image.set_backing_image(lower);
+    } else if let Some(raw) = raw.take() {
+        image.set_backing_raw_from(raw.file, raw.size, Some(raw.path), raw.holes, raw.id);
+    }
 }
 
 /// The length of a disk file: a regular file's size, or a block device's (which `stat`
@@ -194,6 +282,124 @@ impl FileId {
 /// ```
 pub fn open_file(path: impl AsRef<Path>, options: &OpenOptions) -> Result<File> {
     checked_open(path.as_ref(), "image", options.allow_devices)
+}
+
+impl FilePolicy {
+    /// Open every file as [`FilePolicy::Any`] does (read-only, without blocking, then checked
+    /// to be a regular file), and tell `watch` of each open as it happens: the path, what the
+    /// file is for, and the error when it could not be opened. For logging, or for saying
+    /// which file of a chain failed and how deep it lay. It is a [`FilePolicy::Callback`], so
+    /// a file the system refuses (`PermissionDenied`) is an [`Error::FileRefused`].
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use qcow2::{FilePolicy, FileRole, OpenOptions, Qcow2};
+    ///
+    /// let opened = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&opened);
+    /// let policy = FilePolicy::observed(move |path, role, error| {
+    ///     if let Ok(mut log) = log.lock() {
+    ///         log.push((path.to_path_buf(), role, error.is_none()));
+    ///     }
+    /// });
+    /// let options = OpenOptions::new().files(policy);
+    /// let image = Qcow2::open_path_with("fixtures/chain-top.qcow2", &options)?;
+    /// let opened = opened.lock().unwrap();
+    /// // Two backing files below the top image, both opened.
+    /// assert_eq!(opened.len(), 2);
+    /// assert!(opened.iter().all(|(_, role, ok)| *role == FileRole::Backing && *ok));
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn observed<F>(watch: F) -> FilePolicy
+    where
+        F: Fn(&Path, FileRole, Option<&io::Error>) + Send + Sync + 'static,
+    {
+        FilePolicy::Callback(std::sync::Arc::new(move |path: &Path, role: FileRole| {
+            let opened = sys::open_nonblocking(path);
+            watch(path, role, opened.as_ref().err());
+            opened
+        }))
+    }
+}
+
+/// An image source whose corrupt bit (incompatible feature bit 1: bit 1 of header byte 79,
+/// the last of the big-endian incompatible features at bytes 72-79 of a version 3 header)
+/// reads as clear; every other byte reads as it is.
+///
+/// QEMU opens an image with the corrupt bit read-only, so `qemu-img info` and `qemu-img
+/// check` still describe and check it; this crate refuses it ([`Error::Corrupt`]) so that
+/// nobody reads guest data through metadata known to be inconsistent. Open such an image
+/// through this source to read its metadata or check it. A version 2 header has no feature
+/// bits: it reads unchanged.
+///
+/// ```
+/// use qcow2::{CorruptBitHidden, Error, Qcow2};
+///
+/// let path = "fixtures/v3-corrupt.qcow2";
+/// let file = qcow2::open_file(path, &Default::default())?;
+/// assert!(matches!(Qcow2::open(file), Err(Error::Corrupt)));
+/// // Its metadata, read as QEMU reads it, and checked as `qemu-img check` checks it.
+/// let file = qcow2::open_file(path, &Default::default())?;
+/// let image = Qcow2::open(CorruptBitHidden::new(file)?)?;
+/// assert!(!image.header().is_corrupt());
+/// let report = image.check()?;
+/// # let _ = report;
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct CorruptBitHidden<I> {
+    io: I,
+    /// A version 3 (or later) header, where the bit lies.
+    v3: bool,
+}
+
+/// The header byte that holds incompatible feature bits 0-7 (bytes 72-79, big-endian), and
+/// the corrupt bit in it.
+const INCOMPAT_LOW_BYTE: u64 = 79;
+const CORRUPT_BIT: u8 = 1 << 1;
+
+impl<I: ReadAt> CorruptBitHidden<I> {
+    /// `io`, its corrupt bit hidden if its header is of version 3 or later (the version is
+    /// read now: header bytes 4-7).
+    pub fn new(io: I) -> Result<Self> {
+        let mut version = [0u8; 4];
+        io.read_exact_at(4, &mut version)
+            .map_err(|e| Error::io("reading the header", e))?;
+        Ok(CorruptBitHidden {
+            io,
+            v3: u32::from_be_bytes(version) >= 3,
+        })
+    }
+
+    /// The source underneath.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
+    /// The source underneath, taken back.
+    pub fn into_inner(self) -> I {
+        self.io
+    }
+}
+
+impl<I: ReadAt> ReadAt for CorruptBitHidden<I> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.io.read_at(pos, buf)?;
+        let at = INCOMPAT_LOW_BYTE
+            .checked_sub(pos)
+            .and_then(|at| usize::try_from(at).ok())
+            .filter(|&at| self.v3 && at < n);
+        if let Some(byte) = at.and_then(|at| buf.get_mut(at)) {
+            *byte &= !CORRUPT_BIT;
+        }
+        Ok(n)
+    }
+}
+
+impl<I: Size> Size for CorruptBitHidden<I> {
+    fn size(&self) -> io::Result<Option<u64>> {
+        self.io.size()
+    }
 }
 
 /// A second handle to `file` that answers the map's questions about holes (none if the
@@ -640,6 +846,31 @@ mod tests {
         assert!(resolve(img, "nbd://host/export").is_err());
         assert!(resolve(img, "json:{\"driver\":\"file\"}").is_err());
         assert!(!has_protocol(b"dir/with:colon"));
+    }
+
+    /// Opening a chain and describing it walk it the same way: the same images, and the
+    /// same refusal of a chain deeper than the limit.
+    #[test]
+    fn one_walk_opens_and_describes_a_chain() {
+        let top = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/chain-top.qcow2");
+        let options = OpenOptions::new();
+        let image = Qcow2::open_path_with(top, &options).unwrap();
+        let infos = crate::ImageInfo::chain_from_path(top, &options).unwrap();
+        assert_eq!(infos.len(), 3);
+        assert_eq!(image.info().backing_chain.len(), 2);
+        for (info, entry) in infos.iter().skip(1).zip(&image.info().backing_chain) {
+            assert_eq!(info.filename, entry.filename);
+            assert_eq!(info.virtual_size, entry.virtual_size);
+        }
+        let limits = crate::Limits {
+            max_chain_depth: 1,
+            ..Default::default()
+        };
+        let shallow = OpenOptions::new().limits(limits);
+        let opened = Qcow2::open_path_with(top, &shallow).unwrap_err();
+        let described = crate::ImageInfo::chain_from_path(top, &shallow).unwrap_err();
+        assert!(matches!(opened, Error::BackingChain { .. }), "{opened}");
+        assert_eq!(opened.to_string(), described.to_string());
     }
 
     #[test]

@@ -11,18 +11,19 @@
 //! checks the declarations against the hash.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use positioned_io::ReadAt;
 
+use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::bitmap::Bitmap;
 use crate::format::header::Header;
 use crate::format::snapshot::Snapshot;
 use crate::image::open::{
-    bytes_path, canonical, has_protocol, open_allowed, probe_format, resolve,
+    bytes_path, has_protocol, walk_chain, CorruptBitHidden, NextLink, NextPath,
 };
-use crate::image::options::{FileRole, OpenOptions};
+use crate::image::options::OpenOptions;
 use crate::image::qcow2::{Backing, ImageView, Qcow2};
 
 /// One image of a backing chain, top first.
@@ -367,50 +368,14 @@ impl ImageInfo {
         path: impl AsRef<Path>,
         options: &OpenOptions,
     ) -> Result<Vec<ImageInfo>> {
-        let top = path.as_ref();
-        let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
-        let file = crate::image::open::checked_open(top, "image", options.allow_devices)?;
-        let mut visited = vec![canonical(top)?];
-        let mut chain = vec![qcow2_info(file, top, options)?];
-        let mut path = top.to_path_buf();
-        while let Some(next) = chain.last().and_then(|info| next_in_chain(info, &path)) {
-            let (backing_path, format) = next?;
-            if chain.len() > options.limits.max_chain_depth as usize {
-                return Err(Error::BackingChain {
-                    path,
-                    reason: format!(
-                        "backing chain deeper than {}",
-                        options.limits.max_chain_depth
-                    ),
-                });
-            }
-            let file = open_allowed(&backing_path, FileRole::Backing, options)?;
-            let key = canonical(&backing_path).unwrap_or_else(|_| backing_path.clone());
-            if visited.contains(&key) {
-                return Err(Error::BackingChain {
-                    path: backing_path,
-                    reason: "backing chain loops back to an image already in it".to_owned(),
-                });
-            }
-            visited.push(key);
-            let format = match format {
-                Some(f) => f,
-                None => probe_format(&file, &backing_path)?.to_owned(),
-            };
-            let info = match format.as_str() {
-                "qcow2" => qcow2_info(file, &backing_path, options)?,
-                "raw" | "file" => raw_info(&file, &backing_path)?,
-                _ => {
-                    return Err(Error::UnsupportedBackingFormat {
-                        format,
-                        path: backing_path,
-                    })
-                }
-            };
-            chain.push(info);
-            path = backing_path;
-        }
-        Ok(chain)
+        let (top, below, raw) = walk_chain(
+            path.as_ref(),
+            options,
+            qcow2_info,
+            |file, path| raw_info(&file, path),
+            next_in_chain,
+        )?;
+        Ok(std::iter::once(top).chain(below).chain(raw).collect())
     }
 
     /// The qcow2 part of `format-specific`, when this is a qcow2 image.
@@ -472,7 +437,7 @@ fn qcow2_info(file: File, path: &Path, options: &OpenOptions) -> Result<ImageInf
         // QEMU shows an image with the corrupt bit (it opens it read-only): its metadata is
         // read with the bit hidden, and the bit reported. Its data stays refused.
         Err(Error::Corrupt) => {
-            let mut image = Qcow2::open_with(CorruptBitHidden(spare), options)?;
+            let mut image = Qcow2::open_with(CorruptBitHidden::new(spare)?, options)?;
             image.path = Some(path.to_path_buf());
             let mut info = info_of(&image);
             if let Some(FormatSpecific::Qcow2(q)) = &mut info.format_specific {
@@ -484,27 +449,6 @@ fn qcow2_info(file: File, path: &Path, options: &OpenOptions) -> Result<ImageInf
     };
     info.children = vec![file_child(&path_bytes(path), len)];
     Ok(info)
-}
-
-/// An image file whose corrupt bit (incompatible feature bit 1: bit 1 of header byte 79,
-/// the last of the big-endian incompatible features at 72..80) reads as clear. Only used
-/// for an image refused with [`Error::Corrupt`], so a version 3 header.
-struct CorruptBitHidden(File);
-
-impl ReadAt for CorruptBitHidden {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        const BYTE: u64 = 79;
-        let n = self.0.read_at(pos, buf)?;
-        if let Some(at) = BYTE
-            .checked_sub(pos)
-            .and_then(|at| usize::try_from(at).ok())
-        {
-            if let Some(byte) = buf.get_mut(at).filter(|_| at < n) {
-                *byte &= !(1 << 1);
-            }
-        }
-        Ok(n)
-    }
 }
 
 /// A raw image: its size in whole sectors, as QEMU counts it, over the file's exact length.
@@ -526,19 +470,23 @@ fn raw_info(file: &File, path: &Path) -> Result<ImageInfo> {
 
 /// `len` rounded up to whole 512-byte sectors.
 fn sectors(len: u64) -> u64 {
-    len.checked_next_multiple_of(512).unwrap_or(len)
+    len.checked_next_multiple_of(SECTOR).unwrap_or(len)
 }
 
-/// The backing file `info` (opened from `path`) names, with its recorded format.
+/// The backing file `info` names, with its recorded format.
 /// QEMU opens the full backing name, so the next image's `filename` is that name, byte for
-/// byte; names with a protocol go through [`resolve`], which refuses all but `file:`.
-fn next_in_chain(info: &ImageInfo, path: &Path) -> Option<Result<(PathBuf, Option<String>)>> {
+/// byte; names with a protocol are resolved as the chain's opener resolves them, which
+/// refuses all but `file:`.
+fn next_in_chain(info: &ImageInfo) -> Option<NextLink> {
     let name = info.backing_filename_bytes.as_deref()?;
-    let format = info.backing_filename_format.clone();
-    match &info.full_backing_filename_bytes {
-        Some(full) if !has_protocol(name) => Some(Ok((bytes_path(full), format))),
-        _ => Some(resolve(path, &bytes_path(name)).map(|p| (p, format))),
-    }
+    let path = match &info.full_backing_filename_bytes {
+        Some(full) if !has_protocol(name) => NextPath::Resolved(bytes_path(full)),
+        _ => NextPath::Named(bytes_path(name)),
+    };
+    Some(NextLink {
+        path,
+        format: info.backing_filename_format.clone(),
+    })
 }
 
 /// QEMU's `bdrv_make_absolute_filename`: a name with a protocol or an absolute one as it is,
@@ -663,7 +611,7 @@ fn info_of(view: &dyn ImageView) -> ImageInfo {
         children: Vec::new(),
         backing_filename_format: backing.and(h.backing_format()).map(str::to_owned),
         snapshots: view.snapshots().iter().map(SnapshotInfo::from).collect(),
-        virtual_size: h.size() & !511, // QEMU counts whole sectors
+        virtual_size: h.size() & !(SECTOR - 1), // QEMU counts whole sectors
         filename: filename.as_deref().map(qemu_text),
         cluster_size: Some(h.cluster_size()),
         format: "qcow2",

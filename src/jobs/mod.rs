@@ -4,6 +4,7 @@
 pub(crate) mod check;
 pub(crate) mod compare;
 pub(crate) mod convert;
+pub(crate) mod hole_aware;
 pub(crate) mod human;
 pub(crate) mod info;
 #[cfg(feature = "serde")]

@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::{Parser, ValueEnum};
-use positioned_io::{ReadAt, Size};
-use qcow2::{CheckReport, Error, FilePolicy, FileRole, OpenOptions, Qcow2};
+use qcow2::{CheckReport, CorruptBitHidden, Error, FilePolicy, FileRole, OpenOptions, Qcow2};
 
 /// qemu-img's status for an image format without checks.
 const NOT_SUPPORTED: u8 = 63;
@@ -182,37 +181,23 @@ fn log_of(log: &Mutex<OpenLog>) -> OpenLog {
     log.lock().map(|l| l.clone()).unwrap_or_default()
 }
 
-/// A file policy that opens every file as `qemu-img` does (without blocking on a FIFO: the
-/// library refuses anything but a regular file), and records what it opened in `log`.
+/// A file policy that opens every file as `qemu-img` does (the library's: without blocking
+/// on a FIFO, anything but a regular file refused), and records what it opened in `log`.
 fn logged_opens(log: &Arc<Mutex<OpenLog>>) -> FilePolicy {
     let log = Arc::clone(log);
-    FilePolicy::Callback(Arc::new(move |path: &Path, role: FileRole| {
-        let opened = open_nonblocking(path);
-        if let Ok(mut log) = log.lock() {
-            if role == FileRole::Backing {
-                log.backing_files = log.backing_files.saturating_add(1);
-                log.named_by = log.last_backing.replace(path.to_path_buf());
+    FilePolicy::observed(
+        move |path: &Path, role: FileRole, error: Option<&io::Error>| {
+            if let Ok(mut log) = log.lock() {
+                if role == FileRole::Backing {
+                    log.backing_files = log.backing_files.saturating_add(1);
+                    log.named_by = log.last_backing.replace(path.to_path_buf());
+                }
+                if let Some(e) = error {
+                    log.failed = Some((path.to_path_buf(), strerror(e)));
+                }
             }
-            if let Err(e) = &opened {
-                log.failed = Some((path.to_path_buf(), strerror(e)));
-            }
-        }
-        opened
-    }))
-}
-
-#[cfg(unix)]
-fn open_nonblocking(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn open_nonblocking(path: &Path) -> io::Result<File> {
-    File::open(path)
+        },
+    )
 }
 
 /// An I/O error as C's `strerror` words it (Rust adds " (os error N)").
@@ -317,47 +302,13 @@ fn backing_format(path: &Path) -> Option<String> {
 
 /// Open an image whose corrupt bit is set. QEMU checks such images read-only; the library
 /// refuses them on open, so the check reads the file with the bit hidden from the header.
-fn open_corrupt(path: &Path, options: &OpenOptions) -> qcow2::Result<Qcow2<CorruptBitHidden>> {
+fn open_corrupt(
+    path: &Path,
+    options: &OpenOptions,
+) -> qcow2::Result<Qcow2<CorruptBitHidden<File>>> {
     // The library's open: non-blocking, the descriptor checked with fstat.
     let file = qcow2::open_file(path, &OpenOptions::new().allow_devices(true))?;
-    let mut version = [0u8; 4];
-    file.read_exact_at(4, &mut version)
-        .map_err(|e| Error::from_io("reading the header", e))?;
-    let source = CorruptBitHidden {
-        file,
-        v3: u32::from_be_bytes(version) >= 3,
-    };
-    Qcow2::open_with(source, options)
-}
-
-/// The image file, with incompatible feature bit 1 (corrupt, header byte 79 bit 1 of a
-/// version 3 header) read as clear.
-struct CorruptBitHidden {
-    file: File,
-    v3: bool,
-}
-
-/// Header byte holding incompatible feature bits 0-7 (bytes 72-79, big-endian).
-const INCOMPAT_LOW_BYTE: u64 = 79;
-const CORRUPT_BIT: u8 = 1 << 1;
-
-impl ReadAt for CorruptBitHidden {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(pos, buf)?;
-        if self.v3 && pos <= INCOMPAT_LOW_BYTE {
-            let at = (INCOMPAT_LOW_BYTE - pos) as usize;
-            if let Some(byte) = buf.get_mut(at).filter(|_| at < n) {
-                *byte &= !CORRUPT_BIT;
-            }
-        }
-        Ok(n)
-    }
-}
-
-impl Size for CorruptBitHidden {
-    fn size(&self) -> io::Result<Option<u64>> {
-        self.file.size()
-    }
+    Qcow2::open_with(CorruptBitHidden::new(file)?, options)
 }
 
 fn print_problems(report: &CheckReport) {

@@ -1,5 +1,5 @@
-//! What the subcommands share: the `--output` and `-f` options, opening an image named on
-//! the command line, printing, and failing with one line on stderr.
+//! What the subcommands share: the `--output` and `-f` options, describing an image named
+//! on the command line, printing, and failing with one line on stderr.
 //!
 //! A subcommand's `run` returns [`fail`]'s `ExitCode` on any error: `qcow2: WHAT: WHY` on
 //! stderr, exit status 1. Never a panic, never more than one line.
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use chrono::{Local, Offset, TimeZone};
-use qcow2::{ImageInfo, OpenOptions, Qcow2};
+use qcow2::{ImageInfo, OpenOptions};
 
 /// `--output=human|json`, as `qemu-img` spells it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -83,14 +83,6 @@ pub fn output_failed(e: &std::io::Error) -> ExitCode {
 pub fn image_info(path: &Path) -> Result<ImageInfo, ExitCode> {
     ImageInfo::from_path(path, &OpenOptions::default())
         .map_err(|e| fail(could_not_open(path, chain(&e))))
-}
-
-/// Open the qcow2 image at `path` with its backing chain and data file, as `qemu-img` opens
-/// an image to read guest data, or fail with one line.
-// For the subcommands that read guest data (map, compare, convert, check).
-#[allow(dead_code)]
-pub fn open(path: &Path, options: &OpenOptions) -> Result<Qcow2<std::fs::File>, ExitCode> {
-    Qcow2::open_path_with(path, options).map_err(|e| fail(could_not_open(path, chain(&e))))
 }
 
 /// Write `text` to stdout; a closed pipe ends quietly, a full disk is one line on stderr,

@@ -6,7 +6,11 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use qcow2::{Allocation, ConvertOptions, ExtentKind, GuestDisk, OpenOptions, Qcow2, Reader};
+use qcow2::{ConvertOptions, GuestDisk, HoleAwareReader, OpenOptions, Qcow2, Reader};
+
+/// qemu-img's sparse sizes are whole 512-byte sectors (QEMU's `BDRV_SECTOR_SIZE`; the
+/// library counts in them too but names no public constant).
+const SECTOR: u64 = 512;
 
 /// qemu-img's message for a bad `-S`.
 const BAD_SPARSE_SIZE: &str = "Invalid buffer size for sparse output specified. Valid sizes \
@@ -118,16 +122,10 @@ fn convert(args: &Args) -> Result<(), Stop> {
         args.output.as_os_str() == "-",
     );
     let progress = |done: u64, total: u64| shown.update(done, total);
-    let result = match host_holes(&image) {
-        Some(file) => {
-            let disk = HoleAware {
-                reader: &reader,
-                file,
-            };
-            write_output(&disk, &args.output, &options, progress)
-        }
-        None => write_output(&reader, &args.output, &options, progress),
-    };
+    // Data clusters in holes of the image file count as zeros, as qemu-img's block status
+    // says.
+    let disk = HoleAwareReader::new(&reader);
+    let result = write_output(&disk, &args.output, &options, progress);
     shown.end(result.is_ok());
     result
 }
@@ -294,82 +292,6 @@ fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
     Ok((file, regular))
 }
 
-/// The image file itself, for looking up its holes, when guest data lies in it (not in an
-/// external data file).
-fn host_holes(image: &Qcow2<File>) -> Option<&File> {
-    if image.header().data_file().is_some() || !cfg!(unix) {
-        return None;
-    }
-    Some(image.get_ref())
-}
-
-/// A reader whose data clusters lying in holes of the image file count as zeros: qemu-img's
-/// block status looks into the file under the image, and `convert` then skips such clusters
-/// whatever `-S` says. (Only this image's own clusters; backing images are read as they are.)
-struct HoleAware<'r> {
-    reader: &'r Reader<'r, File>,
-    file: &'r File,
-}
-
-impl GuestDisk for HoleAware<'_> {
-    fn disk_size(&self) -> u64 {
-        self.reader.disk_size()
-    }
-
-    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
-        self.reader.read_disk(pos, buf)
-    }
-
-    fn reads_file(&self, file: &File) -> qcow2::Result<bool> {
-        self.reader.reads_file(file)
-    }
-
-    fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(Allocation, u64)>> {
-        let found = self.reader.allocation_at(pos)?;
-        let Some((Allocation::Data, len)) = found else {
-            return Ok(found);
-        };
-        let host = match self.reader.extent_in(pos..pos.saturating_add(len))? {
-            Some(e) => match e.kind {
-                ExtentKind::Data { host_offset } => host_offset,
-                _ => return Ok(found),
-            },
-            None => return Ok(found),
-        };
-        Ok(Some(match host_run(self.file, host) {
-            Some((true, n)) => (Allocation::Zero, len.min(n)),
-            Some((false, n)) => (Allocation::Data, len.min(n)),
-            None => (Allocation::Data, len),
-        }))
-    }
-}
-
-/// Whether the file has a hole at `at`, and for how many bytes that stays so; `None` when
-/// the file system cannot say (or `at` is past the end of the file).
-#[cfg(unix)]
-pub(crate) fn host_run(file: &File, at: u64) -> Option<(bool, u64)> {
-    use rustix::fs::{seek, SeekFrom};
-    let data = match seek(file, SeekFrom::Data(at)) {
-        Ok(data) => data,
-        // No data from `at` on: a hole up to the end of the file, if `at` is inside it.
-        Err(rustix::io::Errno::NXIO) => {
-            let len = file.metadata().ok()?.len();
-            return (at < len).then(|| (true, len - at));
-        }
-        Err(_) => return None,
-    };
-    if data > at {
-        return Some((true, data - at));
-    }
-    let hole = seek(file, SeekFrom::Hole(at)).ok()?;
-    (hole > at).then(|| (false, hole - at))
-}
-
-#[cfg(not(unix))]
-pub(crate) fn host_run(_: &File, _: u64) -> Option<(bool, u64)> {
-    None
-}
-
 /// How `-p` shows the progress.
 enum Progress {
     /// Not asked for (or `-q`).
@@ -463,7 +385,7 @@ impl Progress {
 /// 16 MiB; else qemu-img's message.
 fn parse_sparse_size(text: &str) -> Result<u64, String> {
     let bytes = crate::common::cvtnum("buffer size for sparse output", text)?;
-    if bytes % 512 == 0 && bytes <= qcow2::MAX_SPARSE_SIZE {
+    if bytes % SECTOR == 0 && bytes <= qcow2::MAX_SPARSE_SIZE {
         Ok(bytes)
     } else {
         Err(BAD_SPARSE_SIZE.to_owned())

@@ -309,6 +309,14 @@ fn read_reftable<I: ReadAt>(image: &Qcow2<I>) -> Result<Vec<u64>> {
 
 /// The snapshot table's length as QEMU counts it: up to the end of the last entry's name,
 /// without its padding.
+///
+/// Why the table is walked again though [`Qcow2::snapshots`] parsed it at open: the parsed
+/// entries drop what their lengths are made of (the extra data size, and the id's and name's
+/// byte lengths: a name that is not UTF-8 is kept with U+FFFD in its place), so the length
+/// cannot be computed from them. Only the 40-byte fixed part of each entry is read again, and
+/// every check here was already made at open ([`snapshot::entry_len`], the same offsets), so
+/// a broken table never gets this far: it fails the open. Keeping the table's length at open
+/// (QEMU's `s->snapshots_size`) would end this walk.
 fn snapshot_table_size<I: ReadAt>(image: &Qcow2<I>) -> Result<u64> {
     let header = image.header();
     let start = header.snapshots_offset();
