@@ -167,6 +167,10 @@ impl Pool {
     fn workers(&self) -> Option<&rayon::ThreadPool> {
         self.workers
             .get_or_init(|| {
+                #[cfg(test)]
+                if REFUSE_THREADS.with(std::cell::Cell::get) {
+                    return None;
+                }
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(self.threads)
                     .thread_name(|i| format!("qcow2-pool-{i}"))
@@ -185,6 +189,20 @@ impl Pool {
         let started = false;
         started
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: pools started on this thread are refused their threads, as a system out of
+    /// threads would.
+    static REFUSE_THREADS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests: make the system refuse (or grant again) the threads of pools started on this
+/// thread.
+#[cfg(test)]
+pub(crate) fn refuse_threads_in_tests(refuse: bool) {
+    REFUSE_THREADS.with(|r| r.set(refuse));
 }
 
 impl std::fmt::Debug for Pool {

@@ -1,6 +1,7 @@
 //! Views of a guest disk through its whole backing chain: the allocation map, block status,
 //! [`GuestDisk`](crate::GuestDisk) (qcow2 or raw), parallel reads.
 
+pub(crate) mod copy;
 pub(crate) mod disk;
 pub(crate) mod map;
 pub(crate) mod parallel;
