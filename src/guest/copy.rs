@@ -20,13 +20,6 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use crate::base::pool::{Pool, Scope};
 use crate::error::{Error, Result};
 
-/// Buffers per reading thread: one being read, the others finished or in the consumer. With
-/// three, the calling thread can be woken for half of them at once (see
-/// [`State::worth_waking`]): on 2 threads, 5% less wall time and a tenth less CPU than two
-/// buffers and a wake per chunk (2.4 thousand context switches per GiB, against one
-/// thousand); six or more per thread no longer fit in the CPU caches and were slower.
-const BUFFERS_PER_THREAD: usize = 3;
-
 /// A planned stretch of the guest.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Piece {
@@ -67,6 +60,9 @@ pub(crate) struct CopyJob<'r, S, P> {
     pub threads: usize,
     /// The length of a chunk buffer: no data piece is longer.
     pub buffer_len: usize,
+    /// Buffers per job (one when the pool has no threads): one being read, the others
+    /// finished or in the consumer.
+    pub buffers_per_thread: usize,
     /// The error returned for a read (or planning) that failed at a guest offset.
     pub read_failed: fn(u64, Error) -> Error,
 }
@@ -87,12 +83,13 @@ impl<S: PieceReader, P: PiecePlan> CopyJob<'_, S, P> {
             plan,
             threads,
             buffer_len,
+            buffers_per_thread,
             read_failed,
         } = self;
         pool.scope(|scope| {
             let _stop = StopOnExit(&shared);
             let buffers = if scope.has_workers() {
-                threads.saturating_mul(BUFFERS_PER_THREAD)
+                threads.saturating_mul(buffers_per_thread).max(1)
             } else {
                 1
             };
@@ -115,7 +112,8 @@ impl<S: PieceReader, P: PiecePlan> CopyJob<'_, S, P> {
     }
 }
 
-/// What [`Reader::read_parallel`](crate::Reader::read_parallel) hands its sink: the next stretch of the guest, in order.
+/// What [`Reader::read_parallel`](crate::Reader::read_parallel) hands its sink: the next
+/// stretch of the guest, in order.
 ///
 /// ```
 /// use qcow2::{Chunk, ParallelReadOptions, Qcow2};

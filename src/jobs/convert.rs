@@ -34,6 +34,10 @@ const CHUNK: u64 = 2 << 20;
 /// sparse disk written to a stream.
 const MAX_ZERO_SEGMENT: u64 = 1 << 30;
 
+/// Chunk buffers per reading thread for a stream: one being read, one being written out by
+/// the calling thread.
+const STREAM_BUFFERS_PER_THREAD: usize = 2;
+
 /// How [`convert_to_writer`] and [`convert_to_file`] copy a disk.
 ///
 /// ```
@@ -130,8 +134,7 @@ where
     W: Write,
 {
     let total = options.size.unwrap_or_else(|| disk.disk_size());
-    // A stream places nothing (the sink type is only a placeholder).
-    let source: DiskReader<'_, D, std::fs::File> = DiskReader { disk, place: None };
+    let source = DiskReader { disk, place: None };
     copy(
         &source,
         total,
@@ -202,9 +205,10 @@ where
         out,
         sparse_sectors: options.sparse_size / SECTOR,
     };
+    let place = |start, buf: &[u8]| positional.place(start, buf);
     let source = DiskReader {
         disk,
-        place: Some(&positional),
+        place: Some(&place),
     };
     copy(
         &source,
@@ -223,8 +227,8 @@ where
 
 /// Copy `total` bytes of the source's disk to `consumer`, in guest order, reading on a pool
 /// of `threads` threads of the conversion's own.
-fn copy<D, F>(
-    source: &DiskReader<'_, D, F>,
+fn copy<D>(
+    source: &DiskReader<'_, D>,
     total: u64,
     threads: usize,
     progress: &mut dyn FnMut(u64, u64),
@@ -232,7 +236,6 @@ fn copy<D, F>(
 ) -> Result<()>
 where
     D: GuestDisk + Sync + ?Sized,
-    F: PositionalSink + Sync + ?Sized,
 {
     // Started as an image's pool is: on first use, and not at all for one thread.
     let pool = Pool::new(threads);
@@ -248,6 +251,12 @@ where
         plan,
         threads: pool.threads(),
         buffer_len: CHUNK.min(total) as usize, // at most 2 MiB
+        // A chunk placed by the thread that read it needs its buffer no longer.
+        buffers_per_thread: if source.place.is_some() {
+            1
+        } else {
+            STREAM_BUFFERS_PER_THREAD
+        },
         read_failed: |_, error| error,
     };
     progress(0, total);
@@ -342,16 +351,15 @@ fn allocation_at<D: GuestDisk + ?Sized>(disk: &D, pos: u64) -> Result<Option<(Al
 
 /// Reads the disk's chunks; for a positional sink, each is then written in place by the
 /// thread that read it.
-struct DiskReader<'d, D: ?Sized, F: ?Sized> {
+struct DiskReader<'d, D: ?Sized> {
     disk: &'d D,
-    place: Option<&'d Positional<'d, F>>,
+    place: Option<&'d PlaceChunk<'d>>,
 }
 
-impl<D, F> PieceReader for DiskReader<'_, D, F>
-where
-    D: GuestDisk + Sync + ?Sized,
-    F: PositionalSink + Sync + ?Sized,
-{
+/// Writes a chunk read at a guest offset where it belongs, on the thread that read it.
+type PlaceChunk<'p> = dyn Fn(u64, &[u8]) -> Result<()> + Sync + 'p;
+
+impl<D: GuestDisk + Sync + ?Sized> PieceReader for DiskReader<'_, D> {
     fn for_one_thread(&self) -> Self {
         // The disk is shared, as it was between the conversion's threads before.
         DiskReader {
@@ -363,7 +371,7 @@ where
     fn read_piece(&self, start: u64, buf: &mut [u8]) -> Result<()> {
         self.disk.read_disk(start, buf)?;
         match self.place {
-            Some(positional) => positional.place(start, buf),
+            Some(place) => place(start, buf),
             None => Ok(()),
         }
     }
