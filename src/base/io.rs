@@ -1,4 +1,5 @@
-//! Reading from the image source with bounded allocation and clear errors.
+//! Reading from the image source with bounded allocation and clear errors; the sinks copies
+//! write to ([`PositionalSink`], streams) and the zeros written to them.
 
 use positioned_io::ReadAt;
 use std::io::{self, Write};
