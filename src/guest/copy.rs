@@ -603,6 +603,104 @@ where
 mod tests {
     use super::*;
 
+    /// Pieces of 3 bytes, every third zeros, over bytes that are their own offsets.
+    struct Thirds {
+        pos: u64,
+        end: u64,
+    }
+
+    impl PiecePlan for Thirds {
+        fn next_piece(&mut self) -> Result<Option<Piece>> {
+            let start = self.pos;
+            if start >= self.end {
+                return Ok(None);
+            }
+            self.pos = (start + 3).min(self.end);
+            let len = self.pos - start;
+            Ok(Some(if start % 9 == 6 {
+                Piece::Zeros { start, len }
+            } else {
+                Piece::Data { start, len }
+            }))
+        }
+
+        fn planned_to(&self) -> u64 {
+            self.pos
+        }
+    }
+
+    /// Bytes that are their own offsets; reading at `fail_at` fails.
+    struct Offsets {
+        fail_at: u64,
+    }
+
+    impl PieceReader for Offsets {
+        fn for_one_thread(&self) -> Self {
+            Offsets {
+                fail_at: self.fail_at,
+            }
+        }
+
+        fn read_piece(&self, start: u64, buf: &mut [u8]) -> Result<()> {
+            if start == self.fail_at {
+                return Err(Error::Internal("test read"));
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (start + i as u64) as u8;
+            }
+            Ok(())
+        }
+    }
+
+    fn copy(threads: usize, fail_at: u64) -> (Result<()>, Vec<u8>) {
+        let pool = Pool::new(threads);
+        let source = Offsets { fail_at };
+        let job = CopyJob {
+            pool: &pool,
+            source: &source,
+            plan: Thirds { pos: 0, end: 200 },
+            threads,
+            buffer_len: 3,
+            buffers_per_thread: 2,
+            read_failed: |offset, _| Error::ReadFailed {
+                guest_offset: offset,
+                source: Box::new(Error::Internal("test")),
+            },
+        };
+        let mut out = Vec::new();
+        let result = job.run(&mut |chunk| {
+            assert_eq!(chunk.offset(), out.len() as u64, "in order, no gaps");
+            match chunk {
+                Chunk::Data { bytes, .. } => out.extend_from_slice(bytes),
+                Chunk::Zeros { len, .. } => out.resize(out.len() + len as usize, 0),
+            }
+            Ok(())
+        });
+        (result, out)
+    }
+
+    #[test]
+    fn pieces_reach_the_consumer_in_order_and_a_failure_after_all_before_it() {
+        for threads in [1, 2, 4] {
+            let (result, out) = copy(threads, u64::MAX);
+            result.unwrap();
+            let expected: Vec<u8> = (0..200u64)
+                .map(|i| if i % 9 >= 6 { 0 } else { i as u8 })
+                .collect();
+            assert_eq!(out, expected, "{threads} threads");
+            let (result, out) = copy(threads, 99);
+            match result {
+                Err(Error::ReadFailed { guest_offset, .. }) => assert_eq!(guest_offset, 99),
+                other => panic!("{threads} threads: {other:?}"),
+            }
+            assert_eq!(
+                out.len(),
+                99,
+                "{threads} threads: everything before the failure"
+            );
+        }
+    }
+
     fn data(slot: Slot) -> Item {
         Item::Data {
             start: 0,
