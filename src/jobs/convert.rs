@@ -238,7 +238,7 @@ where
     D: GuestDisk + Sync + ?Sized,
 {
     // Started as an image's pool is: on first use, and not at all for one thread.
-    let pool = Pool::new(threads);
+    let pool = Pool::for_copy(threads);
     let plan = AllocationPlan {
         disk: source.disk,
         pos: 0,
