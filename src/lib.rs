@@ -160,6 +160,11 @@ mod jobs;
 pub use positioned_io;
 
 pub use base::holes::{HoleQuery, Region};
+/// The old name of [`PositionalSink`], kept for one release (a trait cannot be deprecated
+/// under a second name: this re-export keeps `impl qcow2::WriteAt for ...` compiling).
+#[doc(hidden)]
+pub use base::io::PositionalSink as WriteAt;
+pub use base::io::PositionalSink;
 pub use base::limits::Limits;
 pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
 pub use error::{Error, Result};
@@ -172,9 +177,10 @@ pub use format::feature::{
 };
 pub use format::header::{CompressionType, Header, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 pub use format::table::{Extent, ExtentKind};
+pub use guest::copy::Chunk;
 pub use guest::disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
 pub use guest::map::{MapExtent, MapIter};
-pub use guest::parallel::{Chunk, ParallelReadOptions};
+pub use guest::parallel::ParallelReadOptions;
 pub use image::dirty::{DirtyExtent, DirtyExtents};
 pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
@@ -182,13 +188,8 @@ pub use image::owned::OwnedReader;
 pub use image::qcow2::Qcow2;
 pub use jobs::check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
 pub use jobs::compare::{compare, CompareOptions, Comparison};
-/// The old name of [`PositionalSink`], kept for one release (a trait cannot be deprecated
-/// under a second name: this re-export keeps `impl qcow2::WriteAt for ...` compiling).
-#[doc(hidden)]
-pub use jobs::convert::PositionalSink as WriteAt;
 pub use jobs::convert::{
-    convert_to_file, convert_to_writer, ConvertOptions, PositionalSink, DEFAULT_SPARSE_SIZE,
-    MAX_SPARSE_SIZE,
+    convert_to_file, convert_to_writer, ConvertOptions, DEFAULT_SPARSE_SIZE, MAX_SPARSE_SIZE,
 };
 pub use jobs::hole_aware::HoleAwareReader;
 pub use jobs::info::{

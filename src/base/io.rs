@@ -1,7 +1,8 @@
-//! Reading from the image source with bounded allocation and clear errors.
+//! Reading from the image source with bounded allocation and clear errors; the sinks copies
+//! write to ([`PositionalSink`], streams) and the zeros written to them.
 
 use positioned_io::ReadAt;
-use std::io;
+use std::io::{self, Write};
 
 use crate::error::{Error, Result};
 
@@ -111,4 +112,99 @@ pub(crate) fn be_u64_table(bytes: &[u8]) -> std::sync::Arc<[u64]> {
         .chunks_exact(8)
         .map(|c| c.try_into().map(u64::from_be_bytes).unwrap_or(0))
         .collect()
+}
+
+/// Zeros written out from here: streams, and positional sinks asked to allocate every byte.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// `len` zeros as slices of [`ZEROS`], each with its offset from the first.
+pub(crate) fn zero_pieces(len: u64) -> impl Iterator<Item = (u64, &'static [u8])> {
+    let piece = ZEROS.len() as u64;
+    (0..len.div_ceil(piece)).map(move |i| {
+        let at = i.saturating_mul(piece);
+        let n = len.saturating_sub(at).min(piece) as usize; // at most 64 KiB
+        (at, ZEROS.get(..n).unwrap_or_default())
+    })
+}
+
+/// Write `len` zeros to a stream.
+pub(crate) fn write_zeros<W: Write + ?Sized>(out: &mut W, len: u64) -> io::Result<()> {
+    zero_pieces(len).try_for_each(|(_, zeros)| out.write_all(zeros))
+}
+
+/// A sink written at positions, shared by the threads of a conversion: a file, or anything
+/// that can be written at an offset and given a length.
+///
+/// A [`std::fs::File`] is one; a sink of your own needs only `write_all_at` and `set_len`:
+///
+/// ```
+/// use std::sync::Mutex;
+///
+/// struct Memory(Mutex<Vec<u8>>);
+///
+/// impl qcow2::PositionalSink for Memory {
+///     fn write_all_at(&self, pos: u64, buf: &[u8]) -> std::io::Result<()> {
+///         let mut out = self.0.lock().unwrap();
+///         let end = pos as usize + buf.len();
+///         if out.len() < end {
+///             out.resize(end, 0);
+///         }
+///         out[pos as usize..end].copy_from_slice(buf);
+///         Ok(())
+///     }
+///     fn set_len(&self, len: u64) -> std::io::Result<()> {
+///         self.0.lock().unwrap().resize(len as usize, 0);
+///         Ok(())
+///     }
+/// }
+///
+/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let sink = Memory(Mutex::new(Vec::new()));
+/// qcow2::convert_to_file(&image.reader()?, &sink, &qcow2::ConvertOptions::new(), |_, _| {})?;
+/// assert_eq!(sink.0.lock().unwrap().len() as u64, image.guest_size());
+/// # Ok::<(), qcow2::Error>(())
+/// ```
+pub trait PositionalSink {
+    /// Write all of `buf` at byte offset `pos`.
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()>;
+    /// Set the length of the sink, extending it with zeros (holes) or cutting it short.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The file the sink writes, when it is one: [`convert_to_file`](crate::convert_to_file)
+    /// then makes sure it is not a file the disk reads before changing it. The default says
+    /// none.
+    fn as_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+}
+
+impl PositionalSink for std::fs::File {
+    #[cfg(unix)]
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, pos)
+    }
+
+    #[cfg(windows)]
+    fn write_all_at(&self, pos: u64, mut buf: &[u8]) -> io::Result<()> {
+        let mut pos = pos;
+        while !buf.is_empty() {
+            match std::os::windows::fs::FileExt::seek_write(self, buf, pos) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    buf = buf.get(n..).unwrap_or_default();
+                    pos = pos.saturating_add(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        std::fs::File::set_len(self, len)
+    }
+
+    fn as_file(&self) -> Option<&std::fs::File> {
+        Some(self)
+    }
 }

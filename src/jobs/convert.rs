@@ -3,21 +3,23 @@
 //! The disk's allocation map decides what is read: stretches that read as zeros (zero
 //! clusters, unallocated clusters with no backing data) are never read, so a sparse image
 //! converts in time proportional to its data. What is read goes in chunks of up to 2 MiB
-//! (qemu-img's buffer), on as many threads as asked.
+//! (qemu-img's buffer), on a pool of as many threads as asked, through the copy engine
+//! (`guest/copy.rs`) that [`Reader::read_parallel`](crate::Reader::read_parallel) runs on too.
 //!
 //! A stream ([`convert_to_writer`]) receives every byte in guest order, zeros included. A
 //! positional sink ([`convert_to_file`]) gets holes where the guest reads as zeros: zero
 //! stretches are skipped, and inside chunks that were read, runs of zeros are found the way
 //! `qemu-img convert -S SIZE` finds them (its `is_allocated_sectors_min`).
 
-use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io::Write;
 use std::ops::Range;
-use std::sync::mpsc::{self, Receiver, Sender};
 
+use crate::base::io::{zero_pieces, PositionalSink};
+use crate::base::pool::{Pool, MAX_THREADS};
 use crate::base::SECTOR;
 use crate::error::{Error, Result};
-use crate::guest::disk::GuestDisk;
+use crate::guest::copy::{Chunk, CopyJob, Piece, PiecePlan, PieceReader};
+use crate::guest::disk::{Allocation, GuestDisk};
 
 /// qemu-img's default `-S`: 4 KiB of zeros make a hole.
 pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
@@ -32,11 +34,9 @@ const CHUNK: u64 = 2 << 20;
 /// sparse disk written to a stream.
 const MAX_ZERO_SEGMENT: u64 = 1 << 30;
 
-/// The most threads a conversion reads on.
-const MAX_THREADS: usize = 64;
-
-/// A buffer of zeros for writing zero stretches to streams.
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+/// Chunk buffers per reading thread for a stream: one being read, one being written out by
+/// the calling thread.
+const STREAM_BUFFERS_PER_THREAD: usize = 2;
 
 /// How [`convert_to_writer`] and [`convert_to_file`] copy a disk.
 ///
@@ -70,11 +70,11 @@ impl ConvertOptions {
         Self::default()
     }
 
-    /// Read on this many threads (1 to 64; 1 reads on the calling thread only). Chunks are
-    /// dealt to the threads in turn; if a thread cannot be started, the conversion runs
-    /// on those that could, or on the calling thread. These are the conversion's own
-    /// threads, not the image's pool ([`OpenOptions::threads`](crate::OpenOptions::threads)),
-    /// on which their reads may still decompress or decrypt.
+    /// Read on this many threads (1 to 64; 1 reads on the calling thread only). The threads
+    /// take the chunks lowest first; if they cannot be started, the conversion runs on the
+    /// calling thread. These are the conversion's own threads, started for it, not the
+    /// image's pool ([`OpenOptions::threads`](crate::OpenOptions::threads)), on which their
+    /// reads may still decompress or decrypt.
     #[must_use]
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads.clamp(1, MAX_THREADS);
@@ -108,82 +108,6 @@ impl ConvertOptions {
     }
 }
 
-/// A sink written at positions, shared by the threads of a conversion: a file, or anything
-/// that can be written at an offset and given a length.
-///
-/// A [`std::fs::File`] is one; a sink of your own needs only `write_all_at` and `set_len`:
-///
-/// ```
-/// use std::sync::Mutex;
-///
-/// struct Memory(Mutex<Vec<u8>>);
-///
-/// impl qcow2::PositionalSink for Memory {
-///     fn write_all_at(&self, pos: u64, buf: &[u8]) -> std::io::Result<()> {
-///         let mut out = self.0.lock().unwrap();
-///         let end = pos as usize + buf.len();
-///         if out.len() < end {
-///             out.resize(end, 0);
-///         }
-///         out[pos as usize..end].copy_from_slice(buf);
-///         Ok(())
-///     }
-///     fn set_len(&self, len: u64) -> std::io::Result<()> {
-///         self.0.lock().unwrap().resize(len as usize, 0);
-///         Ok(())
-///     }
-/// }
-///
-/// let image = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
-/// let sink = Memory(Mutex::new(Vec::new()));
-/// qcow2::convert_to_file(&image.reader()?, &sink, &qcow2::ConvertOptions::new(), |_, _| {})?;
-/// assert_eq!(sink.0.lock().unwrap().len() as u64, image.guest_size());
-/// # Ok::<(), qcow2::Error>(())
-/// ```
-pub trait PositionalSink {
-    /// Write all of `buf` at byte offset `pos`.
-    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()>;
-    /// Set the length of the sink, extending it with zeros (holes) or cutting it short.
-    fn set_len(&self, len: u64) -> io::Result<()>;
-    /// The file the sink writes, when it is one: [`convert_to_file`] then makes sure it is
-    /// not a file the disk reads before changing it. The default says none.
-    fn as_file(&self) -> Option<&std::fs::File> {
-        None
-    }
-}
-
-impl PositionalSink for std::fs::File {
-    #[cfg(unix)]
-    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(self, buf, pos)
-    }
-
-    #[cfg(windows)]
-    fn write_all_at(&self, pos: u64, mut buf: &[u8]) -> io::Result<()> {
-        let mut pos = pos;
-        while !buf.is_empty() {
-            match std::os::windows::fs::FileExt::seek_write(self, buf, pos) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    buf = buf.get(n..).unwrap_or_default();
-                    pos = pos.saturating_add(n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        std::fs::File::set_len(self, len)
-    }
-
-    fn as_file(&self) -> Option<&std::fs::File> {
-        Some(self)
-    }
-}
-
 /// Copy `disk` to a stream (a pipe, standard output, a `Vec<u8>`): every byte in guest
 /// order, zeros written out. `progress(done, total)` is called on the calling thread as
 /// bytes are written, with `done` rising to `total`.
@@ -210,16 +134,26 @@ where
     W: Write,
 {
     let total = options.size.unwrap_or_else(|| disk.disk_size());
-    let mut stream = Stream { out: &mut out };
+    let source = DiskReader { disk, place: None };
     copy(
-        disk,
-        &InOrder,
-        &mut stream,
+        &source,
         total,
         options.threads,
         &mut progress,
+        |chunk| match chunk {
+            Chunk::Data { offset, bytes } => write_stream(&mut out, offset, bytes),
+            Chunk::Zeros { offset, len } => zero_pieces(len).try_for_each(|(at, zeros)| {
+                write_stream(&mut out, offset.saturating_add(at), zeros)
+            }),
+        },
     )?;
     out.flush().map_err(|e| Error::io("flushing the output", e))
+}
+
+/// Write `buf`, which belongs at `offset` of the output, to a stream.
+fn write_stream<W: Write>(out: &mut W, offset: u64, buf: &[u8]) -> Result<()> {
+    out.write_all(buf)
+        .map_err(|e| Error::io(format!("writing the output at offset {offset}"), e))
 }
 
 /// Copy `disk` to a positional sink: the sink is emptied (its length set to 0), only data is
@@ -271,62 +205,97 @@ where
         out,
         sparse_sectors: options.sparse_size / SECTOR,
     };
-    let mut zeros = PositionalZeros { sink: &positional };
-    copy(
+    let place = |start, buf: &[u8]| positional.place(start, buf);
+    let source = DiskReader {
         disk,
-        &positional,
-        &mut zeros,
+        place: Some(&place),
+    };
+    copy(
+        &source,
         total,
         options.threads,
         &mut progress,
+        |chunk| match chunk {
+            // Written in place already, by the thread that read it.
+            Chunk::Data { .. } => Ok(()),
+            Chunk::Zeros { offset, len } => positional.zeros(offset, len),
+        },
     )?;
     out.set_len(total)
         .map_err(|e| Error::io(format!("setting the output length to {total}"), e))
 }
 
-/// A stretch of the output: read from the disk, or known to be zeros.
-#[derive(Debug, Clone, Copy)]
-struct Segment {
-    start: u64,
-    len: u64,
-    read: bool,
+/// Copy `total` bytes of the source's disk to `consumer`, in guest order, reading on a pool
+/// of `threads` threads of the conversion's own.
+fn copy<D>(
+    source: &DiskReader<'_, D>,
+    total: u64,
+    threads: usize,
+    progress: &mut dyn FnMut(u64, u64),
+    mut consumer: impl FnMut(Chunk<'_>) -> Result<()>,
+) -> Result<()>
+where
+    D: GuestDisk + Sync + ?Sized,
+{
+    // Started as an image's pool is: on first use, and not at all for one thread.
+    let pool = Pool::for_copy(threads);
+    let plan = AllocationPlan {
+        disk: source.disk,
+        pos: 0,
+        end: total,
+        known: None,
+    };
+    let copy = CopyJob {
+        pool: &pool,
+        source,
+        plan,
+        threads: pool.threads(),
+        buffer_len: CHUNK.min(total) as usize, // at most 2 MiB
+        // A chunk placed by the thread that read it needs its buffer no longer.
+        buffers_per_thread: if source.place.is_some() {
+            1
+        } else {
+            STREAM_BUFFERS_PER_THREAD
+        },
+        read_failed: |_, error| error,
+    };
+    progress(0, total);
+    copy.run(&mut |chunk| {
+        consumer(chunk)?;
+        progress(chunk.end(), total);
+        Ok(())
+    })
 }
 
-impl Segment {
-    fn end(&self) -> u64 {
-        self.start.saturating_add(self.len)
-    }
-}
-
-/// Walks the disk's allocation map into segments: zero stretches whole, data in chunks.
-struct Planner<'d, D: ?Sized> {
+/// Walks the disk's allocation into pieces: zero stretches whole (up to
+/// [`MAX_ZERO_SEGMENT`]), data in qemu-img's chunks.
+struct AllocationPlan<'d, D: ?Sized> {
     disk: &'d D,
     pos: u64,
     end: u64,
-    /// The stretch looked up last: `[start, end)`, and whether it is read. The segments cut
+    /// The stretch looked up last: `[start, end)`, and whether it is read. The pieces cut
     /// from one stretch (a zero stretch longer than [`MAX_ZERO_SEGMENT`], data longer than a
     /// chunk) take the rest of it from here instead of looking the stretch up again from
-    /// each segment's start, which cost the rest of the stretch every time.
+    /// each piece's start, which cost the rest of the stretch every time.
     known: Option<(u64, u64, bool)>,
 }
 
-impl<D: GuestDisk + ?Sized> Planner<'_, D> {
-    fn next(&mut self) -> Result<Option<Segment>> {
+impl<D: GuestDisk + ?Sized> PiecePlan for AllocationPlan<'_, D> {
+    fn next_piece(&mut self) -> Result<Option<Piece>> {
         let start = self.pos;
         if start >= self.end {
             return Ok(None);
         }
         let mut pos = start;
-        // Zero stretches of any kind, one after another, make one segment.
+        // Zero stretches of any kind, one after another, make one piece.
         let zeros_end = start.saturating_add(MAX_ZERO_SEGMENT).min(self.end);
         while pos < zeros_end {
             match self.stretch_at(pos)? {
                 (true, len) if pos == start => {
                     self.pos = pos.saturating_add(len.min(CHUNK));
-                    return Ok(Some(Segment {
+                    return Ok(Some(Piece::Data {
                         start,
                         len: self.pos.saturating_sub(start),
-                        read: true,
                     }));
                 }
                 (true, _) => break,
@@ -335,13 +304,18 @@ impl<D: GuestDisk + ?Sized> Planner<'_, D> {
         }
         let pos = pos.min(zeros_end);
         self.pos = pos;
-        Ok(Some(Segment {
+        Ok(Some(Piece::Zeros {
             start,
             len: pos.saturating_sub(start),
-            read: false,
         }))
     }
 
+    fn planned_to(&self) -> u64 {
+        self.pos
+    }
+}
+
+impl<D: GuestDisk + ?Sized> AllocationPlan<'_, D> {
     /// Whether the disk must be read from `pos`, and for how long (at least 1 byte, not
     /// past the end of the output).
     fn stretch_at(&mut self, pos: u64) -> Result<(bool, u64)> {
@@ -355,11 +329,11 @@ impl<D: GuestDisk + ?Sized> Planner<'_, D> {
         Ok((read, len))
     }
 
-    /// [`Planner::stretch_at`], asking the disk.
+    /// [`AllocationPlan::stretch_at`], asking the disk.
     fn look_up(&self, pos: u64) -> Result<(bool, u64)> {
         let left = self.end.saturating_sub(pos);
         let in_disk = self.disk.disk_size().saturating_sub(pos);
-        let (read, len) = match self.disk.allocation_at(pos)? {
+        let (read, len) = match allocation_at(self.disk, pos)? {
             Some((allocation, len)) if in_disk > 0 => {
                 (!allocation.reads_as_zeros(), len.clamp(1, in_disk))
             }
@@ -370,52 +344,36 @@ impl<D: GuestDisk + ?Sized> Planner<'_, D> {
     }
 }
 
-/// What is done with a chunk on the thread that read it.
-trait Place: Sync {
-    /// Store the chunk read at `start`; `true` when the calling thread must still write it,
-    /// in guest order.
-    fn place(&self, start: u64, buf: &[u8]) -> Result<bool>;
+/// What the disk holds at `pos`, and for how long: the one place the planner asks it.
+fn allocation_at<D: GuestDisk + ?Sized>(disk: &D, pos: u64) -> Result<Option<(Allocation, u64)>> {
+    disk.allocation_at(pos)
 }
 
-/// What the calling thread does, in guest order.
-trait Ordered {
-    /// A chunk that [`Place::place`] left to the calling thread.
-    fn chunk(&mut self, start: u64, buf: &[u8]) -> Result<()>;
-    /// A stretch of zeros that was not read.
-    fn zeros(&mut self, start: u64, len: u64) -> Result<()>;
+/// Reads the disk's chunks; for a positional sink, each is then written in place by the
+/// thread that read it.
+struct DiskReader<'d, D: ?Sized> {
+    disk: &'d D,
+    place: Option<&'d PlaceChunk<'d>>,
 }
 
-/// Streams write everything on the calling thread.
-struct InOrder;
+/// Writes a chunk read at a guest offset where it belongs, on the thread that read it.
+type PlaceChunk<'p> = dyn Fn(u64, &[u8]) -> Result<()> + Sync + 'p;
 
-impl Place for InOrder {
-    fn place(&self, _: u64, _: &[u8]) -> Result<bool> {
-        Ok(true)
-    }
-}
-
-struct Stream<'w, W> {
-    out: &'w mut W,
-}
-
-impl<W: Write> Ordered for Stream<'_, W> {
-    fn chunk(&mut self, start: u64, buf: &[u8]) -> Result<()> {
-        self.out
-            .write_all(buf)
-            .map_err(|e| Error::io(format!("writing the output at offset {start}"), e))
-    }
-
-    fn zeros(&mut self, start: u64, len: u64) -> Result<()> {
-        let mut done = 0u64;
-        while done < len {
-            let n = len.saturating_sub(done).min(ZEROS.len() as u64) as usize;
-            self.chunk(
-                start.saturating_add(done),
-                ZEROS.get(..n).unwrap_or_default(),
-            )?;
-            done = done.saturating_add(n as u64);
+impl<D: GuestDisk + Sync + ?Sized> PieceReader for DiskReader<'_, D> {
+    fn for_one_thread(&self) -> Self {
+        // The disk is shared, as it was between the conversion's threads before.
+        DiskReader {
+            disk: self.disk,
+            place: self.place,
         }
-        Ok(())
+    }
+
+    fn read_piece(&self, start: u64, buf: &mut [u8]) -> Result<()> {
+        self.disk.read_disk(start, buf)?;
+        match self.place {
+            Some(place) => place(start, buf),
+            None => Ok(()),
+        }
     }
 }
 
@@ -432,286 +390,26 @@ impl<F: PositionalSink + ?Sized> Positional<'_, F> {
             .write_all_at(pos, buf)
             .map_err(|e| Error::io(format!("writing the output at offset {pos}"), e))
     }
-}
 
-impl<F: PositionalSink + Sync + ?Sized> Place for Positional<'_, F> {
-    fn place(&self, start: u64, buf: &[u8]) -> Result<bool> {
+    /// Write the chunk read at `start`, but the runs of zeros `-S` leaves as holes.
+    fn place(&self, start: u64, buf: &[u8]) -> Result<()> {
         if self.sparse_sectors == 0 {
-            self.write(start, buf)?;
-            return Ok(false);
+            return self.write(start, buf);
         }
         for range in ranges_to_write(buf, start / SECTOR, self.sparse_sectors) {
             let at = start.saturating_add(range.start as u64);
             self.write(at, buf.get(range).unwrap_or_default())?;
         }
-        Ok(false)
-    }
-}
-
-/// Zero stretches of a positional sink: holes, unless `-S 0` asks for every byte.
-struct PositionalZeros<'p, 'f, F: ?Sized> {
-    sink: &'p Positional<'f, F>,
-}
-
-impl<F: PositionalSink + ?Sized> Ordered for PositionalZeros<'_, '_, F> {
-    fn chunk(&mut self, _: u64, _: &[u8]) -> Result<()> {
-        Ok(()) // written in place already
-    }
-
-    fn zeros(&mut self, start: u64, len: u64) -> Result<()> {
-        if self.sink.sparse_sectors != 0 {
-            return Ok(());
-        }
-        let mut done = 0u64;
-        while done < len {
-            let n = len.saturating_sub(done).min(ZEROS.len() as u64) as usize;
-            let at = start.saturating_add(done);
-            self.sink.write(at, ZEROS.get(..n).unwrap_or_default())?;
-            done = done.saturating_add(n as u64);
-        }
         Ok(())
     }
-}
 
-/// Copy `total` bytes of `disk`, reading on `threads` threads.
-fn copy<D, P, O>(
-    disk: &D,
-    place: &P,
-    out: &mut O,
-    total: u64,
-    threads: usize,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<()>
-where
-    D: GuestDisk + Sync + ?Sized,
-    P: Place,
-    O: Ordered,
-{
-    let mut planner = Planner {
-        disk,
-        pos: 0,
-        end: total,
-        known: None,
-    };
-    progress(0, total);
-    if threads <= 1 {
-        return copy_here(&mut planner, place, out, total, progress);
+    /// A zero stretch: a hole, unless `-S 0` asks for every byte.
+    fn zeros(&self, start: u64, len: u64) -> Result<()> {
+        if self.sparse_sectors != 0 {
+            return Ok(());
+        }
+        zero_pieces(len).try_for_each(|(at, zeros)| self.write(start.saturating_add(at), zeros))
     }
-    std::thread::scope(|scope| {
-        let mut workers = Vec::new();
-        for i in 0..threads {
-            let (jobs, job_rx) = mpsc::channel::<Segment>();
-            let (done_tx, done) = mpsc::channel::<Result<Option<Vec<u8>>>>();
-            let (spent, spent_rx) = mpsc::channel::<Vec<u8>>();
-            let ends = WorkerEnds {
-                jobs: job_rx,
-                done: done_tx,
-                spent: spent_rx,
-            };
-            let spawned = refuse_spawn_in_tests(i).and_then(|()| {
-                std::thread::Builder::new()
-                    .name(format!("qcow2-convert-{i}"))
-                    .spawn_scoped(scope, move || work(disk, place, ends))
-            });
-            match spawned {
-                Ok(_) => workers.push(Worker { jobs, done, spent }),
-                // The system will not give more threads: go on with those there are.
-                Err(_) => break,
-            }
-        }
-        if workers.is_empty() {
-            return copy_here(&mut planner, place, out, total, progress);
-        }
-        collect(&mut planner, &workers, out, total, progress)
-        // Dropping the workers' job senders here ends their loops; the scope joins them.
-    })
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests: how many threads a copy started on this thread may spawn before the system
-    /// "refuses" more.
-    static SPAWN_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-}
-
-/// Tests make thread creation fail past a limit; elsewhere this always lets it go on.
-fn refuse_spawn_in_tests(index: usize) -> io::Result<()> {
-    #[cfg(test)]
-    if index >= SPAWN_LIMIT.with(std::cell::Cell::get) {
-        return Err(io::Error::other("no more threads (test)"));
-    }
-    let _ = index;
-    Ok(())
-}
-
-/// The whole copy on the calling thread.
-fn copy_here<D, P, O>(
-    planner: &mut Planner<'_, D>,
-    place: &P,
-    out: &mut O,
-    total: u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<()>
-where
-    D: GuestDisk + ?Sized,
-    P: Place,
-    O: Ordered,
-{
-    let mut buf = Vec::new();
-    while let Some(segment) = planner.next()? {
-        if segment.read {
-            // Stale bytes are fine: the read fills all of it.
-            buf.resize(segment.len as usize, 0); // at most CHUNK
-            planner.disk.read_disk(segment.start, &mut buf)?;
-            if place.place(segment.start, &buf)? {
-                out.chunk(segment.start, &buf)?;
-            }
-        } else {
-            out.zeros(segment.start, segment.len)?;
-        }
-        progress(segment.end(), total);
-    }
-    Ok(())
-}
-
-/// A reading thread: the chunks it is dealt, and what it made of each, in order.
-struct Worker {
-    jobs: Sender<Segment>,
-    done: Receiver<Result<Option<Vec<u8>>>>,
-    /// Buffers written by the calling thread, handed back for the next chunks.
-    spent: Sender<Vec<u8>>,
-}
-
-/// A reading thread's loop: read each chunk dealt to it, place it, and send back the chunk
-/// (when the calling thread must write it) or the error. Ends when the jobs stop.
-fn work<D, P>(disk: &D, place: &P, channels: WorkerEnds)
-where
-    D: GuestDisk + ?Sized,
-    P: Place,
-{
-    let mut buf = Vec::new();
-    while let Ok(segment) = channels.jobs.recv() {
-        if buf.capacity() == 0 {
-            buf = channels.spent.try_recv().unwrap_or_default();
-        }
-        let result = read_and_place(disk, place, segment, &mut buf);
-        let failed = result.is_err();
-        if channels.done.send(result).is_err() || failed {
-            return;
-        }
-    }
-}
-
-/// A worker's ends of its channels.
-struct WorkerEnds {
-    jobs: Receiver<Segment>,
-    done: Sender<Result<Option<Vec<u8>>>>,
-    spent: Receiver<Vec<u8>>,
-}
-
-/// Read a chunk into `buf` and place it; the buffer is taken when the calling thread must
-/// still write it.
-fn read_and_place<D, P>(
-    disk: &D,
-    place: &P,
-    segment: Segment,
-    buf: &mut Vec<u8>,
-) -> Result<Option<Vec<u8>>>
-where
-    D: GuestDisk + ?Sized,
-    P: Place,
-{
-    // Stale bytes are fine: the read fills all of it.
-    buf.resize(segment.len as usize, 0); // at most CHUNK
-    disk.read_disk(segment.start, buf)?;
-    Ok(place
-        .place(segment.start, buf)?
-        .then(|| std::mem::take(buf)))
-}
-
-/// The calling thread's side of a threaded copy: deal chunks to the workers in turn, and
-/// take their results back in the same order, so that the output is written in guest order
-/// with at most two chunks per worker in flight.
-fn collect<D, O>(
-    planner: &mut Planner<'_, D>,
-    workers: &[Worker],
-    out: &mut O,
-    total: u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<()>
-where
-    D: GuestDisk + ?Sized,
-    O: Ordered,
-{
-    let window = workers.len().saturating_mul(2);
-    let mut queue: VecDeque<(Segment, usize)> = VecDeque::new();
-    let mut in_flight = 0usize;
-    let mut next_worker = 0usize;
-    let mut planned_all = false;
-    loop {
-        while !planned_all && in_flight < window && queue.len() < window.saturating_mul(4) {
-            let Some(segment) = planner.next()? else {
-                planned_all = true;
-                break;
-            };
-            if !segment.read && queue.is_empty() {
-                out.zeros(segment.start, segment.len)?;
-                progress(segment.end(), total);
-                continue;
-            }
-            let mut worker = usize::MAX; // zeros: no worker
-            if segment.read {
-                worker = next_worker;
-                let w = workers.get(worker).ok_or_else(worker_gone)?;
-                if w.jobs.send(segment).is_err() {
-                    // The worker stopped: it failed, and said why.
-                    return Err(failure_of(w));
-                }
-                next_worker = next_worker.saturating_add(1);
-                if next_worker >= workers.len() {
-                    next_worker = 0;
-                }
-                in_flight = in_flight.saturating_add(1);
-            }
-            queue.push_back((segment, worker));
-        }
-        let Some((segment, worker)) = queue.pop_front() else {
-            return Ok(()); // planned all, and all written
-        };
-        if segment.read {
-            in_flight = in_flight.saturating_sub(1);
-            let result = workers
-                .get(worker)
-                .and_then(|w| w.done.recv().ok())
-                .ok_or_else(worker_gone)?;
-            if let Some(buf) = result? {
-                out.chunk(segment.start, &buf)?;
-                if let Some(w) = workers.get(worker) {
-                    let _ = w.spent.send(buf); // a worker that stopped needs none
-                }
-            }
-        } else {
-            out.zeros(segment.start, segment.len)?;
-        }
-        progress(segment.end(), total);
-    }
-}
-
-/// The error a stopped worker sent, after any results still queued before it.
-fn failure_of(worker: &Worker) -> Error {
-    while let Ok(result) = worker.done.recv() {
-        if let Err(e) = result {
-            return e;
-        }
-    }
-    worker_gone()
-}
-
-fn worker_gone() -> Error {
-    Error::io(
-        "converting",
-        io::Error::other("a reading thread stopped unexpectedly"),
-    )
 }
 
 /// The byte ranges of `buf` (which starts at sector `first_sector` of the disk) that
@@ -900,20 +598,19 @@ mod tests {
     }
 
     #[test]
-    fn threads_that_cannot_start_leave_the_work_to_the_others() {
+    fn threads_that_cannot_start_leave_the_work_to_the_calling_thread() {
         let mut data = vec![0u8; 9 << 20];
         for (i, b) in data.iter_mut().enumerate() {
             *b = (i % 251) as u8 * u8::from(i % (3 << 20) > 65536);
         }
         let disk = crate::RawDisk::new(data.clone(), data.len() as u64);
-        for limit in [0, 1, 2, usize::MAX] {
-            SPAWN_LIMIT.with(|l| l.set(limit));
+        for refused in [true, false] {
+            crate::base::pool::refuse_threads_in_tests(refused);
             let mut out = Vec::new();
             let options = ConvertOptions::new().threads(4);
             convert_to_writer(&disk, &mut out, &options, |_, _| {}).unwrap();
-            assert!(out == data, "spawn limit {limit}: output differs");
+            assert!(out == data, "threads refused: {refused}: output differs");
         }
-        SPAWN_LIMIT.with(|l| l.set(usize::MAX));
     }
 
     #[test]
