@@ -24,7 +24,7 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear bit 1: the external data file is a valid raw image by itself.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
-/// Which kind of feature bit a [`Error::UnsupportedFeature`] names.
+/// Which kind of feature bit a [`Error::UnsupportedFeature`](crate::Error::UnsupportedFeature) names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FeatureKind {

@@ -100,7 +100,7 @@ impl BlockStatus {
 }
 
 /// A guest disk that [`convert_to_writer`](crate::convert_to_writer),
-/// [`convert_to_file`](crate::convert_to_file) and [`compare`](crate::jobs::compare) can read.
+/// [`convert_to_file`](crate::convert_to_file) and [`compare`](crate::compare()) can read.
 ///
 /// Implemented by [`Reader`] and [`OwnedReader`](crate::OwnedReader) (a qcow2 image's active
 /// disk or snapshot, through its backing chain) and by [`RawDisk`].
@@ -152,7 +152,7 @@ pub trait GuestDisk {
 
     /// QEMU's block status from `pos` and the length of the stretch it covers (at least 1,
     /// not past the end), or `None` at or past the end. [`Reader`] and [`RawDisk`] cut their
-    /// stretches where QEMU does, so that a strict [`compare`](crate::jobs::compare) steps through
+    /// stretches where QEMU does, so that a strict [`compare`](crate::compare()) steps through
     /// the disks, and names the offset of a difference, as `qemu-img compare -s` does. The
     /// default derives the status from [`GuestDisk::allocation_at`] (no host offsets).
     fn block_status(&self, pos: u64) -> Result<Option<(BlockStatus, u64)>> {

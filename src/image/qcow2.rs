@@ -23,7 +23,7 @@ use crate::image::options::OpenOptions;
 use crate::image::plan::L2Cache;
 use crate::image::reader::{ReadState, Reader};
 
-/// What [`info`](crate::jobs::info) needs of any image in a chain, whatever its source type.
+/// What `info` needs of any image in a chain, whatever its source type.
 pub(crate) trait ImageView: Send + Sync {
     fn header(&self) -> &Header;
     fn path(&self) -> Option<&std::path::Path>;

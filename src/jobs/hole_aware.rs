@@ -7,8 +7,8 @@ use positioned_io::ReadAt;
 
 use crate::base::holes::run_at;
 use crate::error::Result;
-use crate::guest::disk::{Allocation, GuestDisk};
 use crate::format::table::ExtentKind;
+use crate::guest::disk::{Allocation, GuestDisk};
 use crate::image::reader::Reader;
 
 /// A [`Reader`] whose data clusters lying in holes of the image file count as zeros, as
