@@ -89,20 +89,20 @@ pub(crate) fn walk<'a, I: ReadAt>(
     })
 }
 
-/// The stretch as `qemu-img map` reports it.
+/// The stretch as `qemu-img map` reports it: its block status's flags, with the layer that
+/// decides and where the bytes lie.
 pub(crate) fn map_extent<'a>(chain: &ChainExtent<'a>) -> MapExtent<'a> {
     let layer = &chain.layer;
-    let kind = layer.extent.kind;
-    let present = chain.found == Found::Here;
+    let status = block_status(chain);
     let offset = layer.shown_offset();
     MapExtent {
         start: layer.extent.start,
         length: layer.extent.length,
         depth: chain.depth,
-        present,
-        zero: !present || matches!(kind, ExtentKind::Zero { .. }) || layer.hole,
-        data: kind.is_data(),
-        compressed: matches!(kind, ExtentKind::Compressed { .. }),
+        present: chain.found == Found::Here,
+        zero: status.zero,
+        data: status.data,
+        compressed: status.compressed,
         offset,
         file: offset.and(layer.file),
     }
