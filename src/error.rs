@@ -97,8 +97,8 @@ pub enum Error {
     #[error("image is marked corrupt (incompatible feature bit 1); run `qemu-img check -r all`")]
     Corrupt,
 
-    /// Reading the image needs a cargo feature this build was compiled without.
-    #[error("reading this image needs the `{feature}` cargo feature, which is disabled")]
+    /// Reading (or writing) the image needs a cargo feature this build was compiled without.
+    #[error("this image needs the `{feature}` cargo feature, which is disabled")]
     FeatureDisabled {
         /// The cargo feature's name.
         feature: &'static str,
@@ -259,6 +259,18 @@ pub enum Error {
     #[error("internal error in the qcow2 crate: {0}")]
     Internal(&'static str),
 
+    /// An option of a new image or of a conversion that QEMU refuses (a cluster size that is
+    /// not a power of two, `refcount_bits=3`, no size and no backing file...), refused before
+    /// any file is written. The message is qemu-img's.
+    #[error("{message}")]
+    InvalidOption {
+        /// The option, as `qemu-img create -o` names it (`cluster_size`), or the command
+        /// line flag (`-B`).
+        option: String,
+        /// What is wrong, in qemu-img's words.
+        message: String,
+    },
+
     /// The underlying source failed.
     #[error("I/O error while {context}")]
     Io {
@@ -403,7 +415,7 @@ impl Error {
             Error::SecretNotUtf8 => io::ErrorKind::InvalidInput,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,
             Error::FileRefused { .. } => io::ErrorKind::PermissionDenied,
-            Error::OutputIsSource => io::ErrorKind::InvalidInput,
+            Error::OutputIsSource | Error::InvalidOption { .. } => io::ErrorKind::InvalidInput,
             Error::Internal(_) => io::ErrorKind::Other,
             Error::NoSuchSnapshot(_) => io::ErrorKind::NotFound,
             Error::NoSuchBitmap { .. } => io::ErrorKind::NotFound,

@@ -166,7 +166,7 @@ pub use base::holes::{HoleQuery, Region};
 pub use base::io::PositionalSink as WriteAt;
 pub use base::io::PositionalSink;
 pub use base::limits::Limits;
-pub use crypt::{EncryptionInfo, KeySlotInfo, Secret, SecretCallback, SecretFn};
+pub use crypt::{EncryptionInfo, KeySlotInfo, LuksOptions, Secret, SecretCallback, SecretFn};
 pub use error::{Error, Result};
 pub use format::bitmap::Bitmap;
 pub use format::extension::{BitmapsExtension, EncryptionExtension, Extension, ExtensionKind};

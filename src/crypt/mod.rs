@@ -12,6 +12,7 @@
 
 #[cfg(feature = "encryption")]
 mod cipher;
+pub(crate) mod create;
 #[cfg(feature = "encryption")]
 mod hash;
 mod legacy;
@@ -32,6 +33,8 @@ use crate::format::header::Header;
 
 /// QEMU encrypts qcow2 data in 512-byte sectors, each with its own IV.
 pub(crate) use crate::base::SECTOR as SECTOR_SIZE;
+
+pub use create::LuksOptions;
 
 /// A secret (passphrase) for an encrypted image, as `qemu-img` takes it from
 /// `--object secret,id=ID,data=...`.
@@ -450,6 +453,22 @@ impl Encryption {
             return Ok(());
         }
         let _ = (host, guest, data, pool);
+        self.check_unlocked()
+    }
+}
+
+impl Encryption {
+    /// Encrypt `data`, to be written at host offset `host` for guest offset `guest` (both
+    /// sector aligned, `data` whole sectors), on the calling thread: a writer encrypts on
+    /// its own worker threads.
+    pub(crate) fn encrypt(&self, host: u64, guest: u64, data: &mut [u8]) -> Result<()> {
+        #[cfg(feature = "encryption")]
+        if let Some(key) = &self.key {
+            let first = if self.physical { host } else { guest } / SECTOR_SIZE;
+            key.encrypt(first, data);
+            return Ok(());
+        }
+        let _ = (host, guest, data);
         self.check_unlocked()
     }
 }
