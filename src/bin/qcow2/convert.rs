@@ -1,5 +1,5 @@
-//! `qcow2 convert`: copy a guest disk (or one of its snapshots) to a raw file or a pipe, like
-//! `qemu-img convert -O raw`.
+//! `qcow2 convert`: copy a guest disk (a qcow2 image, one of its snapshots, or a raw file) to
+//! a raw file or a pipe, like `qemu-img convert -O raw`.
 
 use std::fs::File;
 use std::io::IsTerminal;
@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use qcow2::{ConvertOptions, GuestDisk, HoleAwareReader, OpenOptions, Qcow2, Reader};
+
+use crate::disk::Disk;
 
 /// qemu-img's sparse sizes are whole 512-byte sectors (QEMU's `BDRV_SECTOR_SIZE`; the
 /// library counts in them too but names no public constant).
@@ -23,7 +25,7 @@ pub struct Args {
     /// Output format: only `raw`.
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
     output_format: String,
-    /// Input format: only `qcow2` (the default).
+    /// Input format: `qcow2` or `raw` (default: probed).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
     /// Copy this internal snapshot: `snapshot.id=ID`, `snapshot.name=NAME`, or an id or name.
@@ -51,7 +53,7 @@ pub struct Args {
     /// `driver=qcow2,file.filename=IMG,encrypt.key-secret=ID[,backing.encrypt.key-secret=ID2]`.
     #[arg(long = "image-opts")]
     image_opts: bool,
-    /// The qcow2 image (with `--image-opts`, its options).
+    /// The qcow2 image or raw file (with `--image-opts`, the qcow2 image's options).
     image: PathBuf,
     /// The raw output file, or `-` for standard output.
     output: PathBuf,
@@ -94,9 +96,6 @@ fn convert(args: &Args) -> Result<(), Stop> {
         )
         .into());
     }
-    if let Some(f) = args.format.as_deref().filter(|f| *f != "qcow2") {
-        return Err(format!("Unsupported input format '{f}' (only qcow2 is read)").into());
-    }
     // Without -m, the library's default: one thread per core, up to 8.
     let mut options = ConvertOptions::new();
     if let Some(threads) = args.threads {
@@ -105,27 +104,51 @@ fn convert(args: &Args) -> Result<(), Stop> {
     if let Some(s) = &args.sparse_size {
         options = options.sparse_size(parse_sparse_size(s)?);
     }
-    let image = if args.image_opts {
-        open_image_opts(&args.image, &args.secret)?.1
+    let source = if args.image_opts {
+        Disk::Image(Box::new(open_image_opts(&args.image, &args.secret)?.1))
     } else {
-        open_image(&args.image, &args.secret)?
+        Disk::open(&args.image, args.format.as_deref(), &args.secret)?
     };
-    let reader = match &args.snapshot {
-        Some(spec) => snapshot_reader(&image, spec)?,
-        None => image.reader().map_err(|e| crate::common::chain(&e))?,
-    };
-    // qemu-img sizes the output by the image, padding or cutting a snapshot's disk.
-    options = options.size(image.guest_size());
+    match &source {
+        Disk::Image(image) => {
+            let reader = match &args.snapshot {
+                Some(spec) => snapshot_reader(image, spec)?,
+                None => image.reader().map_err(|e| crate::common::chain(&e))?,
+            };
+            // qemu-img sizes the output by the image, padding or cutting a snapshot's disk.
+            // Data clusters in holes of the image file count as zeros, as qemu-img's block
+            // status says.
+            let disk = HoleAwareReader::new(&reader);
+            convert_disk(&disk, image.guest_size(), args, options)
+        }
+        Disk::Raw(raw) => {
+            if args.snapshot.is_some() {
+                return Err(RAW_SNAPSHOT.into());
+            }
+            convert_disk(raw, raw.disk_size(), args, options)
+        }
+    }
+}
+
+/// qemu-img's refusal of `-l` on a raw source.
+const RAW_SNAPSHOT: &str = "Failed to load snapshot: Block format 'raw' used by device '' \
+does not support temporarily loading internal snapshots";
+
+/// Convert `disk`, of `size` bytes, with progress as asked.
+fn convert_disk<D: GuestDisk + Sync + ?Sized>(
+    disk: &D,
+    size: u64,
+    args: &Args,
+    options: ConvertOptions,
+) -> Result<(), Stop> {
+    let options = options.size(size);
     let mut shown = Progress::new(
         args.progress && !args.quiet,
-        image.guest_size(),
+        size,
         args.output.as_os_str() == "-",
     );
     let progress = |done: u64, total: u64| shown.update(done, total);
-    // Data clusters in holes of the image file count as zeros, as qemu-img's block status
-    // says.
-    let disk = HoleAwareReader::new(&reader);
-    let result = write_output(&disk, &args.output, &options, progress);
+    let result = write_output(disk, &args.output, &options, progress);
     shown.end(result.is_ok());
     result
 }
@@ -201,7 +224,7 @@ fn snapshot_reader<'a>(image: &'a Qcow2<File>, spec: &str) -> Result<Reader<'a, 
 
 /// Write the conversion to `output`: standard output or a FIFO as a stream, anything else
 /// as a new file with holes.
-fn write_output<D: GuestDisk + Sync>(
+fn write_output<D: GuestDisk + Sync + ?Sized>(
     reader: &D,
     output: &Path,
     options: &ConvertOptions,

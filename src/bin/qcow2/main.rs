@@ -13,6 +13,8 @@ mod check;
 mod common;
 mod compare;
 mod convert;
+// The disks commands read: qcow2 or raw, probed.
+mod disk;
 mod info;
 mod map;
 mod snapshot;
