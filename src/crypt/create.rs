@@ -182,7 +182,7 @@ pub(crate) use build::{new_luks, NewLuks};
 #[cfg(feature = "encryption")]
 #[allow(dead_code)] // as above
 mod build {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use zeroize::Zeroizing;
 
@@ -379,20 +379,67 @@ mod build {
         ))
     }
 
+    /// A stopwatch on this thread's CPU time where the platform has that clock, as QEMU
+    /// measures (time other processes take the CPU does not count), else on wall time.
+    #[derive(Debug, Clone, Copy)]
+    struct Stopwatch {
+        cpu: Option<Duration>,
+        wall: Instant,
+    }
+
+    impl Stopwatch {
+        fn start() -> Self {
+            Stopwatch {
+                cpu: thread_cpu_time(),
+                wall: Instant::now(),
+            }
+        }
+
+        fn micros(self) -> u64 {
+            let elapsed = match (self.cpu, thread_cpu_time()) {
+                (Some(start), Some(now)) => now.saturating_sub(start),
+                _ => self.wall.elapsed(),
+            };
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+        }
+    }
+
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    ))]
+    fn thread_cpu_time() -> Option<Duration> {
+        use rustix::time::{clock_gettime, ClockId};
+        let t = clock_gettime(ClockId::ThreadCPUTime);
+        Some(Duration::new(
+            u64::try_from(t.tv_sec).ok()?,
+            u32::try_from(t.tv_nsec).ok()?,
+        ))
+    }
+
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    )))]
+    fn thread_cpu_time() -> Option<Duration> {
+        None
+    }
+
     /// PBKDF2 blocks (one HMAC chain each, whatever the key) of `hash` this machine computes
-    /// per second: QEMU's `qcrypto_pbkdf2_count_iters` with a tenth of its run time, on wall
-    /// time rather than thread time (a busy machine gets fewer iterations, not a long wait).
+    /// per second: QEMU's `qcrypto_pbkdf2_count_iters` with a tenth of its run time.
     fn pbkdf2_blocks_per_second(hash: HashAlg) -> Result<u64> {
         let mut out = Zeroizing::new(vec![0u8; hash.digest_len()]);
         let mut iterations: u64 = 1 << 10;
         let mut per_second = 0;
         for _ in 0..CALIBRATION_MAX_RUNS {
             let rounds = u32::try_from(iterations).unwrap_or(u32::MAX);
-            let start = Instant::now();
+            let start = Stopwatch::start();
             hash::pbkdf2(hash, b"calibration", &[0; SALT_LEN], rounds, &mut out)?;
-            let micros = u64::try_from(start.elapsed().as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1);
+            let micros = start.micros().max(1);
             per_second = u64::from(rounds)
                 .saturating_mul(1_000_000)
                 .checked_div(micros)
