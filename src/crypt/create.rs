@@ -1004,6 +1004,107 @@ mod build {
             let _ = std::fs::remove_dir_all(&dir);
         }
 
+        /// The full-disk-encryption extension (offset, length) of a v3 qcow2 image: the
+        /// extensions follow the header, whose length is at byte 100.
+        fn crypto_extension(image: &[u8]) -> (u64, u64) {
+            let word = |i: usize| u32::from_be_bytes(image[i..i + 4].try_into().unwrap());
+            let mut at = word(100) as usize;
+            loop {
+                let (magic, len) = (word(at), word(at + 4) as usize);
+                assert_ne!(magic, 0, "no crypto header extension");
+                if magic == 0x0537_be77 {
+                    let q = |i: usize| u64::from_be_bytes(image[i..i + 8].try_into().unwrap());
+                    return (q(at + 8), q(at + 16));
+                }
+                at += 8 + len.div_ceil(8) * 8;
+            }
+        }
+
+        /// Our header in place of QEMU's inside a new qcow2 image: same size, QEMU writes
+        /// and reads data with our master key, this crate reads what QEMU wrote, and QEMU
+        /// reads a cluster this crate encrypted at its host offset (IVs from host sectors).
+        #[test]
+        fn qemu_uses_the_header_inside_a_qcow2_image() {
+            let Some(img) = qemu_img("qemu_uses_the_header_inside_a_qcow2_image") else {
+                return;
+            };
+            let qemu_io = img.with_file_name("qemu-io");
+            let dir = temp_dir("luks-in-qcow2");
+            let path = dir.join("enc.qcow2");
+            run(Command::new(&img)
+                .args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "--object",
+                    "secret,id=s0,data=theirs",
+                ])
+                .args([
+                    "-o",
+                    "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                ])
+                .arg(&path)
+                .arg("1M"));
+            let mut file = std::fs::read(&path).unwrap();
+            let (offset, length) = crypto_extension(&file);
+            let new = new_luks(&options(&[])).unwrap();
+            assert_eq!(new.area.len() as u64, length, "QEMU's LUKS area length");
+            let at = offset as usize;
+            file[at..at + new.area.len()].copy_from_slice(&new.area);
+            std::fs::write(&path, &file).unwrap();
+
+            let secret = format!("secret,id=s0,data={PASS}");
+            let opts = format!(
+                "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
+                path.display()
+            );
+            run(Command::new(&qemu_io)
+                .args(["--object", &secret, "--image-opts", &opts])
+                .args(["-c", "write -P 0x5a 0 64k", "-c", "write -P 0x17 512k 4k"]));
+            run(Command::new(&img).args(["check", "--object", &secret, "--image-opts", &opts]));
+
+            let image =
+                crate::Qcow2::open_path_with(&path, &crate::OpenOptions::new().secret(PASS))
+                    .unwrap();
+            let mut got = vec![0xffu8; 1 << 20];
+            positioned_io::ReadAt::read_exact_at(&image.reader().unwrap(), 0, &mut got).unwrap();
+            let mut want = vec![0u8; 1 << 20];
+            want[..64 << 10].fill(0x5a);
+            want[512 << 10..(512 << 10) + 4096].fill(0x17);
+            assert!(got == want, "the crate reads what QEMU wrote with our key");
+
+            // Overwrite guest cluster 0 with data encrypted here, at its host offset.
+            // (`qemu-img map` hides the host offsets of encrypted images: walk L1 and L2.)
+            drop(image);
+            let mut file = std::fs::read(&path).unwrap();
+            let entry = |at: u64| {
+                let at = at as usize;
+                u64::from_be_bytes(file[at..at + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00
+            };
+            let host = entry(entry(entry(40)));
+            let mut cluster = vec![0xc3u8; 64 << 10];
+            new.cipher.encrypt(host / 512, &mut cluster);
+            file[host as usize..(host as usize) + cluster.len()].copy_from_slice(&cluster);
+            std::fs::write(&path, &file).unwrap();
+            let qemu_io_read = |pattern: &str| {
+                let out = Command::new(&qemu_io)
+                    .args(["--object", &secret, "--image-opts", &opts])
+                    .args(["-c", &format!("read -P {pattern} 0 64k")])
+                    .output()
+                    .unwrap();
+                let said = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                !said.contains("Pattern verification failed") && said.contains("read 65536/65536")
+            };
+            assert!(
+                qemu_io_read("0xc3"),
+                "QEMU reads the cluster encrypted here"
+            );
+            assert!(!qemu_io_read("0xc4"), "a wrong pattern is noticed");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+
         /// The refusals at creation, word for word with qemu-img's.
         #[test]
         fn refusals_match_qemu_img() {
