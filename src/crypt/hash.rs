@@ -12,6 +12,15 @@ fn unsupported(hash: HashAlg) -> Error {
     }
 }
 
+/// Whether [`pbkdf2`] and [`digest`] compute `hash` (QEMU's crypto libraries also have MD5,
+/// RIPEMD-160 and SM3).
+pub(crate) fn is_built_in(hash: HashAlg) -> bool {
+    matches!(
+        hash,
+        HashAlg::Sha1 | HashAlg::Sha224 | HashAlg::Sha256 | HashAlg::Sha384 | HashAlg::Sha512
+    )
+}
+
 /// PBKDF2-HMAC with `hash`, filling `out`.
 pub(crate) fn pbkdf2(
     hash: HashAlg,
@@ -85,6 +94,26 @@ pub(crate) fn af_merge(
     Ok(block)
 }
 
+/// QEMU's `qcrypto_afsplit_encode`, the inverse of [`af_merge`]: `split` arrives holding
+/// `stripes` stripes of `key.len()` random bytes; all but the last are kept, and the last is
+/// replaced by the key xored with the diffusion of the others, so that merging them gives
+/// the key back.
+pub(crate) fn af_split(hash: HashAlg, key: &[u8], stripes: usize, split: &mut [u8]) -> Result<()> {
+    let key_len = key.len().max(1);
+    let mut block = Zeroizing::new(vec![0u8; key.len()]);
+    let mut stripe_iter = split.chunks_exact_mut(key_len).take(stripes);
+    for stripe in stripe_iter.by_ref().take(stripes.saturating_sub(1)) {
+        xor_into(&mut block, stripe);
+        diffuse(hash, &mut block)?;
+    }
+    let last = stripe_iter.next().ok_or(Error::Internal(
+        "AF split buffer holds fewer stripes than asked",
+    ))?;
+    last.copy_from_slice(key);
+    xor_into(last, &block);
+    Ok(())
+}
+
 fn xor_into(dst: &mut [u8], src: &[u8]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d ^= s;
@@ -107,6 +136,31 @@ mod tests {
             ]
         );
         assert!(pbkdf2(HashAlg::Md5, b"p", b"s", 1, &mut out).is_err());
+    }
+
+    #[test]
+    fn af_split_is_undone_by_af_merge() {
+        for (hash, key_len) in [
+            (HashAlg::Sha256, 64),
+            (HashAlg::Sha1, 24),
+            (HashAlg::Sha512, 16),
+        ] {
+            let key: Vec<u8> = (0..key_len as u8).map(|b| b.wrapping_mul(37)).collect();
+            let stripes = 40;
+            let mut split: Vec<u8> = (0..key_len * stripes).map(|i| (i * 7 + 3) as u8).collect();
+            let random = split.clone();
+            af_split(hash, &key, stripes, &mut split).unwrap();
+            // Only the last stripe is computed.
+            let last = key_len * (stripes - 1);
+            assert_eq!(split[..last], random[..last]);
+            assert_ne!(split[last..], random[last..]);
+            assert_eq!(
+                &af_merge(hash, key_len, stripes, &split).unwrap()[..],
+                &key[..]
+            );
+        }
+        let mut short = vec![0u8; 10];
+        assert!(af_split(HashAlg::Sha256, &[1; 8], 2, &mut short).is_err());
     }
 
     #[test]

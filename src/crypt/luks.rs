@@ -16,15 +16,15 @@ pub(crate) const HEADER_LEN: u64 = 592;
 const MAGIC: &[u8] = b"LUKS\xba\xbe";
 /// The only version read (LUKS2 is not what QEMU writes).
 const VERSION: u16 = 1;
-const NUM_KEY_SLOTS: usize = 8;
+pub(crate) const NUM_KEY_SLOTS: usize = 8;
 /// Key slot `active` values.
 const SLOT_ENABLED: u32 = 0x00ac_71f3;
 const SLOT_DISABLED: u32 = 0x0000_dead;
-/// QEMU accepts only this many anti-forensic stripes.
-const STRIPES: u32 = 4000;
+/// QEMU accepts only this many anti-forensic stripes (and writes this many).
+pub(crate) const STRIPES: u32 = 4000;
 /// Key material starts after the header's first 4 KiB (QEMU's
 /// `QCRYPTO_BLOCK_LUKS_KEY_SLOT_OFFSET`), counted in sectors.
-const KEY_SLOT_OFFSET_SECTORS: u64 = 4096 / SECTOR_SIZE;
+pub(crate) const KEY_SLOT_OFFSET_SECTORS: u64 = 4096 / SECTOR_SIZE;
 pub(crate) const SALT_LEN: usize = 32;
 pub(crate) const DIGEST_LEN: usize = 20;
 
@@ -75,6 +75,17 @@ pub(crate) struct LuksHeader {
     pub(crate) slots: Vec<KeySlot>,
     /// File offset of the header, for error messages.
     pub(crate) at: u64,
+}
+
+/// Sectors one key slot's material takes, as QEMU counts them
+/// (`qcrypto_block_luks_splitkeylen_sectors`): whole sectors, rounded up to the 4 KiB the
+/// header itself takes.
+pub(crate) fn key_material_sectors(key_bytes: u32, stripes: u32) -> u64 {
+    let bytes = u64::from(key_bytes).saturating_mul(u64::from(stripes));
+    bytes
+        .div_ceil(SECTOR_SIZE)
+        .div_ceil(KEY_SLOT_OFFSET_SECTORS)
+        .saturating_mul(KEY_SLOT_OFFSET_SECTORS)
 }
 
 /// A NUL-terminated name field, or `None` when it has no NUL.
@@ -227,12 +238,70 @@ impl LuksHeader {
     /// First sector and length in sectors of a slot's key material, as QEMU counts it: whole
     /// sectors, rounded up to the 4 KiB the header itself takes.
     fn slot_sectors(&self, slot: &KeySlot) -> (u64, u64) {
-        let bytes = u64::from(self.key_bytes).saturating_mul(u64::from(slot.stripes));
-        let sectors = bytes.div_ceil(SECTOR_SIZE);
-        let len = sectors
-            .div_ceil(KEY_SLOT_OFFSET_SECTORS)
-            .saturating_mul(KEY_SLOT_OFFSET_SECTORS);
-        (u64::from(slot.key_offset_sector), len)
+        (
+            u64::from(slot.key_offset_sector),
+            key_material_sectors(self.key_bytes, slot.stripes),
+        )
+    }
+
+    /// The `cipher_mode` field: `mode-ivgen`, with `:hash` when an IV hash is named (QEMU
+    /// writes it whenever one is given, even for IV generators that ignore it).
+    pub(crate) fn mode_spec(&self) -> String {
+        let base = format!("{}-{}", self.mode.name(), self.ivgen.name());
+        match self.ivgen_hash {
+            Some(h) => format!("{base}:{}", h.name()),
+            None => base,
+        }
+    }
+
+    /// The header's [`HEADER_LEN`] bytes, big-endian, as QEMU writes them: the inverse of
+    /// [`Self::parse`].
+    pub(crate) fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; HEADER_LEN as usize];
+        let mut put = |at: usize, bytes: &[u8]| -> Result<()> {
+            let len = bytes.len();
+            out.get_mut(at..at.saturating_add(len))
+                .ok_or(Error::Internal("LUKS header field out of range"))?
+                .copy_from_slice(bytes);
+            Ok(())
+        };
+        let name = |s: &str, len: usize| -> Result<Vec<u8>> {
+            // One byte at least stays NUL, as the parser requires.
+            if s.len() >= len {
+                return Err(Error::Internal("LUKS header name too long"));
+            }
+            let mut f = s.as_bytes().to_vec();
+            f.resize(len, 0);
+            Ok(f)
+        };
+        put(0, MAGIC)?;
+        put(AT_VERSION, &VERSION.to_be_bytes())?;
+        put(AT_CIPHER_NAME, &name(self.cipher.luks_name(), NAME_LEN)?)?;
+        put(AT_CIPHER_MODE, &name(&self.mode_spec(), NAME_LEN)?)?;
+        put(AT_HASH_SPEC, &name(self.hash.name(), NAME_LEN)?)?;
+        put(AT_PAYLOAD_OFFSET, &self.payload_offset_sector.to_be_bytes())?;
+        put(AT_KEY_BYTES, &self.key_bytes.to_be_bytes())?;
+        put(AT_MK_DIGEST, &self.mk_digest)?;
+        put(AT_MK_SALT, &self.mk_salt)?;
+        put(AT_MK_ITERATIONS, &self.mk_iterations.to_be_bytes())?;
+        put(AT_UUID, &name(&self.uuid, UUID_LEN)?)?;
+        if self.slots.len() != NUM_KEY_SLOTS {
+            return Err(Error::Internal("a LUKS header has eight key slots"));
+        }
+        for (i, slot) in self.slots.iter().enumerate() {
+            let at = AT_KEY_SLOTS.saturating_add(i.saturating_mul(KEY_SLOT_LEN));
+            let active = if slot.active {
+                SLOT_ENABLED
+            } else {
+                SLOT_DISABLED
+            };
+            put(at, &active.to_be_bytes())?;
+            put(at.saturating_add(4), &slot.iterations.to_be_bytes())?;
+            put(at.saturating_add(8), &slot.salt)?;
+            put(at.saturating_add(40), &slot.key_offset_sector.to_be_bytes())?;
+            put(at.saturating_add(44), &slot.stripes.to_be_bytes())?;
+        }
+        Ok(out)
     }
 
     /// QEMU's `qcrypto_block_luks_parse_header`: the cipher, mode, IV generator and hashes.
@@ -415,7 +484,7 @@ mod unlock {
         }
 
         /// The cipher of this header keyed with `key` (a slot key or the master key).
-        fn cipher_with(&self, key: &[u8]) -> Result<SectorCipher> {
+        pub(crate) fn cipher_with(&self, key: &[u8]) -> Result<SectorCipher> {
             SectorCipher::new(
                 self.cipher,
                 self.mode,
@@ -503,6 +572,31 @@ mod tests {
             info.uuid.as_deref(),
             Some("cf20bdcc-1c9e-49b9-88eb-50100a72dc2e")
         );
+    }
+
+    #[test]
+    fn encode_is_the_inverse_of_parse() {
+        let bytes = valid();
+        let parsed = LuksHeader::parse(&bytes, 0).unwrap();
+        assert_eq!(parsed.encode().unwrap(), bytes);
+        // An IV hash with plain64 is kept in the mode string, as QEMU writes it.
+        let mut h = valid();
+        set_name(&mut h, AT_CIPHER_MODE, "cbc-plain64:sha1");
+        set_name(&mut h, AT_CIPHER_NAME, "twofish");
+        set_u32(&mut h, AT_KEY_BYTES, 32);
+        let parsed = LuksHeader::parse(&h, 0).unwrap();
+        assert_eq!(parsed.mode_spec(), "cbc-plain64:sha1");
+        assert_eq!(parsed.cipher, CipherAlg::Twofish256);
+        assert_eq!(parsed.encode().unwrap(), h);
+    }
+
+    #[test]
+    fn key_material_is_counted_in_4k_units() {
+        assert_eq!(key_material_sectors(64, STRIPES), 504); // 500 sectors, rounded up
+        assert_eq!(key_material_sectors(32, STRIPES), 256); // 250
+        assert_eq!(key_material_sectors(24, STRIPES), 192); // 187.5
+        assert_eq!(key_material_sectors(16, STRIPES), 128); // 125
+        assert_eq!(key_material_sectors(0, STRIPES), 0);
     }
 
     #[test]

@@ -36,6 +36,37 @@ impl CipherAlg {
         })
     }
 
+    /// The cipher `qemu-img create -o encrypt.cipher-alg=NAME` names (QEMU's enum spelling).
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        use CipherAlg::*;
+        [
+            Aes128, Aes192, Aes256, Cast5_128, Serpent128, Serpent192, Serpent256, Twofish128,
+            Twofish192, Twofish256,
+        ]
+        .into_iter()
+        .find(|c| c.name() == name)
+    }
+
+    /// The family name a LUKS header stores (`cipher_name`); the key size is implied by the
+    /// header's key length.
+    pub(crate) fn luks_name(self) -> &'static str {
+        use CipherAlg::*;
+        match self {
+            Aes128 | Aes192 | Aes256 => "aes",
+            Cast5_128 => "cast5",
+            Serpent128 | Serpent192 | Serpent256 => "serpent",
+            Twofish128 | Twofish192 | Twofish256 => "twofish",
+        }
+    }
+
+    /// Block length in bytes (XTS needs 16).
+    pub(crate) fn block_len(self) -> usize {
+        match self {
+            CipherAlg::Cast5_128 => 8,
+            _ => 16,
+        }
+    }
+
     /// Key length in bytes.
     pub(crate) fn key_len(self) -> usize {
         use CipherAlg::*;

@@ -44,6 +44,7 @@ mod hostile;
 mod info_json;
 #[cfg(unix)]
 mod info_names;
+mod luks_create;
 #[cfg(feature = "encryption")]
 mod luks_realistic;
 mod map;
