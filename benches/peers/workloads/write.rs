@@ -81,14 +81,19 @@ struct Pairs {
 
 /// The contestants of `jobs`: for each, `qemu-img` then the crate (when it is there), each
 /// writing its own output; `targets` completes the label of each pair's time ratio.
-fn contest(cfg: &Config, tag: &str, jobs: &[Job], targets: &[&str]) -> Res<Pairs> {
-    let bin = qcow2_bin(cfg)?;
+fn contest(
+    cfg: &Config,
+    bin: Option<&Path>,
+    tag: &str,
+    jobs: &[Job],
+    targets: &[&str],
+) -> Res<Pairs> {
     let mut contestants = Vec::new();
     let mut outputs = Vec::new();
     let mut ratios = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let mut programs = vec![(format!("qemu-img: {}", job.label), "qemu-img".to_string())];
-        if let Some(bin) = &bin {
+        if let Some(bin) = bin {
             programs.push((
                 format!("crate: {}", job.label),
                 bin.to_string_lossy().into_owned(),
@@ -142,11 +147,15 @@ fn commands(jobs: &[Job], contestants: &[Contestant]) -> Vec<String> {
     jobs.iter()
         .map(|job| {
             format!(
-                "{}: qemu-img {} {} OUT; the crate: {} with the same arguments",
+                "{}: qemu-img {} {} OUT; the crate: {}",
                 job.label,
                 job.args.join(" "),
                 job.source.display(),
-                crate_bin.as_deref().unwrap_or("(no binary: left out)")
+                crate_bin
+                    .as_ref()
+                    .map_or("left out (no qcow2 binary)".into(), |b| format!(
+                        "{b} with the same arguments"
+                    ))
             )
         })
         .collect()
@@ -165,6 +174,7 @@ const NOTE_TIMES: &str = "both are commands timed from spawn to exit (start-up i
 
 /// `convert -c -O qcow2` of S MiB of text: zlib, then `compression_type=zstd`.
 pub fn compressed(cfg: &Config) -> Res<Workload> {
+    let bin = qcow2_bin(cfg)?;
     let raw = text(cfg)?;
     let jobs = [
         Job {
@@ -194,7 +204,7 @@ pub fn compressed(cfg: &Config) -> Res<Workload> {
         contestants,
         outputs,
         ratios,
-    } = contest(cfg, "c", &jobs, &targets)?;
+    } = contest(cfg, bin.as_deref(), "c", &jobs, &targets)?;
     let notes = commands(&jobs, &contestants);
     Ok(Workload {
         title: format!(
@@ -219,6 +229,7 @@ pub fn compressed(cfg: &Config) -> Res<Workload> {
 
 /// `convert -O qcow2` of S MiB of PRNG data (nothing to compress, no zeros).
 pub fn plain(cfg: &Config) -> Res<Workload> {
+    let bin = qcow2_bin(cfg)?;
     let raw = cfg.dir.join(format!("random-{}m.raw", cfg.size / MIB));
     make_raw(&raw, cfg.size, Fill::Random)?;
     let jobs = [Job {
@@ -231,7 +242,13 @@ pub fn plain(cfg: &Config) -> Res<Workload> {
         contestants,
         outputs,
         ratios,
-    } = contest(cfg, "plain", &jobs, &[" (issue 22: <= 0.9)"])?;
+    } = contest(
+        cfg,
+        bin.as_deref(),
+        "plain",
+        &jobs,
+        &[" (issue 22: <= 0.9)"],
+    )?;
     let notes = commands(&jobs, &contestants);
     Ok(Workload {
         title: format!(
@@ -256,6 +273,7 @@ pub fn plain(cfg: &Config) -> Res<Workload> {
 
 /// A zstd-compressed image of S MiB of text, recompressed to zlib.
 pub fn recompress(cfg: &Config) -> Res<Workload> {
+    let bin = qcow2_bin(cfg)?;
     let raw = text(cfg)?;
     let zstd = make_qcow2(
         &raw,
@@ -281,7 +299,7 @@ pub fn recompress(cfg: &Config) -> Res<Workload> {
         contestants,
         outputs,
         ratios,
-    } = contest(cfg, "re", &jobs, &[" (issue 22: <= 0.5)"])?;
+    } = contest(cfg, bin.as_deref(), "re", &jobs, &[" (issue 22: <= 0.5)"])?;
     let notes = commands(&jobs, &contestants);
     Ok(Workload {
         title: format!(
