@@ -81,6 +81,23 @@ pub struct Workload {
     pub inputs: Vec<PathBuf>,
     /// Lines printed under the table (how comparable the peers are).
     pub notes: Vec<String>,
+    /// Images the contestants write: checked with `qemu-img` after the last round, their
+    /// sizes compared, then removed.
+    pub outputs: Vec<Output>,
+}
+
+/// The image one contestant writes (each pass anew), and what it must read back as.
+pub struct Output {
+    /// Index of the contestant that writes it.
+    pub contestant: usize,
+    pub path: PathBuf,
+    /// What its guest must equal (`qemu-img compare`), and that file's format.
+    pub source: PathBuf,
+    pub source_format: &'static str,
+    /// The contestant whose output size this one's is divided by (its qemu-img peer).
+    pub size_versus: Option<usize>,
+    /// What the output is, for the size ratio's line.
+    pub label: String,
 }
 
 /// What one pass measured.
@@ -159,7 +176,79 @@ pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
     for note in &w.notes {
         println!("   note: {note}");
     }
+    let mut ratios = ratios;
+    ratios.extend(check_outputs(w, &outcomes)?);
     Ok(ratios)
+}
+
+/// After the last round: each output's size on disk, whether `qemu-img compare` finds it equal
+/// to its source and `qemu-img check` clean (a crate output that is not ends the bench), and
+/// its size over its qemu-img peer's; then the outputs are removed. Returns the size ratios.
+fn check_outputs(w: &Workload, outcomes: &[Outcome]) -> Res<Vec<String>> {
+    let mut ratios = Vec::new();
+    let len = |path: &std::path::Path| std::fs::metadata(path).map(|m| m.len()).ok();
+    for o in &w.outputs {
+        let c = &w.contestants[o.contestant];
+        if !matches!(&outcomes[o.contestant], Outcome::Passes(p) if !p.is_empty()) {
+            continue;
+        }
+        let Some(bytes) = len(&o.path) else {
+            return Err(format!("{}: wrote no {}", c.label, o.path.display()).into());
+        };
+        let compare = qemu_verdict(
+            Command::new("qemu-img")
+                .args(["compare", "-f", o.source_format, "-F", "qcow2"])
+                .arg(&o.source)
+                .arg(&o.path),
+        );
+        let check = qemu_verdict(
+            Command::new("qemu-img")
+                .args(["check", "-f", "qcow2"])
+                .arg(&o.path),
+        );
+        println!(
+            "   output of {}: {:.1} MiB; qemu-img compare with the source: {}; qemu-img check: {}",
+            c.label,
+            bytes as f64 / MIB as f64,
+            compare.as_deref().unwrap_or("identical"),
+            check.as_deref().unwrap_or("no errors, no leaks"),
+        );
+        if c.required && (compare.is_some() || check.is_some()) {
+            return Err(format!("{}: its output fails qemu-img's checks", c.label).into());
+        }
+        if let Some(peer) = o.size_versus {
+            let theirs = w.outputs.iter().find(|p| p.contestant == peer);
+            if let Some(theirs) = theirs.and_then(|p| len(&p.path)) {
+                ratios.push(format!(
+                    "size crate / qemu-img, {}: {:.4}",
+                    o.label,
+                    bytes as f64 / theirs as f64
+                ));
+            }
+        }
+    }
+    for line in &ratios {
+        println!("   {line}");
+    }
+    for o in &w.outputs {
+        let _ = std::fs::remove_file(&o.path);
+    }
+    Ok(ratios)
+}
+
+/// `None` when the `qemu-img` command exits 0, else what went wrong (its exit status and the
+/// first line it printed).
+fn qemu_verdict(cmd: &mut Command) -> Option<String> {
+    match cmd.stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            Some(format!("FAILS ({}: {first})", out.status))
+        }
+        Err(e) => Some(format!("FAILS (qemu-img: {e})")),
+    }
 }
 
 /// Peak RSS in MiB of a child of this bench that does no work: what every crate, imago and

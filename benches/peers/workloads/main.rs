@@ -1,6 +1,7 @@
 //! Every workload of issue 9, each with its peers in the same run: the crate against raw
 //! `pread`/`dd`, `qemu-img convert` to the null driver, `qemu-img map`, `qemu-img bench` and
-//! imago. See `benches/README.md` for what each row measures and how to reproduce it.
+//! imago; and issue 22's, which write new images (`qemu-img convert -O qcow2` against the
+//! crate's `qcow2 convert -O qcow2`, see `write.rs`). See `benches/README.md` for what each row measures and how to reproduce it.
 //!
 //! ```text
 //! cargo bench -p qcow2-bench-peers --bench workloads                          # 1 GiB inputs, 5 rounds
@@ -18,6 +19,7 @@ mod child;
 mod contest;
 mod inputs;
 mod rows;
+mod write;
 
 use std::fs;
 use std::path::PathBuf;
@@ -122,6 +124,7 @@ fn main() -> Res<()> {
     fs::create_dir_all(&cfg.dir)?;
     let result = run(&mut cfg);
     rows::remove_convert_output(&cfg);
+    write::remove_outputs(&cfg);
     if cfg.smoke {
         let _ = fs::remove_dir_all(&cfg.dir);
     }

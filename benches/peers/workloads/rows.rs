@@ -1,4 +1,5 @@
-//! The workloads of issue 9, one function each: its inputs, its contestants, its ratios.
+//! The workloads of issue 9, one function each: its inputs, its contestants, its ratios
+//! (and, at the end of [`ALL`], issue 22's, which write images: `write.rs`).
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use crate::Config;
 type MakeWorkload = fn(&Config) -> Res<Workload>;
 
 /// Every workload, by the name `--only` matches.
-pub const ALL: [(&str, MakeWorkload); 11] = [
+pub const ALL: [(&str, MakeWorkload); 14] = [
     ("seq-64k", seq_plain),
     ("seq-zlib", seq_zlib),
     ("seq-zstd", seq_zstd),
@@ -24,6 +25,9 @@ pub const ALL: [(&str, MakeWorkload); 11] = [
     ("overlay-zlib", overlay_zlib),
     ("convert", convert_job),
     ("compare", compare_job),
+    ("write-c", crate::write::compressed),
+    ("write-plain", crate::write::plain),
+    ("write-recompress", crate::write::recompress),
 ];
 
 const ONE_MIB: &str = "1048576";
@@ -90,6 +94,7 @@ fn sequential(title: String, img: &Path, raw: &Path, size: u64) -> Workload {
         ],
         inputs: vec![img.to_path_buf(), raw.to_path_buf()],
         notes: vec![],
+        outputs: vec![],
     }
 }
 
@@ -301,6 +306,7 @@ fn sparse_map(cfg: &Config) -> Res<Workload> {
              columns compare times"
                 .into(),
         ],
+        outputs: vec![],
     })
 }
 
@@ -337,6 +343,7 @@ fn empty_map(cfg: &Config) -> Res<Workload> {
             "qemu-img map's time includes its process start-up (under 20 ms); the others' do not"
                 .into(),
         ],
+        outputs: vec![],
     })
 }
 
@@ -451,6 +458,7 @@ fn rand_plain(cfg: &Config) -> Res<Workload> {
         ],
         inputs: vec![img, raw],
         notes: vec![stride_note(step)],
+        outputs: vec![],
     })
 }
 
@@ -501,6 +509,7 @@ fn rand_sweep(cfg: &Config) -> Res<Workload> {
         ],
         inputs: vec![img],
         notes: vec![stride_note(step), l2_note(cfg.clusters)],
+        outputs: vec![],
     })
 }
 
@@ -559,6 +568,7 @@ fn overlay_zlib(cfg: &Config) -> Res<Workload> {
         ],
         inputs: vec![base, top],
         notes: vec!["qemu-img convert reads in its own request sizes, not 64 KiB pieces".into()],
+        outputs: vec![],
     })
 }
 
@@ -566,9 +576,18 @@ fn overlay_zlib(cfg: &Config) -> Res<Workload> {
 /// write-back does not time the row) when there is one, else the inputs' directory. The
 /// bench removes it when done ([`remove_convert_output`]).
 pub fn convert_output(cfg: &Config) -> std::path::PathBuf {
+    scratch_dir(cfg).join(format!("qcow2-bench-convert-{}.raw", std::process::id()))
+}
+
+/// Where the rows that write put their outputs: `/dev/shm` when there is one, else the
+/// inputs' directory.
+pub fn scratch_dir(cfg: &Config) -> &Path {
     let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() { shm } else { cfg.dir.as_path() };
-    dir.join(format!("qcow2-bench-convert-{}.raw", std::process::id()))
+    if shm.is_dir() {
+        shm
+    } else {
+        cfg.dir.as_path()
+    }
 }
 
 pub fn remove_convert_output(cfg: &Config) {
@@ -633,6 +652,7 @@ fn convert_job(cfg: &Config) -> Res<Workload> {
         notes: vec![
             "both write the whole output file on every pass, start-up included for qemu-img".into(),
         ],
+        outputs: vec![],
     })
 }
 
@@ -682,5 +702,6 @@ fn compare_job(cfg: &Config) -> Res<Workload> {
         ],
         inputs: vec![zstd, text, img, raw],
         notes: vec!["qemu-img's times include its start-up".into()],
+        outputs: vec![],
     })
 }
