@@ -11,15 +11,19 @@
 //! stretches are skipped, and inside chunks that were read, runs of zeros are found the way
 //! `qemu-img convert -S SIZE` finds them (its `is_allocated_sectors_min`).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use crate::base::io::{zero_pieces, PositionalSink};
 use crate::base::pool::{Pool, MAX_THREADS};
 use crate::base::SECTOR;
 use crate::error::{Error, Result};
+use crate::format::compressor::Compressor;
 use crate::guest::copy::{Chunk, CopyJob, Piece, PiecePlan, PieceReader};
 use crate::guest::disk::{Allocation, GuestDisk};
+use crate::image::builder::Builder;
 
 /// qemu-img's default `-S`: 4 KiB of zeros make a hole.
 pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
@@ -50,6 +54,9 @@ pub struct ConvertOptions {
     threads: usize,
     sparse_size: u64,
     size: Option<u64>,
+    compress: bool,
+    compression_level: Option<i32>,
+    out_of_order: bool,
 }
 
 impl Default for ConvertOptions {
@@ -59,6 +66,9 @@ impl Default for ConvertOptions {
             threads: crate::image::qcow2::default_threads(),
             sparse_size: DEFAULT_SPARSE_SIZE,
             size: None,
+            compress: false,
+            compression_level: None,
+            out_of_order: false,
         }
     }
 }
@@ -104,6 +114,49 @@ impl ConvertOptions {
     #[must_use]
     pub fn size(mut self, bytes: u64) -> Self {
         self.size = Some(bytes);
+        self
+    }
+
+    /// Like `qemu-img convert -c`, for [`convert_into_qcow2`]: every cluster is compressed
+    /// with the target's compression type; a cluster that does not shrink is stored as it
+    /// is, and a cluster of zeros is not stored at all. Refused for an encrypted target or
+    /// one with an external data file, as qemu-img refuses them.
+    ///
+    /// ```
+    /// let options = qcow2::ConvertOptions::new().compress(true).compression_level(Some(1));
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn compress(mut self, yes: bool) -> Self {
+        self.compress = yes;
+        self
+    }
+
+    /// The compression level for [`ConvertOptions::compress`]: zlib 0 to 9, zstd 1 to 22
+    /// (clamped); `None` is QEMU's (zlib 6, zstd 3).
+    ///
+    /// ```
+    /// let fastest = qcow2::ConvertOptions::new().compress(true).compression_level(Some(1));
+    /// # let _ = fastest;
+    /// ```
+    #[must_use]
+    pub fn compression_level(mut self, level: Option<i32>) -> Self {
+        self.compression_level = level;
+        self
+    }
+
+    /// Like `qemu-img convert -W` (out-of-order writes). Accepted for the command's sake,
+    /// with no effect on the result: [`convert_into_qcow2`] always reads and compresses
+    /// out of order on its threads, and appends to the target in guest order, so that the
+    /// image is laid out as a sequential conversion lays it out.
+    ///
+    /// ```
+    /// let options = qcow2::ConvertOptions::new().out_of_order(true);
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn out_of_order(mut self, yes: bool) -> Self {
+        self.out_of_order = yes;
         self
     }
 }
@@ -223,6 +276,413 @@ where
     )?;
     out.set_len(total)
         .map_err(|e| Error::io(format!("setting the output length to {total}"), e))
+}
+
+/// Copy `disk` into the empty qcow2 image at `target`, like `qemu-img convert -n -O qcow2`:
+/// the image, made beforehand (by `qemu-img create -f qcow2`) with
+/// the cluster size, version, refcount width, extended L2 entries, external data file or
+/// encryption wanted, is opened with `target_options` (its secret, when it is encrypted) and
+/// filled. `progress(done, total)` is called on the calling thread.
+///
+/// What is stored is what `qemu-img convert` stores: stretches the disk reads as zeros are
+/// left out (written as zero clusters when the target has a backing file, so that they
+/// still read as zeros), runs of zeros inside data as [`ConvertOptions::sparse_size`] says,
+/// and with [`ConvertOptions::compress`] each cluster compressed. The disk is read and
+/// compressed on [`ConvertOptions::threads`] threads, in bounded memory (a few 2 MiB chunks
+/// per thread, one L2 table, one refcount block, the L1 and refcount tables). The target
+/// must be empty: no data, snapshots or bitmaps. Its header is made invalid while it is
+/// filled and written back last, so that a conversion that fails leaves no file that looks
+/// like a complete image.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("qcow2-doc-into-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let target = dir.join("out.qcow2");
+/// # std::fs::copy("fixtures/empty-16m.qcow2", &target)?;
+/// // `target`: an empty image, e.g. from `qemu-img create -f qcow2 out.qcow2 16M`.
+/// let source = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
+/// let reader = source.reader()?;
+/// let options = qcow2::ConvertOptions::new().threads(2);
+/// qcow2::convert_into_qcow2(&reader, &target, &qcow2::OpenOptions::new(), &options, |_, _| {})?;
+/// let copy = qcow2::Qcow2::open_path(&target)?;
+/// assert_eq!(copy.guest_size(), source.guest_size());
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn convert_into_qcow2<D>(
+    disk: &D,
+    target: impl AsRef<std::path::Path>,
+    target_options: &crate::image::options::OpenOptions,
+    options: &ConvertOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + Sync + ?Sized,
+{
+    let target = target.as_ref();
+    let file = std::fs::File::open(target)
+        .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
+    if disk.reads_file(&file)? {
+        return Err(Error::OutputIsSource);
+    }
+    drop(file);
+    let total = options.size.unwrap_or_else(|| disk.disk_size());
+    let mut builder = refuse_options(total, target, target_options, options)?;
+    let into = builder.target();
+    let compressor = match options.compress {
+        true => Some((into.compression_type, options.compression_level)),
+        false => None,
+    };
+    // A compressor is made now so that a build without the feature fails before copying.
+    if let Some((kind, level)) = compressor {
+        Compressor::new(kind, level)?;
+    }
+    let results = Mutex::new(HashMap::new());
+    let reader = ClusterReader {
+        disk,
+        cluster_size: into.cluster_size,
+        sparse_sectors: options.sparse_size / SECTOR,
+        compressor,
+        own: Mutex::new(None),
+        results: &results,
+    };
+    let cluster_bits = into.cluster_size.trailing_zeros();
+    // Where the source reads zeros over a backing file, the target must say so.
+    let zeros_hide_backing = into.backing;
+    let mut store_zeros = |builder: &mut Builder, start: u64, len: u64| -> Result<()> {
+        let every_byte = options.sparse_size == 0;
+        if !zeros_hide_backing && !every_byte {
+            return Ok(());
+        }
+        let first = start >> cluster_bits;
+        let end = start.saturating_add(len).div_ceil(into.cluster_size);
+        let zeros = vec![
+            0u8;
+            if into.pre_v3 || every_byte {
+                into.cluster_size as usize
+            } else {
+                0
+            }
+        ];
+        for cluster in first..end {
+            if zeros.is_empty() {
+                builder.set_zero(cluster)?;
+            } else {
+                let at = cluster << cluster_bits;
+                let len = into.cluster_size.min(total.saturating_sub(at)) as usize;
+                builder.set_data(cluster, zeros.get(..len).unwrap_or_default())?;
+            }
+        }
+        Ok(())
+    };
+    let pool = Pool::for_copy(options.threads);
+    let plan = ClusterPlan {
+        inner: AllocationPlan {
+            disk,
+            pos: 0,
+            end: total,
+            known: None,
+        },
+        cluster_size: into.cluster_size,
+        every_byte: options.sparse_size == 0,
+    };
+    let copy = CopyJob {
+        pool: &pool,
+        source: &reader,
+        plan,
+        threads: pool.threads(),
+        buffer_len: CHUNK.min(total.max(1)) as usize,
+        buffers_per_thread: STREAM_BUFFERS_PER_THREAD,
+        read_failed: |_, error| error,
+    };
+    progress(0, total);
+    copy.run(&mut |chunk| {
+        match chunk {
+            Chunk::Zeros { offset, len } => store_zeros(&mut builder, offset, len)?,
+            Chunk::Data { offset, bytes } => {
+                let forms = lock(&results)
+                    .remove(&offset)
+                    .ok_or(Error::Internal("a chunk was read without its clusters"))?;
+                store_chunk(&mut builder, offset, bytes, &forms, &mut store_zeros)?;
+            }
+        }
+        progress(chunk.end(), total);
+        Ok(())
+    })?;
+    builder.finish()
+}
+
+/// Open the target for filling, refusing what qemu-img refuses.
+fn refuse_options(
+    total: u64,
+    target: &std::path::Path,
+    target_options: &crate::image::options::OpenOptions,
+    options: &ConvertOptions,
+) -> Result<Builder> {
+    let header =
+        crate::Qcow2::open_path_with(target, &target_options.clone().backing_as_zeros(true))?
+            .header()
+            .clone();
+    if total > header.size() {
+        return Err(Error::InvalidOption {
+            option: "-n".to_owned(),
+            message: format!(
+                "the target ({} bytes) is smaller than the source ({total} bytes)",
+                header.size()
+            ),
+        });
+    }
+    if options.compress && header.crypt_method() != 0 {
+        return Err(Error::InvalidOption {
+            option: "-c".to_owned(),
+            message: "Compression and encryption not supported at the same time".to_owned(),
+        });
+    }
+    if options.compress && header.has_data_file_bit() {
+        return Err(Error::InvalidOption {
+            option: "-c".to_owned(),
+            message: "Compression is not supported with an external data file".to_owned(),
+        });
+    }
+    Builder::open(target, target_options)
+}
+
+/// Store the clusters of a chunk read at `offset` as the reading thread classified them.
+fn store_chunk(
+    builder: &mut Builder,
+    offset: u64,
+    bytes: &[u8],
+    forms: &ChunkForms,
+    store_zeros: &mut dyn FnMut(&mut Builder, u64, u64) -> Result<()>,
+) -> Result<()> {
+    let cluster_size = builder.target().cluster_size;
+    let first = offset / cluster_size;
+    for (i, (form, data)) in forms
+        .forms
+        .iter()
+        .zip(bytes.chunks(cluster_size as usize))
+        .enumerate()
+    {
+        let cluster = first.saturating_add(i as u64);
+        match form {
+            Form::Data => builder.set_data(cluster, data)?,
+            Form::Compressed(range) => {
+                let packed = forms
+                    .packed
+                    .get(range.clone())
+                    .ok_or(Error::Internal("compressed bytes out of their buffer"))?;
+                builder.set_compressed(cluster, packed)?;
+            }
+            Form::Zeros => store_zeros(
+                builder,
+                cluster.saturating_mul(cluster_size),
+                data.len() as u64,
+            )?,
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How one cluster of a chunk is stored.
+enum Form {
+    /// Left out: it reads as zeros (sparse detection, or a zero cluster with `-c`).
+    Zeros,
+    /// Stored as it is.
+    Data,
+    /// Stored compressed: these bytes of [`ChunkForms::packed`].
+    Compressed(Range<usize>),
+}
+
+/// The clusters of one chunk, classified (and compressed) by the thread that read it.
+struct ChunkForms {
+    forms: Vec<Form>,
+    packed: Vec<u8>,
+}
+
+/// Plans cluster-aligned pieces: a cluster is read when any byte of it may not be zero.
+struct ClusterPlan<'d, D: ?Sized> {
+    inner: AllocationPlan<'d, D>,
+    cluster_size: u64,
+    /// `-S 0`: every cluster is data, zeros too.
+    every_byte: bool,
+}
+
+impl<D: GuestDisk + ?Sized> ClusterPlan<'_, D> {
+    fn down(&self, pos: u64) -> u64 {
+        pos.saturating_sub(pos % self.cluster_size)
+    }
+
+    fn up(&self, pos: u64) -> u64 {
+        pos.div_ceil(self.cluster_size)
+            .saturating_mul(self.cluster_size)
+    }
+}
+
+impl<D: GuestDisk + ?Sized> PiecePlan for ClusterPlan<'_, D> {
+    fn next_piece(&mut self) -> Result<Option<Piece>> {
+        let start = self.inner.pos;
+        let end = self.inner.end;
+        if start >= end {
+            return Ok(None);
+        }
+        let mut pos = start;
+        if !self.every_byte {
+            let zeros_end = start.saturating_add(MAX_ZERO_SEGMENT).min(end);
+            while pos < zeros_end {
+                match self.inner.stretch_at(pos)? {
+                    (true, _) => break,
+                    (false, len) => pos = pos.saturating_add(len),
+                }
+            }
+            let zeros_to = if pos >= end {
+                end
+            } else {
+                self.down(pos.min(zeros_end))
+            };
+            if zeros_to > start {
+                self.inner.pos = zeros_to;
+                return Ok(Some(Piece::Zeros {
+                    start,
+                    len: zeros_to.saturating_sub(start),
+                }));
+            }
+        }
+        let limit = start.saturating_add(CHUNK).min(end);
+        let mut pos = start;
+        while pos < limit {
+            match self.inner.stretch_at(pos)? {
+                (false, len) if !self.every_byte => {
+                    let whole_zero_cluster = self.up(pos).saturating_add(self.cluster_size);
+                    if pos > start && whole_zero_cluster <= pos.saturating_add(len) {
+                        pos = self.up(pos);
+                        break;
+                    }
+                    pos = pos.saturating_add(len);
+                }
+                (_, len) => pos = pos.saturating_add(len),
+            }
+        }
+        let data_end = self
+            .up(pos)
+            .min(limit)
+            .max(start.saturating_add(1).min(end));
+        self.inner.pos = data_end;
+        Ok(Some(Piece::Data {
+            start,
+            len: data_end.saturating_sub(start),
+        }))
+    }
+
+    fn planned_to(&self) -> u64 {
+        self.inner.pos
+    }
+}
+
+/// Reads cluster-aligned chunks and decides, on the reading thread, how each cluster is
+/// stored: left out, as it is, or compressed.
+struct ClusterReader<'d, D: ?Sized> {
+    disk: &'d D,
+    cluster_size: u64,
+    sparse_sectors: u64,
+    compressor: Option<(crate::format::header::CompressionType, Option<i32>)>,
+    /// This thread's compressor, made on first use.
+    own: Mutex<Option<Compressor>>,
+    results: &'d Mutex<HashMap<u64, ChunkForms>>,
+}
+
+impl<D: GuestDisk + Sync + ?Sized> PieceReader for ClusterReader<'_, D> {
+    fn for_one_thread(&self) -> Self {
+        ClusterReader {
+            disk: self.disk,
+            cluster_size: self.cluster_size,
+            sparse_sectors: self.sparse_sectors,
+            compressor: self.compressor,
+            own: Mutex::new(None),
+            results: self.results,
+        }
+    }
+
+    fn read_piece(&self, start: u64, buf: &mut [u8]) -> Result<()> {
+        self.disk.read_disk(start, buf)?;
+        let forms = match self.compressor {
+            Some((kind, level)) => {
+                let mut own = lock(&self.own);
+                let compressor = match &mut *own {
+                    Some(c) => c,
+                    none => none.insert(Compressor::new(kind, level)?),
+                };
+                self.compressed_forms(buf, compressor)?
+            }
+            None => self.sparse_forms(start, buf),
+        };
+        lock(self.results).insert(start, forms);
+        Ok(())
+    }
+}
+
+impl<D: ?Sized> ClusterReader<'_, D> {
+    /// `-c`: a cluster of zeros is left out, the others compressed when they shrink.
+    fn compressed_forms(&self, buf: &[u8], compressor: &mut Compressor) -> Result<ChunkForms> {
+        let mut packed = Vec::new();
+        let mut out = Vec::new();
+        let mut forms = Vec::new();
+        for cluster in buf.chunks(self.cluster_size as usize) {
+            let form = if is_zero(cluster) {
+                Form::Zeros
+            } else if cluster.len() as u64 == self.cluster_size
+                && compressor.compress(cluster, &mut out)?
+            {
+                let at = packed.len();
+                packed.extend_from_slice(&out);
+                Form::Compressed(at..packed.len())
+            } else if cluster.len() as u64 != self.cluster_size {
+                // The disk's last, partial cluster: compressed padded, as QEMU pads it.
+                let mut whole = cluster.to_vec();
+                whole.resize(self.cluster_size as usize, 0);
+                if compressor.compress(&whole, &mut out)? {
+                    let at = packed.len();
+                    packed.extend_from_slice(&out);
+                    Form::Compressed(at..packed.len())
+                } else {
+                    Form::Data
+                }
+            } else {
+                Form::Data
+            };
+            forms.push(form);
+        }
+        Ok(ChunkForms { forms, packed })
+    }
+
+    /// Without `-c`: a cluster is stored when `-S` would write any byte of it.
+    fn sparse_forms(&self, start: u64, buf: &[u8]) -> ChunkForms {
+        let clusters = buf.len().div_ceil(self.cluster_size as usize);
+        if self.sparse_sectors == 0 {
+            return ChunkForms {
+                forms: (0..clusters).map(|_| Form::Data).collect(),
+                packed: Vec::new(),
+            };
+        }
+        let mut forms: Vec<Form> = (0..clusters).map(|_| Form::Zeros).collect();
+        let cs = self.cluster_size as usize;
+        for range in ranges_to_write(buf, start / SECTOR, self.sparse_sectors) {
+            let first = range.start / cs;
+            let last = range.end.saturating_sub(1) / cs;
+            for form in forms.iter_mut().take(last.saturating_add(1)).skip(first) {
+                *form = Form::Data;
+            }
+        }
+        ChunkForms {
+            forms,
+            packed: Vec::new(),
+        }
+    }
 }
 
 /// Copy `total` bytes of the source's disk to `consumer`, in guest order, reading on a pool

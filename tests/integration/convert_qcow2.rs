@@ -1,0 +1,416 @@
+//! `convert_into_qcow2` against QEMU: targets made by `qemu-img create`, filled by the crate,
+//! then `qemu-img check` (no errors, no leaks), `qemu-img compare` with the source, and the
+//! file size beside `qemu-img convert -O qcow2`'s with the same options.
+
+use crate::common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Env, Rng};
+use qcow2::{convert_into_qcow2, ConvertOptions, OpenOptions, Qcow2, RawDisk};
+
+/// Run qemu-img; (exit code, stdout + stderr).
+fn qemu_img(env: &Env, args: &[&str]) -> (i32, String) {
+    let out = Command::new(&env.qemu.img)
+        .current_dir(env.dir.path())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn file_len(env: &Env, name: &str) -> u64 {
+    std::fs::metadata(env.path(name)).unwrap().len()
+}
+
+/// The checks every image the crate makes must pass.
+fn assert_sound(env: &Env, target: &str, source: &str, what: &str) {
+    let (code, text) = qemu_img(env, &["check", target]);
+    assert_eq!(code, 0, "{what}: qemu-img check:\n{text}");
+    assert!(text.contains("No errors were found"), "{what}:\n{text}");
+    assert!(!text.contains("leaked"), "{what}: leaks:\n{text}");
+    let (code, text) = qemu_img(env, &["compare", source, target]);
+    assert_eq!(code, 0, "{what}: qemu-img compare:\n{text}");
+}
+
+/// Convert `source` (a qcow2 or raw file) into a target made with `opts`, check it, and
+/// compare its size with qemu-img's conversion. Returns the target's name.
+fn convert_case(env: &Env, source: &str, raw: bool, opts: &str, compress: bool) -> String {
+    let what = format!("{source} -o {opts:?} -c {compress}");
+    let n = common::unique_name(env.dir.path(), "t", "qcow2");
+    let target = n.file_name().unwrap().to_str().unwrap().to_owned();
+    let size = if raw {
+        std::fs::metadata(env.dir.join(source).as_path())
+            .or_else(|_| std::fs::metadata(source))
+            .unwrap()
+            .len()
+    } else {
+        Qcow2::open_path(env.dir.join(source)).unwrap().guest_size()
+    };
+    env.create(&target, size, opts);
+    let options = ConvertOptions::new().threads(2).compress(compress);
+    if raw {
+        let data = std::fs::read(env.dir.join(source)).unwrap();
+        let disk = RawDisk::new(data, size);
+        convert_into_qcow2(
+            &disk,
+            env.path(&target),
+            &OpenOptions::new(),
+            &options,
+            |_, _| {},
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    } else {
+        let image = Qcow2::open_path(env.dir.join(source)).unwrap();
+        let reader = image.reader().unwrap();
+        convert_into_qcow2(
+            &reader,
+            env.path(&target),
+            &OpenOptions::new(),
+            &options,
+            |_, _| {},
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    assert_sound(env, &target, source, &what);
+    // qemu-img's own conversion, with the same options.
+    let reference = format!("ref-{target}");
+    let mut args = vec!["convert", "-q"];
+    if raw {
+        args.extend(["-f", "raw"]);
+    }
+    if compress {
+        args.push("-c");
+    }
+    args.extend(["-O", "qcow2"]);
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([source, reference.as_str()]);
+    let (code, text) = qemu_img(env, &args);
+    assert_eq!(code, 0, "{what}: qemu-img convert: {text}");
+    let (ours, theirs) = (file_len(env, &target), file_len(env, &reference));
+    let slack = if compress { 1.03 } else { 1.10 };
+    // A cluster of slack for tiny images, where one table more is most of the file.
+    let cluster = Qcow2::open_path(env.path(&target)).unwrap().cluster_size();
+    assert!(
+        ours as f64 <= theirs as f64 * slack + cluster as f64,
+        "{what}: {ours} bytes, qemu-img {theirs}"
+    );
+    target
+}
+
+/// Random data, text and zeros written by qemu-io into a 64 KiB-cluster image.
+fn mixed_source(env: &Env, name: &str, size: u64) {
+    env.create(name, size, "cluster_size=4096");
+    let mut rng = Rng::new(22);
+    let mut cmds = Vec::new();
+    for _ in 0..24 {
+        let at = rng.below(size / 512 - 256) * 512;
+        let len = (rng.below(255) + 1) * 512;
+        let pattern = rng.below(255) + 1;
+        cmds.push(format!("write -P {pattern} {at} {len}"));
+    }
+    cmds.push("write -z 65536 131072".to_owned());
+    env.io(name, &cmds);
+}
+
+#[test]
+fn fixtures_convert_into_targets_of_every_shape() {
+    let Some(env) = Env::new("fixtures_convert_into_targets_of_every_shape") else {
+        return;
+    };
+    let sources = [
+        "v3-64k-basic.qcow2",
+        "v2-64k.qcow2",
+        "v3-512-l2cross.qcow2",
+        "v3-2m-clusters.qcow2",
+        "zlib-4k-mixed.qcow2",
+        "zstd-4k-mixed.qcow2",
+        "chain-top.qcow2",
+        "snap.qcow2",
+        "extdata.qcow2",
+        "extl2-16k.qcow2",
+        "refcount1.qcow2",
+        "v3-odd-size.qcow2",
+    ];
+    // The data file's name is relative: the image goes beside it in the test's dir.
+    for file in ["extdata.qcow2", "extdata.data"] {
+        std::fs::copy(fixture(file), env.path(file)).unwrap();
+    }
+    for source in sources {
+        let path = if source == "extdata.qcow2" {
+            source.to_owned()
+        } else {
+            fixture(source)
+        };
+        convert_case(&env, &path, false, "", false);
+    }
+    for opts in [
+        "compat=0.10",
+        "cluster_size=512",
+        "cluster_size=2M",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "extended_l2=on",
+        "lazy_refcounts=on",
+    ] {
+        convert_case(&env, &fixture("zlib-4k-mixed.qcow2"), false, opts, false);
+        convert_case(&env, &fixture("v3-64k-basic.qcow2"), false, opts, false);
+    }
+}
+
+#[test]
+fn compressed_targets_read_in_qemu_and_match_its_size() {
+    let Some(env) = Env::new("compressed_targets_read_in_qemu_and_match_its_size") else {
+        return;
+    };
+    for (source, opts) in [
+        ("zlib-64k-convert.qcow2", ""),
+        ("zlib-64k-convert.qcow2", "compression_type=zstd"),
+        ("zstd-4k-mixed.qcow2", "cluster_size=4096"),
+        ("v3-64k-basic.qcow2", "compat=0.10"),
+        ("zlib-4k-mixed.qcow2", "cluster_size=512"),
+        ("zlib-4k-mixed.qcow2", "cluster_size=2M"),
+        ("zlib-64k-convert.qcow2", "refcount_bits=1"),
+    ] {
+        let target = convert_case(&env, &fixture(source), false, opts, true);
+        if env.map_count(&fixture(source), "data") > 0 {
+            assert!(env.map_count(&target, "compressed") > 0, "{source} {opts}");
+        }
+    }
+}
+
+#[test]
+fn qemu_written_data_and_many_refcount_blocks() {
+    let Some(env) = Env::new("qemu_written_data_and_many_refcount_blocks") else {
+        return;
+    };
+    mixed_source(&env, "mixed.qcow2", 24 << 20);
+    for opts in [
+        "",
+        "cluster_size=512,refcount_bits=64",
+        "cluster_size=1024,refcount_bits=32",
+        "compat=0.10,cluster_size=4096",
+    ] {
+        convert_case(&env, "mixed.qcow2", false, opts, false);
+        convert_case(&env, "mixed.qcow2", false, opts, true);
+    }
+    // Raw random data: every cluster stored, the refcount table moved for 512-byte
+    // clusters with 64-bit refcounts (a one-cluster table holds 64 blocks of 64 clusters).
+    let mut rng = Rng::new(7);
+    let mut data = vec![0u8; 6 << 20];
+    rng.fill(&mut data);
+    std::fs::write(env.path("random.raw"), &data).unwrap();
+    convert_case(&env, "random.raw", true, "", false);
+    convert_case(
+        &env,
+        "random.raw",
+        true,
+        "cluster_size=512,refcount_bits=64",
+        false,
+    );
+    convert_case(&env, "random.raw", true, "", true);
+}
+
+#[test]
+fn targets_with_data_files_and_encryption() {
+    let Some(env) = Env::new("targets_with_data_files_and_encryption") else {
+        return;
+    };
+    mixed_source(&env, "mixed.qcow2", 8 << 20);
+    convert_case(&env, "mixed.qcow2", false, "data_file=out.data", false);
+    convert_case(
+        &env,
+        "mixed.qcow2",
+        false,
+        "data_file=raw.data,data_file_raw=on",
+        false,
+    );
+    // Compression into a data-file target is refused, before anything is written.
+    env.create("df.qcow2", 8 << 20, "data_file=df.data");
+    let before = env.read_file("df.qcow2");
+    let image = Qcow2::open_path(env.path("mixed.qcow2")).unwrap();
+    let options = ConvertOptions::new().compress(true);
+    let err = convert_into_qcow2(
+        &image.reader().unwrap(),
+        env.path("df.qcow2"),
+        &OpenOptions::new(),
+        &options,
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, qcow2::Error::InvalidOption { .. }), "{err}");
+    assert_eq!(env.read_file("df.qcow2"), before);
+}
+
+#[cfg(feature = "encryption")]
+#[test]
+fn encrypted_targets_open_in_qemu_with_their_secret() {
+    let Some(env) = Env::new("encrypted_targets_open_in_qemu_with_their_secret") else {
+        return;
+    };
+    mixed_source(&env, "mixed.qcow2", 8 << 20);
+    env.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=hunter2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        "enc.qcow2",
+        "8M",
+    ]);
+    let image = Qcow2::open_path(env.path("mixed.qcow2")).unwrap();
+    let reader = image.reader().unwrap();
+    let secret = OpenOptions::new().secret("hunter2");
+    convert_into_qcow2(
+        &reader,
+        env.path("enc.qcow2"),
+        &secret,
+        &ConvertOptions::new(),
+        |_, _| {},
+    )
+    .unwrap();
+    let (code, text) = qemu_img(
+        &env,
+        &[
+            "check",
+            "--object",
+            "secret,id=s0,data=hunter2",
+            "--image-opts",
+            "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("leaked"), "{text}");
+    let (code, text) = qemu_img(
+        &env,
+        &[
+            "compare",
+            "--object",
+            "secret,id=s0,data=hunter2",
+            "--image-opts",
+            "driver=qcow2,file.filename=mixed.qcow2",
+            "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    // Compression is refused, as qemu-img refuses it for a new encrypted image.
+    env.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=hunter2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        "enc2.qcow2",
+        "8M",
+    ]);
+    let err = convert_into_qcow2(
+        &reader,
+        env.path("enc2.qcow2"),
+        &secret,
+        &ConvertOptions::new().compress(true),
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("Compression and encryption"),
+        "{err}"
+    );
+}
+
+#[test]
+fn over_a_backing_file_zeros_hide_its_data() {
+    let Some(env) = Env::new("over_a_backing_file_zeros_hide_its_data") else {
+        return;
+    };
+    mixed_source(&env, "mixed.qcow2", 8 << 20);
+    env.create("base.qcow2", 8 << 20, "");
+    env.io("base.qcow2", &["write -P 0x77 0 8M"]);
+    for opts in ["", "extended_l2=on", "compat=0.10"] {
+        let name = format!("over-{}.qcow2", opts.len());
+        env.create_over(&name, 8 << 20, opts, "base.qcow2", "qcow2");
+        let image = Qcow2::open_path(env.path("mixed.qcow2")).unwrap();
+        let reader = image.reader().unwrap();
+        convert_into_qcow2(
+            &reader,
+            env.path(&name),
+            &OpenOptions::new(),
+            &ConvertOptions::new(),
+            |_, _| {},
+        )
+        .unwrap();
+        assert_sound(&env, &name, "mixed.qcow2", opts);
+    }
+}
+
+#[test]
+fn refused_targets_are_left_as_they_were() {
+    let Some(env) = Env::new("refused_targets_are_left_as_they_were") else {
+        return;
+    };
+    mixed_source(&env, "mixed.qcow2", 8 << 20);
+    let image = Qcow2::open_path(env.path("mixed.qcow2")).unwrap();
+    let reader = image.reader().unwrap();
+    let convert = |target: &str| {
+        convert_into_qcow2(
+            &reader,
+            env.path(target),
+            &OpenOptions::new(),
+            &ConvertOptions::new(),
+            |_, _| {},
+        )
+    };
+    // Not empty.
+    env.create("full.qcow2", 8 << 20, "");
+    env.io("full.qcow2", &["write -P 1 0 64k"]);
+    let before = env.read_file("full.qcow2");
+    assert!(convert("full.qcow2").is_err());
+    assert_eq!(env.read_file("full.qcow2"), before);
+    // Too small.
+    env.create("small.qcow2", 4 << 20, "");
+    let before = env.read_file("small.qcow2");
+    assert!(convert("small.qcow2").is_err());
+    assert_eq!(env.read_file("small.qcow2"), before);
+    // The source itself.
+    assert!(matches!(
+        convert("mixed.qcow2"),
+        Err(qcow2::Error::OutputIsSource)
+    ));
+    // Progress rises to the total.
+    env.create("p.qcow2", 8 << 20, "");
+    let mut last = (0, 0);
+    convert_into_qcow2(
+        &reader,
+        env.path("p.qcow2"),
+        &OpenOptions::new(),
+        &ConvertOptions::new(),
+        |d, t| {
+            assert!(d >= last.0);
+            last = (d, t);
+        },
+    )
+    .unwrap();
+    assert_eq!(last, (8 << 20, 8 << 20));
+}
