@@ -27,6 +27,13 @@ use crate::image::options::OpenOptions;
 use crate::image::qcow2::Qcow2;
 use positioned_io::ReadAt;
 
+/// The largest guest a stream may grow to: 2^56 bytes, past which host offsets no longer
+/// fit an L2 entry (QEMU's own limit is lower, its 32 MiB L1 table).
+const MAX_GROWN_SIZE: u64 = 1 << 56;
+/// Header bytes 24-31: the guest size.
+const SIZE_AT: u64 = 24;
+/// Header bytes 36-39: L1 entries, then 40-47: the L1 table's offset.
+const L1_FIELDS_AT: u64 = 36;
 /// Gathered writes are sent to the file once they reach this size.
 const WRITE_BATCH: usize = 4 << 20;
 /// Header bytes 48-59: the refcount table's offset, then its length in clusters.
@@ -53,6 +60,8 @@ pub(crate) struct Builder {
     guest_size: u64,
     l1: Vec<u64>,
     l1_offset: u64,
+    /// The L1 table's length in the empty image.
+    l1_len_at_open: u64,
     /// The L2 table being filled: its L1 index, host offset and contents.
     l2: Option<(u64, u64, Vec<u8>)>,
     /// The next guest cluster that may be set: guest order is enforced.
@@ -66,6 +75,8 @@ pub(crate) struct Builder {
     /// A raw external data file: `qemu-img create` mapped every cluster to it already, at
     /// its guest offset, so only data is written, into the data file.
     raw_data: bool,
+    /// The size to grow the guest to at finish, when it may grow.
+    grown_size: Option<u64>,
     /// A write being gathered: host offset and bytes (into the data file when `to_data`).
     pending: (u64, Vec<u8>, bool),
     crypt: Option<Encryption>,
@@ -130,6 +141,7 @@ impl Builder {
             entry_len: header.l2_entry_len(),
             guest_size: header.size(),
             l1: vec![0; header.l1_size() as usize],
+            l1_len_at_open: u64::from(header.l1_size()),
             l1_offset: header.l1_table_offset(),
             l2: None,
             next_guest_cluster: 0,
@@ -137,6 +149,7 @@ impl Builder {
             next_free: file_len.div_ceil(cluster_size),
             compressed_end: None,
             raw_data,
+            grown_size: None,
             pending: (0, Vec::new(), false),
             crypt,
             refcounts,
@@ -213,9 +226,22 @@ impl Builder {
         if self.raw_data {
             return self.write_at(0, &MAGIC.to_be_bytes(), "writing the header's magic");
         }
+        let grown = self.place_grown_l1()?;
         let table = self.refcounts.finish(&self.file, &mut self.next_free)?;
         let l1: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_at(self.l1_offset, &l1, "writing the L1 table")?;
+        if let Some(size) = grown {
+            let l1_len = u32::try_from(self.l1.len())
+                .map_err(|_| Error::Internal("an L1 table of 2^32 entries"))?;
+            let mut l1_fields = l1_len.to_be_bytes().to_vec();
+            l1_fields.extend_from_slice(&self.l1_offset.to_be_bytes());
+            self.write_at(SIZE_AT, &size.to_be_bytes(), "writing the grown guest size")?;
+            self.write_at(
+                L1_FIELDS_AT,
+                &l1_fields,
+                "pointing the header to the L1 table",
+            )?;
+        }
         if let Some((offset, clusters)) = table {
             let mut fields = offset.to_be_bytes().to_vec();
             fields.extend_from_slice(&clusters.to_be_bytes());
@@ -229,11 +255,93 @@ impl Builder {
         Ok(())
     }
 
+    /// When the guest grew: the L1 table sized for it (moved to new clusters at the end
+    /// when its old clusters are too few, which are then freed), and the new size.
+    fn place_grown_l1(&mut self) -> Result<Option<u64>> {
+        let Some(size) = self.grown_size.filter(|&s| s > self.guest_size) else {
+            if self.l1.len() as u64 > self.l1_len_at_open {
+                return Err(Error::Internal("data past the image's size"));
+            }
+            return Ok(None);
+        };
+        let per_l2 = self
+            .cluster_size
+            .saturating_mul(self.cluster_size / self.entry_len);
+        let entries = size.div_ceil(per_l2);
+        if (self.l1.len() as u64) > entries {
+            return Err(Error::Internal("data past the grown size"));
+        }
+        self.l1.resize(entries as usize, 0);
+        let old_entries = self.l1_len_at_open;
+        let old_clusters = (old_entries.saturating_mul(8)).div_ceil(self.cluster_size);
+        if entries > self.l1_capacity_entries(old_entries) as u64 {
+            let clusters = entries.saturating_mul(8).div_ceil(self.cluster_size);
+            let start = self.allocate_run(clusters)?;
+            let old_first = self.l1_offset >> self.cluster_bits;
+            for c in old_first..old_first.saturating_add(old_clusters) {
+                self.refcounts.release(&self.file, c)?;
+            }
+            self.l1_offset = start;
+        }
+        self.guest_size = size;
+        Ok(Some(size))
+    }
+
+    /// Entries the clusters of an L1 table of `entries` entries hold.
+    fn l1_capacity_entries(&self, entries: u64) -> usize {
+        let clusters = entries.saturating_mul(8).div_ceil(self.cluster_size);
+        clusters.saturating_mul(self.cluster_size / 8) as usize
+    }
+
+    /// `n` contiguous new clusters: the refcount blocks that cover them made first, so that
+    /// none lands inside the run.
+    fn allocate_run(&mut self, n: u64) -> Result<u64> {
+        loop {
+            let start = self.next_free;
+            let last = start.saturating_add(n.saturating_sub(1));
+            let (first_index, _) = self.refcounts.layout.locate(start);
+            let (last_index, _) = self.refcounts.layout.locate(last);
+            let missing = (first_index..=last_index).find(|&i| self.refcounts.block_at(i) == 0);
+            match missing {
+                Some(index) => {
+                    let cluster = index << self.refcounts.layout.block_bits();
+                    self.refcounts
+                        .make_block(&self.file, cluster, &mut self.next_free)?;
+                }
+                None => break,
+            }
+        }
+        let start = self.allocate_cluster()?;
+        for _ in 1..n {
+            self.allocate_cluster()?;
+        }
+        Ok(start)
+    }
+
     fn cluster_offset(&self, guest_cluster: u64) -> Result<u64> {
+        let limit = match self.grown_size {
+            Some(_) => MAX_GROWN_SIZE,
+            None => self.guest_size,
+        };
         guest_cluster
             .checked_shl(self.cluster_bits)
-            .filter(|&g| g < self.guest_size)
+            .filter(|&g| g < limit)
             .ok_or(Error::Internal("a guest cluster past the end of the disk"))
+    }
+
+    /// Let the guest grow past the image's size (a stream of unknown length): clusters
+    /// may be set anywhere below 2^56, and [`Builder::finish`] makes the image `size` bytes
+    /// (the size given last) when that is more than it was, moving the L1 table when it
+    /// must grow past its clusters.
+    pub(crate) fn grow_to(&mut self, size: u64) -> Result<()> {
+        if self.raw_data {
+            return Err(Error::InvalidOption {
+                option: "data_file_raw".to_owned(),
+                message: "a stream of unknown length cannot fill a raw data file".to_owned(),
+            });
+        }
+        self.grown_size = Some(size.min(MAX_GROWN_SIZE));
+        Ok(())
     }
 
     /// Make the L2 table of `guest_cluster` the one being filled (allocating it before the
@@ -248,6 +356,9 @@ impl Builder {
         if self.l2.as_ref().map(|l2| l2.0) != Some(l1_index) {
             self.flush_l2()?;
             let host = self.allocate_cluster()?;
+            if self.grown_size.is_some() && self.l1.len() as u64 <= l1_index {
+                self.l1.resize(l1_index.saturating_add(1) as usize, 0);
+            }
             let l1_entry = self
                 .l1
                 .get_mut(l1_index as usize)
@@ -671,9 +782,15 @@ impl Refcounts {
         Ok(Some((offset, clusters)))
     }
 
-    /// Set a cluster's refcount to 0 in its block on disk.
+    /// Set a cluster's refcount to 0, in the block being filled or in its block on disk.
     fn release(&mut self, file: &File, cluster: u64) -> Result<()> {
         let (index, slot) = self.layout.locate(cluster);
+        if let Some((current, block)) = &mut self.current {
+            if *current == index {
+                self.layout.set(block, slot, 0);
+                return Ok(());
+            }
+        }
         let mut block = self.read_block(file, index)?;
         self.layout.set(&mut block, slot, 0);
         file.write_all_at(self.block_at(index), &block)

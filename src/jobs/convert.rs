@@ -339,44 +339,19 @@ where
     if let Some((kind, level)) = compressor {
         Compressor::new(kind, level)?;
     }
-    let results = Mutex::new(HashMap::new());
-    let reader = ClusterReader {
-        disk,
+    let classify = Classify {
         cluster_size: into.cluster_size,
         sparse_sectors: options.sparse_size / SECTOR,
         compressor,
+    };
+    let results = Mutex::new(HashMap::new());
+    let reader = ClusterReader {
+        disk,
+        classify,
         own: Mutex::new(None),
         results: &results,
     };
-    let cluster_bits = into.cluster_size.trailing_zeros();
-    // Where the source reads zeros over a backing file, the target must say so.
-    let zeros_hide_backing = into.backing;
-    let mut store_zeros = |builder: &mut Builder, start: u64, len: u64| -> Result<()> {
-        let every_byte = options.sparse_size == 0;
-        if !zeros_hide_backing && !every_byte {
-            return Ok(());
-        }
-        let first = start >> cluster_bits;
-        let end = start.saturating_add(len).div_ceil(into.cluster_size);
-        let zeros = vec![
-            0u8;
-            if into.pre_v3 || every_byte {
-                into.cluster_size as usize
-            } else {
-                0
-            }
-        ];
-        for cluster in first..end {
-            if zeros.is_empty() {
-                builder.set_zero(cluster)?;
-            } else {
-                let at = cluster << cluster_bits;
-                let len = into.cluster_size.min(total.saturating_sub(at)) as usize;
-                builder.set_data(cluster, zeros.get(..len).unwrap_or_default())?;
-            }
-        }
-        Ok(())
-    };
+    let storer = Storer::new(&builder, options);
     let pool = Pool::for_copy(options.threads);
     let plan = ClusterPlan {
         inner: AllocationPlan {
@@ -400,18 +375,163 @@ where
     progress(0, total);
     copy.run(&mut |chunk| {
         match chunk {
-            Chunk::Zeros { offset, len } => store_zeros(&mut builder, offset, len)?,
+            Chunk::Zeros { offset, len } => storer.zeros(&mut builder, offset, len)?,
             Chunk::Data { offset, bytes } => {
                 let forms = lock(&results)
                     .remove(&offset)
                     .ok_or(Error::Internal("a chunk was read without its clusters"))?;
-                store_chunk(&mut builder, offset, bytes, &forms, &mut store_zeros)?;
+                storer.chunk(&mut builder, offset, bytes, &forms)?;
             }
         }
         progress(chunk.end(), total);
         Ok(())
     })?;
     builder.finish()
+}
+
+/// Convert raw guest bytes read from a stream (a pipe, standard input, a decompressor) into
+/// the empty qcow2 image at `target`, as [`convert_into_qcow2`] converts a disk: the stream
+/// is read in order, in 2 MiB chunks, a few chunks at a time (one per thread), which the
+/// threads classify and compress while the calling thread stores the previous ones; memory
+/// stays a few MiB per thread whatever the stream's length.
+///
+/// With `size`, exactly that many bytes are read, and a stream that ends before is an
+/// error ([`std::io::ErrorKind::UnexpectedEof`]). Without, the guest is what the stream
+/// holds, rounded up to whole 512-byte sectors: the image grows to it when it is larger
+/// (its size and L1 table written at the end), and keeps its size otherwise. When the
+/// conversion fails the target is left without a valid header (see [`convert_into_qcow2`]).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("qcow2-doc-stream-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let target = dir.join("out.qcow2");
+/// # std::fs::copy("fixtures/empty-16m.qcow2", &target)?;
+/// // `target`: an empty image, e.g. from `qemu-img create -f qcow2 out.qcow2 16M`.
+/// let mut raw = vec![0u8; 20 << 20];
+/// raw[19 << 20..].fill(0x5a);
+/// let options = qcow2::ConvertOptions::new();
+/// let open = qcow2::OpenOptions::new();
+/// qcow2::convert_stream_into_qcow2(&raw[..], None, &target, &open, &options, |_, _| {})?;
+/// // The image grew from 16 MiB to what the stream held.
+/// assert_eq!(qcow2::Qcow2::open_path(&target)?.guest_size(), 20 << 20);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn convert_stream_into_qcow2<R: std::io::Read>(
+    mut source: R,
+    size: Option<u64>,
+    target: impl AsRef<std::path::Path>,
+    target_options: &crate::image::options::OpenOptions,
+    options: &ConvertOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()> {
+    let target = target.as_ref();
+    let mut builder = refuse_options(size.unwrap_or(0), target, target_options, options)?;
+    if size.is_none() {
+        builder.grow_to(0)?;
+    }
+    let into = builder.target();
+    let classify = Classify {
+        cluster_size: into.cluster_size,
+        sparse_sectors: options.sparse_size / SECTOR,
+        compressor: options
+            .compress
+            .then_some((into.compression_type, options.compression_level)),
+    };
+    if let Some((kind, level)) = classify.compressor {
+        Compressor::new(kind, level)?;
+    }
+    let storer = Storer::new(&builder, options);
+    let threads = options.threads.max(1);
+    let mut compressors: Vec<Option<Compressor>> = (0..threads).map(|_| None).collect();
+    let mut buffers: Vec<Vec<u8>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut done = 0u64;
+    let mut ended = false;
+    progress(0, size.unwrap_or(0));
+    while !ended {
+        // Read a batch: one chunk per thread.
+        let mut batch = Vec::new();
+        for buf in buffers.iter_mut() {
+            let want = size.map_or(CHUNK, |s| CHUNK.min(s.saturating_sub(done)));
+            buf.resize(want as usize, 0);
+            let got = read_full(&mut source, buf)?;
+            buf.truncate(got);
+            if got == 0 {
+                ended = true;
+                break;
+            }
+            batch.push(done);
+            done = done.saturating_add(got as u64);
+            if (got as u64) < want || size == Some(done) {
+                ended = true;
+                break;
+            }
+        }
+        let results = classify_batch(&classify, &batch, &buffers, &mut compressors);
+        for ((start, buf), forms) in batch.iter().zip(&buffers).zip(results) {
+            storer.chunk(&mut builder, *start, buf, &forms?)?;
+        }
+        progress(done, size.unwrap_or(done));
+    }
+    match size {
+        Some(size) if done < size => {
+            return Err(Error::io(
+                format!("the source stream ended at byte {done}, before its {size} bytes"),
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ))
+        }
+        Some(_) => {}
+        None => builder.grow_to(done.div_ceil(SECTOR).saturating_mul(SECTOR))?,
+    }
+    builder.finish()
+}
+
+/// Classify the chunks of a batch (read at `starts`, in `buffers`) on one thread each.
+fn classify_batch(
+    classify: &Classify,
+    starts: &[u64],
+    buffers: &[Vec<u8>],
+    compressors: &mut [Option<Compressor>],
+) -> Vec<Result<ChunkForms>> {
+    if starts.len() <= 1 {
+        return starts
+            .iter()
+            .zip(buffers)
+            .zip(compressors.iter_mut())
+            .map(|((&start, buf), own)| classify.forms(start, buf, own))
+            .collect();
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = starts
+            .iter()
+            .zip(buffers)
+            .zip(compressors.iter_mut())
+            .map(|((&start, buf), own)| scope.spawn(move || classify.forms(start, buf, own)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(Error::Internal("a compressing thread panicked")))
+            })
+            .collect()
+    })
+}
+
+/// Read until `buf` is full or the stream ends; the bytes read.
+fn read_full<R: std::io::Read>(source: &mut R, buf: &mut [u8]) -> Result<usize> {
+    let mut got = 0usize;
+    while let Some(rest) = buf.get_mut(got..).filter(|r| !r.is_empty()) {
+        match source.read(rest) {
+            Ok(0) => break,
+            Ok(n) => got = got.saturating_add(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(format!("reading the source at byte {got}"), e)),
+        }
+    }
+    Ok(got)
 }
 
 /// Open the target for filling, refusing what qemu-img refuses.
@@ -449,40 +569,82 @@ fn refuse_options(
     Builder::open(target, target_options)
 }
 
-/// Store the clusters of a chunk read at `offset` as the reading thread classified them.
-fn store_chunk(
-    builder: &mut Builder,
-    offset: u64,
-    bytes: &[u8],
-    forms: &ChunkForms,
-    store_zeros: &mut dyn FnMut(&mut Builder, u64, u64) -> Result<()>,
-) -> Result<()> {
-    let cluster_size = builder.target().cluster_size;
-    let first = offset / cluster_size;
-    for (i, (form, data)) in forms
-        .forms
-        .iter()
-        .zip(bytes.chunks(cluster_size as usize))
-        .enumerate()
-    {
-        let cluster = first.saturating_add(i as u64);
-        match form {
-            Form::Data => builder.set_data(cluster, data)?,
-            Form::Compressed(range) => {
-                let packed = forms
-                    .packed
-                    .get(range.clone())
-                    .ok_or(Error::Internal("compressed bytes out of their buffer"))?;
-                builder.set_compressed(cluster, packed)?;
-            }
-            Form::Zeros => store_zeros(
-                builder,
-                cluster.saturating_mul(cluster_size),
-                data.len() as u64,
-            )?,
+/// Stores what the reading threads classified, on the calling thread.
+struct Storer {
+    cluster_size: u64,
+    /// Zeros are written out: `-S 0`, or over a backing file in a version 2 image.
+    zero_data: Option<Vec<u8>>,
+    /// Zeros are stored at all: `-S 0`, or over a backing file (which they must hide).
+    store_zeros: bool,
+}
+
+impl Storer {
+    fn new(builder: &Builder, options: &ConvertOptions) -> Storer {
+        let into = builder.target();
+        let every_byte = options.sparse_size == 0;
+        Storer {
+            cluster_size: into.cluster_size,
+            zero_data: (every_byte || into.pre_v3).then(|| vec![0; into.cluster_size as usize]),
+            store_zeros: every_byte || into.backing,
         }
     }
-    Ok(())
+
+    /// `len` bytes from `start` read as zeros: left out, unless they must hide a backing
+    /// file (zero clusters; data clusters of zeros in a version 2 image) or `-S 0` asks for
+    /// every byte.
+    fn zeros(&self, builder: &mut Builder, start: u64, len: u64) -> Result<()> {
+        if !self.store_zeros {
+            return Ok(());
+        }
+        let end = start.saturating_add(len);
+        let first = start / self.cluster_size;
+        for cluster in first..end.div_ceil(self.cluster_size) {
+            match &self.zero_data {
+                None => builder.set_zero(cluster)?,
+                Some(zeros) => {
+                    let at = cluster.saturating_mul(self.cluster_size);
+                    let len = self.cluster_size.min(end.saturating_sub(at)) as usize;
+                    builder.set_data(cluster, zeros.get(..len).unwrap_or_default())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The clusters of a chunk read at `offset`, as the reading thread classified them.
+    fn chunk(
+        &self,
+        builder: &mut Builder,
+        offset: u64,
+        bytes: &[u8],
+        forms: &ChunkForms,
+    ) -> Result<()> {
+        let first = offset / self.cluster_size;
+        for (i, (form, data)) in forms
+            .forms
+            .iter()
+            .zip(bytes.chunks(self.cluster_size as usize))
+            .enumerate()
+        {
+            let cluster = first.saturating_add(i as u64);
+            match form {
+                Form::Data => builder.set_data(cluster, data)?,
+                Form::Compressed(range) => {
+                    let packed = forms
+                        .packed
+                        .get(range.clone())
+                        .ok_or(Error::Internal("compressed bytes out of their buffer"))?;
+                    builder.set_compressed(cluster, packed)?;
+                }
+                Form::Zeros => self.zeros(
+                    builder,
+                    cluster.saturating_mul(self.cluster_size),
+                    data.len() as u64,
+                )?,
+            }
+        }
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -584,13 +746,18 @@ impl<D: GuestDisk + ?Sized> PiecePlan for ClusterPlan<'_, D> {
     }
 }
 
-/// Reads cluster-aligned chunks and decides, on the reading thread, how each cluster is
-/// stored: left out, as it is, or compressed.
-struct ClusterReader<'d, D: ?Sized> {
-    disk: &'d D,
+/// How the clusters of a chunk are stored: left out, as they are, or compressed.
+#[derive(Debug, Clone, Copy)]
+struct Classify {
     cluster_size: u64,
     sparse_sectors: u64,
     compressor: Option<(crate::format::header::CompressionType, Option<i32>)>,
+}
+
+/// Reads cluster-aligned chunks and classifies their clusters on the reading thread.
+struct ClusterReader<'d, D: ?Sized> {
+    disk: &'d D,
+    classify: Classify,
     /// This thread's compressor, made on first use.
     own: Mutex<Option<Compressor>>,
     results: &'d Mutex<HashMap<u64, ChunkForms>>,
@@ -600,9 +767,7 @@ impl<D: GuestDisk + Sync + ?Sized> PieceReader for ClusterReader<'_, D> {
     fn for_one_thread(&self) -> Self {
         ClusterReader {
             disk: self.disk,
-            cluster_size: self.cluster_size,
-            sparse_sectors: self.sparse_sectors,
-            compressor: self.compressor,
+            classify: self.classify,
             own: Mutex::new(None),
             results: self.results,
         }
@@ -610,23 +775,27 @@ impl<D: GuestDisk + Sync + ?Sized> PieceReader for ClusterReader<'_, D> {
 
     fn read_piece(&self, start: u64, buf: &mut [u8]) -> Result<()> {
         self.disk.read_disk(start, buf)?;
-        let forms = match self.compressor {
-            Some((kind, level)) => {
-                let mut own = lock(&self.own);
-                let compressor = match &mut *own {
-                    Some(c) => c,
-                    none => none.insert(Compressor::new(kind, level)?),
-                };
-                self.compressed_forms(buf, compressor)?
-            }
-            None => self.sparse_forms(start, buf),
-        };
+        let forms = self.classify.forms(start, buf, &mut lock(&self.own))?;
         lock(self.results).insert(start, forms);
         Ok(())
     }
 }
 
-impl<D: ?Sized> ClusterReader<'_, D> {
+impl Classify {
+    /// The clusters of `buf`, read at `start`; `own` is the thread's compressor.
+    fn forms(&self, start: u64, buf: &[u8], own: &mut Option<Compressor>) -> Result<ChunkForms> {
+        match self.compressor {
+            Some((kind, level)) => {
+                let compressor = match own {
+                    Some(c) => c,
+                    none => none.insert(Compressor::new(kind, level)?),
+                };
+                self.compressed_forms(buf, compressor)
+            }
+            None => Ok(self.sparse_forms(start, buf)),
+        }
+    }
+
     /// `-c`: a cluster of zeros is left out, the others compressed when they shrink.
     fn compressed_forms(&self, buf: &[u8], compressor: &mut Compressor) -> Result<ChunkForms> {
         let mut packed = Vec::new();
