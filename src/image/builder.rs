@@ -266,7 +266,7 @@ impl Builder {
         };
         let per_l2 = self
             .cluster_size
-            .saturating_mul(self.cluster_size / self.entry_len);
+            .saturating_mul(self.cluster_size >> self.entry_len.trailing_zeros());
         let entries = size.div_ceil(per_l2);
         if (self.l1.len() as u64) > entries {
             return Err(Error::Internal("data past the grown size"));
@@ -518,7 +518,7 @@ impl Builder {
 /// Refuse a target that is not as `qemu-img create` leaves it.
 fn refuse_unless_empty<I: ReadAt>(image: &Qcow2<I>, raw_data: bool) -> Result<()> {
     let header = image.header();
-    let reason = if raw_data && image.l1.iter().any(|&e| e == 0) {
+    let reason = if raw_data && image.l1.contains(&0) {
         Some("its raw data file is not mapped whole, as qemu-img create maps it")
     } else if !raw_data && image.l1.iter().any(|&e| e != 0) {
         Some("it holds data (or preallocated metadata)")
@@ -732,12 +732,11 @@ impl Refcounts {
             None
         } else {
             // Room for the entries after the table and the blocks its own clusters need.
-            let per_block = 1u64 << self.layout.block_bits();
             let mut clusters = 1u64;
             loop {
                 let end = next_free
                     .saturating_add(clusters)
-                    .saturating_add(clusters / per_block)
+                    .saturating_add(clusters >> self.layout.block_bits())
                     .saturating_add(2);
                 if fits(
                     (end >> self.layout.block_bits()).saturating_add(1),
@@ -773,7 +772,7 @@ impl Refcounts {
         }
         // Free the old table's clusters, in their (already written) blocks.
         let (old_offset, old_clusters) = self.old_table;
-        let first = old_offset / self.cluster_size;
+        let first = old_offset >> self.layout.cluster_bits;
         for c in first..first.saturating_add(old_clusters) {
             self.release(file, c)?;
         }

@@ -305,8 +305,13 @@ where
 /// let reader = source.reader()?;
 /// let options = qcow2::ConvertOptions::new().threads(2);
 /// qcow2::convert_into_qcow2(&reader, &target, &qcow2::OpenOptions::new(), &options, |_, _| {})?;
+/// // The target keeps its size (16 MiB here), and reads as the source where that has data.
+/// use qcow2::positioned_io::ReadAt;
 /// let copy = qcow2::Qcow2::open_path(&target)?;
-/// assert_eq!(copy.guest_size(), source.guest_size());
+/// let (mut ours, mut theirs) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+/// copy.reader()?.read_exact_at(0, &mut ours)?;
+/// reader.read_exact_at(0, &mut theirs)?;
+/// assert!(ours == theirs);
 /// # std::fs::remove_dir_all(&dir)?;
 /// # Ok(())
 /// # }
@@ -597,7 +602,7 @@ impl Storer {
             return Ok(());
         }
         let end = start.saturating_add(len);
-        let first = start / self.cluster_size;
+        let first = start >> self.cluster_size.trailing_zeros();
         for cluster in first..end.div_ceil(self.cluster_size) {
             match &self.zero_data {
                 None => builder.set_zero(cluster)?,
@@ -619,7 +624,7 @@ impl Storer {
         bytes: &[u8],
         forms: &ChunkForms,
     ) -> Result<()> {
-        let first = offset / self.cluster_size;
+        let first = offset >> self.cluster_size.trailing_zeros();
         for (i, (form, data)) in forms
             .forms
             .iter()
@@ -677,7 +682,7 @@ struct ClusterPlan<'d, D: ?Sized> {
 
 impl<D: GuestDisk + ?Sized> ClusterPlan<'_, D> {
     fn down(&self, pos: u64) -> u64 {
-        pos.saturating_sub(pos % self.cluster_size)
+        pos & !self.cluster_size.wrapping_sub(1)
     }
 
     fn up(&self, pos: u64) -> u64 {
@@ -841,8 +846,8 @@ impl Classify {
         let mut forms: Vec<Form> = (0..clusters).map(|_| Form::Zeros).collect();
         let cs = self.cluster_size as usize;
         for range in ranges_to_write(buf, start / SECTOR, self.sparse_sectors) {
-            let first = range.start / cs;
-            let last = range.end.saturating_sub(1) / cs;
+            let first = range.start.checked_div(cs).unwrap_or(0);
+            let last = range.end.saturating_sub(1).checked_div(cs).unwrap_or(0);
             for form in forms.iter_mut().take(last.saturating_add(1)).skip(first) {
                 *form = Form::Data;
             }
