@@ -282,7 +282,7 @@ fn encrypted_targets_open_in_qemu_with_their_secret() {
         "--object",
         "secret,id=s0,data=hunter2",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         "enc.qcow2",
         "8M",
     ]);
@@ -330,7 +330,7 @@ fn encrypted_targets_open_in_qemu_with_their_secret() {
         "--object",
         "secret,id=s0,data=hunter2",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         "enc2.qcow2",
         "8M",
     ]);
