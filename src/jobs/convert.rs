@@ -11,7 +11,7 @@
 //! stretches are skipped, and inside chunks that were read, runs of zeros are found the way
 //! `qemu-img convert -S SIZE` finds them (its `is_allocated_sectors_min`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::ops::Range;
 use std::sync::Mutex;
@@ -326,7 +326,117 @@ pub fn convert_into_qcow2<D>(
 where
     D: GuestDisk + Sync + ?Sized,
 {
+    fill(
+        disk,
+        None,
+        target.as_ref(),
+        target_options,
+        options,
+        &mut progress,
+    )
+}
+
+/// Copy into the empty qcow2 image at `target`, which names a backing file, only what the
+/// top image of `source` holds, like `qemu-img convert -B BACKING -O qcow2`: clusters the top
+/// image leaves to its backing chain are left to the target's backing file (which should
+/// read as the source's backing chain does: the caller's promise, as with qemu-img), zero
+/// clusters of the top image become zero clusters, and its data is copied (read through the
+/// whole chain, a cluster at a time). Otherwise as [`convert_into_qcow2`]. Refused when the
+/// target has no backing file.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("qcow2-doc-overlay-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let target = dir.join("out.qcow2");
+/// // `target`: an empty overlay, e.g. from
+/// // `qemu-img create -f qcow2 -b chain-mid.qcow2 -F qcow2 out.qcow2 8M`.
+/// # std::fs::copy("fixtures/empty-16m.qcow2", &target)?;
+/// let source = qcow2::Qcow2::open_path("fixtures/chain-top.qcow2")?;
+/// let reader = source.reader()?;
+/// let options = qcow2::ConvertOptions::new();
+/// let open = qcow2::OpenOptions::new();
+/// // This target has no backing file: refused, and left as it was.
+/// let refused = qcow2::convert_overlay_into_qcow2(&reader, &target, &open, &options, |_, _| {});
+/// assert!(matches!(refused, Err(qcow2::Error::InvalidOption { .. })));
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn convert_overlay_into_qcow2<I>(
+    source: &crate::image::reader::Reader<'_, I>,
+    target: impl AsRef<std::path::Path>,
+    target_options: &crate::image::options::OpenOptions,
+    options: &ConvertOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()>
+where
+    I: positioned_io::ReadAt + Sync,
+{
     let target = target.as_ref();
+    let header =
+        crate::Qcow2::open_path_with(target, &target_options.clone().backing_as_zeros(true))?
+            .header()
+            .clone();
+    if header.backing_file_bytes().is_none() {
+        return Err(Error::InvalidOption {
+            option: "-B".to_owned(),
+            message: "the target image has no backing file".to_owned(),
+        });
+    }
+    let top = |pos: u64| -> Result<(Class, u64)> {
+        match source.extent_at(pos)? {
+            Some(extent) => {
+                let class = match extent.kind {
+                    crate::format::table::ExtentKind::Unallocated { .. } => Class::Backing,
+                    crate::format::table::ExtentKind::Zero { .. } => Class::Zero,
+                    _ => Class::Data,
+                };
+                let len = extent
+                    .start
+                    .saturating_add(extent.length)
+                    .saturating_sub(pos);
+                Ok((class, len.max(1)))
+            }
+            None => Ok((Class::Zero, u64::MAX)),
+        }
+    };
+    fill(
+        source,
+        Some(&top),
+        target,
+        target_options,
+        options,
+        &mut progress,
+    )
+}
+
+/// What the top image of a source holds in a stretch, for [`convert_overlay_into_qcow2`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Left to the backing chain.
+    Backing,
+    /// A zero cluster.
+    Zero,
+    /// Data, or a mix within one target cluster.
+    Data,
+}
+
+/// The top image's class at a guest offset, and for how long.
+type TopLayer<'t> = dyn Fn(u64) -> Result<(Class, u64)> + 't;
+
+/// The conversion behind [`convert_into_qcow2`] and [`convert_overlay_into_qcow2`].
+fn fill<D>(
+    disk: &D,
+    top: Option<&TopLayer<'_>>,
+    target: &std::path::Path,
+    target_options: &crate::image::options::OpenOptions,
+    options: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + Sync + ?Sized,
+{
     let file = std::fs::File::open(target)
         .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
     if disk.reads_file(&file)? {
@@ -358,6 +468,8 @@ where
     };
     let storer = Storer::new(&builder, options);
     let pool = Pool::for_copy(options.threads);
+    // The starts of the zero pieces that are the backing file's to read.
+    let left_to_backing = Mutex::new(VecDeque::new());
     let plan = ClusterPlan {
         inner: AllocationPlan {
             disk,
@@ -367,6 +479,8 @@ where
         },
         cluster_size: into.cluster_size,
         every_byte: options.sparse_size == 0,
+        top,
+        left_to_backing: &left_to_backing,
     };
     let copy = CopyJob {
         pool: &pool,
@@ -380,7 +494,15 @@ where
     progress(0, total);
     copy.run(&mut |chunk| {
         match chunk {
-            Chunk::Zeros { offset, len } => storer.zeros(&mut builder, offset, len)?,
+            Chunk::Zeros { offset, len } => {
+                let mut backing = lock(&left_to_backing);
+                if backing.front() == Some(&offset) {
+                    backing.pop_front();
+                } else {
+                    drop(backing);
+                    storer.zeros(&mut builder, offset, len)?;
+                }
+            }
             Chunk::Data { offset, bytes } => {
                 let forms = lock(&results)
                     .remove(&offset)
@@ -678,6 +800,11 @@ struct ClusterPlan<'d, D: ?Sized> {
     cluster_size: u64,
     /// `-S 0`: every cluster is data, zeros too.
     every_byte: bool,
+    /// With `-B`: what the source's top image holds, which decides instead of the
+    /// allocation through the chain.
+    top: Option<&'d TopLayer<'d>>,
+    /// Where the plan records the zero pieces that are left to the backing file.
+    left_to_backing: &'d Mutex<VecDeque<u64>>,
 }
 
 impl<D: GuestDisk + ?Sized> ClusterPlan<'_, D> {
@@ -691,8 +818,73 @@ impl<D: GuestDisk + ?Sized> ClusterPlan<'_, D> {
     }
 }
 
+impl<D: GuestDisk + ?Sized> ClusterPlan<'_, D> {
+    /// With `-B`: the class of the whole clusters from `pos` (aligned) on, and where they
+    /// end (a cluster whose stretches differ is data).
+    fn class_run(&self, top: &TopLayer<'_>, pos: u64) -> Result<(Class, u64)> {
+        let end = self.inner.end;
+        let (class, len) = top(pos)?;
+        let stretch_end = pos.saturating_add(len).min(end);
+        let cluster_end = pos.saturating_add(self.cluster_size).min(end);
+        if stretch_end >= cluster_end {
+            let run_end = if stretch_end == end {
+                end
+            } else {
+                self.down(stretch_end)
+            };
+            return Ok((class, run_end.max(cluster_end)));
+        }
+        let mut at = stretch_end;
+        while at < cluster_end {
+            let (next, len) = top(at)?;
+            if next != class {
+                return Ok((Class::Data, cluster_end));
+            }
+            at = at.saturating_add(len);
+        }
+        Ok((class, cluster_end))
+    }
+
+    /// With `-B`: the next piece, from the top image's classes.
+    fn next_top_piece(&mut self, top: &TopLayer<'_>) -> Result<Option<Piece>> {
+        let start = self.inner.pos;
+        let end = self.inner.end;
+        if start >= end {
+            return Ok(None);
+        }
+        let (class, mut run_end) = self.class_run(top, start)?;
+        let cap = if class == Class::Data {
+            CHUNK
+        } else {
+            MAX_ZERO_SEGMENT
+        };
+        let limit = start.saturating_add(cap).min(end);
+        while run_end < limit {
+            let (next, next_end) = self.class_run(top, run_end)?;
+            if next != class {
+                break;
+            }
+            run_end = next_end;
+        }
+        let run_end = run_end.min(limit);
+        self.inner.pos = run_end;
+        let len = run_end.saturating_sub(start);
+        Ok(Some(match class {
+            Class::Data => Piece::Data { start, len },
+            Class::Zero => Piece::Zeros { start, len },
+            Class::Backing => {
+                lock(self.left_to_backing).push_back(start);
+                Piece::Zeros { start, len }
+            }
+        }))
+    }
+}
+
 impl<D: GuestDisk + ?Sized> PiecePlan for ClusterPlan<'_, D> {
     fn next_piece(&mut self) -> Result<Option<Piece>> {
+        if let Some(top) = self.top {
+            return self.next_top_piece(top);
+        }
         let start = self.inner.pos;
         let end = self.inner.end;
         if start >= end {
