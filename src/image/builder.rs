@@ -224,7 +224,7 @@ impl Builder {
         self.flush_l2()?;
         self.flush_pending()?;
         if self.raw_data {
-            return self.write_at(0, &MAGIC.to_be_bytes(), "writing the header's magic");
+            return self.seal();
         }
         let grown = self.place_grown_l1()?;
         let table = self.refcounts.finish(&self.file, &mut self.next_free)?;
@@ -251,7 +251,22 @@ impl Builder {
                 "pointing the header to the new refcount table",
             )?;
         }
+        self.seal()
+    }
+
+    /// Make the image valid, last: everything written reaches the disk first (qemu-img
+    /// convert flushes its output too, cache mode writeback), then the header's magic.
+    fn seal(&self) -> Result<()> {
+        self.sync()?;
         self.write_at(0, &MAGIC.to_be_bytes(), "writing the header's magic")?;
+        self.sync()
+    }
+
+    fn sync(&self) -> Result<()> {
+        for file in std::iter::once(&self.file).chain(&self.data_file) {
+            file.sync_data()
+                .map_err(|e| Error::io("flushing the target to disk", e))?;
+        }
         Ok(())
     }
 

@@ -346,6 +346,42 @@ fn encrypted_targets_open_in_qemu_with_their_secret() {
         err.to_string().contains("Compression and encryption"),
         "{err}"
     );
+    // An encrypted source, opened with its secret, into a plain target.
+    let name = "luks-aes-256-cbc-plain64-sha384.qcow2";
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/encrypted")
+            .join(name),
+        env.path(name),
+    )
+    .unwrap();
+    let secret = "a longer passphrase with spaces";
+    let source = Qcow2::open_path_with(env.path(name), &OpenOptions::new().secret(secret)).unwrap();
+    env.create("plain.qcow2", source.guest_size(), "");
+    convert_into_qcow2(
+        &source.reader().unwrap(),
+        env.path("plain.qcow2"),
+        &OpenOptions::new(),
+        &ConvertOptions::new(),
+        |_, _| {},
+    )
+    .unwrap();
+    let object = format!("secret,id=s1,data={secret}");
+    let source_opts = format!("driver=qcow2,file.filename={name},encrypt.key-secret=s1");
+    let (code, text) = qemu_img(
+        &env,
+        &[
+            "compare",
+            "--object",
+            &object,
+            "--image-opts",
+            &source_opts,
+            "driver=qcow2,file.filename=plain.qcow2",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = qemu_img(&env, &["check", "plain.qcow2"]);
+    assert!(code == 0 && !text.contains("leaked"), "{text}");
 }
 
 #[test]
