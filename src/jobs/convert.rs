@@ -747,30 +747,73 @@ impl Storer {
         forms: &ChunkForms,
     ) -> Result<()> {
         let first = offset >> self.cluster_size.trailing_zeros();
-        for (i, (form, data)) in forms
-            .forms
-            .iter()
-            .zip(bytes.chunks(self.cluster_size as usize))
-            .enumerate()
-        {
-            let cluster = first.saturating_add(i as u64);
-            match form {
-                Form::Data => builder.set_data(cluster, data)?,
-                Form::Compressed(range) => {
-                    let packed = forms
-                        .packed
-                        .get(range.clone())
-                        .ok_or(Error::Internal("compressed bytes out of their buffer"))?;
-                    builder.set_compressed(cluster, packed)?;
-                }
-                Form::Zeros => self.zeros(
-                    builder,
-                    cluster.saturating_mul(self.cluster_size),
-                    data.len() as u64,
-                )?,
+        // Runs of data clusters go to the builder whole, to be written in one piece.
+        let mut data_from: Option<usize> = None;
+        for (i, form) in forms.forms.iter().enumerate() {
+            let is_data = matches!(form, Form::Data);
+            if let (Some(from), false) = (data_from, is_data) {
+                self.data_run(builder, first, bytes, from, i)?;
+                data_from = None;
+            }
+            if is_data && data_from.is_none() {
+                data_from = Some(i);
+            }
+            if !is_data {
+                self.store_one(builder, first, bytes, forms, i)?;
             }
         }
+        if let Some(from) = data_from {
+            self.data_run(builder, first, bytes, from, forms.forms.len())?;
+        }
         Ok(())
+    }
+
+    /// Clusters `from..to` of a chunk (whose first is guest cluster `first`), all data.
+    fn data_run(
+        &self,
+        builder: &mut Builder,
+        first: u64,
+        bytes: &[u8],
+        from: usize,
+        to: usize,
+    ) -> Result<()> {
+        let cluster_size = self.cluster_size as usize;
+        let start = from.saturating_mul(cluster_size).min(bytes.len());
+        let end = to.saturating_mul(cluster_size).min(bytes.len());
+        let data = bytes.get(start..end).unwrap_or_default();
+        builder.set_data_run(first.saturating_add(from as u64), data)
+    }
+
+    /// Cluster `i` of a chunk, compressed or zeros.
+    fn store_one(
+        &self,
+        builder: &mut Builder,
+        first: u64,
+        bytes: &[u8],
+        forms: &ChunkForms,
+        i: usize,
+    ) -> Result<()> {
+        let cluster_size = self.cluster_size as usize;
+        let start = i.saturating_mul(cluster_size).min(bytes.len());
+        let end = start.saturating_add(cluster_size).min(bytes.len());
+        let data = bytes.get(start..end).unwrap_or_default();
+        let cluster = first.saturating_add(i as u64);
+        match forms.forms.get(i) {
+            Some(Form::Data) => builder.set_data(cluster, data),
+            Some(Form::Compressed(range)) => {
+                let packed = forms
+                    .packed
+                    .get(range.clone())
+                    .ok_or(Error::Internal("compressed bytes out of their buffer"))?;
+                builder.set_compressed(cluster, packed)
+            }
+            Some(Form::Zeros) => self.zeros(
+                builder,
+                cluster.saturating_mul(self.cluster_size),
+                data.len() as u64,
+            ),
+            None => Err(Error::Internal("a cluster without its form")),
+        }
     }
 }
 
