@@ -99,7 +99,14 @@ impl Compressor {
             Compress::new_with_window_bits(Compression::new(level), false, ZLIB_WINDOW_BITS)
         });
         encoder.reset();
-        out.reserve(limit);
+        // Room for deflate's worst case (zlib's deflateBound): zlib-rs panics, instead of
+        // stopping, when a stored block does not fit the output (512-byte random clusters).
+        out.reserve(
+            input
+                .len()
+                .saturating_add(input.len() >> 3)
+                .saturating_add(64),
+        );
         let status = encoder
             .compress_vec(input, out, FlushCompress::Finish)
             .map_err(|_| Error::Internal("deflate refused its input"))?;

@@ -78,6 +78,44 @@ impl RefcountLayout {
                 .unwrap_or(0),
         }
     }
+
+    /// Set refcount number `index` of `block` to `value` (cut to the width). Returns false
+    /// when `index` is past the block or `value` does not fit the width.
+    pub fn set(&self, block: &mut [u8], index: u64, value: u64) -> bool {
+        let Ok(i) = usize::try_from(index) else {
+            return false;
+        };
+        if value > self.max() {
+            return false;
+        }
+        match self.order {
+            0..=2 => {
+                let per_byte = 8usize >> self.order;
+                let shift = i.checked_rem(per_byte).unwrap_or(0) << self.order;
+                let Some(byte) = block.get_mut(i.checked_div(per_byte).unwrap_or(0)) else {
+                    return false;
+                };
+                let mask = (self.max() as u8) << shift;
+                *byte = (*byte & !mask) | ((value as u8) << shift);
+                true
+            }
+            3 => put(block, i, &[value as u8]),
+            4 => put(block, i.saturating_mul(2), &(value as u16).to_be_bytes()),
+            5 => put(block, i.saturating_mul(4), &(value as u32).to_be_bytes()),
+            _ => put(block, i.saturating_mul(8), &value.to_be_bytes()),
+        }
+    }
+}
+
+/// Copy `bytes` into `block` at `at`; false when they do not fit.
+fn put(block: &mut [u8], at: usize, bytes: &[u8]) -> bool {
+    match block.get_mut(at..at.saturating_add(bytes.len())) {
+        Some(dst) if dst.len() == bytes.len() => {
+            dst.copy_from_slice(bytes);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A refcount table entry, decoded.
@@ -166,6 +204,33 @@ mod tests {
         // Past the block: 0, no panic.
         assert_eq!(layout(6).get(&block, 5), 0);
         assert_eq!(layout(4).get(&block, u64::MAX), 0);
+    }
+
+    #[test]
+    fn set_is_the_inverse_of_get_at_every_width() {
+        for order in 0..=6u32 {
+            let l = layout(order);
+            let mut block = vec![0u8; 512];
+            let n = 1u64 << l.block_bits();
+            for i in 0..n {
+                assert!(l.set(&mut block, i, (i * 7 + 1) & l.max()));
+            }
+            for i in 0..n {
+                assert_eq!(
+                    l.get(&block, i),
+                    (i * 7 + 1) & l.max(),
+                    "order {order} #{i}"
+                );
+            }
+            // Neighbours are kept when one entry changes.
+            assert!(l.set(&mut block, 3, 0));
+            assert_eq!(l.get(&block, 2), 15 & l.max());
+            assert_eq!(l.get(&block, 4), 29 & l.max());
+            assert!(!l.set(&mut block, n, 1), "past the block");
+            if order < 6 {
+                assert!(!l.set(&mut block, 0, l.max() + 1), "too wide");
+            }
+        }
     }
 
     #[test]

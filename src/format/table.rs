@@ -404,6 +404,74 @@ fn decode_compressed(entry: u64, geometry: &Geometry, entry_at: u64) -> Result<E
     })
 }
 
+/// An L2 entry to write, as QEMU writes it for a new image (the encoder beside
+/// [`Geometry::cluster_type`] and [`Geometry::compressed_extent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NewEntry {
+    /// A data cluster of its own (refcount 1, so COPIED is set); with extended L2, every
+    /// subcluster allocated.
+    Data { host_offset: u64 },
+    /// A compressed cluster: `len` bytes at `host_offset` (any byte offset).
+    Compressed { host_offset: u64, len: u64 },
+    /// Reads as zeros whatever a backing file holds (version 3 only).
+    Zero,
+}
+
+impl Geometry {
+    /// The L1 entry for an L2 table at `l2_offset` with refcount 1.
+    #[inline]
+    pub fn encode_l1(&self, l2_offset: u64) -> u64 {
+        (l2_offset & L1_OFFSET_MASK) | OFLAG_COPIED
+    }
+
+    /// The L2 entry for `entry`: `(first word, subcluster bitmap)`; the bitmap is only
+    /// written with extended L2 entries. Fails for what this layout cannot hold: a zero flag
+    /// in a version 2 image, compressed data longer than the descriptor counts or past its
+    /// offset field.
+    pub fn encode_l2(&self, entry: NewEntry) -> Result<(u64, u64)> {
+        match entry {
+            NewEntry::Data { host_offset } => {
+                let bitmap = if self.extended_l2 { SUB_ALLOC_MASK } else { 0 };
+                Ok(((host_offset & L2_OFFSET_MASK) | OFLAG_COPIED, bitmap))
+            }
+            NewEntry::Zero if self.pre_v3 => {
+                Err(Error::Internal("a version 2 image has no zero clusters"))
+            }
+            // Extended L2: every subcluster reads as zeros (bitmap bits 32-63).
+            NewEntry::Zero if self.extended_l2 => Ok((0, SUB_ALLOC_MASK << 32)),
+            NewEntry::Zero => Ok((OFLAG_ZERO, 0)),
+            NewEntry::Compressed { host_offset, len } => {
+                self.encode_compressed(host_offset, len).map(|e| (e, 0))
+            }
+        }
+    }
+
+    /// A compressed cluster descriptor: the offset in the low `62 - (cluster_bits - 8)`
+    /// bits, then the number of 512-byte sectors the data touches, less one (QEMU's
+    /// `nb_csectors`).
+    fn encode_compressed(&self, host_offset: u64, len: u64) -> Result<u64> {
+        let sector_bits = self.cluster_bits.saturating_sub(8);
+        let shift = 62u32.saturating_sub(sector_bits);
+        let last = host_offset
+            .checked_add(len)
+            .and_then(|end| end.checked_sub(1))
+            .filter(|_| len > 0)
+            .ok_or(Error::Internal(
+                "an empty or overflowing compressed cluster",
+            ))?;
+        let first_sector = host_offset / COMPRESSED_SECTOR;
+        let extra_sectors = (last / COMPRESSED_SECTOR).saturating_sub(first_sector);
+        if low_bits(host_offset, shift) != host_offset
+            || low_bits(extra_sectors, sector_bits) != extra_sectors
+        {
+            return Err(Error::Internal(
+                "a compressed cluster does not fit its descriptor",
+            ));
+        }
+        Ok(OFLAG_COMPRESSED | (extra_sectors << shift) | host_offset)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +490,83 @@ mod tests {
         external_data: false,
         pre_v3: false,
     };
+
+    #[test]
+    fn new_entries_decode_to_what_was_encoded() {
+        for cluster_bits in [9u32, 12, 16, 21] {
+            for extended_l2 in [false, true] {
+                let g = Geometry {
+                    cluster_bits,
+                    index_bits: cluster_bits - 3,
+                    extended_l2,
+                    external_data: false,
+                    pre_v3: false,
+                };
+                let (data, bitmap) = g
+                    .encode_l2(NewEntry::Data {
+                        host_offset: 5 << cluster_bits,
+                    })
+                    .unwrap();
+                assert_eq!(g.cluster_type(data), ClusterType::Normal);
+                assert_eq!(data & L2_OFFSET_MASK, 5 << cluster_bits);
+                assert_ne!(data & OFLAG_COPIED, 0);
+                assert_eq!(bitmap, if extended_l2 { SUB_ALLOC_MASK } else { 0 });
+                // Compressed data starting mid-sector and crossing sectors.
+                for (host_offset, len) in [(0x1_0123u64, 700u64), (0x2_0000, 1), (0x3_01ff, 2)] {
+                    let (e, _) = g
+                        .encode_l2(NewEntry::Compressed { host_offset, len })
+                        .unwrap();
+                    assert_eq!(g.cluster_type(e), ClusterType::Compressed);
+                    let (at, got) = g.compressed_extent(e);
+                    assert_eq!(at, host_offset);
+                    // The decoder gives whole sectors from the offset on: at least len.
+                    assert!(
+                        got >= len && got < len + 512,
+                        "{cluster_bits} {host_offset:#x}"
+                    );
+                    assert_eq!((at + got) % 512, 0);
+                }
+                let (zero, zbits) = g.encode_l2(NewEntry::Zero).unwrap();
+                if extended_l2 {
+                    assert_eq!((zero, zbits), (0, 0xffff_ffff_0000_0000));
+                } else {
+                    assert_eq!(g.cluster_type(zero), ClusterType::ZeroPlain);
+                }
+                assert_eq!(
+                    g.encode_l1(7 << cluster_bits),
+                    (7 << cluster_bits) | OFLAG_COPIED
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn entries_a_layout_cannot_hold_are_refused() {
+        let v2 = Geometry {
+            cluster_bits: 16,
+            index_bits: 13,
+            extended_l2: false,
+            external_data: false,
+            pre_v3: true,
+        };
+        assert!(v2.encode_l2(NewEntry::Zero).is_err());
+        // 64 KiB clusters: 8 sector bits, so at most 256 sectors.
+        let too_long = NewEntry::Compressed {
+            host_offset: 0x10000,
+            len: 257 * 512,
+        };
+        assert!(v2.encode_l2(too_long).is_err());
+        let past_field = NewEntry::Compressed {
+            host_offset: 1 << 54,
+            len: 10,
+        };
+        assert!(v2.encode_l2(past_field).is_err());
+        let empty = NewEntry::Compressed {
+            host_offset: 0x10000,
+            len: 0,
+        };
+        assert!(v2.encode_l2(empty).is_err());
+    }
 
     #[test]
     fn l1_entries() {

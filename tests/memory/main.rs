@@ -7,6 +7,7 @@ mod alloc_count;
 mod common;
 
 mod check_memory;
+mod convert_memory;
 mod dump_memory;
 mod mutation;
 
