@@ -15,8 +15,10 @@ use crate::format::header::CompressionType;
 /// `Z_DEFAULT_COMPRESSION`, 6) within 0.0% on text and 3.0% on executables, at 1.8 to 2
 /// times its speed per core; zlib-rs's 6 is 3.7% larger on executables
 /// (`benches/peers/compress.rs`).
+#[cfg(feature = "zlib")]
 pub(crate) const DEFAULT_ZLIB_LEVEL: u32 = 7;
 /// QEMU's zstd level (`ZSTD_CLEVEL_DEFAULT`).
+#[cfg(feature = "zstd")]
 pub(crate) const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// QEMU's deflate window: 2^12 bytes.
 #[cfg(feature = "zlib")]
@@ -68,11 +70,6 @@ impl Compressor {
             #[cfg(feature = "zstd")]
             zstd_level: level.map_or(DEFAULT_ZSTD_LEVEL, |l| l.clamp(1, 22)),
         })
-    }
-
-    /// The compression type this encoder writes.
-    pub(crate) fn kind(&self) -> CompressionType {
-        self.kind
     }
 
     /// Compress one cluster (`input`, a whole cluster) into `out` (cleared first). Returns

@@ -675,8 +675,9 @@ fn refuse_options(
     if total > header.size() {
         return Err(Error::InvalidOption {
             option: "-n".to_owned(),
+            // qemu-img's words; the sizes, which it leaves out, follow.
             message: format!(
-                "the target ({} bytes) is smaller than the source ({total} bytes)",
+                "output file is smaller than input file ({} bytes, the input {total})",
                 header.size()
             ),
         });
