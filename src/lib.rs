@@ -181,6 +181,7 @@ pub use guest::copy::Chunk;
 pub use guest::disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
 pub use guest::map::{MapExtent, MapIter};
 pub use guest::parallel::ParallelReadOptions;
+pub use image::create::{create, Compat, CreateOptions, EncryptFormat, Preallocation};
 pub use image::dirty::{DirtyExtent, DirtyExtents};
 pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};

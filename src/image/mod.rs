@@ -2,6 +2,7 @@
 //! the chain), the planner over its L1/L2 tables, and the [`Reader`](crate::Reader) that
 //! executes plans. A writer belongs here, beside the reader.
 
+pub(crate) mod create;
 pub(crate) mod dirty;
 pub(crate) mod extent;
 pub(crate) mod layer;

@@ -35,6 +35,8 @@ mod compressed_streams;
 mod conformance;
 #[cfg(all(feature = "zlib", feature = "zstd"))]
 mod convert;
+#[cfg(feature = "cli")]
+mod create;
 mod differential;
 #[cfg(feature = "encryption")]
 mod encryption;

@@ -13,6 +13,7 @@ mod check;
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod info;
 mod map;
 mod snapshot;
@@ -43,6 +44,8 @@ enum Command {
     Map(map::Args),
     /// Copy a guest disk (or a snapshot) to a raw file or a pipe, like `qemu-img convert -O raw`.
     Convert(convert::Args),
+    /// Make a new empty qcow2 image, like `qemu-img create -f qcow2`.
+    Create(create::Args),
     /// Compare two guest disks (qcow2 or raw), like `qemu-img compare`.
     Compare(compare::Args),
 }
@@ -69,5 +72,6 @@ fn main() -> ExitCode {
         Command::Map(args) => map::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Create(args) => create::run(args),
     }
 }
