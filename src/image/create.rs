@@ -1060,6 +1060,9 @@ struct Layout {
     refcount_table_clusters: u64,
     refblocks: u64,
     refblock_count: u64,
+    /// Where QEMU's allocator put each refcount block (0: none), when it was replayed;
+    /// otherwise they follow one another from `refblocks`.
+    placed_refblocks: Option<Vec<u64>>,
     l1_table: u64,
     l1_size: u64,
     l2_tables: u64,
@@ -1075,6 +1078,18 @@ struct Layout {
 impl Layout {
     fn offset(&self, cluster: u64) -> u64 {
         cluster << self.cluster_bits
+    }
+
+    /// The cluster of refcount block `index` (0: there is none).
+    fn refblock_cluster(&self, index: u64) -> u64 {
+        match &self.placed_refblocks {
+            Some(placed) => usize::try_from(index)
+                .ok()
+                .and_then(|i| placed.get(i))
+                .copied()
+                .unwrap_or(0),
+            None => self.refblocks.saturating_add(index),
+        }
     }
 
     fn l2_cluster(&self, table: u64) -> u64 {
@@ -1157,6 +1172,7 @@ fn lay_out(plan: &Plan, has_data_file: bool, luks_len: Option<u64>) -> Result<La
         refcount_table_clusters: 1,
         refblocks: 2,
         refblock_count: 1,
+        placed_refblocks: None,
         l1_table: 0,
         l1_size,
         l2_tables,
@@ -1198,6 +1214,12 @@ fn lay_out(plan: &Plan, has_data_file: bool, luks_len: Option<u64>) -> Result<La
             layout.file_len = layout.offset(end);
             finish_with_luks(&mut layout, allocated, end, luks_clusters, luks_len);
             return Ok(layout);
+        }
+    }
+
+    if !preallocated {
+        if let Some(replayed) = replay_layout(&layout, plan, l1_clusters, luks_clusters, luks_len) {
+            return Ok(replayed);
         }
     }
 
@@ -1260,6 +1282,218 @@ fn lay_out(plan: &Plan, has_data_file: bool, luks_len: Option<u64>) -> Result<La
     };
     finish_with_luks(&mut layout, vec![(0, end)], end, luks_clusters, luks_len);
     Ok(layout)
+}
+
+/// What one step of QEMU's allocator ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Done,
+    /// A refcount block was added: QEMU undoes the step and searches again (`-EAGAIN`).
+    Again,
+    /// The refcount table would have to grow: not replayed.
+    Grow,
+}
+
+/// QEMU's cluster allocator (`alloc_clusters_noref`, `update_refcount`,
+/// `alloc_refcount_block` in block/qcow2-refcount.c) replayed on a new image whose
+/// refcount table keeps its one cluster, to place the L1 table and the refcount blocks it
+/// needs exactly where `qemu-img create` places them.
+struct Replay {
+    per_block: u64,
+    /// Refcount table entries: the cluster of each refcount block, 0 for none.
+    table: Vec<u64>,
+    /// Clusters with refcount 1 (every other has 0).
+    used: std::collections::BTreeSet<u64>,
+    /// `free_cluster_index`: where the next search starts.
+    free: u64,
+    /// Bounds the searches: each `Again` adds a refcount block, so this many is plenty.
+    budget: u64,
+}
+
+impl Replay {
+    /// The image as `qcow2_co_create` leaves it: the refcount table in cluster 1 pointing at
+    /// an empty block in cluster 2, then clusters 0-2 allocated.
+    fn new(per_block: u64, table_entries: usize) -> Option<Replay> {
+        let mut table = vec![0u64; table_entries];
+        *table.first_mut()? = 2;
+        let mut replay = Replay {
+            per_block,
+            table,
+            used: std::collections::BTreeSet::new(),
+            free: 0,
+            budget: u64::try_from(table_entries).ok()?.saturating_add(8),
+        };
+        (replay.alloc(3)? == 0).then_some(replay)
+    }
+
+    fn block_of(&self, cluster: u64) -> u64 {
+        cluster.checked_div(self.per_block).unwrap_or(0)
+    }
+
+    fn block_at(&self, index: u64) -> u64 {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.table.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn is_used(&self, cluster: u64) -> bool {
+        self.block_at(self.block_of(cluster)) != 0 && self.used.contains(&cluster)
+    }
+
+    /// `alloc_clusters_noref`: the first run of `n` free clusters from `free` on.
+    fn find_free(&mut self, n: u64) -> u64 {
+        let mut found = 0;
+        while found < n {
+            let cluster = self.free;
+            self.free = self.free.saturating_add(1);
+            found = if self.is_used(cluster) {
+                0
+            } else {
+                found.saturating_add(1)
+            };
+        }
+        self.free.saturating_sub(n)
+    }
+
+    /// `qcow2_alloc_clusters`: search, count, and search again while blocks get added.
+    fn alloc(&mut self, n: u64) -> Option<u64> {
+        loop {
+            self.budget = self.budget.checked_sub(1)?;
+            let start = self.find_free(n);
+            match self.add_refs(start, n) {
+                Step::Done => return Some(start),
+                Step::Again => continue,
+                Step::Grow => return None,
+            }
+        }
+    }
+
+    /// `update_refcount(+1)`; on `Again` or `Grow` the clusters counted so far are given
+    /// back, which moves `free` back to the first of them.
+    fn add_refs(&mut self, start: u64, n: u64) -> Step {
+        let mut current_block = None;
+        let end = start.saturating_add(n);
+        for cluster in start..end {
+            let block = self.block_of(cluster);
+            if current_block != Some(block) {
+                let step = self.ensure_block(cluster);
+                if step != Step::Done {
+                    for undone in start..cluster {
+                        self.used.remove(&undone);
+                        self.free = self.free.min(undone);
+                    }
+                    return step;
+                }
+            }
+            current_block = Some(block);
+            self.used.insert(cluster);
+        }
+        Step::Done
+    }
+
+    /// `alloc_refcount_block`: a new block goes in the first free cluster; it counts itself
+    /// when it describes itself, else its block is made first.
+    fn ensure_block(&mut self, cluster: u64) -> Step {
+        let index = self.block_of(cluster);
+        if self.block_at(index) != 0 {
+            return Step::Done;
+        }
+        let new_block = self.find_free(1);
+        if self.block_of(new_block) == index {
+            self.used.insert(new_block);
+        } else {
+            let step = self.add_refs(new_block, 1);
+            if step != Step::Done {
+                return step;
+            }
+        }
+        match usize::try_from(index)
+            .ok()
+            .and_then(|i| self.table.get_mut(i))
+        {
+            Some(slot) => {
+                *slot = new_block;
+                Step::Again
+            }
+            None => Step::Grow,
+        }
+    }
+}
+
+/// `preallocation=off` laid out by replaying QEMU's allocator: the L1 table, then the LUKS
+/// area, each where QEMU's first-fit search with its refcount block allocations puts them.
+/// `None` where the refcount table would have to grow.
+fn replay_layout(
+    base: &Layout,
+    plan: &Plan,
+    l1_clusters: u64,
+    luks_clusters: u64,
+    luks_len: Option<u64>,
+) -> Option<Layout> {
+    let cs = plan.cluster_size();
+    let per_block = cs.saturating_mul(8) >> plan.refcount_order;
+    let mut replay = Replay::new(per_block, usize::try_from(cs / 8).ok()?)?;
+    let l1 = if base.l1_size > 0 {
+        replay.alloc(l1_clusters)?
+    } else {
+        0
+    };
+    let luks = match luks_len {
+        Some(len) => Some((replay.alloc(luks_clusters)?, len)),
+        None => None,
+    };
+    let blocks = replay
+        .table
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| last.saturating_add(1));
+    let placed: Vec<u64> = replay.table.get(..blocks)?.to_vec();
+    // The file ends where the last write ends: the header, the refcount table and blocks
+    // (whole clusters), the L1 entries, the LUKS area (whole clusters, zero filled).
+    let mut file_len = cs.saturating_mul(3);
+    for &block in &placed {
+        file_len = file_len.max(block.saturating_add(1).saturating_mul(cs));
+    }
+    if base.l1_size > 0 {
+        file_len = file_len.max(
+            l1.saturating_mul(cs)
+                .saturating_add(base.l1_size.saturating_mul(8)),
+        );
+    }
+    if let Some((at, _)) = luks {
+        file_len = file_len.max(at.saturating_add(luks_clusters).saturating_mul(cs));
+    }
+    Some(Layout {
+        cluster_bits: base.cluster_bits,
+        refcount_table: 1,
+        refcount_table_clusters: 1,
+        refblocks: 2,
+        refblock_count: u64::try_from(blocks).ok()?,
+        placed_refblocks: Some(placed),
+        l1_table: l1,
+        l1_size: base.l1_size,
+        l2_tables: 0,
+        l2_entries: base.l2_entries,
+        data_clusters: 0,
+        payload: Payload::None,
+        luks: luks.map(|(at, len)| (at.saturating_mul(cs), len)),
+        allocated: ranges(&replay.used),
+        file_len,
+    })
+}
+
+/// A set of clusters as `[start, end)` runs.
+fn ranges(used: &std::collections::BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &cluster in used {
+        match out.last_mut() {
+            Some(last) if last.1 == cluster => last.1 = cluster.saturating_add(1),
+            _ => out.push((cluster, cluster.saturating_add(1))),
+        }
+    }
+    out
 }
 
 /// Put the LUKS area (if any) at the first cluster after `end`, the way QEMU allocates it
@@ -1329,9 +1563,11 @@ fn io_err<'p>(what: &str, path: &'p Path) -> impl Fn(std::io::Error) -> Error + 
 /// removed.
 ///
 /// Without encryption, the file is byte for byte what `qemu-img create` writes with the same
-/// options when the first refcount block describes every cluster (every image below 2 GiB of
-/// metadata and preallocated data with 64 KiB clusters); larger ones have the same contents
-/// and pass `qemu-img check` alike, with their refcount blocks placed differently.
+/// options, with two exceptions that read the same and pass `qemu-img check` alike, their
+/// refcount structures placed differently (and the file no larger): images whose refcount
+/// table QEMU grows while it allocates the L1 table (512-byte clusters with wide refcounts or
+/// sizes past a few tens of GiB), and preallocated images whose metadata and data need more
+/// than the first refcount block (2 GiB with 64 KiB clusters and 16-bit refcounts).
 ///
 /// ```
 /// let dir = std::env::temp_dir().join(format!("qcow2-doc-create-fn-{}", std::process::id()));
@@ -1425,13 +1661,16 @@ fn write_all(
     // The refcount table and blocks, a cluster at a time.
     let table_at = layout.offset(layout.refcount_table);
     write_entries(&put, layout, table_at, layout.refblock_count, 8, |i| {
-        layout.offset(layout.refblocks.saturating_add(i))
+        layout.offset(layout.refblock_cluster(i))
     })?;
     for i in 0..layout.refblock_count {
-        put(
-            layout.offset(layout.refblocks.saturating_add(i)),
-            &refblock(layout, i, plan.refcount_order),
-        )?;
+        let cluster = layout.refblock_cluster(i);
+        if cluster != 0 {
+            put(
+                layout.offset(cluster),
+                &refblock(layout, i, plan.refcount_order),
+            )?;
+        }
     }
 
     // QEMU frees the initial refcount table when it moves it for falloc/full; without an L2
