@@ -130,6 +130,9 @@ pub struct CreateOptions {
     /// `encrypt.*` options other than `format` and `key-secret`, in the order given.
     encrypt_options: Vec<(String, String)>,
     unsafe_backing: bool,
+    /// The first value an enumerated option does not take: qemu-img refuses it when it
+    /// creates the image, after its "Formatting" line, and so does [`create`].
+    deferred: Option<(String, String)>,
     /// What `qemu-img` prints in its "Formatting" line, by option name.
     shown: BTreeMap<&'static str, String>,
 }
@@ -153,6 +156,7 @@ impl Default for CreateOptions {
             secret: None,
             encrypt_options: Vec::new(),
             unsafe_backing: false,
+            deferred: None,
             shown: BTreeMap::new(),
         }
     }
@@ -392,6 +396,16 @@ impl CreateOptions {
         CreateOptions::default().size(size)
     }
 
+    /// Keep a bad value of an enumerated option (shown as given) for [`create`] to refuse.
+    fn defer(&mut self, key: &str, value: &str, error: Error) {
+        if let Some(name) = shown_key(key) {
+            self.shown.insert(name, value.to_owned());
+        }
+        if let (None, Error::InvalidOption { option, message }) = (&self.deferred, error) {
+            self.deferred = Some((option, message));
+        }
+    }
+
     fn show(mut self, key: &'static str, value: String) -> Self {
         self.shown.insert(key, value);
         self
@@ -518,13 +532,18 @@ impl CreateOptions {
     /// Set one option by its `qemu-img create -o` name, with qemu-img's value syntax
     /// (sizes with `k`/`M`/`G`/`T` suffixes, `on`/`off`); `encrypt.key-secret` names a secret
     /// the caller gives with [`CreateOptions::secret`]. An unknown name or a bad value is
-    /// [`Error::InvalidOption`] with qemu-img's message.
+    /// [`Error::InvalidOption`] with qemu-img's message; a value an enumerated option
+    /// (`compat`, `compression_type`, `preallocation`, `encrypt.format`) does not take is
+    /// refused by [`create`] instead, as qemu-img refuses it only when it creates the image.
     ///
     /// ```
     /// let mut options = qcow2::CreateOptions::default();
     /// options.set("size", "1.5G")?;
     /// options.set("compat", "0.10")?;
     /// assert!(options.set("lazy_refcounts", "maybe").is_err());
+    /// options.set("compat", "0.9")?; // refused by create, as qemu-img refuses it
+    /// assert!(qcow2::create("never-written.qcow2", &options).is_err());
+    /// assert!(!std::path::Path::new("never-written.qcow2").exists());
     /// assert!(options.set("bogus", "1").is_err());
     /// # Ok::<(), qcow2::Error>(())
     /// ```
@@ -544,7 +563,7 @@ impl CreateOptions {
                 self.compat = Some(match value {
                     "0.10" | "v2" => Compat::V2,
                     "1.1" | "v3" => Compat::V3,
-                    _ => return Err(enum_error("version", key, value)),
+                    _ => return Ok(self.defer(key, value, enum_error("version", key, value))),
                 });
                 value.to_owned()
             }
@@ -552,7 +571,13 @@ impl CreateOptions {
                 self.compression_type = Some(match value {
                     "zlib" => CompressionType::Zlib,
                     "zstd" => CompressionType::Zstd,
-                    _ => return Err(enum_error("compression-type", key, value)),
+                    _ => {
+                        return Ok(self.defer(
+                            key,
+                            value,
+                            enum_error("compression-type", key, value),
+                        ))
+                    }
                 });
                 value.to_owned()
             }
@@ -562,7 +587,7 @@ impl CreateOptions {
                     "metadata" => Preallocation::Metadata,
                     "falloc" => Preallocation::Falloc,
                     "full" => Preallocation::Full,
-                    _ => return Err(enum_error(key, key, value)),
+                    _ => return Ok(self.defer(key, value, enum_error(key, key, value))),
                 });
                 value.to_owned()
             }
@@ -608,7 +633,7 @@ impl CreateOptions {
                 self.encrypt_format = Some(match value {
                     "luks" => EncryptFormat::Luks,
                     "aes" | "qcow" => EncryptFormat::Aes,
-                    _ => return Err(enum_error(key, key, value)),
+                    _ => return Ok(self.defer(key, value, enum_error(key, key, value))),
                 });
                 value.to_owned()
             }
@@ -1592,6 +1617,9 @@ pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<()> {
         .resolve_size(path)?
         .div_ceil(SECTOR)
         .saturating_mul(SECTOR);
+    if let Some((option, message)) = &options.deferred {
+        return Err(invalid(option, message.clone()));
+    }
     let plan = Plan::check(options, size)?;
     let luks = new_encryption(options, &plan)?;
     let layout = lay_out(
