@@ -397,13 +397,14 @@ impl CreateOptions {
     }
 
     /// Keep a bad value of an enumerated option (shown as given) for [`create`] to refuse.
-    fn defer(&mut self, key: &str, value: &str, error: Error) {
+    fn defer(&mut self, key: &str, value: &str, error: Error) -> Result<()> {
         if let Some(name) = shown_key(key) {
             self.shown.insert(name, value.to_owned());
         }
         if let (None, Error::InvalidOption { option, message }) = (&self.deferred, error) {
             self.deferred = Some((option, message));
         }
+        Ok(())
     }
 
     fn show(mut self, key: &'static str, value: String) -> Self {
@@ -563,7 +564,7 @@ impl CreateOptions {
                 self.compat = Some(match value {
                     "0.10" | "v2" => Compat::V2,
                     "1.1" | "v3" => Compat::V3,
-                    _ => return Ok(self.defer(key, value, enum_error("version", key, value))),
+                    _ => return self.defer(key, value, enum_error("version", key, value)),
                 });
                 value.to_owned()
             }
@@ -571,13 +572,7 @@ impl CreateOptions {
                 self.compression_type = Some(match value {
                     "zlib" => CompressionType::Zlib,
                     "zstd" => CompressionType::Zstd,
-                    _ => {
-                        return Ok(self.defer(
-                            key,
-                            value,
-                            enum_error("compression-type", key, value),
-                        ))
-                    }
+                    _ => return self.defer(key, value, enum_error("compression-type", key, value)),
                 });
                 value.to_owned()
             }
@@ -587,7 +582,7 @@ impl CreateOptions {
                     "metadata" => Preallocation::Metadata,
                     "falloc" => Preallocation::Falloc,
                     "full" => Preallocation::Full,
-                    _ => return Ok(self.defer(key, value, enum_error(key, key, value))),
+                    _ => return self.defer(key, value, enum_error(key, key, value)),
                 });
                 value.to_owned()
             }
@@ -633,7 +628,7 @@ impl CreateOptions {
                 self.encrypt_format = Some(match value {
                     "luks" => EncryptFormat::Luks,
                     "aes" | "qcow" => EncryptFormat::Aes,
-                    _ => return Ok(self.defer(key, value, enum_error(key, key, value))),
+                    _ => return self.defer(key, value, enum_error(key, key, value)),
                 });
                 value.to_owned()
             }
