@@ -1622,10 +1622,28 @@ pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<()> {
         options.data_file.is_some(),
         luks.as_ref().map(|area| area.len() as u64),
     )?;
-    let result = write_all(path, options, &plan, &layout, luks.as_deref());
+    // Only files this call created are removed on an error: not one it could not open.
+    let file = File::create(path).map_err(io_err("creating", path))?;
+    let data_file = match options.data_file.as_deref().map(Path::new) {
+        Some(data) => match File::create(data) {
+            Ok(handle) => Some((handle, data)),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(io_err("creating", data)(e));
+            }
+        },
+        None => None,
+    };
+    let mut result = Ok(());
+    if let Some((handle, data)) = &data_file {
+        result = write_data_file(handle, data, &plan);
+    }
+    if result.is_ok() {
+        result = write_all(&file, path, options, &plan, &layout, luks.as_deref());
+    }
     if result.is_err() {
         let _ = std::fs::remove_file(path);
-        if let Some(data) = &options.data_file {
+        if let Some((_, data)) = &data_file {
             let _ = std::fs::remove_file(data);
         }
     }
@@ -1664,6 +1682,7 @@ fn luks_area(_: &LuksOptions) -> Result<Vec<u8>> {
 }
 
 fn write_all(
+    file: &File,
     path: &Path,
     options: &CreateOptions,
     plan: &Plan,
@@ -1672,10 +1691,6 @@ fn write_all(
 ) -> Result<()> {
     use crate::base::io::PositionalSink;
 
-    let file = File::create(path).map_err(io_err("creating", path))?;
-    if let Some(name) = &options.data_file {
-        write_data_file(Path::new(name), plan)?;
-    }
     let put = |at: u64, bytes: &[u8]| -> Result<()> {
         file.write_all_at(at, bytes)
             .map_err(io_err("writing", path))
@@ -1838,10 +1853,9 @@ fn write_zero_data(put: &Put<'_>, layout: &Layout) -> Result<()> {
 
 /// The external data file: as long as the guest (rounded as QEMU's preallocation rounds),
 /// zeros written for `preallocation=falloc` and `full`.
-fn write_data_file(path: &Path, plan: &Plan) -> Result<()> {
+fn write_data_file(file: &File, path: &Path, plan: &Plan) -> Result<()> {
     use crate::base::io::PositionalSink;
 
-    let file = File::create(path).map_err(io_err("creating", path))?;
     let len = if plan.preallocation == Preallocation::Off {
         plan.size
     } else {

@@ -480,6 +480,12 @@ fn create_library_refuses_before_writing() {
     let err = qcow2::create(&unwritable, &qcow2::CreateOptions::new(1 << 20)).unwrap_err();
     assert!(matches!(err, qcow2::Error::Io { .. }), "{err:?}");
     assert!(!unwritable.exists());
+    // A data file that cannot be made: the image made before it goes too.
+    let bad_data = dir.join("no-such-dir").join("t.raw");
+    let options = qcow2::CreateOptions::new(1 << 20).data_file(bad_data.to_str().unwrap());
+    let err = qcow2::create(&path, &options).unwrap_err();
+    assert!(matches!(err, qcow2::Error::Io { .. }), "{err:?}");
+    assert!(!path.exists());
 }
 
 /// What the library makes, the crate reads back: options in the header, zeros everywhere,
