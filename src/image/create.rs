@@ -1053,7 +1053,7 @@ fn check_cluster_size(bytes: u64, extended_l2: bool) -> Result<u32> {
 }
 
 /// Where the L2 tables and the data clusters of a preallocated image go.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum Payload {
     /// No L2 tables (`preallocation=off`).
     None,
@@ -1062,6 +1062,8 @@ enum Payload {
     Interleaved { base: u64 },
     /// L2 tables one after another from `base`, the data in the external data file.
     TablesOnly { base: u64 },
+    /// Where QEMU's allocator, replayed, put each L2 table and each stretch of data.
+    Placed(Placed),
     /// QEMU's falloc/full preallocation: the data together from `data_base`, the L2 tables
     /// after it; where QEMU moves the initial refcount table after the L1 table, the first L2
     /// table takes its place in cluster 1 (`first_in_cluster_1`).
@@ -1113,13 +1115,18 @@ impl Layout {
     }
 
     fn l2_cluster(&self, table: u64) -> u64 {
-        match self.payload {
+        match &self.payload {
             Payload::None => 0,
-            Payload::Interleaved { base } => {
+            Payload::Placed(placed) => usize::try_from(table)
+                .ok()
+                .and_then(|t| placed.l2.get(t))
+                .copied()
+                .unwrap_or(0),
+            &Payload::Interleaved { base } => {
                 base.saturating_add(table.saturating_mul(self.l2_entries.saturating_add(1)))
             }
-            Payload::TablesOnly { base } => base.saturating_add(table),
-            Payload::DataFirst {
+            &Payload::TablesOnly { base } => base.saturating_add(table),
+            &Payload::DataFirst {
                 data_base,
                 data_clusters,
                 first_in_cluster_1,
@@ -1137,16 +1144,17 @@ impl Layout {
 
     /// The host offset of guest cluster `index`, in the image file or the data file.
     fn data_offset(&self, index: u64) -> u64 {
-        let cluster = match self.payload {
+        let cluster = match &self.payload {
             Payload::None | Payload::TablesOnly { .. } => index,
-            Payload::Interleaved { base } => {
+            Payload::Placed(placed) => placed.host_cluster(index),
+            &Payload::Interleaved { base } => {
                 let table = index.checked_div(self.l2_entries).unwrap_or(0);
                 let within = index.checked_rem(self.l2_entries).unwrap_or(0);
                 base.saturating_add(table.saturating_mul(self.l2_entries.saturating_add(1)))
                     .saturating_add(1)
                     .saturating_add(within)
             }
-            Payload::DataFirst { data_base, .. } => data_base.saturating_add(index),
+            &Payload::DataFirst { data_base, .. } => data_base.saturating_add(index),
         };
         self.offset(cluster)
     }
@@ -1237,8 +1245,21 @@ fn lay_out(plan: &Plan, has_data_file: bool, luks_len: Option<u64>) -> Result<La
         }
     }
 
-    if !preallocated {
-        if let Some(replayed) = replay_layout(&layout, plan, l1_clusters, luks_clusters, luks_len) {
+    if matches!(
+        plan.preallocation,
+        Preallocation::Off | Preallocation::Metadata
+    ) {
+        layout.l2_tables = l2_tables;
+        layout.data_clusters = data_clusters;
+        let replayed = replay_layout(
+            &layout,
+            plan,
+            has_data_file,
+            l1_clusters,
+            luks_clusters,
+            luks_len,
+        );
+        if let Some(replayed) = replayed {
             return Ok(replayed);
         }
     }
@@ -1314,20 +1335,90 @@ enum Step {
     Grow,
 }
 
+/// Clusters with refcount 1, as disjoint, non-adjacent `start -> end` runs.
+#[derive(Debug, Default)]
+struct RunSet(BTreeMap<u64, u64>);
+
+impl RunSet {
+    /// The end of the run holding `cluster`.
+    fn run_end(&self, cluster: u64) -> Option<u64> {
+        self.0
+            .range(..=cluster)
+            .next_back()
+            .and_then(|(_, &end)| (cluster < end).then_some(end))
+    }
+
+    /// The first used cluster after `cluster`.
+    fn next_start(&self, cluster: u64) -> Option<u64> {
+        self.0
+            .range(cluster.saturating_add(1)..)
+            .next()
+            .map(|(&start, _)| start)
+    }
+
+    fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut lo, mut hi) = (start, end);
+        if let Some((&s, &e)) = self.0.range(..=start).next_back() {
+            if e >= start {
+                lo = s;
+                hi = hi.max(e);
+            }
+        }
+        let covered: Vec<u64> = self.0.range(lo..=hi).map(|(&s, _)| s).collect();
+        for s in covered {
+            if let Some(e) = self.0.remove(&s) {
+                hi = hi.max(e);
+            }
+        }
+        self.0.insert(lo, hi);
+    }
+
+    fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let first = self
+            .0
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        let touched: Vec<(u64, u64)> = self.0.range(first..end).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in touched {
+            if e <= start {
+                continue;
+            }
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(s, start);
+            }
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
+    }
+
+    fn runs(&self) -> Vec<(u64, u64)> {
+        self.0.iter().map(|(&s, &e)| (s, e)).collect()
+    }
+}
+
 /// QEMU's cluster allocator (`alloc_clusters_noref`, `update_refcount`,
 /// `alloc_refcount_block` in block/qcow2-refcount.c) replayed on a new image whose
-/// refcount table keeps its one cluster, to place the L1 table and the refcount blocks it
-/// needs exactly where `qemu-img create` places them.
+/// refcount table keeps its one cluster, to place the L1 table, the L2 tables, the data
+/// clusters and the refcount blocks they need exactly where `qemu-img create` places them.
 struct Replay {
     per_block: u64,
     /// Refcount table entries: the cluster of each refcount block, 0 for none.
     table: Vec<u64>,
-    /// Clusters with refcount 1 (every other has 0).
-    used: std::collections::BTreeSet<u64>,
+    used: RunSet,
     /// `free_cluster_index`: where the next search starts.
     free: u64,
-    /// Bounds the searches: each `Again` adds a refcount block, so this many is plenty.
-    budget: u64,
+    /// Bounds one allocation's searches: each `Again` adds a refcount block, so a search
+    /// is repeated at most once per refcount table entry.
+    retries: u64,
 }
 
 impl Replay {
@@ -1339,9 +1430,9 @@ impl Replay {
         let mut replay = Replay {
             per_block,
             table,
-            used: std::collections::BTreeSet::new(),
+            used: RunSet::default(),
             free: 0,
-            budget: u64::try_from(table_entries).ok()?.saturating_add(8),
+            retries: u64::try_from(table_entries).ok()?.saturating_add(2),
         };
         (replay.alloc(3)? == 0).then_some(replay)
     }
@@ -1358,29 +1449,34 @@ impl Replay {
             .unwrap_or(0)
     }
 
-    fn is_used(&self, cluster: u64) -> bool {
-        self.block_at(self.block_of(cluster)) != 0 && self.used.contains(&cluster)
-    }
-
-    /// `alloc_clusters_noref`: the first run of `n` free clusters from `free` on.
+    /// `alloc_clusters_noref`: the first run of `n` free clusters from `free` on (QEMU
+    /// looks at one cluster at a time; runs are skipped whole, to the same result).
     fn find_free(&mut self, n: u64) -> u64 {
-        let mut found = 0;
-        while found < n {
+        let mut found = 0u64;
+        loop {
             let cluster = self.free;
-            self.free = self.free.saturating_add(1);
-            found = if self.is_used(cluster) {
-                0
-            } else {
-                found.saturating_add(1)
-            };
+            if let Some(end) = self.used.run_end(cluster) {
+                self.free = end;
+                found = 0;
+                continue;
+            }
+            let need = n.saturating_sub(found);
+            let gap = self
+                .used
+                .next_start(cluster)
+                .map_or(u64::MAX, |next| next.saturating_sub(cluster));
+            if gap >= need {
+                self.free = cluster.saturating_add(need);
+                return self.free.saturating_sub(n);
+            }
+            found = found.saturating_add(gap);
+            self.free = cluster.saturating_add(gap);
         }
-        self.free.saturating_sub(n)
     }
 
     /// `qcow2_alloc_clusters`: search, count, and search again while blocks get added.
     fn alloc(&mut self, n: u64) -> Option<u64> {
-        loop {
-            self.budget = self.budget.checked_sub(1)?;
+        for _ in 0..self.retries {
             let start = self.find_free(n);
             match self.add_refs(start, n) {
                 Step::Done => return Some(start),
@@ -1388,33 +1484,36 @@ impl Replay {
                 Step::Grow => return None,
             }
         }
+        None
     }
 
-    /// `update_refcount(+1)`; on `Again` or `Grow` the clusters counted so far are given
-    /// back, which moves `free` back to the first of them.
+    /// `update_refcount(+1)`, one refcount block's stretch at a time; on `Again` or `Grow`
+    /// the clusters counted so far are given back and the next search starts at `start`.
     fn add_refs(&mut self, start: u64, n: u64) -> Step {
-        let mut current_block = None;
         let end = start.saturating_add(n);
-        for cluster in start..end {
-            let block = self.block_of(cluster);
-            if current_block != Some(block) {
-                let step = self.ensure_block(cluster);
-                if step != Step::Done {
-                    for undone in start..cluster {
-                        self.used.remove(&undone);
-                        self.free = self.free.min(undone);
-                    }
-                    return step;
-                }
+        let mut cluster = start;
+        while cluster < end {
+            let step = self.ensure_block(cluster);
+            if step != Step::Done {
+                // QEMU searches again from `start` ("try the same ones first"), and gives
+                // back what it counted.
+                self.free = self.free.min(start);
+                self.used.remove(start, cluster);
+                return step;
             }
-            current_block = Some(block);
-            self.used.insert(cluster);
+            let block_end = self
+                .block_of(cluster)
+                .saturating_add(1)
+                .saturating_mul(self.per_block);
+            let stretch_end = end.min(block_end);
+            self.used.insert(cluster, stretch_end);
+            cluster = stretch_end;
         }
         Step::Done
     }
 
     /// `alloc_refcount_block`: a new block goes in the first free cluster; it counts itself
-    /// when it describes itself, else its block is made first.
+    /// when it describes itself, else its own block is made first.
     fn ensure_block(&mut self, cluster: u64) -> Step {
         let index = self.block_of(cluster);
         if self.block_at(index) != 0 {
@@ -1422,7 +1521,7 @@ impl Replay {
         }
         let new_block = self.find_free(1);
         if self.block_of(new_block) == index {
-            self.used.insert(new_block);
+            self.used.insert(new_block, new_block.saturating_add(1));
         } else {
             let step = self.add_refs(new_block, 1);
             if step != Step::Done {
@@ -1442,24 +1541,82 @@ impl Replay {
     }
 }
 
-/// `preallocation=off` laid out by replaying QEMU's allocator: the L1 table, then the LUKS
-/// area, each where QEMU's first-fit search with its refcount block allocations puts them.
-/// `None` where the refcount table would have to grow.
+/// Where a replayed metadata preallocation put each L2 table and each stretch of data.
+#[derive(Debug, Default)]
+struct Placed {
+    /// The cluster of each L2 table.
+    l2: Vec<u64>,
+    /// `(first guest cluster, first host cluster, clusters)`, in guest order.
+    runs: Vec<(u64, u64, u64)>,
+}
+
+impl Placed {
+    fn host_cluster(&self, index: u64) -> u64 {
+        let at = self.runs.partition_point(|&(guest, _, _)| guest <= index);
+        at.checked_sub(1)
+            .and_then(|i| self.runs.get(i))
+            .map_or(0, |&(guest, host, _)| {
+                host.saturating_add(index.saturating_sub(guest))
+            })
+    }
+}
+
+/// The most L2 tables a preallocation is replayed for (their places are kept in memory).
+const MAX_REPLAYED_L2_TABLES: u64 = 1 << 16;
+/// What one `preallocate_co` step covers at most: `INT_MAX` bytes, in whole clusters.
+const PREALLOC_STEP_BYTES: u64 = i32::MAX as u64;
+
+/// `preallocation=off` and `metadata` laid out by replaying QEMU's allocator: the L1 table;
+/// for metadata, each L2 table then its data (in steps of at most 2 GiB) or, with a data
+/// file, the L2 tables alone; then the LUKS area. `None` where the refcount table would have
+/// to grow, or too many L2 tables would have to be remembered.
 fn replay_layout(
     base: &Layout,
     plan: &Plan,
+    has_data_file: bool,
     l1_clusters: u64,
     luks_clusters: u64,
     luks_len: Option<u64>,
 ) -> Option<Layout> {
     let cs = plan.cluster_size();
     let per_block = cs.saturating_mul(8) >> plan.refcount_order;
+    let l2_tables = base.l2_tables;
+    if l2_tables > MAX_REPLAYED_L2_TABLES {
+        return None;
+    }
     let mut replay = Replay::new(per_block, usize::try_from(cs / 8).ok()?)?;
     let l1 = if base.l1_size > 0 {
         replay.alloc(l1_clusters)?
     } else {
         0
     };
+    let mut placed = Placed::default();
+    // Where the last data step started and how many bytes it covered: the file ends there.
+    let mut last_step = None;
+    let step_clusters = PREALLOC_STEP_BYTES.checked_div(cs).unwrap_or(1).max(1);
+    for table in 0..l2_tables {
+        placed.l2.push(replay.alloc(1)?);
+        if has_data_file {
+            continue;
+        }
+        let first = table.saturating_mul(base.l2_entries);
+        let last = first
+            .saturating_add(base.l2_entries)
+            .min(base.data_clusters);
+        let mut index = first;
+        while index < last {
+            let n = last.saturating_sub(index).min(step_clusters);
+            let host = replay.alloc(n)?;
+            placed.runs.push((index, host, n));
+            let guest_start = index.saturating_mul(cs);
+            let bytes = plan
+                .size
+                .saturating_sub(guest_start)
+                .min(n.saturating_mul(cs));
+            last_step = Some((host, bytes));
+            index = index.saturating_add(n);
+        }
+    }
     let luks = match luks_len {
         Some(len) => Some((replay.alloc(luks_clusters)?, len)),
         None => None,
@@ -1469,12 +1626,14 @@ fn replay_layout(
         .iter()
         .rposition(|&b| b != 0)
         .map_or(0, |last| last.saturating_add(1));
-    let placed: Vec<u64> = replay.table.get(..blocks)?.to_vec();
-    // The file ends where the last write ends: the header, the refcount table and blocks
-    // (whole clusters), the L1 entries, the LUKS area (whole clusters, zero filled).
+    let refblocks: Vec<u64> = replay.table.get(..blocks)?.to_vec();
+    // The file ends where the last write ends: the header, the refcount table and blocks,
+    // the L2 tables (whole clusters), the L1 entries, the last data step (rounded as QEMU's
+    // preallocation rounds it), the LUKS area (whole clusters, zero filled).
+    let whole = |cluster: u64| cluster.saturating_add(1).saturating_mul(cs);
     let mut file_len = cs.saturating_mul(3);
-    for &block in &placed {
-        file_len = file_len.max(block.saturating_add(1).saturating_mul(cs));
+    for &cluster in refblocks.iter().chain(&placed.l2) {
+        file_len = file_len.max(whole(cluster));
     }
     if base.l1_size > 0 {
         file_len = file_len.max(
@@ -1482,38 +1641,37 @@ fn replay_layout(
                 .saturating_add(base.l1_size.saturating_mul(8)),
         );
     }
+    if let Some((host, bytes)) = last_step {
+        file_len = file_len.max(
+            host.saturating_mul(cs)
+                .saturating_add(round_up(bytes, plan.data_unit())),
+        );
+    }
     if let Some((at, _)) = luks {
         file_len = file_len.max(at.saturating_add(luks_clusters).saturating_mul(cs));
     }
+    let payload = if l2_tables > 0 {
+        Payload::Placed(placed)
+    } else {
+        Payload::None
+    };
     Some(Layout {
         cluster_bits: base.cluster_bits,
         refcount_table: 1,
         refcount_table_clusters: 1,
         refblocks: 2,
         refblock_count: u64::try_from(blocks).ok()?,
-        placed_refblocks: Some(placed),
+        placed_refblocks: Some(refblocks),
         l1_table: l1,
         l1_size: base.l1_size,
-        l2_tables: 0,
+        l2_tables,
         l2_entries: base.l2_entries,
-        data_clusters: 0,
-        payload: Payload::None,
+        data_clusters: base.data_clusters,
+        payload,
         luks: luks.map(|(at, len)| (at.saturating_mul(cs), len)),
-        allocated: ranges(&replay.used),
+        allocated: replay.used.runs(),
         file_len,
     })
-}
-
-/// A set of clusters as `[start, end)` runs.
-fn ranges(used: &std::collections::BTreeSet<u64>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &cluster in used {
-        match out.last_mut() {
-            Some(last) if last.1 == cluster => last.1 = cluster.saturating_add(1),
-            _ => out.push((cluster, cluster.saturating_add(1))),
-        }
-    }
-    out
 }
 
 /// Put the LUKS area (if any) at the first cluster after `end`, the way QEMU allocates it
@@ -1583,11 +1741,13 @@ fn io_err<'p>(what: &str, path: &'p Path) -> impl Fn(std::io::Error) -> Error + 
 /// removed.
 ///
 /// Without encryption, the file is byte for byte what `qemu-img create` writes with the same
-/// options, with two exceptions that read the same and pass `qemu-img check` alike, their
-/// refcount structures placed differently (and the file no larger): images whose refcount
-/// table QEMU grows while it allocates the L1 table (512-byte clusters with wide refcounts or
-/// sizes past a few tens of GiB), and preallocated images whose metadata and data need more
-/// than the first refcount block (2 GiB with 64 KiB clusters and 16-bit refcounts).
+/// options (QEMU's cluster allocator is replayed to place the L1 table, L2 tables, data and
+/// refcount blocks), with two exceptions that read the same and pass `qemu-img check` alike,
+/// their refcount structures placed differently and the file no larger: images whose
+/// refcount table QEMU grows while it allocates (one refcount table cluster describes
+/// `cluster_size / 8` refcount blocks: reached with small clusters and wide refcounts), and
+/// `falloc`/`full` preallocation past the first refcount block (2 GiB with 64 KiB clusters
+/// and 16-bit refcounts).
 ///
 /// ```
 /// let dir = std::env::temp_dir().join(format!("qcow2-doc-create-fn-{}", std::process::id()));
@@ -1974,6 +2134,38 @@ mod tests {
         assert_eq!(layout.l1_table, 3);
         assert_eq!(layout.file_len, 0x30010);
         assert_eq!(layout.allocated, vec![(0, 4)]);
+    }
+
+    #[test]
+    fn run_sets_merge_and_split() {
+        let mut set = RunSet::default();
+        set.insert(0, 3);
+        set.insert(3, 5);
+        set.insert(10, 12);
+        assert_eq!(set.runs(), vec![(0, 5), (10, 12)]);
+        assert_eq!(set.run_end(4), Some(5));
+        assert_eq!(set.run_end(5), None);
+        assert_eq!(set.next_start(5), Some(10));
+        set.remove(2, 11);
+        assert_eq!(set.runs(), vec![(0, 2), (11, 12)]);
+        set.insert(1, 20);
+        assert_eq!(set.runs(), vec![(0, 20)]);
+    }
+
+    #[test]
+    fn the_replayed_allocator_places_refblocks_as_qemu() {
+        // 512-byte clusters, 64-bit refcounts (64 per block), a 4 GiB image: QEMU puts the
+        // L1 table at cluster 3 and the blocks after it, block 32 (describing itself) first.
+        let options = CreateOptions::new(4 << 30)
+            .cluster_size(512)
+            .refcount_bits(64);
+        let plan = Plan::check(&options, 4 << 30).unwrap();
+        let layout = lay_out(&plan, false, None).unwrap();
+        assert_eq!(layout.l1_table, 3);
+        assert_eq!(layout.refblock_cluster(1), 0x803);
+        assert_eq!(layout.refblock_cluster(32), 0x804);
+        assert_eq!(layout.refblock_cluster(2), 0x805);
+        assert_eq!(layout.file_len, 0x104600);
     }
 
     #[test]
