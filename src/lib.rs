@@ -33,6 +33,12 @@
 //!   attach a backing image ([`Qcow2::set_backing_image`], [`Qcow2::set_backing_raw`]) or an
 //!   external data file ([`Qcow2::set_data_file`]) yourself, or let [`Qcow2::open_path_with`]
 //!   open them under a [`FilePolicy`].
+//! - **New images.** [`create`] writes an empty image as `qemu-img create -f qcow2` does
+//!   (byte for byte in nearly every case), with every option of its `-o` ([`CreateOptions`],
+//!   by builder or by qemu-img's names and syntax: [`CreateOptions::set_all`]): compat,
+//!   cluster size, refcount width, extended L2, zstd, lazy refcounts, [`Preallocation`],
+//!   backing file, external data file, encryption. What QEMU refuses is refused before any
+//!   file is written.
 //! - **Convert and compare.** [`convert_to_writer`] and [`convert_to_file`] copy a guest
 //!   disk like `qemu-img convert -O raw` (sparse, on several threads); [`compare`] compares
 //!   two disks (qcow2 or [`RawDisk`]) like `qemu-img compare`.
@@ -181,6 +187,7 @@ pub use guest::copy::Chunk;
 pub use guest::disk::{Allocation, BlockStatus, GuestDisk, RawDisk};
 pub use guest::map::{MapExtent, MapIter};
 pub use guest::parallel::ParallelReadOptions;
+pub use image::create::{create, Compat, CreateOptions, EncryptFormat, Preallocation};
 pub use image::dirty::{DirtyExtent, DirtyExtents};
 pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};

@@ -32,6 +32,25 @@ const BITMAPS_EXT_LEN: usize = 24;
 /// Full disk encryption header pointer: offset u64, length u64.
 const ENCRYPTION_EXT_LEN: usize = 16;
 
+/// Encode one extension: type, data length, the data padded with zeros to 8 bytes.
+pub(crate) fn encode(magic: u32, data: &[u8]) -> Option<Vec<u8>> {
+    let len = u32::try_from(data.len()).ok()?;
+    let padded = usize::try_from(align8(u64::from(len))?).ok()?;
+    let mut out = Vec::with_capacity(padded.checked_add(8)?);
+    out.extend_from_slice(&magic.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(padded.checked_add(8)?, 0);
+    Some(out)
+}
+
+/// The end-of-extensions marker.
+pub(crate) fn encode_end() -> Vec<u8> {
+    let mut out = EXT_END.to_be_bytes().to_vec();
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out
+}
+
 /// What a header extension is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

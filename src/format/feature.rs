@@ -131,6 +131,36 @@ pub(crate) fn name_of(kind: FeatureKind, bit: u8, table: &[FeatureName]) -> Opti
         .or_else(|| spec_name(kind, bit).map(str::to_owned))
 }
 
+/// The feature-name table QEMU writes into every new version 3 image with clusters over
+/// 4 KiB, in its order: each known bit with the spec's name.
+const QEMU_FEATURE_TABLE: [(FeatureKind, u8); 8] = [
+    (FeatureKind::Incompatible, 0),
+    (FeatureKind::Incompatible, 1),
+    (FeatureKind::Incompatible, 2),
+    (FeatureKind::Incompatible, 3),
+    (FeatureKind::Incompatible, 4),
+    (FeatureKind::Compatible, 0),
+    (FeatureKind::Autoclear, 0),
+    (FeatureKind::Autoclear, 1),
+];
+
+/// Encode the feature-name table extension's data (48 bytes per entry) as QEMU writes it.
+pub(crate) fn encode_feature_table() -> Vec<u8> {
+    let mut data = Vec::with_capacity(QEMU_FEATURE_TABLE.len().saturating_mul(FEATURE_ENTRY_LEN));
+    for (kind, bit) in QEMU_FEATURE_TABLE {
+        let kind_byte = match kind {
+            FeatureKind::Incompatible => 0u8,
+            FeatureKind::Compatible => 1,
+            FeatureKind::Autoclear => 2,
+        };
+        let mut entry = vec![kind_byte, bit];
+        entry.extend_from_slice(spec_name(kind, bit).unwrap_or_default().as_bytes());
+        entry.resize(FEATURE_ENTRY_LEN, 0);
+        data.extend_from_slice(&entry);
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +200,16 @@ mod tests {
         assert_eq!(name_of(FeatureKind::Incompatible, 40, &table), None);
         let set = features_set(FeatureKind::Compatible, 0b1, &table);
         assert_eq!(set[0].name.as_deref(), Some("lazy refcounts"));
+    }
+
+    #[test]
+    fn encoded_table_parses_back_in_qemu_order() {
+        let data = encode_feature_table();
+        assert_eq!(data.len(), 8 * FEATURE_ENTRY_LEN);
+        let names = parse_feature_names(&data);
+        assert_eq!(names.len(), 8);
+        assert_eq!(names[4].name, "extended L2 entries");
+        assert_eq!(names[5].kind, FeatureKind::Compatible);
+        assert_eq!(names[7].name, "raw external data");
     }
 }

@@ -33,7 +33,7 @@ pub(crate) const TABLE_ENTRY_LEN: u64 = 8;
 pub(crate) const SNAPSHOT_HEADER_LEN: u64 = 40;
 
 /// Byte offsets of the header fields (spec: "Header"); version 3 fields start at 72.
-mod at {
+pub(crate) mod at {
     pub const MAGIC: u64 = 0;
     pub const VERSION: u64 = 4;
     pub const BACKING_FILE_OFFSET: u64 = 8;
@@ -56,7 +56,7 @@ mod at {
 }
 
 /// `crypt_method` of legacy AES-CBC images (header bytes 32-35).
-const CRYPT_AES: u32 = 1;
+pub(crate) const CRYPT_AES: u32 = 1;
 /// `crypt_method` of LUKS images, the one with an encryption header extension.
 pub(crate) const CRYPT_LUKS: u32 = 2;
 

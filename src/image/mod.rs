@@ -1,8 +1,10 @@
 //! One image: [`Qcow2`](crate::Qcow2) (loading, open options, opening by path and following
 //! the chain), the planner over its L1/L2 tables, and the [`Reader`](crate::Reader) that
-//! executes plans. A writer belongs here, beside the reader.
+//! executes plans; beside them, the writers of new images: `create` (an empty image laid out
+//! as `qemu-img create` lays it out) and `builder` (which fills an empty image, append-only).
 
 pub(crate) mod builder;
+pub(crate) mod create;
 pub(crate) mod dirty;
 pub(crate) mod extent;
 pub(crate) mod layer;

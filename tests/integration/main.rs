@@ -37,6 +37,8 @@ mod conformance;
 mod convert;
 #[cfg(all(feature = "zlib", feature = "zstd"))]
 mod convert_qcow2;
+#[cfg(feature = "cli")]
+mod create;
 mod differential;
 #[cfg(feature = "encryption")]
 mod encryption;

@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use qcow2::{ConvertOptions, GuestDisk, HoleAwareReader, OpenOptions, Qcow2, Reader};
+use qcow2::{
+    ConvertOptions, CreateOptions, GuestDisk, HoleAwareReader, OpenOptions, Qcow2, Reader,
+};
 
 use crate::disk::Disk;
 
@@ -19,12 +21,41 @@ const BAD_SPARSE_SIZE: &str = "Invalid buffer size for sparse output specified. 
 are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates \
 output).";
 
-/// Copy the guest disk of IMG to OUT as raw bytes.
+/// Copy the guest disk of IMG to OUT: raw bytes, or a new qcow2 image.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Output format: only `raw`.
+    /// Output format: `raw` (the default) or `qcow2`.
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
     output_format: String,
+    /// Compress every cluster of the new image (`-O qcow2`), with its compression type.
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Options of the new image, as `qemu-img create -o` takes them
+    /// (`cluster_size=4k,compression_type=zstd`); `help` lists them. Repeatable.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// The new image is an overlay of this backing file, holding only what the source's top
+    /// image holds (`-O qcow2`).
+    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// The format of the backing file (`qcow2` or `raw`).
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Out-of-order writes: accepted; the crate reads and compresses out of order on its
+    /// threads and always appends to the new image in guest order.
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Write into the existing image OUT instead of creating it: an empty qcow2 image (as
+    /// `qcow2 create` leaves it) at least as large as the source.
+    #[arg(short = 'n')]
+    skip_create: bool,
+    /// Cache mode of the output: accepted for qemu-img's scripts; the output is written
+    /// through the page cache and not flushed, as qemu-img's default (`unsafe`) does.
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Cache mode of the source: accepted for qemu-img's scripts.
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    source_cache: Option<String>,
     /// Input format: `qcow2` or `raw` (default: probed).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -53,9 +84,10 @@ pub struct Args {
     /// `driver=qcow2,file.filename=IMG,encrypt.key-secret=ID[,backing.encrypt.key-secret=ID2]`.
     #[arg(long = "image-opts")]
     image_opts: bool,
-    /// The qcow2 image or raw file (with `--image-opts`, the qcow2 image's options).
+    /// The qcow2 image or raw file (with `--image-opts`, the qcow2 image's options); `-`
+    /// reads raw bytes from standard input (`-O qcow2`).
     image: PathBuf,
-    /// The raw output file, or `-` for standard output.
+    /// The output file: raw, or `-` for standard output; or the new qcow2 image.
     output: PathBuf,
 }
 
@@ -89,20 +121,19 @@ impl From<&str> for Stop {
 }
 
 fn convert(args: &Args) -> Result<(), Stop> {
-    if args.output_format != "raw" {
-        return Err(format!(
-            "Unsupported output format '{}' (only raw is written)",
-            args.output_format
-        )
-        .into());
-    }
+    let target = Target::from_args(args)?;
     // Without -m, the library's default: one thread per core, up to 8.
-    let mut options = ConvertOptions::new();
+    let mut options = ConvertOptions::new()
+        .compress(args.compress)
+        .out_of_order(args.out_of_order);
     if let Some(threads) = args.threads {
         options = options.threads(usize::from(threads));
     }
     if let Some(s) = &args.sparse_size {
         options = options.sparse_size(parse_sparse_size(s)?);
+    }
+    if args.image.as_os_str() == "-" && !args.image_opts {
+        return convert_stdin(args, &target, options);
     }
     let source = if args.image_opts {
         Disk::Image(Box::new(open_image_opts(&args.image, &args.secret)?.1))
@@ -119,26 +150,26 @@ fn convert(args: &Args) -> Result<(), Stop> {
             // Data clusters in holes of the image file count as zeros, as qemu-img's block
             // status says.
             let disk = HoleAwareReader::new(&reader);
-            convert_disk(&disk, image.guest_size(), args, options)
+            let overlay = args.backing.is_some().then_some(&reader);
+            convert_disk(&disk, overlay, image.guest_size(), args, &target, options)
         }
         Disk::Raw(raw) => {
             if args.snapshot.is_some() {
                 return Err(RAW_SNAPSHOT.into());
             }
-            convert_disk(raw, raw.disk_size(), args, options)
+            convert_disk(raw, None, raw.disk_size(), args, &target, options)
         }
     }
 }
 
-/// qemu-img's refusal of `-l` on a raw source.
-const RAW_SNAPSHOT: &str = "Failed to load snapshot: Block format 'raw' used by device '' \
-does not support temporarily loading internal snapshots";
-
-/// Convert `disk`, of `size` bytes, with progress as asked.
+/// Convert `disk`, of `size` bytes, with progress as asked. `overlay`: the source's top
+/// image, when only what it holds is to be copied (`-B`).
 fn convert_disk<D: GuestDisk + Sync + ?Sized>(
     disk: &D,
+    overlay: Option<&Reader<'_, File>>,
     size: u64,
     args: &Args,
+    target: &Target,
     options: ConvertOptions,
 ) -> Result<(), Stop> {
     let options = options.size(size);
@@ -148,10 +179,171 @@ fn convert_disk<D: GuestDisk + Sync + ?Sized>(
         args.output.as_os_str() == "-",
     );
     let progress = |done: u64, total: u64| shown.update(done, total);
-    let result = write_output(disk, &args.output, &options, progress);
+    let result = match target {
+        Target::Raw => write_output(disk, &args.output, &options, progress),
+        Target::Qcow2(new) => {
+            let fill = |open: &OpenOptions| match overlay {
+                Some(top) => {
+                    qcow2::convert_overlay_into_qcow2(top, &args.output, open, &options, progress)
+                }
+                None => qcow2::convert_into_qcow2(disk, &args.output, open, &options, progress),
+            };
+            new.make(&args.output, Some(size), fill)
+        }
+    };
     shown.end(result.is_ok());
     result
 }
+
+/// Convert raw bytes from standard input: into a new qcow2 image as long as the stream, or
+/// to a raw output as they come.
+fn convert_stdin(args: &Args, target: &Target, options: ConvertOptions) -> Result<(), Stop> {
+    if let Some(f) = args.format.as_deref().filter(|f| *f != "raw") {
+        return Err(format!("Standard input is read as raw bytes, not as '{f}'").into());
+    }
+    if args.snapshot.is_some() {
+        return Err(RAW_SNAPSHOT.into());
+    }
+    let Target::Qcow2(new) = target else {
+        return Err("Standard input converts to -O qcow2 only".into());
+    };
+    let mut shown = Progress::new(args.progress && !args.quiet, 0, false);
+    let progress = |done: u64, total: u64| shown.update(done, total);
+    let stdin = std::io::stdin().lock();
+    let fill = |open: &OpenOptions| {
+        qcow2::convert_stream_into_qcow2(stdin, None, &args.output, open, &options, progress)
+    };
+    let result = new.make(&args.output, None, fill);
+    shown.end(result.is_ok());
+    result
+}
+
+/// What the conversion writes.
+enum Target {
+    /// Raw bytes, to a file or a stream.
+    Raw,
+    /// A qcow2 image.
+    Qcow2(Box<NewImage>),
+}
+
+impl Target {
+    /// The output format and its options, refused as qemu-img refuses them before it opens
+    /// the source.
+    fn from_args(args: &Args) -> Result<Target, Stop> {
+        match args.output_format.as_str() {
+            "raw" => {
+                if args.compress {
+                    return Err("Compression not supported for this file format".into());
+                }
+                if args.backing.is_some() {
+                    return Err("Backing file not supported for file format 'raw'".into());
+                }
+                if let Some(first) = args.options.iter().flat_map(|o| o.split(',')).next() {
+                    let key = first.split_once('=').map_or(first, |(k, _)| k);
+                    return Err(format!("Invalid parameter '{key}'").into());
+                }
+                Ok(Target::Raw)
+            }
+            "qcow2" => Ok(Target::Qcow2(Box::new(NewImage::from_args(args)?))),
+            other => Err(format!("Unknown file format '{other}'").into()),
+        }
+    }
+}
+
+/// A qcow2 image to make (or, with `-n`, to fill).
+struct NewImage {
+    /// The options of the new image; `None` with `-n`.
+    create: Option<CreateOptions>,
+    /// How the filled image is opened: its secret, when it is encrypted.
+    open: OpenOptions,
+}
+
+impl NewImage {
+    fn from_args(args: &Args) -> Result<NewImage, Stop> {
+        if args.skip_create {
+            if !args.options.is_empty() {
+                return Err("-o has no effect when skipping image creation".into());
+            }
+            let open = args.secret.apply(OpenOptions::new())?;
+            return Ok(NewImage { create: None, open });
+        }
+        let out = args.output.display();
+        let refused = |e: qcow2::Error| -> Stop {
+            let message = match e {
+                qcow2::Error::InvalidOption { message, .. } => message,
+                other => crate::common::chain(&other),
+            };
+            format!("{out}: error while converting qcow2: {message}").into()
+        };
+        let mut create = CreateOptions::default();
+        for text in &args.options {
+            create.set_all(text).map_err(refused)?;
+        }
+        if let Some(backing) = &args.backing {
+            create = create.backing_file(backing.as_str());
+        }
+        if let Some(format) = &args.backing_format {
+            create = create.backing_format(format.as_str());
+        }
+        let mut open = OpenOptions::new();
+        if let Some(id) = create.key_secret_id().map(str::to_owned) {
+            let bytes = args.secret.by_id(&id)?.ok_or_else(|| {
+                refused(qcow2::Error::InvalidOption {
+                    option: "encrypt.key-secret".to_owned(),
+                    message: format!("No secret with id '{id}'"),
+                })
+            })?;
+            create = create.secret(bytes.clone());
+            open = open.secret(qcow2::Secret::new(bytes));
+        }
+        Ok(NewImage {
+            create: Some(create),
+            open,
+        })
+    }
+
+    /// Create the image at `path` (sized `size`, or empty for a stream of unknown length)
+    /// and `fill` it; on failure the new file is removed, so that no half-written image is
+    /// left. With `-n`, only `fill`.
+    fn make(
+        &self,
+        path: &Path,
+        size: Option<u64>,
+        fill: impl FnOnce(&OpenOptions) -> qcow2::Result<()>,
+    ) -> Result<(), Stop> {
+        let failed = |e: qcow2::Error| -> Stop {
+            format!(
+                "error while converting to {}: {}",
+                path.display(),
+                crate::common::chain(&e)
+            )
+            .into()
+        };
+        let Some(create) = &self.create else {
+            return fill(&self.open).map_err(failed);
+        };
+        // The source's size, whatever `-o size` says (as qemu-img).
+        let create = create.clone().size(size.unwrap_or(0));
+        qcow2::create(path, &create).map_err(|e| {
+            let message = match e {
+                qcow2::Error::InvalidOption { message, .. } => message,
+                other => crate::common::chain(&other),
+            };
+            Stop::Failed(format!(
+                "{}: error while converting qcow2: {message}",
+                path.display()
+            ))
+        })?;
+        fill(&self.open).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            failed(e)
+        })
+    }
+}
+
+/// qemu-img's refusal of `-l` on a raw source.
+const RAW_SNAPSHOT: &str = "Failed to load snapshot: Block format 'raw' used by device '' \
+does not support temporarily loading internal snapshots";
 
 /// Open a qcow2 image and its backing chain by path, refusing files that cannot be read as
 /// disks: the library opens every file without blocking (a FIFO would block until someone

@@ -1,5 +1,5 @@
-//! `qcow2`: the read-only jobs of `qemu-img` (info, map, check, compare, convert, snapshot
-//! listing) and dirty-bitmap dumps, done by the `qcow2` crate. Options spell as `qemu-img`'s.
+//! `qcow2`: the jobs of `qemu-img` that read images (info, map, check, compare, convert,
+//! snapshot listing) or make new ones (create, convert -O qcow2), and dirty-bitmap dumps, done by the `qcow2` crate. Options spell as `qemu-img`'s.
 //!
 //! Each subcommand is a thin layer over a public library call and lives in its own module,
 //! which exports `Args` (its clap arguments) and `run(args) -> ExitCode`.
@@ -13,6 +13,7 @@ mod check;
 mod common;
 mod compare;
 mod convert;
+mod create;
 // The disks commands read: qcow2 or raw, probed.
 mod disk;
 mod info;
@@ -45,6 +46,8 @@ enum Command {
     Map(map::Args),
     /// Copy a guest disk (or a snapshot) to a raw file or a pipe, like `qemu-img convert -O raw`.
     Convert(convert::Args),
+    /// Make a new empty qcow2 image, like `qemu-img create -f qcow2`.
+    Create(create::Args),
     /// Compare two guest disks (qcow2 or raw), like `qemu-img compare`.
     Compare(compare::Args),
 }
@@ -71,5 +74,6 @@ fn main() -> ExitCode {
         Command::Map(args) => map::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Create(args) => create::run(args),
     }
 }

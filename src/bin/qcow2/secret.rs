@@ -112,6 +112,15 @@ impl SecretArgs {
         Ok((filename, options))
     }
 
+    /// The bytes of the secret object `id` (`encrypt.key-secret=ID` of `qcow2 create`).
+    pub fn by_id(&self, id: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(self
+            .objects()?
+            .into_iter()
+            .find(|o| o.id == id)
+            .map(|o| o.bytes))
+    }
+
     fn objects(&self) -> Result<Vec<SecretObject>, String> {
         self.objects.iter().map(|o| parse_object(o)).collect()
     }
