@@ -567,7 +567,7 @@ fn secret_file(dir: &Path) -> PathBuf {
 
 /// LUKS: QEMU opens what the crate makes with the same secret, and shows it encrypted with
 /// its default cipher; the LUKS area follows the L1 table, cluster aligned, as QEMU places
-/// it. Needs `crypt::create::new_luks` (a stub until it lands).
+/// it.
 #[cfg(feature = "encryption")]
 #[test]
 fn create_luks_opens_in_qemu_with_the_secret() {
@@ -604,10 +604,22 @@ fn create_luks_opens_in_qemu_with_the_secret() {
         info["format-specific"]["data"]["encrypt"]["cipher-alg"],
         serde_json::Value::String("aes-256".into())
     );
+    // QEMU opens an encrypted image for check only with its secret.
     let check = Command::new(&qemu.img)
         .current_dir(dir.path())
-        .args(["check", "t.qcow2"])
+        .args(["check", "--object"])
+        .arg(format!("secret,id=s0,file={}", secret.display()))
+        .args([
+            "--image-opts",
+            "driver=qcow2,file.filename=t.qcow2,encrypt.key-secret=s0",
+        ])
         .output()
         .unwrap();
-    assert!(check.status.success(), "{}", text(&check.stdout));
+    assert!(
+        check.status.success(),
+        "{}{}",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
+    assert!(text(&check.stdout).contains("No errors were found on the image."));
 }
