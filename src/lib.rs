@@ -197,7 +197,7 @@ pub use jobs::check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemK
 pub use jobs::compare::{compare, CompareOptions, Comparison};
 pub use jobs::convert::{
     convert_into_qcow2, convert_overlay_into_qcow2, convert_stream_into_qcow2, convert_to_file,
-    convert_to_writer, ConvertOptions, DEFAULT_SPARSE_SIZE, MAX_SPARSE_SIZE,
+    convert_to_qcow2, convert_to_writer, ConvertOptions, DEFAULT_SPARSE_SIZE, MAX_SPARSE_SIZE,
 };
 pub use jobs::hole_aware::HoleAwareReader;
 pub use jobs::info::{

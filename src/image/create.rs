@@ -677,9 +677,23 @@ impl CreateOptions {
         self.backing_file.as_deref()
     }
 
+    /// The external data file's name, as it will be stored (and created).
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.data_file.as_deref()
+    }
+
     /// The id `encrypt.key-secret` names, for a caller that resolves secrets by id.
     pub fn key_secret_id(&self) -> Option<&str> {
         self.shown.get("encrypt.key-secret").map(String::as_str)
+    }
+
+    /// How the new image opens for writing: with its secret, when it is encrypted.
+    pub(crate) fn open_options(&self) -> crate::image::options::OpenOptions {
+        let options = crate::image::options::OpenOptions::new();
+        match &self.secret {
+            Some(secret) => options.secret(secret.clone()),
+            None => options,
+        }
     }
 
     /// Whether a size was given (`size` or the constructor).

@@ -278,6 +278,57 @@ where
         .map_err(|e| Error::io(format!("setting the output length to {total}"), e))
 }
 
+/// Convert `disk` into a new qcow2 image at `path`, like `qemu-img convert -O qcow2 -o ...`:
+/// the image is made by [`create`](crate::create) with `create` (its size the disk's, or
+/// [`ConvertOptions::size`]) and filled as [`convert_into_qcow2`] fills it. On failure the
+/// new file is removed, so that no half-written image is left; an existing file at `path` is
+/// replaced, as qemu-img replaces it.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("qcow2-doc-to-qcow2-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// let source = qcow2::Qcow2::open_path("fixtures/v3-64k-basic.qcow2")?;
+/// let reader = source.reader()?;
+/// let out = dir.join("compressed.qcow2");
+/// // qemu-img convert -c -O qcow2 -o compression_type=zstd,cluster_size=16k
+/// let mut create = qcow2::CreateOptions::default();
+/// create.set_all("compression_type=zstd,cluster_size=16k")?;
+/// let options = qcow2::ConvertOptions::new().compress(true);
+/// qcow2::convert_to_qcow2(&reader, &out, &create, &options, |_done, _total| {})?;
+/// let copy = qcow2::Qcow2::open_path(&out)?;
+/// assert_eq!(copy.guest_size(), source.guest_size());
+/// let outcome = qcow2::compare(&copy.reader()?, &reader, &qcow2::CompareOptions::new())?;
+/// assert_eq!(outcome, qcow2::Comparison::Identical);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn convert_to_qcow2<D>(
+    disk: &D,
+    path: impl AsRef<std::path::Path>,
+    create: &crate::image::create::CreateOptions,
+    options: &ConvertOptions,
+    progress: impl FnMut(u64, u64),
+) -> Result<()>
+where
+    D: GuestDisk + Sync + ?Sized,
+{
+    let path = path.as_ref();
+    // Checked before `create` truncates them.
+    refuse_source_output(disk, path)?;
+    if let Some(data_file) = create.data_file_name() {
+        refuse_source_output(disk, std::path::Path::new(data_file))?;
+    }
+    let size = options.size.unwrap_or_else(|| disk.disk_size());
+    let create = create.clone().size(size);
+    crate::image::create::create(path, &create)?;
+    convert_into_qcow2(disk, path, &create.open_options(), options, progress).inspect_err(|_| {
+        // The image is this call's: a half-filled one is not left behind.
+        let _ = std::fs::remove_file(path);
+    })
+}
+
 /// Copy `disk` into the empty qcow2 image at `target`, like `qemu-img convert -n -O qcow2`:
 /// the image, made beforehand (by `qemu-img create -f qcow2`) with
 /// the cluster size, version, refcount width, extended L2 entries, external data file or
@@ -437,12 +488,7 @@ fn fill<D>(
 where
     D: GuestDisk + Sync + ?Sized,
 {
-    let file = std::fs::File::open(target)
-        .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
-    if disk.reads_file(&file)? {
-        return Err(Error::OutputIsSource);
-    }
-    drop(file);
+    refuse_source_output(disk, target)?;
     let total = options.size.unwrap_or_else(|| disk.disk_size());
     let mut builder = refuse_options(total, target, target_options, options)?;
     let into = builder.target();
@@ -659,6 +705,18 @@ fn read_full<R: std::io::Read>(source: &mut R, buf: &mut [u8]) -> Result<usize> 
         }
     }
     Ok(got)
+}
+
+/// Refuse to write `path` when `disk` reads it (the image, a backing file, the data file,
+/// under any name): writing it would destroy the source. A file that does not exist yet is
+/// no source.
+fn refuse_source_output<D: GuestDisk + ?Sized>(disk: &D, path: &std::path::Path) -> Result<()> {
+    match std::fs::File::open(path) {
+        Ok(file) if disk.reads_file(&file)? => Err(Error::OutputIsSource),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("opening {}", path.display()), e)),
+    }
 }
 
 /// Open the target for filling, refusing what qemu-img refuses.

@@ -328,7 +328,8 @@ fn cli_convert_errors() {
     }
     inputs.extend([a.clone(), selfish.clone()]);
     for input in &inputs {
-        let o = ours(&["convert", s(input), s(&out)]);
+        // As qcow2: a raw file would convert, probed as raw.
+        let o = ours(&["convert", "-f", "qcow2", s(input), s(&out)]);
         assert_eq!(o.status.code(), Some(1), "{input:?}");
         assert!(!message(&o, "qcow2").is_empty());
         let o = ours(&["compare", s(input), s(&image)]);
@@ -337,7 +338,7 @@ fn cli_convert_errors() {
             "compare {input:?}"
         );
     }
-    for args in [&["-O", "qcow2"][..], &["-f", "raw"]] {
+    for args in [&["-O", "vmdk"][..], &["-f", "vmdk"], &["-c", "-O", "raw"]] {
         let mut a = vec!["convert"];
         a.extend_from_slice(args);
         a.extend([s(&image), s(&out)]);
@@ -347,13 +348,52 @@ fn cli_convert_errors() {
     let copy = dir.join("copy.qcow2");
     std::fs::copy(&image, &copy).unwrap();
     let before = std::fs::read(&copy).unwrap();
-    let o = ours(&["convert", s(&copy), s(&copy)]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(!message(&o, "qcow2").is_empty());
-    assert!(
-        std::fs::read(&copy).unwrap() == before,
-        "the input was changed"
+    for output_format in ["raw", "qcow2"] {
+        let o = ours(&["convert", "-O", output_format, s(&copy), s(&copy)]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(!message(&o, "qcow2").is_empty());
+        assert!(
+            std::fs::read(&copy).unwrap() == before,
+            "the input was changed (-O {output_format})"
+        );
+    }
+    // Nor is a new image's data file, nor the output when it is a backing file.
+    let chain_base = common::fixture("chain-base.qcow2");
+    let base_copy = dir.join("chain-base.qcow2");
+    std::fs::copy(&chain_base, &base_copy).unwrap();
+    let mid = dir.join("mid.qcow2");
+    let made = qemu_img(
+        &qemu,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "chain-base.qcow2",
+            "-F",
+            "qcow2",
+            s(&mid),
+        ],
     );
+    assert!(made.status.success(), "{}", stderr(&made));
+    let base_before = std::fs::read(&base_copy).unwrap();
+    let data_file = format!("data_file={}", s(&base_copy));
+    for args in [
+        vec!["convert", "-O", "qcow2", s(&mid), s(&base_copy)],
+        vec!["convert", "-O", "qcow2", "-o", &data_file, s(&mid), s(&out)],
+    ] {
+        let o = ours(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(
+            message(&o, "qcow2").contains("Could not create"),
+            "{args:?}"
+        );
+        assert!(
+            std::fs::read(&base_copy).unwrap() == base_before,
+            "{args:?}"
+        );
+    }
     // -p draws nothing when standard error is not a terminal.
     let o = ours(&["convert", "-p", s(&image), s(&out)]);
     assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));

@@ -310,7 +310,7 @@ fn open_failures_read_as_qemu_img_s() {
                 vec!["check", "-f", "qcow2", file],
             ),
             (
-                vec!["convert", file, out],
+                vec!["convert", "-f", "qcow2", file, out],
                 vec!["convert", "-f", "qcow2", "-O", "raw", file, out],
             ),
             (

@@ -18,6 +18,8 @@ mod check_bound;
 mod check_cli;
 #[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
 mod cli_convert;
+#[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
+mod cli_convert_qcow2;
 #[cfg(feature = "cli")]
 mod cli_info;
 #[cfg(feature = "cli")]

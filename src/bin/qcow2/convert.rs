@@ -93,6 +93,9 @@ pub struct Args {
 
 /// Run `qcow2 convert`.
 pub fn run(args: Args) -> ExitCode {
+    if args.output_format == "qcow2" && crate::create::wants_help(&args.options) {
+        return crate::create::help(true);
+    }
     match convert(&args) {
         Ok(()) | Err(Stop::ReaderLeft) => ExitCode::SUCCESS,
         Err(Stop::Failed(message)) => crate::common::fail(message),
@@ -164,7 +167,7 @@ fn convert(args: &Args) -> Result<(), Stop> {
 
 /// Convert `disk`, of `size` bytes, with progress as asked. `overlay`: the source's top
 /// image, when only what it holds is to be copied (`-B`).
-fn convert_disk<D: GuestDisk + Sync + ?Sized>(
+fn convert_disk<D: GuestDisk + Sync>(
     disk: &D,
     overlay: Option<&Reader<'_, File>>,
     size: u64,
@@ -188,7 +191,7 @@ fn convert_disk<D: GuestDisk + Sync + ?Sized>(
                 }
                 None => qcow2::convert_into_qcow2(disk, &args.output, open, &options, progress),
             };
-            new.make(&args.output, Some(size), fill)
+            new.make(&args.output, Some((disk as &dyn GuestDisk, size)), fill)
         }
     };
     shown.end(result.is_ok());
@@ -276,8 +279,12 @@ impl NewImage {
             format!("{out}: error while converting qcow2: {message}").into()
         };
         let mut create = CreateOptions::default();
+        // A bad option name or value: qemu-img's bare message, before any file is named.
         for text in &args.options {
-            create.set_all(text).map_err(refused)?;
+            create.set_all(text).map_err(|e| match e {
+                qcow2::Error::InvalidOption { message, .. } => Stop::Failed(message),
+                other => Stop::Failed(crate::common::chain(&other)),
+            })?;
         }
         if let Some(backing) = &args.backing {
             create = create.backing_file(backing.as_str());
@@ -302,15 +309,32 @@ impl NewImage {
         })
     }
 
-    /// Create the image at `path` (sized `size`, or empty for a stream of unknown length)
-    /// and `fill` it; on failure the new file is removed, so that no half-written image is
-    /// left. With `-n`, only `fill`.
+    /// Create the image at `path` (sized as `source`, or empty for a stream of unknown
+    /// length) and `fill` it; on failure the new file is removed, so that no half-written
+    /// image is left. With `-n`, only `fill`. A file the source reads is never created over.
     fn make(
         &self,
         path: &Path,
-        size: Option<u64>,
+        source: Option<(&dyn GuestDisk, u64)>,
         fill: impl FnOnce(&OpenOptions) -> qcow2::Result<()>,
     ) -> Result<(), Stop> {
+        let created = self
+            .create
+            .iter()
+            .flat_map(|c| c.data_file_name().map(Path::new));
+        for file in std::iter::once(path).chain(created) {
+            let Some((disk, _)) = source else { break };
+            let fail = |why: String| format!("Could not create '{}': {why}", file.display());
+            // A file that does not exist yet is no source.
+            if let Ok(existing) = File::open(file) {
+                match disk.reads_file(&existing) {
+                    Ok(false) => {}
+                    Ok(true) => return Err(fail(SOURCE_OUTPUT.to_owned()).into()),
+                    Err(e) => return Err(fail(crate::common::chain(&e)).into()),
+                }
+            }
+        }
+        let size = source.map(|(_, size)| size);
         let failed = |e: qcow2::Error| -> Stop {
             format!(
                 "error while converting to {}: {}",
@@ -340,6 +364,10 @@ impl NewImage {
         })
     }
 }
+
+/// Why an output is refused that the source reads.
+const SOURCE_OUTPUT: &str = "it is a file the image being converted reads (the image, a \
+backing file or the data file); it was left as it was";
 
 /// qemu-img's refusal of `-l` on a raw source.
 const RAW_SNAPSHOT: &str = "Failed to load snapshot: Block format 'raw' used by device '' \
@@ -432,10 +460,7 @@ fn write_output<D: GuestDisk + Sync + ?Sized>(
     };
     let is_source = |file: &File, what: &str| match reader.reads_file(file) {
         Ok(false) => Ok(()),
-        Ok(true) => Err(Stop::Failed(format!(
-            "{what}: it is a file the image being converted reads (the image, a backing file \
-             or the data file); it was left as it was"
-        ))),
+        Ok(true) => Err(Stop::Failed(format!("{what}: {SOURCE_OUTPUT}"))),
         Err(e) => Err(fail(e)),
     };
     if output.as_os_str() == "-" {

@@ -67,7 +67,7 @@ fn fail_for(file: &str, e: &Error) -> ExitCode {
     fail(&format!("{file}: {message}"))
 }
 
-fn wants_help(options: &[String]) -> bool {
+pub(crate) fn wants_help(options: &[String]) -> bool {
     options
         .iter()
         .flat_map(|o| o.split(','))
@@ -75,7 +75,7 @@ fn wants_help(options: &[String]) -> bool {
 }
 
 /// `-o help`: the qcow2 options; with a file name, the file protocol's options among them.
-fn help(with_file: bool) -> ExitCode {
+pub(crate) fn help(with_file: bool) -> ExitCode {
     let list = CreateOptions::help();
     let text = if with_file {
         let mut out = String::from("Supported options:\n");
