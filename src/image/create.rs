@@ -56,9 +56,9 @@ pub enum Preallocation {
     /// Also every L2 table, with every guest cluster mapped to a host cluster, which is left
     /// unwritten (the file is sparse).
     Metadata,
-    /// As `Metadata`, the data clusters placed together and reserved on disk (QEMU asks the
-    /// file system with `fallocate`; this crate writes zeros, as `posix_fallocate` falls back
-    /// to doing).
+    /// As `Metadata`, the data clusters placed together and reserved on disk with
+    /// `fallocate`, as QEMU reserves them (zeros written where the file system cannot
+    /// reserve, as `posix_fallocate` does).
     Falloc,
     /// As `Falloc`, with zeros written into every data cluster.
     Full,
@@ -1020,9 +1020,8 @@ impl Plan {
             .div_ceil(self.cluster_size().saturating_mul(self.l2_entries()))
     }
 
-    /// Whether the data clusters are written with zeros: `full`, and `falloc`, which QEMU
-    /// reserves with `fallocate` and this crate (without system calls of its own) by writing
-    /// zeros, as `posix_fallocate` does where the file system cannot reserve.
+    /// Whether the data clusters are made to take space: written with zeros (`full`) or
+    /// reserved (`falloc`, zeros where the file system cannot reserve).
     fn writes_zeros(&self) -> bool {
         matches!(
             self.preallocation,
@@ -1901,7 +1900,8 @@ fn write_all(
         write_tables(&put, layout, plan, options.data_file.is_some())?;
     }
     if plan.writes_zeros() && options.data_file.is_none() {
-        write_zero_data(&put, layout)?;
+        let fill = |start: u64, len: u64| reserve_or_zero(file, path, &put, plan, start, len);
+        write_zero_data(&fill, layout)?;
     }
     if let Some((offset, _)) = layout.luks {
         put(offset, luks.unwrap_or_default())?;
@@ -1998,9 +1998,33 @@ fn write_zeros(put: &Put<'_>, start: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// `len` bytes from `start` made to read as zeros and take space: reserved by the file
+/// system for `falloc` (`fallocate`, as QEMU's `posix_fallocate`), written with zeros for
+/// `full`, or where the file system cannot reserve (as `posix_fallocate` falls back).
+fn reserve_or_zero(
+    file: &File,
+    path: &Path,
+    put: &Put<'_>,
+    plan: &Plan,
+    start: u64,
+    len: u64,
+) -> Result<()> {
+    #[cfg(unix)]
+    if plan.preallocation == Preallocation::Falloc && len > 0 {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(file, FallocateFlags::empty(), start, len) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(io_err("reserving space in", path)(e.into())),
+        }
+    }
+    let _ = (file, plan);
+    write_zeros(put, start, len)
+}
+
 /// Zeros over every data cluster (`preallocation=falloc` and `full`): one run per L2
 /// table's range when tables and data alternate, one run otherwise.
-fn write_zero_data(put: &Put<'_>, layout: &Layout) -> Result<()> {
+fn write_zero_data(fill: &dyn Fn(u64, u64) -> Result<()>, layout: &Layout) -> Result<()> {
     let interleaved = matches!(layout.payload, Payload::Interleaved { .. });
     let mut index = 0u64;
     while index < layout.data_clusters {
@@ -2019,7 +2043,7 @@ fn write_zero_data(put: &Put<'_>, layout: &Layout) -> Result<()> {
         let len = layout
             .offset(run_end.saturating_sub(index))
             .min(layout.file_len.saturating_sub(start));
-        write_zeros(put, start, len)?;
+        fill(start, len)?;
         index = run_end;
     }
     Ok(())
@@ -2040,7 +2064,7 @@ fn write_data_file(file: &File, path: &Path, plan: &Plan) -> Result<()> {
             file.write_all_at(at, bytes)
                 .map_err(io_err("writing", path))
         };
-        write_zeros(&put, 0, len)?;
+        reserve_or_zero(file, path, &put, plan, 0, len)?;
     }
     file.set_len(len).map_err(io_err("extending", path))?;
     file.sync_all().map_err(io_err("flushing", path))
