@@ -1,5 +1,5 @@
-//! Sector decryption: a block cipher, a block mode and an IV generator, as QEMU's
-//! `qcrypto_block_cipher_decrypt_helper` combines them.
+//! Sector decryption and encryption: a block cipher, a block mode and an IV generator, as
+//! QEMU's `qcrypto_block_cipher_{de,en}crypt_helper` combine them.
 //!
 //! The modes are written here rather than taken from the `cbc` and `xts-mode` crates so that
 //! each sector's blocks go to the cipher in one call: RustCrypto's AES then decrypts several
@@ -113,6 +113,13 @@ fn xor_into(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+/// Which way data goes through the cipher.
+#[derive(Clone, Copy)]
+enum Direction {
+    Decrypt,
+    Encrypt,
+}
+
 /// The payload cipher of an unlocked image: decrypts 512-byte sectors by number.
 /// Its key schedules are zeroed when it is dropped (the ciphers' `zeroize` feature).
 pub(crate) struct SectorCipher {
@@ -174,51 +181,31 @@ impl SectorCipher {
     /// Decrypt `data` in place, sector by sector from sector number `first`. A last piece
     /// shorter than a sector is decrypted as one unit, as QEMU does with key material.
     pub(crate) fn decrypt(&self, first: u64, data: &mut [u8]) {
-        let block = self.cipher.block_len();
-        let mut iv = [0u8; MAX_BLOCK];
-        let iv = iv.get_mut(..block.min(MAX_BLOCK)).unwrap_or_default();
-        for (i, sector) in data.chunks_mut(SECTOR).enumerate() {
-            let n = first.wrapping_add(i as u64);
-            match self.mode {
-                CipherMode::Ecb => self.cipher.decrypt(sector),
-                CipherMode::Cbc => {
-                    self.ivgen.fill(n, iv);
-                    self.decrypt_cbc(iv, sector);
-                }
-                CipherMode::Xts => {
-                    self.ivgen.fill(n, iv);
-                    self.decrypt_xts(iv, sector);
-                }
-                CipherMode::Ctr => {
-                    self.ivgen.fill(n, iv);
-                    self.apply_ctr(iv, sector);
-                }
-            }
-        }
+        self.sectors(first, data, Direction::Decrypt);
     }
 
     /// Encrypt `data` in place, sector by sector from sector number `first`: the inverse of
     /// [`Self::decrypt`].
     pub(crate) fn encrypt(&self, first: u64, data: &mut [u8]) {
+        self.sectors(first, data, Direction::Encrypt);
+    }
+
+    /// Each sector of `data` through the mode, with its IV, one way or the other.
+    fn sectors(&self, first: u64, data: &mut [u8], direction: Direction) {
         let block = self.cipher.block_len();
         let mut iv = [0u8; MAX_BLOCK];
         let iv = iv.get_mut(..block.min(MAX_BLOCK)).unwrap_or_default();
         for (i, sector) in data.chunks_mut(SECTOR).enumerate() {
-            let n = first.wrapping_add(i as u64);
-            match self.mode {
-                CipherMode::Ecb => self.cipher.encrypt(sector),
-                CipherMode::Cbc => {
-                    self.ivgen.fill(n, iv);
-                    self.encrypt_cbc(iv, sector);
-                }
-                CipherMode::Xts => {
-                    self.ivgen.fill(n, iv);
-                    self.encrypt_xts(iv, sector);
-                }
-                CipherMode::Ctr => {
-                    self.ivgen.fill(n, iv);
-                    self.apply_ctr(iv, sector);
-                }
+            if self.mode != CipherMode::Ecb {
+                self.ivgen.fill(first.wrapping_add(i as u64), iv);
+            }
+            match (self.mode, direction) {
+                (CipherMode::Ecb, Direction::Decrypt) => self.cipher.decrypt(sector),
+                (CipherMode::Ecb, Direction::Encrypt) => self.cipher.encrypt(sector),
+                (CipherMode::Cbc, Direction::Decrypt) => self.decrypt_cbc(iv, sector),
+                (CipherMode::Cbc, Direction::Encrypt) => self.encrypt_cbc(iv, sector),
+                (CipherMode::Xts, direction) => self.xts(iv, sector, direction),
+                (CipherMode::Ctr, _) => self.apply_ctr(iv, sector),
             }
         }
     }
@@ -234,24 +221,6 @@ impl SectorCipher {
             self.cipher.encrypt(b);
             copy_prefix(&mut chain, b);
         }
-    }
-
-    /// XTS encryption: the same tweaks as [`Self::decrypt_xts`], the cipher run forwards.
-    fn encrypt_xts(&self, iv: &[u8], sector: &mut [u8]) {
-        let Some(tweak_cipher) = &self.tweak else {
-            return;
-        };
-        let mut t = [0u8; 16];
-        copy_prefix(&mut t, iv);
-        tweak_cipher.encrypt(&mut t);
-        let mut tweaks = [0u8; SECTOR];
-        for chunk in tweaks.chunks_exact_mut(16) {
-            chunk.copy_from_slice(&t);
-            t = mul_x(t);
-        }
-        xor_into(sector, &tweaks);
-        self.cipher.encrypt(sector);
-        xor_into(sector, &tweaks);
     }
 
     /// CBC: decrypt every block at once, then xor each with the ciphertext before it.
@@ -274,7 +243,7 @@ impl SectorCipher {
     /// XTS (IEEE 1619) on whole 16-byte blocks: the tweak is the encrypted IV, multiplied by
     /// x in GF(2^128) from block to block; every block's tweak is made first so the blocks
     /// go through the cipher together.
-    fn decrypt_xts(&self, iv: &[u8], sector: &mut [u8]) {
+    fn xts(&self, iv: &[u8], sector: &mut [u8], direction: Direction) {
         let Some(tweak_cipher) = &self.tweak else {
             return;
         };
@@ -287,7 +256,10 @@ impl SectorCipher {
             t = mul_x(t);
         }
         xor_into(sector, &tweaks);
-        self.cipher.decrypt(sector);
+        match direction {
+            Direction::Decrypt => self.cipher.decrypt(sector),
+            Direction::Encrypt => self.cipher.encrypt(sector),
+        }
         xor_into(sector, &tweaks);
     }
 
