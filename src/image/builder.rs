@@ -75,6 +75,9 @@ pub(crate) struct Builder {
     /// A raw external data file: `qemu-img create` mapped every cluster to it already, at
     /// its guest offset, so only data is written, into the data file.
     raw_data: bool,
+    /// A preallocated target this conversion created: every guest cluster is mapped
+    /// already, so data goes where its L2 entry points and no metadata changes.
+    premapped: Option<Premapped>,
     /// The size to grow the guest to at finish, when it may grow.
     grown_size: Option<u64>,
     /// A write being gathered: host offset and bytes (into the data file when `to_data`).
@@ -95,11 +98,23 @@ impl std::fmt::Debug for Builder {
 impl Builder {
     /// Open the empty image at `path` (with `options`, e.g. its secret) for filling.
     /// Refused: an image with data, snapshots or bitmaps, a dirty or corrupt one, legacy AES
-    /// encryption, an external data file that is not there.
-    pub(crate) fn open(path: &Path, options: &OpenOptions) -> Result<Builder> {
+    /// encryption, an external data file that is not there. A `fresh` image (made by this
+    /// conversion, so it reads as zeros) may be preallocated: it is filled where its L2
+    /// entries point.
+    pub(crate) fn open(path: &Path, options: &OpenOptions, fresh: bool) -> Result<Builder> {
         let mut image = Qcow2::open_path_with(path, &options.clone().backing_as_zeros(true))?;
         let raw_data = image.header().is_data_file_raw();
-        refuse_unless_empty(&image, raw_data)?;
+        let preallocated = fresh && !raw_data && image.l1.iter().any(|&e| e != 0);
+        let premapped = match preallocated {
+            true => Some(Premapped::check(Qcow2::open_path_with(
+                path,
+                &options.clone().backing_as_zeros(true),
+            )?)?),
+            false => {
+                refuse_unless_empty(&image, raw_data)?;
+                None
+            }
+        };
         let header = image.header().clone();
         let file = open_rw(path)?;
         let data_file = match image.header().has_data_file_bit() {
@@ -149,6 +164,7 @@ impl Builder {
             next_free: file_len.div_ceil(cluster_size),
             compressed_end: None,
             raw_data,
+            premapped,
             grown_size: None,
             pending: (0, Vec::new(), false),
             crypt,
@@ -215,6 +231,9 @@ impl Builder {
         if self.raw_data {
             return Ok((guest, guest));
         }
+        if let Some(premapped) = &mut self.premapped {
+            return Ok((guest, premapped.host(guest)?));
+        }
         self.l2_for(guest_cluster)?;
         let host = match &self.data_file {
             // QEMU's data files hold each cluster at its guest offset, counted by no refcount.
@@ -239,9 +258,9 @@ impl Builder {
         if len == 0 || len >= self.cluster_size {
             return Err(Error::Internal("a compressed cluster that does not shrink"));
         }
-        if self.crypt.is_some() || self.data_file.is_some() {
+        if self.crypt.is_some() || self.data_file.is_some() || self.premapped.is_some() {
             return Err(Error::Internal(
-                "compressed clusters in an encrypted or data-file image",
+                "compressed clusters in an encrypted, data-file or preallocated image",
             ));
         }
         self.l2_for(guest_cluster)?;
@@ -258,8 +277,9 @@ impl Builder {
 
     /// Guest cluster `guest_cluster` reads as zeros, over any backing data.
     pub(crate) fn set_zero(&mut self, guest_cluster: u64) -> Result<()> {
-        if self.raw_data {
-            // A raw data file starts as zeros, and no backing file shows through it.
+        if self.raw_data || self.premapped.is_some() {
+            // A raw data file, or a fresh preallocated image, reads as zeros, and no backing
+            // file shows through it.
             return Ok(());
         }
         self.l2_for(guest_cluster)?;
@@ -270,7 +290,7 @@ impl Builder {
     pub(crate) fn finish(mut self) -> Result<()> {
         self.flush_l2()?;
         self.flush_pending()?;
-        if self.raw_data {
+        if self.raw_data || self.premapped.is_some() {
             return self.seal();
         }
         let grown = self.place_grown_l1()?;
@@ -388,6 +408,12 @@ impl Builder {
     /// (the size given last) when that is more than it was, moving the L1 table when it
     /// must grow past its clusters.
     pub(crate) fn grow_to(&mut self, size: u64) -> Result<()> {
+        if self.premapped.is_some() {
+            return Err(Error::InvalidOption {
+                option: "preallocation".to_owned(),
+                message: "a stream of unknown length cannot fill a preallocated image".to_owned(),
+            });
+        }
         if self.raw_data {
             return Err(Error::InvalidOption {
                 option: "data_file_raw".to_owned(),
@@ -570,6 +596,62 @@ impl Builder {
 }
 
 /// Refuse a target that is not as `qemu-img create` leaves it.
+/// The mapping of a preallocated target, looked up one extent at a time as the guest
+/// position moves on.
+struct Premapped {
+    image: Qcow2<File>,
+    /// The extent last looked up: guest start, length, host offset.
+    extent: (u64, u64, u64),
+}
+
+impl Premapped {
+    /// A preallocated image with nothing else in it: no snapshots or bitmaps, clean.
+    fn check(image: Qcow2<File>) -> Result<Premapped> {
+        let header = image.header();
+        if !image.snapshots().is_empty()
+            || !image.bitmaps().is_empty()
+            || header.is_dirty()
+            || header.is_corrupt()
+        {
+            return Err(Error::InvalidOption {
+                option: "preallocation".to_owned(),
+                message: "the preallocated target has snapshots, bitmaps or a dirty bit".to_owned(),
+            });
+        }
+        Ok(Premapped {
+            image,
+            extent: (0, 0, 0),
+        })
+    }
+
+    /// The host offset of guest offset `guest` (a cluster's start), which must be mapped
+    /// to a data cluster of its own, as preallocation maps every cluster.
+    fn host(&mut self, guest: u64) -> Result<u64> {
+        let (start, len, _) = self.extent;
+        if guest < start || guest >= start.saturating_add(len) {
+            let extent = self.image.reader()?.extent_at(guest)?;
+            self.extent = match extent {
+                Some(crate::format::table::Extent {
+                    start,
+                    length,
+                    kind: crate::format::table::ExtentKind::Data { host_offset },
+                    ..
+                }) => (start, length, host_offset),
+                _ => {
+                    return Err(Error::InvalidOption {
+                        option: "preallocation".to_owned(),
+                        message: format!(
+                            "guest offset {guest} of the preallocated target is not mapped"
+                        ),
+                    })
+                }
+            };
+        }
+        let (start, _, host) = self.extent;
+        Ok(host.saturating_add(guest.saturating_sub(start)))
+    }
+}
+
 fn refuse_unless_empty<I: ReadAt>(image: &Qcow2<I>, raw_data: bool) -> Result<()> {
     let header = image.header();
     let reason = if raw_data && image.l1.contains(&0) {

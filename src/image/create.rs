@@ -687,6 +687,12 @@ impl CreateOptions {
         self.shown.get("encrypt.key-secret").map(String::as_str)
     }
 
+    /// Whether the image is made preallocated (its clusters mapped from the start).
+    pub fn preallocates(&self) -> bool {
+        self.preallocation
+            .is_some_and(|mode| mode != Preallocation::Off)
+    }
+
     /// How the new image opens for writing: with its secret, when it is encrypted.
     pub(crate) fn open_options(&self) -> crate::image::options::OpenOptions {
         let options = crate::image::options::OpenOptions::new();

@@ -280,9 +280,13 @@ where
 
 /// Convert `disk` into a new qcow2 image at `path`, like `qemu-img convert -O qcow2 -o ...`:
 /// the image is made by [`create`](crate::create) with `create` (its size the disk's, or
-/// [`ConvertOptions::size`]) and filled as [`convert_into_qcow2`] fills it. On failure the
-/// new file is removed, so that no half-written image is left; an existing file at `path` is
-/// replaced, as qemu-img replaces it.
+/// [`ConvertOptions::size`]) and filled as [`convert_into_qcow2`] fills it; a preallocated
+/// image (`preallocation` metadata, falloc or full) is filled where its clusters are mapped
+/// already, and refused with [`ConvertOptions::compress`], as qemu-img refuses it. On failure
+/// the new file is removed, so that no half-written image is left; an existing file at `path`
+/// is replaced, as qemu-img replaces it. A file the disk reads (the image, a backing file, the
+/// data file) is refused as the output or the new data file, before anything is written
+/// ([`Error::OutputIsSource`]).
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -320,11 +324,22 @@ where
     if let Some(data_file) = create.data_file_name() {
         refuse_source_output(disk, std::path::Path::new(data_file))?;
     }
+    if options.compress && create.preallocates() {
+        return Err(Error::InvalidOption {
+            option: "preallocation".to_owned(),
+            message: "Compression and preallocation not supported at the same time".to_owned(),
+        });
+    }
     let size = options.size.unwrap_or_else(|| disk.disk_size());
     let create = create.clone().size(size);
     crate::image::create::create(path, &create)?;
-    convert_into_qcow2(disk, path, &create.open_options(), options, progress).inspect_err(|_| {
-        // The image is this call's: a half-filled one is not left behind.
+    let mut progress = progress;
+    // The image is this call's and reads as zeros: a preallocated one is filled where its
+    // clusters are mapped already.
+    let fresh = true;
+    let open = create.open_options();
+    fill(disk, None, path, &open, options, &mut progress, fresh).inspect_err(|_| {
+        // A half-filled image is not left behind.
         let _ = std::fs::remove_file(path);
     })
 }
@@ -384,6 +399,7 @@ where
         target_options,
         options,
         &mut progress,
+        false,
     )
 }
 
@@ -459,6 +475,7 @@ where
         target_options,
         options,
         &mut progress,
+        false,
     )
 }
 
@@ -484,13 +501,14 @@ fn fill<D>(
     target_options: &crate::image::options::OpenOptions,
     options: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
+    fresh: bool,
 ) -> Result<()>
 where
     D: GuestDisk + Sync + ?Sized,
 {
     refuse_source_output(disk, target)?;
     let total = options.size.unwrap_or_else(|| disk.disk_size());
-    let mut builder = refuse_options(total, target, target_options, options)?;
+    let mut builder = refuse_options(total, target, target_options, options, fresh)?;
     let into = builder.target();
     let compressor = match options.compress {
         true => Some((into.compression_type, options.compression_level)),
@@ -601,7 +619,7 @@ pub fn convert_stream_into_qcow2<R: std::io::Read>(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<()> {
     let target = target.as_ref();
-    let mut builder = refuse_options(size.unwrap_or(0), target, target_options, options)?;
+    let mut builder = refuse_options(size.unwrap_or(0), target, target_options, options, false)?;
     if size.is_none() {
         builder.grow_to(0)?;
     }
@@ -725,6 +743,7 @@ fn refuse_options(
     target: &std::path::Path,
     target_options: &crate::image::options::OpenOptions,
     options: &ConvertOptions,
+    fresh: bool,
 ) -> Result<Builder> {
     let header =
         crate::Qcow2::open_path_with(target, &target_options.clone().backing_as_zeros(true))?
@@ -752,7 +771,7 @@ fn refuse_options(
             message: "Compression is not supported with an external data file".to_owned(),
         });
     }
-    Builder::open(target, target_options)
+    Builder::open(target, target_options, fresh)
 }
 
 /// Stores what the reading threads classified, on the calling thread.

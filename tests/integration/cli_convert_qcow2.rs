@@ -154,6 +154,10 @@ fn cli_convert_to_qcow2_matches_qemu_img() {
         (&["-o", "cluster_size=2M,lazy_refcounts=on", "-W"], false),
         (&["-o", "extended_l2=on,cluster_size=128k"], false),
         (&["-f", "raw", "-o", "refcount_bits=64"], false),
+        // A preallocated image, filled where its clusters are mapped already.
+        (&["-o", "preallocation=metadata"], false),
+        (&["-o", "preallocation=falloc,cluster_size=16k"], false),
+        (&["-o", "preallocation=full"], false),
     ];
     for (args, compressed) in cases {
         both(&qemu, dir.path(), raw, args, *compressed);
@@ -192,6 +196,15 @@ fn cli_convert_to_qcow2_refuses_what_qemu_img_refuses() {
             "out",
         ],
         &["-O", "qcow2", "-o", "refcount_bits=3", raw, "out"],
+        &[
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            "preallocation=metadata",
+            raw,
+            "out",
+        ],
         &[
             "-O",
             "qcow2",

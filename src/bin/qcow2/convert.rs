@@ -184,18 +184,56 @@ fn convert_disk<D: GuestDisk + Sync>(
     let progress = |done: u64, total: u64| shown.update(done, total);
     let result = match target {
         Target::Raw => write_output(disk, &args.output, &options, progress),
-        Target::Qcow2(new) => {
-            let fill = |open: &OpenOptions| match overlay {
-                Some(top) => {
-                    qcow2::convert_overlay_into_qcow2(top, &args.output, open, &options, progress)
-                }
-                None => qcow2::convert_into_qcow2(disk, &args.output, open, &options, progress),
-            };
-            new.make(&args.output, Some((disk as &dyn GuestDisk, size)), fill)
-        }
+        Target::Qcow2(new) => match (&new.create, overlay) {
+            // A new image from the whole disk: the library's one call (a preallocated image
+            // is filled where its clusters are mapped).
+            (Some(create), None) => {
+                qcow2::convert_to_qcow2(disk, &args.output, create, &options, progress)
+                    .map_err(|e| new_image_failed(&args.output, e))
+            }
+            _ => new_then_fill(new, disk, overlay, size, args, &options, progress),
+        },
     };
     shown.end(result.is_ok());
     result
+}
+
+/// The message of a failed `convert_to_qcow2`, as qemu-img words each kind.
+fn new_image_failed(path: &Path, e: qcow2::Error) -> Stop {
+    let message = match e {
+        qcow2::Error::InvalidOption { message, .. } => {
+            format!(
+                "{}: error while converting qcow2: {message}",
+                path.display()
+            )
+        }
+        qcow2::Error::OutputIsSource => {
+            format!("Could not create '{}': {SOURCE_OUTPUT}", path.display())
+        }
+        other => format!(
+            "error while converting to {}: {}",
+            path.display(),
+            crate::common::chain(&other)
+        ),
+    };
+    Stop::Failed(message)
+}
+
+/// An overlay (`-B`) or a target that exists (`-n`): made (unless `-n`), then filled.
+fn new_then_fill<D: GuestDisk + Sync>(
+    new: &NewImage,
+    disk: &D,
+    overlay: Option<&Reader<'_, File>>,
+    size: u64,
+    args: &Args,
+    options: &ConvertOptions,
+    progress: impl FnMut(u64, u64),
+) -> Result<(), Stop> {
+    let fill = |open: &OpenOptions| match overlay {
+        Some(top) => qcow2::convert_overlay_into_qcow2(top, &args.output, open, options, progress),
+        None => qcow2::convert_into_qcow2(disk, &args.output, open, options, progress),
+    };
+    new.make(&args.output, Some((disk as &dyn GuestDisk, size)), fill)
 }
 
 /// Convert raw bytes from standard input: into a new qcow2 image as long as the stream, or
@@ -291,6 +329,9 @@ impl NewImage {
         }
         if let Some(format) = &args.backing_format {
             create = create.backing_format(format.as_str());
+        }
+        if args.compress && create.preallocates() {
+            return Err("Compression and preallocation not supported at the same time".into());
         }
         let mut open = OpenOptions::new();
         if let Some(id) = create.key_secret_id().map(str::to_owned) {
