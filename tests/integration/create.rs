@@ -6,7 +6,7 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{Qemu, TempDir};
@@ -559,7 +559,8 @@ fn create_library_images_open_and_read_zeros() {
     assert!(common::is_all_zero(&all));
 }
 
-fn secret_file(dir: &Path) -> PathBuf {
+#[cfg(feature = "encryption")]
+fn secret_file(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("secret.txt");
     std::fs::write(&path, "abc").unwrap();
     path
