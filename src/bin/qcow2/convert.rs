@@ -49,8 +49,9 @@ pub struct Args {
     /// `qcow2 create` leaves it) at least as large as the source.
     #[arg(short = 'n')]
     skip_create: bool,
-    /// Cache mode of the output: accepted for qemu-img's scripts; the output is written
-    /// through the page cache and not flushed, as qemu-img's default (`unsafe`) does.
+    /// Cache mode of the output: by default (and with `unsafe`) the output is written through
+    /// the page cache and not flushed, as qemu-img's default does; any other mode
+    /// (`writeback`, `none`, `directsync`, `writethrough`) flushes it to disk at the end.
     #[arg(short = 't', value_name = "CACHE")]
     cache: Option<String>,
     /// Cache mode of the source: accepted for qemu-img's scripts.
@@ -96,10 +97,34 @@ pub fn run(args: Args) -> ExitCode {
     if args.output_format == "qcow2" && crate::create::wants_help(&args.options) {
         return crate::create::help(true);
     }
-    match convert(&args) {
+    let result = check_cache(args.cache.as_deref())
+        .and_then(|()| check_cache(args.source_cache.as_deref()))
+        .and_then(|()| convert(&args))
+        .and_then(|()| flush_if_asked(&args));
+    match result {
         Ok(()) | Err(Stop::ReaderLeft) => ExitCode::SUCCESS,
         Err(Stop::Failed(message)) => crate::common::fail(message),
     }
+}
+
+/// The cache modes qemu-img knows; qemu-img's message for another.
+fn check_cache(mode: Option<&str>) -> Result<(), Stop> {
+    match mode {
+        None | Some("none" | "off" | "writeback" | "unsafe" | "directsync" | "writethrough") => {
+            Ok(())
+        }
+        Some(other) => Err(format!("Invalid cache option: {other}").into()),
+    }
+}
+
+/// With a cache mode other than qemu-img's default (`unsafe`), the output reaches the disk
+/// before the command ends, as qemu-img flushes it when it closes the image.
+fn flush_if_asked(args: &Args) -> Result<(), Stop> {
+    if matches!(args.cache.as_deref(), None | Some("unsafe")) || args.output.as_os_str() == "-" {
+        return Ok(());
+    }
+    let flushed = File::open(&args.output).and_then(|file| file.sync_all());
+    flushed.map_err(|e| format!("Could not flush '{}': {e}", args.output.display()).into())
 }
 
 /// Why a conversion stopped before its end.
