@@ -89,6 +89,12 @@ impl LuksOptions {
     /// How long deriving the key of slot 0 from the secret takes on this machine
     /// (`encrypt.iter-time`, whole milliseconds; QEMU's default is 2 s). The master key's
     /// digest gets an eighth of it. Both take at least 1000 PBKDF2 iterations.
+    ///
+    /// The iterations are counted from how fast this build computes PBKDF2, as QEMU counts
+    /// them: an unoptimized (debug) build is some 35 times slower and so writes that many
+    /// fewer iterations, a header an attacker's optimized code tries passwords against that
+    /// much faster. Make encrypted images with an optimized build (`--release`, or
+    /// `opt-level = 3` for this crate and its `pbkdf2`, `hmac` and `sha2` in the dev profile).
     #[must_use]
     pub fn iter_time(mut self, time: Duration) -> Self {
         self.iter_time_ms = u64::try_from(time.as_millis()).unwrap_or(u64::MAX);
