@@ -225,23 +225,36 @@ fn convert_disk<D: GuestDisk + Sync>(
 
 /// The message of a failed `convert_to_qcow2`, as qemu-img words each kind.
 fn new_image_failed(path: &Path, e: qcow2::Error) -> Stop {
-    let message = match e {
-        qcow2::Error::InvalidOption { message, .. } => {
-            format!(
-                "{}: error while converting qcow2: {message}",
-                path.display()
-            )
-        }
+    match e {
+        qcow2::Error::InvalidOption { .. } => creation_refused(path, e),
         qcow2::Error::OutputIsSource => {
-            format!("Could not create '{}': {SOURCE_OUTPUT}", path.display())
+            format!("Could not create '{}': {SOURCE_OUTPUT}", path.display()).into()
         }
         other => format!(
             "error while converting to {}: {}",
             path.display(),
             crate::common::chain(&other)
-        ),
-    };
-    Stop::Failed(message)
+        )
+        .into(),
+    }
+}
+
+/// qemu-img's words when the new image at `path` cannot be made.
+fn creation_refused(path: &Path, e: qcow2::Error) -> Stop {
+    let message = refusal(e);
+    format!(
+        "{}: error while converting qcow2: {message}",
+        path.display()
+    )
+    .into()
+}
+
+/// The text of an error: an option's refusal is qemu-img's message alone.
+fn refusal(e: qcow2::Error) -> String {
+    match e {
+        qcow2::Error::InvalidOption { message, .. } => message,
+        other => crate::common::chain(&other),
+    }
 }
 
 /// An overlay (`-B`) or a target that exists (`-n`): made (unless `-n`), then filled.
@@ -333,21 +346,10 @@ impl NewImage {
             let open = args.secret.apply(OpenOptions::new())?;
             return Ok(NewImage { create: None, open });
         }
-        let out = args.output.display();
-        let refused = |e: qcow2::Error| -> Stop {
-            let message = match e {
-                qcow2::Error::InvalidOption { message, .. } => message,
-                other => crate::common::chain(&other),
-            };
-            format!("{out}: error while converting qcow2: {message}").into()
-        };
         let mut create = CreateOptions::default();
         // A bad option name or value: qemu-img's bare message, before any file is named.
         for text in &args.options {
-            create.set_all(text).map_err(|e| match e {
-                qcow2::Error::InvalidOption { message, .. } => Stop::Failed(message),
-                other => Stop::Failed(crate::common::chain(&other)),
-            })?;
+            create.set_all(text).map_err(|e| Stop::Failed(refusal(e)))?;
         }
         if let Some(backing) = &args.backing {
             create = create.backing_file(backing.as_str());
@@ -361,10 +363,13 @@ impl NewImage {
         let mut open = OpenOptions::new();
         if let Some(id) = create.key_secret_id().map(str::to_owned) {
             let bytes = args.secret.by_id(&id)?.ok_or_else(|| {
-                refused(qcow2::Error::InvalidOption {
-                    option: "encrypt.key-secret".to_owned(),
-                    message: format!("No secret with id '{id}'"),
-                })
+                creation_refused(
+                    &args.output,
+                    qcow2::Error::InvalidOption {
+                        option: "encrypt.key-secret".to_owned(),
+                        message: format!("No secret with id '{id}'"),
+                    },
+                )
             })?;
             create = create.secret(bytes.clone());
             open = open.secret(qcow2::Secret::new(bytes));
@@ -414,16 +419,7 @@ impl NewImage {
         };
         // The source's size, whatever `-o size` says (as qemu-img).
         let create = create.clone().size(size.unwrap_or(0));
-        qcow2::create(path, &create).map_err(|e| {
-            let message = match e {
-                qcow2::Error::InvalidOption { message, .. } => message,
-                other => crate::common::chain(&other),
-            };
-            Stop::Failed(format!(
-                "{}: error while converting qcow2: {message}",
-                path.display()
-            ))
-        })?;
+        qcow2::create(path, &create).map_err(|e| creation_refused(path, e))?;
         fill(&self.open).map_err(|e| {
             let _ = std::fs::remove_file(path);
             failed(e)

@@ -222,7 +222,10 @@ enum Class {
 /// The top image's class at a guest offset, and for how long.
 type TopLayer<'t> = dyn Fn(u64) -> Result<(Class, u64)> + 't;
 
-/// The conversion behind [`convert_into_qcow2`] and [`convert_overlay_into_qcow2`].
+/// The conversion behind [`convert_to_qcow2`], [`convert_into_qcow2`] and
+/// [`convert_overlay_into_qcow2`]. `fresh`: the target was just made by this conversion, after
+/// the output was checked against the source, and reads as zeros (a preallocated one may be
+/// filled).
 fn fill<D>(
     disk: &D,
     top: Option<&TopLayer<'_>>,
@@ -235,7 +238,10 @@ fn fill<D>(
 where
     D: GuestDisk + Sync + ?Sized,
 {
-    refuse_source_output(disk, target)?;
+    // A fresh image was checked before it was made (and it is the source of nothing now).
+    if !fresh {
+        refuse_source_output(disk, target)?;
+    }
     let total = options.size.unwrap_or_else(|| disk.disk_size());
     let mut builder = refuse_options(total, target, target_options, options, fresh)?;
     let into = builder.target();
