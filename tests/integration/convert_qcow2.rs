@@ -632,3 +632,80 @@ fn overlays_hold_only_what_the_top_image_holds() {
         std::fs::remove_file(env.path("ref.qcow2")).unwrap();
     }
 }
+
+/// A disk that, as it is read, checks that no image stands at `out` yet.
+struct WatchedDisk<'p> {
+    inner: RawDisk<std::fs::File>,
+    out: &'p Path,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl qcow2::GuestDisk for WatchedDisk<'_> {
+    fn disk_size(&self) -> u64 {
+        self.inner.disk_size()
+    }
+    fn read_disk(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
+        assert!(
+            !self.out.exists(),
+            "a file stands at the output while the conversion runs"
+        );
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_disk(pos, buf)
+    }
+    fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(qcow2::Allocation, u64)>> {
+        self.inner.allocation_at(pos)
+    }
+}
+
+/// `convert_to_qcow2` makes the image under another name and puts it at the output only
+/// once it is complete: while the disk is read nothing stands there, and a failure leaves
+/// nothing there nor beside it.
+#[test]
+fn convert_to_qcow2_puts_only_complete_images_at_the_output() {
+    use qcow2::GuestDisk;
+    let dir = common::TempDir::new("convert-qcow2-atomic");
+    let raw = dir.join("source.raw");
+    let mut data = vec![0u8; 8 << 20];
+    Rng::new(5).fill(&mut data);
+    std::fs::write(&raw, &data).unwrap();
+    let out = dir.join("out.qcow2");
+    let disk = WatchedDisk {
+        inner: RawDisk::open_path(&raw).unwrap(),
+        out: &out,
+        reads: Default::default(),
+    };
+    let create = qcow2::CreateOptions::default();
+    // Read on the calling thread, where the watch's panic fails the test.
+    let options = ConvertOptions::new().threads(1);
+    qcow2::convert_to_qcow2(&disk, &out, &create, &options, |_, _| {}).unwrap();
+    assert!(disk.reads.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let image = Qcow2::open_path(&out).unwrap();
+    let outcome = qcow2::compare(&image.reader().unwrap(), &disk.inner, &Default::default());
+    assert_eq!(outcome.unwrap(), qcow2::Comparison::Identical);
+    // A conversion whose reads fail: nothing at the output, no partial file beside it.
+    std::fs::remove_file(&out).unwrap();
+    struct Failing(u64);
+    impl GuestDisk for Failing {
+        fn disk_size(&self) -> u64 {
+            self.0
+        }
+        fn read_disk(&self, _: u64, _: &mut [u8]) -> qcow2::Result<()> {
+            Err(qcow2::Error::Internal("a read that fails"))
+        }
+        fn allocation_at(&self, pos: u64) -> qcow2::Result<Option<(qcow2::Allocation, u64)>> {
+            Ok((pos < self.0).then_some((qcow2::Allocation::Data, self.0 - pos)))
+        }
+    }
+    let failed = qcow2::convert_to_qcow2(&Failing(4 << 20), &out, &create, &options, |_, _| {});
+    assert!(failed.is_err());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("source.raw")],
+        "{left:?}"
+    );
+}

@@ -267,9 +267,9 @@ fn new_then_fill<D: GuestDisk + Sync>(
     options: &ConvertOptions,
     progress: impl FnMut(u64, u64),
 ) -> Result<(), Stop> {
-    let fill = |open: &OpenOptions| match overlay {
-        Some(top) => qcow2::convert_overlay_into_qcow2(top, &args.output, open, options, progress),
-        None => qcow2::convert_into_qcow2(disk, &args.output, open, options, progress),
+    let fill = |target: &Path, open: &OpenOptions| match overlay {
+        Some(top) => qcow2::convert_overlay_into_qcow2(top, target, open, options, progress),
+        None => qcow2::convert_into_qcow2(disk, target, open, options, progress),
     };
     new.make(&args.output, Some((disk as &dyn GuestDisk, size)), fill)
 }
@@ -289,8 +289,8 @@ fn convert_stdin(args: &Args, target: &Target, options: ConvertOptions) -> Resul
     let mut shown = Progress::new(args.progress && !args.quiet, 0, false);
     let progress = |done: u64, total: u64| shown.update(done, total);
     let stdin = std::io::stdin().lock();
-    let fill = |open: &OpenOptions| {
-        qcow2::convert_stream_into_qcow2(stdin, None, &args.output, open, &options, progress)
+    let fill = |target: &Path, open: &OpenOptions| {
+        qcow2::convert_stream_into_qcow2(stdin, None, target, open, &options, progress)
     };
     let result = new.make(&args.output, None, fill);
     shown.end(result.is_ok());
@@ -387,7 +387,7 @@ impl NewImage {
         &self,
         path: &Path,
         source: Option<(&dyn GuestDisk, u64)>,
-        fill: impl FnOnce(&OpenOptions) -> qcow2::Result<()>,
+        fill: impl FnOnce(&Path, &OpenOptions) -> qcow2::Result<()>,
     ) -> Result<(), Stop> {
         let created = self
             .create
@@ -415,16 +415,38 @@ impl NewImage {
             .into()
         };
         let Some(create) = &self.create else {
-            return fill(&self.open).map_err(failed);
+            return fill(path, &self.open).map_err(failed);
         };
         // The source's size, whatever `-o size` says (as qemu-img).
         let create = create.clone().size(size.unwrap_or(0));
-        qcow2::create(path, &create).map_err(|e| creation_refused(path, e))?;
-        fill(&self.open).map_err(|e| {
-            let _ = std::fs::remove_file(path);
-            failed(e)
-        })
+        // Made under a hidden name and renamed once complete, as `convert_to_qcow2` does: a
+        // killed conversion leaves no empty or half-filled image at `path`.
+        let partial = partial_path(path)?;
+        qcow2::create(&partial, &create).map_err(|e| creation_refused(path, e))?;
+        fill(&partial, &self.open)
+            .and_then(|()| {
+                std::fs::rename(&partial, path).map_err(|source| qcow2::Error::Io {
+                    context: "renaming the new image".to_owned(),
+                    source,
+                })
+            })
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&partial);
+                failed(e)
+            })
     }
+}
+
+/// The hidden name beside `path` a new image is made under until it is complete (the
+/// library's `convert_to_qcow2` uses the same rule).
+fn partial_path(path: &Path) -> Result<std::path::PathBuf, Stop> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("'{}' names no file", path.display()))?;
+    let mut partial = std::ffi::OsString::from(".");
+    partial.push(name);
+    partial.push(format!(".partial-{}", std::process::id()));
+    Ok(path.with_file_name(partial))
 }
 
 /// Why an output is refused that the source reads.

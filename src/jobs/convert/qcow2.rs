@@ -9,10 +9,13 @@ use super::*;
 /// the image is made by [`create`](crate::create) with `create` (its size the disk's, or
 /// [`ConvertOptions::size`]) and filled as [`convert_into_qcow2`] fills it; a preallocated
 /// image (`preallocation` metadata, falloc or full) is filled where its clusters are mapped
-/// already, and refused with [`ConvertOptions::compress`], as qemu-img refuses it. On failure
-/// the new file is removed, so that no half-written image is left; an existing file at `path`
-/// is replaced, as qemu-img replaces it. A file the disk reads (the image, a backing file, the
-/// data file) is refused as the output or the new data file, before anything is written
+/// already, and refused with [`ConvertOptions::compress`], as qemu-img refuses it.
+///
+/// The image is made under a hidden name beside `path` and renamed to `path` once complete:
+/// a failed or killed conversion never leaves an empty or half-filled image at `path` (a
+/// failed one removes its file; an existing file at `path` is replaced only at the end, as
+/// qemu-img replaces it). A file the disk reads (the image, a backing file, the data file) is
+/// refused as the output or the new data file, before anything is written
 /// ([`Error::OutputIsSource`]).
 ///
 /// ```
@@ -61,16 +64,38 @@ where
     }
     let size = options.size.unwrap_or_else(|| disk.disk_size());
     let create = create.clone().size(size);
-    crate::image::create::create(path, &create)?;
+    // Made and filled under a name of its own beside `path`, and renamed to `path` once
+    // complete: a process killed at any instant leaves at `path` the old file or the whole
+    // new image, never an empty or half-filled one.
+    let partial = partial_path(path)?;
+    crate::image::create::create(&partial, &create)?;
     let mut progress = progress;
     // The image is this call's and reads as zeros: a preallocated one is filled where its
     // clusters are mapped already.
     let fresh = true;
     let open = create.open_options();
-    fill(disk, None, path, &open, options, &mut progress, fresh).inspect_err(|_| {
-        // A half-filled image is not left behind.
-        let _ = std::fs::remove_file(path);
-    })
+    fill(disk, None, &partial, &open, options, &mut progress, fresh)
+        .and_then(|()| {
+            std::fs::rename(&partial, path)
+                .map_err(|e| Error::io(format!("renaming the new image to {}", path.display()), e))
+        })
+        .inspect_err(|_| {
+            // A half-filled image is not left behind.
+            let _ = std::fs::remove_file(&partial);
+        })
+}
+
+/// Where the image for `path` is made until it is complete: a hidden name in the same
+/// directory (so that the rename is atomic and relative backing names resolve alike).
+fn partial_path(path: &std::path::Path) -> Result<std::path::PathBuf> {
+    let name = path.file_name().ok_or_else(|| Error::InvalidOption {
+        option: "output".to_owned(),
+        message: format!("'{}' names no file", path.display()),
+    })?;
+    let mut partial = std::ffi::OsString::from(".");
+    partial.push(name);
+    partial.push(format!(".partial-{}", std::process::id()));
+    Ok(path.with_file_name(partial))
 }
 
 /// Copy `disk` into the empty qcow2 image at `target`, like `qemu-img convert -n -O qcow2`:
