@@ -255,6 +255,29 @@ pub enum Error {
     #[error("the output is a file the disk being converted reads (the image, a backing file or the data file): nothing was written to it")]
     OutputIsSource,
 
+    /// A write to an image opened for reading only (open with
+    /// [`OpenOptions::write`](crate::OpenOptions::write) to write).
+    #[error("the image is open for reading only (open it with OpenOptions::write(true) to write)")]
+    ReadOnly,
+
+    /// A write that reaches past the end of the guest disk.
+    #[error("write of {len} bytes at guest offset {offset:#x} reaches past the end of the disk ({size} bytes)")]
+    WritePastEnd {
+        /// Guest offset of the write.
+        offset: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// The guest size.
+        size: u64,
+    },
+
+    /// An image this crate reads but does not write yet (the reason names what).
+    #[error("writing is not supported for this image: {what}")]
+    UnsupportedWrite {
+        /// What the image has that the writer does not handle.
+        what: String,
+    },
+
     /// A bug in this crate: an internal invariant did not hold. Please report it.
     #[error("internal error in the qcow2 crate: {0}")]
     Internal(&'static str),
@@ -410,7 +433,10 @@ impl Error {
             | Error::Encrypted { .. }
             | Error::FeatureDisabled { .. }
             | Error::UnsupportedBackingFormat { .. }
-            | Error::UnsupportedEncryption { .. } => io::ErrorKind::Unsupported,
+            | Error::UnsupportedEncryption { .. }
+            | Error::UnsupportedWrite { .. } => io::ErrorKind::Unsupported,
+            Error::ReadOnly => io::ErrorKind::PermissionDenied,
+            Error::WritePastEnd { .. } => io::ErrorKind::InvalidInput,
             Error::WrongSecret { .. } => io::ErrorKind::PermissionDenied,
             Error::SecretNotUtf8 => io::ErrorKind::InvalidInput,
             Error::BackingMissing { .. } | Error::DataFileMissing { .. } => io::ErrorKind::NotFound,

@@ -170,7 +170,7 @@ pub use base::holes::{HoleQuery, Region};
 /// under a second name: this re-export keeps `impl qcow2::WriteAt for ...` compiling).
 #[doc(hidden)]
 pub use base::io::PositionalSink as WriteAt;
-pub use base::io::PositionalSink;
+pub use base::io::{PositionalSink, Storage};
 pub use base::limits::Limits;
 pub use crypt::{EncryptionInfo, KeySlotInfo, LuksOptions, Secret, SecretCallback, SecretFn};
 pub use error::{Error, Result};
@@ -209,3 +209,4 @@ pub use jobs::info::{
 pub type ParallelRead = ParallelReadOptions;
 pub use format::snapshot::Snapshot;
 pub use image::reader::Reader;
+pub use image::write::Writer;

@@ -208,3 +208,77 @@ impl PositionalSink for std::fs::File {
         Some(self)
     }
 }
+
+/// Storage an image can be written to: read and written at positions, given a length, and
+/// made durable. A [`std::fs::File`] opened for reading and writing is one; a storage of your
+/// own (memory, a network block device, a test double that loses writes) needs these four
+/// operations besides [`ReadAt`]:
+///
+/// ```
+/// use std::io;
+/// use std::sync::Mutex;
+/// use qcow2::positioned_io::ReadAt;
+///
+/// #[derive(Default)]
+/// struct Memory(Mutex<Vec<u8>>);
+///
+/// impl ReadAt for Memory {
+///     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+///         let data = self.0.lock().unwrap();
+///         let start = (pos as usize).min(data.len());
+///         let n = buf.len().min(data.len() - start);
+///         buf[..n].copy_from_slice(&data[start..start + n]);
+///         Ok(n)
+///     }
+/// }
+///
+/// impl qcow2::PositionalSink for Memory {
+///     fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
+///         let mut data = self.0.lock().unwrap();
+///         let end = pos as usize + buf.len();
+///         if data.len() < end {
+///             data.resize(end, 0);
+///         }
+///         data[pos as usize..end].copy_from_slice(buf);
+///         Ok(())
+///     }
+///     fn set_len(&self, len: u64) -> io::Result<()> {
+///         self.0.lock().unwrap().resize(len as usize, 0);
+///         Ok(())
+///     }
+/// }
+///
+/// impl qcow2::Storage for Memory {
+///     fn length(&self) -> io::Result<u64> {
+///         Ok(self.0.lock().unwrap().len() as u64)
+///     }
+///     fn sync(&self) -> io::Result<()> {
+///         Ok(()) // memory: every write is as durable as it gets
+///     }
+/// }
+///
+/// let storage = Memory::default();
+/// storage.write_all_at(0, &std::fs::read("fixtures/v3-64k-basic.qcow2")?)?;
+/// let options = qcow2::OpenOptions::new().write(true);
+/// let image = qcow2::Qcow2::open_with(storage, &options)?;
+/// # let _ = image;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait Storage: ReadAt + PositionalSink + Send + Sync {
+    /// The length in bytes.
+    fn length(&self) -> io::Result<u64>;
+    /// Make every write that completed before this call durable: when it returns, a power
+    /// cut loses none of them (`fdatasync` for a file). The writer's barrier between the
+    /// writes that must reach the disk first and the writes that refer to them.
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl Storage for std::fs::File {
+    fn length(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+}

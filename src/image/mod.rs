@@ -15,3 +15,4 @@ pub(crate) mod plan;
 pub(crate) mod prealloc;
 pub(crate) mod qcow2;
 pub(crate) mod reader;
+pub(crate) mod write;

@@ -106,10 +106,19 @@ pub(crate) fn walk_chain<Q, R>(
     next: impl Fn(&Q) -> Option<NextLink>,
 ) -> Result<(Q, Vec<Q>, Option<R>)> {
     let options = &options.for_one_open(); // one PBKDF2 budget for the whole chain
-    let file = checked_open(top, "image", options.allow_devices)?;
+    let file = match options.write {
+        true => checked_open_rw(top, options.allow_devices)?,
+        false => checked_open(top, "image", options.allow_devices)?,
+    };
+    // Only the top image is written: its backing files are opened read-only, as QEMU does.
+    let top_options = options;
+    let options = &OpenOptions {
+        write: false,
+        ..options.clone()
+    };
     let mut visited = HashSet::new();
     visited.insert(canonical(top)?);
-    let first = open_qcow2(file, top, options)?;
+    let first = open_qcow2(file, top, top_options)?;
     let mut below: Vec<Q> = Vec::new();
     let mut path = top.to_path_buf();
     loop {
@@ -577,6 +586,13 @@ pub(crate) fn checked_open(path: &Path, role: &'static str, devices: bool) -> Re
     Ok(file)
 }
 
+/// [`checked_open`] for reading and writing: the image a writer opens.
+fn checked_open_rw(path: &Path, devices: bool) -> Result<File> {
+    let file = sys::open_rw(path).map_err(|e| Error::io(format!("opening image {} for writing", path.display()), e))?;
+    check_file_type(&file, path, "image", devices)?;
+    Ok(file)
+}
+
 /// Refuse an opened file that is not a regular file (block devices pass when allowed).
 fn check_file_type(file: &File, path: &Path, role: &'static str, devices: bool) -> Result<()> {
     let kind = sys::file_kind(file)
@@ -611,6 +627,12 @@ mod sys {
         Ok(File::from(rustix::fs::open(path, FLAGS, Mode::empty())?))
     }
 
+    /// [`open_nonblocking`] for reading and writing.
+    pub(super) fn open_rw(path: &Path) -> io::Result<File> {
+        let flags = FLAGS.difference(OFlags::RDONLY).union(OFlags::RDWR);
+        Ok(File::from(rustix::fs::open(path, flags, Mode::empty())?))
+    }
+
     pub(super) fn file_id(file: &File) -> io::Result<Option<super::FileId>> {
         use std::os::unix::fs::MetadataExt;
         let meta = file.metadata()?;
@@ -643,6 +665,10 @@ mod sys {
 
     pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
         File::open(path)
+    }
+
+    pub(super) fn open_rw(path: &Path) -> io::Result<File> {
+        File::options().read(true).write(true).open(path)
     }
 
     pub(super) fn file_id(_file: &File) -> io::Result<Option<super::FileId>> {

@@ -130,6 +130,9 @@ pub struct OpenOptions {
     /// The PBKDF2 budget of the open under way, shared by the images of its chain; `None` in
     /// the options a caller holds (each open then starts with a fresh budget).
     pub(crate) kdf_budget: Option<KdfBudget>,
+    /// Open the image (not its backing files) for writing: [`Qcow2::into_writer`](crate::Qcow2::into_writer)
+    /// then hands out a [`Writer`](crate::Writer).
+    pub(crate) write: bool,
 }
 
 impl OpenOptions {
@@ -137,6 +140,28 @@ impl OpenOptions {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Open the image for writing (off by default). [`Qcow2::open_path_with`](crate::Qcow2::open_path_with)
+    /// then opens the image file for reading and writing (its backing files and data file stay
+    /// read-only, as QEMU opens them), and [`Qcow2::into_writer`](crate::Qcow2::into_writer) turns
+    /// the image into a [`Writer`](crate::Writer).
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("qcow2-doc-write-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let path = dir.join("disk.qcow2");
+    /// qcow2::create(&path, &qcow2::CreateOptions::new(1 << 30))?;
+    /// let options = qcow2::OpenOptions::new().write(true);
+    /// let image = qcow2::Qcow2::open_path_with(&path, &options)?;
+    /// # let _ = image;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
+    pub fn write(mut self, yes: bool) -> Self {
+        self.write = yes;
+        self
     }
 
     /// Set the limits.

@@ -103,6 +103,8 @@ pub struct Qcow2<I> {
     /// Worker threads (`OpenOptions::threads` of them, started on first use), shared by the
     /// chain: decompression, decryption and parallel reads run there.
     pub(crate) pool: Arc<Pool>,
+    /// Opened with [`OpenOptions::write`]: [`Qcow2::into_writer`] may write it.
+    pub(crate) writable: bool,
 }
 
 impl<I: ReadAt> Qcow2<I> {
@@ -167,6 +169,7 @@ impl<I: ReadAt> Qcow2<I> {
             metadata_preallocated: OnceLock::new(),
             crypt,
             pool: Arc::new(Pool::new(threads)),
+            writable: options.write,
         };
         if options.backing_as_zeros && image.header.backing_file().is_some() {
             image.set_backing_zeros();
