@@ -3,6 +3,7 @@
 //! harmless.
 
 use crate::error::Result;
+use crate::format::extension::BitmapsExtension;
 
 /// Room in the image file, handed out by the writer's allocator.
 pub(crate) trait Space {
@@ -20,4 +21,8 @@ pub(crate) trait Space {
     /// A barrier: every write so far, and the refcounts of every cluster allocated so far,
     /// are durable when it returns.
     fn barrier(&mut self) -> Result<()>;
+    /// Point the header's bitmaps extension at a new directory (`None`: remove the
+    /// extension and clear the autoclear bitmaps bit), and make that durable. The directory
+    /// and everything it names must be written, and a barrier passed, before.
+    fn set_bitmaps_extension(&mut self, extension: Option<BitmapsExtension>) -> Result<()>;
 }
