@@ -2,6 +2,7 @@
 //!
 //! (Interface first; the write path lands in the following commits.)
 
+pub(crate) mod bitmaps;
 pub(crate) mod space;
 
 use std::io;
