@@ -495,3 +495,746 @@ fn table_bytes(b: &Bitmap) -> u64 {
 fn entry_len(b: &Bitmap) -> u64 {
     (24u64.saturating_add(b.raw_name.len() as u64)).next_multiple_of(8)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::extension::ExtensionKind;
+    use crate::format::refcount::RefcountLayout;
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// One step of what a [`FileSpace`] did to the file.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, Vec<u8>),
+        Barrier,
+    }
+
+    /// A [`Space`] over an image file made by QEMU: clusters allocated at the end of the
+    /// file, refcounts (any width) raised and dropped in place (a new refcount block when
+    /// needed), the header's bitmaps extension rewritten in place. Every write is logged,
+    /// with the barriers, to replay power cuts; `fail_at` makes write number N fail.
+    struct FileSpace {
+        file: std::fs::File,
+        cluster_bits: u32,
+        layout: RefcountLayout,
+        reftable_offset: u64,
+        reftable_entries: u64,
+        extension_at: u64,
+        end: u64,
+        log: Vec<Op>,
+        fail_at: Option<usize>,
+        writes: usize,
+    }
+
+    impl FileSpace {
+        fn open(path: &Path) -> FileSpace {
+            let image = Qcow2::open_path(path).unwrap();
+            let h = &image.header;
+            let extension_at = h
+                .extensions()
+                .iter()
+                .find(|e| e.kind == ExtensionKind::Bitmaps)
+                .map(|e| e.offset)
+                .unwrap();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap();
+            let cluster = h.cluster_size();
+            let end = file.metadata().unwrap().len().next_multiple_of(cluster);
+            FileSpace {
+                file,
+                cluster_bits: h.cluster_bits(),
+                layout: RefcountLayout {
+                    cluster_bits: h.cluster_bits(),
+                    order: h.refcount_order(),
+                },
+                reftable_offset: h.refcount_table_offset(),
+                reftable_entries: u64::from(h.refcount_table_clusters()) * cluster / 8,
+                extension_at,
+                end,
+                log: Vec::new(),
+                fail_at: None,
+                writes: 0,
+            }
+        }
+
+        fn cluster(&self) -> u64 {
+            1 << self.cluster_bits
+        }
+
+        fn put(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            self.writes += 1;
+            if self.fail_at == Some(self.writes) {
+                return Err(Error::io("test write", std::io::Error::other("injected")));
+            }
+            self.file.write_all_at(data, offset).unwrap();
+            self.log.push(Op::Write(offset, data.to_vec()));
+            Ok(())
+        }
+
+        fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+            let mut buf = vec![0; len as usize];
+            let n = crate::base::io::read_up_to(&self.file, offset, &mut buf).unwrap();
+            buf.truncate(len as usize);
+            let _ = n; // past the end of the file reads as zeros
+            buf
+        }
+
+        fn add_refcount(&mut self, cluster: u64, delta: i64) -> Result<()> {
+            let (table_index, index) = self.layout.locate(cluster);
+            assert!(
+                table_index < self.reftable_entries,
+                "refcount table too small for the test"
+            );
+            let entry_at = self.reftable_offset + table_index * 8;
+            let mut block = u64::from_be_bytes(self.read(entry_at, 8).try_into().unwrap());
+            if block == 0 {
+                assert!(delta > 0, "freeing a cluster without a refcount block");
+                block = self.end;
+                self.end += self.cluster();
+                self.put(block, &vec![0; self.cluster() as usize])?;
+                self.put(entry_at, &block.to_be_bytes())?;
+                self.add_refcount(block >> self.cluster_bits, 1)?;
+            }
+            let mut data = self.read(block, self.cluster());
+            let old = self.layout.get(&data, index);
+            let new = old.checked_add_signed(delta).expect("refcount below zero");
+            assert!(self.layout.set(&mut data, index, new), "refcount overflow");
+            self.put(block, &data)
+        }
+    }
+
+    impl Space for FileSpace {
+        fn cluster_bits(&self) -> u32 {
+            self.cluster_bits
+        }
+
+        fn allocate(&mut self, len: u64) -> Result<u64> {
+            let offset = self.end;
+            let clusters = len.div_ceil(self.cluster()).max(1);
+            self.end += clusters * self.cluster();
+            self.file.set_len(self.end).unwrap();
+            for c in 0..clusters {
+                self.add_refcount((offset >> self.cluster_bits) + c, 1)?;
+            }
+            Ok(offset)
+        }
+
+        fn free(&mut self, offset: u64, len: u64) -> Result<()> {
+            for c in 0..len.div_ceil(self.cluster()).max(1) {
+                self.add_refcount((offset >> self.cluster_bits) + c, -1)?;
+            }
+            Ok(())
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            self.put(offset, data)
+        }
+
+        fn barrier(&mut self) -> Result<()> {
+            self.log.push(Op::Barrier);
+            Ok(())
+        }
+
+        fn set_bitmaps_extension(&mut self, e: Option<BitmapsExtension>) -> Result<()> {
+            let e = e.expect("the tests never drop the extension");
+            let mut data = Vec::new();
+            data.extend(e.nb_bitmaps.to_be_bytes());
+            data.extend(0u32.to_be_bytes());
+            data.extend(e.directory_size.to_be_bytes());
+            data.extend(e.directory_offset.to_be_bytes());
+            self.put(self.extension_at, &data)?;
+            self.barrier()
+        }
+    }
+
+    /// `qemu-img` and `qemu-io`, or `None` after a loud notice (a failure under CI).
+    fn qemu(test: &str) -> Option<(PathBuf, PathBuf)> {
+        let find = |name: &str| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        };
+        let found = find("qemu-img").zip(find("qemu-io"));
+        if found.is_none() {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+            let msg = format!("SKIPPED: qemu-img or qemu-io not found (test {test})");
+            assert!(!ci, "{msg}; CI=true, so this is a failure");
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "\n!!! {msg}\n");
+        }
+        found
+    }
+
+    fn run(cmd: &mut Command) -> std::process::Output {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// A fresh directory, removed when the test passes.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let dir = std::env::temp_dir().join(format!("qcow2-bm-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+        fn join(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    /// What a guest write does to the bitmaps: the qemu-io command and the range.
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        Write,
+        Zero,
+        ZeroUnmap,
+        Discard,
+    }
+
+    fn qemu_io_command(kind: Kind, pos: u64, len: u64) -> String {
+        match kind {
+            Kind::Write => format!("write -P 0x5a {pos} {len}"),
+            Kind::Zero => format!("write -z {pos} {len}"),
+            Kind::ZeroUnmap => format!("write -z -u {pos} {len}"),
+            Kind::Discard => format!("discard {pos} {len}"),
+        }
+    }
+
+    /// Random writes, aligned and not, some crossing or covering whole data clusters of the
+    /// finest bitmap, within a guest of `size` bytes.
+    fn random_ops(seed: u64, size: u64, count: usize) -> Vec<(Kind, u64, u64)> {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        (0..count)
+            .map(|_| {
+                let kind = match next() % 4 {
+                    0 => Kind::Write,
+                    1 => Kind::Zero,
+                    2 => Kind::ZeroUnmap,
+                    _ => Kind::Discard,
+                };
+                let (pos, len) = match next() % 3 {
+                    0 => (next() % size, 1 + next() % 5000),
+                    1 => ((next() % (size >> 12)) << 12, 4096 << (next() % 4)),
+                    _ => (next() % size, 1 + next() % (3 << 20)),
+                };
+                let len = len.min(size - pos).max(1);
+                (kind, pos.min(size - 1), len)
+            })
+            .collect()
+    }
+
+    /// Each bitmap's name, flags, granularity and dirty extents (`None` when in use).
+    type Dump = Vec<(String, Vec<&'static str>, u64, Option<Vec<(u64, u64)>>)>;
+
+    fn dump(path: &Path) -> Dump {
+        let image = Qcow2::open_path(path).unwrap();
+        image
+            .bitmaps()
+            .iter()
+            .map(|b| {
+                let extents = (!b.in_use()).then(|| {
+                    image
+                        .dirty_extents(&b.name)
+                        .unwrap()
+                        .map(|e| e.map(|e| (e.start, e.length)))
+                        .collect::<Result<Vec<_>>>()
+                        .unwrap()
+                });
+                (b.name.clone(), b.flag_names(), b.granularity, extents)
+            })
+            .collect()
+    }
+
+    /// `qemu-img check`: no corruption, and no leaks unless `leaks_allowed`.
+    fn check_clean(img: &Path, path: &Path, leaks_allowed: bool) {
+        let out = Command::new(img)
+            .args(["check", "--output=json"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = out.status.code();
+        let ok = code == Some(0) || (leaks_allowed && code == Some(3));
+        assert!(
+            ok,
+            "qemu-img check {path:?}: exit {code:?}\n{report}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!report.contains("\"corruptions\""), "{report}");
+        if !leaks_allowed {
+            assert!(!report.contains("\"leaks\""), "{report}");
+        }
+    }
+
+    /// Load, mark in use, record, store, through a [`FileSpace`].
+    fn open_for_writing(path: &Path) -> (Bitmaps, FileSpace) {
+        let image = Qcow2::open_path(path).unwrap();
+        let bitmaps = Bitmaps::load(&image).unwrap().unwrap();
+        drop(image);
+        (bitmaps, FileSpace::open(path))
+    }
+
+    /// An image QEMU made, with bitmaps at granularities 512 B to 64 KiB (one disabled, one
+    /// with bits QEMU set before), `size` bytes, clusters of `cluster` bytes.
+    fn make_image(
+        img: &Path,
+        io: &Path,
+        dir: &Dir,
+        cluster: u64,
+        size: u64,
+        opts: &str,
+    ) -> PathBuf {
+        let path = dir.join("ours.qcow2");
+        run(Command::new(img)
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("cluster_size={cluster}{opts}"))
+            .arg(&path)
+            .arg(size.to_string()));
+        for (name, granularity, extra) in [
+            ("g512", "512", None),
+            ("g4k", "4096", None),
+            ("g64k", "65536", None),
+            ("off", "4096", Some("--disable")),
+        ] {
+            let mut cmd = Command::new(img);
+            cmd.args(["bitmap", "--add", "-g", granularity]);
+            if let Some(extra) = extra {
+                cmd.arg(extra);
+            }
+            run(cmd.arg(&path).arg(name));
+        }
+        // Bits set before, by QEMU, in the enabled bitmaps.
+        run(Command::new(io)
+            .args(["-f", "qcow2", "-c", "write -P 1 4096 8192", "-c"])
+            .arg(format!("write -P 2 {} 512", size - 512))
+            .arg(&path));
+        path
+    }
+
+    fn qemu_run_ops(io: &Path, path: &Path, ops: &[(Kind, u64, u64)]) {
+        let mut cmd = Command::new(io);
+        cmd.args(["-f", "qcow2"]);
+        for &(kind, pos, len) in ops {
+            cmd.arg("-c").arg(qemu_io_command(kind, pos, len));
+        }
+        run(cmd.arg(path));
+    }
+
+    /// The same writes recorded by this module and by QEMU (qemu-io on a copy) give the same
+    /// bits in every bitmap, the same flags; `qemu-img check` is clean with no leaks.
+    fn same_bits_as_qemu(test: &str, cluster: u64, size: u64, opts: &str, seed: u64) {
+        let Some((img, io)) = qemu(test) else { return };
+        let dir = Dir::new(test);
+        let ours = make_image(&img, &io, &dir, cluster, size, opts);
+        let theirs = dir.join("theirs.qcow2");
+        std::fs::copy(&ours, &theirs).unwrap();
+        let before = dump(&ours);
+
+        let (mut bitmaps, mut space) = open_for_writing(&ours);
+        bitmaps.mark_in_use(&mut space).unwrap();
+        let marked = dump(&ours);
+        for ((name, flags, ..), (_, old, ..)) in marked.iter().zip(&before) {
+            assert!(flags.contains(&"in-use"), "{name}: {flags:?}");
+            assert_eq!(flags.contains(&"auto"), old.contains(&"auto"), "{name}");
+        }
+        check_clean(&img, &ours, false);
+
+        let ops = random_ops(seed, size, 40);
+        for &(_, pos, len) in &ops {
+            bitmaps.record(pos, len);
+        }
+        bitmaps.store(&mut space).unwrap();
+        drop(space);
+        qemu_run_ops(&io, &theirs, &ops);
+
+        let (ours_now, theirs_now) = (dump(&ours), dump(&theirs));
+        assert_eq!(ours_now, theirs_now, "ops {ops:?}");
+        assert_eq!(ours_now[3], before[3], "the disabled bitmap is unchanged");
+        assert_ne!(ours_now[0], before[0], "the writes were recorded");
+        check_clean(&img, &ours, false);
+        assert_eq!(bitmaps.list(), Qcow2::open_path(&ours).unwrap().bitmaps());
+    }
+
+    #[test]
+    fn same_bits_as_qemu_512_byte_clusters() {
+        // 4096 bits a data cluster: 2 MiB of guest at 512 B granularity, 4 clusters.
+        same_bits_as_qemu("c512", 512, 8 << 20, "", 1);
+        same_bits_as_qemu("c512b", 512, (8 << 20) + 3584, "", 2);
+    }
+
+    #[test]
+    fn same_bits_as_qemu_4k_clusters_refcount_widths() {
+        same_bits_as_qemu("c4k", 4096, 64 << 20, "", 3);
+        same_bits_as_qemu("c4k-r1", 4096, 64 << 20, ",refcount_bits=1", 4);
+        same_bits_as_qemu("c4k-r64", 4096, 64 << 20, ",refcount_bits=64", 5);
+    }
+
+    #[test]
+    fn same_bits_as_qemu_64k_clusters() {
+        same_bits_as_qemu("c64k", 65536, 100 << 20, "", 6);
+    }
+
+    /// Bits as booleans, one a granule, from a bitmap's chunks.
+    fn granule_bits(bits: &Bits, chunk_bits: u32) -> Vec<bool> {
+        let mut out = Vec::new();
+        for (i, chunk) in bits.chunks.iter().enumerate() {
+            let limit = chunk_limit(bits.granules, i as u64, chunk_bits);
+            for bit in 0..limit {
+                out.push(match chunk {
+                    Chunk::Zeros => false,
+                    Chunk::Ones => true,
+                    Chunk::Bits(words) => words[(bit / 64) as usize] >> (bit % 64) & 1 == 1,
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn record_sets_the_granules_a_range_touches_at_every_granularity() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for cluster_bits in [9u32, 12] {
+            for granularity_bits in [9u32, 10, 13, 16] {
+                let chunk_bits = cluster_bits + 3;
+                // Several data clusters and a partial last granule.
+                let guest = (3u64 << (chunk_bits + granularity_bits)) + 1000;
+                let granules = guest.div_ceil(1 << granularity_bits);
+                let chunks = granules.div_ceil(1 << chunk_bits) as usize;
+                let mut bits = Bits {
+                    enabled: true,
+                    granularity_bits,
+                    granules,
+                    table: vec![DataCluster::Zeros; chunks],
+                    chunks: vec![Chunk::Zeros; chunks],
+                    changed: vec![false; chunks],
+                };
+                let mut model = vec![false; granules as usize];
+                for round in 0..300 {
+                    let pos = next() % guest;
+                    let len = match round % 3 {
+                        0 => 1 + next() % 3000,
+                        1 => 1 + next() % (guest / 2),
+                        _ => (1 << granularity_bits) - pos % (1 << granularity_bits),
+                    }
+                    .min(guest - pos);
+                    bits.set(pos, pos + len, chunk_bits);
+                    let first = pos >> granularity_bits;
+                    let last = (pos + len - 1) >> granularity_bits;
+                    for g in first..=last {
+                        model[g as usize] = true;
+                    }
+                    assert_eq!(
+                        granule_bits(&bits, chunk_bits),
+                        model,
+                        "cluster_bits {cluster_bits} granularity_bits {granularity_bits} \
+                         after {pos}+{len}"
+                    );
+                }
+                assert!(
+                    bits.chunks.contains(&Chunk::Ones),
+                    "whole clusters become all-ones"
+                );
+                assert!(bits.changed.iter().all(|&c| c));
+            }
+        }
+    }
+
+    #[test]
+    fn record_skips_disabled_and_inconsistent_bitmaps() {
+        let bits = |enabled| Bits {
+            enabled,
+            granularity_bits: 16,
+            granules: 16,
+            table: vec![DataCluster::Zeros],
+            chunks: vec![Chunk::Zeros],
+            changed: vec![false],
+        };
+        let bitmap = parse_fixture_bitmap();
+        let mut bitmaps = Bitmaps {
+            entries: vec![
+                Entry {
+                    bitmap: bitmap.clone(),
+                    bits: Some(bits(true)),
+                },
+                Entry {
+                    bitmap: bitmap.clone(),
+                    bits: Some(bits(false)),
+                },
+                Entry { bitmap, bits: None },
+            ],
+            extension: BitmapsExtension {
+                nb_bitmaps: 3,
+                directory_size: 0,
+                directory_offset: 0,
+            },
+            cluster_bits: 16,
+        };
+        assert!(bitmaps.records_writes());
+        bitmaps.record(65536, 0);
+        assert!(!bitmaps.entries[0].bits.as_ref().unwrap().changed[0]);
+        bitmaps.record(65535, 2);
+        let recorded = |i: usize| {
+            bitmaps.entries[i]
+                .bits
+                .as_ref()
+                .map(|b| granule_bits(b, 19))
+        };
+        assert_eq!(recorded(0).unwrap()[..3], [true, true, false]);
+        assert!(recorded(1).unwrap().iter().all(|&b| !b));
+        assert_eq!(recorded(2), None);
+    }
+
+    /// A directory entry to build `Bitmaps` by hand.
+    fn parse_fixture_bitmap() -> Bitmap {
+        let image = Qcow2::open_path("fixtures/bitmaps.qcow2").unwrap();
+        image.bitmaps()[0].clone()
+    }
+
+    /// Set the in-use flag of bitmap `index` in the file, as a crash of QEMU leaves it.
+    fn patch_in_use(path: &Path, index: usize) {
+        let image = Qcow2::open_path(path).unwrap();
+        let at = image.bitmaps()[index].entry_offset + 12;
+        let flags = image.bitmaps()[index].flags | FLAG_IN_USE;
+        drop(image);
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(&flags.to_be_bytes(), at).unwrap();
+    }
+
+    /// A bitmap found in use (a crash) is kept as QEMU keeps it: still in use, not written,
+    /// while the others are stored as usual.
+    #[test]
+    fn a_bitmap_in_use_at_open_stays_in_use_as_qemu_leaves_it() {
+        let test = "inuse";
+        let Some((img, io)) = qemu(test) else { return };
+        let dir = Dir::new(test);
+        let ours = make_image(&img, &io, &dir, 4096, 16 << 20, "");
+        patch_in_use(&ours, 1);
+        let theirs = dir.join("theirs.qcow2");
+        std::fs::copy(&ours, &theirs).unwrap();
+        let (mut bitmaps, mut space) = open_for_writing(&ours);
+        assert!(bitmaps.entries[1].bits.is_none());
+        bitmaps.mark_in_use(&mut space).unwrap();
+        let ops = random_ops(11, 16 << 20, 20);
+        for &(_, pos, len) in &ops {
+            bitmaps.record(pos, len);
+        }
+        bitmaps.store(&mut space).unwrap();
+        drop(space);
+        qemu_run_ops(&io, &theirs, &ops);
+        let ours_now = dump(&ours);
+        assert_eq!(ours_now, dump(&theirs));
+        assert_eq!(ours_now[1].1, ["in-use", "auto"]);
+        check_clean(&img, &ours, false);
+        // Every bitmap in use: nothing to write, at open or at close.
+        for i in [0, 2, 3] {
+            patch_in_use(&ours, i);
+        }
+        let len = std::fs::metadata(&ours).unwrap().len();
+        let (mut bitmaps, mut space) = open_for_writing(&ours);
+        assert!(!bitmaps.records_writes());
+        bitmaps.mark_in_use(&mut space).unwrap();
+        bitmaps.record(0, 1 << 20);
+        bitmaps.store(&mut space).unwrap();
+        assert!(space.log.is_empty(), "{:?}", space.log.len());
+        assert_eq!(std::fs::metadata(&ours).unwrap().len(), len);
+    }
+
+    /// What a store may leave after a crash: the directory before the store (bitmaps in use)
+    /// or after it.
+    fn assert_old_or_new(d: &Dump, marked: &Dump, after: &Dump, what: &str) {
+        assert!(d == marked || d == after, "{what}: {d:?}");
+    }
+
+    /// Replay the log of one open-record-store onto the file as it was, cut at every write
+    /// (a kill) and with every single write of the last epoch lost and random subsets of it
+    /// (a power cut: what reached the disk since the last barrier is any subset): `qemu-img
+    /// check` finds no corruption, and the bitmaps are the old ones or the new ones.
+    #[test]
+    fn a_crash_at_any_write_leaves_old_or_new_bitmaps() {
+        let test = "crash";
+        let Some((img, io)) = qemu(test) else { return };
+        let dir = Dir::new(test);
+        let ours = make_image(&img, &io, &dir, 512, 8 << 20, "");
+        let original = std::fs::read(&ours).unwrap();
+        let before = dump(&ours);
+        let (mut bitmaps, mut space) = open_for_writing(&ours);
+        bitmaps.mark_in_use(&mut space).unwrap();
+        let marked = dump(&ours);
+        for &(_, pos, len) in &random_ops(21, 8 << 20, 30) {
+            bitmaps.record(pos, len);
+        }
+        bitmaps.store(&mut space).unwrap();
+        let after = dump(&ours);
+        let log = std::mem::take(&mut space.log);
+        drop(space);
+
+        let epochs: Vec<&[Op]> = log.split(|op| matches!(op, Op::Barrier)).collect();
+        assert!(epochs.len() >= 3, "{}", epochs.len());
+        let crash = dir.join("crash.qcow2");
+        let mut seed = 0x1234_5678u64;
+        let mut cases = 0;
+        for (k, epoch) in epochs.iter().enumerate() {
+            let done: Vec<&Op> = epochs[..k].iter().flat_map(|e| e.iter()).collect();
+            let mut subsets: Vec<Vec<bool>> = (0..=epoch.len())
+                .map(|cut| (0..epoch.len()).map(|i| i < cut).collect())
+                .collect();
+            for lost in 0..epoch.len() {
+                subsets.push((0..epoch.len()).map(|i| i != lost).collect());
+            }
+            for _ in 0..8 {
+                subsets.push(
+                    (0..epoch.len())
+                        .map(|_| {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            seed & 1 == 1
+                        })
+                        .collect(),
+                );
+            }
+            for kept in subsets {
+                let mut file = original.clone();
+                let chosen = epoch
+                    .iter()
+                    .zip(&kept)
+                    .filter(|(_, &k)| k)
+                    .map(|(op, _)| op);
+                for op in done.iter().copied().chain(chosen) {
+                    if let Op::Write(at, data) = op {
+                        let end = *at as usize + data.len();
+                        if file.len() < end {
+                            file.resize(end, 0);
+                        }
+                        file[*at as usize..end].copy_from_slice(data);
+                    }
+                }
+                std::fs::write(&crash, &file).unwrap();
+                check_clean(&img, &crash, true);
+                let d = dump(&crash);
+                let what = format!("epoch {k} kept {kept:?}");
+                if k == 0 {
+                    assert!(d == before || d == marked, "{what}: {d:?}");
+                } else {
+                    assert_old_or_new(&d, &marked, &after, &what);
+                }
+                cases += 1;
+            }
+        }
+        assert!(cases > 50, "{cases}");
+    }
+
+    /// A write that fails during the store: an error, an image QEMU finds consistent with the
+    /// old bitmaps (in use) or the new ones; once the header has not moved, the clusters
+    /// allocated are freed, and a second store succeeds with the same bits.
+    #[test]
+    fn a_failed_write_during_store_leaves_a_consistent_image() {
+        let test = "fail";
+        let Some((img, io)) = qemu(test) else { return };
+        let dir = Dir::new(test);
+        let base = make_image(&img, &io, &dir, 512, 8 << 20, "");
+        let ops = random_ops(31, 8 << 20, 25);
+        let run_store = |path: &Path, fail_at: Option<usize>| {
+            let (mut bitmaps, mut space) = open_for_writing(path);
+            bitmaps.mark_in_use(&mut space).unwrap();
+            for &(_, pos, len) in &ops {
+                bitmaps.record(pos, len);
+            }
+            space.writes = 0;
+            space.fail_at = fail_at;
+            let result = bitmaps.store(&mut space);
+            (result, bitmaps, space)
+        };
+        let whole = dir.join("whole.qcow2");
+        std::fs::copy(&base, &whole).unwrap();
+        let (result, _, space) = run_store(&whole, None);
+        result.unwrap();
+        let total = space.writes;
+        drop(space);
+        let after = dump(&whole);
+        let copy = dir.join("copy.qcow2");
+        let mut failed_before_move = 0;
+        for n in 1..=total {
+            std::fs::copy(&base, &copy).unwrap();
+            let (result, mut bitmaps, mut space) = run_store(&copy, Some(n));
+            assert!(
+                result.is_err(),
+                "write {n} of {total} failed, yet store succeeded"
+            );
+            let d = dump(&copy);
+            check_clean(&img, &copy, true);
+            if d != after {
+                failed_before_move += 1;
+                assert!(
+                    d.iter().all(|b| b.1.contains(&"in-use")),
+                    "write {n}: {d:?}"
+                );
+                space.fail_at = None;
+                bitmaps.store(&mut space).unwrap();
+                drop(space);
+                assert_eq!(dump(&copy), after, "retry after write {n} failed");
+                check_clean(&img, &copy, true);
+            }
+        }
+        assert!(
+            failed_before_move > 5 && failed_before_move < total,
+            "{failed_before_move}"
+        );
+    }
+
+    #[test]
+    fn a_data_cluster_named_twice_is_refused() {
+        let test = "twice";
+        let Some((img, io)) = qemu(test) else { return };
+        let dir = Dir::new(test);
+        let path = make_image(&img, &io, &dir, 512, 8 << 20, "");
+        let image = Qcow2::open_path(&path).unwrap();
+        let b = image.bitmap("g512").unwrap().clone();
+        let table = read_table(&image.io, &b, image.guest_size(), 9).unwrap();
+        let DataCluster::At(data) = table[0] else {
+            panic!("{table:?}")
+        };
+        drop(image);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&data.to_be_bytes(), b.table_offset + 8)
+            .unwrap();
+        let image = Qcow2::open_path(&path).unwrap();
+        let err = Bitmaps::load(&image).unwrap_err();
+        assert!(err.to_string().contains("named twice"), "{err}");
+    }
+}
