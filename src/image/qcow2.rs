@@ -196,10 +196,8 @@ impl<I: ReadAt> Qcow2<I> {
         self.compressed = Arc::new(ClusterCache::new());
         self.metadata_preallocated = OnceLock::new();
         self.writable = false;
-        if let Some(backing) = self.backing.as_mut() {
-            if let Backing::Source { source, .. } = backing {
-                source.share_caches(&self.l2_cache, &self.compressed);
-            }
+        if let Some(Backing::Source { source, .. }) = self.backing.as_mut() {
+            source.share_caches(&self.l2_cache, &self.compressed);
         }
         Ok(())
     }

@@ -124,7 +124,7 @@ impl<I: Storage> Qcow2<I> {
             self.geometry,
             self.l1.to_vec(),
             header.l1_table_offset(),
-            self.limits.l2_cache_bytes.max(4 * self.cluster_size()),
+            self.limits.l2_cache_bytes.max(self.cluster_size().saturating_mul(4)),
         );
         mark_open(&self.io, &header)?;
         let header = read_back_header(&self)?;

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::base::bytes::low_bits;
 use crate::base::io::{read_metadata, Storage};
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
@@ -111,7 +112,7 @@ impl Refcounts {
         if offset == 0 {
             return Ok(None);
         }
-        if entry & REFT_RESERVED_MASK != 0 || offset & (self.cluster_size() - 1) != 0 {
+        if entry & REFT_RESERVED_MASK != 0 || low_bits(offset, self.cluster_bits()) != 0 {
             return Err(Error::malformed(
                 format!("refcount table entry {index} ({entry:#x}) is invalid"),
                 self.table_offset.saturating_add(index.saturating_mul(8)),
@@ -238,11 +239,6 @@ impl Refcounts {
         self.lower(io, offset, len)
     }
 
-    /// Whether references wait to be dropped.
-    pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
     /// Apply the dropped references whose tables are now durable.
     pub(crate) fn apply_frees<I: Storage>(&mut self, io: &I) -> Result<()> {
         for (offset, len) in std::mem::take(&mut self.pending) {
@@ -305,7 +301,7 @@ impl Refcounts {
     fn grow_table<I: Storage>(&mut self, io: &I, entries: u64) -> Result<()> {
         let bits = self.cluster_bits();
         let per_cluster = self.cluster_size() / 8;
-        let mut wanted = entries.max(self.table.len() as u64).saturating_mul(3) / 2 + 1;
+        let mut wanted = (entries.max(self.table.len() as u64).saturating_mul(3) >> 1).saturating_add(1);
         let clusters = loop {
             let clusters = wanted.div_ceil(per_cluster);
             // The new table, and a block or two for it, must be covered too.

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::base::bytes::low_bits;
 use crate::base::io::{read_metadata, Storage};
 use crate::error::{Error, Result};
 use crate::format::table::{self, Geometry, L2_OFFSET_MASK, OFLAG_COPIED};
@@ -35,7 +36,7 @@ impl Entry {
     pub(crate) fn at(&self, g: &Geometry) -> u64 {
         let words = if g.extended_l2 { 2 } else { 1 };
         self.table
-            .saturating_add(self.index.saturating_mul(ENTRY_LEN * words))
+            .saturating_add(self.index.saturating_mul(ENTRY_LEN.saturating_mul(words)))
     }
 }
 
@@ -78,7 +79,7 @@ impl Tables {
     /// The L1 index and L2 index of guest offset `guest`.
     fn split(&self, guest: u64) -> (u64, u64) {
         let l1_index = guest >> self.g.l2_bits();
-        let l2_index = (guest >> self.g.cluster_bits) & ((1u64 << self.g.index_bits) - 1);
+        let l2_index = low_bits(guest >> self.g.cluster_bits, self.g.index_bits);
         (l1_index, l2_index)
     }
 
