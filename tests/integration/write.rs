@@ -502,24 +502,17 @@ fn refusals() {
     if !nix_root() {
         assert!(opened.is_err(), "a read-only file opened for writing");
     }
-    // Extended L2 is refused clearly (for now).
+    // A dirty image (lazy refcounts, QEMU killed) is refused clearly (for now).
+    let opts = "lazy_refcounts=on";
     env.qemu.img(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "x.qcow2",
-            "1M",
-        ],
+        &["create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M"],
     );
-    let err = Qcow2::open_path_with(dir.join("x.qcow2"), &OpenOptions::new().write(true))
-        .unwrap()
-        .into_writer()
-        .unwrap_err();
+    env.qemu.io_crash(dir, "qcow2", "x.qcow2", &["write 0 64k"]);
+    let image = Qcow2::open_path_with(dir.join("x.qcow2"), &OpenOptions::new().write(true));
+    let image = image.unwrap();
+    assert!(image.header().is_dirty(), "qemu-io left the image clean");
+    let err = image.into_writer().unwrap_err();
     assert!(
         matches!(err, qcow2::Error::UnsupportedWrite { .. }),
         "{err}"
@@ -572,5 +565,57 @@ fn external_data_files() {
                 "the raw data file does not read as the guest"
             );
         }
+    }
+}
+
+#[test]
+fn extended_l2() {
+    kind_case(
+        "write::extended_l2",
+        "extended_l2=on",
+        "32M",
+        65536,
+        130..133,
+    );
+    kind_case(
+        "write::extended_l2",
+        "extended_l2=on,cluster_size=16k",
+        "8M",
+        16384,
+        133..135,
+    );
+}
+
+#[test]
+fn extended_l2_over_a_backing_file() {
+    let Some(env) = Env::new("write::extended_l2_over_a_backing_file") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for seed in 140..143 {
+        env.qemu
+            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+        env.qemu
+            .io(dir, "qcow2", "base.qcow2", &["write -P 5 0 16M"]);
+        for side in ["theirs", "ours"] {
+            let args = [
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "extended_l2=on",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+            ];
+            let mut args = args.to_vec();
+            let name = format!("{side}.qcow2");
+            args.push(&name);
+            env.qemu.img(dir, &args);
+        }
+        let ops = script(seed, 16 << 20, 65536, 80);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
     }
 }
