@@ -11,6 +11,7 @@ mod info_cases;
 mod api;
 mod api_style;
 mod bitmap;
+mod bitmap_write;
 mod chain_reads;
 mod check;
 mod check_bound;

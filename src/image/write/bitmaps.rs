@@ -129,15 +129,8 @@ impl Bitmaps {
         }))
     }
 
-    /// Whether any bitmap records writes: [`Bitmaps::record`] does nothing otherwise.
-    pub(crate) fn records_writes(&self) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.bits.as_ref().is_some_and(|b| b.enabled))
-    }
-
     /// The directory's entries as they stand on disk now.
-    pub(crate) fn list(&self) -> Vec<Bitmap> {
+    fn list(&self) -> Vec<Bitmap> {
         self.entries.iter().map(|e| e.bitmap.clone()).collect()
     }
 
@@ -504,6 +497,14 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use std::path::{Path, PathBuf};
     use std::process::Command;
+
+    /// Whether any bitmap records writes.
+    fn records_writes(bitmaps: &Bitmaps) -> bool {
+        bitmaps
+            .entries
+            .iter()
+            .any(|e| e.bits.as_ref().is_some_and(|b| b.enabled))
+    }
 
     /// One step of what a [`FileSpace`] did to the file.
     #[derive(Debug, Clone)]
@@ -1004,7 +1005,7 @@ mod tests {
             },
             cluster_bits: 16,
         };
-        assert!(bitmaps.records_writes());
+        assert!(records_writes(&bitmaps));
         bitmaps.record(65536, 0);
         assert!(!bitmaps.entries[0].bits.as_ref().unwrap().changed[0]);
         bitmaps.record(65535, 2);
@@ -1066,7 +1067,7 @@ mod tests {
         }
         let len = std::fs::metadata(&ours).unwrap().len();
         let (mut bitmaps, mut space) = open_for_writing(&ours);
-        assert!(!bitmaps.records_writes());
+        assert!(!records_writes(&bitmaps));
         bitmaps.mark_in_use(&mut space).unwrap();
         bitmaps.record(0, 1 << 20);
         bitmaps.store(&mut space).unwrap();
