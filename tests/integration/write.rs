@@ -619,3 +619,22 @@ fn extended_l2_over_a_backing_file() {
         run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
     }
 }
+
+#[test]
+fn refcount_table_moves_while_its_new_block_is_made() {
+    // 512-byte clusters, 16-bit refcounts: a block covers 256 clusters and the one-cluster
+    // table 64 blocks (8 MiB); QEMU fills the image close to that, the writer passes it: the
+    // table moves while the block its own clusters need is being made.
+    let Some(env) = Env::new("write::refcount_table_moves_while_its_new_block_is_made") else {
+        return;
+    };
+    for seed in 150..154 {
+        create_pair(&env, "cluster_size=512", "16M", &[]);
+        for side in ["theirs.qcow2", "ours.qcow2"] {
+            env.qemu
+                .io(env.dir.path(), "qcow2", side, &["write -P 1 8M 7880K"]);
+        }
+        let ops = script(seed, 8 << 20, 8192, 300);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
