@@ -638,3 +638,47 @@ fn refcount_table_moves_while_its_new_block_is_made() {
         run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
     }
 }
+
+#[test]
+fn images_in_use_are_locked_both_ways() {
+    let Some(env) = Env::new("write::images_in_use_are_locked_both_ways") else {
+        return;
+    };
+    let dir = env.dir.path();
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    // While the writer has it, QEMU cannot open it.
+    let writer = Qcow2::open_path_with(dir.join("a.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    let out = std::process::Command::new(&env.qemu.io)
+        .current_dir(dir)
+        .args(["-f", "qcow2", "-c", "write 0 4k", "a.qcow2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("lock"), "{stderr}");
+    writer.close().unwrap();
+    // While QEMU has it, the writer cannot open it.
+    let mut qemu = std::process::Command::new(&env.qemu.io)
+        .current_dir(dir)
+        .args(["-f", "qcow2", "-c", "sleep 5000", "a.qcow2"])
+        .spawn()
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        match Qcow2::open_path_with(dir.join("a.qcow2"), &OpenOptions::new().write(true)) {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(image) => drop(image), // qemu-io has not opened it yet
+        }
+    }
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let err = refused.expect("the writer opened an image qemu-io had open");
+    assert!(matches!(err, qcow2::Error::Locked { .. }), "{err}");
+}
