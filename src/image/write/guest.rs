@@ -24,6 +24,11 @@ use crate::image::write::writeback::Metadata;
 /// Standard L2 entry bit 0: reads as zeros.
 const OFLAG_ZERO: u64 = 1;
 
+/// Writes of at least this many bytes go in pieces of `PARALLEL_WRITE_PIECE` on the
+/// image's threads.
+const PARALLEL_WRITE_MIN: usize = 512 << 10;
+const PARALLEL_WRITE_PIECE: usize = 256 << 10;
+
 /// Most bytes one allocation covers (a long write is cut into pieces of this size).
 const MAX_RUN_BYTES: u64 = 4 << 20;
 
@@ -433,10 +438,28 @@ impl<I: Storage> Guest<'_, I> {
         }
     }
 
+    /// Write `data` at `host` of the data file; a large write in pieces on the image's
+    /// threads (copying into the page cache is most of its cost, and QEMU writes a large
+    /// request's pieces on several threads too).
     fn write_plain(&self, host: u64, data: &[u8]) -> Result<()> {
-        self.data_io()
-            .write_all_at(host, data)
-            .map_err(|e| Error::io(format!("writing guest data at host offset {host:#x}"), e))
+        let io = self.data_io();
+        let failed = |at: u64, e| Error::io(format!("writing guest data at host offset {at:#x}"), e);
+        let pool = &self.image.pool;
+        if data.len() < PARALLEL_WRITE_MIN || pool.threads() < 2 {
+            return io.write_all_at(host, data).map_err(|e| failed(host, e));
+        }
+        let mut pieces: Vec<(u64, &[u8], Option<std::io::Error>)> = data
+            .chunks(PARALLEL_WRITE_PIECE)
+            .enumerate()
+            .map(|(i, piece)| (host + (i * PARALLEL_WRITE_PIECE) as u64, piece, None))
+            .collect();
+        pool.run_all(&mut pieces, |(at, piece, error)| {
+            *error = io.write_all_at(*at, piece).err();
+        });
+        match pieces.into_iter().find_map(|(at, _, e)| e.map(|e| (at, e))) {
+            Some((at, e)) => Err(failed(at, e)),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn release(&self, meta: &mut Metadata, release: Release) {
