@@ -682,3 +682,55 @@ fn images_in_use_are_locked_both_ways() {
     let err = refused.expect("the writer opened an image qemu-io had open");
     assert!(matches!(err, qcow2::Error::Locked { .. }), "{err}");
 }
+
+#[test]
+fn threads_write_and_read_through_one_writer_at_once() {
+    let Some(env) = Env::new("write::threads_write_and_read") else {
+        return;
+    };
+    let dir = env.dir.path();
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+    env.qemu
+        .io(dir, "qcow2", "base.qcow2", &["write -P 3 0 16M"]);
+    env.qemu.create_overlay(dir, "base.qcow2", "top.qcow2");
+    let writer = Qcow2::open_path_with(dir.join("top.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    // Four threads, each writing its own quarter (unaligned pieces, flushes now and then)
+    // while reading back what it wrote; a fifth discards and zeroes nothing of theirs but
+    // flushes often, so that frees and reuse happen while they run.
+    let quarter = 4u64 << 20;
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let w = &writer;
+            s.spawn(move || {
+                let mut rng = Rng::new(200 + t);
+                let mut model = vec![3u8; quarter as usize];
+                for i in 0..300 {
+                    let len = 1 + rng.below(100_000);
+                    let pos = rng.below(quarter - len);
+                    let byte = (t * 60 + i % 60) as u8 + 4;
+                    w.write_all_at(t * quarter + pos, &vec![byte; len as usize])
+                        .unwrap();
+                    model[pos as usize..(pos + len) as usize].fill(byte);
+                    if i % 50 == 0 {
+                        w.flush().unwrap();
+                    }
+                    let mut back = vec![0u8; len as usize];
+                    w.read_exact_at(t * quarter + pos, &mut back).unwrap();
+                    assert!(back.iter().all(|b| *b == byte), "thread {t} write {i}");
+                }
+                let mut back = vec![0u8; quarter as usize];
+                w.read_exact_at(t * quarter, &mut back).unwrap();
+                assert!(back == model, "thread {t}'s quarter");
+            });
+        }
+    });
+    writer.close().unwrap();
+    let out = env.qemu.img(dir, &["check", "--output=json", "top.qcow2"]);
+    let report: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert!(report.get("corruptions").is_none_or(|c| c == 0), "{report}");
+    assert!(report.get("leaks").is_none_or(|c| c == 0), "{report}");
+}
