@@ -406,12 +406,30 @@ fn luks_encrypted() {
         "8M",
         &["--object", object],
     );
-    let ops = script(100, 8 << 20, 65536, 40);
-    let extra = ["--object", object, "--image-opts"];
+    run_encrypted(&env, "hunter2", 100);
+}
+
+#[test]
+fn legacy_aes_encrypted() {
+    let Some(env) = Env::new("write::legacy_aes_encrypted") else {
+        return;
+    };
+    for side in ["theirs.qcow2", "ours.qcow2"] {
+        std::fs::copy("fixtures/aes.qcow2", env.dir.join(side)).unwrap();
+    }
+    run_encrypted(&env, "abc", 101);
+}
+
+/// The same operations through qemu-io (the secret given as an object) and the writer on
+/// two copies of an encrypted image, then compared and checked.
+fn run_encrypted(env: &Env, secret: &str, seed: u64) {
+    let object = format!("secret,id=sec0,data={secret}");
+    let size = Qcow2::open_path(env.dir.join("ours.qcow2")).unwrap().guest_size();
+    let ops = script(seed, size, 65536, 40);
     // qemu-io needs the image as options to pass the secret.
     let dir = env.dir.path();
     let mut io = std::process::Command::new(&env.qemu.io);
-    io.current_dir(dir).args(extra);
+    io.current_dir(dir).args(["--object", &object, "--image-opts"]);
     for op in &ops {
         io.args(["-c", &op.qemu_io()]);
     }
@@ -422,18 +440,16 @@ fn luks_encrypted() {
         "qemu-io: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let writer = Qcow2::open_path_with(
-        dir.join("ours.qcow2"),
-        &OpenOptions::new().write(true).secret("hunter2"),
-    )
-    .unwrap()
-    .into_writer()
-    .unwrap();
+    let options = OpenOptions::new().write(true).secret(secret);
+    let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &options)
+        .unwrap()
+        .into_writer()
+        .unwrap();
     for op in &ops {
         op.apply(&writer);
     }
     writer.close().unwrap();
-    compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &["--object", object]);
+    compare_and_check(env, "theirs.qcow2", "ours.qcow2", &["--object", &object]);
 }
 
 #[test]
