@@ -166,22 +166,50 @@ fn run_both(env: &Env, ops: &[Op]) {
     writer.close().unwrap();
 }
 
-/// The same script through both tools on an image made with `opts` (and over `backing`):
-/// the same bitmaps, the same guest, a clean image.
-fn same_as_qemu(test: &str, opts: &str, size: u64, backing: bool, seeds: std::ops::Range<u64>) {
-    let Some(env) = Env::new(test) else { return };
-    for seed in seeds {
-        if backing {
-            env.create("base.qcow2", size, "");
-            env.io("base.qcow2", &["write -q -P 7 0 1M", "write -q -P 8 5M 3M"]);
-            env.create_over("theirs.qcow2", size, opts, "base.qcow2", "qcow2");
+/// Make `{side}.qcow2` (`side`: "theirs" or "ours") of `size` bytes with `qemu-img create -o
+/// OPTS` (`{side}` in OPTS replaced), over base.qcow2 when `backing`, then `prepare` it with
+/// qemu-io commands (before the bitmaps exist) and add the bitmaps. Both sides are made by
+/// the same commands, so they start equal (each with its own data file when it has one).
+struct Kind<'a> {
+    opts: &'a str,
+    size: u64,
+    backing: bool,
+    prepare: &'a [&'a str],
+    snapshot: bool,
+}
+
+impl Kind<'_> {
+    fn make(&self, env: &Env, side: &str) {
+        let image = format!("{side}.qcow2");
+        let opts = self.opts.replace("{side}", side);
+        if self.backing {
+            env.create_over(&image, self.size, &opts, "base.qcow2", "qcow2");
         } else {
-            env.create("theirs.qcow2", size, opts);
+            env.create(&image, self.size, &opts);
         }
-        add_bitmaps(&env, "theirs.qcow2", size);
-        env.copy("theirs.qcow2", "ours.qcow2");
+        if !self.prepare.is_empty() {
+            env.io(&image, self.prepare);
+        }
+        if self.snapshot {
+            env.img(&["snapshot", "-c", "snap", &image]);
+        }
+        add_bitmaps(env, &image, self.size);
+    }
+}
+
+/// The same scripts through both tools on images of `kind`: the same bitmaps, the same
+/// guest, a clean image with no leaks.
+fn same_as_qemu(test: &str, kind: Kind, seeds: std::ops::Range<u64>) {
+    let Some(env) = Env::new(test) else { return };
+    if kind.backing {
+        env.create("base.qcow2", kind.size, "");
+        env.io("base.qcow2", &["write -q -P 7 0 1M", "write -q -P 8 5M 3M"]);
+    }
+    for seed in seeds {
+        kind.make(&env, "theirs");
+        kind.make(&env, "ours");
         let before = dump(&env, "ours.qcow2");
-        let ops = script(seed, size, 40);
+        let ops = script(seed, kind.size, 40);
         run_both(&env, &ops);
         let (ours, theirs) = (dump(&env, "ours.qcow2"), dump(&env, "theirs.qcow2"));
         assert_eq!(ours, theirs, "seed {seed}, ops {ops:?}");
@@ -192,43 +220,75 @@ fn same_as_qemu(test: &str, opts: &str, size: u64, backing: bool, seeds: std::op
     }
 }
 
+/// A kind of image: `opts` for qemu-img create, nothing else.
+fn plain(opts: &str, size: u64) -> Kind<'_> {
+    Kind {
+        opts,
+        size,
+        backing: false,
+        prepare: &[],
+        snapshot: false,
+    }
+}
+
 #[test]
 #[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn clusters_64k() {
-    same_as_qemu("bmw_64k", "", 64 << 20, false, 0..3);
+    same_as_qemu("bmw_64k", plain("", 64 << 20), 0..3);
 }
 
 #[test]
 #[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn clusters_512_bytes() {
     // 4096 bits a bitmap data cluster: 2 MiB of guest at 512 B granularity.
-    same_as_qemu("bmw_512", "cluster_size=512", 8 << 20, false, 10..12);
+    same_as_qemu("bmw_512", plain("cluster_size=512", 8 << 20), 10..12);
 }
 
 #[test]
 #[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn refcount_widths_and_lazy_refcounts() {
-    same_as_qemu(
-        "bmw_r1",
-        "cluster_size=4096,refcount_bits=1",
-        16 << 20,
-        false,
-        20..21,
-    );
-    same_as_qemu(
-        "bmw_r64",
-        "cluster_size=4096,refcount_bits=64",
-        16 << 20,
-        false,
-        21..22,
-    );
-    same_as_qemu("bmw_lazy", "lazy_refcounts=on", 16 << 20, false, 22..23);
+    let r1 = "cluster_size=4096,refcount_bits=1";
+    same_as_qemu("bmw_r1", plain(r1, 16 << 20), 20..21);
+    let r64 = "cluster_size=4096,refcount_bits=64";
+    same_as_qemu("bmw_r64", plain(r64, 16 << 20), 21..22);
+    same_as_qemu("bmw_lazy", plain("lazy_refcounts=on", 16 << 20), 22..23);
 }
 
 #[test]
 #[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn over_a_backing_file() {
-    same_as_qemu("bmw_backing", "cluster_size=4096", 16 << 20, true, 30..32);
+    let kind = Kind {
+        backing: true,
+        ..plain("cluster_size=4096", 16 << 20)
+    };
+    same_as_qemu("bmw_backing", kind, 30..32);
+}
+
+#[test]
+#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
+fn extended_l2() {
+    same_as_qemu("bmw_extl2", plain("extended_l2=on", 32 << 20), 50..51);
+    let small = "extended_l2=on,cluster_size=16k";
+    same_as_qemu("bmw_extl2_16k", plain(small, 8 << 20), 51..52);
+}
+
+#[test]
+#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
+fn external_data_files() {
+    same_as_qemu("bmw_data", plain("data_file={side}.data", 16 << 20), 60..61);
+    let raw = "data_file={side}.data,data_file_raw=on";
+    same_as_qemu("bmw_data_raw", plain(raw, 16 << 20), 61..62);
+}
+
+#[test]
+#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
+fn compressed_clusters_and_internal_snapshots() {
+    let kind = Kind {
+        prepare: &["write -q -c -P 3 0 2M", "write -q -P 4 4M 4M"],
+        snapshot: true,
+        ..plain("", 16 << 20)
+    };
+    same_as_qemu("bmw_snap", kind, 70..72);
 }
 
 /// `qemu-img info -U`'s flags of each bitmap.
