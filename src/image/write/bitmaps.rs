@@ -860,6 +860,7 @@ mod tests {
         std::fs::copy(&ours, &theirs).unwrap();
         let before = dump(&ours);
 
+        let table_before = Qcow2::open_path(&ours).unwrap().bitmaps()[3].table_offset;
         let (mut bitmaps, mut space) = open_for_writing(&ours);
         bitmaps.mark_in_use(&mut space).unwrap();
         let marked = dump(&ours);
@@ -874,8 +875,15 @@ mod tests {
             bitmaps.record(pos, len);
         }
         bitmaps.store(&mut space).unwrap();
+        let written = space.log.len();
+        bitmaps.store(&mut space).unwrap();
+        assert_eq!(space.log.len(), written, "a second store writes nothing");
         drop(space);
         qemu_run_ops(&io, &theirs, &ops);
+        // The disabled bitmap's table did not change: the new directory names it again
+        // (QEMU writes it anew).
+        let table = |path: &Path| Qcow2::open_path(path).unwrap().bitmaps()[3].table_offset;
+        assert_eq!(table(&ours), table_before);
 
         let (ours_now, theirs_now) = (dump(&ours), dump(&theirs));
         assert_eq!(ours_now, theirs_now, "ops {ops:?}");
