@@ -410,6 +410,16 @@ pub(crate) fn next_bit(data: &[u8], from: usize, set: bool) -> Option<usize> {
     None
 }
 
+/// Whether a bitmap table of `entries` entries, each naming a cluster of `2^cluster_bits`
+/// bytes, is within what QEMU stores (`check_constraints_on_bitmap`: at most
+/// `BME_MAX_TABLE_SIZE` entries and `BME_MAX_PHYS_SIZE` bytes of data).
+pub(crate) fn table_fits(entries: u64, cluster_bits: u32) -> bool {
+    let bytes = entries.checked_shl(cluster_bits).unwrap_or(u64::MAX);
+    entries <= u64::from(MAX_TABLE_ENTRIES)
+        && bytes >> cluster_bits == entries
+        && bytes <= MAX_DATA_BYTES
+}
+
 /// A directory entry as QEMU's `bitmap_list_store` writes it: the fixed fields, the name up to
 /// its first NUL (what QEMU keeps of it), no extra data, zeros up to a multiple of 8 bytes.
 pub(crate) fn encode_entry(b: &Bitmap, out: &mut Vec<u8>) {
@@ -689,6 +699,17 @@ mod tests {
         let short = encode_directory(&cut);
         assert_eq!(short, ok(b"ab"));
         assert_eq!(parse_directory(&short, &ctx(1)).unwrap()[0].name, "ab");
+    }
+
+    #[test]
+    fn table_size_constraints() {
+        // 512 MiB of data at most: 8192 clusters of 64 KiB, 2^20 of 512 B.
+        assert!(table_fits(8192, 16));
+        assert!(!table_fits(8193, 16));
+        assert!(table_fits(1 << 20, 9));
+        assert!(!table_fits((1 << 20) + 1, 9));
+        assert!(!table_fits(u64::MAX, 9));
+        assert!(table_fits(0, 21));
     }
 
     #[test]

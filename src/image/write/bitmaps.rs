@@ -28,8 +28,8 @@ use crate::base::io::read_metadata;
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::bitmap::{
-    all_set, bytes_to_words, clear_from, encode_directory, encode_table, set_bits, words_to_bytes,
-    Bitmap, DataCluster, FLAG_AUTO, FLAG_IN_USE,
+    all_set, bytes_to_words, clear_from, encode_directory, encode_table, set_bits, table_fits,
+    words_to_bytes, Bitmap, DataCluster, FLAG_AUTO, FLAG_IN_USE,
 };
 use crate::format::extension::BitmapsExtension;
 use crate::format::header::TABLE_ENTRY_LEN;
@@ -187,6 +187,42 @@ impl Bitmaps {
         }
     }
 
+    /// The guest is resized to `guest_size` bytes: every bitmap follows, as QEMU's
+    /// `bdrv_dirty_bitmap_truncate` (bits past a shrunk end dropped, a grown part clean). Call
+    /// it before the header changes: like QEMU (`qcow2_truncate_bitmaps_check`) it refuses,
+    /// changing nothing, when a bitmap is inconsistent, and (QEMU would fail to store it at
+    /// close) when a bitmap would need a table over QEMU's limits.
+    pub(crate) fn resize(&mut self, guest_size: u64) -> Result<()> {
+        let chunk_bits = self.cluster_bits.saturating_add(3);
+        for e in &self.entries {
+            let Some(bits) = &e.bits else {
+                return Err(Error::UnsupportedWrite {
+                    what: format!(
+                        "resizing an image whose bitmap {:?} is inconsistent (in use since a \
+                         crash): remove the bitmap first, as QEMU requires",
+                        e.bitmap.name
+                    ),
+                });
+            };
+            let granules = guest_size.div_ceil(1u64 << bits.granularity_bits.min(63));
+            let chunks = granules.div_ceil(1u64 << chunk_bits.min(63));
+            if !table_fits(chunks, self.cluster_bits) {
+                return Err(Error::UnsupportedWrite {
+                    what: format!(
+                        "resizing to {guest_size} bytes: bitmap {:?} would be too big for its \
+                         granularity",
+                        e.bitmap.name
+                    ),
+                });
+            }
+        }
+        for bits in self.entries.iter_mut().filter_map(|e| e.bits.as_mut()) {
+            let granules = guest_size.div_ceil(1u64 << bits.granularity_bits.min(63));
+            bits.resize(granules, chunk_bits);
+        }
+        Ok(())
+    }
+
     /// Store the bitmaps back at close, as QEMU's `qcow2_store_persistent_dirty_bitmaps`
     /// does: changed data clusters and tables written to new clusters, a new directory with
     /// the in-use flags of consistent bitmaps cleared (inconsistent ones stay in use), a
@@ -217,7 +253,11 @@ impl Bitmaps {
     /// Whether the directory on disk differs from what [`Bitmaps::store`] would write.
     fn needs_store(&self) -> bool {
         self.entries.iter().any(|e| match &e.bits {
-            Some(bits) => bits.changed.contains(&true) || e.bitmap.flags != bits.stored_flags(),
+            Some(bits) => {
+                bits.changed.contains(&true)
+                    || bits.table.len() != bits.chunks.len()
+                    || e.bitmap.flags != bits.stored_flags()
+            }
             None => false,
         })
     }
@@ -239,6 +279,8 @@ impl Bitmaps {
                         plan.replaced
                             .push((bitmap.table_offset, table_bytes(&bitmap)));
                         bitmap.table_offset = offset;
+                        bitmap.table_size = u32::try_from(table.len())
+                            .map_err(|_| Error::Internal("bitmap table over 2^32 entries"))?;
                     }
                     bitmap.flags = bits.stored_flags();
                     Some(table)
@@ -404,6 +446,35 @@ impl Bits {
         }
     }
 
+    /// Follow the guest to `granules` bits: chunks past the end dropped, new ones clean, and
+    /// the chunk holding the smaller end keeps only the bits before it (rewritten at the
+    /// next store, so that no bit past the end stays on disk).
+    fn resize(&mut self, granules: u64, chunk_bits: u32) {
+        if granules == self.granules {
+            return;
+        }
+        let edge = granules.min(self.granules);
+        let chunks = usize::try_from(granules.div_ceil(1u64 << chunk_bits.min(63))).unwrap_or(0);
+        self.chunks.truncate(chunks);
+        self.changed.truncate(chunks);
+        self.chunks.resize(chunks, Chunk::Zeros);
+        self.changed.resize(chunks, true);
+        self.granules = granules;
+        let index = edge.checked_shr(chunk_bits).unwrap_or(0);
+        let from = edge.saturating_sub(index.checked_shl(chunk_bits).unwrap_or(0));
+        let limit = chunk_limit(granules, index, chunk_bits);
+        let words = 1usize
+            .checked_shl(chunk_bits.saturating_sub(6))
+            .unwrap_or(0);
+        let slot = usize::try_from(index).ok();
+        if let Some(chunk) = slot.and_then(|i| self.chunks.get_mut(i)) {
+            chunk.keep_before(from, limit, words);
+            if let Some(changed) = slot.and_then(|i| self.changed.get_mut(i)) {
+                *changed = true;
+            }
+        }
+    }
+
     /// Write the changed chunks to new clusters (an all-ones chunk needs none); the table
     /// that names them, the old clusters they replace added to `plan.replaced`.
     fn write_chunks(
@@ -413,14 +484,15 @@ impl Bits {
         cluster_size: u64,
     ) -> Result<Vec<DataCluster>> {
         let chunk_bits = space.cluster_bits().saturating_add(3);
-        let mut table = self.table.clone();
-        let changed = self.changed.iter().zip(&self.chunks).zip(table.iter_mut());
-        for (i, ((&changed, chunk), entry)) in changed.enumerate() {
-            if !changed {
+        let mut table = Vec::with_capacity(self.chunks.len());
+        for (i, (chunk, &changed)) in self.chunks.iter().zip(&self.changed).enumerate() {
+            let old = self.table.get(i).copied();
+            if let (Some(old), false) = (old, changed) {
+                table.push(old);
                 continue;
             }
             let limit = chunk_limit(self.granules, i as u64, chunk_bits);
-            let new = match chunk {
+            table.push(match chunk {
                 Chunk::Zeros => DataCluster::Zeros,
                 Chunk::Ones => DataCluster::Ones,
                 Chunk::Bits(words) if all_set(words, limit) => DataCluster::Ones,
@@ -429,11 +501,16 @@ impl Bits {
                     space.write(offset, &words_to_bytes(words))?;
                     DataCluster::At(offset)
                 }
-            };
+            });
+            if let Some(DataCluster::At(old)) = old {
+                plan.replaced.push((old, cluster_size));
+            }
+        }
+        // Clusters past a shrunk end go too.
+        for entry in self.table.get(self.chunks.len()..).unwrap_or_default() {
             if let DataCluster::At(old) = *entry {
                 plan.replaced.push((old, cluster_size));
             }
-            *entry = new;
         }
         Ok(table)
     }
@@ -451,6 +528,31 @@ impl Chunk {
         } else {
             Chunk::Bits(words.into_boxed_slice())
         }
+    }
+
+    /// Keep only bits `[0, from)` of a chunk that now has `limit` meaningful bits.
+    fn keep_before(&mut self, from: u64, limit: u64, words: usize) {
+        let mut bits = match std::mem::replace(self, Chunk::Zeros) {
+            Chunk::Zeros => return,
+            Chunk::Ones if from >= limit => {
+                *self = Chunk::Ones;
+                return;
+            }
+            Chunk::Ones => {
+                let mut bits = vec![0; words];
+                set_bits(&mut bits, 0, from);
+                bits
+            }
+            Chunk::Bits(bits) => bits.into_vec(),
+        };
+        clear_from(&mut bits, from);
+        *self = if bits.iter().all(|&w| w == 0) {
+            Chunk::Zeros
+        } else if all_set(&bits, limit) {
+            Chunk::Ones
+        } else {
+            Chunk::Bits(bits.into_boxed_slice())
+        };
     }
 
     /// Set bits `[from, to)` of a chunk of `limit` meaningful bits held in `words` words;
@@ -820,6 +922,12 @@ mod tests {
             .arg(format!("cluster_size={cluster}{opts}"))
             .arg(&path)
             .arg(size.to_string()));
+        add_bitmaps(img, io, &path, size);
+        path
+    }
+
+    /// Add the bitmaps of [`make_image`] to `path`, and let QEMU set bits in them.
+    fn add_bitmaps(img: &Path, io: &Path, path: &Path, size: u64) {
         for (name, granularity, extra) in [
             ("g512", "512", None),
             ("g4k", "4096", None),
@@ -831,14 +939,13 @@ mod tests {
             if let Some(extra) = extra {
                 cmd.arg(extra);
             }
-            run(cmd.arg(&path).arg(name));
+            run(cmd.arg(path).arg(name));
         }
         // Bits set before, by QEMU, in the enabled bitmaps.
         run(Command::new(io)
             .args(["-f", "qcow2", "-c", "write -P 1 4096 8192", "-c"])
             .arg(format!("write -P 2 {} 512", size - 512))
-            .arg(&path));
-        path
+            .arg(path));
     }
 
     fn qemu_run_ops(io: &Path, path: &Path, ops: &[(Kind, u64, u64)]) {
@@ -1245,5 +1352,95 @@ mod tests {
         let image = Qcow2::open_path(&path).unwrap();
         let err = Bitmaps::load(&image).unwrap_err();
         assert!(err.to_string().contains("named twice"), "{err}");
+    }
+
+    /// Set the guest size in the header (the writer's resize does this; here only the
+    /// bitmaps are tested).
+    fn patch_size(path: &Path, size: u64) {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(&size.to_be_bytes(), 24).unwrap();
+    }
+
+    /// Writes, resizes, more writes: the same bitmaps as qemu-io's `truncate` between the same
+    /// writes, growing (the new part clean), shrinking (bits past the end gone, clusters past
+    /// it freed: no leaks) and growing back (the bits past the shrunk end stay clear), to
+    /// sizes that end inside a granule and a data cluster and at a data cluster's edge.
+    #[test]
+    fn resize_follows_qemu() {
+        let test = "resize";
+        let Some((img, io)) = qemu(test) else { return };
+        let mib = 1u64 << 20;
+        // 512 B clusters: a data cluster holds 4096 bits, 2 MiB at 512 B granularity.
+        let cases: [(u64, &[u64]); 6] = [
+            (512, &[8 * mib, 20 * mib + 3584]),
+            (512, &[8 * mib, 3 * mib + 1536, 8 * mib]),
+            (512, &[8 * mib, 4 * mib]),
+            (512, &[5 * mib + 512, 9 * mib, 2 * mib - 512, 10 * mib]),
+            (65536, &[64 * mib, 23 * mib + 512]),
+            (65536, &[16 * mib, 300 * mib]),
+        ];
+        for (cluster, sizes) in cases {
+            let dir = Dir::new(&format!("{test}-{cluster}-{}", sizes[1]));
+            let largest = sizes.iter().copied().max().unwrap();
+            // Made at the largest size, then shrunk: the L1 table keeps room for growing
+            // (the writer's resize grows it; here only the bitmaps are tested).
+            let ours = dir.join("ours.qcow2");
+            run(Command::new(&img)
+                .args(["create", "-q", "-f", "qcow2", "-o"])
+                .arg(format!("cluster_size={cluster}"))
+                .arg(&ours)
+                .arg(largest.to_string()));
+            run(Command::new(&img)
+                .args(["resize", "-q", "--shrink"])
+                .arg(&ours)
+                .arg(sizes[0].to_string()));
+            add_bitmaps(&img, &io, &ours, sizes[0]);
+            let theirs = dir.join("theirs.qcow2");
+            std::fs::copy(&ours, &theirs).unwrap();
+            let (mut bitmaps, mut space) = open_for_writing(&ours);
+            bitmaps.mark_in_use(&mut space).unwrap();
+            let mut cmd = Command::new(&io);
+            cmd.args(["-f", "qcow2"]);
+            for (i, &size) in sizes.iter().enumerate() {
+                if i > 0 {
+                    bitmaps.resize(size).unwrap();
+                    cmd.arg("-c").arg(format!("truncate {size}"));
+                }
+                for (kind, pos, len) in random_ops(size ^ i as u64, size, 25) {
+                    bitmaps.record(pos, len);
+                    cmd.arg("-c").arg(qemu_io_command(kind, pos, len));
+                }
+            }
+            patch_size(&ours, *sizes.last().unwrap());
+            bitmaps.store(&mut space).unwrap();
+            drop(space);
+            run(cmd.arg(&theirs));
+            assert_eq!(dump(&ours), dump(&theirs), "{cluster} {sizes:?}");
+            check_clean(&img, &ours, false);
+        }
+    }
+
+    #[test]
+    fn resize_refuses_what_qemu_refuses() {
+        let test = "resize-refused";
+        let Some((img, io)) = qemu(test) else { return };
+        let dir = Dir::new(test);
+        let ours = make_image(&img, &io, &dir, 512, 8 << 20, "");
+        let (mut bitmaps, _space) = open_for_writing(&ours);
+        // At 512 B granularity and 512 B clusters, 2^20 data clusters (512 MiB of bits)
+        // cover 2 TiB; one byte more needs a table QEMU does not store.
+        bitmaps.resize(2 << 40).unwrap();
+        let err = bitmaps.resize((2 << 40) + 1).unwrap_err();
+        assert!(err.to_string().contains("too big"), "{err}");
+        assert_eq!(bitmaps.entries[0].bits.as_ref().unwrap().granules, 1 << 32);
+        bitmaps.resize(8 << 20).unwrap();
+        // An inconsistent bitmap: QEMU refuses to resize.
+        patch_in_use(&ours, 2);
+        let (mut bitmaps, _space) = open_for_writing(&ours);
+        let err = bitmaps.resize(16 << 20).unwrap_err();
+        assert!(
+            err.to_string().contains("\"g64k\" is inconsistent"),
+            "{err}"
+        );
     }
 }
