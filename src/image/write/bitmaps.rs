@@ -12,6 +12,9 @@
 //! write leaves the old directory (with its in-use flags) or the new one, each naming only
 //! clusters that hold what it expects.
 //!
+//! A resize of the guest resizes every bitmap as QEMU does (bits past a shrunk end dropped,
+//! a grown part clean), and is refused, as QEMU refuses it, while a bitmap is inconsistent.
+//!
 //! Unlike QEMU, which rewrites every data cluster of every bitmap at close, a data cluster or
 //! table that did not change is kept where it is and named by the new directory too.
 
