@@ -8,6 +8,7 @@
 pub(crate) mod space;
 
 mod guest;
+mod recount;
 mod refcounts;
 mod subclusters;
 mod tables;
@@ -133,17 +134,24 @@ impl<I: Storage> Qcow2<I> {
                 .l2_cache_bytes
                 .max(self.cluster_size().saturating_mul(4)),
         );
+        let mut meta = Metadata {
+            tables,
+            refs,
+            unsynced: false,
+            file_len,
+        };
+        if header.is_dirty() {
+            // Refcounts left unwritten by a crash (lazy refcounts): counted again first,
+            // as QEMU repairs a dirty image it opens for writing.
+            recount::rebuild(&self, &mut meta.refs, file_len)?;
+            meta.flush(&self.io, self.data_storage.as_deref())?;
+        }
         mark_open(&self.io, &header)?;
         let header = read_back_header(&self)?;
         Ok(Writer {
             guest_size: self.guest_size(),
             cluster_size: self.cluster_size(),
-            meta: Mutex::new(Metadata {
-                tables,
-                refs,
-                unsynced: false,
-                file_len,
-            }),
+            meta: Mutex::new(meta),
             read_state: ReadState::new(),
             gate: RwLock::new(()),
             header: Mutex::new(header),
@@ -157,8 +165,6 @@ fn refuse_unsupported<I>(image: &Qcow2<I>) -> Result<()> {
     let header = &image.header;
     let what = if header.has_data_file_bit() && image.data_storage.is_none() {
         Some("an external data file attached for reading only (open the image by path to write its data file)")
-    } else if header.is_dirty() {
-        Some("the image is dirty (lazy refcounts left unwritten by a crash): repair it first with `qemu-img check -r all`")
     } else {
         None
     };
@@ -366,7 +372,8 @@ impl<I: Storage> Writer<I> {
         meta.flush(&image.io, image.data_storage.as_deref())?;
         // The frees changed refcount blocks: write them too.
         meta.write_back(&image.io, image.data_storage.as_deref())?;
-        if image.header.version() >= 3 && image.header.has_lazy_refcounts() {
+        let header = &image.header;
+        if header.version() >= 3 && (header.has_lazy_refcounts() || header.is_dirty()) {
             let incompatible = image.header.incompatible_features() & !INCOMPAT_DIRTY;
             write(
                 &image.io,

@@ -337,6 +337,50 @@ impl Refcounts {
         Ok(())
     }
 
+    /// The offsets of the refcount blocks the table names.
+    pub(crate) fn blocks(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for index in 0..self.table.len() as u64 {
+            out.extend(self.block_offset(index)?);
+        }
+        Ok(out)
+    }
+
+    /// How many clusters the blocks the table names cover (up to the last one).
+    pub(crate) fn covered_clusters(&self) -> u64 {
+        let last = self.table.iter().rposition(|e| e & REFT_OFFSET_MASK != 0);
+        last.map_or(0, |i| {
+            ((i as u64).saturating_add(1)) << self.layout.block_bits()
+        })
+    }
+
+    /// Keep clusters below `cluster` out of the way of new refcount blocks.
+    pub(crate) fn reserve_below(&mut self, cluster: u64) {
+        self.top = self.top.max(cluster);
+    }
+
+    /// Set the refcount of `cluster` to `value` unless it holds that already.
+    pub(crate) fn set_if_different<I: Storage>(
+        &mut self,
+        io: &I,
+        cluster: u64,
+        value: u64,
+    ) -> Result<()> {
+        if self.get(io, cluster)? == value {
+            return Ok(());
+        }
+        if value > self.layout.max() {
+            return Err(Error::malformed(
+                format!(
+                    "cluster {cluster} has {value} references, more than {}-bit refcounts hold",
+                    self.layout.bits()
+                ),
+                cluster << self.cluster_bits(),
+            ));
+        }
+        self.set(io, cluster, value)
+    }
+
     /// The refcount blocks changed since the last write-back, marked clean: `(offset, bytes)`.
     pub(crate) fn take_dirty_blocks(&mut self) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = self
