@@ -806,3 +806,40 @@ fn threads_write_and_read_through_one_writer_at_once() {
     assert!(report.get("corruptions").is_none_or(|c| c == 0), "{report}");
     assert!(report.get("leaks").is_none_or(|c| c == 0), "{report}");
 }
+
+#[test]
+fn growing_the_disk_moves_the_l1_table_when_it_must() {
+    let Some(env) = Env::new("write::growing_the_disk") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for (opts, from, to) in [
+        ("cluster_size=512", "1M", 64u64 << 20),
+        ("", "8M", 40 << 20),
+    ] {
+        create_pair(&env, opts, from, &[]);
+        let before = script(170, parse_size(from), 4096, 30);
+        let after = script(171, to, 4096, 30);
+        let mut cmds: Vec<String> = before.iter().map(Op::qemu_io).collect();
+        cmds.push(format!("truncate {to}"));
+        cmds.extend(after.iter().map(Op::qemu_io));
+        env.qemu.io(dir, "qcow2", "theirs.qcow2", &cmds);
+        let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &OpenOptions::new().write(true))
+            .unwrap()
+            .into_writer()
+            .unwrap();
+        before.iter().for_each(|op| op.apply(&writer));
+        writer.resize(to).unwrap();
+        assert_eq!(writer.guest_size(), to);
+        after.iter().for_each(|op| op.apply(&writer));
+        let err = writer.resize(to - 512).unwrap_err();
+        assert!(
+            matches!(err, qcow2::Error::UnsupportedWrite { .. }),
+            "{err}"
+        );
+        writer.close().unwrap();
+        compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
+        let info = env.qemu.info_json(dir, "ours.qcow2", false);
+        assert_eq!(info["virtual-size"], to);
+    }
+}

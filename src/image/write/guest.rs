@@ -37,6 +37,8 @@ const MAX_RUN_BYTES: u64 = 4 << 20;
 pub(crate) struct Guest<'a, I> {
     pub(crate) image: &'a Qcow2<I>,
     pub(crate) state: &'a ReadState,
+    /// The guest size now (a resize changes it).
+    pub(crate) size: u64,
 }
 
 /// One step of a write: done (its length), or a run of owned clusters to write in place.
@@ -427,7 +429,7 @@ impl<I: Storage> Guest<'_, I> {
         if let Old::Elsewhere { zeros: true, .. } = old {
             return Ok(()); // `out` is zeros already
         }
-        let size = self.image.guest_size();
+        let size = self.size;
         let len = clamp(size.saturating_sub(start), out.len());
         self.read(meta, start, &mut out[..len])
     }
@@ -536,8 +538,8 @@ impl<I: Storage> Guest<'_, I> {
         while at < end {
             let cluster = at & !(cs - 1);
             let piece_end = (cluster + cs).min(end);
-            let whole_cluster = at == cluster
-                && (piece_end == cluster + cs || piece_end == self.image.guest_size());
+            let whole_cluster =
+                at == cluster && (piece_end == cluster + cs || piece_end == self.size);
             if self.image.geometry.pre_v3 {
                 self.write_zero_bytes(meta, at, piece_end - at)?;
             } else if self.image.geometry.extended_l2 && !whole_cluster {
@@ -644,7 +646,7 @@ impl<I: Storage> Guest<'_, I> {
     /// from the backing file (version 2), and its cluster is freed.
     pub(crate) fn discard(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
         let cs = self.cluster_size();
-        let size = self.image.guest_size();
+        let size = self.size;
         let end = pos + len;
         let mut cluster = pos.next_multiple_of(cs);
         while cluster < end {
@@ -661,7 +663,7 @@ impl<I: Storage> Guest<'_, I> {
     fn discard_cluster(&self, meta: &mut Metadata, cluster: u64) -> Result<()> {
         let io = &self.image.io;
         if self.raw_data_file() {
-            let len = self.cluster_size().min(self.image.guest_size() - cluster);
+            let len = self.cluster_size().min(self.size - cluster);
             self.zero_raw_data_file(meta, cluster, len)?;
         }
         let entry = meta.tables.entry_for_write(io, &mut meta.refs, cluster)?;

@@ -330,6 +330,19 @@ impl Tables {
         self.l1_dirty.retain(|i| *i < len);
     }
 
+    /// The L1 table: its entries and file offset.
+    pub(crate) fn l1(&self) -> (&[u64], u64) {
+        (&self.l1, self.l1_offset)
+    }
+
+    /// Take the L1 table written whole at `offset` with `entries` entries (the new ones
+    /// empty) as the active one.
+    pub(crate) fn moved_l1(&mut self, offset: u64, entries: usize) {
+        self.l1.resize(entries, 0);
+        self.l1_offset = offset;
+        self.l1_dirty.clear();
+    }
+
     /// Whether more tables are in memory than the budget allows (after a write-back, clean
     /// ones can be dropped).
     pub(crate) fn over_budget(&self) -> bool {
