@@ -17,11 +17,12 @@ use crate::base::io::{read_metadata, Storage};
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::refcount::{RefcountLayout, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
+use crate::image::write::tables::Dirty;
 
 /// One refcount block in memory.
 struct Block {
     bytes: Vec<u8>,
-    dirty: bool,
+    dirty: Dirty,
 }
 
 /// Refcounts of an image open for writing.
@@ -130,7 +131,7 @@ impl Refcounts {
                 offset,
                 Block {
                     bytes,
-                    dirty: false,
+                    dirty: Dirty::default(),
                 },
             );
         }
@@ -145,7 +146,7 @@ impl Refcounts {
         if (self.blocks.len() as u64).saturating_mul(size) < self.budget {
             return;
         }
-        self.blocks.retain(|_, b| b.dirty);
+        self.blocks.retain(|_, b| b.dirty.is_dirty());
     }
 
     /// The refcount of host cluster `cluster`.
@@ -170,7 +171,13 @@ impl Refcounts {
         if !layout.set(&mut block.bytes, within, value) {
             return Err(Error::Internal("a refcount does not fit its block"));
         }
-        block.dirty = true;
+        // The bytes that hold refcount `within` (several share a byte below 8 bits).
+        let first_bit = within.saturating_mul(u64::from(layout.bits()));
+        let start = (first_bit >> 3) as usize;
+        let end = (first_bit
+            .saturating_add(u64::from(layout.bits()))
+            .div_ceil(8)) as usize;
+        block.dirty.mark(start, end);
         Ok(())
     }
 
@@ -293,7 +300,7 @@ impl Refcounts {
             offset,
             Block {
                 bytes: vec![0; size],
-                dirty: true,
+                dirty: Dirty::all(size),
             },
         );
         // Its own refcount: in itself, or in the block of the next range (made likewise).
@@ -381,26 +388,27 @@ impl Refcounts {
         self.set(io, cluster, value)
     }
 
-    /// The refcount blocks changed since the last write-back, marked clean: `(offset, bytes)`.
+    /// The changed parts of the refcount blocks, marked clean: `(file offset, bytes)`.
     pub(crate) fn take_dirty_blocks(&mut self) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = self
             .blocks
             .iter_mut()
-            .filter(|(_, b)| b.dirty)
-            .map(|(offset, b)| {
-                b.dirty = false;
-                (*offset, b.bytes.clone())
+            .filter_map(|(offset, b)| {
+                let (start, end) = b.dirty.take(b.bytes.len())?;
+                let bytes = b.bytes.get(start..end)?.to_vec();
+                Some((offset.saturating_add(start as u64), bytes))
             })
             .collect();
         out.sort_unstable_by_key(|(offset, _)| *offset);
         out
     }
 
-    /// Mark blocks dirty again after a failed write-back.
+    /// Mark blocks dirty again (whole) after a failed write-back of pieces at `offsets`.
     pub(crate) fn mark_blocks_dirty(&mut self, offsets: impl Iterator<Item = u64>) {
+        let bits = self.cluster_bits();
         for offset in offsets {
-            if let Some(b) = self.blocks.get_mut(&offset) {
-                b.dirty = true;
+            if let Some(b) = self.blocks.get_mut(&(offset >> bits << bits)) {
+                b.dirty = Dirty::all(b.bytes.len());
             }
         }
     }
