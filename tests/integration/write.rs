@@ -843,3 +843,58 @@ fn growing_the_disk_moves_the_l1_table_when_it_must() {
         assert_eq!(info["virtual-size"], to);
     }
 }
+
+#[test]
+fn v2_over_a_backing_file() {
+    // Version 2 cannot mark clusters zero: QEMU leaves discards undone over a backing file
+    // and writes zeros for zero writes.
+    let Some(env) = Env::new("write::v2_over_a_backing_file") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for seed in 180..183 {
+        env.qemu
+            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+        env.qemu
+            .io(dir, "qcow2", "base.qcow2", &["write -P 6 0 16M"]);
+        for side in ["theirs.qcow2", "ours.qcow2"] {
+            let args = [
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                side,
+            ];
+            env.qemu.img(dir, &args);
+        }
+        let ops = script(seed, 16 << 20, 65536, 60);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+#[test]
+fn opening_and_closing_leaves_the_file_as_it_was() {
+    let Some(env) = Env::new("write::opening_and_closing") else {
+        return;
+    };
+    let dir = env.dir.path();
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1G"]);
+    let before = std::fs::read(dir.join("a.qcow2")).unwrap();
+    let writer = Qcow2::open_path_with(dir.join("a.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    writer.flush().unwrap();
+    writer.close().unwrap();
+    assert!(
+        std::fs::read(dir.join("a.qcow2")).unwrap() == before,
+        "the file changed"
+    );
+}

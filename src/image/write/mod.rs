@@ -314,7 +314,8 @@ impl<I: Storage> Writer<I> {
     /// Make `len` bytes at `pos` read as zeros. With `unmap`, whole clusters are freed
     /// (qemu-io's `write -z -u`); without it, allocated clusters stay allocated, marked
     /// zero (`write -z`). Compressed clusters are always freed, as QEMU does. Version 2
-    /// images, which cannot mark clusters zero, are written with zeros.
+    /// images cannot mark clusters zero: without a backing file their clusters are freed,
+    /// over one they are written with zeros.
     pub fn write_zeroes(&self, pos: u64, len: u64, unmap: bool) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;
@@ -325,9 +326,9 @@ impl<I: Storage> Writer<I> {
     }
 
     /// Discard `len` bytes at `pos` as QEMU's discard does: every whole cluster in the range
-    /// (and the partial last cluster of the disk) is freed and reads as zeros after (from
-    /// the backing file in a version 2 image, which cannot mark clusters zero); partial
-    /// clusters are left as they are.
+    /// (and the partial last cluster of the disk) that holds something is freed and reads as
+    /// zeros after; partial clusters are left as they are, and so is everything in a
+    /// version 2 image over a backing file (which cannot mark clusters zero).
     pub fn discard(&self, pos: u64, len: u64) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;

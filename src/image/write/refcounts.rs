@@ -43,6 +43,8 @@ pub(crate) struct Refcounts {
     /// The first cluster index past every cluster in use and past the end of the file:
     /// clusters from here on are free and hold nothing.
     top: u64,
+    /// The first cluster index past every cluster this writer allocated (0: none yet).
+    allocated_end: u64,
     /// References dropped in memory, not yet on disk: `(offset, length)` in bytes.
     pending: Vec<(u64, u64)>,
 }
@@ -78,6 +80,7 @@ impl Refcounts {
             budget: limits.l2_cache_bytes.max(1 << 20),
             free_hint: 0,
             top,
+            allocated_end: 0,
             pending: Vec::new(),
         })
     }
@@ -96,10 +99,15 @@ impl Refcounts {
         (self.table_offset, bytes.div_ceil(self.cluster_size()))
     }
 
-    /// The first byte past every cluster in use: the file must reach it before a table
-    /// refers to its last cluster.
+    /// The first byte past every cluster in use: clusters from here on were never written.
     pub(crate) fn end(&self) -> u64 {
         self.top.saturating_mul(self.cluster_size())
+    }
+
+    /// The first byte past every cluster this writer allocated: the file must reach it
+    /// before a table refers to its last cluster.
+    pub(crate) fn allocated_end(&self) -> u64 {
+        self.allocated_end.saturating_mul(self.cluster_size())
     }
 
     /// The refcount block for table entry `index`, if there is one.
@@ -187,6 +195,7 @@ impl Refcounts {
         let first = self.find_free(io, count)?;
         // Claimed before the refcounts are set: a new refcount block goes above them.
         self.top = self.top.max(first.saturating_add(count));
+        self.allocated_end = self.allocated_end.max(first.saturating_add(count));
         for cluster in first..first.saturating_add(count) {
             self.set(io, cluster, 1)?;
         }
@@ -288,6 +297,7 @@ impl Refcounts {
         }
         let at = self.top;
         self.top = self.top.saturating_add(1);
+        self.allocated_end = self.allocated_end.max(self.top);
         let offset = at << self.cluster_bits();
         let slot = usize::try_from(index)
             .ok()
@@ -333,6 +343,7 @@ impl Refcounts {
         let (old_offset, old_clusters) = self.table_location();
         let first = self.top;
         self.top = self.top.saturating_add(clusters);
+        self.allocated_end = self.allocated_end.max(self.top);
         self.table.resize(new_len, 0);
         self.table_offset = first << bits;
         self.table_moved = true;
