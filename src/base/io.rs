@@ -287,3 +287,33 @@ impl Storage for std::fs::File {
         self.sync_data()
     }
 }
+
+/// One storage used through two owners (an image's data file, read by its readers and
+/// written by its writer).
+pub(crate) struct Shared<S>(pub(crate) std::sync::Arc<S>);
+
+impl<S: Storage> ReadAt for Shared<S> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_at(pos, buf)
+    }
+}
+
+impl<S: Storage> PositionalSink for Shared<S> {
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all_at(pos, buf)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl<S: Storage> Storage for Shared<S> {
+    fn length(&self) -> io::Result<u64> {
+        self.0.length()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync()
+    }
+}

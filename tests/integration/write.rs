@@ -898,3 +898,35 @@ fn opening_and_closing_leaves_the_file_as_it_was() {
         "the file changed"
     );
 }
+
+#[test]
+fn a_data_file_attached_by_the_caller_is_written() {
+    let Some(env) = Env::new("write::a_data_file_attached_by_the_caller") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for side in ["theirs", "ours"] {
+        let opts = format!("data_file={side}.data");
+        let name = format!("{side}.qcow2");
+        env.qemu.img(
+            dir,
+            &["create", "-q", "-f", "qcow2", "-o", &opts, &name, "8M"],
+        );
+    }
+    let ops = script(190, 8 << 20, 65536, 40);
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    env.qemu.io(dir, "qcow2", "theirs.qcow2", &cmds);
+    let rw = |name: &str| {
+        std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(dir.join(name))
+            .unwrap()
+    };
+    let mut image = Qcow2::open_with(rw("ours.qcow2"), &OpenOptions::new().write(true)).unwrap();
+    image.set_data_storage(rw("ours.data")).unwrap();
+    let writer = image.into_writer().unwrap();
+    ops.iter().for_each(|op| op.apply(&writer));
+    writer.close().unwrap();
+    compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
+}
