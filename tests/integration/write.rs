@@ -930,3 +930,27 @@ fn a_data_file_attached_by_the_caller_is_written() {
     writer.close().unwrap();
     compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
 }
+
+#[test]
+fn a_small_table_cache_writes_back_as_it_goes() {
+    // 4 KiB of L2 tables in memory at most (clamped to four tables): the writer writes its
+    // tables back (in order) whenever it outgrows them; the result must be the same.
+    let Some(env) = Env::new("write::a_small_table_cache") else {
+        return;
+    };
+    let dir = env.dir.path();
+    create_pair(&env, "cluster_size=512", "8M", &[]);
+    let ops = script(200, 8 << 20, 4096, 300);
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    env.qemu.io(dir, "qcow2", "theirs.qcow2", &cmds);
+    let mut limits = qcow2::Limits::default();
+    limits.l2_cache_bytes = 4096;
+    let options = OpenOptions::new().write(true).limits(limits);
+    let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &options)
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    ops.iter().for_each(|op| op.apply(&writer));
+    writer.close().unwrap();
+    compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
+}

@@ -436,9 +436,10 @@ impl<I: Storage> Writer<I> {
     /// Write back the tables when they outgrow the cache, then drop the clean ones (the
     /// clusters the writes dropped stay reserved until a flush).
     fn keep_within_budget(&self, meta: &mut Metadata) -> Result<()> {
-        if meta.tables.over_budget() {
+        if meta.tables.over_budget() || meta.refs.over_budget() {
             meta.write_back(&self.image()?.io, self.image()?.data_storage.as_deref())?;
             meta.tables.trim();
+            meta.refs.trim();
         }
         Ok(())
     }

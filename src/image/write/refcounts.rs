@@ -148,8 +148,14 @@ impl Refcounts {
             .ok_or(Error::Internal("a refcount block vanished"))
     }
 
+    /// Whether more blocks are in memory than the budget allows (dirty ones stay until
+    /// they are written back).
+    pub(crate) fn over_budget(&self) -> bool {
+        (self.blocks.len() as u64).saturating_mul(self.cluster_size()) > self.budget
+    }
+
     /// Drop clean blocks while over budget.
-    fn trim(&mut self) {
+    pub(crate) fn trim(&mut self) {
         let size = self.cluster_size();
         if (self.blocks.len() as u64).saturating_mul(size) < self.budget {
             return;
