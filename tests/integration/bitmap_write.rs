@@ -524,3 +524,45 @@ fn luks_encrypted() {
         false,
     );
 }
+
+/// Writes, a resize (qemu-io's `truncate`), more writes: the bitmaps grow with the guest, the
+/// new part clean, as QEMU's do. With an inconsistent bitmap the resize is refused, as QEMU
+/// refuses it.
+#[test]
+#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
+fn resize_grows_the_bitmaps() {
+    let Some(env) = Env::new("bmw_resize") else {
+        return;
+    };
+    let (from, to) = (8u64 << 20, (20 << 20) + 3584);
+    let kind = plain("cluster_size=512", from);
+    kind.make(&env, "theirs");
+    kind.make(&env, "ours");
+    let (ops1, ops2) = (script(100, from, 20), script(101, to, 20));
+    let mut cmds: Vec<String> = ops1.iter().map(Op::qemu_io).collect();
+    cmds.push(format!("truncate {to}"));
+    cmds.extend(ops2.iter().map(Op::qemu_io));
+    env.io("theirs.qcow2", &cmds);
+    let writer = open_writer(&env, "ours.qcow2");
+    for op in &ops1 {
+        op.apply(&writer);
+    }
+    writer.resize(to).unwrap();
+    for op in &ops2 {
+        op.apply(&writer);
+    }
+    writer.close().unwrap();
+    assert_eq!(dump(&env, "ours.qcow2"), dump(&env, "theirs.qcow2"));
+    env.img(&["compare", "-q", "theirs.qcow2", "ours.qcow2"]);
+    check(&env, "ours.qcow2", false);
+
+    // Killed while open: every bitmap in use, inconsistent from then on.
+    std::mem::forget(open_writer(&env, "ours.qcow2"));
+    let writer = open_writer(&env, "ours.qcow2");
+    let err = writer.resize(to + (1 << 20)).unwrap_err();
+    assert!(err.to_string().contains("inconsistent"), "{err}");
+    assert_eq!(writer.guest_size(), to);
+    writer.close().unwrap();
+    let image = Qcow2::open_path(env.path("ours.qcow2")).unwrap();
+    assert_eq!(image.guest_size(), to);
+}
