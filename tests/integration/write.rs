@@ -954,3 +954,24 @@ fn a_small_table_cache_writes_back_as_it_goes() {
     writer.close().unwrap();
     compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
 }
+
+#[test]
+fn data_never_goes_over_metadata_a_corrupt_image_left_unreferenced() {
+    // A truncated image whose L1 table names L2 tables past its end, with refcount 0: the
+    // clusters the allocator would hand out next are those tables. QEMU's overlap check
+    // refuses such a write; so does the writer.
+    let Some(env) = Env::new("write::data_never_goes_over_metadata") else {
+        return;
+    };
+    let path = env.dir.join("hostile.qcow2");
+    std::fs::copy("fuzz/regressions/write-mutation-3176.qcow2", &path).unwrap();
+    let writer = Qcow2::open_path_with(&path, &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    let err = writer.write_all_at(0xaa371, &[7u8; 97679]).unwrap_err();
+    assert!(
+        matches!(&err, qcow2::Error::Malformed { what, .. } if what.contains("holds metadata")),
+        "{err}"
+    );
+}
