@@ -13,6 +13,7 @@ mod refcounts;
 mod subclusters;
 mod tables;
 mod writeback;
+mod zeroes;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
