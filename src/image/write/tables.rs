@@ -190,6 +190,11 @@ impl Tables {
                 index,
             });
         };
+        self.entry_in(io, table, index)
+    }
+
+    /// Entry `index` of the table at `table`, read into memory if it is not there.
+    fn entry_in<I: Storage>(&mut self, io: &I, table: u64, index: u64) -> Result<Entry> {
         self.load(io, table)?;
         let (word, bitmap) = self.words_at(table, index)?;
         Ok(Entry {
@@ -228,14 +233,7 @@ impl Tables {
             Some(shared) => self.copy_table(io, refs, l1_index, shared)?,
             None => self.new_table(io, refs, l1_index)?,
         };
-        self.load(io, table)?;
-        let (word, bitmap) = self.words_at(table, index)?;
-        Ok(Entry {
-            word,
-            bitmap,
-            table,
-            index,
-        })
+        self.entry_in(io, table, index)
     }
 
     fn new_table<I: Storage>(
