@@ -239,20 +239,17 @@ fn plain(opts: &str, size: u64) -> Kind<'_> {
 }
 
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn clusters_64k() {
     same_as_qemu("bmw_64k", plain("", 64 << 20), 0..3);
 }
 
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn clusters_512_bytes() {
     // 4096 bits a bitmap data cluster: 2 MiB of guest at 512 B granularity.
     same_as_qemu("bmw_512", plain("cluster_size=512", 8 << 20), 10..12);
 }
 
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn refcount_widths_and_lazy_refcounts() {
     let r1 = "cluster_size=4096,refcount_bits=1";
     same_as_qemu("bmw_r1", plain(r1, 16 << 20), 20..21);
@@ -262,7 +259,6 @@ fn refcount_widths_and_lazy_refcounts() {
 }
 
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn over_a_backing_file() {
     let kind = Kind {
         backing: true,
@@ -272,7 +268,6 @@ fn over_a_backing_file() {
 }
 
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn extended_l2() {
     same_as_qemu("bmw_extl2", plain("extended_l2=on", 32 << 20), 50..51);
     let small = "extended_l2=on,cluster_size=16k";
@@ -280,7 +275,6 @@ fn extended_l2() {
 }
 
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn external_data_files() {
     same_as_qemu("bmw_data", plain("data_file={side}.data", 16 << 20), 60..61);
     let raw = "data_file={side}.data,data_file_raw=on";
@@ -288,7 +282,6 @@ fn external_data_files() {
 }
 
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn compressed_clusters_and_internal_snapshots() {
     let kind = Kind {
         prepare: &["write -q -c -P 3 0 2M", "write -q -P 4 4M 4M"],
@@ -320,7 +313,6 @@ fn qemu_flags(env: &Env, image: &str) -> Vec<Vec<String>> {
 /// While the writer is open, its bitmaps are in use on disk (as QEMU marks them, `auto`
 /// kept); closed, they are not, and the extension survives (the autoclear bit kept).
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn bitmaps_are_in_use_while_the_writer_is_open() {
     let Some(env) = Env::new("bmw_in_use") else {
         return;
@@ -366,7 +358,6 @@ fn bitmaps_are_in_use_while_the_writer_is_open() {
 /// the next writer keeps them in use (inconsistent: QEMU records nothing into them and
 /// stores them as they are) while a bitmap added since works as usual.
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn a_crash_leaves_bitmaps_in_use_as_qemu_does() {
     let Some(env) = Env::new("bmw_crash") else {
         return;
@@ -411,7 +402,6 @@ fn a_crash_leaves_bitmaps_in_use_as_qemu_does() {
 /// Four threads writing through one writer at once: every write is recorded (the bits do
 /// not depend on the order, so QEMU running the same operations one by one is the truth).
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn threads_writing_at_once_record_every_write() {
     let Some(env) = Env::new("bmw_threads") else {
         return;
@@ -440,7 +430,6 @@ fn threads_writing_at_once_record_every_write() {
 
 /// A LUKS encrypted image: bitmaps are not encrypted, and are kept the same way.
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn luks_encrypted() {
     let Some(env) = Env::new("bmw_luks") else {
         return;
@@ -529,7 +518,6 @@ fn luks_encrypted() {
 /// new part clean, as QEMU's do. With an inconsistent bitmap the resize is refused, as QEMU
 /// refuses it.
 #[test]
-#[ignore = "needs Bitmaps wired into the Writer (i23/bitmaps report: the wiring patch)"]
 fn resize_grows_the_bitmaps() {
     let Some(env) = Env::new("bmw_resize") else {
         return;

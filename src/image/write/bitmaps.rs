@@ -18,10 +18,6 @@
 //! Unlike QEMU, which rewrites every data cluster of every bitmap at close, a data cluster or
 //! table that did not change is kept where it is and named by the new directory too.
 
-// The writer calls this module once it is wired in (load and mark_in_use at into_writer,
-// record in every write path, store at close); until then only its tests do.
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 
 use positioned_io::ReadAt;
@@ -195,7 +191,6 @@ impl Bitmaps {
     /// it before the header changes: like QEMU (`qcow2_truncate_bitmaps_check`) it refuses,
     /// changing nothing, when a bitmap is inconsistent, and (QEMU would fail to store it at
     /// close) when a bitmap would need a table over QEMU's limits.
-    #[allow(dead_code)] // for the writer's resize, when it has one
     pub(crate) fn resize(&mut self, guest_size: u64) -> Result<()> {
         let chunk_bits = self.cluster_bits.saturating_add(3);
         for e in &self.entries {
