@@ -270,9 +270,12 @@ pub fn over_4k(cfg: &Config) -> Res<Workload> {
 
 /// Reads of the fully allocated image of the sequential rows (`random-Sm-64k.qcow2`): 4 KiB
 /// and 1 MiB requests over the whole guest, `qemu-img bench` against `qcow2 bench` (the
-/// crate's reader; issue 23: it must not get slower once the writer lands).
+/// crate's reader; issue 23: it must not get slower once the writer lands), and against the
+/// command of `$QCOW2_BIN_BEFORE` when it is set (an older build).
 pub fn read(cfg: &Config) -> Res<Workload> {
     let bin = crate::write::qcow2_bin(cfg)?;
+    // The crate's command as it was before a change (`QCOW2_BIN_BEFORE`), side by side.
+    let before = std::env::var_os("QCOW2_BIN_BEFORE").map(PathBuf::from);
     let (img, raw) = crate::inputs::plain(&cfg.dir, cfg.size)?;
     let mut contestants = Vec::new();
     let mut ratios = Vec::new();
@@ -285,6 +288,9 @@ pub fn read(cfg: &Config) -> Res<Workload> {
         if let Some(bin) = &bin {
             programs.push(("crate".to_string(), s(bin)));
         }
+        if let Some(before) = &before {
+            programs.push(("crate before".to_string(), s(before)));
+        }
         for (who, program) in programs {
             let mut argv = vec![program];
             argv.extend(args.iter().cloned());
@@ -295,12 +301,19 @@ pub fn read(cfg: &Config) -> Res<Workload> {
             c.required = who == "crate" && !cfg.smoke;
             contestants.push(c);
         }
-        if contestants.len() == first + 2 {
+        if bin.is_some() {
             ratios.push((
                 format!("time crate / qemu-img, read -s {size}"),
                 first,
                 first + 1,
             ));
+            if before.is_some() {
+                ratios.push((
+                    format!("time crate / crate before, read -s {size} (issue 23: <= 1)"),
+                    first + 2,
+                    first + 1,
+                ));
+            }
         }
     }
     Ok(Workload {
