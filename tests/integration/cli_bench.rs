@@ -194,6 +194,8 @@ fn bench_writes_leave_the_image_qemu_img_leaves() {
         ("v2.qcow2", "compat=0.10"),
         ("c512.qcow2", "cluster_size=512"),
         ("c2m.qcow2", "cluster_size=2M"),
+        ("xl2.qcow2", "extended_l2=on"),
+        ("r1.qcow2", "refcount_bits=1,lazy_refcounts=on"),
     ];
     for (name, opts) in kinds {
         env.create(name, 8 << 20, opts);
