@@ -531,9 +531,12 @@ mod tests {
         (0..=p.count).filter(|&d| p.flushes_after(d)).collect()
     }
 
-    /// Where qemu-img's bench_cb flushes (worked out by hand from its loop): when the requests
-    /// not yet sent are a multiple of the interval, counted from the end, and not before the
-    /// first DEPTH requests were all sent.
+    /// Where qemu-img's bench_cb flushes (worked out from its loop): when the requests not
+    /// yet sent are a multiple of the interval, counted from the end, and not before the
+    /// first DEPTH requests were all sent. Checked against qemu-img 10.0 by counting its
+    /// fdatasync calls on a raw image (strace): `-c 10 -d 1 --flush-interval=4` makes 3 (after
+    /// 2 and 6 requests, and the untimed one after the last), `-d 4` makes 2, `-c 8 -d 4` 2,
+    /// `-c 3 -d 4` 1.
     #[test]
     fn flushes_fall_where_qemu_img_puts_them() {
         assert_eq!(flush_points(&plan(10, 1, 4)), [2, 6]);
