@@ -488,23 +488,26 @@ fn ratio_lines(w: &Workload, outcomes: &[Outcome]) -> Vec<String> {
         });
         let self_timed = |i: usize| matches!(w.contestants[i].runner, Runner::QemuBench(_));
         if self_timed(*a) && self_timed(*b) {
-            let wa = median_wall(&outcomes[*a]);
-            let wb = median_wall(&outcomes[*b]);
-            if let (Some(x), Some(y)) = (wa, wb) {
-                // Rates are work over time, so this is the inverse of the times' ratio.
+            // Rates are work over time, so these are the inverse of the times' ratios.
+            let wall = |o: &Outcome| median_of(o, |p| p.wall_secs);
+            if let (Some(x), Some(y)) = (wall(&outcomes[*a]), wall(&outcomes[*b])) {
                 lines.push(format!("{what}, spawn to exit: {:.3}", y / x));
+            }
+            // CPU time (all threads, open and close included): what a loaded machine
+            // disturbs least.
+            let cpu = |o: &Outcome| median_of(o, |p| p.cpu_secs);
+            if let (Some(x), Some(y)) = (cpu(&outcomes[*a]), cpu(&outcomes[*b])) {
+                lines.push(format!("{what}, CPU time: {:.3}", y / x));
             }
         }
     }
     lines
 }
 
-/// Median time from spawn to exit of a contestant's passes.
-fn median_wall(o: &Outcome) -> Option<f64> {
+/// The median of `field` over a contestant's passes.
+fn median_of(o: &Outcome, field: impl Fn(&Pass) -> f64) -> Option<f64> {
     match o {
-        Outcome::Passes(p) if !p.is_empty() => {
-            Some(median(p.iter().map(|p| p.wall_secs).collect()))
-        }
+        Outcome::Passes(p) if !p.is_empty() => Some(median(p.iter().map(field).collect())),
         _ => None,
     }
 }
