@@ -150,6 +150,11 @@ fn write_row(
         inputs: vec![],
         notes: notes
             .into_iter()
+            .chain([
+                "after the last round, the crate's image is compared with qemu-img's \
+                     (its \"source\" below) and both are checked"
+                    .to_string(),
+            ])
             .chain(commands)
             .chain([note_times(cfg.write_dir())])
             .collect(),
