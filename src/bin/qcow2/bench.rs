@@ -273,18 +273,19 @@ fn open_and_run(args: &Args, plan: &Plan, aio: Option<&str>) -> Result<(), Strin
             .into_writer()
             .map_err(|e| could_not_open(&common::chain(&e)))?;
         print_header(plan)?;
-        let secs = time(plan, threads, &Target::Write(&writer))?;
-        writer
+        // As qemu-img, the line comes before the close; the close (with its flush) runs
+        // after a failed request too, so that the image is left consistent.
+        let timed = time(plan, threads, &Target::Write(&writer)).and_then(print_completed);
+        let closed = writer
             .close()
-            .map_err(|e| format!("Failed to close the image: {}", common::chain(&e)))?;
-        print_completed(secs)
+            .map_err(|e| format!("Failed to close the image: {}", common::chain(&e)));
+        timed.and(closed.map(drop))
     } else {
         image
             .reader()
             .map_err(|e| could_not_open(&common::chain(&e)))?;
         print_header(plan)?;
-        let secs = time(plan, threads, &Target::Read(&image))?;
-        print_completed(secs)
+        time(plan, threads, &Target::Read(&image)).and_then(print_completed)
     }
 }
 
