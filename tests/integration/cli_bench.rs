@@ -415,3 +415,42 @@ fn bench_writes_into_a_luks_image_with_its_secret() {
         text(&check.stderr)
     );
 }
+
+/// A request past the end fails as in qemu-img (the same lines, exit status 1), and the image
+/// is left clean, holding the requests before it.
+#[test]
+fn bench_write_past_the_end_fails_and_leaves_a_clean_image() {
+    let Some(env) = Env::new("bench_write_past_the_end_fails_and_leaves_a_clean_image") else {
+        return;
+    };
+    env.create("e.qcow2", 1 << 20, "");
+    env.copy("e.qcow2", "theirs.qcow2");
+    let args = [
+        "-w",
+        "-c",
+        "3",
+        "-d",
+        "1",
+        "-S",
+        "500000",
+        "-s",
+        "64k",
+        "--pattern=0x42",
+    ];
+    let (_, o) = both(&env.qemu, env.dir.path(), &args, "theirs.qcow2", "e.qcow2");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).starts_with("qcow2: Failed request: "),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_clean(&env.qemu, env.dir.path(), "e.qcow2");
+    env.io(
+        "e.qcow2",
+        &[
+            "read -P 0x42 0 64k",
+            "read -P 0x42 500000 64k",
+            "read -P 0 1000000 48576",
+        ],
+    );
+}
