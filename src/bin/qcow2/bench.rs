@@ -41,7 +41,8 @@ pub struct Args {
     /// Bytes per request (default 4096); suffixes k, M, G as in qemu-img.
     #[arg(short = 's', long = "buffer-size", allow_hyphen_values = true)]
     buffer_size: Option<String>,
-    /// Requests in flight (default 64): up to this many threads share the image.
+    /// Requests in flight (default 64): as many threads as cores, at most this many, share
+    /// the image.
     #[arg(short = 'd', long = "depth", allow_hyphen_values = true)]
     depth: Option<String>,
     /// Guest offset of the first request (default 0).
@@ -74,7 +75,7 @@ pub struct Args {
     /// Accepted for compatibility (no lock is taken).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Threads that send the requests (default: 1; at most the depth).
+    /// Threads that send the requests (default: one per core; at most the depth).
     #[arg(long = "threads", hide = true)]
     threads: Option<usize>,
     /// Secrets of encrypted images.
@@ -266,7 +267,7 @@ fn open_and_run(args: &Args, plan: &Plan, aio: Option<&str>) -> Result<(), Strin
         Qcow2::open_path_with(&path, &options).map_err(|e| could_not_open(&common::chain(&e)))?;
     let threads = args
         .threads
-        .unwrap_or(1)
+        .unwrap_or_else(default_threads)
         .clamp(1, usize::try_from(plan.depth).unwrap_or(1));
     if plan.write {
         let writer = image
@@ -287,6 +288,12 @@ fn open_and_run(args: &Args, plan: &Plan, aio: Option<&str>) -> Result<(), Strin
         print_header(plan)?;
         time(plan, threads, &Target::Read(&image)).and_then(print_completed)
     }
+}
+
+/// One thread per core: DEPTH requests in flight as qemu-img keeps them, as far as the cores
+/// can copy them (the writer takes its metadata lock only to allocate; readers share nothing).
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn print_header(plan: &Plan) -> Result<(), String> {
