@@ -289,16 +289,22 @@ pub fn read(cfg: &Config) -> Res<Workload> {
         let count_text = count.to_string();
         let args = bench_args(cfg, &["-s", size, "-c", &count_text]);
         let first = contestants.len();
-        let mut programs = vec![("qemu-img".to_string(), "qemu-img".to_string())];
+        // (who, program, arguments before qemu-img's): the reader before and after a change
+        // both on one thread (`--threads 1`), the older command's default.
+        let mut programs = vec![("qemu-img", "qemu-img".to_string(), None)];
         if let Some(bin) = &bin {
-            programs.push(("crate".to_string(), s(bin)));
+            programs.push(("crate", s(bin), None));
         }
-        if let Some(before) = &before {
-            programs.push(("crate before".to_string(), s(before)));
+        if let (Some(bin), Some(before)) = (&bin, &before) {
+            programs.push(("crate --threads 1", s(bin), Some("1")));
+            programs.push(("crate before --threads 1", s(before), Some("1")));
         }
-        for (who, program) in programs {
-            let mut argv = vec![program];
-            argv.extend(args.iter().cloned());
+        for (who, program, threads) in programs {
+            let mut argv = vec![program, "bench".to_string()];
+            if let Some(n) = threads {
+                argv.extend(["--threads".to_string(), n.to_string()]);
+            }
+            argv.extend(args.iter().skip(1).cloned());
             argv.push(s(&img));
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
             let label = format!("{who}: read -s {size} -c {count}");
@@ -314,9 +320,11 @@ pub fn read(cfg: &Config) -> Res<Workload> {
             ));
             if before.is_some() {
                 ratios.push((
-                    format!("time crate / crate before, read -s {size} (issue 23: <= 1)"),
+                    format!(
+                        "time crate / crate before, 1 thread each, read -s {size} (issue 23: <= 1)"
+                    ),
+                    first + 3,
                     first + 2,
-                    first + 1,
                 ));
             }
         }
