@@ -17,6 +17,8 @@ mod check;
 mod check_bound;
 #[cfg(feature = "cli")]
 mod check_cli;
+#[cfg(feature = "cli")]
+mod cli_bench;
 #[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
 mod cli_convert;
 #[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
