@@ -50,6 +50,8 @@ mod hostile;
 mod info_json;
 #[cfg(unix)]
 mod info_names;
+#[cfg(feature = "cli")]
+mod io_scripts;
 mod luks_create;
 #[cfg(feature = "encryption")]
 mod luks_realistic;
