@@ -43,6 +43,7 @@ enum Start {
     /// An empty overlay over `base.qcow2`, which has data.
     Overlay,
     /// `qemu-img convert -c` of text with these `-o` options.
+    #[cfg_attr(not(any(feature = "zlib", feature = "zstd")), allow(dead_code))]
     Compressed(&'static str),
     /// Data, with two internal snapshots taken along the way.
     Snapshots,
@@ -185,10 +186,22 @@ fn differential(test: &str, kind: &Kind, seeds: &[u64], count: usize) {
             "{what}: the script's model disagrees with QEMU:\n{}",
             theirs.stdout
         );
-        assert_eq!(theirs.status, Some(0), "{what}: qemu-io failed: {}", theirs.stderr);
+        assert_eq!(
+            theirs.status,
+            Some(0),
+            "{what}: qemu-io failed: {}",
+            theirs.stderr
+        );
 
         let (args, image) = kind.open_args("ours.qcow2");
-        let ours = run_io(Path::new(BIN), &["io"], env.dir.path(), &args, &image, &commands);
+        let ours = run_io(
+            Path::new(BIN),
+            &["io"],
+            env.dir.path(),
+            &args,
+            &image,
+            &commands,
+        );
         // Everything but the allocation map first, then the guests and our image's health,
         // then the map (what the image itself holds, cluster by cluster).
         let (t, o) = (theirs.stdout_unmapped(), ours.stdout_unmapped());
@@ -224,7 +237,10 @@ fn differential(test: &str, kind: &Kind, seeds: &[u64], count: usize) {
         }
     }
     if let Some(why) = kind.map_differs {
-        assert!(maps_differed, "{test}: the allocation maps are now QEMU's: drop `{why}`");
+        assert!(
+            maps_differed,
+            "{test}: the allocation maps are now QEMU's: drop `{why}`"
+        );
     }
 }
 
@@ -270,7 +286,11 @@ fn check_clean(env: &Env, kind: &Kind, name: &str, what: &str) -> u64 {
     });
     // qemu-img leaves out the counts that are zero.
     let count = |key: &str| report.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
-    assert_eq!(count("corruptions"), 0, "{what}: {name} is corrupt: {report}");
+    assert_eq!(
+        count("corruptions"),
+        0,
+        "{what}: {name} is corrupt: {report}"
+    );
     assert_eq!(count("check-errors"), 0, "{what}: {name}: {report}");
     count("leaks")
 }
@@ -283,18 +303,29 @@ fn refused(test: &str, kind: &Kind, why: &str) {
     let before = env.read_file("ours.qcow2");
     let (args, image) = kind.open_args("ours.qcow2");
     let commands = ["write -P 1 0 4k".to_owned()];
-    let ours: IoRun = run_io(Path::new(BIN), &["io"], env.dir.path(), &args, &image, &commands);
+    let ours: IoRun = run_io(
+        Path::new(BIN),
+        &["io"],
+        env.dir.path(),
+        &args,
+        &image,
+        &commands,
+    );
     assert_eq!(ours.status, Some(1), "{test}: {ours:?}");
     assert_eq!(ours.stdout, "", "{test}");
     assert_eq!(ours.stderr.lines().count(), 1, "{test}: {}", ours.stderr);
     assert!(
-        ours.stderr.starts_with("qcow2: can't open device ours.qcow2: ")
+        ours.stderr
+            .starts_with("qcow2: can't open device ours.qcow2: ")
             && ours.stderr.contains("writing is not supported")
             && ours.stderr.contains(why),
         "{test}: {}",
         ours.stderr
     );
-    assert!(env.read_file("ours.qcow2") == before, "{test}: the image changed");
+    assert!(
+        env.read_file("ours.qcow2") == before,
+        "{test}: the image changed"
+    );
 }
 
 const M: u64 = 1 << 20;
@@ -329,7 +360,8 @@ fn v2_over_a_backing_file() {
 
 #[test]
 fn clusters_of_512_bytes() {
-    let kind = Kind::new("cluster_size=512", Geometry::v3(4 * M, 512)).map_differs(DISCARD_CLEARS_ZERO);
+    let kind =
+        Kind::new("cluster_size=512", Geometry::v3(4 * M, 512)).map_differs(DISCARD_CLEARS_ZERO);
     differential("io_scripts::clusters_of_512_bytes", &kind, &[5], 150);
 }
 
@@ -409,13 +441,21 @@ fn luks_encrypted() {
 #[test]
 fn external_data_file() {
     let kind = Kind::new("", Geometry::v3(8 * M, K64)).starting(Start::DataFile);
-    refused("io_scripts::external_data_file", &kind, "external data file");
+    refused(
+        "io_scripts::external_data_file",
+        &kind,
+        "external data file",
+    );
 }
 
 #[test]
 fn external_data_file_raw() {
     let kind = Kind::new("data_file_raw=on", Geometry::v3(8 * M, K64)).starting(Start::DataFile);
-    refused("io_scripts::external_data_file_raw", &kind, "external data file");
+    refused(
+        "io_scripts::external_data_file_raw",
+        &kind,
+        "external data file",
+    );
 }
 
 #[test]

@@ -23,6 +23,8 @@ mod cli_convert_qcow2;
 #[cfg(feature = "cli")]
 mod cli_info;
 #[cfg(feature = "cli")]
+mod cli_io;
+#[cfg(feature = "cli")]
 mod cli_manners;
 #[cfg(feature = "cli")]
 mod cli_map;

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use qcow2::{Error, ImageInfo, OpenOptions, Qcow2, Writer};
+use positioned_io::ReadAt;
+use qcow2::{CorruptBitHidden, Error, ImageInfo, OpenOptions, Qcow2, Writer};
 
 use crate::common;
 
@@ -43,7 +44,12 @@ pub struct Args {
     cache: Option<String>,
     /// A command to run, with its arguments (`read -P 0xab 0 4k`). Repeatable; without any,
     /// commands are read from stdin.
-    #[arg(short = 'c', long = "cmd", value_name = "CMD", allow_hyphen_values = true)]
+    #[arg(
+        short = 'c',
+        long = "cmd",
+        value_name = "CMD",
+        allow_hyphen_values = true
+    )]
     commands: Vec<String>,
     /// The image (with `--image-opts`, its options).
     image: PathBuf,
@@ -58,7 +64,10 @@ pub fn run(args: Args) -> ExitCode {
         Ok(disk) => disk,
         Err(message) => return common::fail(message),
     };
-    let mut session = Session { disk, failed: false };
+    let mut session = Session {
+        disk,
+        failed: false,
+    };
     if args.commands.is_empty() {
         session.run_stdin();
     } else {
@@ -93,6 +102,8 @@ struct Disk {
 enum Handle {
     Writable(Box<Writer<File>>),
     ReadOnly(Box<Qcow2<File>>),
+    /// An image with the corrupt bit, which QEMU opens for reading only.
+    Corrupt(Box<Qcow2<CorruptBitHidden<File>>>),
 }
 
 /// Open the image as qemu-io does: for writing unless `-r`, with its backing chain.
@@ -123,18 +134,50 @@ fn open(args: &Args) -> Result<Disk, String> {
     } else {
         format!("can't open device {}", path.display())
     };
-    let fail = |e: &Error| {
-        format!(
+    let fail = |e: &Error| match e {
+        Error::Corrupt if !args.read_only => {
+            format!("{context}: qcow2: Image is corrupt; cannot be opened read/write")
+        }
+        // qemu-io -f qcow2's words; without -f it would open the file as raw, which this
+        // command does not.
+        e if e.is_not_qcow2() => format!("{context}: Image is not in qcow2 format"),
+        // An error of the file itself reads as QEMU's: its strerror alone.
+        Error::Io { .. } => {
+            let why = os_error(e).unwrap_or_else(|| common::chain(e));
+            format!("{context}: {}", common::could_not_open(&path, why))
+        }
+        _ => format!(
             "{context}: {}",
             common::could_not_open(&path, common::chain(e))
-        )
+        ),
     };
+    let opened = if args.read_only {
+        Qcow2::open_path_with(&path, &options)
+    } else {
+        Qcow2::open_path_with(&path, &options.clone().write(true))
+    };
+    let image = match opened {
+        Ok(image) => image,
+        Err(Error::Corrupt) if args.read_only => {
+            let corrupt = open_corrupt(&path, &options).map_err(|e| fail(&e))?;
+            let handle = Handle::Corrupt(Box::new(corrupt));
+            return Ok(Disk {
+                handle,
+                path,
+                options,
+            });
+        }
+        Err(e) => return Err(fail(&e)),
+    };
+    // QEMU will not open an encrypted image without its secret.
+    if image.encryption().is_some() && !image.is_unlocked() {
+        return Err(format!(
+            "{context}: Parameter 'encrypt.key-secret' is required for cipher"
+        ));
+    }
     let handle = if args.read_only {
-        let image = Qcow2::open_path_with(&path, &options).map_err(|e| fail(&e))?;
         Handle::ReadOnly(Box::new(image))
     } else {
-        let writable = options.clone().write(true);
-        let image = Qcow2::open_path_with(&path, &writable).map_err(|e| fail(&e))?;
         Handle::Writable(Box::new(image.into_writer().map_err(|e| fail(&e))?))
     };
     Ok(Disk {
@@ -144,12 +187,23 @@ fn open(args: &Args) -> Result<Disk, String> {
     })
 }
 
+/// An image with the corrupt bit, its metadata read as QEMU reads it (the image's own
+/// backing file and data file are not opened).
+fn open_corrupt(
+    path: &std::path::Path,
+    options: &OpenOptions,
+) -> qcow2::Result<Qcow2<CorruptBitHidden<File>>> {
+    let file = qcow2::open_file(path, options)?;
+    Qcow2::open_with(CorruptBitHidden::new(file)?, options)
+}
+
 impl Disk {
     /// The guest size in bytes.
     fn size(&self) -> u64 {
         match &self.handle {
             Handle::Writable(w) => w.guest_size(),
             Handle::ReadOnly(image) => image.guest_size(),
+            Handle::Corrupt(image) => image.guest_size(),
         }
     }
 
@@ -157,6 +211,7 @@ impl Disk {
         match &self.handle {
             Handle::Writable(w) => w.cluster_size(),
             Handle::ReadOnly(image) => image.cluster_size(),
+            Handle::Corrupt(image) => image.cluster_size(),
         }
     }
 
@@ -164,26 +219,22 @@ impl Disk {
         match &self.handle {
             Handle::Writable(w) => w.header(),
             Handle::ReadOnly(image) => image.header().clone(),
+            Handle::Corrupt(image) => image.header().clone(),
         }
     }
 
     fn writer(&self) -> Option<&Writer<File>> {
         match &self.handle {
             Handle::Writable(w) => Some(w),
-            Handle::ReadOnly(_) => None,
+            Handle::ReadOnly(_) | Handle::Corrupt(_) => None,
         }
     }
 
     fn read(&self, pos: u64, buf: &mut [u8]) -> qcow2::Result<()> {
         match &self.handle {
-            Handle::Writable(w) => w.read_exact_at(pos, buf),
-            Handle::ReadOnly(image) => {
-                use positioned_io::ReadAt;
-                let reader = image.reader()?;
-                reader
-                    .read_exact_at(pos, buf)
-                    .map_err(|e| Error::from_io("reading the guest", e))
-            }
+            Handle::Writable(w) => Writer::read_exact_at(w, pos, buf),
+            Handle::ReadOnly(image) => read_image(image, pos, buf),
+            Handle::Corrupt(image) => read_image(image, pos, buf),
         }
     }
 
@@ -210,13 +261,8 @@ impl Disk {
                     pos += n;
                 }
             }
-            Handle::ReadOnly(image) => {
-                let reader = image.reader()?;
-                for extent in reader.map(start..end) {
-                    let extent = extent?;
-                    push(extent.depth == 0 && extent.present, extent.length);
-                }
-            }
+            Handle::ReadOnly(image) => top_allocation(image, start, end, &mut push)?,
+            Handle::Corrupt(image) => top_allocation(image, start, end, &mut push)?,
         }
         Ok(runs)
     }
@@ -224,9 +270,36 @@ impl Disk {
     fn close(self) -> qcow2::Result<()> {
         match self.handle {
             Handle::Writable(w) => w.close().map(drop),
-            Handle::ReadOnly(_) => Ok(()),
+            Handle::ReadOnly(_) | Handle::Corrupt(_) => Ok(()),
         }
     }
+}
+
+fn read_image<I: ReadAt + Send + Sync>(
+    image: &Qcow2<I>,
+    pos: u64,
+    buf: &mut [u8],
+) -> qcow2::Result<()> {
+    image
+        .reader()?
+        .read_exact_at(pos, buf)
+        .map_err(|e| Error::from_io("reading the guest", e))
+}
+
+/// Feed `push` whether each stretch of `start..end` is held by the image itself (its map
+/// extents at depth 0).
+fn top_allocation<I: ReadAt + Send + Sync>(
+    image: &Qcow2<I>,
+    start: u64,
+    end: u64,
+    push: &mut impl FnMut(bool, u64),
+) -> qcow2::Result<()> {
+    let reader = image.reader()?;
+    for extent in reader.map(start..end) {
+        let extent = extent?;
+        push(extent.depth == 0 && extent.present, extent.length);
+    }
+    Ok(())
 }
 
 /// Whether to go on after a command.
@@ -803,7 +876,12 @@ fn check_argument_count(command: &Command, name: &str, given: usize) -> Result<(
 /// qemu-io prints for options or operands it cannot take.
 fn usage(_typed: &str, command: &str) -> Failed {
     if let Some(c) = find_command(command) {
-        say!("{} {} -- {}\n", c.name, c.args.unwrap_or_default(), c.oneline);
+        say!(
+            "{} {} -- {}\n",
+            c.name,
+            c.args.unwrap_or_default(),
+            c.oneline
+        );
     }
     Failed
 }
@@ -814,14 +892,13 @@ fn help_line(name: &str, c: &Command) -> String {
     format!("{name} {args}-- {}", c.oneline)
 }
 
+/// An option letter and its value, if it takes one.
+type Flag = (char, Option<String>);
+
 /// The options and operands of a command as glibc's `getopt` reads them with `spec` (a
 /// letter, `:` after one that takes a value): options may follow operands, `--` ends them.
 /// An unknown option or a missing value is reported on stderr as glibc reports it.
-fn getopt(
-    name: &str,
-    args: &[String],
-    spec: &str,
-) -> Result<(Vec<(char, Option<String>)>, Vec<String>), Failed> {
+fn getopt(name: &str, args: &[String], spec: &str) -> Result<(Vec<Flag>, Vec<String>), Failed> {
     let mut flags = Vec::new();
     let mut operands = Vec::new();
     let mut rest = args.iter();
@@ -956,7 +1033,12 @@ fn source_buffer(file: &str, count: u64) -> Result<Vec<u8>, Failed> {
         say!("{file}: file is empty\n");
         return Err(Failed);
     }
-    Ok(bytes.iter().copied().cycle().take(to_usize(count)).collect())
+    Ok(bytes
+        .iter()
+        .copied()
+        .cycle()
+        .take(to_usize(count))
+        .collect())
 }
 
 fn to_usize(n: u64) -> usize {
@@ -1095,13 +1177,17 @@ fn vm_state_offset(header: &qcow2::Header) -> u64 {
     let entry_bits = if header.has_extended_l2() { 4 } else { 3 };
     let l2_bits = header.cluster_bits().saturating_sub(entry_bits);
     let per_l1_entry = 1u64 << (header.cluster_bits() + l2_bits).min(63);
-    header.size().div_ceil(per_l1_entry).saturating_mul(per_l1_entry)
+    header
+        .size()
+        .div_ceil(per_l1_entry)
+        .saturating_mul(per_l1_entry)
 }
 
 /// The "Format specific information:" block of `qemu-img info`'s text, which qemu-io's
 /// `info` prints too.
 fn format_specific_block(info: &ImageInfo) -> String {
-    let text = String::from_utf8_lossy(&info.to_human_bytes(&common::local_utc_offset)).into_owned();
+    let text =
+        String::from_utf8_lossy(&info.to_human_bytes(&common::local_utc_offset)).into_owned();
     let mut block = String::new();
     let mut inside = false;
     for line in text.lines() {
