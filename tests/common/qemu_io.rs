@@ -249,7 +249,8 @@ impl IoRun {
 
 /// Whether `line` is one of the lines of qemu-io's `map`.
 pub fn is_map_line(line: &str) -> bool {
-    line.contains(" bytes     allocated at offset ") || line.contains(" bytes not allocated at offset ")
+    line.contains(" bytes     allocated at offset ")
+        || line.contains(" bytes not allocated at offset ")
 }
 
 /// Whether `line` is the timing line qemu-io prints after a request.
@@ -285,7 +286,13 @@ pub fn run_io(
 /// Assert that `ours` printed what `theirs` printed (timing lines aside, qemu-io's prefix
 /// spelled as ours) and ended the same way; `what` names the case in the messages.
 pub fn assert_same_output(what: &str, theirs: &IoRun, ours: &IoRun) {
-    assert_same_lines(what, "stdout", &theirs.stdout_untimed(), &ours.stdout_untimed(), ours);
+    assert_same_lines(
+        what,
+        "stdout",
+        &theirs.stdout_untimed(),
+        &ours.stdout_untimed(),
+        ours,
+    );
     assert_eq!(
         ours.stderr_normalised(),
         theirs.stderr_normalised(),
