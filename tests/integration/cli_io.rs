@@ -113,6 +113,42 @@ fn errors_and_statuses_match_qemu_io() {
         "read -P 1 0 1",
     ];
     same(q, dir, &["-r", "-f", "qcow2"], "a.qcow2", &commands);
+    // Modes: bad ones refused before the image is opened; discards ignored with -d ignore.
+    same(
+        q,
+        dir,
+        &["-d", "foo", "-f", "qcow2"],
+        "a.qcow2",
+        &["read 0 1"],
+    );
+    same(
+        q,
+        dir,
+        &["-t", "foo", "-f", "qcow2"],
+        "a.qcow2",
+        &["read 0 1"],
+    );
+    let commands = [
+        "write -P 9 64k 64k",
+        "discard 64k 64k",
+        "read -P 9 64k 64k",
+        "write -z -u 64k 64k",
+        "map",
+    ];
+    let args = ["-d", "ignore", "-t", "writethrough", "-f", "qcow2"];
+    same(q, dir, &args, "a.qcow2", &commands);
+    // A pattern file (`-s`): repeated, empty, missing, or given no byte to read.
+    std::fs::write(env.path("abc.bin"), b"abc").unwrap();
+    std::fs::write(env.path("empty.bin"), b"").unwrap();
+    let commands = [
+        "write -s abc.bin 0 10",
+        "read -v 0 10",
+        "write -s empty.bin 0 1",
+        "write -s missing.bin 0 1",
+        "write -s abc.bin 0 0",
+        "write -s abc.bin -P 1 0 1",
+    ];
+    same(q, dir, &f, "a.qcow2", &commands);
     // All well: status 0.
     let ours = same(
         q,

@@ -38,10 +38,17 @@ pub struct Args {
     /// Accepted for qemu-io compatibility (the image is not locked).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Accepted for qemu-io compatibility: the cache mode (writes go through the crate's
-    /// own caches, made durable by `flush`).
+    /// The cache mode, as qemu-io takes it: `writeback` (the default), `none` and `unsafe`
+    /// make writes durable at `flush`; `writethrough` and `directsync` after every write.
     #[arg(short = 't', long = "cache", value_name = "MODE")]
     cache: Option<String>,
+    /// Short for `-t none`.
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    /// What discards do: `unmap` (or `on`, the default) frees clusters, `ignore` (or `off`)
+    /// does nothing (nor does `write -z -u` free clusters).
+    #[arg(short = 'd', long = "discard", value_name = "MODE")]
+    discard: Option<String>,
     /// A command to run, with its arguments (`read -P 0xab 0 4k`). Repeatable; without any,
     /// commands are read from stdin.
     #[arg(
@@ -60,12 +67,17 @@ const MAX_REQUEST: u64 = 2_147_483_136;
 
 /// Run the commands and close the image.
 pub fn run(args: Args) -> ExitCode {
+    let modes = match Modes::of(&args) {
+        Ok(modes) => modes,
+        Err(message) => return common::fail(message),
+    };
     let disk = match open(&args) {
         Ok(disk) => disk,
         Err(message) => return common::fail(message),
     };
     let mut session = Session {
         disk,
+        modes,
         failed: false,
     };
     if args.commands.is_empty() {
@@ -88,6 +100,39 @@ pub fn run(args: Args) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// How writes and discards behave (`-t`, `-d`).
+struct Modes {
+    /// Every write is made durable before it is reported (`writethrough`, `directsync`).
+    write_through: bool,
+    /// Discards free clusters (`-d unmap`, the default).
+    unmap: bool,
+}
+
+impl Modes {
+    /// The modes qemu-io takes, or its message for one it does not.
+    fn of(args: &Args) -> Result<Modes, String> {
+        let cache = if args.nocache {
+            "none"
+        } else {
+            args.cache.as_deref().unwrap_or("writeback")
+        };
+        let write_through = match cache {
+            "writeback" | "none" | "unsafe" => false,
+            "writethrough" | "directsync" => true,
+            other => return Err(format!("Invalid cache option: {other}")),
+        };
+        let unmap = match args.discard.as_deref().unwrap_or("unmap") {
+            "unmap" | "on" => true,
+            "ignore" | "off" => false,
+            other => return Err(format!("Invalid discard option: {other}")),
+        };
+        Ok(Modes {
+            write_through,
+            unmap,
+        })
     }
 }
 
@@ -458,6 +503,7 @@ macro_rules! complain {
 
 struct Session {
     disk: Disk,
+    modes: Modes,
     /// Whether a command failed: the exit status is then 1.
     failed: bool,
 }
@@ -516,7 +562,7 @@ impl Session {
     }
 
     fn read(&mut self, name: &str, args: &[String]) -> Outcome {
-        let usage = || usage(name, "read");
+        let usage = || usage("read");
         let (flags, operands) = getopt(name, args, "abCl:pP:qrs:v").map_err(|_| usage())?;
         let mut report = Report::default();
         let (mut pattern, mut pattern_offset, mut pattern_count) = (None, None, None);
@@ -585,7 +631,7 @@ impl Session {
     }
 
     fn write(&mut self, name: &str, args: &[String]) -> Outcome {
-        let usage = || usage(name, "write");
+        let usage = || usage("write");
         let (flags, operands) = getopt(name, args, "bcCfnpP:qrs:uz").map_err(|_| usage())?;
         let mut report = Report::default();
         let (mut compressed, mut fua, mut no_fallback, mut unmap, mut zeroes) =
@@ -655,12 +701,13 @@ impl Session {
             }
             let writer = self.disk.writer().ok_or(NOT_PERMITTED.to_owned())?;
             let written = if zeroes {
-                writer.write_zeroes(offset, count, unmap)
+                writer.write_zeroes(offset, count, unmap && self.modes.unmap)
             } else {
                 writer.write_all_at(offset, &data)
             };
+            let durable = fua || self.modes.write_through;
             written
-                .and_then(|()| if fua { writer.flush() } else { Ok(()) })
+                .and_then(|()| if durable { writer.flush() } else { Ok(()) })
                 .map_err(|e| describe_failure(&e))
         });
         let elapsed = started.elapsed();
@@ -675,7 +722,7 @@ impl Session {
     }
 
     fn discard(&mut self, name: &str, args: &[String]) -> Outcome {
-        let usage = || usage(name, "discard");
+        let usage = || usage("discard");
         let (flags, operands) = getopt(name, args, "Cq").map_err(|_| usage())?;
         let mut report = Report::default();
         for (flag, _) in flags {
@@ -692,6 +739,9 @@ impl Session {
         let started = Instant::now();
         let result = self.checked(offset, count).and_then(|()| {
             let writer = self.disk.writer().ok_or(NOT_PERMITTED.to_owned())?;
+            if !self.modes.unmap {
+                return Ok(()); // -d ignore: discards do nothing, as in QEMU
+            }
             writer
                 .discard(offset, count)
                 .map_err(|e| describe_failure(&e))
@@ -719,7 +769,7 @@ impl Session {
     }
 
     fn truncate(&mut self, name: &str, args: &[String]) -> Outcome {
-        let (flags, operands) = getopt(name, args, "m:").map_err(|_| usage(name, "truncate"))?;
+        let (flags, operands) = getopt(name, args, "m:").map_err(|_| usage("truncate"))?;
         if let Some((_, Some(mode))) = flags.last() {
             if !matches!(mode.as_str(), "off" | "metadata" | "falloc" | "full") {
                 common::error(format_args!("Invalid preallocation mode '{mode}'"));
@@ -727,7 +777,7 @@ impl Session {
             }
         }
         let [size] = operands.as_slice() else {
-            return Err(usage(name, "truncate"));
+            return Err(usage("truncate"));
         };
         let size = size_arg(size)?;
         if size == self.disk.size() {
@@ -874,7 +924,7 @@ fn check_argument_count(command: &Command, name: &str, given: usize) -> Result<(
 
 /// The usage line of `command` (`read [-abCqrv] ... -- reads a number ...`) on stdout: what
 /// qemu-io prints for options or operands it cannot take.
-fn usage(_typed: &str, command: &str) -> Failed {
+fn usage(command: &str) -> Failed {
     if let Some(c) = find_command(command) {
         say!(
             "{} {} -- {}\n",
@@ -1020,17 +1070,20 @@ fn parse_c_long(text: &str) -> Option<i64> {
     Some(if negative { -value } else { value })
 }
 
-/// qemu-io's `-s FILE` buffer: the file's bytes repeated to `count`.
+/// qemu-io's `-s FILE` buffer: the file's first `count` bytes, repeated to `count`. A file
+/// that gives no byte (empty, or `count` 0) is refused as qemu-io refuses it.
 fn source_buffer(file: &str, count: u64) -> Result<Vec<u8>, Failed> {
-    let bytes = match std::fs::read(file) {
+    let mut bytes = match std::fs::read(file) {
         Ok(bytes) => bytes,
         Err(e) => {
-            common::error(format_args!("Failed to open file {file}: {e}"));
+            let why = e.raw_os_error().map_or_else(|| e.to_string(), strerror);
+            complain!("{file}: {why}");
             return Err(Failed);
         }
     };
-    if bytes.is_empty() && count > 0 {
-        say!("{file}: file is empty\n");
+    bytes.truncate(to_usize(count));
+    if bytes.is_empty() {
+        complain!("{file}: file is empty");
         return Err(Failed);
     }
     Ok(bytes
@@ -1039,6 +1092,13 @@ fn source_buffer(file: &str, count: u64) -> Result<Vec<u8>, Failed> {
         .cycle()
         .take(to_usize(count))
         .collect())
+}
+
+/// C's `strerror(code)`.
+fn strerror(code: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(code).to_string();
+    let suffix = format!(" (os error {code})");
+    text.strip_suffix(&suffix).unwrap_or(&text).to_owned()
 }
 
 fn to_usize(n: u64) -> usize {
@@ -1069,9 +1129,7 @@ fn os_error(e: &Error) -> Option<String> {
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::raw_os_error)
         {
-            let text = std::io::Error::from_raw_os_error(code).to_string();
-            let suffix = format!(" (os error {code})");
-            return Some(text.strip_suffix(&suffix).unwrap_or(&text).to_owned());
+            return Some(strerror(code));
         }
         source = cause.source();
     }
