@@ -189,13 +189,30 @@ fn open_link(file: File, path: &Path, options: &OpenOptions) -> Result<Qcow2<Fil
     // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
     if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
         let data_path = resolve(path, &name)?;
-        let data = open_allowed(&data_path, FileRole::DataFile, options)?;
+        let data = match options.write {
+            true => open_data_file_rw(&data_path, options)?,
+            false => open_allowed(&data_path, FileRole::DataFile, options)?,
+        };
+        if options.write {
+            let writable = data
+                .try_clone()
+                .map_err(|e| Error::io(format!("opening data file {}", data_path.display()), e))?;
+            image.data_storage = Some(Box::new(writable));
+        }
         image.files.extend(FileId::of(&data, &data_path)?);
         image.data_file_holes = hole_query(&data);
         image.data_file_path = Some(data_path);
         image.set_data_file(data)?;
     }
     Ok(image)
+}
+
+/// The data file of an image opened for writing: allowed by the policy (checked by opening
+/// it read-only first), then opened for reading and writing.
+fn open_data_file_rw(path: &Path, options: &OpenOptions) -> Result<File> {
+    let allowed = open_allowed(path, FileRole::DataFile, options)?;
+    drop(allowed);
+    checked_open_rw(path, options.allow_devices)
 }
 
 /// A raw backing file, sized as QEMU sizes it.
@@ -587,9 +604,20 @@ pub(crate) fn checked_open(path: &Path, role: &'static str, devices: bool) -> Re
 }
 
 /// [`checked_open`] for reading and writing: the image a writer opens.
+///
+/// The file is locked for this process alone (a POSIX write lock on every byte): QEMU's own
+/// locks on an image it uses (a running VM, a qemu-img job) make the open fail with
+/// [`Error::Locked`], and QEMU cannot open the image while this writer has it.
 fn checked_open_rw(path: &Path, devices: bool) -> Result<File> {
-    let file = sys::open_rw(path).map_err(|e| Error::io(format!("opening image {} for writing", path.display()), e))?;
+    let file = sys::open_rw(path)
+        .map_err(|e| Error::io(format!("opening image {} for writing", path.display()), e))?;
     check_file_type(&file, path, "image", devices)?;
+    sys::lock_for_writing(&file).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::PermissionDenied => Error::Locked {
+            path: path.to_path_buf(),
+        },
+        _ => Error::io(format!("locking image {}", path.display()), e),
+    })?;
     Ok(file)
 }
 
@@ -625,6 +653,14 @@ mod sys {
 
     pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
         Ok(File::from(rustix::fs::open(path, FLAGS, Mode::empty())?))
+    }
+
+    /// A write lock on the whole file, without waiting.
+    pub(super) fn lock_for_writing(file: &File) -> io::Result<()> {
+        Ok(rustix::fs::fcntl_lock(
+            file,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )?)
     }
 
     /// [`open_nonblocking`] for reading and writing.
@@ -669,6 +705,10 @@ mod sys {
 
     pub(super) fn open_rw(path: &Path) -> io::Result<File> {
         File::options().read(true).write(true).open(path)
+    }
+
+    pub(super) fn lock_for_writing(_file: &File) -> io::Result<()> {
+        Ok(())
     }
 
     pub(super) fn file_id(_file: &File) -> io::Result<Option<super::FileId>> {

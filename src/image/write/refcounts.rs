@@ -270,12 +270,17 @@ impl Refcounts {
     /// A new, empty refcount block for table entry `index`, placed at the top (so that it
     /// holds nothing anyone refers to), with its own refcount set.
     fn new_block<I: Storage>(&mut self, io: &I, index: u64) -> Result<u64> {
-        let at = self.top;
-        self.top = self.top.saturating_add(1);
-        let needed = index.max(self.layout.locate(at).0).saturating_add(1);
+        // Room in the table first, for this entry and for the block's own cluster: growing
+        // the table sets the refcounts of its new clusters, which may make this very block.
+        let needed = index.max(self.layout.locate(self.top).0).saturating_add(1);
         if needed > self.table.len() as u64 {
             self.grow_table(io, needed)?;
         }
+        if let Some(offset) = self.block_offset(index)? {
+            return Ok(offset);
+        }
+        let at = self.top;
+        self.top = self.top.saturating_add(1);
         let offset = at << self.cluster_bits();
         let slot = usize::try_from(index)
             .ok()
@@ -291,6 +296,7 @@ impl Refcounts {
                 dirty: true,
             },
         );
+        // Its own refcount: in itself, or in the block of the next range (made likewise).
         self.set(io, at, 1)?;
         Ok(offset)
     }
@@ -301,11 +307,15 @@ impl Refcounts {
     fn grow_table<I: Storage>(&mut self, io: &I, entries: u64) -> Result<()> {
         let bits = self.cluster_bits();
         let per_cluster = self.cluster_size() / 8;
-        let mut wanted = (entries.max(self.table.len() as u64).saturating_mul(3) >> 1).saturating_add(1);
+        let mut wanted =
+            (entries.max(self.table.len() as u64).saturating_mul(3) >> 1).saturating_add(1);
         let clusters = loop {
             let clusters = wanted.div_ceil(per_cluster);
             // The new table, and a block or two for it, must be covered too.
-            let reach = self.layout.locate(self.top.saturating_add(clusters).saturating_add(2)).0;
+            let reach = self
+                .layout
+                .locate(self.top.saturating_add(clusters).saturating_add(2))
+                .0;
             if reach < wanted {
                 break clusters;
             }
@@ -353,7 +363,8 @@ impl Refcounts {
 
     /// A moved table, whole, to be written before the header names it.
     pub(crate) fn moved_table(&self) -> Option<(u64, Vec<u8>)> {
-        self.table_moved.then(|| (self.table_offset, self.table_bytes()))
+        self.table_moved
+            .then(|| (self.table_offset, self.table_bytes()))
     }
 
     /// The table's changed entries (a table that has not moved): `(file offset, entry)`.
