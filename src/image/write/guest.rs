@@ -39,6 +39,19 @@ pub(crate) struct Guest<'a, I> {
     pub(crate) state: &'a ReadState,
 }
 
+/// One step of a write: done (its length), or a run of owned clusters to write in place.
+pub(crate) enum Step {
+    Done(usize),
+    InPlace { host: u64, len: usize },
+}
+
+/// A planned piece of a read: what holds `len` guest bytes from `guest`.
+pub(crate) struct ReadRun {
+    kind: ExtentKind,
+    guest: u64,
+    len: usize,
+}
+
 /// What a cluster about to be written holds now.
 #[derive(Debug, Clone, Copy)]
 enum Old {
@@ -114,51 +127,54 @@ impl<I: Storage> Guest<'_, I> {
 
     /// Fill `buf` with the guest bytes at `pos` (within the guest).
     pub(crate) fn read(&self, meta: &mut Metadata, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let runs = self.plan_read(meta, pos, buf.len())?;
+        self.read_runs(&runs, pos, buf)
+    }
+
+    /// What holds the `len` guest bytes at `pos`, in runs of one kind each.
+    pub(crate) fn plan_read(
+        &self,
+        meta: &mut Metadata,
+        pos: u64,
+        len: usize,
+    ) -> Result<Vec<ReadRun>> {
         let io = &self.image.io;
-        let reader = self.reader();
+        let mut runs: Vec<ReadRun> = Vec::new();
         let mut done = 0usize;
-        let mut pending: Option<(ExtentKind, u64, usize)> = None;
-        while done < buf.len() {
+        while done < len {
             let guest = pos.saturating_add(done as u64);
             let (unit, sub) = self.unit_of(guest);
             let within = guest & (unit - 1);
-            let len = clamp(unit - within, buf.len() - done);
+            let n = clamp(unit - within, len - done);
             let entry = meta.tables.entry(io, guest)?;
             let kind = match entry.table {
                 0 => ExtentKind::NOTHING,
                 _ => self.kind(&entry, sub)?.advanced(within),
             };
-            pending = match pending {
-                Some((k, start, n)) if k.continued_by(kind, n as u64) => Some((k, start, n + len)),
-                finished => {
-                    if let Some((k, start, n)) = finished {
-                        self.read_run(&reader, k, pos, start, n, buf)?;
-                    }
-                    Some((kind, guest, len))
-                }
-            };
-            done += len;
+            match runs.last_mut() {
+                Some(last) if last.kind.continued_by(kind, last.len as u64) => last.len += n,
+                _ => runs.push(ReadRun {
+                    kind,
+                    guest,
+                    len: n,
+                }),
+            }
+            done += n;
         }
-        if let Some((k, start, n)) = pending {
-            self.read_run(&reader, k, pos, start, n, buf)?;
-        }
-        Ok(())
+        Ok(runs)
     }
 
-    fn read_run(
-        &self,
-        reader: &Reader<'_, I>,
-        kind: ExtentKind,
-        pos: u64,
-        start: u64,
-        len: usize,
-        buf: &mut [u8],
-    ) -> Result<()> {
-        let at = (start - pos) as usize;
-        let out = buf
-            .get_mut(at..at + len)
-            .ok_or(Error::Internal("a read run past its buffer"))?;
-        reader.read_extent(kind, start, out)
+    /// Read planned runs into `buf` (which starts at guest offset `pos`): no metadata needed.
+    pub(crate) fn read_runs(&self, runs: &[ReadRun], pos: u64, buf: &mut [u8]) -> Result<()> {
+        let reader = self.reader();
+        for run in runs {
+            let at = (run.guest - pos) as usize;
+            let out = buf
+                .get_mut(at..at + run.len)
+                .ok_or(Error::Internal("a read run past its buffer"))?;
+            reader.read_extent(run.kind, run.guest, out)?;
+        }
+        Ok(())
     }
 
     /// Whether the image itself holds the cluster at `guest`, and how far that answer
@@ -218,6 +234,31 @@ impl<I: Storage> Guest<'_, I> {
 
     /// Write the first run of clusters of `buf` handled alike; returns the bytes written.
     fn write_run(&self, meta: &mut Metadata, guest: u64, buf: &[u8]) -> Result<usize> {
+        match self.write_step(meta, guest, buf)? {
+            Step::Done(len) => Ok(len),
+            Step::InPlace { host, len } => {
+                self.write_in_place(host, guest, buf.get(..len).unwrap_or_default())?;
+                Ok(len)
+            }
+        }
+    }
+
+    /// Write `data` for guest offset `guest` at `host`, inside clusters this image owns
+    /// (what [`Step::InPlace`] leaves to do; no metadata needed).
+    pub(crate) fn write_in_place(&self, host: u64, guest: u64, data: &[u8]) -> Result<()> {
+        self.write_host(host, guest, data)
+    }
+
+    /// Do the first step of writing `buf` at `guest`: a run of clusters that need new ones
+    /// is written and mapped; a run this image owns is left to the caller to write in place
+    /// ([`Step::InPlace`]), which it may do without the metadata.
+    pub(crate) fn write_step(&self, meta: &mut Metadata, guest: u64, buf: &[u8]) -> Result<Step> {
+        if self.image.geometry.extended_l2 {
+            let cs = self.cluster_size();
+            let len = clamp(cs - (guest & (cs - 1)), buf.len());
+            self.write_in_subclusters(meta, guest, &buf[..len])?;
+            return Ok(Step::Done(len));
+        }
         let io = &self.image.io;
         let cs = self.cluster_size();
         let within = guest & (cs - 1);
@@ -235,10 +276,11 @@ impl<I: Storage> Guest<'_, I> {
                     _ => break,
                 }
             }
-            let len = span(n);
-            self.write_host(host + within, guest, buf.get(..len).unwrap_or_default())?;
             meta.unsynced = true;
-            return Ok(len);
+            return Ok(Step::InPlace {
+                host: host + within,
+                len: span(n),
+            });
         }
         // Clusters that need new ones: gather them, allocate them together.
         let mut entries = vec![(first_entry, first)];
@@ -255,7 +297,7 @@ impl<I: Storage> Guest<'_, I> {
         }
         let len = span(entries.len() as u64);
         self.write_new(meta, guest, buf.get(..len).unwrap_or_default(), &entries)?;
-        Ok(len)
+        Ok(Step::Done(len))
     }
 
     /// What the cluster of `entry` holds, for a write.
@@ -443,7 +485,8 @@ impl<I: Storage> Guest<'_, I> {
     /// request's pieces on several threads too).
     fn write_plain(&self, host: u64, data: &[u8]) -> Result<()> {
         let io = self.data_io();
-        let failed = |at: u64, e| Error::io(format!("writing guest data at host offset {at:#x}"), e);
+        let failed =
+            |at: u64, e| Error::io(format!("writing guest data at host offset {at:#x}"), e);
         let pool = &self.image.pool;
         if data.len() < PARALLEL_WRITE_MIN || pool.threads() < 2 {
             return io.write_all_at(host, data).map_err(|e| failed(host, e));

@@ -14,7 +14,7 @@ mod tables;
 mod writeback;
 
 use std::io;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use positioned_io::{ReadAt, Size};
 
@@ -25,7 +25,7 @@ use crate::format::header::Header;
 use crate::format::refcount::RefcountLayout;
 use crate::image::qcow2::Qcow2;
 use crate::image::reader::ReadState;
-use guest::Guest;
+use guest::{Guest, Step};
 use refcounts::Refcounts;
 use tables::Tables;
 use writeback::{barrier, write, Metadata};
@@ -71,6 +71,10 @@ const AUTOCLEAR_FIELD: u64 = 88;
 pub struct Writer<I: Storage> {
     /// Taken out by [`Writer::close`]; always there before.
     image: Option<Qcow2<I>>,
+    /// Held shared by every read and write of the guest, exclusively by a flush: clusters
+    /// freed by a write are handed out again only after a flush, so none is reused while
+    /// a read or an in-place write planned on it is under way.
+    gate: RwLock<()>,
     meta: Mutex<Metadata>,
     read_state: ReadState,
     header: Mutex<Header>,
@@ -141,6 +145,7 @@ impl<I: Storage> Qcow2<I> {
                 file_len,
             }),
             read_state: ReadState::new(),
+            gate: RwLock::new(()),
             header: Mutex::new(header),
             image: Some(self),
         })
@@ -212,6 +217,14 @@ impl<I: Storage> Writer<I> {
         self.meta.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn guest(&self) -> Result<Guest<'_, I>> {
         Ok(Guest {
             image: self.image()?,
@@ -255,7 +268,9 @@ impl<I: Storage> Writer<I> {
     pub fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         self.within(pos, buf.len() as u64)?;
         let guest = self.guest()?;
-        guest.read(&mut self.meta(), pos, buf)
+        let _shared = self.shared();
+        let runs = guest.plan_read(&mut self.meta(), pos, buf.len())?;
+        guest.read_runs(&runs, pos, buf)
     }
 
     /// Write all of `buf` at guest offset `pos` (within the guest: past the end is
@@ -263,9 +278,26 @@ impl<I: Storage> Writer<I> {
     pub fn write_all_at(&self, pos: u64, buf: &[u8]) -> Result<()> {
         self.within(pos, buf.len() as u64)?;
         let guest = self.guest()?;
-        let mut meta = self.meta();
-        guest.write(&mut meta, pos, buf)?;
-        self.keep_within_budget(&mut meta)
+        let _shared = self.shared();
+        let mut done = 0usize;
+        while let Some(rest) = buf.get(done..).filter(|rest| !rest.is_empty()) {
+            let at = pos.saturating_add(done as u64);
+            let step = {
+                let mut meta = self.meta();
+                let step = guest.write_step(&mut meta, at, rest)?;
+                self.keep_within_budget(&mut meta)?;
+                step
+            };
+            // Clusters this image owns are written without holding the metadata.
+            done = done.saturating_add(match step {
+                Step::Done(len) => len,
+                Step::InPlace { host, len } => {
+                    guest.write_in_place(host, at, rest.get(..len).unwrap_or_default())?;
+                    len
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Make `len` bytes at `pos` read as zeros. With `unmap`, whole clusters are freed
@@ -275,6 +307,7 @@ impl<I: Storage> Writer<I> {
     pub fn write_zeroes(&self, pos: u64, len: u64, unmap: bool) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;
+        let _shared = self.shared();
         let mut meta = self.meta();
         guest.write_zeroes(&mut meta, pos, len, unmap)?;
         self.keep_within_budget(&mut meta)
@@ -287,6 +320,7 @@ impl<I: Storage> Writer<I> {
     pub fn discard(&self, pos: u64, len: u64) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;
+        let _shared = self.shared();
         let mut meta = self.meta();
         guest.discard(&mut meta, pos, len)?;
         self.keep_within_budget(&mut meta)
@@ -295,9 +329,9 @@ impl<I: Storage> Writer<I> {
     /// A durability barrier: when it returns, every write before it survives a crash or a
     /// power cut.
     pub fn flush(&self) -> Result<()> {
-        let io = &self.image()?.io;
-        self.meta()
-            .write_back(io, self.image()?.data_storage.as_deref())
+        let image = self.image()?;
+        let _exclusive = self.exclusive();
+        self.meta().flush(&image.io, image.data_storage.as_deref())
     }
 
     /// Whether this image itself (not its backing files) holds the stretch at `pos`, and for
@@ -309,10 +343,12 @@ impl<I: Storage> Writer<I> {
             return Ok((false, 0));
         }
         let guest = self.guest()?;
+        let _shared = self.shared();
         guest.is_allocated(&mut self.meta(), pos, len)
     }
 
-    /// Write back the tables when they outgrow the cache, then drop the clean ones.
+    /// Write back the tables when they outgrow the cache, then drop the clean ones (the
+    /// clusters the writes dropped stay reserved until a flush).
     fn keep_within_budget(&self, meta: &mut Metadata) -> Result<()> {
         if meta.tables.over_budget() {
             meta.write_back(&self.image()?.io, self.image()?.data_storage.as_deref())?;
@@ -325,9 +361,10 @@ impl<I: Storage> Writer<I> {
     /// leaves (the dirty bit of lazy refcounts).
     fn finish(&self) -> Result<()> {
         let image = self.image()?;
+        let _exclusive = self.exclusive();
         let mut meta = self.meta();
-        meta.write_back(&image.io, image.data_storage.as_deref())?;
-        // The frees applied by the first write-back changed refcount blocks: write them too.
+        meta.flush(&image.io, image.data_storage.as_deref())?;
+        // The frees changed refcount blocks: write them too.
         meta.write_back(&image.io, image.data_storage.as_deref())?;
         if image.header.version() >= 3 && image.header.has_lazy_refcounts() {
             let incompatible = image.header.incompatible_features() & !INCOMPAT_DIRTY;
