@@ -29,8 +29,9 @@ struct Kind {
     geo: Geometry,
     /// What the image holds before the script.
     start: Start,
-    /// LUKS-encrypted: opened with `--object secret` and `--image-opts`.
-    luks: bool,
+    /// Encrypted with this `encrypt.format` (`luks`, `aes`): opened with `--object secret`
+    /// and `--image-opts`.
+    encrypted: Option<&'static str>,
     /// Why the writer's allocation map is known to differ from QEMU's for this kind (the
     /// difference is printed, and the test fails once the maps agree, to drop this).
     map_differs: Option<&'static str>,
@@ -63,7 +64,7 @@ impl Kind {
             opts,
             geo,
             start: Start::Empty,
-            luks: false,
+            encrypted: None,
             map_differs: None,
         }
     }
@@ -88,8 +89,12 @@ impl Kind {
             }
             opts.push_str(&o);
         };
-        if self.luks {
-            add("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10".into());
+        match self.encrypted {
+            Some("luks") => {
+                add("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10".into())
+            }
+            Some(format) => add(format!("encrypt.format={format},encrypt.key-secret=sec0")),
+            None => {}
         }
         if self.start == Start::DataFile {
             add(format!("data_file={name}.data"));
@@ -97,7 +102,7 @@ impl Kind {
         match self.start {
             Start::Empty | Start::DataFile => {
                 let mut args = vec!["create", "-q", "-f", "qcow2"];
-                if self.luks {
+                if self.encrypted.is_some() {
                     args.extend(["--object", SECRET]);
                 }
                 if !opts.is_empty() {
@@ -159,7 +164,7 @@ impl Kind {
 
     /// The arguments before the image, and the image argument, for both tools.
     fn open_args(&self, name: &str) -> (Vec<String>, String) {
-        if self.luks {
+        if self.encrypted.is_some() {
             (
                 vec!["--object".into(), SECRET.into(), "--image-opts".into()],
                 format!("driver=qcow2,file.filename={name},encrypt.key-secret=sec0"),
@@ -171,7 +176,7 @@ impl Kind {
 
     /// The guest of `name` as QEMU reads it.
     fn guest(&self, env: &Env, name: &str) -> Vec<u8> {
-        if self.luks {
+        if self.encrypted.is_some() {
             let opts = format!("driver=qcow2,file.filename={name},encrypt.key-secret=sec0");
             env.convert(&opts, &["--object", SECRET, "--image-opts"])
         } else {
@@ -301,7 +306,7 @@ fn compare_guests(env: &Env, kind: &Kind, what: &str) {
     let (theirs_img, ours_img) = (theirs_name.as_str(), ours_name.as_str());
     let mut cmd = Command::new(&env.qemu.img);
     cmd.current_dir(env.dir.path()).arg("compare");
-    if kind.luks {
+    if kind.encrypted.is_some() {
         let (_, theirs) = kind.open_args(theirs_img);
         let (_, ours) = kind.open_args(ours_img);
         cmd.args(["--object", SECRET, "--image-opts", &theirs, &ours]);
@@ -323,7 +328,7 @@ fn check_clean(env: &Env, kind: &Kind, name: &str, what: &str) -> u64 {
     let mut cmd = Command::new(&env.qemu.img);
     cmd.current_dir(env.dir.path())
         .args(["check", "--output=json"]);
-    if kind.luks {
+    if kind.encrypted.is_some() {
         let (_, image) = kind.open_args(name);
         cmd.args(["--object", SECRET, "--image-opts", &image]);
     } else {
@@ -504,8 +509,16 @@ fn preallocation_metadata() {
 #[cfg(feature = "encryption")]
 fn luks_encrypted() {
     let mut kind = Kind::new("", Geometry::v3(4 * M, K64));
-    kind.luks = true;
+    kind.encrypted = Some("luks");
     differential("io_scripts::luks_encrypted", &kind, &[18], 100);
+}
+
+#[test]
+#[cfg(feature = "encryption")]
+fn legacy_aes_encrypted() {
+    let mut kind = Kind::new("", Geometry::v3(4 * M, K64)).map_differs(DISCARD_CLEARS_ZERO);
+    kind.encrypted = Some("aes");
+    differential("io_scripts::legacy_aes_encrypted", &kind, &[25], 100);
 }
 
 #[test]
