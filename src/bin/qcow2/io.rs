@@ -35,7 +35,7 @@ pub struct Args {
     /// Open the image read-only: writes fail as qemu-io's do.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
-    /// Accepted for qemu-io compatibility (the image is not locked).
+    /// Accepted for qemu-io compatibility; it changes nothing here.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The cache mode, as qemu-io takes it: `writeback` (the default), `none` and `unsafe`
