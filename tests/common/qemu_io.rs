@@ -108,6 +108,10 @@ impl ScriptGen {
                 format!("discard {quiet}{off} {len}")
             }
             61..=66 => "flush".to_owned(),
+            67..=69 => {
+                let (off, len) = self.range();
+                format!("alloc {off} {len}")
+            }
             _ => self.read(quiet),
         }
     }
@@ -124,7 +128,8 @@ impl ScriptGen {
             self.range()
         };
         let seen = &self.guest[off as usize..(off + len) as usize];
-        if len <= 96 && quiet.is_empty() {
+        // Short reads are dumped (both tools print the bytes), some longer ones too.
+        if quiet.is_empty() && (len <= 96 || (len <= 2048 && self.rng.below(8) == 0)) {
             return format!("read -v {off} {len}");
         }
         let first = seen[0];
@@ -247,10 +252,58 @@ impl IoRun {
     }
 }
 
-/// Whether `line` is one of the lines of qemu-io's `map`.
+/// Whether `line` tells what the image itself holds: a line of qemu-io's `map`, or what
+/// `alloc` prints.
 pub fn is_map_line(line: &str) -> bool {
     line.contains(" bytes     allocated at offset ")
         || line.contains(" bytes not allocated at offset ")
+        || line.contains(" bytes allocated at offset ")
+}
+
+/// The runs of qemu-io's `map` lines in `stdout`: `(offset, length, allocated)`, read from
+/// the hexadecimal numbers each line carries.
+pub fn map_runs(stdout: &str) -> Vec<(u64, u64, bool)> {
+    let hex = |s: &str| u64::from_str_radix(s, 16).expect("a hexadecimal number in a map line");
+    stdout
+        .lines()
+        .filter(|l| l.contains(" allocated at offset ") && l.ends_with(')'))
+        .filter(|l| !l.contains('/'))
+        .map(|l| {
+            let numbers: Vec<&str> = l
+                .split("(0x")
+                .skip(1)
+                .map(|part| part.split(')').next().unwrap_or_default())
+                .collect();
+            assert_eq!(numbers.len(), 2, "map line {l:?}");
+            (
+                hex(numbers[1]),
+                hex(numbers[0]),
+                l.contains("     allocated"),
+            )
+        })
+        .collect()
+}
+
+/// The stretches where the allocation of two maps differs (both cover the same guest).
+pub fn allocation_differences(a: &[(u64, u64, bool)], b: &[(u64, u64, bool)]) -> Vec<(u64, u64)> {
+    let at = |runs: &[(u64, u64, bool)], pos: u64| {
+        runs.iter()
+            .find(|(off, len, _)| *off <= pos && pos < off + len)
+            .map(|&(off, len, allocated)| (off + len, allocated))
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while let (Some((end_a, alloc_a)), Some((end_b, alloc_b))) = (at(a, pos), at(b, pos)) {
+        let end = end_a.min(end_b);
+        if alloc_a != alloc_b {
+            match out.last_mut() {
+                Some((off, len)) if *off + *len == pos => *len += end - pos,
+                _ => out.push((pos, end - pos)),
+            }
+        }
+        pos = end;
+    }
+    out
 }
 
 /// Whether `line` is the timing line qemu-io prints after a request.
