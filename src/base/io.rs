@@ -257,11 +257,16 @@ impl PositionalSink for std::fs::File {
 ///     }
 /// }
 ///
+/// use qcow2::PositionalSink;
 /// let storage = Memory::default();
 /// storage.write_all_at(0, &std::fs::read("fixtures/v3-64k-basic.qcow2")?)?;
 /// let options = qcow2::OpenOptions::new().write(true);
-/// let image = qcow2::Qcow2::open_with(storage, &options)?;
-/// # let _ = image;
+/// let disk = qcow2::Qcow2::open_with(storage, &options)?.into_writer()?;
+/// disk.write_all_at(12345, b"in memory")?;
+/// let mut back = [0u8; 9];
+/// disk.read_exact_at(12345, &mut back)?;
+/// assert_eq!(&back, b"in memory");
+/// disk.close()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait Storage: ReadAt + PositionalSink + Send + Sync {
@@ -280,5 +285,35 @@ impl Storage for std::fs::File {
 
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
+    }
+}
+
+/// One storage used through two owners (an image's data file, read by its readers and
+/// written by its writer).
+pub(crate) struct Shared<S>(pub(crate) std::sync::Arc<S>);
+
+impl<S: Storage> ReadAt for Shared<S> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_at(pos, buf)
+    }
+}
+
+impl<S: Storage> PositionalSink for Shared<S> {
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all_at(pos, buf)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl<S: Storage> Storage for Shared<S> {
+    fn length(&self) -> io::Result<u64> {
+        self.0.length()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync()
     }
 }

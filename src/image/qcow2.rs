@@ -392,6 +392,22 @@ impl<I: ReadAt> Qcow2<I> {
         self.backing = Some(Backing::Zeros);
     }
 
+    /// Attach a writable external data file (incompatible bit 2): read by the image's
+    /// readers and written by its [`Writer`](crate::Writer) (an image opened by path for
+    /// writing has its data file opened so already).
+    pub fn set_data_storage<S: crate::base::io::Storage + 'static>(
+        &mut self,
+        data: S,
+    ) -> Result<()> {
+        if !self.header.has_data_file_bit() {
+            return Err(Error::DataFileNotUsed);
+        }
+        let shared = Arc::new(data);
+        self.data_file = Some(Box::new(crate::base::io::Shared(Arc::clone(&shared))));
+        self.data_storage = Some(Box::new(crate::base::io::Shared(shared)));
+        Ok(())
+    }
+
     /// Attach the external data file that holds the guest data (incompatible bit 2).
     ///
     /// Fails, as QEMU does, for an image without that bit: its data is in the image itself,

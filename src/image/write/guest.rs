@@ -37,6 +37,8 @@ const MAX_RUN_BYTES: u64 = 4 << 20;
 pub(crate) struct Guest<'a, I> {
     pub(crate) image: &'a Qcow2<I>,
     pub(crate) state: &'a ReadState,
+    /// The guest size now (a resize changes it).
+    pub(crate) size: u64,
 }
 
 /// One step of a write: done (its length), or a run of owned clusters to write in place.
@@ -427,7 +429,7 @@ impl<I: Storage> Guest<'_, I> {
         if let Old::Elsewhere { zeros: true, .. } = old {
             return Ok(()); // `out` is zeros already
         }
-        let size = self.image.guest_size();
+        let size = self.size;
         let len = clamp(size.saturating_sub(start), out.len());
         self.read(meta, start, &mut out[..len])
     }
@@ -518,8 +520,8 @@ impl<I: Storage> Guest<'_, I> {
     /// Make `len` bytes at `pos` read as zeros, as QEMU's zero write does: whole clusters
     /// get the zero flag (freed with `unmap`, compressed ones always); a partial cluster
     /// that reads as zeros already is made a zero cluster whole, any other partial cluster
-    /// is written with zeros. Version 2 images, which have no zero flag, are written with
-    /// zeros.
+    /// is written with zeros. Version 2 images have no zero flag: without a backing file
+    /// their clusters are discarded instead, over one they are written with zeros.
     pub(crate) fn write_zeroes(
         &self,
         meta: &mut Metadata,
@@ -536,10 +538,17 @@ impl<I: Storage> Guest<'_, I> {
         while at < end {
             let cluster = at & !(cs - 1);
             let piece_end = (cluster + cs).min(end);
-            let whole_cluster = at == cluster
-                && (piece_end == cluster + cs || piece_end == self.image.guest_size());
+            let whole_cluster =
+                at == cluster && (piece_end == cluster + cs || piece_end == self.size);
             if self.image.geometry.pre_v3 {
-                self.write_zero_bytes(meta, at, piece_end - at)?;
+                // No zero flag: without a backing file QEMU discards whole clusters (and a
+                // partial one that reads as zeros already); otherwise zeros are written.
+                let discardable =
+                    !self.has_backing() && (whole_cluster || self.reads_zeros(meta, cluster)?);
+                match discardable {
+                    true => self.discard_cluster(meta, cluster)?,
+                    false => self.write_zero_bytes(meta, at, piece_end - at)?,
+                }
             } else if self.image.geometry.extended_l2 && !whole_cluster {
                 self.zero_in_cluster(meta, at, piece_end)?;
             } else if whole_cluster || self.reads_zeros(meta, cluster)? {
@@ -640,11 +649,16 @@ impl<I: Storage> Guest<'_, I> {
     }
 
     /// Discard `len` bytes at `pos` as QEMU's guest discard does: whole clusters only (and
-    /// the partial last cluster of the disk); each reads as zeros after (version 3), or
-    /// from the backing file (version 2), and its cluster is freed.
+    /// the partial last cluster of the disk); each reads as zeros after and its cluster is
+    /// freed (nothing at all in a version 2 image over a backing file).
     pub(crate) fn discard(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
+        // A version 2 image cannot mark a cluster zero: discarding over a backing file would
+        // show the backing file's data, so QEMU does nothing.
+        if self.image.geometry.pre_v3 && self.has_backing() {
+            return Ok(());
+        }
         let cs = self.cluster_size();
-        let size = self.image.guest_size();
+        let size = self.size;
         let end = pos + len;
         let mut cluster = pos.next_multiple_of(cs);
         while cluster < end {
@@ -658,24 +672,31 @@ impl<I: Storage> Guest<'_, I> {
         Ok(())
     }
 
+    /// Discard one cluster as QEMU's `discard_in_l2_slice` does: one that holds nothing of
+    /// its own is left as it is (unallocated with nothing below, or already zero); any
+    /// other reads as zeros after (version 3) or falls through to nothing (version 2) and
+    /// its clusters are released.
     fn discard_cluster(&self, meta: &mut Metadata, cluster: u64) -> Result<()> {
         let io = &self.image.io;
-        if self.raw_data_file() {
-            let len = self.cluster_size().min(self.image.guest_size() - cluster);
-            self.zero_raw_data_file(meta, cluster, len)?;
-        }
         let entry = meta.tables.entry_for_write(io, &mut meta.refs, cluster)?;
         let old = self.old(&entry)?;
         let kind = self.image.geometry.cluster_type(entry.word);
-        let allocated = matches!(
-            kind,
-            ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
-        );
-        let extended = self.image.geometry.extended_l2;
-        let (word, bitmap) = match (self.has_backing() || allocated, self.image.geometry.pre_v3) {
-            (true, false) if extended => (0, SUB_ALLOC_MASK << 32),
-            (true, false) => (OFLAG_ZERO, 0),
-            _ => (0, 0),
+        let keep = match kind {
+            ClusterType::Unallocated => !self.has_backing(),
+            ClusterType::ZeroPlain => true,
+            ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed => false,
+        };
+        if keep {
+            return Ok(());
+        }
+        if self.raw_data_file() {
+            let len = self.cluster_size().min(self.size - cluster);
+            self.zero_raw_data_file(meta, cluster, len)?;
+        }
+        let (word, bitmap) = match (self.image.geometry.pre_v3, self.image.geometry.extended_l2) {
+            (true, _) => (0, 0),
+            (false, true) => (0, SUB_ALLOC_MASK << 32),
+            (false, false) => (OFLAG_ZERO, 0),
         };
         if (word, bitmap) == (entry.word, entry.bitmap) {
             return Ok(());

@@ -8,12 +8,14 @@
 pub(crate) mod space;
 
 mod guest;
+mod recount;
 mod refcounts;
 mod subclusters;
 mod tables;
 mod writeback;
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use positioned_io::{ReadAt, Size};
@@ -32,6 +34,9 @@ use writeback::{barrier, write, Metadata};
 
 /// Header bytes 72-79 and 88-95 (version 3): the incompatible and autoclear feature bits.
 const INCOMPATIBLE_FIELD: u64 = 72;
+/// Header bytes 24-31: the guest size; 36-47: the L1 table's entries (4 bytes) and offset.
+const SIZE_FIELD: u64 = 24;
+const L1_FIELDS: u64 = 36;
 const AUTOCLEAR_FIELD: u64 = 88;
 
 /// An image open for writing: reads what was written, writes at any offset and length,
@@ -78,14 +83,14 @@ pub struct Writer<I: Storage> {
     meta: Mutex<Metadata>,
     read_state: ReadState,
     header: Mutex<Header>,
-    guest_size: u64,
+    guest_size: AtomicU64,
     cluster_size: u64,
 }
 
 impl<I: Storage> std::fmt::Debug for Writer<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
-            .field("guest_size", &self.guest_size)
+            .field("guest_size", &self.guest_size())
             .field("cluster_size", &self.cluster_size)
             .finish_non_exhaustive()
     }
@@ -133,17 +138,24 @@ impl<I: Storage> Qcow2<I> {
                 .l2_cache_bytes
                 .max(self.cluster_size().saturating_mul(4)),
         );
+        let mut meta = Metadata {
+            tables,
+            refs,
+            unsynced: false,
+            file_len,
+        };
+        if header.is_dirty() {
+            // Refcounts left unwritten by a crash (lazy refcounts): counted again first,
+            // as QEMU repairs a dirty image it opens for writing.
+            recount::rebuild(&self, &mut meta.refs, file_len)?;
+            meta.flush(&self.io, self.data_storage.as_deref())?;
+        }
         mark_open(&self.io, &header)?;
         let header = read_back_header(&self)?;
         Ok(Writer {
-            guest_size: self.guest_size(),
+            guest_size: AtomicU64::new(self.guest_size()),
             cluster_size: self.cluster_size(),
-            meta: Mutex::new(Metadata {
-                tables,
-                refs,
-                unsynced: false,
-                file_len,
-            }),
+            meta: Mutex::new(meta),
             read_state: ReadState::new(),
             gate: RwLock::new(()),
             header: Mutex::new(header),
@@ -157,8 +169,6 @@ fn refuse_unsupported<I>(image: &Qcow2<I>) -> Result<()> {
     let header = &image.header;
     let what = if header.has_data_file_bit() && image.data_storage.is_none() {
         Some("an external data file attached for reading only (open the image by path to write its data file)")
-    } else if header.is_dirty() {
-        Some("the image is dirty (lazy refcounts left unwritten by a crash): repair it first with `qemu-img check -r all`")
     } else {
         None
     };
@@ -229,12 +239,13 @@ impl<I: Storage> Writer<I> {
         Ok(Guest {
             image: self.image()?,
             state: &self.read_state,
+            size: self.guest_size(),
         })
     }
 
     /// Guest size in bytes.
     pub fn guest_size(&self) -> u64 {
-        self.guest_size
+        self.guest_size.load(Ordering::Acquire)
     }
 
     /// Cluster size in bytes.
@@ -254,11 +265,11 @@ impl<I: Storage> Writer<I> {
     /// Check that `len` bytes at `pos` lie within the guest.
     fn within(&self, pos: u64, len: u64) -> Result<()> {
         match pos.checked_add(len) {
-            Some(end) if end <= self.guest_size => Ok(()),
+            Some(end) if end <= self.guest_size() => Ok(()),
             _ => Err(Error::WritePastEnd {
                 offset: pos,
                 len,
-                size: self.guest_size,
+                size: self.guest_size(),
             }),
         }
     }
@@ -303,7 +314,8 @@ impl<I: Storage> Writer<I> {
     /// Make `len` bytes at `pos` read as zeros. With `unmap`, whole clusters are freed
     /// (qemu-io's `write -z -u`); without it, allocated clusters stay allocated, marked
     /// zero (`write -z`). Compressed clusters are always freed, as QEMU does. Version 2
-    /// images, which cannot mark clusters zero, are written with zeros.
+    /// images cannot mark clusters zero: without a backing file their clusters are freed,
+    /// over one they are written with zeros.
     pub fn write_zeroes(&self, pos: u64, len: u64, unmap: bool) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;
@@ -314,9 +326,9 @@ impl<I: Storage> Writer<I> {
     }
 
     /// Discard `len` bytes at `pos` as QEMU's discard does: every whole cluster in the range
-    /// (and the partial last cluster of the disk) is freed and reads as zeros after (from
-    /// the backing file in a version 2 image, which cannot mark clusters zero); partial
-    /// clusters are left as they are.
+    /// (and the partial last cluster of the disk) that holds something is freed and reads as
+    /// zeros after; partial clusters are left as they are, and so is everything in a
+    /// version 2 image over a backing file (which cannot mark clusters zero).
     pub fn discard(&self, pos: u64, len: u64) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;
@@ -338,7 +350,7 @@ impl<I: Storage> Writer<I> {
     /// how many bytes from `pos` that answer holds, up to `len` (as QEMU's
     /// `bdrv_is_allocated`: what qemu-io's `map` prints). Length 0 at or past the end.
     pub fn is_allocated(&self, pos: u64, len: u64) -> Result<(bool, u64)> {
-        let len = len.min(self.guest_size.saturating_sub(pos));
+        let len = len.min(self.guest_size().saturating_sub(pos));
         if len == 0 {
             return Ok((false, 0));
         }
@@ -347,12 +359,87 @@ impl<I: Storage> Writer<I> {
         guest.is_allocated(&mut self.meta(), pos, len)
     }
 
+    /// Change the guest size, as qemu-io's `truncate` does: the new space reads as zeros
+    /// (the L1 table moves to a larger one when it must grow: written, then named by the
+    /// header, then the old one freed). Shrinking is not supported yet
+    /// ([`Error::UnsupportedWrite`]); the size must be a multiple of 512.
+    pub fn resize(&self, size: u64) -> Result<()> {
+        let image = self.image()?;
+        let _exclusive = self.exclusive();
+        let old = self.guest_size();
+        if size % 512 != 0 {
+            return Err(Error::InvalidOption {
+                option: "size".to_owned(),
+                message: "The new size must be a multiple of 512".to_owned(),
+            });
+        }
+        if size < old {
+            return Err(Error::UnsupportedWrite {
+                what: "shrinking the disk".to_owned(),
+            });
+        }
+        if size > i64::MAX as u64 {
+            return Err(Error::InvalidOption {
+                option: "size".to_owned(),
+                message: format!("Image size {size} is too large"),
+            });
+        }
+        let mut meta = self.meta();
+        let needed = size.div_ceil(1u64 << image.geometry.l2_bits());
+        if needed > meta.tables.l1().0.len() as u64 {
+            self.grow_l1(image, &mut meta, needed)?;
+        }
+        write(&image.io, SIZE_FIELD, &size.to_be_bytes(), "header")?;
+        barrier(&image.io)?;
+        self.guest_size.store(size, Ordering::Release);
+        self.refresh_header(image)
+    }
+
+    /// Move the L1 table to a new one of `entries` entries.
+    fn grow_l1(&self, image: &Qcow2<I>, meta: &mut Metadata, entries: u64) -> Result<()> {
+        let bytes = entries.saturating_mul(8);
+        crate::base::limits::Limits::check("L1 table", bytes, image.limits.max_l1_bytes)?;
+        let l1_size = u32::try_from(entries).map_err(|_| Error::InvalidOption {
+            option: "size".to_owned(),
+            message: "The new size needs an L1 table larger than qcow2 allows".to_owned(),
+        })?;
+        let data = image.data_storage.as_deref();
+        meta.flush(&image.io, data)?;
+        let clusters = bytes.div_ceil(image.cluster_size());
+        let offset = meta.refs.allocate(&image.io, clusters)?;
+        let (old, old_offset) = meta.tables.l1();
+        let old_bytes = (old.len() as u64).saturating_mul(8);
+        let mut table: Vec<u8> = old.iter().flat_map(|e| e.to_be_bytes()).collect();
+        table.resize(
+            usize::try_from(clusters.saturating_mul(image.cluster_size())).unwrap_or(0),
+            0,
+        );
+        write(&image.io, offset, &table, "L1 table")?;
+        meta.unsynced = true;
+        meta.write_back(&image.io, data)?; // the new table and its refcounts, durable
+        let mut fields = l1_size.to_be_bytes().to_vec();
+        fields.extend_from_slice(&offset.to_be_bytes());
+        write(&image.io, L1_FIELDS, &fields, "header")?;
+        barrier(&image.io)?;
+        meta.refs.free_later(old_offset, old_bytes);
+        meta.tables.moved_l1(offset, l1_size as usize);
+        Ok(())
+    }
+
+    /// Read the header back after changing it.
+    fn refresh_header(&self, image: &Qcow2<I>) -> Result<()> {
+        let header = read_back_header(image)?;
+        *self.header.lock().unwrap_or_else(PoisonError::into_inner) = header;
+        Ok(())
+    }
+
     /// Write back the tables when they outgrow the cache, then drop the clean ones (the
     /// clusters the writes dropped stay reserved until a flush).
     fn keep_within_budget(&self, meta: &mut Metadata) -> Result<()> {
-        if meta.tables.over_budget() {
+        if meta.tables.over_budget() || meta.refs.over_budget() {
             meta.write_back(&self.image()?.io, self.image()?.data_storage.as_deref())?;
             meta.tables.trim();
+            meta.refs.trim();
         }
         Ok(())
     }
@@ -366,7 +453,8 @@ impl<I: Storage> Writer<I> {
         meta.flush(&image.io, image.data_storage.as_deref())?;
         // The frees changed refcount blocks: write them too.
         meta.write_back(&image.io, image.data_storage.as_deref())?;
-        if image.header.version() >= 3 && image.header.has_lazy_refcounts() {
+        let header = &image.header;
+        if header.version() >= 3 && (header.has_lazy_refcounts() || header.is_dirty()) {
             let incompatible = image.header.incompatible_features() & !INCOMPAT_DIRTY;
             write(
                 &image.io,
@@ -402,7 +490,7 @@ impl<I: Storage> Drop for Writer<I> {
 
 impl<I: Storage> ReadAt for Writer<I> {
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let len = usize::try_from(self.guest_size.saturating_sub(pos))
+        let len = usize::try_from(self.guest_size().saturating_sub(pos))
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let Some(part) = buf.get_mut(..len) else {
@@ -437,6 +525,6 @@ impl<I: Storage> positioned_io::WriteAt for &Writer<I> {
 
 impl<I: Storage> Size for Writer<I> {
     fn size(&self) -> io::Result<Option<u64>> {
-        Ok(Some(self.guest_size))
+        Ok(Some(self.guest_size()))
     }
 }

@@ -63,7 +63,7 @@ impl Metadata {
     /// Make the file reach the last allocated cluster: a table may refer to it, and a
     /// cluster written only in part must not end the file.
     fn reach_end<I: Storage>(&mut self, io: &I) -> Result<()> {
-        let end = self.refs.end();
+        let end = self.refs.allocated_end();
         if end > self.file_len {
             io.set_len(end)
                 .map_err(|e| Error::io("growing the image file", e))?;
