@@ -264,6 +264,16 @@ fn read_only_runs_match_qemu_io_on_every_fixture() {
             let args = ["-r", "--object", "secret,id=sec0,data=abc", "--image-opts"];
             let ours = same(&qemu, &dir, &args, &opts, &commands);
             assert_eq!(ours.status, Some(0), "{image}: {}", ours.stderr);
+            if image == "luks.qcow2" {
+                let args = [
+                    "-r",
+                    "--object",
+                    "secret,id=sec0,data=wrong",
+                    "--image-opts",
+                ];
+                let ours = same(&qemu, &dir, &args, &opts, &commands);
+                assert!(ours.stderr.contains("Invalid password"), "{}", ours.stderr);
+            }
         }
         compared += 1;
     }

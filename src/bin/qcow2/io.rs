@@ -159,19 +159,7 @@ fn open(args: &Args) -> Result<Disk, String> {
             args.image.display()
         ));
     }
-    let (path, options) = if args.image_opts {
-        let text = args
-            .image
-            .to_str()
-            .ok_or("can't open: --image-opts options must be UTF-8")?;
-        args.secret
-            .apply_image_opts(text, OpenOptions::new())
-            .map_err(|e| format!("can't open: {e}"))?
-    } else {
-        let options = args.secret.apply(OpenOptions::new());
-        let device = |e| format!("can't open device {}: {e}", args.image.display());
-        (args.image.clone(), options.map_err(device)?)
-    };
+    let (path, options) = path_and_options(args)?;
     // qemu-io names the file it could not open after "can't open device" (and only "can't
     // open" with --image-opts).
     let context = if args.image_opts {
@@ -179,57 +167,68 @@ fn open(args: &Args) -> Result<Disk, String> {
     } else {
         format!("can't open device {}", path.display())
     };
-    let fail = |e: &Error| match e {
-        Error::Corrupt if !args.read_only => {
-            format!("{context}: qcow2: Image is corrupt; cannot be opened read/write")
-        }
-        // qemu-io -f qcow2's words; without -f it would open the file as raw, which this
-        // command does not.
-        e if e.is_not_qcow2() => format!("{context}: Image is not in qcow2 format"),
-        // An error of the file itself reads as QEMU's: its strerror alone.
-        Error::Io { .. } => {
-            let why = os_error(e).unwrap_or_else(|| common::chain(e));
-            format!("{context}: {}", common::could_not_open(&path, why))
-        }
-        _ => format!(
-            "{context}: {}",
-            common::could_not_open(&path, common::chain(e))
-        ),
-    };
+    let fail = |e: &Error| format!("{context}: {}", open_failure(&path, e, args.read_only));
     let opened = if args.read_only {
         Qcow2::open_path_with(&path, &options)
     } else {
         Qcow2::open_path_with(&path, &options.clone().write(true))
     };
-    let image = match opened {
-        Ok(image) => image,
+    let handle = match opened {
+        // QEMU will not open an encrypted image without its secret.
+        Ok(image) if image.encryption().is_some() && !image.is_unlocked() => {
+            return Err(format!(
+                "{context}: Parameter 'encrypt.key-secret' is required for cipher"
+            ));
+        }
+        Ok(image) if args.read_only => Handle::ReadOnly(Box::new(image)),
+        Ok(image) => Handle::Writable(Box::new(image.into_writer().map_err(|e| fail(&e))?)),
         Err(Error::Corrupt) if args.read_only => {
-            let corrupt = open_corrupt(&path, &options).map_err(|e| fail(&e))?;
-            let handle = Handle::Corrupt(Box::new(corrupt));
-            return Ok(Disk {
-                handle,
-                path,
-                options,
-            });
+            let image = open_corrupt(&path, &options).map_err(|e| fail(&e))?;
+            Handle::Corrupt(Box::new(image))
         }
         Err(e) => return Err(fail(&e)),
-    };
-    // QEMU will not open an encrypted image without its secret.
-    if image.encryption().is_some() && !image.is_unlocked() {
-        return Err(format!(
-            "{context}: Parameter 'encrypt.key-secret' is required for cipher"
-        ));
-    }
-    let handle = if args.read_only {
-        Handle::ReadOnly(Box::new(image))
-    } else {
-        Handle::Writable(Box::new(image.into_writer().map_err(|e| fail(&e))?))
     };
     Ok(Disk {
         handle,
         path,
         options,
     })
+}
+
+/// The image's path and the options to open it with: its secrets, from `--object`, or
+/// named in `--image-opts`.
+fn path_and_options(args: &Args) -> Result<(PathBuf, OpenOptions), String> {
+    if args.image_opts {
+        let text = args
+            .image
+            .to_str()
+            .ok_or("can't open: --image-opts options must be UTF-8")?;
+        args.secret
+            .apply_image_opts(text, OpenOptions::new())
+            .map_err(|e| format!("can't open: {e}"))
+    } else {
+        let options = args.secret.apply(OpenOptions::new());
+        let device = |e| format!("can't open device {}: {e}", args.image.display());
+        Ok((args.image.clone(), options.map_err(device)?))
+    }
+}
+
+/// Why the image at `path` did not open, in qemu-io's words where it has its own.
+fn open_failure(path: &std::path::Path, e: &Error, read_only: bool) -> String {
+    match e {
+        Error::Corrupt if !read_only => {
+            "qcow2: Image is corrupt; cannot be opened read/write".to_owned()
+        }
+        Error::WrongSecret { .. } => "Invalid password, cannot unlock any keyslot".to_owned(),
+        // qemu-io -f qcow2's words; without -f it would open the file as raw, which this
+        // command does not.
+        e if e.is_not_qcow2() => "Image is not in qcow2 format".to_owned(),
+        // An error of the file itself reads as QEMU's: its strerror alone.
+        Error::Io { .. } => {
+            common::could_not_open(path, os_error(e).unwrap_or_else(|| common::chain(e)))
+        }
+        _ => common::could_not_open(path, common::chain(e)),
+    }
 }
 
 /// An image with the corrupt bit, its metadata read as QEMU reads it (the image's own
