@@ -34,8 +34,9 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// A version 3 image of `size` bytes with `cluster`-byte clusters and 8-byte L2 entries.
-    pub fn v3(size: u64, cluster: u64) -> Geometry {
+    /// An image of `size` bytes with `cluster`-byte clusters and 8-byte L2 entries, whose
+    /// discards take effect.
+    pub fn new(size: u64, cluster: u64) -> Geometry {
         Geometry {
             size,
             cluster,

@@ -410,19 +410,19 @@ fn map_differences_are_found() {
 
 #[test]
 fn v3_64k_empty() {
-    let kind = Kind::new("", Geometry::v3(16 * M, K64));
+    let kind = Kind::new("", Geometry::new(16 * M, K64));
     differential("io_scripts::v3_64k_empty", &kind, &[1, 2], 150);
 }
 
 #[test]
 fn v2_compat_0_10() {
-    let kind = Kind::new("compat=0.10", Geometry::v3(16 * M, K64));
+    let kind = Kind::new("compat=0.10", Geometry::new(16 * M, K64));
     differential("io_scripts::v2_compat_0_10", &kind, &[3], 150);
 }
 
 #[test]
 fn v2_over_a_backing_file() {
-    let mut geo = Geometry::v3(8 * M, K64);
+    let mut geo = Geometry::new(8 * M, K64);
     geo.discard_ignored = true;
     let kind = Kind::new("compat=0.10", geo).starting(Start::Overlay);
     differential("io_scripts::v2_over_a_backing_file", &kind, &[4], 120);
@@ -430,13 +430,13 @@ fn v2_over_a_backing_file() {
 
 #[test]
 fn clusters_of_512_bytes() {
-    let kind = Kind::new("cluster_size=512", Geometry::v3(4 * M, 512));
+    let kind = Kind::new("cluster_size=512", Geometry::new(4 * M, 512));
     differential("io_scripts::clusters_of_512_bytes", &kind, &[5], 150);
 }
 
 #[test]
 fn clusters_of_2_mib() {
-    let kind = Kind::new("cluster_size=2M", Geometry::v3(32 * M, 2 * M));
+    let kind = Kind::new("cluster_size=2M", Geometry::new(32 * M, 2 * M));
     differential("io_scripts::clusters_of_2_mib", &kind, &[6], 80);
 }
 
@@ -447,7 +447,7 @@ fn refcount_widths_1_16_64() {
         ("refcount_bits=16,cluster_size=4096", 8),
         ("refcount_bits=64,cluster_size=4096", 9),
     ] {
-        let kind = Kind::new(opts, Geometry::v3(8 * M, 4096));
+        let kind = Kind::new(opts, Geometry::new(8 * M, 4096));
         let test = format!("io_scripts::refcount_widths ({opts})");
         differential(&test, &kind, &[seed], 120);
     }
@@ -455,14 +455,14 @@ fn refcount_widths_1_16_64() {
 
 #[test]
 fn backing_chain() {
-    let kind = Kind::new("", Geometry::v3(8 * M, K64)).starting(Start::Overlay);
+    let kind = Kind::new("", Geometry::new(8 * M, K64)).starting(Start::Overlay);
     differential("io_scripts::backing_chain", &kind, &[10, 11], 150);
 }
 
 #[test]
 #[cfg(feature = "zlib")]
 fn compressed_zlib() {
-    let kind = Kind::new("", Geometry::v3(8 * M, K64)).starting(Start::Compressed(""));
+    let kind = Kind::new("", Geometry::new(8 * M, K64)).starting(Start::Compressed(""));
     differential("io_scripts::compressed_zlib", &kind, &[12], 150);
 }
 
@@ -470,13 +470,13 @@ fn compressed_zlib() {
 #[cfg(feature = "zstd")]
 fn compressed_zstd() {
     let start = Start::Compressed("compression_type=zstd");
-    let kind = Kind::new("", Geometry::v3(8 * M, K64)).starting(start);
+    let kind = Kind::new("", Geometry::new(8 * M, K64)).starting(start);
     differential("io_scripts::compressed_zstd", &kind, &[13], 150);
 }
 
 #[test]
 fn internal_snapshots() {
-    let kind = Kind::new("", Geometry::v3(8 * M, K64)).starting(Start::Snapshots);
+    let kind = Kind::new("", Geometry::new(8 * M, K64)).starting(Start::Snapshots);
     differential("io_scripts::internal_snapshots", &kind, &[14, 15], 150);
 }
 
@@ -484,13 +484,13 @@ fn internal_snapshots() {
 #[ignore = "waits for the bitmaps in the writer: without them it clears the bitmaps' \
             autoclear bit and QEMU then finds them inconsistent"]
 fn persistent_dirty_bitmaps() {
-    let kind = Kind::new("", Geometry::v3(8 * M, K64)).starting(Start::Bitmaps);
+    let kind = Kind::new("", Geometry::new(8 * M, K64)).starting(Start::Bitmaps);
     differential("io_scripts::persistent_dirty_bitmaps", &kind, &[21], 150);
 }
 
 #[test]
 fn lazy_refcounts() {
-    let kind = Kind::new("lazy_refcounts=on", Geometry::v3(16 * M, K64));
+    let kind = Kind::new("lazy_refcounts=on", Geometry::new(16 * M, K64));
     differential("io_scripts::lazy_refcounts", &kind, &[16], 150);
 }
 
@@ -498,20 +498,20 @@ fn lazy_refcounts() {
 /// refcounts when they open it for writing.
 #[test]
 fn dirty_lazy_refcounts() {
-    let kind = Kind::new("lazy_refcounts=on", Geometry::v3(8 * M, K64)).starting(Start::Dirty);
+    let kind = Kind::new("lazy_refcounts=on", Geometry::new(8 * M, K64)).starting(Start::Dirty);
     differential("io_scripts::dirty_lazy_refcounts", &kind, &[26], 150);
 }
 
 #[test]
 fn preallocation_metadata() {
-    let kind = Kind::new("preallocation=metadata", Geometry::v3(8 * M, K64));
+    let kind = Kind::new("preallocation=metadata", Geometry::new(8 * M, K64));
     differential("io_scripts::preallocation_metadata", &kind, &[17], 150);
 }
 
 #[test]
 #[cfg(feature = "encryption")]
 fn luks_encrypted() {
-    let mut kind = Kind::new("", Geometry::v3(4 * M, K64));
+    let mut kind = Kind::new("", Geometry::new(4 * M, K64));
     kind.encrypted = Some("luks");
     differential("io_scripts::luks_encrypted", &kind, &[18], 100);
 }
@@ -519,26 +519,26 @@ fn luks_encrypted() {
 #[test]
 #[cfg(feature = "encryption")]
 fn legacy_aes_encrypted() {
-    let mut kind = Kind::new("", Geometry::v3(4 * M, K64));
+    let mut kind = Kind::new("", Geometry::new(4 * M, K64));
     kind.encrypted = Some("aes");
     differential("io_scripts::legacy_aes_encrypted", &kind, &[25], 100);
 }
 
 #[test]
 fn external_data_file() {
-    let kind = Kind::new("", Geometry::v3(8 * M, K64)).starting(Start::DataFile);
+    let kind = Kind::new("", Geometry::new(8 * M, K64)).starting(Start::DataFile);
     differential("io_scripts::external_data_file", &kind, &[19], 150);
 }
 
 #[test]
 fn external_data_file_raw() {
-    let kind = Kind::new("data_file_raw=on", Geometry::v3(8 * M, K64)).starting(Start::DataFile);
+    let kind = Kind::new("data_file_raw=on", Geometry::new(8 * M, K64)).starting(Start::DataFile);
     differential("io_scripts::external_data_file_raw", &kind, &[20], 150);
 }
 
 #[test]
 fn extended_l2() {
-    let mut geo = Geometry::v3(8 * M, K64);
+    let mut geo = Geometry::new(8 * M, K64);
     geo.l2_span /= 2;
     let kind = Kind::new("extended_l2=on", geo);
     differential("io_scripts::extended_l2", &kind, &[22, 23], 150);
@@ -546,7 +546,7 @@ fn extended_l2() {
 
 #[test]
 fn extended_l2_over_a_backing_file() {
-    let mut geo = Geometry::v3(8 * M, K64);
+    let mut geo = Geometry::new(8 * M, K64);
     geo.l2_span /= 2;
     let kind = Kind::new("extended_l2=on", geo).starting(Start::Overlay);
     differential(

@@ -508,8 +508,8 @@ struct Session {
 }
 
 impl Session {
-    /// qemu-io's interactive loop on a stdin that is not a terminal: a prompt, then a line,
-    /// until the end of input or `quit`.
+    /// qemu-io's loop without `-c`: a prompt, then a line of stdin, until the end of input
+    /// or `quit`.
     fn run_stdin(&mut self) {
         let stdin = std::io::stdin();
         let interactive = stdin.is_terminal();
@@ -613,6 +613,7 @@ impl Session {
             let from = to_usize(pattern_offset);
             let checked = buf.get(from..from + to_usize(pattern_count)).unwrap_or(&[]);
             if checked.iter().any(|&b| b != byte) {
+                // The range checked, not where it first differs, as qemu-io says it.
                 say!(
                     "Pattern verification failed at offset {}, {pattern_count} bytes\n",
                     offset + pattern_offset
