@@ -1,12 +1,12 @@
 //! qemu-io command scripts made from a seed, and running one script through `qemu-io` and
 //! through `qcow2 io` to compare what they print.
 //!
-//! [`ScriptGen`] keeps a model of the guest (what every byte reads, or that it is not known)
-//! so that its reads check what they must see: `read -P` over a stretch of one byte,
+//! [`ScriptGen`] keeps a model of the guest (what every byte reads) so that its reads check
+//! what they must see: `read -P` over a stretch of one byte,
 //! `read -P -s -l` over the first run of a mixed stretch, `read -v` (a hex dump both tools
 //! print) over short ones. Offsets and lengths are aligned and not, small and large, near
 //! cluster and L2 table boundaries and over what was written before; writes, zero writes
-//! with and without `-u`, discards and flushes come in between. The model follows QEMU's
+//! with and without `-u`, discards, flushes and `alloc` come in between. The model follows QEMU's
 //! qcow2 driver: zero writes read as zeros; a discard makes the whole clusters of its range
 //! read as zeros and leaves the partial clusters at its ends alone, except in a version 2
 //! image over a backing file, where QEMU does not discard at all (it could not hide the
@@ -16,9 +16,6 @@ use std::path::Path;
 use std::process::Command;
 
 use super::Rng;
-
-/// A byte of the model whose value is not known.
-const UNKNOWN: u16 = 0x100;
 
 /// The shape of the image a script runs on.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +48,8 @@ impl Geometry {
 pub struct ScriptGen {
     rng: Rng,
     geo: Geometry,
-    /// What each guest byte reads now (`UNKNOWN` if not known).
-    guest: Vec<u16>,
+    /// What each guest byte reads now.
+    guest: Vec<u8>,
     /// Ranges written lately, where reads and later writes like to land.
     recent: Vec<(u64, u64)>,
 }
@@ -64,7 +61,7 @@ impl ScriptGen {
         ScriptGen {
             rng: Rng::new(seed),
             geo,
-            guest: initial.iter().map(|&b| u16::from(b)).collect(),
+            guest: initial.to_vec(),
             recent: Vec::new(),
         }
     }
@@ -84,7 +81,7 @@ impl ScriptGen {
             0..=34 => {
                 let (off, len) = self.range();
                 let byte = 1 + self.rng.below(255) as u8;
-                self.fill(off, len, u16::from(byte));
+                self.fill(off, len, byte);
                 self.recent_push(off, len);
                 // Both spellings of a pattern byte qemu-io takes.
                 if self.rng.below(2) == 0 {
@@ -128,6 +125,8 @@ impl ScriptGen {
         } else {
             self.range()
         };
+        // Some reads check nothing but that they succeed (qemu-io's plain `read`).
+        let plain = self.rng.below(10) == 0;
         let seen = &self.guest[off as usize..(off + len) as usize];
         // Short reads are dumped (both tools print the bytes), some longer ones too.
         if quiet.is_empty() && (len <= 96 || (len <= 2048 && self.rng.below(8) == 0)) {
@@ -135,7 +134,7 @@ impl ScriptGen {
         }
         let first = seen[0];
         let run = seen.iter().take_while(|&&b| b == first).count() as u64;
-        if first == UNKNOWN {
+        if plain {
             format!("read {quiet}{off} {len}")
         } else if run == len {
             format!("read {quiet}-P {first} {off} {len}")
@@ -179,7 +178,7 @@ impl ScriptGen {
         (off, len.min(size - off))
     }
 
-    fn fill(&mut self, off: u64, len: u64, value: u16) {
+    fn fill(&mut self, off: u64, len: u64, value: u8) {
         self.guest[off as usize..(off + len) as usize].fill(value);
     }
 
