@@ -532,3 +532,115 @@ pub fn open_with_backing(data: &[u8]) {
     }
     exercise(&top, fnv1a(data));
 }
+
+/// Storage in memory for the writer, refusing to grow past [`MAX_STORAGE`] (a hostile image
+/// may name clusters far past its end; a file would only get sparse there).
+pub struct MemStorage(std::sync::Mutex<Vec<u8>>);
+
+/// Largest in-memory image the write harness lets the writer make.
+pub const MAX_STORAGE: usize = 64 << 20;
+
+impl MemStorage {
+    pub fn new(bytes: &[u8]) -> Self {
+        MemStorage(std::sync::Mutex::new(bytes.to_vec()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ReadAt for MemStorage {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let data = self.lock();
+        let start = usize::try_from(pos).unwrap_or(usize::MAX).min(data.len());
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(n)
+    }
+}
+
+impl qcow2::PositionalSink for MemStorage {
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> std::io::Result<()> {
+        let end = usize::try_from(pos)
+            .ok()
+            .and_then(|p| p.checked_add(buf.len()))
+            .filter(|end| *end <= MAX_STORAGE)
+            .ok_or_else(|| std::io::Error::other("write past the harness's storage"))?;
+        let mut data = self.lock();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[end - buf.len()..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|len| *len <= MAX_STORAGE)
+            .ok_or_else(|| std::io::Error::other("length past the harness's storage"))?;
+        self.lock().resize(len, 0);
+        Ok(())
+    }
+}
+
+impl qcow2::Storage for MemStorage {
+    fn length(&self) -> std::io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Largest single write the write harness makes.
+pub const MAX_WRITE: u64 = 192 * 1024;
+
+/// Open arbitrary bytes for writing (tight limits) and write, zero, discard, flush, read back
+/// and close: errors are fine, panics, hangs and unbounded allocations are not.
+pub fn open_and_write(bytes: &[u8]) {
+    let seed = fnv1a(bytes);
+    let options = tight_options().write(true);
+    let Ok(image) = Qcow2::open_with(MemStorage::new(bytes), &options) else {
+        return;
+    };
+    let Ok(writer) = image.into_writer() else {
+        return;
+    };
+    let size = writer.guest_size();
+    let mut rng = XorShift::new(seed);
+    for i in 0..24u64 {
+        if size == 0 {
+            break;
+        }
+        let len = (1 + rng.below(MAX_WRITE)).min(size);
+        let pos = rng.below(size - len + 1);
+        match rng.below(6) {
+            0 => {
+                let _ = writer.write_zeroes(pos, len, rng.below(2) == 0);
+            }
+            1 => {
+                let _ = writer.discard(pos, len);
+            }
+            2 => {
+                let _ = writer.flush();
+            }
+            _ => {
+                // Not checked against what was written: in a corrupt image two guest clusters
+                // may map to one host cluster (data past the end of a truncated file, whose
+                // refcounts nobody can know), as they do for QEMU. Valid images are checked
+                // in tests/integration/write.rs.
+                let data = vec![(i as u8).wrapping_mul(37) | 1; len as usize];
+                if writer.write_all_at(pos, &data).is_ok() {
+                    let mut back = vec![0u8; len as usize];
+                    let _ = writer.read_exact_at(pos, &mut back);
+                }
+            }
+        }
+    }
+    let _ = writer.close();
+}

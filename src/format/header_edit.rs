@@ -9,6 +9,7 @@ use crate::base::bytes::{be_u32, be_u64, field};
 use crate::error::{Error, Result};
 use crate::format::extension::{encode, encode_end};
 use crate::format::header::{at, V2_HEADER_LEN};
+use crate::format::new_header::put;
 
 /// The first cluster with extension `magic` set to `data` (added if missing, removed when
 /// `data` is `None`), and the autoclear bits `autoclear_set` set and `autoclear_clear`
@@ -99,16 +100,6 @@ fn raw_extensions(cluster0: &[u8], start: usize, end: usize) -> Vec<(u32, &[u8])
             .saturating_add(len.next_multiple_of(8));
     }
     out
-}
-
-fn put(buf: &mut [u8], at: u64, bytes: &[u8]) {
-    let start = usize::try_from(at).unwrap_or(usize::MAX);
-    if let Some(dst) = start
-        .checked_add(bytes.len())
-        .and_then(|end| buf.get_mut(start..end))
-    {
-        dst.copy_from_slice(bytes);
-    }
 }
 
 #[cfg(test)]

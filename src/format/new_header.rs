@@ -42,7 +42,8 @@ pub(crate) struct NewHeader<'a> {
     pub(crate) encryption: Option<(u64, u64)>,
 }
 
-fn put(buf: &mut [u8], at: u64, bytes: &[u8]) {
+/// Copy `bytes` into `buf` at `at` (nothing when they do not fit).
+pub(crate) fn put(buf: &mut [u8], at: u64, bytes: &[u8]) {
     let start = usize::try_from(at).unwrap_or(usize::MAX);
     if let Some(dst) = start
         .checked_add(bytes.len())

@@ -129,16 +129,18 @@ fn run_both(env: &Env, theirs: &str, ours: &str, ops: &[Op], extra_io: &[&str]) 
         true => options.secret("hunter2"),
         false => options,
     };
-    let writer = Qcow2::open_path_with(dir.join(ours), &options)
+    write_through(&dir.join(ours), &options, ops);
+    compare_and_check(env, theirs, ours, extra_io);
+}
+
+/// Open `path` for writing with `options`, apply `ops` through the writer and close it.
+fn write_through(path: &Path, options: &OpenOptions, ops: &[Op]) {
+    let writer = Qcow2::open_path_with(path, options)
         .unwrap()
         .into_writer()
         .unwrap();
-    for op in ops {
-        op.apply(&writer);
-    }
-    let image = writer.close().unwrap();
-    drop(image);
-    compare_and_check(env, theirs, ours, extra_io);
+    ops.iter().for_each(|op| op.apply(&writer));
+    writer.close().unwrap();
 }
 
 fn compare_and_check(env: &Env, theirs: &str, ours: &str, extra: &[&str]) {
@@ -313,24 +315,6 @@ fn refcount_table_grows() {
 }
 
 #[test]
-fn backing_chain() {
-    let Some(env) = Env::new("write::backing_chain") else {
-        return;
-    };
-    let dir = env.dir.path();
-    for seed in 60..63 {
-        env.qemu
-            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"]);
-        env.qemu
-            .io(dir, "qcow2", "base.qcow2", &["write -P 7 0 32M"]);
-        env.qemu.create_overlay(dir, "base.qcow2", "theirs.qcow2");
-        env.qemu.create_overlay(dir, "base.qcow2", "ours.qcow2");
-        let ops = script(seed, 32 << 20, 65536, 60);
-        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
-    }
-}
-
-#[test]
 fn compressed_clusters_overwritten() {
     let Some(env) = Env::new("write::compressed_clusters_overwritten") else {
         return;
@@ -444,14 +428,7 @@ fn run_encrypted(env: &Env, secret: &str, seed: u64) {
         String::from_utf8_lossy(&out.stderr)
     );
     let options = OpenOptions::new().write(true).secret(secret);
-    let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &options)
-        .unwrap()
-        .into_writer()
-        .unwrap();
-    for op in &ops {
-        op.apply(&writer);
-    }
-    writer.close().unwrap();
+    write_through(&dir.join("ours.qcow2"), &options, &ops);
     compare_and_check(env, "theirs.qcow2", "ours.qcow2", &["--object", &object]);
 }
 
@@ -659,40 +636,6 @@ fn extended_l2() {
 }
 
 #[test]
-fn extended_l2_over_a_backing_file() {
-    let Some(env) = Env::new("write::extended_l2_over_a_backing_file") else {
-        return;
-    };
-    let dir = env.dir.path();
-    for seed in 140..143 {
-        env.qemu
-            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-        env.qemu
-            .io(dir, "qcow2", "base.qcow2", &["write -P 5 0 16M"]);
-        for side in ["theirs", "ours"] {
-            let args = [
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "extended_l2=on",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-            ];
-            let mut args = args.to_vec();
-            let name = format!("{side}.qcow2");
-            args.push(&name);
-            env.qemu.img(dir, &args);
-        }
-        let ops = script(seed, 16 << 20, 65536, 80);
-        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
-    }
-}
-
-#[test]
 fn refcount_table_moves_while_its_new_block_is_made() {
     // 512-byte clusters, 16-bit refcounts: a block covers 256 clusters and the one-cluster
     // table 64 blocks (8 MiB); QEMU fills the image close to that, the writer passes it: the
@@ -845,40 +788,6 @@ fn growing_the_disk_moves_the_l1_table_when_it_must() {
 }
 
 #[test]
-fn v2_over_a_backing_file() {
-    // Version 2 cannot mark clusters zero: QEMU leaves discards undone over a backing file
-    // and writes zeros for zero writes.
-    let Some(env) = Env::new("write::v2_over_a_backing_file") else {
-        return;
-    };
-    let dir = env.dir.path();
-    for seed in 180..183 {
-        env.qemu
-            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-        env.qemu
-            .io(dir, "qcow2", "base.qcow2", &["write -P 6 0 16M"]);
-        for side in ["theirs.qcow2", "ours.qcow2"] {
-            let args = [
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "compat=0.10",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                side,
-            ];
-            env.qemu.img(dir, &args);
-        }
-        let ops = script(seed, 16 << 20, 65536, 60);
-        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
-    }
-}
-
-#[test]
 fn opening_and_closing_leaves_the_file_as_it_was() {
     let Some(env) = Env::new("write::opening_and_closing") else {
         return;
@@ -946,11 +855,82 @@ fn a_small_table_cache_writes_back_as_it_goes() {
     let mut limits = qcow2::Limits::default();
     limits.l2_cache_bytes = 4096;
     let options = OpenOptions::new().write(true).limits(limits);
-    let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &options)
+    write_through(&dir.join("ours.qcow2"), &options, &ops);
+    compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
+}
+
+#[test]
+fn data_never_goes_over_metadata_a_corrupt_image_left_unreferenced() {
+    // A truncated image whose L1 table names L2 tables past its end, with refcount 0: the
+    // clusters the allocator would hand out next are those tables. QEMU's overlap check
+    // refuses such a write; so does the writer.
+    let Some(env) = Env::new("write::data_never_goes_over_metadata") else {
+        return;
+    };
+    let path = env.dir.join("hostile.qcow2");
+    std::fs::copy("fuzz/regressions/write-mutation-3176.qcow2", &path).unwrap();
+    let writer = Qcow2::open_path_with(&path, &OpenOptions::new().write(true))
         .unwrap()
         .into_writer()
         .unwrap();
-    ops.iter().for_each(|op| op.apply(&writer));
-    writer.close().unwrap();
-    compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
+    let err = writer.write_all_at(0xaa371, &[7u8; 97679]).unwrap_err();
+    assert!(
+        matches!(&err, qcow2::Error::Malformed { what, .. } if what.contains("holds metadata")),
+        "{err}"
+    );
+}
+
+/// Overlays made with `opts` over a 32 MiB base full of data: the same random operations
+/// through both tools, for each seed.
+fn overlay_case(test: &str, opts: &str, seeds: std::ops::Range<u64>) {
+    let Some(env) = Env::new(test) else {
+        return;
+    };
+    let dir = env.dir.path();
+    for seed in seeds {
+        env.qemu
+            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"]);
+        env.qemu
+            .io(dir, "qcow2", "base.qcow2", &["write -P 7 0 32M"]);
+        for side in ["theirs.qcow2", "ours.qcow2"] {
+            let mut args = vec![
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+            ];
+            if !opts.is_empty() {
+                args.extend(["-o", opts]);
+            }
+            args.push(side);
+            env.qemu.img(dir, &args);
+        }
+        let ops = script(seed, 32 << 20, 65536, 60);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+#[test]
+fn backing_chain() {
+    overlay_case("write::backing_chain", "", 60..63);
+}
+
+#[test]
+fn extended_l2_over_a_backing_file() {
+    overlay_case(
+        "write::extended_l2_over_a_backing_file",
+        "extended_l2=on",
+        140..143,
+    );
+}
+
+#[test]
+fn v2_over_a_backing_file() {
+    // Version 2 cannot mark clusters zero: QEMU leaves discards undone over a backing file
+    // and writes zeros for zero writes.
+    overlay_case("write::v2_over_a_backing_file", "compat=0.10", 180..183);
 }

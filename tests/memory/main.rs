@@ -10,6 +10,7 @@ mod check_memory;
 mod convert_memory;
 mod dump_memory;
 mod mutation;
+mod write_memory;
 
 #[global_allocator]
 static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;

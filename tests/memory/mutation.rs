@@ -8,7 +8,8 @@
 //! image is also written to the temp dir). `QCOW2_MUTATION_ITERS` and `QCOW2_MUTATION_SECS`
 //! raise or lower the bounds (defaults: 20000 cases or 20 s, whichever comes first).
 //! `QCOW2_REPLAY_DIR=fuzz/corpus/open_read cargo test --test memory mutation::fuzz_regressions` replays
-//! a fuzz corpus through both harnesses under the same panic and memory checks.
+//! a fuzz corpus through the harnesses (reading, and writing) under the same panic and memory
+//! checks. A quarter of the mutated cases go through the writer (`open_and_write`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -385,7 +386,12 @@ fn mutated_fixtures_never_panic_and_stay_bounded() {
             t.name,
             what.join("; ")
         );
-        match run_case(|| harness::open_and_read(&bytes)) {
+        let written = match case % 4 {
+            // A quarter of the cases go through the writer instead.
+            0 => run_case(|| harness::open_and_write(&bytes)),
+            _ => run_case(|| harness::open_and_read(&bytes)),
+        };
+        match written {
             Ok(peak) => {
                 if peak > max_peak.0 {
                     max_peak = (peak, label.clone());
@@ -444,11 +450,12 @@ fn fuzz_regressions_never_panic() {
     let mut max_peak = 0usize;
     for path in &files {
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        // Each input goes through both targets' harnesses: a regression of one target is
+        // Each input goes through every target's harness: a regression of one target is
         // also just some bytes for the other.
         for (target, run) in [
             ("open_read", harness::open_and_read as fn(&[u8])),
             ("open_with_backing", harness::open_with_backing),
+            ("open_write", harness::open_and_write),
         ] {
             match run_case(|| run(&bytes)) {
                 Ok(peak) => {
@@ -465,7 +472,7 @@ fn fuzz_regressions_never_panic() {
         }
     }
     eprintln!(
-        "fuzz regressions: {} files from {} ran through both harnesses; peak allocation {} KiB",
+        "fuzz regressions: {} files from {} ran through the three harnesses; peak allocation {} KiB",
         files.len(),
         dir.display(),
         max_peak >> 10

@@ -1,5 +1,5 @@
-//! The guest's view through a writer: reads, writes, zero writes and discards, cluster by
-//! cluster over the tables the writer keeps in memory.
+//! The guest's view through a writer: reads and writes, cluster by cluster over the tables
+//! the writer keeps in memory (zero writes and discards: `zeroes.rs`).
 //!
 //! A write goes in place into a cluster this image alone owns (`COPIED`); anywhere else it
 //! goes into new clusters, filled with what the guest read there before (the backing file,
@@ -15,14 +15,11 @@
 
 use crate::base::io::Storage;
 use crate::error::{Error, Result};
-use crate::format::table::{self, ClusterType, ExtentKind, NewEntry, SUB_ALLOC_MASK};
+use crate::format::table::{self, ClusterType, ExtentKind, NewEntry};
 use crate::image::qcow2::{Backing, Qcow2};
 use crate::image::reader::{ReadState, Reader};
 use crate::image::write::tables::{Entry, Tables};
 use crate::image::write::writeback::Metadata;
-
-/// Standard L2 entry bit 0: reads as zeros.
-const OFLAG_ZERO: u64 = 1;
 
 /// Writes of at least this many bytes go in pieces of `PARALLEL_WRITE_PIECE` on the
 /// image's threads.
@@ -30,7 +27,7 @@ const PARALLEL_WRITE_MIN: usize = 512 << 10;
 const PARALLEL_WRITE_PIECE: usize = 256 << 10;
 
 /// Most bytes one allocation covers (a long write is cut into pieces of this size).
-const MAX_RUN_BYTES: u64 = 4 << 20;
+pub(crate) const MAX_RUN_BYTES: u64 = 4 << 20;
 
 /// What a writer lends the guest paths: the image (its file, geometry, encryption and
 /// backing) and a read state for the reads it makes through it.
@@ -56,7 +53,7 @@ pub(crate) struct ReadRun {
 
 /// What a cluster about to be written holds now.
 #[derive(Debug, Clone, Copy)]
-enum Old {
+pub(crate) enum Old {
     /// A cluster this image alone owns, written in place.
     Owned { host: u64 },
     /// Anything else: a new cluster is needed; the old one (if any) is released after.
@@ -99,25 +96,25 @@ impl<I: Storage> Guest<'_, I> {
     }
 
     /// The external data file is a raw image of the guest: it must read as the guest does.
-    fn raw_data_file(&self) -> bool {
+    pub(crate) fn raw_data_file(&self) -> bool {
         self.external() && self.image.header.is_data_file_raw()
     }
 
-    fn has_backing(&self) -> bool {
+    pub(crate) fn has_backing(&self) -> bool {
         matches!(self.image.backing, Some(Backing::Source { .. }))
             || self.image.header.backing_file().is_some() && self.image.backing.is_none()
     }
 
     /// Decode an entry (checking it as the reader does) for its unit `sub` (a subcluster
     /// with extended L2, else 0).
-    fn kind(&self, entry: &Entry, sub: u32) -> Result<ExtentKind> {
+    pub(crate) fn kind(&self, entry: &Entry, sub: u32) -> Result<ExtentKind> {
         let g = &self.image.geometry;
         table::decode_l2(entry.word, entry.bitmap, sub, g, entry.at(g))
     }
 
     /// The size of a unit with its own mapping (a subcluster or a cluster), and the unit
     /// number of `guest` within its cluster.
-    fn unit_of(&self, guest: u64) -> (u64, u32) {
+    pub(crate) fn unit_of(&self, guest: u64) -> (u64, u32) {
         let g = &self.image.geometry;
         let unit = 1u64 << g.unit_bits();
         let sub = match g.extended_l2 {
@@ -303,7 +300,7 @@ impl<I: Storage> Guest<'_, I> {
     }
 
     /// What the cluster of `entry` holds, for a write.
-    fn old(&self, entry: &Entry) -> Result<Old> {
+    pub(crate) fn old(&self, entry: &Entry) -> Result<Old> {
         let g = self.image.geometry;
         self.check_entry(entry)?;
         let host = Tables::host(entry.word);
@@ -485,7 +482,7 @@ impl<I: Storage> Guest<'_, I> {
     /// Write `data` at `host` of the data file; a large write in pieces on the image's
     /// threads (copying into the page cache is most of its cost, and QEMU writes a large
     /// request's pieces on several threads too).
-    fn write_plain(&self, host: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn write_plain(&self, host: u64, data: &[u8]) -> Result<()> {
         let io = self.data_io();
         let failed =
             |at: u64, e| Error::io(format!("writing guest data at host offset {at:#x}"), e);
@@ -516,206 +513,9 @@ impl<I: Storage> Guest<'_, I> {
             Release::Compressed(at, len) => meta.refs.free_later(at, len),
         }
     }
-
-    /// Make `len` bytes at `pos` read as zeros, as QEMU's zero write does: whole clusters
-    /// get the zero flag (freed with `unmap`, compressed ones always); a partial cluster
-    /// that reads as zeros already is made a zero cluster whole, any other partial cluster
-    /// is written with zeros. Version 2 images have no zero flag: without a backing file
-    /// their clusters are discarded instead, over one they are written with zeros.
-    pub(crate) fn write_zeroes(
-        &self,
-        meta: &mut Metadata,
-        pos: u64,
-        len: u64,
-        unmap: bool,
-    ) -> Result<()> {
-        if self.raw_data_file() {
-            self.zero_raw_data_file(meta, pos, len)?;
-        }
-        let cs = self.cluster_size();
-        let end = pos + len;
-        let mut at = pos;
-        while at < end {
-            let cluster = at & !(cs - 1);
-            let piece_end = (cluster + cs).min(end);
-            let whole_cluster =
-                at == cluster && (piece_end == cluster + cs || piece_end == self.size);
-            if self.image.geometry.pre_v3 {
-                // No zero flag: without a backing file QEMU discards whole clusters (and a
-                // partial one that reads as zeros already); otherwise zeros are written.
-                let discardable =
-                    !self.has_backing() && (whole_cluster || self.reads_zeros(meta, cluster)?);
-                match discardable {
-                    true => self.discard_cluster(meta, cluster)?,
-                    false => self.write_zero_bytes(meta, at, piece_end - at)?,
-                }
-            } else if self.image.geometry.extended_l2 && !whole_cluster {
-                self.zero_in_cluster(meta, at, piece_end)?;
-            } else if whole_cluster || self.reads_zeros(meta, cluster)? {
-                self.zero_cluster(meta, cluster, unmap)?;
-            } else {
-                self.write_zero_bytes(meta, at, piece_end - at)?;
-            }
-            at = piece_end;
-        }
-        Ok(())
-    }
-
-    /// A raw data file reads as the guest: zeros go into it too (as QEMU's
-    /// `qcow2_subcluster_zeroize` writes them there first).
-    fn zero_raw_data_file(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; clamp(len, MAX_RUN_BYTES as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = clamp(len - done, zeros.len());
-            self.write_plain(pos + done, &zeros[..n])?;
-            done += n as u64;
-        }
-        meta.unsynced = true;
-        Ok(())
-    }
-
-    pub(crate) fn write_zero_bytes(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; clamp(len, MAX_RUN_BYTES as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = clamp(len - done, zeros.len());
-            self.write(meta, pos + done, &zeros[..n])?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Zero `at..end` inside one cluster of an image with subclusters: whole subclusters
-    /// get the zero bit, the partial ones at either end are written with zeros.
-    fn zero_in_cluster(&self, meta: &mut Metadata, at: u64, end: u64) -> Result<()> {
-        let (unit, _) = self.unit_of(at);
-        let first = at.next_multiple_of(unit);
-        let last = end / unit * unit;
-        if first >= last {
-            return self.write_zero_bytes(meta, at, end - at);
-        }
-        if at < first {
-            self.write_zero_bytes(meta, at, first - at)?;
-        }
-        self.zero_subclusters(meta, first, last - first)?;
-        if last < end {
-            self.write_zero_bytes(meta, last, end - last)?;
-        }
-        Ok(())
-    }
-
-    /// Whether the cluster at `cluster` reads as zeros without reading data: a zero
-    /// cluster, or unallocated with nothing below.
-    fn reads_zeros(&self, meta: &mut Metadata, cluster: u64) -> Result<bool> {
-        let entry = meta.tables.entry(&self.image.io, cluster)?;
-        if entry.table == 0 {
-            return Ok(!self.has_backing());
-        }
-        Ok(match self.kind(&entry, 0)? {
-            ExtentKind::Zero { .. } => true,
-            ExtentKind::Unallocated { .. } => !self.has_backing(),
-            _ => false,
-        })
-    }
-
-    /// Give the cluster at `cluster` the zero flag (QEMU's `zero_in_l2_slice`).
-    fn zero_cluster(&self, meta: &mut Metadata, cluster: u64, unmap: bool) -> Result<()> {
-        let io = &self.image.io;
-        let entry = meta.tables.entry_for_write(io, &mut meta.refs, cluster)?;
-        let old = self.old(&entry)?;
-        let kind = self.image.geometry.cluster_type(entry.word);
-        let allocated = matches!(
-            kind,
-            ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
-        );
-        let drop = kind == ClusterType::Compressed || (unmap && allocated);
-        let extended = self.image.geometry.extended_l2;
-        let (word, bitmap) = match (drop, extended) {
-            (true, false) => (OFLAG_ZERO, 0),
-            (false, false) => (entry.word | OFLAG_ZERO, 0),
-            // Subclusters: every one reads as zeros, none allocated.
-            (true, true) => (0, SUB_ALLOC_MASK << 32),
-            (false, true) => (entry.word, SUB_ALLOC_MASK << 32),
-        };
-        if (word, bitmap) == (entry.word, entry.bitmap) {
-            return Ok(());
-        }
-        meta.tables.set(&entry, word, bitmap)?;
-        if drop {
-            self.release(meta, release_of(old, entry.word));
-        }
-        Ok(())
-    }
-
-    /// Discard `len` bytes at `pos` as QEMU's guest discard does: whole clusters only (and
-    /// the partial last cluster of the disk); each reads as zeros after and its cluster is
-    /// freed (nothing at all in a version 2 image over a backing file).
-    pub(crate) fn discard(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
-        // A version 2 image cannot mark a cluster zero: discarding over a backing file would
-        // show the backing file's data, so QEMU does nothing.
-        if self.image.geometry.pre_v3 && self.has_backing() {
-            return Ok(());
-        }
-        let cs = self.cluster_size();
-        let size = self.size;
-        let end = pos + len;
-        let mut cluster = pos.next_multiple_of(cs);
-        while cluster < end {
-            let cluster_end = (cluster + cs).min(size);
-            if cluster_end > end {
-                break;
-            }
-            self.discard_cluster(meta, cluster)?;
-            cluster += cs;
-        }
-        Ok(())
-    }
-
-    /// Discard one cluster as QEMU's `discard_in_l2_slice` does: one that holds nothing of
-    /// its own is left as it is (unallocated with nothing below, or already zero); any
-    /// other reads as zeros after (version 3) or falls through to nothing (version 2) and
-    /// its clusters are released.
-    fn discard_cluster(&self, meta: &mut Metadata, cluster: u64) -> Result<()> {
-        let io = &self.image.io;
-        let entry = meta.tables.entry_for_write(io, &mut meta.refs, cluster)?;
-        let old = self.old(&entry)?;
-        let kind = self.image.geometry.cluster_type(entry.word);
-        let keep = match kind {
-            ClusterType::Unallocated => !self.has_backing(),
-            ClusterType::ZeroPlain => true,
-            ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed => false,
-        };
-        if keep {
-            return Ok(());
-        }
-        if self.raw_data_file() {
-            let len = self.cluster_size().min(self.size - cluster);
-            self.zero_raw_data_file(meta, cluster, len)?;
-        }
-        let (word, bitmap) = match (self.image.geometry.pre_v3, self.image.geometry.extended_l2) {
-            (true, _) => (0, 0),
-            (false, true) => (0, SUB_ALLOC_MASK << 32),
-            (false, false) => (OFLAG_ZERO, 0),
-        };
-        if (word, bitmap) == (entry.word, entry.bitmap) {
-            return Ok(());
-        }
-        meta.tables.set(&entry, word, bitmap)?;
-        self.release(meta, release_of(old, entry.word));
-        Ok(())
-    }
-}
-
-/// What dropping the mapping `word` (decoded as `old`) releases.
-fn release_of(old: Old, word: u64) -> Release {
-    match old {
-        Old::Owned { .. } => Release::Cluster(Tables::host(word)),
-        Old::Elsewhere { release, .. } => release,
-    }
 }
 
 /// `n` as a length within a buffer of `max` bytes.
-fn clamp(n: u64, max: usize) -> usize {
+pub(crate) fn clamp(n: u64, max: usize) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX).min(max)
 }

@@ -13,6 +13,7 @@ mod refcounts;
 mod subclusters;
 mod tables;
 mod writeback;
+mod zeroes;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,6 +131,8 @@ impl<I: Storage> Qcow2<I> {
             file_len,
             &self.limits,
         )?;
+        let mut refs = refs;
+        protect_metadata(&self, &mut refs)?;
         let tables = Tables::new(
             self.geometry,
             self.l1.to_vec(),
@@ -162,6 +165,48 @@ impl<I: Storage> Qcow2<I> {
             image: Some(self),
         })
     }
+}
+
+/// Tell the allocator where the metadata is (see [`Refcounts::protect`]).
+fn protect_metadata<I: Storage>(image: &Qcow2<I>, refs: &mut Refcounts) -> Result<()> {
+    let header = &image.header;
+    let cluster = image.cluster_size();
+    refs.protect(0, cluster);
+    refs.protect(
+        header.l1_table_offset(),
+        u64::from(header.l1_size()).saturating_mul(8),
+    );
+    let (table, clusters) = refs.table_location();
+    refs.protect(table, clusters.saturating_mul(cluster));
+    for block in refs.blocks()? {
+        refs.protect(block, cluster);
+    }
+    for entry in image.l1.iter() {
+        let l2 = entry & crate::format::table::L1_OFFSET_MASK;
+        if l2 != 0 {
+            refs.protect(l2, cluster);
+        }
+    }
+    refs.protect(
+        header.snapshots_offset(),
+        recount::snapshot_table_len(image)?,
+    );
+    for snap in &image.snapshots {
+        refs.protect(
+            snap.l1_table_offset,
+            u64::from(snap.l1_size).saturating_mul(8),
+        );
+    }
+    if let Some(ext) = header.bitmaps() {
+        refs.protect(ext.directory_offset, ext.directory_size);
+    }
+    for b in &image.bitmaps {
+        refs.protect(b.table_offset, u64::from(b.table_size).saturating_mul(8));
+    }
+    if let Some(e) = header.encryption() {
+        refs.protect(e.offset, e.length);
+    }
+    Ok(())
 }
 
 /// What the writer does not handle yet.

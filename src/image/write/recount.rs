@@ -147,7 +147,7 @@ fn count_mapping<I: Storage>(
 }
 
 /// The bytes of the snapshot table (its entries, padded to 8 bytes).
-fn snapshot_table_len<I: Storage>(image: &Qcow2<I>) -> Result<u64> {
+pub(crate) fn snapshot_table_len<I: Storage>(image: &Qcow2<I>) -> Result<u64> {
     let mut offset = image.header.snapshots_offset();
     let start = offset;
     for _ in 0..image.header.nb_snapshots() {
@@ -190,14 +190,20 @@ fn count_bitmaps<I: Storage>(image: &Qcow2<I>, counts: &mut Counts) -> Result<()
     Ok(())
 }
 
-/// Set every refcount that differs from its count.
+/// Set every refcount that differs from its count. A reference past the end of the file
+/// cannot be repaired (QEMU's check reports it and leaves it): the image is refused.
 fn apply<I: Storage>(io: &I, refs: &mut Refcounts, counts: &Counts) -> Result<()> {
+    if let Some(&cluster) = counts.beyond.keys().min() {
+        return Err(Error::malformed(
+            format!(
+                "cluster {cluster} is referenced past the end of the file: the dirty image's \
+                 refcounts cannot be rebuilt"
+            ),
+            cluster << counts.cluster_bits,
+        ));
+    }
     // New refcount blocks go above every cluster anything refers to.
-    let highest = counts
-        .beyond
-        .keys()
-        .max()
-        .map_or(counts.inside.len() as u64, |c| c.saturating_add(1));
+    let highest = counts.inside.len() as u64;
     refs.reserve_below(highest);
     // Clusters from `highest` on hold nothing anyone refers to (new blocks go there).
     let end = refs
@@ -210,9 +216,6 @@ fn apply<I: Storage>(io: &I, refs: &mut Refcounts, counts: &Counts) -> Result<()
             .and_then(|i| counts.inside.get(i))
             .copied()
             .unwrap_or(0);
-        refs.set_if_different(io, cluster, u64::from(counted))?;
-    }
-    for (&cluster, &counted) in &counts.beyond {
         refs.set_if_different(io, cluster, u64::from(counted))?;
     }
     Ok(())

@@ -10,7 +10,7 @@
 //!   QEMU lowers it at once and may hand the cluster out again before the table that dropped
 //!   it reaches the disk; a crash then leaves the old table pointing at another write's data.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::base::bytes::low_bits;
 use crate::base::io::{read_metadata, Storage};
@@ -38,6 +38,8 @@ pub(crate) struct Refcounts {
     blocks: HashMap<u64, Block>,
     /// Clean blocks are dropped from memory above this many bytes.
     budget: u64,
+    /// The largest refcount table the limits allow.
+    max_table_bytes: u64,
     /// The search for free clusters starts here (a cluster index).
     free_hint: u64,
     /// The first cluster index past every cluster in use and past the end of the file:
@@ -45,6 +47,10 @@ pub(crate) struct Refcounts {
     top: u64,
     /// The first cluster index past every cluster this writer allocated (0: none yet).
     allocated_end: u64,
+    /// Clusters the image's metadata was found in when it was opened: a corrupt image may
+    /// give them refcount 0, and handing one out would write data over the metadata (QEMU's
+    /// overlap check refuses such a write too).
+    metadata: HashSet<u64>,
     /// References dropped in memory, not yet on disk: `(offset, length)` in bytes.
     pending: Vec<(u64, u64)>,
 }
@@ -78,9 +84,11 @@ impl Refcounts {
             table_moved: false,
             blocks: HashMap::new(),
             budget: limits.l2_cache_bytes.max(1 << 20),
+            max_table_bytes: limits.max_refcount_table_bytes,
             free_hint: 0,
             top,
             allocated_end: 0,
+            metadata: HashSet::new(),
             pending: Vec::new(),
         })
     }
@@ -199,6 +207,7 @@ impl Refcounts {
     /// return the offset of the first.
     pub(crate) fn allocate<I: Storage>(&mut self, io: &I, count: u64) -> Result<u64> {
         let first = self.find_free(io, count)?;
+        self.check_unused(first, count)?;
         // Claimed before the refcounts are set: a new refcount block goes above them.
         self.top = self.top.max(first.saturating_add(count));
         self.allocated_end = self.allocated_end.max(first.saturating_add(count));
@@ -226,6 +235,33 @@ impl Refcounts {
         }
         self.free_hint = start;
         Ok(start)
+    }
+
+    /// Record that the clusters of `len` bytes at `offset` hold metadata.
+    pub(crate) fn protect(&mut self, offset: u64, len: u64) {
+        let Some(last) = len.checked_sub(1) else {
+            return;
+        };
+        let bits = self.cluster_bits();
+        let (first, last) = (offset >> bits, offset.saturating_add(last) >> bits);
+        // A corrupt header may claim a huge structure: its first clusters are enough.
+        for cluster in first..=last.min(first.saturating_add(1 << 16)) {
+            self.metadata.insert(cluster);
+        }
+    }
+
+    /// Refuse to hand out clusters that hold metadata.
+    fn check_unused(&self, first: u64, count: u64) -> Result<()> {
+        match (first..first.saturating_add(count)).find(|c| self.metadata.contains(c)) {
+            Some(cluster) => Err(Error::malformed(
+                format!(
+                    "cluster {cluster} holds metadata but its refcount is 0: the image is \
+                     corrupt (qemu-img check -r all repairs it)"
+                ),
+                cluster << self.cluster_bits(),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Raise the refcount of `count` clusters from `first` (a cluster shared anew).
@@ -284,6 +320,7 @@ impl Refcounts {
             self.set(io, cluster, lowered)?;
             if lowered == 0 {
                 self.free_hint = self.free_hint.min(cluster);
+                self.metadata.remove(&cluster);
             }
         }
         Ok(())
@@ -302,6 +339,7 @@ impl Refcounts {
             return Ok(offset);
         }
         let at = self.top;
+        self.check_unused(at, 1)?;
         self.top = self.top.saturating_add(1);
         self.allocated_end = self.allocated_end.max(self.top);
         let offset = at << self.cluster_bits();
@@ -344,10 +382,12 @@ impl Refcounts {
             }
             wanted = reach.saturating_add(1);
         };
+        Limits::check("refcount table", clusters << bits, self.max_table_bytes)?;
         let new_len = usize::try_from(clusters.saturating_mul(per_cluster))
             .map_err(|_| Error::malformed("refcount table too large", self.table_offset))?;
         let (old_offset, old_clusters) = self.table_location();
         let first = self.top;
+        self.check_unused(first, clusters)?;
         self.top = self.top.saturating_add(clusters);
         self.allocated_end = self.allocated_end.max(self.top);
         self.table.resize(new_len, 0);

@@ -190,6 +190,11 @@ impl Tables {
                 index,
             });
         };
+        self.entry_in(io, table, index)
+    }
+
+    /// Entry `index` of the table at `table`, read into memory if it is not there.
+    fn entry_in<I: Storage>(&mut self, io: &I, table: u64, index: u64) -> Result<Entry> {
         self.load(io, table)?;
         let (word, bitmap) = self.words_at(table, index)?;
         Ok(Entry {
@@ -228,14 +233,7 @@ impl Tables {
             Some(shared) => self.copy_table(io, refs, l1_index, shared)?,
             None => self.new_table(io, refs, l1_index)?,
         };
-        self.load(io, table)?;
-        let (word, bitmap) = self.words_at(table, index)?;
-        Ok(Entry {
-            word,
-            bitmap,
-            table,
-            index,
-        })
+        self.entry_in(io, table, index)
     }
 
     fn new_table<I: Storage>(
@@ -387,21 +385,25 @@ impl Tables {
         (self.l2.len() as u64).saturating_mul(self.cluster_size()) > self.budget
     }
 
-    /// Drop the least recently used clean tables until within budget (at least one stays).
+    /// Drop the least recently used clean tables until they take half the budget (so that
+    /// the next write-back is half a cache of new tables away); at least one stays.
     pub(crate) fn trim(&mut self) {
-        while self.over_budget() && self.l2.len() > 1 {
-            let oldest = self
-                .l2
-                .iter()
-                .filter(|(_, t)| !t.dirty.is_dirty())
-                .min_by_key(|(_, t)| t.used)
-                .map(|(offset, _)| *offset);
-            match oldest {
-                Some(offset) => {
-                    self.l2.remove(&offset);
-                }
-                None => break,
-            }
+        let keep = usize::try_from((self.budget / 2) >> self.g.cluster_bits)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if self.l2.len() <= keep {
+            return;
+        }
+        let mut clean: Vec<(u64, u64)> = self
+            .l2
+            .iter()
+            .filter(|(_, t)| !t.dirty.is_dirty())
+            .map(|(offset, t)| (t.used, *offset))
+            .collect();
+        clean.sort_unstable();
+        let excess = self.l2.len().saturating_sub(keep);
+        for (_, offset) in clean.into_iter().take(excess) {
+            self.l2.remove(&offset);
         }
     }
 

@@ -116,35 +116,34 @@ impl Metadata {
     }
 
     fn write_l2_tables<I: Storage>(&mut self, io: &I) -> Result<()> {
-        let tables = self.tables.take_dirty_tables();
-        if tables.is_empty() {
-            return Ok(());
-        }
-        let done = tables
-            .iter()
-            .try_for_each(|(at, bytes)| write(io, *at, bytes, "L2 table"))
-            .and_then(|()| barrier(io));
+        let pieces = self.tables.take_dirty_tables();
+        let done = write_pieces(io, &pieces, "L2 table");
         if done.is_err() {
             self.tables
-                .mark_tables_dirty(tables.iter().map(|(at, _)| *at));
+                .mark_tables_dirty(pieces.iter().map(|(at, _)| *at));
         }
         done
     }
 
     fn write_l1<I: Storage>(&mut self, io: &I) -> Result<()> {
         let pieces = self.tables.take_dirty_l1();
-        if pieces.is_empty() {
-            return Ok(());
-        }
-        let done = pieces
-            .iter()
-            .try_for_each(|(at, bytes)| write(io, *at, bytes, "L1 table"))
-            .and_then(|()| barrier(io));
+        let done = write_pieces(io, &pieces, "L1 table");
         if done.is_err() {
             self.tables.mark_l1_dirty(pieces.iter().map(|(at, _)| *at));
         }
         done
     }
+}
+
+/// Write pieces of one kind of table, then a barrier (nothing to do without pieces).
+fn write_pieces<I: Storage>(io: &I, pieces: &[(u64, Vec<u8>)], what: &str) -> Result<()> {
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    pieces
+        .iter()
+        .try_for_each(|(at, bytes)| write(io, *at, bytes, what))?;
+    barrier(io)
 }
 
 /// Write `bytes` of metadata at `at`.
