@@ -3,6 +3,10 @@
 //! Pure parsers: the bitmap directory with the checks QEMU makes when it loads it
 //! (`bitmap_list_load` and `check_dir_entry` in block/qcow2-bitmap.c), bitmap table entries,
 //! and the bit layout of bitmap data. Reading them from the image is in `dirty.rs`.
+//!
+//! Pure encoders, their inverses, for the writer (`image/write/bitmaps.rs`): directory
+//! entries as QEMU's `bitmap_list_store` writes them, table entries, and bitmap data held as
+//! 64-bit words.
 
 use crate::base::bytes::{align8, be_u16, be_u32, be_u64, lossy, low_bits};
 use crate::error::{Error, Result};
@@ -10,9 +14,9 @@ use crate::error::{Error, Result};
 /// Fixed part of a bitmap directory entry (spec: bytes 0-23).
 const ENTRY_HEADER_LEN: usize = 24;
 /// Flag bit 0: the bitmap is in use (was not saved cleanly): its data is not to be trusted.
-const FLAG_IN_USE: u32 = 1 << 0;
+pub(crate) const FLAG_IN_USE: u32 = 1 << 0;
 /// Flag bit 1: the bitmap is automatically updated with guest writes.
-const FLAG_AUTO: u32 = 1 << 1;
+pub(crate) const FLAG_AUTO: u32 = 1 << 1;
 /// Flag bits 2-31 are reserved (QEMU: `BME_RESERVED_FLAGS`).
 const RESERVED_FLAGS: u32 = !(FLAG_IN_USE | FLAG_AUTO);
 /// The only bitmap type: dirty tracking (QEMU: `BT_DIRTY_TRACKING_BITMAP`).
@@ -406,6 +410,129 @@ pub(crate) fn next_bit(data: &[u8], from: usize, set: bool) -> Option<usize> {
     None
 }
 
+/// Whether a bitmap table of `entries` entries, each naming a cluster of `2^cluster_bits`
+/// bytes, is within what QEMU stores (`check_constraints_on_bitmap`: at most
+/// `BME_MAX_TABLE_SIZE` entries and `BME_MAX_PHYS_SIZE` bytes of data).
+pub(crate) fn table_fits(entries: u64, cluster_bits: u32) -> bool {
+    let bytes = entries.checked_shl(cluster_bits).unwrap_or(u64::MAX);
+    entries <= u64::from(MAX_TABLE_ENTRIES)
+        && bytes >> cluster_bits == entries
+        && bytes <= MAX_DATA_BYTES
+}
+
+/// A directory entry as QEMU's `bitmap_list_store` writes it: the fixed fields, the name up to
+/// its first NUL (what QEMU keeps of it), no extra data, zeros up to a multiple of 8 bytes.
+pub(crate) fn encode_entry(b: &Bitmap, out: &mut Vec<u8>) {
+    let name_len = u16::try_from(b.raw_name.len()).unwrap_or(u16::MAX);
+    let name = b.raw_name.get(..usize::from(name_len)).unwrap_or_default();
+    let start = out.len();
+    out.extend(b.table_offset.to_be_bytes());
+    out.extend(b.table_size.to_be_bytes());
+    out.extend(b.flags.to_be_bytes());
+    out.push(TYPE_DIRTY_TRACKING);
+    out.push(b.granularity.trailing_zeros() as u8);
+    out.extend(name_len.to_be_bytes());
+    out.extend(0u32.to_be_bytes()); // extra_data_size
+    out.extend(name);
+    while out.len().saturating_sub(start) % 8 != 0 {
+        out.push(0);
+    }
+}
+
+/// A whole bitmap directory: the entries one after the other, in order.
+pub(crate) fn encode_directory(bitmaps: &[Bitmap]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in bitmaps {
+        encode_entry(b, &mut out);
+    }
+    out
+}
+
+/// A bitmap table entry, the inverse of [`decode_table_entry`].
+pub(crate) fn encode_table_entry(cluster: DataCluster) -> u64 {
+    match cluster {
+        DataCluster::Zeros => 0,
+        DataCluster::Ones => TABLE_ALL_ONES,
+        DataCluster::At(offset) => offset & TABLE_OFFSET_MASK,
+    }
+}
+
+/// A bitmap table, big-endian entries.
+pub(crate) fn encode_table(table: &[DataCluster]) -> Vec<u8> {
+    table
+        .iter()
+        .flat_map(|&c| encode_table_entry(c).to_be_bytes())
+        .collect()
+}
+
+/// Set bits `[from, to)` of bitmap data held as words: bit `i` is bit `i % 64` of word
+/// `i / 64`, so that [`words_to_bytes`] gives QEMU's layout. Bits past the words are ignored.
+pub(crate) fn set_bits(words: &mut [u64], from: u64, to: u64) {
+    let mut bit = from;
+    while bit < to {
+        let Some(word) = usize::try_from(bit / 64)
+            .ok()
+            .and_then(|w| words.get_mut(w))
+        else {
+            return;
+        };
+        let low = bit % 64;
+        let span = 64u64.saturating_sub(low).min(to.saturating_sub(bit));
+        // `span` ones shifted to `low`: all 64 bits when the run covers the word.
+        let ones = u64::MAX
+            .checked_shr(64u32.saturating_sub(span as u32))
+            .unwrap_or(0);
+        *word |= ones.checked_shl(low as u32).unwrap_or(0);
+        bit = bit.saturating_add(span);
+    }
+}
+
+/// Whether every one of bits `[0, count)` is set.
+pub(crate) fn all_set(words: &[u64], count: u64) -> bool {
+    let whole = usize::try_from(count / 64).unwrap_or(usize::MAX);
+    let rest = count % 64;
+    let full = words
+        .get(..whole)
+        .is_some_and(|w| w.iter().all(|&x| x == u64::MAX));
+    let mask = (1u64 << rest).wrapping_sub(1);
+    full && (rest == 0 || words.get(whole).is_some_and(|&w| w & mask == mask))
+}
+
+/// Clear every bit from `count` on (bits past the guest's end, which QEMU stores as zeros).
+pub(crate) fn clear_from(words: &mut [u64], count: u64) {
+    let whole = usize::try_from(count / 64).unwrap_or(usize::MAX);
+    let rest = count % 64;
+    let mut first_cleared = whole;
+    if rest != 0 {
+        if let Some(w) = words.get_mut(whole) {
+            *w &= (1u64 << rest).wrapping_sub(1);
+        }
+        first_cleared = whole.saturating_add(1);
+    }
+    if let Some(tail) = words.get_mut(first_cleared..) {
+        tail.fill(0);
+    }
+}
+
+/// Bitmap data as stored: the words' bytes, least significant first.
+pub(crate) fn words_to_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Bitmap data read from the image as words (a partial last word is padded with zeros).
+pub(crate) fn bytes_to_words(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks(8)
+        .map(|c| {
+            let mut word = [0u8; 8];
+            for (to, from) in word.iter_mut().zip(c) {
+                *to = *from;
+            }
+            u64::from_le_bytes(word)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,5 +681,95 @@ mod tests {
         assert_eq!(b.clusters_needed(1, 16), 1);
         assert_eq!(b.clusters_needed(32 << 30, 16), 1);
         assert_eq!(b.clusters_needed((32 << 30) + 1, 16), 2);
+    }
+
+    #[test]
+    fn directory_encoding_round_trips_through_the_parser() {
+        let dir = [
+            entry(b"b0", 16, FLAG_AUTO | FLAG_IN_USE, (0x70000, 1), 1, 0),
+            entry(b"backup-1", 9, 0, (0x80000, 4), 1, 0),
+            entry(b"", 31, FLAG_AUTO, (0x90000, 1), 1, 0),
+            entry(&[b'x'; 1023], 12, 0, (0xa0000, 1), 1, 0),
+        ]
+        .concat();
+        let list = parse_directory(&dir, &ctx(4)).unwrap();
+        assert_eq!(encode_directory(&list), dir);
+        // A name cut at a NUL is written up to the NUL, as QEMU writes it: shorter.
+        let cut = parse_directory(&ok(b"ab\0cdefgh"), &ctx(1)).unwrap();
+        let short = encode_directory(&cut);
+        assert_eq!(short, ok(b"ab"));
+        assert_eq!(parse_directory(&short, &ctx(1)).unwrap()[0].name, "ab");
+    }
+
+    #[test]
+    fn table_size_constraints() {
+        // 512 MiB of data at most: 8192 clusters of 64 KiB, 2^20 of 512 B.
+        assert!(table_fits(8192, 16));
+        assert!(!table_fits(8193, 16));
+        assert!(table_fits(1 << 20, 9));
+        assert!(!table_fits((1 << 20) + 1, 9));
+        assert!(!table_fits(u64::MAX, 9));
+        assert!(table_fits(0, 21));
+    }
+
+    #[test]
+    fn table_encoding_round_trips() {
+        for c in [
+            DataCluster::Zeros,
+            DataCluster::Ones,
+            DataCluster::At(0x30000),
+        ] {
+            assert_eq!(decode_table_entry(encode_table_entry(c), 16), Ok(c));
+        }
+        let t = encode_table(&[DataCluster::At(0x200), DataCluster::Ones]);
+        assert_eq!(t, [0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn bit_ranges_set_in_words_read_back_in_qemus_layout() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..500 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let from = rng % 300;
+            let to = from + (rng >> 20) % 150;
+            let mut words = vec![0u64; 4];
+            set_bits(&mut words, from, to);
+            let bytes = words_to_bytes(&words);
+            let end = to.min(256) as usize;
+            let from = from as usize;
+            if from < end {
+                assert_eq!(next_bit(&bytes, 0, true), Some(from), "{from}..{to}");
+                assert_eq!(
+                    next_bit(&bytes, from, false),
+                    Some(end).filter(|&e| e < 256)
+                );
+                assert_eq!(next_bit(&bytes, end, true), None);
+            } else {
+                assert_eq!(next_bit(&bytes, 0, true), None);
+            }
+            assert_eq!(bytes_to_words(&bytes), words);
+        }
+        let mut words = vec![0u64; 2];
+        set_bits(&mut words, 0, 64);
+        assert_eq!(words, [u64::MAX, 0]);
+        set_bits(&mut words, 127, 500);
+        assert_eq!(words, [u64::MAX, 1 << 63]);
+    }
+
+    #[test]
+    fn all_set_and_clear_from_count_bits() {
+        let mut words = vec![u64::MAX; 3];
+        assert!(all_set(&words, 192));
+        assert!(!all_set(&words, 193));
+        clear_from(&mut words, 70);
+        assert_eq!(words, [u64::MAX, 0x3f, 0]);
+        assert!(all_set(&words, 70));
+        assert!(!all_set(&words, 71));
+        clear_from(&mut words, 64);
+        assert_eq!(words, [u64::MAX, 0, 0]);
+        assert!(all_set(&words, 64) && all_set(&words, 0));
+        assert_eq!(bytes_to_words(&[1, 0, 0, 0, 0, 0, 0, 0, 0xff]), [1, 0xff]);
     }
 }

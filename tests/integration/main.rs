@@ -11,11 +11,14 @@ mod info_cases;
 mod api;
 mod api_style;
 mod bitmap;
+mod bitmap_write;
 mod chain_reads;
 mod check;
 mod check_bound;
 #[cfg(feature = "cli")]
 mod check_cli;
+#[cfg(feature = "cli")]
+mod cli_bench;
 #[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
 mod cli_convert;
 #[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]

@@ -934,3 +934,41 @@ fn v2_over_a_backing_file() {
     // and writes zeros for zero writes.
     overlay_case("write::v2_over_a_backing_file", "compat=0.10", 180..183);
 }
+
+#[test]
+fn a_zero_cluster_that_keeps_its_host_cluster_is_written_there() {
+    // `write -z` without unmap keeps the host cluster; a later partial write goes into it
+    // (zeros around the data), as QEMU reuses it: the same map, host offsets included.
+    let Some(env) = Env::new("write::a_zero_cluster_that_keeps_its_host_cluster") else {
+        return;
+    };
+    let dir = env.dir.path();
+    create_pair(&env, "", "4M", &[]);
+    let ops = [
+        Op::Write {
+            pos: 0,
+            len: 1 << 20,
+            byte: 1,
+        },
+        Op::Flush,
+        Op::Zero {
+            pos: 0,
+            len: 1 << 20,
+            unmap: false,
+        },
+        Op::Write {
+            pos: 4096,
+            len: 512,
+            byte: 2,
+        },
+        Op::Write {
+            pos: 196608 + 100,
+            len: 70000,
+            byte: 3,
+        },
+    ];
+    run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    let theirs = env.qemu.map_json(dir, "theirs.qcow2");
+    let ours = env.qemu.map_json(dir, "ours.qcow2");
+    assert_eq!(theirs, ours);
+}

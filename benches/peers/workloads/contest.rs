@@ -30,6 +30,9 @@ pub struct Contestant {
     /// A failure of this one ends the bench (the crate and the raw baselines); a peer that
     /// fails is shown as n/a with its error.
     pub required: bool,
+    /// Commands run before every pass, untimed (a fresh image for a write benchmark); each
+    /// must succeed.
+    pub prepare: Vec<Vec<String>>,
 }
 
 impl Contestant {
@@ -41,6 +44,7 @@ impl Contestant {
             work,
             class: None,
             required: label.starts_with("crate") || label.starts_with("raw"),
+            prepare: Vec::new(),
         }
     }
 
@@ -51,6 +55,7 @@ impl Contestant {
             work,
             class: None,
             required: false,
+            prepare: Vec::new(),
         }
     }
 
@@ -59,6 +64,12 @@ impl Contestant {
             runner: Runner::QemuBench(args.iter().map(|s| s.to_string()).collect()),
             ..Self::command(label, work, &[])
         }
+    }
+
+    /// Run `commands` before every pass, untimed.
+    pub fn prepare(mut self, commands: Vec<Vec<String>>) -> Self {
+        self.prepare = commands;
+        self
     }
 
     pub fn class(mut self, class: &'static str) -> Self {
@@ -104,6 +115,9 @@ pub struct Output {
 #[derive(Clone, Copy)]
 struct Pass {
     secs: f64,
+    /// From spawn to exit (equal to `secs` but for `qemu-img bench`-style passes, which
+    /// report their own time).
+    wall_secs: f64,
     cpu_secs: f64,
     peak_rss_kib: u64,
     sum: Option<u64>,
@@ -141,6 +155,10 @@ pub fn run(w: &Workload, runs: usize) -> Res<Vec<String>> {
             // that exits with an error (imago on zstd) fails for good.
             let mut attempt = 0;
             loop {
+                for argv in &c.prepare {
+                    spawn_measured(&mut command(argv))
+                        .map_err(|e| format!("{}: preparing ({}): {e}", c.label, argv.join(" ")))?;
+                }
                 match run_pass(&c.runner) {
                     Ok(p) => passes.push(p),
                     Err(e) if c.required => return Err(format!("{}: {e}", c.label).into()),
@@ -329,6 +347,7 @@ fn spawn_measured(cmd: &mut Command) -> Res<(String, Pass)> {
         out,
         Pass {
             secs,
+            wall_secs: secs,
             cpu_secs: tv(usage.ru_utime) + tv(usage.ru_stime),
             peak_rss_kib: usage.ru_maxrss.max(0) as u64,
             sum: None,
@@ -455,19 +474,42 @@ fn print_table(w: &Workload, outcomes: &[Outcome]) {
     println!("   ÷ base: rate over the rate of \"{base_label}\"");
 }
 
-/// The workload's own ratios of rates (above 1: the first is faster).
+/// The workload's own ratios of rates (above 1: the first is faster). Between two
+/// contestants that report their own time (`qemu-img bench` and `qcow2 bench`), a second
+/// line gives the ratio of their times from spawn to exit (open and close included).
 fn ratio_lines(w: &Workload, outcomes: &[Outcome]) -> Vec<String> {
-    w.ratios
-        .iter()
-        .map(|(what, a, b)| {
-            let ra = rate(&w.contestants[*a], &outcomes[*a]);
-            let rb = rate(&w.contestants[*b], &outcomes[*b]);
-            match (ra, rb) {
-                (Some(x), Some(y)) => format!("{what}: {:.3}", x / y),
-                _ => format!("{what}: n/a"),
+    let mut lines = Vec::new();
+    for (what, a, b) in &w.ratios {
+        let ra = rate(&w.contestants[*a], &outcomes[*a]);
+        let rb = rate(&w.contestants[*b], &outcomes[*b]);
+        lines.push(match (ra, rb) {
+            (Some(x), Some(y)) => format!("{what}: {:.3}", x / y),
+            _ => format!("{what}: n/a"),
+        });
+        let self_timed = |i: usize| matches!(w.contestants[i].runner, Runner::QemuBench(_));
+        if self_timed(*a) && self_timed(*b) {
+            // Rates are work over time, so these are the inverse of the times' ratios.
+            let wall = |o: &Outcome| median_of(o, |p| p.wall_secs);
+            if let (Some(x), Some(y)) = (wall(&outcomes[*a]), wall(&outcomes[*b])) {
+                lines.push(format!("{what}, spawn to exit: {:.3}", y / x));
             }
-        })
-        .collect()
+            // CPU time (all threads, open and close included): what a loaded machine
+            // disturbs least.
+            let cpu = |o: &Outcome| median_of(o, |p| p.cpu_secs);
+            if let (Some(x), Some(y)) = (cpu(&outcomes[*a]), cpu(&outcomes[*b])) {
+                lines.push(format!("{what}, CPU time: {:.3}", y / x));
+            }
+        }
+    }
+    lines
+}
+
+/// The median of `field` over a contestant's passes.
+fn median_of(o: &Outcome, field: impl Fn(&Pass) -> f64) -> Option<f64> {
+    match o {
+        Outcome::Passes(p) if !p.is_empty() => Some(median(p.iter().map(field).collect())),
+        _ => None,
+    }
 }
 
 /// A rate with 3-4 significant digits.

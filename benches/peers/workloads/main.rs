@@ -15,6 +15,7 @@
 #[path = "../../common/mod.rs"]
 mod common;
 
+mod bench;
 mod child;
 mod contest;
 mod inputs;
@@ -43,12 +44,24 @@ pub struct Config {
     only: Vec<String>,
     /// The `-i`/`aio=` of `qemu-img` (io_uring where it works).
     aio: String,
+    /// Where the `bench-*` write rows keep their images (`--write-dir`; default: `/dev/shm`
+    /// when there is one, else `dir`).
+    write_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Where the `bench-*` write rows keep their images.
+    pub fn write_dir(&self) -> &std::path::Path {
+        self.write_dir
+            .as_deref()
+            .unwrap_or_else(|| rows::scratch_dir(self))
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench -p qcow2-bench-peers --bench workloads [-- [--size-mib N] [--zlib-mib N] \
-         [--clusters N] [--reads N] [--runs K] [--dir PATH] [--only NAME[,NAME..]]]\n\
+         [--clusters N] [--reads N] [--runs K] [--dir PATH] [--write-dir PATH] [--only NAME[,NAME..]]]\n\
          workloads: {}",
         rows::ALL.map(|(name, _)| name).join(", ")
     );
@@ -67,6 +80,7 @@ fn config(args: &[String]) -> Config {
         smoke,
         only: Vec::new(),
         aio: String::new(),
+        write_dir: None,
     };
     if smoke {
         // Small enough for a debug build under `cargo test --benches`.
@@ -89,6 +103,9 @@ fn config(args: &[String]) -> Config {
             "--reads" => c.reads = num(it.next()) as usize,
             "--runs" => c.runs = num(it.next()) as usize,
             "--dir" => c.dir = it.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            "--write-dir" => {
+                c.write_dir = Some(it.next().map(PathBuf::from).unwrap_or_else(|| usage()))
+            }
             "--only" => {
                 let names = it.next().unwrap_or_else(|| usage());
                 c.only = names.split(',').map(str::to_owned).collect();

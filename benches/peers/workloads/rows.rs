@@ -13,7 +13,7 @@ use crate::Config;
 type MakeWorkload = fn(&Config) -> Res<Workload>;
 
 /// Every workload, by the name `--only` matches.
-pub const ALL: [(&str, MakeWorkload); 14] = [
+pub const ALL: [(&str, MakeWorkload); 19] = [
     ("seq-64k", seq_plain),
     ("seq-zlib", seq_zlib),
     ("seq-zstd", seq_zstd),
@@ -28,6 +28,11 @@ pub const ALL: [(&str, MakeWorkload); 14] = [
     ("write-c", crate::write::compressed),
     ("write-plain", crate::write::plain),
     ("write-recompress", crate::write::recompress),
+    ("bench-seq-1m", crate::bench::seq_1m),
+    ("bench-4k-new", crate::bench::new_4k),
+    ("bench-4k-new-flush", crate::bench::new_4k_flush),
+    ("bench-4k-over", crate::bench::over_4k),
+    ("bench-read", crate::bench::read),
 ];
 
 const ONE_MIB: &str = "1048576";

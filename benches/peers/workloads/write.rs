@@ -15,7 +15,7 @@ use crate::contest::{Contestant, Output, Runner, Workload};
 use crate::Config;
 
 /// The crate's command, or why it cannot be had (`None` in a smoke test without one).
-fn qcow2_bin(cfg: &Config) -> Res<Option<PathBuf>> {
+pub(crate) fn qcow2_bin(cfg: &Config) -> Res<Option<PathBuf>> {
     if let Some(bin) = std::env::var_os("QCOW2_BIN") {
         return Ok(Some(PathBuf::from(bin)));
     }
@@ -43,15 +43,18 @@ fn output_path(cfg: &Config, tag: &str, k: usize) -> PathBuf {
     ))
 }
 
-/// Remove every output a row of this process may have left (after an error).
+/// Remove every output a row of this process may have left (after an error), here and in
+/// the bench rows' `--write-dir`.
 pub fn remove_outputs(cfg: &Config) {
     let prefix = format!("qcow2-bench-write-{}-", std::process::id());
-    let Ok(entries) = std::fs::read_dir(crate::rows::scratch_dir(cfg)) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = std::fs::remove_file(e.path());
+    for dir in [crate::rows::scratch_dir(cfg), cfg.write_dir()] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bitmap;
 mod check;
 mod common;
@@ -35,6 +36,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Time COUNT reads or writes of the image, like `qemu-img bench`.
+    Bench(bench::Args),
     /// Dump the dirty extents of a persistent dirty bitmap.
     Bitmap(bitmap::Args),
     /// Show what an image holds, like `qemu-img info`.
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Bitmap(args) => bitmap::run(args),
         Command::Info(args) => info::run(args),
         Command::Snapshot(args) => snapshot::run(args),

@@ -56,6 +56,10 @@ pub(crate) struct ReadRun {
 pub(crate) enum Old {
     /// A cluster this image alone owns, written in place.
     Owned { host: u64 },
+    /// A zero cluster this image alone owns, with its host cluster kept (QEMU's
+    /// `ZERO_ALLOC` with COPIED, as `write -z` leaves it): written whole, zeros around the
+    /// data, in place, as QEMU reuses it.
+    Zeroed { host: u64 },
     /// Anything else: a new cluster is needed; the old one (if any) is released after.
     Elsewhere { release: Release, zeros: bool },
 }
@@ -281,6 +285,17 @@ impl<I: Storage> Guest<'_, I> {
                 len: span(n),
             });
         }
+        if let Old::Zeroed { host } = first {
+            let len = span(1);
+            self.write_zeroed(
+                meta,
+                &first_entry,
+                host,
+                guest,
+                buf.get(..len).unwrap_or_default(),
+            )?;
+            return Ok(Step::Done(len));
+        }
         // Clusters that need new ones: gather them, allocate them together.
         let mut entries = vec![(first_entry, first)];
         while span(entries.len() as u64) < buf.len()
@@ -289,7 +304,7 @@ impl<I: Storage> Guest<'_, I> {
             let next = guest - within + entries.len() as u64 * cs;
             let entry = meta.tables.entry_for_write(io, &mut meta.refs, next)?;
             let old = self.old(&entry)?;
-            if matches!(old, Old::Owned { .. }) {
+            if !matches!(old, Old::Elsewhere { .. }) {
                 break;
             }
             entries.push((entry, old));
@@ -311,6 +326,7 @@ impl<I: Storage> Guest<'_, I> {
                 release: Release::Cluster(host),
                 zeros: false,
             },
+            ClusterType::ZeroAlloc if copied => Old::Zeroed { host },
             ClusterType::ZeroAlloc => Old::Elsewhere {
                 release: Release::Cluster(host),
                 zeros: true,
@@ -387,6 +403,33 @@ impl<I: Storage> Guest<'_, I> {
             }
         }
         Ok(())
+    }
+
+    /// Write `data` (at guest offset `guest`) into the kept host cluster of a zero cluster,
+    /// whole with zeros around it, then map it as data.
+    fn write_zeroed(
+        &self,
+        meta: &mut Metadata,
+        entry: &Entry,
+        host: u64,
+        guest: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let start = guest & !(cs - 1);
+        let within = (guest - start) as usize;
+        let mut whole = vec![0u8; cs as usize];
+        whole[within..within + data.len()].copy_from_slice(data);
+        if let Some(crypt) = &self.image.crypt {
+            crypt.encrypt(host, start, &mut whole)?;
+        }
+        self.write_plain(host, &whole)?;
+        meta.unsynced = true;
+        let (word, bitmap) = self
+            .image
+            .geometry
+            .encode_l2(NewEntry::Data { host_offset: host })?;
+        meta.tables.set(entry, word, bitmap)
     }
 
     /// Build the new clusters whole (old content around `data`) and write them.

@@ -5,6 +5,7 @@
 //! (`guest.rs`), and writes them back in the order that keeps every crash harmless
 //! (`writeback.rs`) when flushed, when they outgrow their budget, and when closed.
 
+pub(crate) mod bitmaps;
 pub(crate) mod space;
 
 mod guest;
@@ -28,6 +29,7 @@ use crate::format::header::Header;
 use crate::format::refcount::RefcountLayout;
 use crate::image::qcow2::Qcow2;
 use crate::image::reader::ReadState;
+use bitmaps::Bitmaps;
 use guest::{Guest, Step};
 use refcounts::Refcounts;
 use tables::Tables;
@@ -82,6 +84,8 @@ pub struct Writer<I: Storage> {
     /// a read or an in-place write planned on it is under way.
     gate: RwLock<()>,
     meta: Mutex<Metadata>,
+    /// The persistent dirty bitmaps, kept up to date (`None`: the image has none).
+    bitmaps: Mutex<Option<Bitmaps>>,
     read_state: ReadState,
     header: Mutex<Header>,
     guest_size: AtomicU64,
@@ -103,9 +107,10 @@ impl<I: Storage> Qcow2<I> {
     /// with [`Error::UnsupportedWrite`] for what the writer does not handle yet.
     ///
     /// Like QEMU opening an image for writing, it clears the autoclear feature bits it does
-    /// not maintain (persistent bitmaps are then no longer valid, as the specification
-    /// requires of such a writer), and sets the dirty bit of an image with lazy refcounts
-    /// until it is closed.
+    /// not maintain, marks the persistent dirty bitmaps in use until it is closed (enabled
+    /// ones then record every write, zero write and discard, and are stored back at close;
+    /// one found in use, left by a crash, is kept as it is, as QEMU keeps it), and sets the
+    /// dirty bit of an image with lazy refcounts until it is closed.
     pub fn into_writer(self) -> Result<Writer<I>> {
         if !self.writable {
             return Err(Error::ReadOnly);
@@ -153,9 +158,19 @@ impl<I: Storage> Qcow2<I> {
             recount::rebuild(&self, &mut meta.refs, file_len)?;
             meta.flush(&self.io, self.data_storage.as_deref())?;
         }
-        mark_open(&self.io, &header)?;
+        let mut bitmaps = Bitmaps::load(&self)?;
+        mark_open(&self.io, &header, bitmaps.is_some())?;
+        if let Some(bitmaps) = bitmaps.as_mut() {
+            bitmaps.mark_in_use(&mut space::FileSpace {
+                io: &self.io,
+                meta: &mut meta,
+                data: self.data_storage.as_deref(),
+                cluster_bits: header.cluster_bits(),
+            })?;
+        }
         let header = read_back_header(&self)?;
         Ok(Writer {
+            bitmaps: Mutex::new(bitmaps),
             guest_size: AtomicU64::new(self.guest_size()),
             cluster_size: self.cluster_size(),
             meta: Mutex::new(meta),
@@ -226,13 +241,19 @@ fn refuse_unsupported<I>(image: &Qcow2<I>) -> Result<()> {
 }
 
 /// What QEMU changes in the header when it opens an image for writing: autoclear bits it
-/// does not maintain cleared (here: all but the raw data file bit), and the dirty bit set
+/// does not maintain cleared (here: all but the raw data file bit, and the bitmaps bit when
+/// the bitmaps are kept), and the dirty bit set
 /// for lazy refcounts. Durable before the first write.
-fn mark_open<I: Storage>(io: &I, header: &Header) -> Result<()> {
+fn mark_open<I: Storage>(io: &I, header: &Header, keeps_bitmaps: bool) -> Result<()> {
     if header.version() < 3 {
         return Ok(());
     }
-    let autoclear = header.autoclear_features() & AUTOCLEAR_DATA_FILE_RAW;
+    let kept = if keeps_bitmaps {
+        AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS
+    } else {
+        AUTOCLEAR_DATA_FILE_RAW
+    };
+    let autoclear = header.autoclear_features() & kept;
     let mut changed = false;
     if autoclear != header.autoclear_features() {
         write(io, AUTOCLEAR_FIELD, &autoclear.to_be_bytes(), "header")?;
@@ -251,7 +272,6 @@ fn mark_open<I: Storage>(io: &I, header: &Header) -> Result<()> {
     if changed {
         barrier(io)?;
     }
-    let _ = AUTOCLEAR_BITMAPS;
     Ok(())
 }
 
@@ -270,6 +290,18 @@ impl<I: Storage> Writer<I> {
 
     fn meta(&self) -> MutexGuard<'_, Metadata> {
         self.meta.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bitmaps(&self) -> MutexGuard<'_, Option<Bitmaps>> {
+        self.bitmaps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Set the dirty bits of `len` bytes at `pos`, before the write (QEMU records a write
+    /// that fails too).
+    fn record(&self, pos: u64, len: u64) {
+        if let Some(bitmaps) = self.bitmaps().as_mut() {
+            bitmaps.record(pos, len);
+        }
     }
 
     fn shared(&self) -> RwLockReadGuard<'_, ()> {
@@ -335,6 +367,7 @@ impl<I: Storage> Writer<I> {
         self.within(pos, buf.len() as u64)?;
         let guest = self.guest()?;
         let _shared = self.shared();
+        self.record(pos, buf.len() as u64);
         let mut done = 0usize;
         while let Some(rest) = buf.get(done..).filter(|rest| !rest.is_empty()) {
             let at = pos.saturating_add(done as u64);
@@ -365,6 +398,7 @@ impl<I: Storage> Writer<I> {
         self.within(pos, len)?;
         let guest = self.guest()?;
         let _shared = self.shared();
+        self.record(pos, len);
         let mut meta = self.meta();
         guest.write_zeroes(&mut meta, pos, len, unmap)?;
         self.keep_within_budget(&mut meta)
@@ -378,6 +412,7 @@ impl<I: Storage> Writer<I> {
         self.within(pos, len)?;
         let guest = self.guest()?;
         let _shared = self.shared();
+        self.record(pos, len);
         let mut meta = self.meta();
         guest.discard(&mut meta, pos, len)?;
         self.keep_within_budget(&mut meta)
@@ -430,12 +465,26 @@ impl<I: Storage> Writer<I> {
             });
         }
         let mut meta = self.meta();
-        let needed = size.div_ceil(1u64 << image.geometry.l2_bits());
-        if needed > meta.tables.l1().0.len() as u64 {
-            self.grow_l1(image, &mut meta, needed)?;
+        // The bitmaps first: they refuse (an inconsistent one) before anything changes, and
+        // go back to the old size if the header does not change.
+        let mut bitmaps = self.bitmaps();
+        if let Some(bitmaps) = bitmaps.as_mut() {
+            bitmaps.resize(size)?;
         }
-        write(&image.io, SIZE_FIELD, &size.to_be_bytes(), "header")?;
-        barrier(&image.io)?;
+        let resized = (|| {
+            let needed = size.div_ceil(1u64 << image.geometry.l2_bits());
+            if needed > meta.tables.l1().0.len() as u64 {
+                self.grow_l1(image, &mut meta, needed)?;
+            }
+            write(&image.io, SIZE_FIELD, &size.to_be_bytes(), "header")?;
+            barrier(&image.io)
+        })();
+        if resized.is_err() {
+            if let Some(bitmaps) = bitmaps.as_mut() {
+                let _ = bitmaps.resize(old);
+            }
+        }
+        resized?;
         self.guest_size.store(size, Ordering::Release);
         self.refresh_header(image)
     }
@@ -489,13 +538,24 @@ impl<I: Storage> Writer<I> {
         Ok(())
     }
 
-    /// Write everything back, free what was dropped, and clear the marks an open writer
-    /// leaves (the dirty bit of lazy refcounts).
+    /// Write everything back, free what was dropped, store the dirty bitmaps, and clear the
+    /// marks an open writer leaves (the dirty bit of lazy refcounts).
     fn finish(&self) -> Result<()> {
         let image = self.image()?;
         let _exclusive = self.exclusive();
         let mut meta = self.meta();
-        meta.flush(&image.io, image.data_storage.as_deref())?;
+        let data = image.data_storage.as_deref();
+        meta.flush(&image.io, data)?;
+        if let Some(bitmaps) = self.bitmaps().as_mut() {
+            bitmaps.store(&mut space::FileSpace {
+                io: &image.io,
+                meta: &mut meta,
+                data,
+                cluster_bits: image.header.cluster_bits(),
+            })?;
+            // Free the old directory and the clusters the new one replaced.
+            meta.flush(&image.io, data)?;
+        }
         // The frees changed refcount blocks: write them too.
         meta.write_back(&image.io, image.data_storage.as_deref())?;
         let header = &image.header;

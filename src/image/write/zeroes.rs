@@ -210,7 +210,7 @@ impl<I: Storage> Guest<'_, I> {
 /// What dropping the mapping `word` (decoded as `old`) releases.
 fn release_of(old: Old, word: u64) -> Release {
     match old {
-        Old::Owned { .. } => Release::Cluster(Tables::host(word)),
+        Old::Owned { .. } | Old::Zeroed { .. } => Release::Cluster(Tables::host(word)),
         Old::Elsewhere { release, .. } => release,
     }
 }
