@@ -20,6 +20,8 @@
 //! * [`read_full`]: read through a `ReadAt` until the buffer is full or the source ends.
 #![allow(dead_code)]
 
+pub mod qemu_io;
+
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -26,6 +26,8 @@ mod cli_convert_qcow2;
 #[cfg(feature = "cli")]
 mod cli_info;
 #[cfg(feature = "cli")]
+mod cli_io;
+#[cfg(feature = "cli")]
 mod cli_manners;
 #[cfg(feature = "cli")]
 mod cli_map;
@@ -53,6 +55,8 @@ mod hostile;
 mod info_json;
 #[cfg(unix)]
 mod info_names;
+#[cfg(feature = "cli")]
+mod io_scripts;
 mod luks_create;
 #[cfg(feature = "encryption")]
 mod luks_realistic;

@@ -18,6 +18,7 @@ mod create;
 // The disks commands read: qcow2 or raw, probed.
 mod disk;
 mod info;
+mod io;
 mod map;
 mod snapshot;
 // Secrets for encrypted images (`--object secret,...`, `--secret-file`); the subcommands
@@ -53,6 +54,8 @@ enum Command {
     Create(create::Args),
     /// Compare two guest disks (qcow2 or raw), like `qemu-img compare`.
     Compare(compare::Args),
+    /// Run qemu-io's commands (read, write, discard, flush, map, info) on an image, like `qemu-io`.
+    Io(io::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,5 +82,6 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Create(args) => create::run(args),
+        Command::Io(args) => io::run(args),
     }
 }
