@@ -783,9 +783,27 @@ impl Session {
         if size == self.disk.size() {
             return Ok(Flow::Next);
         }
-        // The writer cannot resize an image (yet): QEMU's message for a driver without it.
-        common::error("Image format driver does not support resize");
-        Err(Failed)
+        let Some(writer) = self.disk.writer() else {
+            common::error("Block node is read-only");
+            return Err(Failed);
+        };
+        match writer.resize(size) {
+            Ok(()) => Ok(Flow::Next),
+            Err(qcow2::Error::InvalidOption { message, .. }) => {
+                common::error(message);
+                Err(Failed)
+            }
+            // Shrinking (QEMU does it; the writer does not yet): QEMU's message for a driver
+            // that cannot resize.
+            Err(qcow2::Error::UnsupportedWrite { .. }) => {
+                common::error("Image format driver does not support resize");
+                Err(Failed)
+            }
+            Err(e) => {
+                common::error(format_args!("truncate: {}", common::chain(&e)));
+                Err(Failed)
+            }
+        }
     }
 
     fn length(&mut self, _: &str, _: &[String]) -> Outcome {

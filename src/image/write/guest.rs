@@ -202,8 +202,13 @@ impl<I: Storage> Guest<'_, I> {
                 Some(a) if a != allocated => break,
                 Some(_) => {}
             }
-            let within = guest & (unit - 1);
-            done = done.saturating_add(unit - within).min(len);
+            // A missing L2 table leaves its whole reach unallocated: one step over it.
+            let step = match entry.table {
+                0 => 1u64 << self.image.geometry.l2_bits(),
+                _ => unit,
+            };
+            let within = guest & (step - 1);
+            done = done.saturating_add(step - within).min(len);
         }
         Ok((first.unwrap_or(false), done))
     }
