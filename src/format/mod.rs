@@ -8,6 +8,7 @@ pub(crate) mod compressor;
 pub(crate) mod extension;
 pub(crate) mod feature;
 pub(crate) mod header;
+pub(crate) mod header_edit;
 pub(crate) mod new_header;
 pub(crate) mod refcount;
 pub(crate) mod snapshot;

@@ -177,6 +177,31 @@ impl<I: ReadAt> Qcow2<I> {
         Ok(image)
     }
 
+    /// Read the header, the active L1 table, the snapshots and the bitmaps again, with fresh
+    /// caches: the image as a writer left it.
+    pub(crate) fn reload(&mut self) -> Result<()> {
+        let header = read_header(&self.io, &self.limits)?;
+        self.l1 = read_l1(&self.io, header.l1_table_offset(), header.l1_size())?;
+        self.snapshots = read_snapshots(&self.io, &header, &self.limits)?;
+        self.bitmaps = crate::image::dirty::read_bitmaps(
+            &self.io,
+            &header,
+            header.size() & !511,
+            &self.limits,
+        )?;
+        self.header = header;
+        self.id = new_image_id();
+        self.l2_cache = Arc::new(Mutex::new(L2Cache::new(self.limits.l2_cache_bytes)));
+        self.chain_state = ReadState::new();
+        self.compressed = Arc::new(ClusterCache::new());
+        self.metadata_preallocated = OnceLock::new();
+        self.writable = false;
+        if let Some(Backing::Source { source, .. }) = self.backing.as_mut() {
+            source.share_caches(&self.l2_cache, &self.compressed);
+        }
+        Ok(())
+    }
+
     /// The parsed header, with its extensions and feature names.
     pub fn header(&self) -> &Header {
         &self.header

@@ -422,6 +422,32 @@ impl<'a, I: ReadAt> Reader<'a, I> {
         self.read_run(kind, guest, out)
     }
 
+    /// Read what one stretch of a known kind holds into `out` (all of it within one
+    /// cluster when compressed): the writer plans its reads over the tables it keeps and
+    /// reads through here.
+    pub(crate) fn read_extent(&self, kind: ExtentKind, guest: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(crypt) = &self.image.crypt {
+            crypt.check_unlocked()?;
+        }
+        match kind {
+            ExtentKind::Compressed {
+                host_offset,
+                compressed_len,
+            } => {
+                let mut batch = vec![CompressedPart {
+                    guest,
+                    host: host_offset,
+                    input_len: compressed_len,
+                    at: 0,
+                    len: out.len(),
+                    direct: false,
+                }];
+                self.read_compressed(&mut batch, out, false)
+            }
+            other => self.read_run(other, guest, out),
+        }
+    }
+
     /// Read the run of `kind` at guest offset `guest` into `out`, its length.
     fn read_run(&self, kind: ExtentKind, guest: u64, out: &mut [u8]) -> Result<()> {
         match kind {

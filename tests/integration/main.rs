@@ -64,4 +64,5 @@ mod parallel;
 mod partitions;
 mod qemu_refusals;
 mod threads;
+mod write;
 mod zero_walks;

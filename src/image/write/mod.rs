@@ -1,116 +1,359 @@
 //! Writing into an image: [`Writer`], the handle [`Qcow2::into_writer`] gives.
 //!
-//! (Interface first; the write path lands in the following commits.)
+//! The writer keeps the active L1 table, the L2 tables it uses and the refcount blocks in
+//! memory (`tables.rs`, `refcounts.rs`), changes them there as the guest is written
+//! (`guest.rs`), and writes them back in the order that keeps every crash harmless
+//! (`writeback.rs`) when flushed, when they outgrow their budget, and when closed.
 
 pub(crate) mod space;
 
+mod guest;
+mod refcounts;
+mod tables;
+mod writeback;
+
 use std::io;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use positioned_io::{ReadAt, Size};
 
 use crate::base::io::Storage;
 use crate::error::{Error, Result};
+use crate::format::feature::{AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
 use crate::format::header::Header;
+use crate::format::refcount::RefcountLayout;
 use crate::image::qcow2::Qcow2;
+use crate::image::reader::ReadState;
+use guest::Guest;
+use refcounts::Refcounts;
+use tables::Tables;
+use writeback::{barrier, write, Metadata};
+
+/// Header bytes 72-79 and 88-95 (version 3): the incompatible and autoclear feature bits.
+const INCOMPATIBLE_FIELD: u64 = 72;
+const AUTOCLEAR_FIELD: u64 = 88;
 
 /// An image open for writing: reads what was written, writes at any offset and length,
 /// writes zeros, discards, and flushes. Made by [`Qcow2::into_writer`] from an image opened
 /// with [`OpenOptions::write`](crate::OpenOptions::write).
 ///
 /// It implements [`positioned_io::ReadAt`] and [`positioned_io::WriteAt`] (also for
-/// `&Writer`: any number of threads may read and write through one writer at once), and its
-/// own methods take `&self` and return this crate's [`Error`].
-pub struct Writer<I> {
-    image: Qcow2<I>,
+/// `&Writer`: any number of threads may read and write through one writer at once; they take
+/// turns on its metadata), and its own methods take `&self` and return this crate's
+/// [`Error`].
+///
+/// Writes reach the file at once, but the tables that map them only at [`Writer::flush`],
+/// [`Writer::close`] or when the writer's table cache is full: a crash in between loses the
+/// writes since the last flush and leaves the image as it was then (never corrupt). Dropping
+/// a writer closes it, ignoring errors: call [`Writer::close`] to see them.
+///
+/// ```
+/// use qcow2::positioned_io::ReadAt;
+/// # let dir = std::env::temp_dir().join(format!("qcow2-doc-writer-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let path = dir.join("disk.qcow2");
+/// qcow2::create(&path, &qcow2::CreateOptions::new(1 << 30))?;
+///
+/// let options = qcow2::OpenOptions::new().write(true);
+/// let disk = qcow2::Qcow2::open_path_with(&path, &options)?.into_writer()?;
+/// disk.write_all_at(1 << 20, b"hello, disk")?;
+/// disk.flush()?; // durable from here on
+///
+/// let mut back = [0u8; 11];
+/// disk.read_exact_at(1 << 20, &mut back)?;
+/// assert_eq!(&back, b"hello, disk");
+/// let image = disk.close()?; // read-only again
+/// assert_eq!(image.guest_size(), 1 << 30);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Writer<I: Storage> {
+    /// Taken out by [`Writer::close`]; always there before.
+    image: Option<Qcow2<I>>,
+    meta: Mutex<Metadata>,
+    read_state: ReadState,
+    header: Mutex<Header>,
+    guest_size: u64,
+    cluster_size: u64,
 }
 
-impl<I> std::fmt::Debug for Writer<I> {
+impl<I: Storage> std::fmt::Debug for Writer<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
-            .field("guest_size", &(self.image.header.size() & !511))
+            .field("guest_size", &self.guest_size)
+            .field("cluster_size", &self.cluster_size)
             .finish_non_exhaustive()
     }
 }
 
 impl<I: Storage> Qcow2<I> {
     /// Turn an image opened with [`OpenOptions::write`](crate::OpenOptions::write) into a
-    /// [`Writer`]. Fails with [`Error::ReadOnly`] for an image opened for reading only.
+    /// [`Writer`]. Fails with [`Error::ReadOnly`] for an image opened for reading only, and
+    /// with [`Error::UnsupportedWrite`] for what the writer does not handle yet.
+    ///
+    /// Like QEMU opening an image for writing, it clears the autoclear feature bits it does
+    /// not maintain (persistent bitmaps are then no longer valid, as the specification
+    /// requires of such a writer), and sets the dirty bit of an image with lazy refcounts
+    /// until it is closed.
     pub fn into_writer(self) -> Result<Writer<I>> {
-        Err(Error::ReadOnly)
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        refuse_unsupported(&self)?;
+        if let Some(crypt) = &self.crypt {
+            crypt.check_unlocked()?;
+        }
+        let header = self.header.clone();
+        let file_len = self
+            .io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        let layout = RefcountLayout {
+            cluster_bits: header.cluster_bits(),
+            order: header.refcount_order(),
+        };
+        let refs = Refcounts::load(
+            &self.io,
+            layout,
+            header.refcount_table_offset(),
+            u64::from(header.refcount_table_clusters()),
+            file_len,
+            &self.limits,
+        )?;
+        let tables = Tables::new(
+            self.geometry,
+            self.l1.to_vec(),
+            header.l1_table_offset(),
+            self.limits.l2_cache_bytes.max(self.cluster_size().saturating_mul(4)),
+        );
+        mark_open(&self.io, &header)?;
+        let header = read_back_header(&self)?;
+        Ok(Writer {
+            guest_size: self.guest_size(),
+            cluster_size: self.cluster_size(),
+            meta: Mutex::new(Metadata {
+                tables,
+                refs,
+                unsynced: false,
+                file_len,
+            }),
+            read_state: ReadState::new(),
+            header: Mutex::new(header),
+            image: Some(self),
+        })
     }
 }
 
+/// What the writer does not handle yet.
+fn refuse_unsupported<I>(image: &Qcow2<I>) -> Result<()> {
+    let header = &image.header;
+    let what = if header.has_extended_l2() {
+        Some("extended L2 entries (subclusters)")
+    } else if header.has_data_file_bit() {
+        Some("an external data file")
+    } else if header.is_dirty() {
+        Some("the image is dirty (lazy refcounts left unwritten by a crash): repair it first with `qemu-img check -r all`")
+    } else {
+        None
+    };
+    match what {
+        Some(what) => Err(Error::UnsupportedWrite {
+            what: what.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What QEMU changes in the header when it opens an image for writing: autoclear bits it
+/// does not maintain cleared (here: all but the raw data file bit), and the dirty bit set
+/// for lazy refcounts. Durable before the first write.
+fn mark_open<I: Storage>(io: &I, header: &Header) -> Result<()> {
+    if header.version() < 3 {
+        return Ok(());
+    }
+    let autoclear = header.autoclear_features() & AUTOCLEAR_DATA_FILE_RAW;
+    let mut changed = false;
+    if autoclear != header.autoclear_features() {
+        write(io, AUTOCLEAR_FIELD, &autoclear.to_be_bytes(), "header")?;
+        changed = true;
+    }
+    if header.has_lazy_refcounts() {
+        let incompatible = header.incompatible_features() | INCOMPAT_DIRTY;
+        write(io, INCOMPATIBLE_FIELD, &incompatible.to_be_bytes(), "header")?;
+        changed = true;
+    }
+    if changed {
+        barrier(io)?;
+    }
+    let _ = AUTOCLEAR_BITMAPS;
+    Ok(())
+}
+
+/// The header as the file holds it now.
+fn read_back_header<I: Storage>(image: &Qcow2<I>) -> Result<Header> {
+    let bytes = crate::base::io::read_metadata(&image.io, 0, image.cluster_size(), "header")?;
+    Header::parse(&bytes, &image.limits)
+}
+
 impl<I: Storage> Writer<I> {
+    fn image(&self) -> Result<&Qcow2<I>> {
+        self.image
+            .as_ref()
+            .ok_or(Error::Internal("the writer is closed"))
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Metadata> {
+        self.meta.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn guest(&self) -> Result<Guest<'_, I>> {
+        Ok(Guest {
+            image: self.image()?,
+            state: &self.read_state,
+        })
+    }
+
     /// Guest size in bytes.
     pub fn guest_size(&self) -> u64 {
-        self.image.guest_size()
+        self.guest_size
     }
 
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
-        self.image.cluster_size()
+        self.cluster_size
     }
 
-    /// The header as it stands now (features, sizes and table offsets change as the image
-    /// is written).
+    /// The header as it stands in the file (its feature bits and table offsets change as the
+    /// image is written).
     pub fn header(&self) -> Header {
-        self.image.header.clone()
+        self.header
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Check that `len` bytes at `pos` lie within the guest.
+    fn within(&self, pos: u64, len: u64) -> Result<()> {
+        match pos.checked_add(len) {
+            Some(end) if end <= self.guest_size => Ok(()),
+            _ => Err(Error::WritePastEnd {
+                offset: pos,
+                len,
+                size: self.guest_size,
+            }),
+        }
     }
 
     /// Fill all of `buf` from guest offset `pos`: what was written, through every layer.
+    /// Past the end of the guest is an error ([`Error::WritePastEnd`]).
     pub fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        let _ = (pos, buf);
-        Err(Error::Internal("writer: read not yet built"))
+        self.within(pos, buf.len() as u64)?;
+        let guest = self.guest()?;
+        guest.read(&mut self.meta(), pos, buf)
     }
 
     /// Write all of `buf` at guest offset `pos` (within the guest: past the end is
     /// [`Error::WritePastEnd`]).
     pub fn write_all_at(&self, pos: u64, buf: &[u8]) -> Result<()> {
-        let _ = (pos, buf);
-        Err(Error::Internal("writer: write not yet built"))
+        self.within(pos, buf.len() as u64)?;
+        let guest = self.guest()?;
+        let mut meta = self.meta();
+        guest.write(&mut meta, pos, buf)?;
+        self.keep_within_budget(&mut meta)
     }
 
-    /// Make `len` bytes at `pos` read as zeros. With `unmap`, whole clusters that no
-    /// snapshot or backing file needs are freed (qemu-io's `write -z -u`); without it, they
-    /// stay allocated where they are (`write -z`).
+    /// Make `len` bytes at `pos` read as zeros. With `unmap`, whole clusters are freed
+    /// (qemu-io's `write -z -u`); without it, allocated clusters stay allocated, marked
+    /// zero (`write -z`). Compressed clusters are always freed, as QEMU does. Version 2
+    /// images, which cannot mark clusters zero, are written with zeros.
     pub fn write_zeroes(&self, pos: u64, len: u64, unmap: bool) -> Result<()> {
-        let _ = (pos, len, unmap);
-        Err(Error::Internal("writer: write_zeroes not yet built"))
+        self.within(pos, len)?;
+        let guest = self.guest()?;
+        let mut meta = self.meta();
+        guest.write_zeroes(&mut meta, pos, len, unmap)?;
+        self.keep_within_budget(&mut meta)
     }
 
-    /// Discard `len` bytes at `pos`: whole clusters in the range are freed and read from the
-    /// backing file again (zeros without one), as QEMU's `discard` does; partial clusters
-    /// are left as they are.
+    /// Discard `len` bytes at `pos` as QEMU's discard does: every whole cluster in the range
+    /// (and the partial last cluster of the disk) is freed and reads as zeros after (from
+    /// the backing file in a version 2 image, which cannot mark clusters zero); partial
+    /// clusters are left as they are.
     pub fn discard(&self, pos: u64, len: u64) -> Result<()> {
-        let _ = (pos, len);
-        Err(Error::Internal("writer: discard not yet built"))
+        self.within(pos, len)?;
+        let guest = self.guest()?;
+        let mut meta = self.meta();
+        guest.discard(&mut meta, pos, len)?;
+        self.keep_within_budget(&mut meta)
     }
 
     /// A durability barrier: when it returns, every write before it survives a crash or a
     /// power cut.
     pub fn flush(&self) -> Result<()> {
-        Err(Error::Internal("writer: flush not yet built"))
+        let io = &self.image()?.io;
+        self.meta().write_back(io)
     }
 
     /// Whether this image itself (not its backing files) holds the stretch at `pos`, and for
-    /// how many bytes from `pos` that answer holds (as QEMU's `bdrv_is_allocated`: what
-    /// qemu-io's `map` prints). Length 0 at or past the end.
+    /// how many bytes from `pos` that answer holds, up to `len` (as QEMU's
+    /// `bdrv_is_allocated`: what qemu-io's `map` prints). Length 0 at or past the end.
     pub fn is_allocated(&self, pos: u64, len: u64) -> Result<(bool, u64)> {
-        let _ = (pos, len);
-        Err(Error::Internal("writer: is_allocated not yet built"))
+        let len = len.min(self.guest_size.saturating_sub(pos));
+        if len == 0 {
+            return Ok((false, 0));
+        }
+        let guest = self.guest()?;
+        guest.is_allocated(&mut self.meta(), pos, len)
     }
 
-    /// Flush, store what the image keeps in memory (dirty bitmaps), clear the marks an open
-    /// writer leaves (the dirty bit of lazy refcounts, bitmaps in use), and give the image
-    /// back, read-only, with fresh caches.
-    pub fn close(self) -> Result<Qcow2<I>> {
-        Err(Error::Internal("writer: close not yet built"))
+    /// Write back the tables when they outgrow the cache, then drop the clean ones.
+    fn keep_within_budget(&self, meta: &mut Metadata) -> Result<()> {
+        if meta.tables.over_budget() {
+            meta.write_back(&self.image()?.io)?;
+            meta.tables.trim();
+        }
+        Ok(())
+    }
+
+    /// Write everything back, free what was dropped, and clear the marks an open writer
+    /// leaves (the dirty bit of lazy refcounts).
+    fn finish(&self) -> Result<()> {
+        let image = self.image()?;
+        let mut meta = self.meta();
+        meta.write_back(&image.io)?;
+        // The frees applied by the first write-back changed refcount blocks: write them too.
+        meta.write_back(&image.io)?;
+        if image.header.version() >= 3 && image.header.has_lazy_refcounts() {
+            let incompatible = image.header.incompatible_features() & !INCOMPAT_DIRTY;
+            write(&image.io, INCOMPATIBLE_FIELD, &incompatible.to_be_bytes(), "header")?;
+            barrier(&image.io)?;
+        }
+        Ok(())
+    }
+
+    /// Write everything back, clear the marks an open writer leaves (the dirty bit of lazy
+    /// refcounts), and give the image back, read-only, as it now is.
+    pub fn close(mut self) -> Result<Qcow2<I>> {
+        self.finish()?;
+        let mut image = self
+            .image
+            .take()
+            .ok_or(Error::Internal("the writer is closed"))?;
+        image.reload()?;
+        Ok(image)
+    }
+}
+
+impl<I: Storage> Drop for Writer<I> {
+    fn drop(&mut self) {
+        if self.image.is_some() {
+            let _ = self.finish();
+        }
     }
 }
 
 impl<I: Storage> ReadAt for Writer<I> {
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let len = usize::try_from(self.guest_size().saturating_sub(pos))
+        let len = usize::try_from(self.guest_size.saturating_sub(pos))
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let Some(part) = buf.get_mut(..len) else {
@@ -123,7 +366,8 @@ impl<I: Storage> ReadAt for Writer<I> {
 
 impl<I: Storage> positioned_io::WriteAt for Writer<I> {
     fn write_at(&mut self, pos: u64, buf: &[u8]) -> io::Result<usize> {
-        (&*self).write_at(pos, buf)
+        Writer::write_all_at(self, pos, buf)?;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -144,6 +388,6 @@ impl<I: Storage> positioned_io::WriteAt for &Writer<I> {
 
 impl<I: Storage> Size for Writer<I> {
     fn size(&self) -> io::Result<Option<u64>> {
-        Ok(Some(self.guest_size()))
+        Ok(Some(self.guest_size))
     }
 }

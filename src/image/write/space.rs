@@ -2,10 +2,15 @@
 //! of the image file: clusters to put them in, and the order of writes that keeps a crash
 //! harmless.
 
+use crate::base::io::{read_metadata, Storage};
 use crate::error::Result;
-use crate::format::extension::BitmapsExtension;
+use crate::format::extension::{BitmapsExtension, EXT_BITMAPS};
+use crate::format::feature::AUTOCLEAR_BITMAPS;
+use crate::format::header_edit::with_extension;
+use crate::image::write::writeback::{barrier, write, Metadata};
 
 /// Room in the image file, handed out by the writer's allocator.
+#[allow(dead_code)] // the dirty bitmaps' store lands next
 pub(crate) trait Space {
     /// log2 of the cluster size.
     fn cluster_bits(&self) -> u32;
@@ -25,4 +30,55 @@ pub(crate) trait Space {
     /// extension and clear the autoclear bitmaps bit), and make that durable. The directory
     /// and everything it names must be written, and a barrier passed, before.
     fn set_bitmaps_extension(&mut self, extension: Option<BitmapsExtension>) -> Result<()>;
+}
+
+/// The writer's file and metadata, lent as [`Space`].
+#[allow(dead_code)]
+pub(crate) struct FileSpace<'a, I> {
+    pub(crate) io: &'a I,
+    pub(crate) meta: &'a mut Metadata,
+    pub(crate) cluster_bits: u32,
+}
+
+impl<I: Storage> Space for FileSpace<'_, I> {
+    fn cluster_bits(&self) -> u32 {
+        self.cluster_bits
+    }
+
+    fn allocate(&mut self, len: u64) -> Result<u64> {
+        let clusters = len.div_ceil(1u64 << self.cluster_bits).max(1);
+        self.meta.refs.allocate(self.io, clusters)
+    }
+
+    fn free(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.meta.refs.free_later(offset, len);
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.meta.unsynced = true;
+        write(self.io, offset, data, "bitmap data")
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.meta.write_back(self.io)
+    }
+
+    fn set_bitmaps_extension(&mut self, extension: Option<BitmapsExtension>) -> Result<()> {
+        let cluster0 = read_metadata(self.io, 0, 1u64 << self.cluster_bits, "header")?;
+        let data = extension.map(|e| {
+            let mut d = e.nb_bitmaps.to_be_bytes().to_vec();
+            d.extend(0u32.to_be_bytes());
+            d.extend(e.directory_size.to_be_bytes());
+            d.extend(e.directory_offset.to_be_bytes());
+            d
+        });
+        let (set, clear) = match data {
+            Some(_) => (AUTOCLEAR_BITMAPS, 0),
+            None => (0, AUTOCLEAR_BITMAPS),
+        };
+        let edited = with_extension(&cluster0, EXT_BITMAPS, data.as_deref(), set, clear)?;
+        write(self.io, 0, &edited, "header")?;
+        barrier(self.io)
+    }
 }

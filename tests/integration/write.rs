@@ -1,0 +1,461 @@
+//! The writer against QEMU: the same random operations (writes aligned and not, across
+//! clusters and L2 tables, zero writes with and without unmap, discards, flushes) done by
+//! `qemu-io` on one copy of an image and by [`qcow2::Writer`] on another, for every kind of
+//! image QEMU writes: the guests end identical (`qemu-img compare`), the crate's copy is
+//! clean and leaks nothing (`qemu-img check`), and reads through the writer agree.
+
+use crate::common;
+
+use std::path::Path;
+
+use common::{Env, Rng};
+use qcow2::{OpenOptions, Qcow2};
+
+/// One operation, in both tools' terms.
+#[derive(Debug, Clone)]
+enum Op {
+    Write { pos: u64, len: u64, byte: u8 },
+    Zero { pos: u64, len: u64, unmap: bool },
+    Discard { pos: u64, len: u64 },
+    Flush,
+}
+
+impl Op {
+    fn qemu_io(&self) -> String {
+        match self {
+            Op::Write { pos, len, byte } => format!("write -q -P {byte} {pos} {len}"),
+            Op::Zero { pos, len, unmap } => {
+                format!("write -q -z {}{pos} {len}", if *unmap { "-u " } else { "" })
+            }
+            Op::Discard { pos, len } => format!("discard -q {pos} {len}"),
+            Op::Flush => "flush".to_owned(),
+        }
+    }
+
+    fn apply<I: qcow2::Storage>(&self, w: &qcow2::Writer<I>) {
+        match self {
+            Op::Write { pos, len, byte } => w
+                .write_all_at(*pos, &vec![*byte; *len as usize])
+                .unwrap_or_else(|e| panic!("{self:?}: {e}")),
+            Op::Zero { pos, len, unmap } => w
+                .write_zeroes(*pos, *len, *unmap)
+                .unwrap_or_else(|e| panic!("{self:?}: {e}")),
+            Op::Discard { pos, len } => w
+                .discard(*pos, *len)
+                .unwrap_or_else(|e| panic!("{self:?}: {e}")),
+            Op::Flush => w.flush().unwrap_or_else(|e| panic!("{self:?}: {e}")),
+        }
+    }
+}
+
+/// `count` random operations over a guest of `size` bytes with clusters of `cluster`.
+fn script(seed: u64, size: u64, cluster: u64, count: usize) -> Vec<Op> {
+    let mut rng = Rng::new(seed);
+    let sector = 512;
+    (0..count)
+        .map(|i| {
+            let aligned = rng.below(2) == 0;
+            let max_len = (cluster * 3).min(size / 4).max(sector);
+            let mut len = 1 + rng.below(max_len);
+            let mut pos = rng.below(size - len);
+            if aligned {
+                pos = pos / sector * sector;
+                len = (len / sector).max(1) * sector;
+            }
+            if pos + len > size {
+                len = size - pos;
+            }
+            match rng.below(10) {
+                0 => Op::Zero {
+                    pos: pos / sector * sector,
+                    len: (len / sector).max(1) * sector,
+                    unmap: rng.below(2) == 0,
+                },
+                1 => Op::Discard {
+                    pos: pos / cluster * cluster,
+                    len: (len / cluster + 1) * cluster,
+                },
+                2 => Op::Flush,
+                _ => Op::Write {
+                    pos,
+                    len,
+                    byte: (i % 250) as u8 + 1,
+                },
+            }
+        })
+        .map(|op| clip(op, size))
+        .collect()
+}
+
+/// Keep an operation inside the guest.
+fn clip(op: Op, size: u64) -> Op {
+    let fit = |pos: u64, len: u64| (pos.min(size - 1), len.min(size - pos.min(size - 1)));
+    match op {
+        Op::Zero { pos, len, unmap } => {
+            let (pos, len) = fit(pos, len);
+            Op::Zero { pos, len, unmap }
+        }
+        Op::Discard { pos, len } => {
+            let (pos, len) = fit(pos, len);
+            Op::Discard { pos, len }
+        }
+        other => other,
+    }
+}
+
+/// Run `ops` through qemu-io on `theirs` and through the writer on `ours` (both in `env`'s
+/// dir), then compare.
+fn run_both(env: &Env, theirs: &str, ours: &str, ops: &[Op], extra_io: &[&str]) {
+    let dir = env.dir.path();
+    let mut cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    if cmds.is_empty() {
+        cmds.push("flush".into());
+    }
+    let mut io = std::process::Command::new(&env.qemu.io);
+    io.current_dir(dir).args(extra_io);
+    for c in &cmds {
+        io.args(["-c", c]);
+    }
+    io.arg(theirs);
+    let out = io.output().unwrap();
+    assert!(out.status.success(), "qemu-io failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    let options = OpenOptions::new().write(true);
+    let options = match extra_io.iter().any(|a| a.contains("secret")) {
+        true => options.secret("hunter2"),
+        false => options,
+    };
+    let writer = Qcow2::open_path_with(dir.join(ours), &options)
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    for op in ops {
+        op.apply(&writer);
+    }
+    let image = writer.close().unwrap();
+    drop(image);
+    compare_and_check(env, theirs, ours, extra_io);
+}
+
+fn compare_and_check(env: &Env, theirs: &str, ours: &str, extra: &[&str]) {
+    let dir = env.dir.path();
+    let (object, opts) = image_args(extra);
+    let mut compare = std::process::Command::new(&env.qemu.img);
+    compare.current_dir(dir).arg("compare").args(&object);
+    match &opts {
+        Some(o) => compare.args(["--image-opts", &o.replace("IMG", theirs), &o.replace("IMG", ours)]),
+        None => compare.args([theirs, ours]),
+    };
+    let out = compare.output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare {theirs} {ours}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut check = std::process::Command::new(&env.qemu.img);
+    check.current_dir(dir).args(["check", "--output=json"]).args(&object);
+    match &opts {
+        Some(o) => check.args(["--image-opts", &o.replace("IMG", ours)]),
+        None => check.arg(ours),
+    };
+    let out = check.output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "qemu-img check {ours}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    // qemu-img leaves out the counts that are zero.
+    assert!(
+        report.get("corruptions").is_none_or(|c| c == 0),
+        "{ours} is corrupt: {report}"
+    );
+    assert!(
+        report.get("leaks").is_none_or(|l| l == 0),
+        "{ours} leaks: {report}"
+    );
+    assert_eq!(report["check-errors"], 0, "{ours}: {report}");
+}
+
+/// qemu-img's `--object` and `--image-opts` for an encrypted image (from qemu-io's args).
+fn image_args(extra: &[&str]) -> (Vec<String>, Option<String>) {
+    match extra.iter().position(|a| *a == "--object") {
+        Some(i) => (
+            vec!["--object".into(), extra[i + 1].to_owned()],
+            Some("driver=qcow2,file.filename=IMG,encrypt.key-secret=sec0".to_owned()),
+        ),
+        None => (Vec::new(), None),
+    }
+}
+
+/// Make `name` in `dir` with qemu-img create and `opts`, then copy it to `ours`.
+fn create_pair(env: &Env, opts: &str, size: &str, extra: &[&str]) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend(extra);
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend(["theirs.qcow2", size]);
+    env.qemu.img(env.dir.path(), &args);
+    copy(env.dir.path(), "theirs.qcow2", "ours.qcow2");
+}
+
+fn copy(dir: &Path, from: &str, to: &str) {
+    std::fs::copy(dir.join(from), dir.join(to)).unwrap();
+}
+
+fn kind_case(test: &str, opts: &str, size: &str, cluster: u64, seeds: std::ops::Range<u64>) {
+    let Some(env) = Env::new(test) else { return };
+    let bytes = parse_size(size);
+    for seed in seeds {
+        create_pair(&env, opts, size, &[]);
+        let ops = script(seed, bytes, cluster, 60);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+fn parse_size(s: &str) -> u64 {
+    let (n, unit) = s.split_at(s.len() - 1);
+    let n: u64 = n.parse().unwrap();
+    match unit {
+        "K" => n << 10,
+        "M" => n << 20,
+        "G" => n << 30,
+        _ => panic!("size {s}"),
+    }
+}
+
+#[test]
+fn v3_64k() {
+    kind_case("write::v3_64k", "", "64M", 65536, 0..4);
+}
+
+#[test]
+fn v2_compat_010() {
+    kind_case("write::v2_compat_010", "compat=0.10", "32M", 65536, 10..13);
+}
+
+#[test]
+fn clusters_512_bytes() {
+    kind_case("write::clusters_512_bytes", "cluster_size=512", "4M", 512, 20..23);
+}
+
+#[test]
+fn clusters_2m() {
+    kind_case("write::clusters_2m", "cluster_size=2M", "64M", 2 << 20, 30..32);
+}
+
+#[test]
+fn refcount_widths() {
+    for bits in [1, 2, 8, 16, 32, 64] {
+        kind_case(
+            "write::refcount_widths",
+            &format!("refcount_bits={bits},cluster_size=4k"),
+            "16M",
+            4096,
+            40 + bits..41 + bits,
+        );
+    }
+}
+
+#[test]
+fn lazy_refcounts() {
+    kind_case("write::lazy_refcounts", "lazy_refcounts=on", "32M", 65536, 50..52);
+}
+
+#[test]
+fn refcount_table_grows() {
+    // 512-byte clusters with 64-bit refcounts: a block covers 64 clusters, the first table
+    // cluster 64 blocks: 2 MiB of clusters before the table must move.
+    let Some(env) = Env::new("write::refcount_table_grows") else { return };
+    create_pair(&env, "cluster_size=512,refcount_bits=64", "8M", &[]);
+    let ops: Vec<Op> = (0..48)
+        .map(|i| Op::Write {
+            pos: i * (128 << 10),
+            len: 100 << 10,
+            byte: i as u8 + 1,
+        })
+        .collect();
+    run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+}
+
+#[test]
+fn backing_chain() {
+    let Some(env) = Env::new("write::backing_chain") else { return };
+    let dir = env.dir.path();
+    for seed in 60..63 {
+        env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"]);
+        env.qemu.io(dir, "qcow2", "base.qcow2", &["write -P 7 0 32M"]);
+        env.qemu.create_overlay(dir, "base.qcow2", "theirs.qcow2");
+        env.qemu.create_overlay(dir, "base.qcow2", "ours.qcow2");
+        let ops = script(seed, 32 << 20, 65536, 60);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+#[test]
+fn compressed_clusters_overwritten() {
+    let Some(env) = Env::new("write::compressed_clusters_overwritten") else { return };
+    let dir = env.dir.path();
+    let mut rng = Rng::new(70);
+    let mut raw = vec![0u8; 16 << 20];
+    for chunk in raw.chunks_mut(4096) {
+        let b = rng.below(4) as u8;
+        chunk.fill(b'a' + b);
+    }
+    std::fs::write(dir.join("src.raw"), &raw).unwrap();
+    for (seed, opts) in [(71, ""), (72, "compression_type=zstd")] {
+        env.qemu.compress(dir, "src.raw", "theirs.qcow2", opts);
+        copy(dir, "theirs.qcow2", "ours.qcow2");
+        let ops = script(seed, 16 << 20, 65536, 80);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+#[test]
+fn internal_snapshots() {
+    let Some(env) = Env::new("write::internal_snapshots") else { return };
+    let dir = env.dir.path();
+    for seed in 80..83 {
+        env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "theirs.qcow2", "32M"]);
+        env.qemu.io(dir, "qcow2", "theirs.qcow2", &["write -P 3 0 20M"]);
+        env.qemu.img(dir, &["snapshot", "-c", "one", "theirs.qcow2"]);
+        env.qemu.io(dir, "qcow2", "theirs.qcow2", &["write -P 4 4M 4M"]);
+        env.qemu.img(dir, &["snapshot", "-c", "two", "theirs.qcow2"]);
+        copy(dir, "theirs.qcow2", "ours.qcow2");
+        let ops = script(seed, 32 << 20, 65536, 60);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+        // The snapshots still read what they held.
+        for snap in ["one", "two"] {
+            let a = env.qemu.convert_to_raw(dir, "theirs.qcow2", &["-l", snap]);
+            let b = env.qemu.convert_to_raw(dir, "ours.qcow2", &["-l", snap]);
+            assert!(a == b, "snapshot {snap} differs after writing (seed {seed})");
+        }
+    }
+}
+
+#[test]
+fn preallocated_metadata() {
+    kind_case(
+        "write::preallocated_metadata",
+        "preallocation=metadata",
+        "16M",
+        65536,
+        90..92,
+    );
+}
+
+#[test]
+fn luks_encrypted() {
+    let Some(env) = Env::new("write::luks_encrypted") else { return };
+    let object = "secret,id=sec0,data=hunter2";
+    create_pair(
+        &env,
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "8M",
+        &["--object", object],
+    );
+    let ops = script(100, 8 << 20, 65536, 40);
+    let extra = [
+        "--object",
+        object,
+        "--image-opts",
+    ];
+    // qemu-io needs the image as options to pass the secret.
+    let dir = env.dir.path();
+    let mut io = std::process::Command::new(&env.qemu.io);
+    io.current_dir(dir).args(extra);
+    for op in &ops {
+        io.args(["-c", &op.qemu_io()]);
+    }
+    io.arg("driver=qcow2,file.filename=theirs.qcow2,encrypt.key-secret=sec0");
+    let out = io.output().unwrap();
+    assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+    let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &OpenOptions::new().write(true).secret("hunter2"))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    for op in &ops {
+        op.apply(&writer);
+    }
+    writer.close().unwrap();
+    compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &["--object", object]);
+}
+
+#[test]
+fn reads_through_the_writer_see_every_write() {
+    let Some(env) = Env::new("write::reads_through_the_writer") else { return };
+    let dir = env.dir.path();
+    env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    env.qemu.io(dir, "qcow2", "base.qcow2", &["write -P 9 0 8M"]);
+    env.qemu.create_overlay(dir, "base.qcow2", "top.qcow2");
+    let writer = Qcow2::open_path_with(dir.join("top.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    let mut model = vec![9u8; 8 << 20];
+    for op in script(110, 8 << 20, 65536, 200) {
+        op.apply(&writer);
+        match op {
+            Op::Write { pos, len, byte } => model[pos as usize..(pos + len) as usize].fill(byte),
+            Op::Zero { pos, len, .. } => model[pos as usize..(pos + len) as usize].fill(0),
+            Op::Discard { pos, len } => {
+                let c = 65536;
+                let start = pos.next_multiple_of(c);
+                let end = (pos + len) / c * c;
+                if end > start {
+                    model[start as usize..end as usize].fill(0);
+                }
+            }
+            Op::Flush => {}
+        }
+        let mut back = vec![0u8; 8 << 20];
+        writer.read_exact_at(0, &mut back).unwrap();
+        assert!(back == model, "after {op:?}");
+    }
+}
+
+#[test]
+fn refusals() {
+    let Some(env) = Env::new("write::refusals") else { return };
+    let dir = env.dir.path();
+    env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    // Opened for reading only.
+    let image = Qcow2::open_path(dir.join("a.qcow2")).unwrap();
+    assert!(matches!(image.into_writer(), Err(qcow2::Error::ReadOnly)));
+    // Past the end.
+    let w = Qcow2::open_path_with(dir.join("a.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    let err = w.write_all_at((1 << 20) - 1, &[1, 2]).unwrap_err();
+    assert!(matches!(err, qcow2::Error::WritePastEnd { .. }), "{err}");
+    w.close().unwrap();
+    // A read-only file.
+    let ro = dir.join("ro.qcow2");
+    std::fs::copy(dir.join("a.qcow2"), &ro).unwrap();
+    let mut perms = std::fs::metadata(&ro).unwrap().permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&ro, perms).unwrap();
+    let opened = Qcow2::open_path_with(&ro, &OpenOptions::new().write(true));
+    if !nix_root() {
+        assert!(opened.is_err(), "a read-only file opened for writing");
+    }
+    // Extended L2 is refused clearly (for now).
+    env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "x.qcow2", "1M"]);
+    let err = Qcow2::open_path_with(dir.join("x.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap_err();
+    assert!(matches!(err, qcow2::Error::UnsupportedWrite { .. }), "{err}");
+}
+
+/// Root opens read-only files for writing anyway.
+fn nix_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"))
+}
