@@ -40,7 +40,9 @@ pub(crate) fn with_extension(
     };
     let ext_end = match backing_at {
         0 => cluster0.len(),
-        off => usize::try_from(off).unwrap_or(cluster0.len()).min(cluster0.len()),
+        off => usize::try_from(off)
+            .unwrap_or(cluster0.len())
+            .min(cluster0.len()),
     };
     let mut out = field(cluster0, 0, header_len)
         .ok_or_else(|| bad("header longer than the cluster"))?
@@ -147,16 +149,26 @@ mod tests {
     #[test]
     fn adds_replaces_and_removes_an_extension_keeping_the_backing_name() {
         let before = image(Some("base.qcow2"));
-        let added =
-            with_extension(&before, EXT_BITMAPS, Some(&bitmaps(1, 0x50000)), AUTOCLEAR_BITMAPS, 0)
-                .unwrap();
+        let added = with_extension(
+            &before,
+            EXT_BITMAPS,
+            Some(&bitmaps(1, 0x50000)),
+            AUTOCLEAR_BITMAPS,
+            0,
+        )
+        .unwrap();
         let h = Header::parse(&added, &Limits::default()).unwrap();
         assert_eq!(h.backing_file(), Some("base.qcow2"));
         assert_eq!(h.backing_format(), Some("qcow2"));
         assert_eq!(h.bitmaps().unwrap().directory_offset, 0x50000);
-        let moved =
-            with_extension(&added, EXT_BITMAPS, Some(&bitmaps(2, 0x60000)), AUTOCLEAR_BITMAPS, 0)
-                .unwrap();
+        let moved = with_extension(
+            &added,
+            EXT_BITMAPS,
+            Some(&bitmaps(2, 0x60000)),
+            AUTOCLEAR_BITMAPS,
+            0,
+        )
+        .unwrap();
         let h = Header::parse(&moved, &Limits::default()).unwrap();
         assert_eq!(h.bitmaps().unwrap().nb_bitmaps, 2);
         let removed = with_extension(&moved, EXT_BITMAPS, None, 0, AUTOCLEAR_BITMAPS).unwrap();

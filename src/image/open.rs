@@ -189,13 +189,30 @@ fn open_link(file: File, path: &Path, options: &OpenOptions) -> Result<Qcow2<Fil
     // Only an image with the data-file bit uses the name it records (QEMU ignores it otherwise).
     if let Some(name) = image.header().external_data_file().map(Path::to_path_buf) {
         let data_path = resolve(path, &name)?;
-        let data = open_allowed(&data_path, FileRole::DataFile, options)?;
+        let data = match options.write {
+            true => open_data_file_rw(&data_path, options)?,
+            false => open_allowed(&data_path, FileRole::DataFile, options)?,
+        };
+        if options.write {
+            let writable = data
+                .try_clone()
+                .map_err(|e| Error::io(format!("opening data file {}", data_path.display()), e))?;
+            image.data_storage = Some(Box::new(writable));
+        }
         image.files.extend(FileId::of(&data, &data_path)?);
         image.data_file_holes = hole_query(&data);
         image.data_file_path = Some(data_path);
         image.set_data_file(data)?;
     }
     Ok(image)
+}
+
+/// The data file of an image opened for writing: allowed by the policy (checked by opening
+/// it read-only first), then opened for reading and writing.
+fn open_data_file_rw(path: &Path, options: &OpenOptions) -> Result<File> {
+    let allowed = open_allowed(path, FileRole::DataFile, options)?;
+    drop(allowed);
+    checked_open_rw(path, options.allow_devices)
 }
 
 /// A raw backing file, sized as QEMU sizes it.
@@ -588,7 +605,8 @@ pub(crate) fn checked_open(path: &Path, role: &'static str, devices: bool) -> Re
 
 /// [`checked_open`] for reading and writing: the image a writer opens.
 fn checked_open_rw(path: &Path, devices: bool) -> Result<File> {
-    let file = sys::open_rw(path).map_err(|e| Error::io(format!("opening image {} for writing", path.display()), e))?;
+    let file = sys::open_rw(path)
+        .map_err(|e| Error::io(format!("opening image {} for writing", path.display()), e))?;
     check_file_type(&file, path, "image", devices)?;
     Ok(file)
 }

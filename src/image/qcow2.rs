@@ -86,6 +86,8 @@ pub struct Qcow2<I> {
     pub(crate) compressed: Arc<ClusterCache>,
     pub(crate) backing: Option<Backing>,
     pub(crate) data_file: Option<Box<dyn ReadAt + Send + Sync>>,
+    /// The external data file, writable: an image opened by path for writing.
+    pub(crate) data_storage: Option<Box<dyn crate::base::io::Storage>>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) limits: Limits,
     /// Where the image file has holes, for the map.
@@ -160,6 +162,7 @@ impl<I: ReadAt> Qcow2<I> {
             compressed: Arc::new(ClusterCache::new()),
             backing: None,
             data_file: None,
+            data_storage: None,
             path: None,
             limits,
             holes: None,

@@ -118,7 +118,11 @@ fn run_both(env: &Env, theirs: &str, ours: &str, ops: &[Op], extra_io: &[&str]) 
     }
     io.arg(theirs);
     let out = io.output().unwrap();
-    assert!(out.status.success(), "qemu-io failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-io failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let options = OpenOptions::new().write(true);
     let options = match extra_io.iter().any(|a| a.contains("secret")) {
@@ -143,7 +147,11 @@ fn compare_and_check(env: &Env, theirs: &str, ours: &str, extra: &[&str]) {
     let mut compare = std::process::Command::new(&env.qemu.img);
     compare.current_dir(dir).arg("compare").args(&object);
     match &opts {
-        Some(o) => compare.args(["--image-opts", &o.replace("IMG", theirs), &o.replace("IMG", ours)]),
+        Some(o) => compare.args([
+            "--image-opts",
+            &o.replace("IMG", theirs),
+            &o.replace("IMG", ours),
+        ]),
         None => compare.args([theirs, ours]),
     };
     let out = compare.output().unwrap();
@@ -154,7 +162,10 @@ fn compare_and_check(env: &Env, theirs: &str, ours: &str, extra: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut check = std::process::Command::new(&env.qemu.img);
-    check.current_dir(dir).args(["check", "--output=json"]).args(&object);
+    check
+        .current_dir(dir)
+        .args(["check", "--output=json"])
+        .args(&object);
     match &opts {
         Some(o) => check.args(["--image-opts", &o.replace("IMG", ours)]),
         None => check.arg(ours),
@@ -239,12 +250,24 @@ fn v2_compat_010() {
 
 #[test]
 fn clusters_512_bytes() {
-    kind_case("write::clusters_512_bytes", "cluster_size=512", "4M", 512, 20..23);
+    kind_case(
+        "write::clusters_512_bytes",
+        "cluster_size=512",
+        "4M",
+        512,
+        20..23,
+    );
 }
 
 #[test]
 fn clusters_2m() {
-    kind_case("write::clusters_2m", "cluster_size=2M", "64M", 2 << 20, 30..32);
+    kind_case(
+        "write::clusters_2m",
+        "cluster_size=2M",
+        "64M",
+        2 << 20,
+        30..32,
+    );
 }
 
 #[test]
@@ -262,14 +285,22 @@ fn refcount_widths() {
 
 #[test]
 fn lazy_refcounts() {
-    kind_case("write::lazy_refcounts", "lazy_refcounts=on", "32M", 65536, 50..52);
+    kind_case(
+        "write::lazy_refcounts",
+        "lazy_refcounts=on",
+        "32M",
+        65536,
+        50..52,
+    );
 }
 
 #[test]
 fn refcount_table_grows() {
     // 512-byte clusters with 64-bit refcounts: a block covers 64 clusters, the first table
     // cluster 64 blocks: 2 MiB of clusters before the table must move.
-    let Some(env) = Env::new("write::refcount_table_grows") else { return };
+    let Some(env) = Env::new("write::refcount_table_grows") else {
+        return;
+    };
     create_pair(&env, "cluster_size=512,refcount_bits=64", "8M", &[]);
     let ops: Vec<Op> = (0..48)
         .map(|i| Op::Write {
@@ -283,11 +314,15 @@ fn refcount_table_grows() {
 
 #[test]
 fn backing_chain() {
-    let Some(env) = Env::new("write::backing_chain") else { return };
+    let Some(env) = Env::new("write::backing_chain") else {
+        return;
+    };
     let dir = env.dir.path();
     for seed in 60..63 {
-        env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"]);
-        env.qemu.io(dir, "qcow2", "base.qcow2", &["write -P 7 0 32M"]);
+        env.qemu
+            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"]);
+        env.qemu
+            .io(dir, "qcow2", "base.qcow2", &["write -P 7 0 32M"]);
         env.qemu.create_overlay(dir, "base.qcow2", "theirs.qcow2");
         env.qemu.create_overlay(dir, "base.qcow2", "ours.qcow2");
         let ops = script(seed, 32 << 20, 65536, 60);
@@ -297,7 +332,9 @@ fn backing_chain() {
 
 #[test]
 fn compressed_clusters_overwritten() {
-    let Some(env) = Env::new("write::compressed_clusters_overwritten") else { return };
+    let Some(env) = Env::new("write::compressed_clusters_overwritten") else {
+        return;
+    };
     let dir = env.dir.path();
     let mut rng = Rng::new(70);
     let mut raw = vec![0u8; 16 << 20];
@@ -316,14 +353,21 @@ fn compressed_clusters_overwritten() {
 
 #[test]
 fn internal_snapshots() {
-    let Some(env) = Env::new("write::internal_snapshots") else { return };
+    let Some(env) = Env::new("write::internal_snapshots") else {
+        return;
+    };
     let dir = env.dir.path();
     for seed in 80..83 {
-        env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "theirs.qcow2", "32M"]);
-        env.qemu.io(dir, "qcow2", "theirs.qcow2", &["write -P 3 0 20M"]);
-        env.qemu.img(dir, &["snapshot", "-c", "one", "theirs.qcow2"]);
-        env.qemu.io(dir, "qcow2", "theirs.qcow2", &["write -P 4 4M 4M"]);
-        env.qemu.img(dir, &["snapshot", "-c", "two", "theirs.qcow2"]);
+        env.qemu
+            .img(dir, &["create", "-q", "-f", "qcow2", "theirs.qcow2", "32M"]);
+        env.qemu
+            .io(dir, "qcow2", "theirs.qcow2", &["write -P 3 0 20M"]);
+        env.qemu
+            .img(dir, &["snapshot", "-c", "one", "theirs.qcow2"]);
+        env.qemu
+            .io(dir, "qcow2", "theirs.qcow2", &["write -P 4 4M 4M"]);
+        env.qemu
+            .img(dir, &["snapshot", "-c", "two", "theirs.qcow2"]);
         copy(dir, "theirs.qcow2", "ours.qcow2");
         let ops = script(seed, 32 << 20, 65536, 60);
         run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
@@ -331,7 +375,10 @@ fn internal_snapshots() {
         for snap in ["one", "two"] {
             let a = env.qemu.convert_to_raw(dir, "theirs.qcow2", &["-l", snap]);
             let b = env.qemu.convert_to_raw(dir, "ours.qcow2", &["-l", snap]);
-            assert!(a == b, "snapshot {snap} differs after writing (seed {seed})");
+            assert!(
+                a == b,
+                "snapshot {snap} differs after writing (seed {seed})"
+            );
         }
     }
 }
@@ -349,7 +396,9 @@ fn preallocated_metadata() {
 
 #[test]
 fn luks_encrypted() {
-    let Some(env) = Env::new("write::luks_encrypted") else { return };
+    let Some(env) = Env::new("write::luks_encrypted") else {
+        return;
+    };
     let object = "secret,id=sec0,data=hunter2";
     create_pair(
         &env,
@@ -358,11 +407,7 @@ fn luks_encrypted() {
         &["--object", object],
     );
     let ops = script(100, 8 << 20, 65536, 40);
-    let extra = [
-        "--object",
-        object,
-        "--image-opts",
-    ];
+    let extra = ["--object", object, "--image-opts"];
     // qemu-io needs the image as options to pass the secret.
     let dir = env.dir.path();
     let mut io = std::process::Command::new(&env.qemu.io);
@@ -372,11 +417,18 @@ fn luks_encrypted() {
     }
     io.arg("driver=qcow2,file.filename=theirs.qcow2,encrypt.key-secret=sec0");
     let out = io.output().unwrap();
-    assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
-    let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &OpenOptions::new().write(true).secret("hunter2"))
-        .unwrap()
-        .into_writer()
-        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-io: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let writer = Qcow2::open_path_with(
+        dir.join("ours.qcow2"),
+        &OpenOptions::new().write(true).secret("hunter2"),
+    )
+    .unwrap()
+    .into_writer()
+    .unwrap();
     for op in &ops {
         op.apply(&writer);
     }
@@ -386,10 +438,14 @@ fn luks_encrypted() {
 
 #[test]
 fn reads_through_the_writer_see_every_write() {
-    let Some(env) = Env::new("write::reads_through_the_writer") else { return };
+    let Some(env) = Env::new("write::reads_through_the_writer") else {
+        return;
+    };
     let dir = env.dir.path();
-    env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
-    env.qemu.io(dir, "qcow2", "base.qcow2", &["write -P 9 0 8M"]);
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    env.qemu
+        .io(dir, "qcow2", "base.qcow2", &["write -P 9 0 8M"]);
     env.qemu.create_overlay(dir, "base.qcow2", "top.qcow2");
     let writer = Qcow2::open_path_with(dir.join("top.qcow2"), &OpenOptions::new().write(true))
         .unwrap()
@@ -419,9 +475,12 @@ fn reads_through_the_writer_see_every_write() {
 
 #[test]
 fn refusals() {
-    let Some(env) = Env::new("write::refusals") else { return };
+    let Some(env) = Env::new("write::refusals") else {
+        return;
+    };
     let dir = env.dir.path();
-    env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
     // Opened for reading only.
     let image = Qcow2::open_path(dir.join("a.qcow2")).unwrap();
     assert!(matches!(image.into_writer(), Err(qcow2::Error::ReadOnly)));
@@ -444,12 +503,27 @@ fn refusals() {
         assert!(opened.is_err(), "a read-only file opened for writing");
     }
     // Extended L2 is refused clearly (for now).
-    env.qemu.img(dir, &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "x.qcow2", "1M"]);
+    env.qemu.img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "x.qcow2",
+            "1M",
+        ],
+    );
     let err = Qcow2::open_path_with(dir.join("x.qcow2"), &OpenOptions::new().write(true))
         .unwrap()
         .into_writer()
         .unwrap_err();
-    assert!(matches!(err, qcow2::Error::UnsupportedWrite { .. }), "{err}");
+    assert!(
+        matches!(err, qcow2::Error::UnsupportedWrite { .. }),
+        "{err}"
+    );
 }
 
 /// Root opens read-only files for writing anyway.
@@ -458,4 +532,45 @@ fn nix_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0"))
+}
+
+#[test]
+fn external_data_files() {
+    let Some(env) = Env::new("write::external_data_files") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for (seed, raw) in [(120, false), (121, true)] {
+        for side in ["theirs", "ours"] {
+            let opts = format!(
+                "data_file={side}.data,data_file_raw={}",
+                if raw { "on" } else { "off" }
+            );
+            env.qemu.img(
+                dir,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &opts,
+                    &format!("{side}.qcow2"),
+                    "16M",
+                ],
+            );
+        }
+        let ops = script(seed, 16 << 20, 65536, 60);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+        if raw {
+            // The raw data file reads as the guest.
+            let guest = env.qemu.convert_to_raw(dir, "ours.qcow2", &[] as &[&str]);
+            let mut data = std::fs::read(dir.join("ours.data")).unwrap();
+            data.resize(guest.len(), 0);
+            assert!(
+                data == guest,
+                "the raw data file does not read as the guest"
+            );
+        }
+    }
 }

@@ -64,6 +64,25 @@ impl<I: Storage> Guest<'_, I> {
         Reader::with_state(self.image, self.state)
     }
 
+    /// Where data clusters are written: the external data file, or the image file.
+    fn data_io(&self) -> &dyn Storage {
+        match &self.image.data_storage {
+            Some(data) => data.as_ref(),
+            None => &self.image.io,
+        }
+    }
+
+    /// Data clusters live in an external data file, at their guest offsets, without
+    /// refcounts (QEMU's `has_data_file`).
+    fn external(&self) -> bool {
+        self.image.geometry.external_data
+    }
+
+    /// The external data file is a raw image of the guest: it must read as the guest does.
+    fn raw_data_file(&self) -> bool {
+        self.external() && self.image.header.is_data_file_raw()
+    }
+
     fn has_backing(&self) -> bool {
         matches!(self.image.backing, Some(Backing::Source { .. }))
             || self.image.header.backing_file().is_some() && self.image.backing.is_none()
@@ -125,15 +144,20 @@ impl<I: Storage> Guest<'_, I> {
 
     /// Whether the image itself holds the cluster at `guest`, and how far that answer
     /// holds, up to `len` bytes.
-    pub(crate) fn is_allocated(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<(bool, u64)> {
+    pub(crate) fn is_allocated(
+        &self,
+        meta: &mut Metadata,
+        pos: u64,
+        len: u64,
+    ) -> Result<(bool, u64)> {
         let io = &self.image.io;
         let mut first: Option<bool> = None;
         let mut done = 0u64;
         while done < len {
             let guest = pos.saturating_add(done);
             let entry = meta.tables.entry(io, guest)?;
-            let allocated = entry.table != 0
-                && !matches!(self.kind(&entry)?, ExtentKind::Unallocated { .. });
+            let allocated =
+                entry.table != 0 && !matches!(self.kind(&entry)?, ExtentKind::Unallocated { .. });
             match first {
                 None => first = Some(allocated),
                 Some(a) if a != allocated => break,
@@ -249,8 +273,14 @@ impl<I: Storage> Guest<'_, I> {
         let start = guest & !(cs - 1);
         let within = guest - start;
         let fresh_from = meta.file_len.max(meta.refs.end());
-        let host = meta.refs.allocate(io, count)?;
-        let fresh = host >= fresh_from;
+        let (host, fresh) = match self.external() {
+            // The data file holds each cluster at its guest offset, without refcounts.
+            true => (start, false),
+            false => {
+                let host = meta.refs.allocate(io, count)?;
+                (host, host >= fresh_from)
+            }
+        };
         let end_gap = (count * cs) - within - data.len() as u64;
         let zeros_around = |i: usize| {
             entries
@@ -266,7 +296,9 @@ impl<I: Storage> Guest<'_, I> {
             self.fill_and_write(meta, start, host, within, data, entries)
         };
         if let Err(e) = written {
-            meta.refs.free_now(io, host, count * cs)?;
+            if !self.external() {
+                meta.refs.free_now(io, host, count * cs)?;
+            }
             return Err(e);
         }
         meta.unsynced = true;
@@ -347,8 +379,7 @@ impl<I: Storage> Guest<'_, I> {
     }
 
     fn write_plain(&self, host: u64, data: &[u8]) -> Result<()> {
-        self.image
-            .io
+        self.data_io()
             .write_all_at(host, data)
             .map_err(|e| Error::io(format!("writing guest data at host offset {host:#x}"), e))
     }
@@ -356,6 +387,8 @@ impl<I: Storage> Guest<'_, I> {
     fn release(&self, meta: &mut Metadata, release: Release) {
         match release {
             Release::Nothing => {}
+            // A data file's clusters have no refcounts.
+            Release::Cluster(_) if self.external() => {}
             Release::Cluster(host) => meta.refs.free_later(host, self.cluster_size()),
             Release::Compressed(at, len) => meta.refs.free_later(at, len),
         }
@@ -366,14 +399,24 @@ impl<I: Storage> Guest<'_, I> {
     /// that reads as zeros already is made a zero cluster whole, any other partial cluster
     /// is written with zeros. Version 2 images, which have no zero flag, are written with
     /// zeros.
-    pub(crate) fn write_zeroes(&self, meta: &mut Metadata, pos: u64, len: u64, unmap: bool) -> Result<()> {
+    pub(crate) fn write_zeroes(
+        &self,
+        meta: &mut Metadata,
+        pos: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
+        if self.raw_data_file() {
+            self.zero_raw_data_file(meta, pos, len)?;
+        }
         let cs = self.cluster_size();
         let end = pos + len;
         let mut at = pos;
         while at < end {
             let cluster = at & !(cs - 1);
             let piece_end = (cluster + cs).min(end);
-            let whole_cluster = at == cluster && (piece_end == cluster + cs || piece_end == self.image.guest_size());
+            let whole_cluster = at == cluster
+                && (piece_end == cluster + cs || piece_end == self.image.guest_size());
             if self.image.geometry.pre_v3 {
                 self.write_zero_bytes(meta, at, piece_end - at)?;
             } else if whole_cluster || self.reads_zeros(meta, cluster)? {
@@ -383,6 +426,20 @@ impl<I: Storage> Guest<'_, I> {
             }
             at = piece_end;
         }
+        Ok(())
+    }
+
+    /// A raw data file reads as the guest: zeros go into it too (as QEMU's
+    /// `qcow2_subcluster_zeroize` writes them there first).
+    fn zero_raw_data_file(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; clamp(len, MAX_RUN_BYTES as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = clamp(len - done, zeros.len());
+            self.write_plain(pos + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        meta.unsynced = true;
         Ok(())
     }
 
@@ -457,6 +514,10 @@ impl<I: Storage> Guest<'_, I> {
 
     fn discard_cluster(&self, meta: &mut Metadata, cluster: u64) -> Result<()> {
         let io = &self.image.io;
+        if self.raw_data_file() {
+            let len = self.cluster_size().min(self.image.guest_size() - cluster);
+            self.zero_raw_data_file(meta, cluster, len)?;
+        }
         let entry = meta.tables.entry_for_write(io, &mut meta.refs, cluster)?;
         let old = self.old(&entry)?;
         let kind = self.image.geometry.cluster_type(entry.word);

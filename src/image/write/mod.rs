@@ -124,7 +124,9 @@ impl<I: Storage> Qcow2<I> {
             self.geometry,
             self.l1.to_vec(),
             header.l1_table_offset(),
-            self.limits.l2_cache_bytes.max(self.cluster_size().saturating_mul(4)),
+            self.limits
+                .l2_cache_bytes
+                .max(self.cluster_size().saturating_mul(4)),
         );
         mark_open(&self.io, &header)?;
         let header = read_back_header(&self)?;
@@ -149,8 +151,8 @@ fn refuse_unsupported<I>(image: &Qcow2<I>) -> Result<()> {
     let header = &image.header;
     let what = if header.has_extended_l2() {
         Some("extended L2 entries (subclusters)")
-    } else if header.has_data_file_bit() {
-        Some("an external data file")
+    } else if header.has_data_file_bit() && image.data_storage.is_none() {
+        Some("an external data file attached for reading only (open the image by path to write its data file)")
     } else if header.is_dirty() {
         Some("the image is dirty (lazy refcounts left unwritten by a crash): repair it first with `qemu-img check -r all`")
     } else {
@@ -179,7 +181,12 @@ fn mark_open<I: Storage>(io: &I, header: &Header) -> Result<()> {
     }
     if header.has_lazy_refcounts() {
         let incompatible = header.incompatible_features() | INCOMPAT_DIRTY;
-        write(io, INCOMPATIBLE_FIELD, &incompatible.to_be_bytes(), "header")?;
+        write(
+            io,
+            INCOMPATIBLE_FIELD,
+            &incompatible.to_be_bytes(),
+            "header",
+        )?;
         changed = true;
     }
     if changed {
@@ -290,7 +297,8 @@ impl<I: Storage> Writer<I> {
     /// power cut.
     pub fn flush(&self) -> Result<()> {
         let io = &self.image()?.io;
-        self.meta().write_back(io)
+        self.meta()
+            .write_back(io, self.image()?.data_storage.as_deref())
     }
 
     /// Whether this image itself (not its backing files) holds the stretch at `pos`, and for
@@ -308,7 +316,7 @@ impl<I: Storage> Writer<I> {
     /// Write back the tables when they outgrow the cache, then drop the clean ones.
     fn keep_within_budget(&self, meta: &mut Metadata) -> Result<()> {
         if meta.tables.over_budget() {
-            meta.write_back(&self.image()?.io)?;
+            meta.write_back(&self.image()?.io, self.image()?.data_storage.as_deref())?;
             meta.tables.trim();
         }
         Ok(())
@@ -319,12 +327,17 @@ impl<I: Storage> Writer<I> {
     fn finish(&self) -> Result<()> {
         let image = self.image()?;
         let mut meta = self.meta();
-        meta.write_back(&image.io)?;
+        meta.write_back(&image.io, image.data_storage.as_deref())?;
         // The frees applied by the first write-back changed refcount blocks: write them too.
-        meta.write_back(&image.io)?;
+        meta.write_back(&image.io, image.data_storage.as_deref())?;
         if image.header.version() >= 3 && image.header.has_lazy_refcounts() {
             let incompatible = image.header.incompatible_features() & !INCOMPAT_DIRTY;
-            write(&image.io, INCOMPATIBLE_FIELD, &incompatible.to_be_bytes(), "header")?;
+            write(
+                &image.io,
+                INCOMPATIBLE_FIELD,
+                &incompatible.to_be_bytes(),
+                "header",
+            )?;
             barrier(&image.io)?;
         }
         Ok(())

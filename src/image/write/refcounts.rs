@@ -301,11 +301,15 @@ impl Refcounts {
     fn grow_table<I: Storage>(&mut self, io: &I, entries: u64) -> Result<()> {
         let bits = self.cluster_bits();
         let per_cluster = self.cluster_size() / 8;
-        let mut wanted = (entries.max(self.table.len() as u64).saturating_mul(3) >> 1).saturating_add(1);
+        let mut wanted =
+            (entries.max(self.table.len() as u64).saturating_mul(3) >> 1).saturating_add(1);
         let clusters = loop {
             let clusters = wanted.div_ceil(per_cluster);
             // The new table, and a block or two for it, must be covered too.
-            let reach = self.layout.locate(self.top.saturating_add(clusters).saturating_add(2)).0;
+            let reach = self
+                .layout
+                .locate(self.top.saturating_add(clusters).saturating_add(2))
+                .0;
             if reach < wanted {
                 break clusters;
             }
@@ -353,7 +357,8 @@ impl Refcounts {
 
     /// A moved table, whole, to be written before the header names it.
     pub(crate) fn moved_table(&self) -> Option<(u64, Vec<u8>)> {
-        self.table_moved.then(|| (self.table_offset, self.table_bytes()))
+        self.table_moved
+            .then(|| (self.table_offset, self.table_bytes()))
     }
 
     /// The table's changed entries (a table that has not moved): `(file offset, entry)`.

@@ -37,6 +37,7 @@ pub(crate) trait Space {
 pub(crate) struct FileSpace<'a, I> {
     pub(crate) io: &'a I,
     pub(crate) meta: &'a mut Metadata,
+    pub(crate) data: Option<&'a dyn Storage>,
     pub(crate) cluster_bits: u32,
 }
 
@@ -61,7 +62,7 @@ impl<I: Storage> Space for FileSpace<'_, I> {
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.meta.write_back(self.io)
+        self.meta.write_back(self.io, self.data)
     }
 
     fn set_bitmaps_extension(&mut self, extension: Option<BitmapsExtension>) -> Result<()> {

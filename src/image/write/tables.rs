@@ -205,7 +205,12 @@ impl Tables {
         })
     }
 
-    fn new_table<I: Storage>(&mut self, io: &I, refs: &mut Refcounts, l1_index: u64) -> Result<u64> {
+    fn new_table<I: Storage>(
+        &mut self,
+        io: &I,
+        refs: &mut Refcounts,
+        l1_index: u64,
+    ) -> Result<u64> {
         let offset = refs.allocate(io, 1)?;
         let words = vec![0u64; (self.cluster_size() / 8) as usize];
         self.insert_new(offset, words);
@@ -273,7 +278,10 @@ impl Tables {
             .filter(|(_, t)| t.dirty)
             .map(|(offset, t)| {
                 t.dirty = false;
-                (*offset, t.words.iter().flat_map(|w| w.to_be_bytes()).collect())
+                (
+                    *offset,
+                    t.words.iter().flat_map(|w| w.to_be_bytes()).collect(),
+                )
             })
             .collect();
         out.sort_unstable_by_key(|(offset, _)| *offset);
@@ -299,7 +307,12 @@ impl Tables {
             .filter_map(|piece| {
                 let first = usize::try_from(piece.checked_mul(per_piece)?).ok()?;
                 let last = first.saturating_add(per_piece as usize).min(self.l1.len());
-                let bytes = self.l1.get(first..last)?.iter().flat_map(|e| e.to_be_bytes()).collect();
+                let bytes = self
+                    .l1
+                    .get(first..last)?
+                    .iter()
+                    .flat_map(|e| e.to_be_bytes())
+                    .collect();
                 let at = self.l1_offset.checked_add(piece.checked_mul(L1_PIECE)?)?;
                 Some((at, bytes))
             })

@@ -34,8 +34,16 @@ pub(crate) struct Metadata {
 
 impl Metadata {
     /// Write back every change, in order, and free what the changes dropped.
-    pub(crate) fn write_back<I: Storage>(&mut self, io: &I) -> Result<()> {
+    pub(crate) fn write_back<I: Storage>(
+        &mut self,
+        io: &I,
+        data: Option<&dyn Storage>,
+    ) -> Result<()> {
         self.reach_end(io)?;
+        if let (Some(data), true) = (data, self.unsynced) {
+            data.sync()
+                .map_err(|e| Error::io("making the data file's writes durable", e))?;
+        }
         self.write_refcounts(io)?;
         self.write_refcount_table(io)?;
         self.write_l2_tables(io)?;
