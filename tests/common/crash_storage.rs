@@ -5,7 +5,8 @@
 //!   `write_all_at`, `set_len` and `sync` is appended to an event log (with the bytes written);
 //!   the test adds [`Marker`]s between its requests, so a cut point can be related to what the
 //!   caller had started and finished. [`CrashStorage::fail_at`] makes the N-th I/O event and
-//!   every call after it fail, as a disk that went away.
+//!   every call after it fail, as a disk that went away; [`CrashStorage::fail_once`] fails the
+//!   N-th only (a transient error). A failed event is neither applied nor logged.
 //! * [`replay`]: the file as a disk may hold it when the power is lost just before event `cut`:
 //!   every event up to the last `sync` before the cut is durable, and of the events between that
 //!   sync and the cut, those a [`Subset`] keeps reached the disk, in their order.
@@ -59,6 +60,9 @@ struct State {
     /// The I/O event (counted from 0) that fails, and every call after it.
     fail_at: Option<usize>,
     failed: bool,
+    /// The one I/O event that fails (a transient error: the calls after it succeed).
+    fail_once: Option<usize>,
+    failed_once: bool,
     reads: u64,
 }
 
@@ -91,9 +95,15 @@ impl CrashStorage {
         self.state().fail_at = Some(n);
     }
 
-    /// Whether the injected failure has happened.
+    /// Fail the I/O event number `n` only: a transient error, the calls after it succeed.
+    pub fn fail_once(&self, n: usize) {
+        self.state().fail_once = Some(n);
+    }
+
+    /// Whether the injected failure has happened (either kind).
     pub fn has_failed(&self) -> bool {
-        self.state().failed
+        let state = self.state();
+        state.failed || state.failed_once
     }
 
     /// Append a marker to the log.
@@ -133,6 +143,12 @@ impl CrashStorage {
         if state.failed || state.fail_at.is_some_and(|at| n >= at) {
             state.failed = true;
             return Err(dead_disk());
+        }
+        if state.fail_once == Some(n) {
+            state.failed_once = true;
+            return Err(io::Error::other(
+                "crash storage: transient I/O error (injected)",
+            ));
         }
         Ok(())
     }

@@ -209,8 +209,19 @@ fn add(set: &mut Vec<Content>, content: Content) {
 
 /// What the requests that started before `cut` allow each sector to hold after a crash there:
 /// its content at the last flush that had returned, and everything written to it since
-/// (the request in flight included).
+/// (the request in flight included). A request that returned an error (it has no end marker
+/// and a later one started) may or may not have changed its sectors.
 fn allowed_at(ops: &[Op], log: &[Event], cut: usize, sectors: usize) -> Vec<Vec<Content>> {
+    allowed_from(vec![vec![Content::Old]; sectors], ops, log, cut)
+}
+
+/// [`allowed_at`] for a disk whose sectors could hold `start` before the run.
+fn allowed_from(
+    start: Vec<Vec<Content>>,
+    ops: &[Op],
+    log: &[Event],
+    cut: usize,
+) -> Vec<Vec<Content>> {
     let mut started = HashSet::new();
     let mut ended = HashSet::new();
     for event in &log[..cut] {
@@ -220,18 +231,19 @@ fn allowed_at(ops: &[Op], log: &[Event], cut: usize, sectors: usize) -> Vec<Vec<
             _ => false,
         };
     }
-    let mut current = vec![vec![Content::Old]; sectors];
+    let mut current = start;
     let mut since_flush = current.clone();
     for (i, op) in ops.iter().enumerate() {
         if !started.contains(&i) {
             break;
         }
+        let certain = ended.contains(&i);
         let written = match *op {
             Op::Write { pattern, .. } => Some(Content::Fill(pattern)),
             Op::Zero { .. } => Some(Content::Fill(0)),
             Op::Discard { .. } => None,
             Op::Flush | Op::Close => {
-                if ended.contains(&i) {
+                if certain {
                     since_flush.clone_from(&current);
                 }
                 continue;
@@ -239,8 +251,12 @@ fn allowed_at(ops: &[Op], log: &[Event], cut: usize, sectors: usize) -> Vec<Vec<
         };
         for s in op.sectors() {
             match written {
-                Some(c) => {
+                Some(c) if certain => {
                     current[s] = vec![c];
+                    add(&mut since_flush[s], c);
+                }
+                Some(c) => {
+                    add(&mut current[s], c);
                     add(&mut since_flush[s], c);
                 }
                 None => {
@@ -742,12 +758,25 @@ fn apply_op<I: qcow2::Storage>(writer: &Writer<I>, op: Op) -> qcow2::Result<()> 
     }
 }
 
-/// Run `ops` through the crate's writer over a fresh storage (failing at I/O event `fail_at`),
-/// stopping at the first error.
-fn run_crate(p: &Prepared, ops: &[Op], fail_at: Option<usize>) -> Run {
+/// An I/O failure injected into a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// I/O event `n` and every call after it fail (the disk went away); the run stops at
+    /// the first error.
+    From(usize),
+    /// I/O event `n` fails, the others succeed (a transient error); the run goes on.
+    Once(usize),
+}
+
+/// Run `ops` through the crate's writer over a fresh storage with `fault` injected. Returns
+/// the first error the caller saw.
+fn run_crate(p: &Prepared, ops: &[Op], fault: Fault) -> Run {
     let storage = CrashStorage::new(p.initial.clone());
-    if let Some(n) = fail_at {
-        storage.fail_at(n);
+    match fault {
+        Fault::None => {}
+        Fault::From(n) => storage.fail_at(n),
+        Fault::Once(n) => storage.fail_once(n),
     }
     let writer = match open_writer(p, &storage) {
         Ok(w) => w,
@@ -759,6 +788,7 @@ fn run_crate(p: &Prepared, ops: &[Op], fail_at: Option<usize>) -> Run {
         }
     };
     let mut writer = Some(writer);
+    let mut error = None;
     for (i, &op) in ops.iter().enumerate() {
         storage.mark(Marker::Start(i));
         let result = match op {
@@ -768,17 +798,14 @@ fn run_crate(p: &Prepared, ops: &[Op], fail_at: Option<usize>) -> Run {
         match result {
             Ok(()) => storage.mark(Marker::End(i)),
             Err(e) => {
-                return Run {
-                    storage,
-                    error: Some((Some(i), e.to_string())),
+                error.get_or_insert((Some(i), e.to_string()));
+                if !matches!(fault, Fault::Once(_)) {
+                    break;
                 }
             }
         }
     }
-    Run {
-        storage,
-        error: None,
-    }
+    Run { storage, error }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1050,7 +1077,7 @@ fn crate_case(name: &str, budget: Budget, seeds: &[u64]) {
     };
     for &seed in seeds {
         let ops = the_workload(case, seed, 48);
-        let run = run_crate(&p, &ops, None);
+        let run = run_crate(&p, &ops, Fault::None);
         assert!(run.error.is_none(), "{name} seed {seed}: {:?}", run.error);
         let log = run.storage.log();
         let allowed = allowed_at(&ops, &log, log.len(), (case.guest / SECTOR) as usize);
@@ -1082,35 +1109,72 @@ fn crate_case(name: &str, budget: Budget, seeds: &[u64]) {
     }
 }
 
-/// The "fail at the N-th I/O" mode: for sampled N, the storage fails event N and every call
-/// after it. The error must reach the caller (from the open, a request, or close), and the
-/// file as left passes the oracle.
-fn crate_failures(name: &str, samples: usize) {
+/// The failure modes, for sampled N: the storage fails I/O event N and every call after it
+/// (`transient` false: the disk went away), or event N only (`transient`: the run goes on,
+/// later requests may succeed). The error must reach the caller (from the open, a request,
+/// or close), and the file as left passes the oracle: a request that failed may or may not
+/// have changed its sectors, a flush that returned Ok after it made everything before it
+/// durable. After a transient error the log is swept too: the error path keeps the order.
+fn crate_failures(name: &str, samples: usize, transient: bool) {
     let case = case(name);
-    let Some(p) = prepare(case, "fail") else {
+    let Some(p) = prepare(case, if transient { "transient" } else { "fail" }) else {
         return;
     };
     let ops = the_workload(case, 11, 40);
-    let total = run_crate(&p, &ops, None).storage.io_events();
+    let total = run_crate(&p, &ops, Fault::None).storage.io_events();
     let sectors = (case.guest / SECTOR) as usize;
     let mut failures = Vec::new();
+    let mut swept = Sweep::default();
+    let mut failed_requests = Vec::new();
     let step = (total / samples.max(1)).max(1);
-    for n in (0..total).step_by(step) {
-        let run = run_crate(&p, &ops, Some(n));
+    for (k, n) in (0..total).step_by(step).enumerate() {
+        let fault = if transient {
+            Fault::Once(n)
+        } else {
+            Fault::From(n)
+        };
+        let run = run_crate(&p, &ops, fault);
         assert!(
             run.storage.has_failed(),
             "{name}: event {n} of {total} never came"
         );
         let Some((at, error)) = &run.error else {
-            panic!("{name}: the failure of I/O event {n} did not reach the caller");
+            panic!("{name}: the failure of I/O event {n} ({fault:?}) did not reach the caller");
         };
         let log = run.storage.log();
+        let starts = log
+            .iter()
+            .filter(|e| matches!(e, Event::Mark(Marker::Start(_))))
+            .count();
+        let ends = log
+            .iter()
+            .filter(|e| matches!(e, Event::Mark(Marker::End(_))))
+            .count();
+        failed_requests.push(starts - ends);
         let allowed = allowed_at(&ops, &log, log.len(), sectors);
         let verdict = judge(&p, "failed.qcow2", &run.storage.contents(), &allowed);
         for problem in verdict.problems {
-            failures.push(format!("fail at {n} (request {at:?}: {error}): {problem}"));
+            failures.push(format!("{fault:?} (request {at:?}: {error}): {problem}"));
+        }
+        if transient && k % 3 == 0 {
+            let budget = Budget { cuts: 4, random: 0 };
+            let sweep = sweep(&p, &ops, &log, budget, "transient");
+            swept.cuts += sweep.cuts;
+            swept.images += sweep.images;
+            failures.extend(sweep.failures);
         }
     }
+    eprintln!(
+        "crate {name}: {} failure at {} of {total} I/O events; requests failing per run {:?}{}",
+        if transient { "transient" } else { "permanent" },
+        failed_requests.len(),
+        failed_requests,
+        if transient {
+            format!("; their logs swept: {}", swept.summary())
+        } else {
+            String::new()
+        }
+    );
     assert!(failures.is_empty(), "{name}:\n{}", failures.join("\n"));
 }
 
@@ -1337,7 +1401,7 @@ fn oracle_catches_missing_barriers() {
         return;
     };
     let ops = the_workload(case, 1, 48);
-    let run = run_crate(&p, &ops, None);
+    let run = run_crate(&p, &ops, Fault::None);
     assert!(run.error.is_none(), "{:?}", run.error);
     let log = run.storage.log();
     let sectors = (case.guest / SECTOR) as usize;
@@ -1468,9 +1532,14 @@ fn crate_2m_clusters() {
 }
 
 #[test]
-fn crate_fail_at_nth_io() {
-    crate_failures("v3-64k", 12);
-    crate_failures("backing", 6);
+fn crate_fail_from_nth_io() {
+    crate_failures("v3-64k", 12, false);
+    crate_failures("backing", 6, false);
+}
+
+#[test]
+fn crate_transient_io_error() {
+    crate_failures("v3-64k", 12, true);
 }
 
 // ---------------------------------------------------------------------------------------------
