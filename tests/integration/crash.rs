@@ -778,16 +778,22 @@ fn run_crate(p: &Prepared, ops: &[Op], fault: Fault) -> Run {
         Fault::From(n) => storage.fail_at(n),
         Fault::Once(n) => storage.fail_once(n),
     }
-    let writer = match open_writer(p, &storage) {
-        Ok(w) => w,
-        Err(e) => {
-            return Run {
-                storage,
-                error: Some((None, e.to_string())),
-            }
-        }
+    let error = drive(p, &storage, ops, matches!(fault, Fault::Once(_)));
+    Run { storage, error }
+}
+
+/// Open the image in `storage` for writing and run `ops` on it, each marked in the log;
+/// stops at the first error unless `go_on`. Returns the first error.
+fn drive(
+    p: &Prepared,
+    storage: &CrashStorage,
+    ops: &[Op],
+    go_on: bool,
+) -> Option<(Option<usize>, String)> {
+    let mut writer = match open_writer(p, storage) {
+        Ok(w) => Some(w),
+        Err(e) => return Some((None, e.to_string())),
     };
-    let mut writer = Some(writer);
     let mut error = None;
     for (i, &op) in ops.iter().enumerate() {
         storage.mark(Marker::Start(i));
@@ -799,13 +805,66 @@ fn run_crate(p: &Prepared, ops: &[Op], fault: Fault) -> Run {
             Ok(()) => storage.mark(Marker::End(i)),
             Err(e) => {
                 error.get_or_insert((Some(i), e.to_string()));
-                if !matches!(fault, Fault::Once(_)) {
+                if !go_on {
                     break;
                 }
             }
         }
     }
-    Run { storage, error }
+    error
+}
+
+/// The requests made on an image a crash left: a few writes (patterns from 0x60, apart from
+/// the first run's), zero writes and discards, then close.
+fn after_crash_ops(case: &Case) -> Vec<Op> {
+    workload(0xaf7e, case.guest, case.cluster, case.max_len, 8)
+        .into_iter()
+        .map(|op| match op {
+            Op::Write {
+                offset,
+                len,
+                pattern,
+            } => Op::Write {
+                offset,
+                len,
+                pattern: 0x60 + pattern,
+            },
+            op => op,
+        })
+        .collect()
+}
+
+/// What reopening an image a crash left found.
+enum Reopened {
+    /// The writer opened it, wrote, closed: these problems (none: it passes the oracle).
+    Checked(Vec<String>),
+    /// The writer refused a dirty (lazy refcounts) image.
+    RefusedDirty(String),
+}
+
+/// Open `image` (what a crash left, whose sectors may hold `allowed`) with the crate's writer,
+/// make the requests of [`after_crash_ops`], close, and judge the result.
+fn reopen(p: &Prepared, image: &[u8], allowed: &[Vec<Content>]) -> Reopened {
+    let storage = CrashStorage::new(image.to_vec());
+    let ops = after_crash_ops(p.case);
+    if let Some((at, error)) = drive(p, &storage, &ops, false) {
+        if at.is_none() && is_dirty(image) {
+            return Reopened::RefusedDirty(error);
+        }
+        return Reopened::Checked(vec![format!(
+            "reopened after the crash, request {at:?} fails: {error}"
+        )]);
+    }
+    let log = storage.log();
+    let model = allowed_from(allowed.to_vec(), &ops, &log, log.len());
+    let verdict = judge(p, "reopened.qcow2", &storage.contents(), &model);
+    Reopened::Checked(
+        verdict
+            .problems
+            .into_iter()
+            .map(|problem| format!("reopened after the crash: {problem}"))
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -907,16 +966,31 @@ struct Budget {
     cuts: usize,
     /// Random subsets per cut point (besides all, none, one dropped, one kept).
     random: usize,
+    /// Reopen every n-th distinct image with the crate's writer, write and check again
+    /// (0: never).
+    reopen_every: usize,
 }
 
 const QUICK: Budget = Budget {
-    cuts: 14,
+    cuts: 10,
     random: 1,
+    reopen_every: 3,
 };
 const LONG: Budget = Budget {
     cuts: usize::MAX,
     random: 3,
+    reopen_every: 2,
 };
+
+impl Budget {
+    /// The same cuts and subsets, no reopening (QEMU's images).
+    fn without_reopen(self) -> Budget {
+        Budget {
+            reopen_every: 0,
+            ..self
+        }
+    }
+}
 
 /// What a sweep found.
 #[derive(Debug, Default)]
@@ -925,17 +999,23 @@ struct Sweep {
     images: usize,
     leaky: usize,
     repaired: usize,
+    /// Images reopened by the crate's writer, and those it refused because they were dirty.
+    reopened: usize,
+    refused_dirty: usize,
     failures: Vec<String>,
 }
 
 impl Sweep {
     fn summary(&self) -> String {
         format!(
-            "{} cut points, {} distinct images checked, {} with leaks, {} repaired (dirty), {} failing",
+            "{} cut points, {} distinct images checked, {} with leaks, {} repaired (dirty), \
+             {} reopened and written, {} refused (dirty), {} failing",
             self.cuts,
             self.images,
             self.leaky,
             self.repaired,
+            self.reopened,
+            self.refused_dirty,
             self.failures.len()
         )
     }
@@ -1017,10 +1097,22 @@ fn sweep_cuts(
             let allowed = models
                 .entry(markers)
                 .or_insert_with(|| allowed_at(ops, log, cut, sectors));
-            let verdict = judge(p, &name, &image, allowed);
+            let mut verdict = judge(p, &name, &image, allowed);
             result.images += 1;
             result.leaky += usize::from(verdict.leaks > 0);
             result.repaired += usize::from(verdict.repaired);
+            let reopen_now = budget.reopen_every > 0
+                && result.images % budget.reopen_every == 0
+                && verdict.problems.is_empty();
+            if reopen_now {
+                match reopen(p, &image, allowed) {
+                    Reopened::Checked(problems) => {
+                        result.reopened += 1;
+                        verdict.problems.extend(problems);
+                    }
+                    Reopened::RefusedDirty(_) => result.refused_dirty += 1,
+                }
+            }
             if !verdict.problems.is_empty() {
                 result.failures.push(format!(
                     "{who} {}: cut before event {cut} of {} ({subset:?}, {pending} pending): {}",
@@ -1157,7 +1249,11 @@ fn crate_failures(name: &str, samples: usize, transient: bool) {
             failures.push(format!("{fault:?} (request {at:?}: {error}): {problem}"));
         }
         if transient && k % 3 == 0 {
-            let budget = Budget { cuts: 4, random: 0 };
+            let budget = Budget {
+                cuts: 4,
+                random: 0,
+                reopen_every: 0,
+            };
             let sweep = sweep(&p, &ops, &log, budget, "transient");
             swept.cuts += sweep.cuts;
             swept.images += sweep.images;
@@ -1194,7 +1290,7 @@ fn qemu_case(name: &str, budget: Budget, seed: u64) -> Option<Sweep> {
         "{name}: QEMU's complete run through the harness: {:?}",
         end.problems
     );
-    let result = sweep(&p, &ops, &log, budget, "qemu");
+    let result = sweep(&p, &ops, &log, budget.without_reopen(), "qemu");
     eprintln!(
         "qemu {name} seed {seed}: {}; {}",
         barrier_figures(&ops, &log),
@@ -1335,10 +1431,7 @@ fn nbd_server_serves_qemu_and_logs_its_writes() {
     let (storage, failed) = run_qemu(&p, &ops);
     assert!(failed.is_empty(), "{failed:?}");
     let log = storage.log();
-    assert!(
-        log.iter().any(|e| *e == Event::Sync),
-        "no flush reached the server"
-    );
+    assert!(log.contains(&Event::Sync), "no flush reached the server");
     let replayed = replay(&p.initial, &log, log.len(), Subset::None);
     assert_eq!(
         replayed,
@@ -1440,6 +1533,7 @@ fn oracle_catches_missing_barriers() {
     let budget = Budget {
         cuts: usize::MAX,
         random: 4,
+        reopen_every: 0,
     };
     let found = sweep_cuts(&p, &ops, &loose, &cuts, budget, "loose");
     eprintln!(
