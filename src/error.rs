@@ -260,6 +260,14 @@ pub enum Error {
     #[error("the image is open for reading only (open it with OpenOptions::write(true) to write)")]
     ReadOnly,
 
+    /// Another process holds a lock on the image (or its data file): QEMU locks the images a
+    /// running VM or a qemu-img job uses, and so does a writer of this crate.
+    #[error("{path:?} is in use by another process (it holds a lock on the file, as QEMU does while it uses an image)")]
+    Locked {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+
     /// A write that reaches past the end of the guest disk.
     #[error("write of {len} bytes at guest offset {offset:#x} reaches past the end of the disk ({size} bytes)")]
     WritePastEnd {
@@ -436,6 +444,7 @@ impl Error {
             | Error::UnsupportedEncryption { .. }
             | Error::UnsupportedWrite { .. } => io::ErrorKind::Unsupported,
             Error::ReadOnly => io::ErrorKind::PermissionDenied,
+            Error::Locked { .. } => io::ErrorKind::ResourceBusy,
             Error::WritePastEnd { .. } => io::ErrorKind::InvalidInput,
             Error::WrongSecret { .. } => io::ErrorKind::PermissionDenied,
             Error::SecretNotUtf8 => io::ErrorKind::InvalidInput,

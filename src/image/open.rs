@@ -604,10 +604,20 @@ pub(crate) fn checked_open(path: &Path, role: &'static str, devices: bool) -> Re
 }
 
 /// [`checked_open`] for reading and writing: the image a writer opens.
+///
+/// The file is locked for this process alone (a POSIX write lock on every byte): QEMU's own
+/// locks on an image it uses (a running VM, a qemu-img job) make the open fail with
+/// [`Error::Locked`], and QEMU cannot open the image while this writer has it.
 fn checked_open_rw(path: &Path, devices: bool) -> Result<File> {
     let file = sys::open_rw(path)
         .map_err(|e| Error::io(format!("opening image {} for writing", path.display()), e))?;
     check_file_type(&file, path, "image", devices)?;
+    sys::lock_for_writing(&file).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::PermissionDenied => Error::Locked {
+            path: path.to_path_buf(),
+        },
+        _ => Error::io(format!("locking image {}", path.display()), e),
+    })?;
     Ok(file)
 }
 
@@ -643,6 +653,14 @@ mod sys {
 
     pub(super) fn open_nonblocking(path: &Path) -> io::Result<File> {
         Ok(File::from(rustix::fs::open(path, FLAGS, Mode::empty())?))
+    }
+
+    /// A write lock on the whole file, without waiting.
+    pub(super) fn lock_for_writing(file: &File) -> io::Result<()> {
+        Ok(rustix::fs::fcntl_lock(
+            file,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )?)
     }
 
     /// [`open_nonblocking`] for reading and writing.
@@ -687,6 +705,10 @@ mod sys {
 
     pub(super) fn open_rw(path: &Path) -> io::Result<File> {
         File::options().read(true).write(true).open(path)
+    }
+
+    pub(super) fn lock_for_writing(_file: &File) -> io::Result<()> {
+        Ok(())
     }
 
     pub(super) fn file_id(_file: &File) -> io::Result<Option<super::FileId>> {

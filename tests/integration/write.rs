@@ -502,24 +502,17 @@ fn refusals() {
     if !nix_root() {
         assert!(opened.is_err(), "a read-only file opened for writing");
     }
-    // Extended L2 is refused clearly (for now).
+    // A dirty image (lazy refcounts, QEMU killed) is refused clearly (for now).
+    let opts = "lazy_refcounts=on";
     env.qemu.img(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "x.qcow2",
-            "1M",
-        ],
+        &["create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M"],
     );
-    let err = Qcow2::open_path_with(dir.join("x.qcow2"), &OpenOptions::new().write(true))
-        .unwrap()
-        .into_writer()
-        .unwrap_err();
+    env.qemu.io_crash(dir, "qcow2", "x.qcow2", &["write 0 64k"]);
+    let image = Qcow2::open_path_with(dir.join("x.qcow2"), &OpenOptions::new().write(true));
+    let image = image.unwrap();
+    assert!(image.header().is_dirty(), "qemu-io left the image clean");
+    let err = image.into_writer().unwrap_err();
     assert!(
         matches!(err, qcow2::Error::UnsupportedWrite { .. }),
         "{err}"
@@ -573,4 +566,119 @@ fn external_data_files() {
             );
         }
     }
+}
+
+#[test]
+fn extended_l2() {
+    kind_case(
+        "write::extended_l2",
+        "extended_l2=on",
+        "32M",
+        65536,
+        130..133,
+    );
+    kind_case(
+        "write::extended_l2",
+        "extended_l2=on,cluster_size=16k",
+        "8M",
+        16384,
+        133..135,
+    );
+}
+
+#[test]
+fn extended_l2_over_a_backing_file() {
+    let Some(env) = Env::new("write::extended_l2_over_a_backing_file") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for seed in 140..143 {
+        env.qemu
+            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+        env.qemu
+            .io(dir, "qcow2", "base.qcow2", &["write -P 5 0 16M"]);
+        for side in ["theirs", "ours"] {
+            let args = [
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "extended_l2=on",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+            ];
+            let mut args = args.to_vec();
+            let name = format!("{side}.qcow2");
+            args.push(&name);
+            env.qemu.img(dir, &args);
+        }
+        let ops = script(seed, 16 << 20, 65536, 80);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+#[test]
+fn refcount_table_moves_while_its_new_block_is_made() {
+    // 512-byte clusters, 16-bit refcounts: a block covers 256 clusters and the one-cluster
+    // table 64 blocks (8 MiB); QEMU fills the image close to that, the writer passes it: the
+    // table moves while the block its own clusters need is being made.
+    let Some(env) = Env::new("write::refcount_table_moves_while_its_new_block_is_made") else {
+        return;
+    };
+    for seed in 150..154 {
+        create_pair(&env, "cluster_size=512", "16M", &[]);
+        for side in ["theirs.qcow2", "ours.qcow2"] {
+            env.qemu
+                .io(env.dir.path(), "qcow2", side, &["write -P 1 8M 7880K"]);
+        }
+        let ops = script(seed, 8 << 20, 8192, 300);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+#[test]
+fn images_in_use_are_locked_both_ways() {
+    let Some(env) = Env::new("write::images_in_use_are_locked_both_ways") else {
+        return;
+    };
+    let dir = env.dir.path();
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    // While the writer has it, QEMU cannot open it.
+    let writer = Qcow2::open_path_with(dir.join("a.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    let out = std::process::Command::new(&env.qemu.io)
+        .current_dir(dir)
+        .args(["-f", "qcow2", "-c", "write 0 4k", "a.qcow2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("lock"), "{stderr}");
+    writer.close().unwrap();
+    // While QEMU has it, the writer cannot open it.
+    let mut qemu = std::process::Command::new(&env.qemu.io)
+        .current_dir(dir)
+        .args(["-f", "qcow2", "-c", "sleep 5000", "a.qcow2"])
+        .spawn()
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        match Qcow2::open_path_with(dir.join("a.qcow2"), &OpenOptions::new().write(true)) {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(image) => drop(image), // qemu-io has not opened it yet
+        }
+    }
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let err = refused.expect("the writer opened an image qemu-io had open");
+    assert!(matches!(err, qcow2::Error::Locked { .. }), "{err}");
 }

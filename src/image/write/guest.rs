@@ -15,7 +15,7 @@
 
 use crate::base::io::Storage;
 use crate::error::{Error, Result};
-use crate::format::table::{self, ClusterType, ExtentKind, NewEntry};
+use crate::format::table::{self, ClusterType, ExtentKind, NewEntry, SUB_ALLOC_MASK};
 use crate::image::qcow2::{Backing, Qcow2};
 use crate::image::reader::{ReadState, Reader};
 use crate::image::write::tables::{Entry, Tables};
@@ -45,7 +45,7 @@ enum Old {
 
 /// What the old mapping held that must be released when a new one replaces it.
 #[derive(Debug, Clone, Copy)]
-enum Release {
+pub(crate) enum Release {
     Nothing,
     Cluster(u64),
     Compressed(u64, u64),
@@ -56,7 +56,7 @@ impl<I: Storage> Guest<'_, I> {
         self.image.geometry.cluster_bits
     }
 
-    fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1u64 << self.cluster_bits()
     }
 
@@ -74,7 +74,7 @@ impl<I: Storage> Guest<'_, I> {
 
     /// Data clusters live in an external data file, at their guest offsets, without
     /// refcounts (QEMU's `has_data_file`).
-    fn external(&self) -> bool {
+    pub(crate) fn external(&self) -> bool {
         self.image.geometry.external_data
     }
 
@@ -88,10 +88,23 @@ impl<I: Storage> Guest<'_, I> {
             || self.image.header.backing_file().is_some() && self.image.backing.is_none()
     }
 
-    /// Decode an entry (checking it as the reader does) for the cluster at `guest`.
-    fn kind(&self, entry: &Entry) -> Result<ExtentKind> {
+    /// Decode an entry (checking it as the reader does) for its unit `sub` (a subcluster
+    /// with extended L2, else 0).
+    fn kind(&self, entry: &Entry, sub: u32) -> Result<ExtentKind> {
         let g = &self.image.geometry;
-        table::decode_l2(entry.word, entry.bitmap, 0, g, entry.at(g))
+        table::decode_l2(entry.word, entry.bitmap, sub, g, entry.at(g))
+    }
+
+    /// The size of a unit with its own mapping (a subcluster or a cluster), and the unit
+    /// number of `guest` within its cluster.
+    fn unit_of(&self, guest: u64) -> (u64, u32) {
+        let g = &self.image.geometry;
+        let unit = 1u64 << g.unit_bits();
+        let sub = match g.extended_l2 {
+            true => ((guest & (self.cluster_size() - 1)) >> g.unit_bits()) as u32,
+            false => 0,
+        };
+        (unit, sub)
     }
 
     /// Fill `buf` with the guest bytes at `pos` (within the guest).
@@ -102,12 +115,13 @@ impl<I: Storage> Guest<'_, I> {
         let mut pending: Option<(ExtentKind, u64, usize)> = None;
         while done < buf.len() {
             let guest = pos.saturating_add(done as u64);
-            let within = guest & (self.cluster_size() - 1);
-            let len = clamp(self.cluster_size() - within, buf.len() - done);
+            let (unit, sub) = self.unit_of(guest);
+            let within = guest & (unit - 1);
+            let len = clamp(unit - within, buf.len() - done);
             let entry = meta.tables.entry(io, guest)?;
             let kind = match entry.table {
                 0 => ExtentKind::NOTHING,
-                _ => self.kind(&entry)?.advanced(within),
+                _ => self.kind(&entry, sub)?.advanced(within),
             };
             pending = match pending {
                 Some((k, start, n)) if k.continued_by(kind, n as u64) => Some((k, start, n + len)),
@@ -155,27 +169,44 @@ impl<I: Storage> Guest<'_, I> {
         let mut done = 0u64;
         while done < len {
             let guest = pos.saturating_add(done);
+            let (unit, sub) = self.unit_of(guest);
             let entry = meta.tables.entry(io, guest)?;
-            let allocated =
-                entry.table != 0 && !matches!(self.kind(&entry)?, ExtentKind::Unallocated { .. });
+            let allocated = entry.table != 0
+                && !matches!(self.kind(&entry, sub)?, ExtentKind::Unallocated { .. });
             match first {
                 None => first = Some(allocated),
                 Some(a) if a != allocated => break,
                 Some(_) => {}
             }
-            let within = guest & (self.cluster_size() - 1);
-            done = done.saturating_add(self.cluster_size() - within).min(len);
+            let within = guest & (unit - 1);
+            done = done.saturating_add(unit - within).min(len);
         }
         Ok((first.unwrap_or(false), done))
     }
 
     /// Write `buf` at guest offset `pos` (within the guest).
     pub(crate) fn write(&self, meta: &mut Metadata, pos: u64, buf: &[u8]) -> Result<()> {
+        if self.image.geometry.extended_l2 {
+            return self.write_each_cluster(meta, pos, buf);
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let guest = pos.saturating_add(done as u64);
             let rest = buf.get(done..).unwrap_or_default();
             done += self.write_run(meta, guest, rest)?;
+        }
+        Ok(())
+    }
+
+    /// Write `buf` cluster by cluster into an image with subclusters.
+    fn write_each_cluster(&self, meta: &mut Metadata, pos: u64, buf: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = pos + done as u64;
+            let len = clamp(cs - (guest & (cs - 1)), buf.len() - done);
+            self.write_in_subclusters(meta, guest, &buf[done..done + len])?;
+            done += len;
         }
         Ok(())
     }
@@ -225,9 +256,7 @@ impl<I: Storage> Guest<'_, I> {
     /// What the cluster of `entry` holds, for a write.
     fn old(&self, entry: &Entry) -> Result<Old> {
         let g = self.image.geometry;
-        if entry.table != 0 {
-            self.kind(entry)?; // reject what the reader rejects
-        }
+        self.check_entry(entry)?;
         let host = Tables::host(entry.word);
         let copied = entry.word & table::OFLAG_COPIED != 0;
         Ok(match g.cluster_type(entry.word) {
@@ -378,13 +407,39 @@ impl<I: Storage> Guest<'_, I> {
         self.write_plain(host - head, &whole)
     }
 
+    /// Write guest data (encrypted already, if the image is) at `host` of the data file.
+    pub(crate) fn write_data(&self, host: u64, data: &[u8]) -> Result<()> {
+        self.write_plain(host, data)
+    }
+
+    /// Check an entry as the reader does (an unallocated table has nothing to check).
+    pub(crate) fn check_entry(&self, entry: &Entry) -> Result<()> {
+        if entry.table != 0 {
+            self.kind(entry, 0)?;
+        }
+        Ok(())
+    }
+
+    /// What dropping the mapping `word` releases.
+    pub(crate) fn release_of_entry(&self, word: u64) -> Release {
+        let g = self.image.geometry;
+        match g.cluster_type(word) {
+            ClusterType::Normal | ClusterType::ZeroAlloc => Release::Cluster(Tables::host(word)),
+            ClusterType::Compressed => {
+                let (at, len) = g.compressed_extent(word);
+                Release::Compressed(at & !511, len.saturating_add(at & 511))
+            }
+            ClusterType::Unallocated | ClusterType::ZeroPlain => Release::Nothing,
+        }
+    }
+
     fn write_plain(&self, host: u64, data: &[u8]) -> Result<()> {
         self.data_io()
             .write_all_at(host, data)
             .map_err(|e| Error::io(format!("writing guest data at host offset {host:#x}"), e))
     }
 
-    fn release(&self, meta: &mut Metadata, release: Release) {
+    pub(crate) fn release(&self, meta: &mut Metadata, release: Release) {
         match release {
             Release::Nothing => {}
             // A data file's clusters have no refcounts.
@@ -419,6 +474,8 @@ impl<I: Storage> Guest<'_, I> {
                 && (piece_end == cluster + cs || piece_end == self.image.guest_size());
             if self.image.geometry.pre_v3 {
                 self.write_zero_bytes(meta, at, piece_end - at)?;
+            } else if self.image.geometry.extended_l2 && !whole_cluster {
+                self.zero_in_cluster(meta, at, piece_end)?;
             } else if whole_cluster || self.reads_zeros(meta, cluster)? {
                 self.zero_cluster(meta, cluster, unmap)?;
             } else {
@@ -443,13 +500,32 @@ impl<I: Storage> Guest<'_, I> {
         Ok(())
     }
 
-    fn write_zero_bytes(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
+    pub(crate) fn write_zero_bytes(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
         let zeros = vec![0u8; clamp(len, MAX_RUN_BYTES as usize)];
         let mut done = 0u64;
         while done < len {
             let n = clamp(len - done, zeros.len());
             self.write(meta, pos + done, &zeros[..n])?;
             done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Zero `at..end` inside one cluster of an image with subclusters: whole subclusters
+    /// get the zero bit, the partial ones at either end are written with zeros.
+    fn zero_in_cluster(&self, meta: &mut Metadata, at: u64, end: u64) -> Result<()> {
+        let (unit, _) = self.unit_of(at);
+        let first = at.next_multiple_of(unit);
+        let last = end / unit * unit;
+        if first >= last {
+            return self.write_zero_bytes(meta, at, end - at);
+        }
+        if at < first {
+            self.write_zero_bytes(meta, at, first - at)?;
+        }
+        self.zero_subclusters(meta, first, last - first)?;
+        if last < end {
+            self.write_zero_bytes(meta, last, end - last)?;
         }
         Ok(())
     }
@@ -461,7 +537,7 @@ impl<I: Storage> Guest<'_, I> {
         if entry.table == 0 {
             return Ok(!self.has_backing());
         }
-        Ok(match self.kind(&entry)? {
+        Ok(match self.kind(&entry, 0)? {
             ExtentKind::Zero { .. } => true,
             ExtentKind::Unallocated { .. } => !self.has_backing(),
             _ => false,
@@ -479,14 +555,18 @@ impl<I: Storage> Guest<'_, I> {
             ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
         );
         let drop = kind == ClusterType::Compressed || (unmap && allocated);
-        let word = match drop {
-            true => OFLAG_ZERO,
-            false => entry.word | OFLAG_ZERO,
+        let extended = self.image.geometry.extended_l2;
+        let (word, bitmap) = match (drop, extended) {
+            (true, false) => (OFLAG_ZERO, 0),
+            (false, false) => (entry.word | OFLAG_ZERO, 0),
+            // Subclusters: every one reads as zeros, none allocated.
+            (true, true) => (0, SUB_ALLOC_MASK << 32),
+            (false, true) => (entry.word, SUB_ALLOC_MASK << 32),
         };
-        if word == entry.word {
+        if (word, bitmap) == (entry.word, entry.bitmap) {
             return Ok(());
         }
-        meta.tables.set(&entry, word, 0)?;
+        meta.tables.set(&entry, word, bitmap)?;
         if drop {
             self.release(meta, release_of(old, entry.word));
         }
@@ -525,14 +605,16 @@ impl<I: Storage> Guest<'_, I> {
             kind,
             ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
         );
-        let word = match (self.has_backing() || allocated, self.image.geometry.pre_v3) {
-            (true, false) => OFLAG_ZERO,
-            _ => 0,
+        let extended = self.image.geometry.extended_l2;
+        let (word, bitmap) = match (self.has_backing() || allocated, self.image.geometry.pre_v3) {
+            (true, false) if extended => (0, SUB_ALLOC_MASK << 32),
+            (true, false) => (OFLAG_ZERO, 0),
+            _ => (0, 0),
         };
-        if word == entry.word {
+        if (word, bitmap) == (entry.word, entry.bitmap) {
             return Ok(());
         }
-        meta.tables.set(&entry, word, 0)?;
+        meta.tables.set(&entry, word, bitmap)?;
         self.release(meta, release_of(old, entry.word));
         Ok(())
     }

@@ -9,6 +9,7 @@ pub(crate) mod space;
 
 mod guest;
 mod refcounts;
+mod subclusters;
 mod tables;
 mod writeback;
 
@@ -149,9 +150,7 @@ impl<I: Storage> Qcow2<I> {
 /// What the writer does not handle yet.
 fn refuse_unsupported<I>(image: &Qcow2<I>) -> Result<()> {
     let header = &image.header;
-    let what = if header.has_extended_l2() {
-        Some("extended L2 entries (subclusters)")
-    } else if header.has_data_file_bit() && image.data_storage.is_none() {
+    let what = if header.has_data_file_bit() && image.data_storage.is_none() {
         Some("an external data file attached for reading only (open the image by path to write its data file)")
     } else if header.is_dirty() {
         Some("the image is dirty (lazy refcounts left unwritten by a crash): repair it first with `qemu-img check -r all`")

@@ -270,12 +270,17 @@ impl Refcounts {
     /// A new, empty refcount block for table entry `index`, placed at the top (so that it
     /// holds nothing anyone refers to), with its own refcount set.
     fn new_block<I: Storage>(&mut self, io: &I, index: u64) -> Result<u64> {
-        let at = self.top;
-        self.top = self.top.saturating_add(1);
-        let needed = index.max(self.layout.locate(at).0).saturating_add(1);
+        // Room in the table first, for this entry and for the block's own cluster: growing
+        // the table sets the refcounts of its new clusters, which may make this very block.
+        let needed = index.max(self.layout.locate(self.top).0).saturating_add(1);
         if needed > self.table.len() as u64 {
             self.grow_table(io, needed)?;
         }
+        if let Some(offset) = self.block_offset(index)? {
+            return Ok(offset);
+        }
+        let at = self.top;
+        self.top = self.top.saturating_add(1);
         let offset = at << self.cluster_bits();
         let slot = usize::try_from(index)
             .ok()
@@ -291,6 +296,7 @@ impl Refcounts {
                 dirty: true,
             },
         );
+        // Its own refcount: in itself, or in the block of the next range (made likewise).
         self.set(io, at, 1)?;
         Ok(offset)
     }
