@@ -63,6 +63,8 @@ struct State {
     /// The one I/O event that fails (a transient error: the calls after it succeed).
     fail_once: Option<usize>,
     failed_once: bool,
+    /// Calls that failed by injection.
+    failed_calls: usize,
     reads: u64,
 }
 
@@ -126,6 +128,11 @@ impl CrashStorage {
         self.state().data.clone()
     }
 
+    /// How many writes, set_lens and syncs failed by injection.
+    pub fn failed_calls(&self) -> usize {
+        self.state().failed_calls
+    }
+
     /// How many I/O events the storage has seen (failed ones included).
     pub fn io_events(&self) -> usize {
         self.state().io_events
@@ -142,10 +149,12 @@ impl CrashStorage {
         state.io_events = n + 1;
         if state.failed || state.fail_at.is_some_and(|at| n >= at) {
             state.failed = true;
+            state.failed_calls += 1;
             return Err(dead_disk());
         }
         if state.fail_once == Some(n) {
             state.failed_once = true;
+            state.failed_calls += 1;
             return Err(io::Error::other(
                 "crash storage: transient I/O error (injected)",
             ));
