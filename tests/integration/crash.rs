@@ -209,67 +209,75 @@ fn add(set: &mut Vec<Content>, content: Content) {
 }
 
 /// What the requests that started before `cut` allow each sector to hold after a crash there:
-/// its content at the last flush that had returned, and everything written to it since
-/// (the request in flight included). A request that returned an error (it has no end marker
-/// and a later one started) may or may not have changed its sectors.
+/// its content when the last flush that returned before the cut started, and everything
+/// written to it since (the request in flight included). A request that returned an error (it
+/// has no end marker and a later one started) may or may not have changed its sectors.
 fn allowed_at(ops: &[Op], log: &[Event], cut: usize, sectors: usize) -> Vec<Vec<Content>> {
     allowed_from(vec![vec![Content::Old]; sectors], ops, log, cut)
 }
 
 /// [`allowed_at`] for a disk whose sectors could hold `start` before the run.
+///
+/// Requests may run at once (threads), as long as those touching one sector never overlap in
+/// time: a flush makes durable what returned before it started, so a sector's requests
+/// that returned before the start of the latest flush that returned are durable; the others
+/// that started only add what they wrote.
 fn allowed_from(
     start: Vec<Vec<Content>>,
     ops: &[Op],
     log: &[Event],
     cut: usize,
 ) -> Vec<Vec<Content>> {
-    let mut started = HashSet::new();
-    let mut ended = HashSet::new();
-    for event in &log[..cut] {
+    let mut started = vec![None; ops.len()];
+    let mut ended = vec![None; ops.len()];
+    for (at, event) in log[..cut].iter().enumerate() {
         match event {
-            Event::Mark(Marker::Start(i)) => started.insert(*i),
-            Event::Mark(Marker::End(i)) => ended.insert(*i),
-            _ => false,
-        };
-    }
-    let mut current = start;
-    let mut since_flush = current.clone();
-    for (i, op) in ops.iter().enumerate() {
-        if !started.contains(&i) {
-            break;
+            Event::Mark(Marker::Start(i)) => started[*i] = Some(at),
+            Event::Mark(Marker::End(i)) => ended[*i] = Some(at),
+            _ => {}
         }
-        let certain = ended.contains(&i);
-        let written = match *op {
-            Op::Write { pattern, .. } => Some(Content::Fill(pattern)),
-            Op::Zero { .. } => Some(Content::Fill(0)),
-            Op::Discard { .. } => None,
-            Op::Flush | Op::Close => {
-                if certain {
-                    since_flush.clone_from(&current);
-                }
-                continue;
-            }
+    }
+    // Everything that returned before this log position is durable.
+    let durable_before = (0..ops.len())
+        .filter(|&i| ops[i].is_barrier() && ended[i].is_some())
+        .filter_map(|i| started[i])
+        .max();
+    let mut order: Vec<usize> = (0..ops.len()).filter(|&i| started[i].is_some()).collect();
+    order.sort_by_key(|&i| started[i]);
+    let mut current = start;
+    let mut allowed = current.clone();
+    for i in order {
+        let op = ops[i];
+        let durable = matches!((ended[i], durable_before), (Some(e), Some(d)) if e < d);
+        let written = match op {
+            Op::Write { pattern, .. } => Content::Fill(pattern),
+            Op::Zero { .. } => Content::Fill(0),
+            Op::Discard { .. } | Op::Flush | Op::Close => Content::Backing,
         };
         for s in op.sectors() {
-            match written {
-                Some(c) if certain => {
-                    current[s] = vec![c];
-                    add(&mut since_flush[s], c);
+            match op {
+                // Returned: the sector holds just what it wrote (until a later request).
+                Op::Write { .. } | Op::Zero { .. } if ended[i].is_some() => {
+                    current[s] = vec![written];
                 }
-                Some(c) => {
-                    add(&mut current[s], c);
-                    add(&mut since_flush[s], c);
+                // A discard may leave the data (a partial cluster), or read zeros or the
+                // backing file; a failed request may or may not have written.
+                Op::Discard { .. } => {
+                    add(&mut current[s], Content::Fill(0));
+                    add(&mut current[s], Content::Backing);
                 }
-                None => {
-                    for c in [Content::Fill(0), Content::Backing] {
-                        add(&mut current[s], c);
-                        add(&mut since_flush[s], c);
-                    }
+                _ => add(&mut current[s], written),
+            }
+            if durable {
+                allowed[s].clone_from(&current[s]);
+            } else {
+                for &c in &current[s] {
+                    add(&mut allowed[s], c);
                 }
             }
         }
     }
-    since_flush
+    allowed
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1162,31 +1170,33 @@ fn sweep_cuts(
 
 /// Syncs per flush request, and the log's totals, for the report.
 fn barrier_figures(ops: &[Op], log: &[Event]) -> String {
-    let mut syncs_in = HashMap::new();
-    let mut current = None;
+    // Syncs while a flush (or the close) is in flight count for it; the others were made
+    // inside writes, zero writes or discards (or when opening).
+    let (mut in_flush, mut in_close, mut elsewhere) = (0, 0, 0);
+    let mut in_flight = HashSet::new();
     for event in log {
         match event {
-            Event::Mark(Marker::Start(i)) => current = Some(*i),
-            Event::Mark(Marker::End(_)) => current = None,
-            Event::Sync => *syncs_in.entry(current).or_insert(0usize) += 1,
+            Event::Mark(Marker::Start(i)) => {
+                in_flight.insert(*i);
+            }
+            Event::Mark(Marker::End(i)) => {
+                in_flight.remove(i);
+            }
+            Event::Sync if in_flight.iter().any(|&i| ops[i] == Op::Flush) => in_flush += 1,
+            Event::Sync if in_flight.iter().any(|&i| ops[i] == Op::Close) => in_close += 1,
+            Event::Sync => elsewhere += 1,
             _ => {}
         }
     }
-    let flushes: Vec<usize> = (0..ops.len()).filter(|&i| ops[i] == Op::Flush).collect();
-    let flush_syncs: usize = flushes
-        .iter()
-        .map(|i| syncs_in.get(&Some(*i)).copied().unwrap_or(0))
-        .sum();
+    let flushes = ops.iter().filter(|&&op| op == Op::Flush).count();
     let writes = log
         .iter()
         .filter(|e| matches!(e, Event::Write { .. }))
         .count();
-    let syncs = log.iter().filter(|e| **e == Event::Sync).count();
-    let close = syncs_in.get(&Some(ops.len() - 1)).copied().unwrap_or(0);
     format!(
-        "{writes} writes, {syncs} syncs; {flush_syncs} syncs in {} flushes, {close} in close, {} elsewhere",
-        flushes.len(),
-        syncs - flush_syncs - close
+        "{writes} writes, {} syncs; {in_flush} syncs in {flushes} flushes, {in_close} in close, \
+         {elsewhere} elsewhere",
+        in_flush + in_close + elsewhere
     )
 }
 
@@ -1241,6 +1251,102 @@ fn crate_sweeps(name: &str, budget: Budget, seeds: &[u64]) -> Vec<String> {
         failures.extend(result.failures);
     }
     failures
+}
+
+/// `threads` workloads at once, each in its own stretch of the disk (requests touching one
+/// sector never overlap in time) with its own patterns and flushes; then Close. Request
+/// indices are global: thread `t` has `ranges[t]`.
+fn thread_workloads(
+    case: &Case,
+    seed: u64,
+    threads: u64,
+    count: usize,
+) -> (Vec<Op>, Vec<Range<usize>>) {
+    let stretch = case.guest / threads / case.cluster * case.cluster;
+    let mut ops = Vec::new();
+    let mut ranges = Vec::new();
+    for t in 0..threads {
+        let first = ops.len();
+        let base = t * stretch;
+        let pattern_base = (t * 60) as u8;
+        for op in workload(seed + t, stretch, case.cluster, case.max_len, count) {
+            ops.push(match op {
+                Op::Write {
+                    offset,
+                    len,
+                    pattern,
+                } => Op::Write {
+                    offset: base + offset,
+                    len,
+                    pattern: pattern_base + pattern % 60 + 1,
+                },
+                Op::Zero { offset, len, unmap } => Op::Zero {
+                    offset: base + offset,
+                    len,
+                    unmap,
+                },
+                Op::Discard { offset, len } => Op::Discard {
+                    offset: base + offset,
+                    len,
+                },
+                Op::Flush => Op::Flush,
+                Op::Close => continue,
+            });
+        }
+        ranges.push(first..ops.len());
+    }
+    ops.push(Op::Close);
+    (ops, ranges)
+}
+
+/// Several threads write through one writer at once; the log is swept as a single one's: a
+/// flush in one thread makes durable what any thread had finished before it started.
+fn crate_threads(name: &str, budget: Budget, seed: u64) {
+    let case = case(name);
+    let Some(p) = prepare(case, "threads") else {
+        return;
+    };
+    let (ops, ranges) = thread_workloads(case, seed, 3, 20);
+    let storage = CrashStorage::new(p.initial.clone());
+    let writer = open_writer(&p, &storage).expect("open for writing");
+    std::thread::scope(|scope| {
+        for range in &ranges {
+            let (writer, storage, ops) = (&writer, &storage, &ops);
+            let range = range.clone();
+            scope.spawn(move || {
+                for i in range {
+                    storage.mark(Marker::Start(i));
+                    apply_op(writer, ops[i]).expect("request");
+                    storage.mark(Marker::End(i));
+                }
+            });
+        }
+    });
+    let close = ops.len() - 1;
+    storage.mark(Marker::Start(close));
+    writer.close().expect("close");
+    storage.mark(Marker::End(close));
+    let log = storage.log();
+    let allowed = allowed_at(&ops, &log, log.len(), (case.guest / SECTOR) as usize);
+    let end = judge(&p, "final.qcow2", &storage.contents(), &allowed);
+    assert!(
+        end.problems.is_empty(),
+        "{name}: complete run: {:?}",
+        end.problems
+    );
+    assert_eq!(end.leaks, 0, "{name}: the complete run leaks clusters");
+    let result = sweep(&p, &ops, &log, budget, "crate-threads");
+    eprintln!(
+        "crate {name}, 3 threads, seed {seed}: {}; {}",
+        barrier_figures(&ops, &log),
+        result.summary()
+    );
+    assert!(
+        result.failures.is_empty(),
+        "{name}: {} failing images:\n{}",
+        result.failures.len(),
+        result.failures.join("\n")
+    );
 }
 
 /// The failure modes, for sampled N: the storage fails I/O event N and every call after it
@@ -1520,6 +1626,32 @@ fn model_allows_old_and_new_until_a_flush_returns() {
     assert_eq!(end[1], [Content::Fill(2)]);
 }
 
+/// With requests at once: a flush makes durable only what returned before it started.
+#[test]
+fn model_flush_covers_what_returned_before_it_started() {
+    let ops = [
+        Op::Write {
+            offset: 0,
+            len: 512,
+            pattern: 1,
+        },
+        Op::Write {
+            offset: 512,
+            len: 512,
+            pattern: 2,
+        },
+        Op::Flush,
+    ];
+    use Marker::{End, Start};
+    let log: Vec<Event> = [Start(0), End(0), Start(1), Start(2), End(1), End(2)]
+        .into_iter()
+        .map(Event::Mark)
+        .collect();
+    let at = allowed_at(&ops, &log, log.len(), 2);
+    assert_eq!(at[0], [Content::Fill(1)]);
+    assert_eq!(at[1], [Content::Old, Content::Fill(2)]);
+}
+
 /// The NBD server carries QEMU's I/O: qemu-io's writes land in the log, its flush is a sync,
 /// and the file the log builds is the image QEMU reads back.
 #[test]
@@ -1729,6 +1861,11 @@ fn crate_luks() {
 #[test]
 fn crate_2m_clusters() {
     crate_case("2m-clusters", QUICK, &[14]);
+}
+
+#[test]
+fn crate_threads_v3_64k() {
+    crate_threads("v3-64k", QUICK, 31);
 }
 
 #[test]
