@@ -1002,6 +1002,8 @@ struct Budget {
     cuts: usize,
     /// Random subsets per cut point (besides all, none, one dropped, one kept).
     random: usize,
+    /// Drop each pending write in turn (else one, at random).
+    each_dropped: bool,
     /// Reopen every n-th distinct image with the crate's writer, write and check again
     /// (0: never).
     reopen_every: usize,
@@ -1010,11 +1012,13 @@ struct Budget {
 const QUICK: Budget = Budget {
     cuts: 8,
     random: 1,
+    each_dropped: false,
     reopen_every: 4,
 };
 const LONG: Budget = Budget {
     cuts: usize::MAX,
     random: 2,
+    each_dropped: true,
     reopen_every: 2,
 };
 
@@ -1097,7 +1101,11 @@ fn subsets(pending: usize, budget: Budget, rng: &mut Rng) -> Vec<Subset> {
         return out;
     }
     out.push(Subset::None);
-    out.push(Subset::AllBut(rng.below(pending as u64) as usize));
+    if budget.each_dropped {
+        out.extend((0..pending).map(Subset::AllBut));
+    } else {
+        out.push(Subset::AllBut(rng.below(pending as u64) as usize));
+    }
     out.push(Subset::Only(rng.below(pending as u64) as usize));
     for _ in 0..budget.random {
         out.push(Subset::Random(rng.next_u64()));
@@ -1403,6 +1411,7 @@ fn crate_failures(name: &str, samples: usize, transient: bool) {
             let budget = Budget {
                 cuts: 4,
                 random: 0,
+                each_dropped: false,
                 reopen_every: 0,
             };
             let sweep = sweep(&p, &ops, &log, budget, "transient");
@@ -1464,6 +1473,7 @@ fn qemu_failures(name: &str, samples: usize, transient: bool) -> Option<String> 
             let budget = Budget {
                 cuts: 4,
                 random: 0,
+                each_dropped: false,
                 reopen_every: 0,
             };
             let sweep = sweep(&p, &ops, &log, budget, "qemu-transient");
@@ -1776,6 +1786,7 @@ fn oracle_catches_missing_barriers() {
     let budget = Budget {
         cuts: usize::MAX,
         random: 4,
+        each_dropped: false,
         reopen_every: 0,
     };
     let found = sweep_cuts(&p, &ops, &loose, &cuts, budget, "loose");
