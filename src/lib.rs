@@ -1,4 +1,4 @@
-//! Read qcow2 virtual disk images, the native format of QEMU/KVM.
+//! Read and write qcow2 virtual disk images, the native format of QEMU/KVM.
 //!
 //! Add to `Cargo.toml` (the reader's traits come from `positioned_io`, re-exported as
 //! [`qcow2::positioned_io`](positioned_io), so no second dependency has to match its version):
@@ -39,6 +39,10 @@
 //!   cluster size, refcount width, extended L2, zstd, lazy refcounts, [`Preallocation`],
 //!   backing file, external data file, encryption. What QEMU refuses is refused before any
 //!   file is written.
+//! - **Writing.** Open with [`OpenOptions::write`] and turn the image into a [`Writer`]
+//!   ([`Qcow2::into_writer`]): `ReadAt + WriteAt`, zero writes, discards, flushes and growth,
+//!   into every kind of image QEMU writes to, over any [`Storage`]. Metadata reaches the disk
+//!   in an order no crash or power cut can turn into corruption.
 //! - **Convert and compare.** [`convert_to_writer`] and [`convert_to_file`] copy a guest
 //!   disk like `qemu-img convert -O raw` (sparse, on several threads); [`compare`] compares
 //!   two disks (qcow2 or [`RawDisk`]) like `qemu-img compare`.

@@ -257,11 +257,16 @@ impl PositionalSink for std::fs::File {
 ///     }
 /// }
 ///
+/// use qcow2::PositionalSink;
 /// let storage = Memory::default();
 /// storage.write_all_at(0, &std::fs::read("fixtures/v3-64k-basic.qcow2")?)?;
 /// let options = qcow2::OpenOptions::new().write(true);
-/// let image = qcow2::Qcow2::open_with(storage, &options)?;
-/// # let _ = image;
+/// let disk = qcow2::Qcow2::open_with(storage, &options)?.into_writer()?;
+/// disk.write_all_at(12345, b"in memory")?;
+/// let mut back = [0u8; 9];
+/// disk.read_exact_at(12345, &mut back)?;
+/// assert_eq!(&back, b"in memory");
+/// disk.close()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait Storage: ReadAt + PositionalSink + Send + Sync {

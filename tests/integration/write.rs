@@ -406,12 +406,33 @@ fn luks_encrypted() {
         "8M",
         &["--object", object],
     );
-    let ops = script(100, 8 << 20, 65536, 40);
-    let extra = ["--object", object, "--image-opts"];
+    run_encrypted(&env, "hunter2", 100);
+}
+
+#[test]
+fn legacy_aes_encrypted() {
+    let Some(env) = Env::new("write::legacy_aes_encrypted") else {
+        return;
+    };
+    for side in ["theirs.qcow2", "ours.qcow2"] {
+        std::fs::copy("fixtures/aes.qcow2", env.dir.join(side)).unwrap();
+    }
+    run_encrypted(&env, "abc", 101);
+}
+
+/// The same operations through qemu-io (the secret given as an object) and the writer on
+/// two copies of an encrypted image, then compared and checked.
+fn run_encrypted(env: &Env, secret: &str, seed: u64) {
+    let object = format!("secret,id=sec0,data={secret}");
+    let size = Qcow2::open_path(env.dir.join("ours.qcow2"))
+        .unwrap()
+        .guest_size();
+    let ops = script(seed, size, 65536, 40);
     // qemu-io needs the image as options to pass the secret.
     let dir = env.dir.path();
     let mut io = std::process::Command::new(&env.qemu.io);
-    io.current_dir(dir).args(extra);
+    io.current_dir(dir)
+        .args(["--object", &object, "--image-opts"]);
     for op in &ops {
         io.args(["-c", &op.qemu_io()]);
     }
@@ -422,18 +443,16 @@ fn luks_encrypted() {
         "qemu-io: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let writer = Qcow2::open_path_with(
-        dir.join("ours.qcow2"),
-        &OpenOptions::new().write(true).secret("hunter2"),
-    )
-    .unwrap()
-    .into_writer()
-    .unwrap();
+    let options = OpenOptions::new().write(true).secret(secret);
+    let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &options)
+        .unwrap()
+        .into_writer()
+        .unwrap();
     for op in &ops {
         op.apply(&writer);
     }
     writer.close().unwrap();
-    compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &["--object", object]);
+    compare_and_check(env, "theirs.qcow2", "ours.qcow2", &["--object", &object]);
 }
 
 #[test]
@@ -502,21 +521,74 @@ fn refusals() {
     if !nix_root() {
         assert!(opened.is_err(), "a read-only file opened for writing");
     }
-    // A dirty image (lazy refcounts, QEMU killed) is refused clearly (for now).
-    let opts = "lazy_refcounts=on";
-    env.qemu.img(
-        dir,
-        &["create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M"],
-    );
-    env.qemu.io_crash(dir, "qcow2", "x.qcow2", &["write 0 64k"]);
-    let image = Qcow2::open_path_with(dir.join("x.qcow2"), &OpenOptions::new().write(true));
-    let image = image.unwrap();
-    assert!(image.header().is_dirty(), "qemu-io left the image clean");
-    let err = image.into_writer().unwrap_err();
-    assert!(
-        matches!(err, qcow2::Error::UnsupportedWrite { .. }),
-        "{err}"
-    );
+}
+
+#[test]
+fn dirty_images_get_their_refcounts_rebuilt() {
+    let Some(env) = Env::new("write::dirty_images_get_their_refcounts_rebuilt") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for (seed, opts) in [
+        (160, "lazy_refcounts=on"),
+        (161, "lazy_refcounts=on,cluster_size=4k,refcount_bits=2"),
+    ] {
+        env.qemu.img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "theirs.qcow2",
+                "32M",
+            ],
+        );
+        env.qemu
+            .io(dir, "qcow2", "theirs.qcow2", &["write -P 1 0 4M"]);
+        env.qemu.img(dir, &["snapshot", "-c", "s", "theirs.qcow2"]);
+        // QEMU killed with refcounts unwritten: leaks and clusters counted too low.
+        env.qemu.io_crash(
+            dir,
+            "qcow2",
+            "theirs.qcow2",
+            &["write -P 2 1M 9M", "discard 0 512k", "write -P 3 20M 3M"],
+        );
+        let broken = std::process::Command::new(&env.qemu.img)
+            .current_dir(dir)
+            .args(["check", "--output=json", "theirs.qcow2"])
+            .output()
+            .unwrap();
+        let broken: serde_json::Value = serde_json::from_slice(&broken.stdout).unwrap_or_default();
+        assert!(
+            broken["corruptions"].as_u64().unwrap_or(0) > 0,
+            "not broken: {broken}"
+        );
+        copy(dir, "theirs.qcow2", "ours.qcow2");
+        let image =
+            Qcow2::open_path_with(dir.join("ours.qcow2"), &OpenOptions::new().write(true)).unwrap();
+        assert!(image.header().is_dirty(), "qemu-io left the image clean");
+        // QEMU repairs its copy as it would when opening it for writing.
+        let out = std::process::Command::new(&env.qemu.img)
+            .current_dir(dir)
+            .args(["check", "-q", "-r", "all", "theirs.qcow2"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.code().is_some_and(|c| c == 0 || c == 3),
+            "{out:?}"
+        );
+        drop(image);
+        let ops = script(seed, 32 << 20, 65536, 40);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+        let after = Qcow2::open_path(dir.join("ours.qcow2")).unwrap();
+        assert!(!after.header().is_dirty(), "still dirty after close");
+        let a = env.qemu.convert_to_raw(dir, "theirs.qcow2", &["-l", "s"]);
+        let b = env.qemu.convert_to_raw(dir, "ours.qcow2", &["-l", "s"]);
+        assert!(a == b, "the snapshot differs (before: {broken})");
+    }
 }
 
 /// Root opens read-only files for writing anyway.
@@ -681,4 +753,148 @@ fn images_in_use_are_locked_both_ways() {
     let _ = qemu.wait();
     let err = refused.expect("the writer opened an image qemu-io had open");
     assert!(matches!(err, qcow2::Error::Locked { .. }), "{err}");
+}
+
+#[test]
+fn threads_write_and_read_through_one_writer_at_once() {
+    let Some(env) = Env::new("write::threads_write_and_read") else {
+        return;
+    };
+    let dir = env.dir.path();
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+    env.qemu
+        .io(dir, "qcow2", "base.qcow2", &["write -P 3 0 16M"]);
+    env.qemu.create_overlay(dir, "base.qcow2", "top.qcow2");
+    let writer = Qcow2::open_path_with(dir.join("top.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    // Four threads, each writing its own quarter (unaligned pieces, flushes now and then)
+    // while reading back what it wrote; a fifth discards and zeroes nothing of theirs but
+    // flushes often, so that frees and reuse happen while they run.
+    let quarter = 4u64 << 20;
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let w = &writer;
+            s.spawn(move || {
+                let mut rng = Rng::new(200 + t);
+                let mut model = vec![3u8; quarter as usize];
+                for i in 0..300 {
+                    let len = 1 + rng.below(100_000);
+                    let pos = rng.below(quarter - len);
+                    let byte = (t * 60 + i % 60) as u8 + 4;
+                    w.write_all_at(t * quarter + pos, &vec![byte; len as usize])
+                        .unwrap();
+                    model[pos as usize..(pos + len) as usize].fill(byte);
+                    if i % 50 == 0 {
+                        w.flush().unwrap();
+                    }
+                    let mut back = vec![0u8; len as usize];
+                    w.read_exact_at(t * quarter + pos, &mut back).unwrap();
+                    assert!(back.iter().all(|b| *b == byte), "thread {t} write {i}");
+                }
+                let mut back = vec![0u8; quarter as usize];
+                w.read_exact_at(t * quarter, &mut back).unwrap();
+                assert!(back == model, "thread {t}'s quarter");
+            });
+        }
+    });
+    writer.close().unwrap();
+    let out = env.qemu.img(dir, &["check", "--output=json", "top.qcow2"]);
+    let report: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert!(report.get("corruptions").is_none_or(|c| c == 0), "{report}");
+    assert!(report.get("leaks").is_none_or(|c| c == 0), "{report}");
+}
+
+#[test]
+fn growing_the_disk_moves_the_l1_table_when_it_must() {
+    let Some(env) = Env::new("write::growing_the_disk") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for (opts, from, to) in [
+        ("cluster_size=512", "1M", 64u64 << 20),
+        ("", "8M", 40 << 20),
+    ] {
+        create_pair(&env, opts, from, &[]);
+        let before = script(170, parse_size(from), 4096, 30);
+        let after = script(171, to, 4096, 30);
+        let mut cmds: Vec<String> = before.iter().map(Op::qemu_io).collect();
+        cmds.push(format!("truncate {to}"));
+        cmds.extend(after.iter().map(Op::qemu_io));
+        env.qemu.io(dir, "qcow2", "theirs.qcow2", &cmds);
+        let writer = Qcow2::open_path_with(dir.join("ours.qcow2"), &OpenOptions::new().write(true))
+            .unwrap()
+            .into_writer()
+            .unwrap();
+        before.iter().for_each(|op| op.apply(&writer));
+        writer.resize(to).unwrap();
+        assert_eq!(writer.guest_size(), to);
+        after.iter().for_each(|op| op.apply(&writer));
+        let err = writer.resize(to - 512).unwrap_err();
+        assert!(
+            matches!(err, qcow2::Error::UnsupportedWrite { .. }),
+            "{err}"
+        );
+        writer.close().unwrap();
+        compare_and_check(&env, "theirs.qcow2", "ours.qcow2", &[]);
+        let info = env.qemu.info_json(dir, "ours.qcow2", false);
+        assert_eq!(info["virtual-size"], to);
+    }
+}
+
+#[test]
+fn v2_over_a_backing_file() {
+    // Version 2 cannot mark clusters zero: QEMU leaves discards undone over a backing file
+    // and writes zeros for zero writes.
+    let Some(env) = Env::new("write::v2_over_a_backing_file") else {
+        return;
+    };
+    let dir = env.dir.path();
+    for seed in 180..183 {
+        env.qemu
+            .img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+        env.qemu
+            .io(dir, "qcow2", "base.qcow2", &["write -P 6 0 16M"]);
+        for side in ["theirs.qcow2", "ours.qcow2"] {
+            let args = [
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                side,
+            ];
+            env.qemu.img(dir, &args);
+        }
+        let ops = script(seed, 16 << 20, 65536, 60);
+        run_both(&env, "theirs.qcow2", "ours.qcow2", &ops, &["-f", "qcow2"]);
+    }
+}
+
+#[test]
+fn opening_and_closing_leaves_the_file_as_it_was() {
+    let Some(env) = Env::new("write::opening_and_closing") else {
+        return;
+    };
+    let dir = env.dir.path();
+    env.qemu
+        .img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1G"]);
+    let before = std::fs::read(dir.join("a.qcow2")).unwrap();
+    let writer = Qcow2::open_path_with(dir.join("a.qcow2"), &OpenOptions::new().write(true))
+        .unwrap()
+        .into_writer()
+        .unwrap();
+    writer.flush().unwrap();
+    writer.close().unwrap();
+    assert!(
+        std::fs::read(dir.join("a.qcow2")).unwrap() == before,
+        "the file changed"
+    );
 }

@@ -24,6 +24,11 @@ use crate::image::write::writeback::Metadata;
 /// Standard L2 entry bit 0: reads as zeros.
 const OFLAG_ZERO: u64 = 1;
 
+/// Writes of at least this many bytes go in pieces of `PARALLEL_WRITE_PIECE` on the
+/// image's threads.
+const PARALLEL_WRITE_MIN: usize = 512 << 10;
+const PARALLEL_WRITE_PIECE: usize = 256 << 10;
+
 /// Most bytes one allocation covers (a long write is cut into pieces of this size).
 const MAX_RUN_BYTES: u64 = 4 << 20;
 
@@ -32,6 +37,21 @@ const MAX_RUN_BYTES: u64 = 4 << 20;
 pub(crate) struct Guest<'a, I> {
     pub(crate) image: &'a Qcow2<I>,
     pub(crate) state: &'a ReadState,
+    /// The guest size now (a resize changes it).
+    pub(crate) size: u64,
+}
+
+/// One step of a write: done (its length), or a run of owned clusters to write in place.
+pub(crate) enum Step {
+    Done(usize),
+    InPlace { host: u64, len: usize },
+}
+
+/// A planned piece of a read: what holds `len` guest bytes from `guest`.
+pub(crate) struct ReadRun {
+    kind: ExtentKind,
+    guest: u64,
+    len: usize,
 }
 
 /// What a cluster about to be written holds now.
@@ -109,51 +129,54 @@ impl<I: Storage> Guest<'_, I> {
 
     /// Fill `buf` with the guest bytes at `pos` (within the guest).
     pub(crate) fn read(&self, meta: &mut Metadata, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let runs = self.plan_read(meta, pos, buf.len())?;
+        self.read_runs(&runs, pos, buf)
+    }
+
+    /// What holds the `len` guest bytes at `pos`, in runs of one kind each.
+    pub(crate) fn plan_read(
+        &self,
+        meta: &mut Metadata,
+        pos: u64,
+        len: usize,
+    ) -> Result<Vec<ReadRun>> {
         let io = &self.image.io;
-        let reader = self.reader();
+        let mut runs: Vec<ReadRun> = Vec::new();
         let mut done = 0usize;
-        let mut pending: Option<(ExtentKind, u64, usize)> = None;
-        while done < buf.len() {
+        while done < len {
             let guest = pos.saturating_add(done as u64);
             let (unit, sub) = self.unit_of(guest);
             let within = guest & (unit - 1);
-            let len = clamp(unit - within, buf.len() - done);
+            let n = clamp(unit - within, len - done);
             let entry = meta.tables.entry(io, guest)?;
             let kind = match entry.table {
                 0 => ExtentKind::NOTHING,
                 _ => self.kind(&entry, sub)?.advanced(within),
             };
-            pending = match pending {
-                Some((k, start, n)) if k.continued_by(kind, n as u64) => Some((k, start, n + len)),
-                finished => {
-                    if let Some((k, start, n)) = finished {
-                        self.read_run(&reader, k, pos, start, n, buf)?;
-                    }
-                    Some((kind, guest, len))
-                }
-            };
-            done += len;
+            match runs.last_mut() {
+                Some(last) if last.kind.continued_by(kind, last.len as u64) => last.len += n,
+                _ => runs.push(ReadRun {
+                    kind,
+                    guest,
+                    len: n,
+                }),
+            }
+            done += n;
         }
-        if let Some((k, start, n)) = pending {
-            self.read_run(&reader, k, pos, start, n, buf)?;
-        }
-        Ok(())
+        Ok(runs)
     }
 
-    fn read_run(
-        &self,
-        reader: &Reader<'_, I>,
-        kind: ExtentKind,
-        pos: u64,
-        start: u64,
-        len: usize,
-        buf: &mut [u8],
-    ) -> Result<()> {
-        let at = (start - pos) as usize;
-        let out = buf
-            .get_mut(at..at + len)
-            .ok_or(Error::Internal("a read run past its buffer"))?;
-        reader.read_extent(kind, start, out)
+    /// Read planned runs into `buf` (which starts at guest offset `pos`): no metadata needed.
+    pub(crate) fn read_runs(&self, runs: &[ReadRun], pos: u64, buf: &mut [u8]) -> Result<()> {
+        let reader = self.reader();
+        for run in runs {
+            let at = (run.guest - pos) as usize;
+            let out = buf
+                .get_mut(at..at + run.len)
+                .ok_or(Error::Internal("a read run past its buffer"))?;
+            reader.read_extent(run.kind, run.guest, out)?;
+        }
+        Ok(())
     }
 
     /// Whether the image itself holds the cluster at `guest`, and how far that answer
@@ -213,6 +236,31 @@ impl<I: Storage> Guest<'_, I> {
 
     /// Write the first run of clusters of `buf` handled alike; returns the bytes written.
     fn write_run(&self, meta: &mut Metadata, guest: u64, buf: &[u8]) -> Result<usize> {
+        match self.write_step(meta, guest, buf)? {
+            Step::Done(len) => Ok(len),
+            Step::InPlace { host, len } => {
+                self.write_in_place(host, guest, buf.get(..len).unwrap_or_default())?;
+                Ok(len)
+            }
+        }
+    }
+
+    /// Write `data` for guest offset `guest` at `host`, inside clusters this image owns
+    /// (what [`Step::InPlace`] leaves to do; no metadata needed).
+    pub(crate) fn write_in_place(&self, host: u64, guest: u64, data: &[u8]) -> Result<()> {
+        self.write_host(host, guest, data)
+    }
+
+    /// Do the first step of writing `buf` at `guest`: a run of clusters that need new ones
+    /// is written and mapped; a run this image owns is left to the caller to write in place
+    /// ([`Step::InPlace`]), which it may do without the metadata.
+    pub(crate) fn write_step(&self, meta: &mut Metadata, guest: u64, buf: &[u8]) -> Result<Step> {
+        if self.image.geometry.extended_l2 {
+            let cs = self.cluster_size();
+            let len = clamp(cs - (guest & (cs - 1)), buf.len());
+            self.write_in_subclusters(meta, guest, &buf[..len])?;
+            return Ok(Step::Done(len));
+        }
         let io = &self.image.io;
         let cs = self.cluster_size();
         let within = guest & (cs - 1);
@@ -230,10 +278,11 @@ impl<I: Storage> Guest<'_, I> {
                     _ => break,
                 }
             }
-            let len = span(n);
-            self.write_host(host + within, guest, buf.get(..len).unwrap_or_default())?;
             meta.unsynced = true;
-            return Ok(len);
+            return Ok(Step::InPlace {
+                host: host + within,
+                len: span(n),
+            });
         }
         // Clusters that need new ones: gather them, allocate them together.
         let mut entries = vec![(first_entry, first)];
@@ -250,7 +299,7 @@ impl<I: Storage> Guest<'_, I> {
         }
         let len = span(entries.len() as u64);
         self.write_new(meta, guest, buf.get(..len).unwrap_or_default(), &entries)?;
-        Ok(len)
+        Ok(Step::Done(len))
     }
 
     /// What the cluster of `entry` holds, for a write.
@@ -380,7 +429,7 @@ impl<I: Storage> Guest<'_, I> {
         if let Old::Elsewhere { zeros: true, .. } = old {
             return Ok(()); // `out` is zeros already
         }
-        let size = self.image.guest_size();
+        let size = self.size;
         let len = clamp(size.saturating_sub(start), out.len());
         self.read(meta, start, &mut out[..len])
     }
@@ -433,10 +482,29 @@ impl<I: Storage> Guest<'_, I> {
         }
     }
 
+    /// Write `data` at `host` of the data file; a large write in pieces on the image's
+    /// threads (copying into the page cache is most of its cost, and QEMU writes a large
+    /// request's pieces on several threads too).
     fn write_plain(&self, host: u64, data: &[u8]) -> Result<()> {
-        self.data_io()
-            .write_all_at(host, data)
-            .map_err(|e| Error::io(format!("writing guest data at host offset {host:#x}"), e))
+        let io = self.data_io();
+        let failed =
+            |at: u64, e| Error::io(format!("writing guest data at host offset {at:#x}"), e);
+        let pool = &self.image.pool;
+        if data.len() < PARALLEL_WRITE_MIN || pool.threads() < 2 {
+            return io.write_all_at(host, data).map_err(|e| failed(host, e));
+        }
+        let mut pieces: Vec<(u64, &[u8], Option<std::io::Error>)> = data
+            .chunks(PARALLEL_WRITE_PIECE)
+            .enumerate()
+            .map(|(i, piece)| (host + (i * PARALLEL_WRITE_PIECE) as u64, piece, None))
+            .collect();
+        pool.run_all(&mut pieces, |(at, piece, error)| {
+            *error = io.write_all_at(*at, piece).err();
+        });
+        match pieces.into_iter().find_map(|(at, _, e)| e.map(|e| (at, e))) {
+            Some((at, e)) => Err(failed(at, e)),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn release(&self, meta: &mut Metadata, release: Release) {
@@ -452,8 +520,8 @@ impl<I: Storage> Guest<'_, I> {
     /// Make `len` bytes at `pos` read as zeros, as QEMU's zero write does: whole clusters
     /// get the zero flag (freed with `unmap`, compressed ones always); a partial cluster
     /// that reads as zeros already is made a zero cluster whole, any other partial cluster
-    /// is written with zeros. Version 2 images, which have no zero flag, are written with
-    /// zeros.
+    /// is written with zeros. Version 2 images have no zero flag: without a backing file
+    /// their clusters are discarded instead, over one they are written with zeros.
     pub(crate) fn write_zeroes(
         &self,
         meta: &mut Metadata,
@@ -470,10 +538,17 @@ impl<I: Storage> Guest<'_, I> {
         while at < end {
             let cluster = at & !(cs - 1);
             let piece_end = (cluster + cs).min(end);
-            let whole_cluster = at == cluster
-                && (piece_end == cluster + cs || piece_end == self.image.guest_size());
+            let whole_cluster =
+                at == cluster && (piece_end == cluster + cs || piece_end == self.size);
             if self.image.geometry.pre_v3 {
-                self.write_zero_bytes(meta, at, piece_end - at)?;
+                // No zero flag: without a backing file QEMU discards whole clusters (and a
+                // partial one that reads as zeros already); otherwise zeros are written.
+                let discardable =
+                    !self.has_backing() && (whole_cluster || self.reads_zeros(meta, cluster)?);
+                match discardable {
+                    true => self.discard_cluster(meta, cluster)?,
+                    false => self.write_zero_bytes(meta, at, piece_end - at)?,
+                }
             } else if self.image.geometry.extended_l2 && !whole_cluster {
                 self.zero_in_cluster(meta, at, piece_end)?;
             } else if whole_cluster || self.reads_zeros(meta, cluster)? {
@@ -574,11 +649,16 @@ impl<I: Storage> Guest<'_, I> {
     }
 
     /// Discard `len` bytes at `pos` as QEMU's guest discard does: whole clusters only (and
-    /// the partial last cluster of the disk); each reads as zeros after (version 3), or
-    /// from the backing file (version 2), and its cluster is freed.
+    /// the partial last cluster of the disk); each reads as zeros after and its cluster is
+    /// freed (nothing at all in a version 2 image over a backing file).
     pub(crate) fn discard(&self, meta: &mut Metadata, pos: u64, len: u64) -> Result<()> {
+        // A version 2 image cannot mark a cluster zero: discarding over a backing file would
+        // show the backing file's data, so QEMU does nothing.
+        if self.image.geometry.pre_v3 && self.has_backing() {
+            return Ok(());
+        }
         let cs = self.cluster_size();
-        let size = self.image.guest_size();
+        let size = self.size;
         let end = pos + len;
         let mut cluster = pos.next_multiple_of(cs);
         while cluster < end {
@@ -592,24 +672,31 @@ impl<I: Storage> Guest<'_, I> {
         Ok(())
     }
 
+    /// Discard one cluster as QEMU's `discard_in_l2_slice` does: one that holds nothing of
+    /// its own is left as it is (unallocated with nothing below, or already zero); any
+    /// other reads as zeros after (version 3) or falls through to nothing (version 2) and
+    /// its clusters are released.
     fn discard_cluster(&self, meta: &mut Metadata, cluster: u64) -> Result<()> {
         let io = &self.image.io;
-        if self.raw_data_file() {
-            let len = self.cluster_size().min(self.image.guest_size() - cluster);
-            self.zero_raw_data_file(meta, cluster, len)?;
-        }
         let entry = meta.tables.entry_for_write(io, &mut meta.refs, cluster)?;
         let old = self.old(&entry)?;
         let kind = self.image.geometry.cluster_type(entry.word);
-        let allocated = matches!(
-            kind,
-            ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
-        );
-        let extended = self.image.geometry.extended_l2;
-        let (word, bitmap) = match (self.has_backing() || allocated, self.image.geometry.pre_v3) {
-            (true, false) if extended => (0, SUB_ALLOC_MASK << 32),
-            (true, false) => (OFLAG_ZERO, 0),
-            _ => (0, 0),
+        let keep = match kind {
+            ClusterType::Unallocated => !self.has_backing(),
+            ClusterType::ZeroPlain => true,
+            ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed => false,
+        };
+        if keep {
+            return Ok(());
+        }
+        if self.raw_data_file() {
+            let len = self.cluster_size().min(self.size - cluster);
+            self.zero_raw_data_file(meta, cluster, len)?;
+        }
+        let (word, bitmap) = match (self.image.geometry.pre_v3, self.image.geometry.extended_l2) {
+            (true, _) => (0, 0),
+            (false, true) => (0, SUB_ALLOC_MASK << 32),
+            (false, false) => (OFLAG_ZERO, 0),
         };
         if (word, bitmap) == (entry.word, entry.bitmap) {
             return Ok(());

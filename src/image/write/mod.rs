@@ -8,13 +8,15 @@
 pub(crate) mod space;
 
 mod guest;
+mod recount;
 mod refcounts;
 mod subclusters;
 mod tables;
 mod writeback;
 
 use std::io;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use positioned_io::{ReadAt, Size};
 
@@ -25,13 +27,16 @@ use crate::format::header::Header;
 use crate::format::refcount::RefcountLayout;
 use crate::image::qcow2::Qcow2;
 use crate::image::reader::ReadState;
-use guest::Guest;
+use guest::{Guest, Step};
 use refcounts::Refcounts;
 use tables::Tables;
 use writeback::{barrier, write, Metadata};
 
 /// Header bytes 72-79 and 88-95 (version 3): the incompatible and autoclear feature bits.
 const INCOMPATIBLE_FIELD: u64 = 72;
+/// Header bytes 24-31: the guest size; 36-47: the L1 table's entries (4 bytes) and offset.
+const SIZE_FIELD: u64 = 24;
+const L1_FIELDS: u64 = 36;
 const AUTOCLEAR_FIELD: u64 = 88;
 
 /// An image open for writing: reads what was written, writes at any offset and length,
@@ -71,17 +76,21 @@ const AUTOCLEAR_FIELD: u64 = 88;
 pub struct Writer<I: Storage> {
     /// Taken out by [`Writer::close`]; always there before.
     image: Option<Qcow2<I>>,
+    /// Held shared by every read and write of the guest, exclusively by a flush: clusters
+    /// freed by a write are handed out again only after a flush, so none is reused while
+    /// a read or an in-place write planned on it is under way.
+    gate: RwLock<()>,
     meta: Mutex<Metadata>,
     read_state: ReadState,
     header: Mutex<Header>,
-    guest_size: u64,
+    guest_size: AtomicU64,
     cluster_size: u64,
 }
 
 impl<I: Storage> std::fmt::Debug for Writer<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
-            .field("guest_size", &self.guest_size)
+            .field("guest_size", &self.guest_size())
             .field("cluster_size", &self.cluster_size)
             .finish_non_exhaustive()
     }
@@ -129,18 +138,26 @@ impl<I: Storage> Qcow2<I> {
                 .l2_cache_bytes
                 .max(self.cluster_size().saturating_mul(4)),
         );
+        let mut meta = Metadata {
+            tables,
+            refs,
+            unsynced: false,
+            file_len,
+        };
+        if header.is_dirty() {
+            // Refcounts left unwritten by a crash (lazy refcounts): counted again first,
+            // as QEMU repairs a dirty image it opens for writing.
+            recount::rebuild(&self, &mut meta.refs, file_len)?;
+            meta.flush(&self.io, self.data_storage.as_deref())?;
+        }
         mark_open(&self.io, &header)?;
         let header = read_back_header(&self)?;
         Ok(Writer {
-            guest_size: self.guest_size(),
+            guest_size: AtomicU64::new(self.guest_size()),
             cluster_size: self.cluster_size(),
-            meta: Mutex::new(Metadata {
-                tables,
-                refs,
-                unsynced: false,
-                file_len,
-            }),
+            meta: Mutex::new(meta),
             read_state: ReadState::new(),
+            gate: RwLock::new(()),
             header: Mutex::new(header),
             image: Some(self),
         })
@@ -152,8 +169,6 @@ fn refuse_unsupported<I>(image: &Qcow2<I>) -> Result<()> {
     let header = &image.header;
     let what = if header.has_data_file_bit() && image.data_storage.is_none() {
         Some("an external data file attached for reading only (open the image by path to write its data file)")
-    } else if header.is_dirty() {
-        Some("the image is dirty (lazy refcounts left unwritten by a crash): repair it first with `qemu-img check -r all`")
     } else {
         None
     };
@@ -212,16 +227,25 @@ impl<I: Storage> Writer<I> {
         self.meta.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn guest(&self) -> Result<Guest<'_, I>> {
         Ok(Guest {
             image: self.image()?,
             state: &self.read_state,
+            size: self.guest_size(),
         })
     }
 
     /// Guest size in bytes.
     pub fn guest_size(&self) -> u64 {
-        self.guest_size
+        self.guest_size.load(Ordering::Acquire)
     }
 
     /// Cluster size in bytes.
@@ -241,11 +265,11 @@ impl<I: Storage> Writer<I> {
     /// Check that `len` bytes at `pos` lie within the guest.
     fn within(&self, pos: u64, len: u64) -> Result<()> {
         match pos.checked_add(len) {
-            Some(end) if end <= self.guest_size => Ok(()),
+            Some(end) if end <= self.guest_size() => Ok(()),
             _ => Err(Error::WritePastEnd {
                 offset: pos,
                 len,
-                size: self.guest_size,
+                size: self.guest_size(),
             }),
         }
     }
@@ -255,7 +279,9 @@ impl<I: Storage> Writer<I> {
     pub fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         self.within(pos, buf.len() as u64)?;
         let guest = self.guest()?;
-        guest.read(&mut self.meta(), pos, buf)
+        let _shared = self.shared();
+        let runs = guest.plan_read(&mut self.meta(), pos, buf.len())?;
+        guest.read_runs(&runs, pos, buf)
     }
 
     /// Write all of `buf` at guest offset `pos` (within the guest: past the end is
@@ -263,30 +289,50 @@ impl<I: Storage> Writer<I> {
     pub fn write_all_at(&self, pos: u64, buf: &[u8]) -> Result<()> {
         self.within(pos, buf.len() as u64)?;
         let guest = self.guest()?;
-        let mut meta = self.meta();
-        guest.write(&mut meta, pos, buf)?;
-        self.keep_within_budget(&mut meta)
+        let _shared = self.shared();
+        let mut done = 0usize;
+        while let Some(rest) = buf.get(done..).filter(|rest| !rest.is_empty()) {
+            let at = pos.saturating_add(done as u64);
+            let step = {
+                let mut meta = self.meta();
+                let step = guest.write_step(&mut meta, at, rest)?;
+                self.keep_within_budget(&mut meta)?;
+                step
+            };
+            // Clusters this image owns are written without holding the metadata.
+            done = done.saturating_add(match step {
+                Step::Done(len) => len,
+                Step::InPlace { host, len } => {
+                    guest.write_in_place(host, at, rest.get(..len).unwrap_or_default())?;
+                    len
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Make `len` bytes at `pos` read as zeros. With `unmap`, whole clusters are freed
     /// (qemu-io's `write -z -u`); without it, allocated clusters stay allocated, marked
     /// zero (`write -z`). Compressed clusters are always freed, as QEMU does. Version 2
-    /// images, which cannot mark clusters zero, are written with zeros.
+    /// images cannot mark clusters zero: without a backing file their clusters are freed,
+    /// over one they are written with zeros.
     pub fn write_zeroes(&self, pos: u64, len: u64, unmap: bool) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;
+        let _shared = self.shared();
         let mut meta = self.meta();
         guest.write_zeroes(&mut meta, pos, len, unmap)?;
         self.keep_within_budget(&mut meta)
     }
 
     /// Discard `len` bytes at `pos` as QEMU's discard does: every whole cluster in the range
-    /// (and the partial last cluster of the disk) is freed and reads as zeros after (from
-    /// the backing file in a version 2 image, which cannot mark clusters zero); partial
-    /// clusters are left as they are.
+    /// (and the partial last cluster of the disk) that holds something is freed and reads as
+    /// zeros after; partial clusters are left as they are, and so is everything in a
+    /// version 2 image over a backing file (which cannot mark clusters zero).
     pub fn discard(&self, pos: u64, len: u64) -> Result<()> {
         self.within(pos, len)?;
         let guest = self.guest()?;
+        let _shared = self.shared();
         let mut meta = self.meta();
         guest.discard(&mut meta, pos, len)?;
         self.keep_within_budget(&mut meta)
@@ -295,24 +341,100 @@ impl<I: Storage> Writer<I> {
     /// A durability barrier: when it returns, every write before it survives a crash or a
     /// power cut.
     pub fn flush(&self) -> Result<()> {
-        let io = &self.image()?.io;
-        self.meta()
-            .write_back(io, self.image()?.data_storage.as_deref())
+        let image = self.image()?;
+        let _exclusive = self.exclusive();
+        self.meta().flush(&image.io, image.data_storage.as_deref())
     }
 
     /// Whether this image itself (not its backing files) holds the stretch at `pos`, and for
     /// how many bytes from `pos` that answer holds, up to `len` (as QEMU's
     /// `bdrv_is_allocated`: what qemu-io's `map` prints). Length 0 at or past the end.
     pub fn is_allocated(&self, pos: u64, len: u64) -> Result<(bool, u64)> {
-        let len = len.min(self.guest_size.saturating_sub(pos));
+        let len = len.min(self.guest_size().saturating_sub(pos));
         if len == 0 {
             return Ok((false, 0));
         }
         let guest = self.guest()?;
+        let _shared = self.shared();
         guest.is_allocated(&mut self.meta(), pos, len)
     }
 
-    /// Write back the tables when they outgrow the cache, then drop the clean ones.
+    /// Change the guest size, as qemu-io's `truncate` does: the new space reads as zeros
+    /// (the L1 table moves to a larger one when it must grow: written, then named by the
+    /// header, then the old one freed). Shrinking is not supported yet
+    /// ([`Error::UnsupportedWrite`]); the size must be a multiple of 512.
+    pub fn resize(&self, size: u64) -> Result<()> {
+        let image = self.image()?;
+        let _exclusive = self.exclusive();
+        let old = self.guest_size();
+        if size % 512 != 0 {
+            return Err(Error::InvalidOption {
+                option: "size".to_owned(),
+                message: "The new size must be a multiple of 512".to_owned(),
+            });
+        }
+        if size < old {
+            return Err(Error::UnsupportedWrite {
+                what: "shrinking the disk".to_owned(),
+            });
+        }
+        if size > i64::MAX as u64 {
+            return Err(Error::InvalidOption {
+                option: "size".to_owned(),
+                message: format!("Image size {size} is too large"),
+            });
+        }
+        let mut meta = self.meta();
+        let needed = size.div_ceil(1u64 << image.geometry.l2_bits());
+        if needed > meta.tables.l1().0.len() as u64 {
+            self.grow_l1(image, &mut meta, needed)?;
+        }
+        write(&image.io, SIZE_FIELD, &size.to_be_bytes(), "header")?;
+        barrier(&image.io)?;
+        self.guest_size.store(size, Ordering::Release);
+        self.refresh_header(image)
+    }
+
+    /// Move the L1 table to a new one of `entries` entries.
+    fn grow_l1(&self, image: &Qcow2<I>, meta: &mut Metadata, entries: u64) -> Result<()> {
+        let bytes = entries.saturating_mul(8);
+        crate::base::limits::Limits::check("L1 table", bytes, image.limits.max_l1_bytes)?;
+        let l1_size = u32::try_from(entries).map_err(|_| Error::InvalidOption {
+            option: "size".to_owned(),
+            message: "The new size needs an L1 table larger than qcow2 allows".to_owned(),
+        })?;
+        let data = image.data_storage.as_deref();
+        meta.flush(&image.io, data)?;
+        let clusters = bytes.div_ceil(image.cluster_size());
+        let offset = meta.refs.allocate(&image.io, clusters)?;
+        let (old, old_offset) = meta.tables.l1();
+        let old_bytes = (old.len() as u64).saturating_mul(8);
+        let mut table: Vec<u8> = old.iter().flat_map(|e| e.to_be_bytes()).collect();
+        table.resize(
+            usize::try_from(clusters.saturating_mul(image.cluster_size())).unwrap_or(0),
+            0,
+        );
+        write(&image.io, offset, &table, "L1 table")?;
+        meta.unsynced = true;
+        meta.write_back(&image.io, data)?; // the new table and its refcounts, durable
+        let mut fields = l1_size.to_be_bytes().to_vec();
+        fields.extend_from_slice(&offset.to_be_bytes());
+        write(&image.io, L1_FIELDS, &fields, "header")?;
+        barrier(&image.io)?;
+        meta.refs.free_later(old_offset, old_bytes);
+        meta.tables.moved_l1(offset, l1_size as usize);
+        Ok(())
+    }
+
+    /// Read the header back after changing it.
+    fn refresh_header(&self, image: &Qcow2<I>) -> Result<()> {
+        let header = read_back_header(image)?;
+        *self.header.lock().unwrap_or_else(PoisonError::into_inner) = header;
+        Ok(())
+    }
+
+    /// Write back the tables when they outgrow the cache, then drop the clean ones (the
+    /// clusters the writes dropped stay reserved until a flush).
     fn keep_within_budget(&self, meta: &mut Metadata) -> Result<()> {
         if meta.tables.over_budget() {
             meta.write_back(&self.image()?.io, self.image()?.data_storage.as_deref())?;
@@ -325,11 +447,13 @@ impl<I: Storage> Writer<I> {
     /// leaves (the dirty bit of lazy refcounts).
     fn finish(&self) -> Result<()> {
         let image = self.image()?;
+        let _exclusive = self.exclusive();
         let mut meta = self.meta();
+        meta.flush(&image.io, image.data_storage.as_deref())?;
+        // The frees changed refcount blocks: write them too.
         meta.write_back(&image.io, image.data_storage.as_deref())?;
-        // The frees applied by the first write-back changed refcount blocks: write them too.
-        meta.write_back(&image.io, image.data_storage.as_deref())?;
-        if image.header.version() >= 3 && image.header.has_lazy_refcounts() {
+        let header = &image.header;
+        if header.version() >= 3 && (header.has_lazy_refcounts() || header.is_dirty()) {
             let incompatible = image.header.incompatible_features() & !INCOMPAT_DIRTY;
             write(
                 &image.io,
@@ -365,7 +489,7 @@ impl<I: Storage> Drop for Writer<I> {
 
 impl<I: Storage> ReadAt for Writer<I> {
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let len = usize::try_from(self.guest_size.saturating_sub(pos))
+        let len = usize::try_from(self.guest_size().saturating_sub(pos))
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let Some(part) = buf.get_mut(..len) else {
@@ -400,6 +524,6 @@ impl<I: Storage> positioned_io::WriteAt for &Writer<I> {
 
 impl<I: Storage> Size for Writer<I> {
     fn size(&self) -> io::Result<Option<u64>> {
-        Ok(Some(self.guest_size))
+        Ok(Some(self.guest_size()))
     }
 }

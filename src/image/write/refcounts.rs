@@ -17,11 +17,12 @@ use crate::base::io::{read_metadata, Storage};
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::refcount::{RefcountLayout, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
+use crate::image::write::tables::Dirty;
 
 /// One refcount block in memory.
 struct Block {
     bytes: Vec<u8>,
-    dirty: bool,
+    dirty: Dirty,
 }
 
 /// Refcounts of an image open for writing.
@@ -42,6 +43,8 @@ pub(crate) struct Refcounts {
     /// The first cluster index past every cluster in use and past the end of the file:
     /// clusters from here on are free and hold nothing.
     top: u64,
+    /// The first cluster index past every cluster this writer allocated (0: none yet).
+    allocated_end: u64,
     /// References dropped in memory, not yet on disk: `(offset, length)` in bytes.
     pending: Vec<(u64, u64)>,
 }
@@ -77,6 +80,7 @@ impl Refcounts {
             budget: limits.l2_cache_bytes.max(1 << 20),
             free_hint: 0,
             top,
+            allocated_end: 0,
             pending: Vec::new(),
         })
     }
@@ -95,10 +99,15 @@ impl Refcounts {
         (self.table_offset, bytes.div_ceil(self.cluster_size()))
     }
 
-    /// The first byte past every cluster in use: the file must reach it before a table
-    /// refers to its last cluster.
+    /// The first byte past every cluster in use: clusters from here on were never written.
     pub(crate) fn end(&self) -> u64 {
         self.top.saturating_mul(self.cluster_size())
+    }
+
+    /// The first byte past every cluster this writer allocated: the file must reach it
+    /// before a table refers to its last cluster.
+    pub(crate) fn allocated_end(&self) -> u64 {
+        self.allocated_end.saturating_mul(self.cluster_size())
     }
 
     /// The refcount block for table entry `index`, if there is one.
@@ -130,7 +139,7 @@ impl Refcounts {
                 offset,
                 Block {
                     bytes,
-                    dirty: false,
+                    dirty: Dirty::default(),
                 },
             );
         }
@@ -145,7 +154,7 @@ impl Refcounts {
         if (self.blocks.len() as u64).saturating_mul(size) < self.budget {
             return;
         }
-        self.blocks.retain(|_, b| b.dirty);
+        self.blocks.retain(|_, b| b.dirty.is_dirty());
     }
 
     /// The refcount of host cluster `cluster`.
@@ -170,7 +179,13 @@ impl Refcounts {
         if !layout.set(&mut block.bytes, within, value) {
             return Err(Error::Internal("a refcount does not fit its block"));
         }
-        block.dirty = true;
+        // The bytes that hold refcount `within` (several share a byte below 8 bits).
+        let first_bit = within.saturating_mul(u64::from(layout.bits()));
+        let start = (first_bit >> 3) as usize;
+        let end = (first_bit
+            .saturating_add(u64::from(layout.bits()))
+            .div_ceil(8)) as usize;
+        block.dirty.mark(start, end);
         Ok(())
     }
 
@@ -180,6 +195,7 @@ impl Refcounts {
         let first = self.find_free(io, count)?;
         // Claimed before the refcounts are set: a new refcount block goes above them.
         self.top = self.top.max(first.saturating_add(count));
+        self.allocated_end = self.allocated_end.max(first.saturating_add(count));
         for cluster in first..first.saturating_add(count) {
             self.set(io, cluster, 1)?;
         }
@@ -281,6 +297,7 @@ impl Refcounts {
         }
         let at = self.top;
         self.top = self.top.saturating_add(1);
+        self.allocated_end = self.allocated_end.max(self.top);
         let offset = at << self.cluster_bits();
         let slot = usize::try_from(index)
             .ok()
@@ -293,7 +310,7 @@ impl Refcounts {
             offset,
             Block {
                 bytes: vec![0; size],
-                dirty: true,
+                dirty: Dirty::all(size),
             },
         );
         // Its own refcount: in itself, or in the block of the next range (made likewise).
@@ -326,6 +343,7 @@ impl Refcounts {
         let (old_offset, old_clusters) = self.table_location();
         let first = self.top;
         self.top = self.top.saturating_add(clusters);
+        self.allocated_end = self.allocated_end.max(self.top);
         self.table.resize(new_len, 0);
         self.table_offset = first << bits;
         self.table_moved = true;
@@ -337,26 +355,71 @@ impl Refcounts {
         Ok(())
     }
 
-    /// The refcount blocks changed since the last write-back, marked clean: `(offset, bytes)`.
+    /// The offsets of the refcount blocks the table names.
+    pub(crate) fn blocks(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for index in 0..self.table.len() as u64 {
+            out.extend(self.block_offset(index)?);
+        }
+        Ok(out)
+    }
+
+    /// How many clusters the blocks the table names cover (up to the last one).
+    pub(crate) fn covered_clusters(&self) -> u64 {
+        let last = self.table.iter().rposition(|e| e & REFT_OFFSET_MASK != 0);
+        last.map_or(0, |i| {
+            ((i as u64).saturating_add(1)) << self.layout.block_bits()
+        })
+    }
+
+    /// Keep clusters below `cluster` out of the way of new refcount blocks.
+    pub(crate) fn reserve_below(&mut self, cluster: u64) {
+        self.top = self.top.max(cluster);
+    }
+
+    /// Set the refcount of `cluster` to `value` unless it holds that already.
+    pub(crate) fn set_if_different<I: Storage>(
+        &mut self,
+        io: &I,
+        cluster: u64,
+        value: u64,
+    ) -> Result<()> {
+        if self.get(io, cluster)? == value {
+            return Ok(());
+        }
+        if value > self.layout.max() {
+            return Err(Error::malformed(
+                format!(
+                    "cluster {cluster} has {value} references, more than {}-bit refcounts hold",
+                    self.layout.bits()
+                ),
+                cluster << self.cluster_bits(),
+            ));
+        }
+        self.set(io, cluster, value)
+    }
+
+    /// The changed parts of the refcount blocks, marked clean: `(file offset, bytes)`.
     pub(crate) fn take_dirty_blocks(&mut self) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = self
             .blocks
             .iter_mut()
-            .filter(|(_, b)| b.dirty)
-            .map(|(offset, b)| {
-                b.dirty = false;
-                (*offset, b.bytes.clone())
+            .filter_map(|(offset, b)| {
+                let (start, end) = b.dirty.take(b.bytes.len())?;
+                let bytes = b.bytes.get(start..end)?.to_vec();
+                Some((offset.saturating_add(start as u64), bytes))
             })
             .collect();
         out.sort_unstable_by_key(|(offset, _)| *offset);
         out
     }
 
-    /// Mark blocks dirty again after a failed write-back.
+    /// Mark blocks dirty again (whole) after a failed write-back of pieces at `offsets`.
     pub(crate) fn mark_blocks_dirty(&mut self, offsets: impl Iterator<Item = u64>) {
+        let bits = self.cluster_bits();
         for offset in offsets {
-            if let Some(b) = self.blocks.get_mut(&offset) {
-                b.dirty = true;
+            if let Some(b) = self.blocks.get_mut(&(offset >> bits << bits)) {
+                b.dirty = Dirty::all(b.bytes.len());
             }
         }
     }

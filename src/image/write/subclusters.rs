@@ -59,7 +59,7 @@ impl<I: Storage> Guest<'_, I> {
         let span = (first * sub, end * sub);
         let mut piece = vec![0u8; (span.1 - span.0) as usize];
         if span.0 < a || b < span.1 {
-            let size = self.image.guest_size();
+            let size = self.size;
             let len = (span.1 - span.0).min(size - (start + span.0)) as usize;
             self.read(meta, start + span.0, &mut piece[..len])?;
         }
@@ -111,7 +111,7 @@ impl<I: Storage> Guest<'_, I> {
         let io = &self.image.io;
         let cs = self.cluster_size();
         let mut whole = vec![0u8; cs as usize];
-        let len = cs.min(self.image.guest_size() - start) as usize;
+        let len = cs.min(self.size - start) as usize;
         self.read(meta, start, &mut whole[..len])?;
         whole[within as usize..within as usize + data.len()].copy_from_slice(data);
         let host = self.new_host_cluster(meta)?;

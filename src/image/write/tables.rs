@@ -13,10 +13,43 @@ use crate::image::write::refcounts::Refcounts;
 const ENTRY_LEN: u64 = 8;
 const L1_PIECE: u64 = 512;
 
+/// The bytes of a table changed since it was last written: written back whole sectors.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Dirty(Option<(usize, usize)>);
+
+/// Tables are written back in whole sectors.
+const SECTOR: usize = 512;
+
+impl Dirty {
+    /// All of a table of `len` bytes.
+    pub(crate) fn all(len: usize) -> Self {
+        Dirty(Some((0, len)))
+    }
+
+    pub(crate) fn mark(&mut self, start: usize, end: usize) {
+        self.0 = Some(match self.0 {
+            Some((a, b)) => (a.min(start), b.max(end)),
+            None => (start, end),
+        });
+    }
+
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The changed bytes of a table of `len` bytes, widened to sectors, and clean again.
+    pub(crate) fn take(&mut self, len: usize) -> Option<(usize, usize)> {
+        let (a, b) = self.0.take()?;
+        let start = (a / SECTOR).saturating_mul(SECTOR);
+        let end = b.next_multiple_of(SECTOR).min(len);
+        Some((start, end))
+    }
+}
+
 /// One L2 table in memory, as words (two per entry with extended L2).
 struct L2Table {
     words: Vec<u64>,
-    dirty: bool,
+    dirty: Dirty,
     /// Use stamp, for dropping the least recently used clean tables.
     used: u64,
 }
@@ -131,7 +164,7 @@ impl Tables {
             offset,
             L2Table {
                 words,
-                dirty: false,
+                dirty: Dirty::default(),
                 used: self.clock,
             },
         );
@@ -239,8 +272,8 @@ impl Tables {
         self.l2.insert(
             offset,
             L2Table {
+                dirty: Dirty::all(words.len().saturating_mul(8)),
                 words,
-                dirty: true,
                 used: self.clock,
             },
         );
@@ -266,33 +299,38 @@ impl Tables {
                 *slot = bitmap;
             }
         }
-        t.dirty = true;
+        let start = first.saturating_mul(8);
+        t.dirty.mark(
+            start,
+            start.saturating_add((per as usize).saturating_mul(8)),
+        );
         Ok(())
     }
 
-    /// The L2 tables changed since the last write-back, marked clean: `(offset, bytes)`.
+    /// The changed parts of the L2 tables, marked clean: `(file offset, bytes)`.
     pub(crate) fn take_dirty_tables(&mut self) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = self
             .l2
             .iter_mut()
-            .filter(|(_, t)| t.dirty)
-            .map(|(offset, t)| {
-                t.dirty = false;
-                (
-                    *offset,
-                    t.words.iter().flat_map(|w| w.to_be_bytes()).collect(),
-                )
+            .filter_map(|(offset, t)| {
+                let len = t.words.len().saturating_mul(8);
+                let (start, end) = t.dirty.take(len)?;
+                let words = t.words.get(start / 8..end / 8)?;
+                let bytes = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+                Some((offset.saturating_add(start as u64), bytes))
             })
             .collect();
         out.sort_unstable_by_key(|(offset, _)| *offset);
         out
     }
 
-    /// Mark tables dirty again after a failed write-back.
+    /// Mark tables dirty again (whole) after a failed write-back of pieces at `offsets`.
     pub(crate) fn mark_tables_dirty(&mut self, offsets: impl Iterator<Item = u64>) {
+        let bits = self.g.cluster_bits;
         for offset in offsets {
-            if let Some(t) = self.l2.get_mut(&offset) {
-                t.dirty = true;
+            let table = offset >> bits << bits;
+            if let Some(t) = self.l2.get_mut(&table) {
+                t.dirty = Dirty::all(t.words.len().saturating_mul(8));
             }
         }
     }
@@ -330,6 +368,19 @@ impl Tables {
         self.l1_dirty.retain(|i| *i < len);
     }
 
+    /// The L1 table: its entries and file offset.
+    pub(crate) fn l1(&self) -> (&[u64], u64) {
+        (&self.l1, self.l1_offset)
+    }
+
+    /// Take the L1 table written whole at `offset` with `entries` entries (the new ones
+    /// empty) as the active one.
+    pub(crate) fn moved_l1(&mut self, offset: u64, entries: usize) {
+        self.l1.resize(entries, 0);
+        self.l1_offset = offset;
+        self.l1_dirty.clear();
+    }
+
     /// Whether more tables are in memory than the budget allows (after a write-back, clean
     /// ones can be dropped).
     pub(crate) fn over_budget(&self) -> bool {
@@ -342,7 +393,7 @@ impl Tables {
             let oldest = self
                 .l2
                 .iter()
-                .filter(|(_, t)| !t.dirty)
+                .filter(|(_, t)| !t.dirty.is_dirty())
                 .min_by_key(|(_, t)| t.used)
                 .map(|(offset, _)| *offset);
             match oldest {

@@ -33,7 +33,15 @@ pub(crate) struct Metadata {
 }
 
 impl Metadata {
-    /// Write back every change, in order, and free what the changes dropped.
+    /// Write back every change, in order, then free what the changes dropped: a barrier.
+    /// Only with no read or in-place write of the guest under way (a freed cluster may be
+    /// handed out again at once).
+    pub(crate) fn flush<I: Storage>(&mut self, io: &I, data: Option<&dyn Storage>) -> Result<()> {
+        self.write_back(io, data)?;
+        self.refs.apply_frees(io)
+    }
+
+    /// Write back every change, in order; what they dropped stays reserved.
     pub(crate) fn write_back<I: Storage>(
         &mut self,
         io: &I,
@@ -49,13 +57,13 @@ impl Metadata {
         self.write_l2_tables(io)?;
         self.write_l1(io)?;
         self.unsynced = false;
-        self.refs.apply_frees(io)
+        Ok(())
     }
 
     /// Make the file reach the last allocated cluster: a table may refer to it, and a
     /// cluster written only in part must not end the file.
     fn reach_end<I: Storage>(&mut self, io: &I) -> Result<()> {
-        let end = self.refs.end();
+        let end = self.refs.allocated_end();
         if end > self.file_len {
             io.set_len(end)
                 .map_err(|e| Error::io("growing the image file", e))?;
