@@ -31,6 +31,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use positioned_io::ReadAt;
 
+pub mod crash_storage;
+#[cfg(unix)]
+pub mod nbd;
+
 /// Whether we run under CI (`CI=true` or `CI=1`), where missing tools are a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI")

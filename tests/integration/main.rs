@@ -44,6 +44,8 @@ mod conformance;
 mod convert;
 #[cfg(all(feature = "zlib", feature = "zstd"))]
 mod convert_qcow2;
+#[cfg(unix)]
+mod crash;
 #[cfg(feature = "cli")]
 mod create;
 mod differential;
