@@ -46,6 +46,7 @@ mod convert;
 mod convert_qcow2;
 #[cfg(unix)]
 mod crash;
+mod crash_data_file;
 #[cfg(feature = "cli")]
 mod create;
 mod differential;
