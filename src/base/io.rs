@@ -108,10 +108,14 @@ pub(crate) fn check_within<R: ReadAt + ?Sized>(
 
 /// Decode a big-endian table of `u64` entries, straight into shared storage.
 pub(crate) fn be_u64_table(bytes: &[u8]) -> std::sync::Arc<[u64]> {
+    be_u64_words(bytes).collect()
+}
+
+/// The big-endian `u64` entries of a table, in order (a partial last entry left out).
+pub(crate) fn be_u64_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
     bytes
         .chunks_exact(8)
         .map(|c| c.try_into().map(u64::from_be_bytes).unwrap_or(0))
-        .collect()
 }
 
 /// Zeros written out from here: streams, and positional sinks asked to allocate every byte.

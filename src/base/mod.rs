@@ -7,6 +7,8 @@ pub(crate) mod holes;
 pub(crate) mod io;
 pub(crate) mod limits;
 pub(crate) mod pool;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// QEMU's block layer counts in 512-byte sectors (`BDRV_SECTOR_SIZE`): file lengths, sparse
 /// detection, compressed cluster lengths (spec: "Compressed Clusters Descriptor") and

@@ -629,6 +629,7 @@ mod build {
 
     #[cfg(test)]
     mod tests {
+        use crate::base::testing::run;
         use std::path::{Path, PathBuf};
         use std::process::Command;
         use std::time::Duration;
@@ -889,35 +890,6 @@ mod build {
             );
         }
 
-        /// `qemu-img`, or `None` after a loud skip notice (a failure under CI).
-        fn qemu_img(test: &str) -> Option<PathBuf> {
-            let found = std::env::var_os("QEMU_IMG").map(PathBuf::from).or_else(|| {
-                std::env::split_paths(&std::env::var_os("PATH")?)
-                    .map(|d| d.join("qemu-img"))
-                    .find(|p| p.is_file())
-            });
-            if found.is_none() {
-                let ci =
-                    std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-                let msg = format!("SKIPPED: qemu-img not found (test {test})");
-                assert!(!ci, "{msg}; CI=true, so this is a failure");
-                use std::io::Write;
-                let _ = writeln!(std::io::stderr(), "\n!!! {msg}\n");
-            }
-            found
-        }
-
-        fn run(cmd: &mut Command) -> std::process::Output {
-            let out = cmd.output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            out
-        }
-
         fn temp_dir(name: &str) -> PathBuf {
             let dir = std::env::temp_dir().join(format!("qcow2-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -937,7 +909,7 @@ mod build {
 
         #[test]
         fn qemu_reads_the_volumes() {
-            let Some(img) = qemu_img("qemu_reads_the_volumes") else {
+            let Some(img) = crate::base::testing::qemu_img("qemu_reads_the_volumes") else {
                 return;
             };
             let dir = temp_dir("luks-create");
@@ -1033,7 +1005,9 @@ mod build {
         /// reads a cluster this crate encrypted at its host offset (IVs from host sectors).
         #[test]
         fn qemu_uses_the_header_inside_a_qcow2_image() {
-            let Some(img) = qemu_img("qemu_uses_the_header_inside_a_qcow2_image") else {
+            let Some(img) =
+                crate::base::testing::qemu_img("qemu_uses_the_header_inside_a_qcow2_image")
+            else {
                 return;
             };
             let qemu_io = img.with_file_name("qemu-io");
@@ -1116,7 +1090,7 @@ mod build {
         /// The refusals at creation, word for word with qemu-img's.
         #[test]
         fn refusals_match_qemu_img() {
-            let Some(img) = qemu_img("refusals_match_qemu_img") else {
+            let Some(img) = crate::base::testing::qemu_img("refusals_match_qemu_img") else {
                 return;
             };
             let dir = temp_dir("luks-refusals");

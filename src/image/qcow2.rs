@@ -553,7 +553,7 @@ pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
-fn read_header<I: ReadAt>(io: &I, limits: &Limits) -> Result<Header> {
+pub(crate) fn read_header<I: ReadAt>(io: &I, limits: &Limits) -> Result<Header> {
     let mut probe = [0u8; PROBE_LEN];
     let got = read_up_to(io, 0, &mut probe).map_err(|e| Error::io("reading the header", e))?;
     let cluster_bits = header::probe_cluster_bits(probe.get(..got).unwrap_or_default())?;

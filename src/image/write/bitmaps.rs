@@ -593,6 +593,7 @@ fn entry_len(b: &Bitmap) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::testing::run;
     use crate::format::extension::ExtensionKind;
     use crate::format::refcount::RefcountLayout;
     use std::os::unix::fs::FileExt;
@@ -754,35 +755,6 @@ mod tests {
             self.put(self.extension_at, &data)?;
             self.barrier()
         }
-    }
-
-    /// `qemu-img` and `qemu-io`, or `None` after a loud notice (a failure under CI).
-    fn qemu(test: &str) -> Option<(PathBuf, PathBuf)> {
-        let find = |name: &str| {
-            std::env::split_paths(&std::env::var_os("PATH")?)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        };
-        let found = find("qemu-img").zip(find("qemu-io"));
-        if found.is_none() {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-            let msg = format!("SKIPPED: qemu-img or qemu-io not found (test {test})");
-            assert!(!ci, "{msg}; CI=true, so this is a failure");
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "\n!!! {msg}\n");
-        }
-        found
-    }
-
-    fn run(cmd: &mut Command) -> std::process::Output {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
     }
 
     /// A fresh directory, removed when the test passes.
@@ -960,7 +932,9 @@ mod tests {
     /// The same writes recorded by this module and by QEMU (qemu-io on a copy) give the same
     /// bits in every bitmap, the same flags; `qemu-img check` is clean with no leaks.
     fn same_bits_as_qemu(test: &str, cluster: u64, size: u64, opts: &str, seed: u64) {
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let dir = Dir::new(test);
         let ours = make_image(&img, &io, &dir, cluster, size, opts);
         let theirs = dir.join("theirs.qcow2");
@@ -1156,7 +1130,9 @@ mod tests {
     #[test]
     fn a_bitmap_in_use_at_open_stays_in_use_as_qemu_leaves_it() {
         let test = "inuse";
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let dir = Dir::new(test);
         let ours = make_image(&img, &io, &dir, 4096, 16 << 20, "");
         patch_in_use(&ours, 1);
@@ -1203,7 +1179,9 @@ mod tests {
     #[test]
     fn a_crash_at_any_write_leaves_old_or_new_bitmaps() {
         let test = "crash";
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let dir = Dir::new(test);
         let ours = make_image(&img, &io, &dir, 512, 8 << 20, "");
         let original = std::fs::read(&ours).unwrap();
@@ -1329,7 +1307,9 @@ mod tests {
     #[test]
     fn a_crash_at_any_write_through_the_writers_space_is_harmless() {
         let test = "crash-space";
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let dir = Dir::new(test);
         let path = make_image(&img, &io, &dir, 512, 8 << 20, "");
         let original = std::fs::read(&path).unwrap();
@@ -1398,7 +1378,9 @@ mod tests {
     #[test]
     fn a_failed_write_during_store_leaves_a_consistent_image() {
         let test = "fail";
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let dir = Dir::new(test);
         let base = make_image(&img, &io, &dir, 512, 8 << 20, "");
         let ops = random_ops(31, 8 << 20, 25);
@@ -1453,7 +1435,9 @@ mod tests {
     #[test]
     fn a_data_cluster_named_twice_is_refused() {
         let test = "twice";
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let dir = Dir::new(test);
         let path = make_image(&img, &io, &dir, 512, 8 << 20, "");
         let image = Qcow2::open_path(&path).unwrap();
@@ -1485,7 +1469,9 @@ mod tests {
     #[test]
     fn resize_follows_qemu() {
         let test = "resize";
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let mib = 1u64 << 20;
         // 512 B clusters: a data cluster holds 4096 bits, 2 MiB at 512 B granularity.
         let cases: [(u64, &[u64]); 6] = [
@@ -1540,7 +1526,9 @@ mod tests {
     #[test]
     fn resize_refuses_what_qemu_refuses() {
         let test = "resize-refused";
-        let Some((img, io)) = qemu(test) else { return };
+        let Some((img, io)) = crate::base::testing::qemu_img_and_io(test) else {
+            return;
+        };
         let dir = Dir::new(test);
         let ours = make_image(&img, &io, &dir, 512, 8 << 20, "");
         let (mut bitmaps, _space) = open_for_writing(&ours);

@@ -277,8 +277,7 @@ fn mark_open<I: Storage>(io: &I, header: &Header, keeps_bitmaps: bool) -> Result
 
 /// The header as the file holds it now.
 fn read_back_header<I: Storage>(image: &Qcow2<I>) -> Result<Header> {
-    let bytes = crate::base::io::read_metadata(&image.io, 0, image.cluster_size(), "header")?;
-    Header::parse(&bytes, &image.limits)
+    crate::image::qcow2::read_header(&image.io, &image.limits)
 }
 
 impl<I: Storage> Writer<I> {

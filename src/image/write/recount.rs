@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::base::io::{read_metadata, Storage};
+use crate::base::io::{be_u64_words, read_metadata, Storage};
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::header::{SNAPSHOT_HEADER_LEN, TABLE_ENTRY_LEN};
@@ -120,8 +120,7 @@ fn count_mapping<I: Storage>(
     counts.add(offset, l1_len)?;
     let l1 = read_metadata(io, offset, l1_len, "L1 table")?;
     let words = if g.extended_l2 { 2 } else { 1 };
-    for (i, raw) in l1.chunks_exact(8).enumerate() {
-        let entry = raw.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    for (i, entry) in be_u64_words(&l1).enumerate() {
         let at = offset.saturating_add((i as u64).saturating_mul(8));
         let Some(l2) = table::l2_table_offset(entry, &g, at)? else {
             continue;
@@ -129,8 +128,7 @@ fn count_mapping<I: Storage>(
         let cluster = 1u64 << g.cluster_bits;
         counts.add(l2, cluster)?;
         let table = read_metadata(io, l2, cluster, "L2 table")?;
-        for raw in table.chunks_exact(8).step_by(words) {
-            let word = raw.try_into().map(u64::from_be_bytes).unwrap_or(0);
+        for word in be_u64_words(&table).step_by(words) {
             match g.cluster_type(word) {
                 ClusterType::Normal | ClusterType::ZeroAlloc if !g.external_data => {
                     counts.add(word & table::L2_OFFSET_MASK, cluster)?;

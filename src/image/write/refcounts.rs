@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::base::bytes::low_bits;
-use crate::base::io::{read_metadata, Storage};
+use crate::base::io::{be_u64_words, read_metadata, Storage};
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::refcount::{RefcountLayout, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
@@ -71,10 +71,7 @@ impl Refcounts {
             .ok_or_else(|| Error::malformed("refcount table size overflows", table_offset))?;
         Limits::check("refcount table", bytes, limits.max_refcount_table_bytes)?;
         let raw = read_metadata(io, table_offset, bytes, "refcount table")?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| c.try_into().map(u64::from_be_bytes).unwrap_or(0))
-            .collect();
+        let table = be_u64_words(&raw).collect();
         let top = file_len.div_ceil(1u64 << layout.cluster_bits);
         Ok(Refcounts {
             layout,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::base::bytes::low_bits;
-use crate::base::io::{read_metadata, Storage};
+use crate::base::io::{be_u64_words, read_metadata, Storage};
 use crate::error::{Error, Result};
 use crate::format::table::{self, Geometry, L2_OFFSET_MASK, OFLAG_COPIED};
 use crate::image::write::refcounts::Refcounts;
@@ -156,10 +156,7 @@ impl Tables {
             return Ok(());
         }
         let bytes = read_metadata(io, offset, self.cluster_size(), "L2 table")?;
-        let words = bytes
-            .chunks_exact(8)
-            .map(|c| c.try_into().map(u64::from_be_bytes).unwrap_or(0))
-            .collect();
+        let words = be_u64_words(&bytes).collect();
         self.l2.insert(
             offset,
             L2Table {
