@@ -7,7 +7,7 @@
 
 use crate::base::bytes::{be_u32, be_u64, field};
 use crate::error::{Error, Result};
-use crate::format::extension::{encode, encode_end};
+use crate::format::extension::{encode, encode_end, EXT_BACKING_FORMAT};
 use crate::format::header::{at, V2_HEADER_LEN};
 use crate::format::new_header::put;
 
@@ -20,6 +20,42 @@ pub(crate) fn with_extension(
     data: Option<&[u8]>,
     autoclear_set: u64,
     autoclear_clear: u64,
+) -> Result<Vec<u8>> {
+    rebuild(
+        cluster0,
+        magic,
+        data,
+        None,
+        (autoclear_set, autoclear_clear),
+    )
+}
+
+/// The first cluster naming backing file `name` in format `format` (the backing format
+/// extension set, or removed when `format` is `None`), as QEMU's `qcow2_change_backing_file`
+/// leaves it; `name` `None` removes the backing file and its format.
+pub(crate) fn with_backing(
+    cluster0: &[u8],
+    name: Option<&[u8]>,
+    format: Option<&str>,
+) -> Result<Vec<u8>> {
+    let format = name.and(format).map(str::as_bytes);
+    rebuild(
+        cluster0,
+        EXT_BACKING_FORMAT,
+        format,
+        Some(name.unwrap_or_default()),
+        (0, 0),
+    )
+}
+
+/// [`with_extension`], and the backing file name replaced when `new_backing` is given
+/// (empty: none).
+fn rebuild(
+    cluster0: &[u8],
+    magic: u32,
+    data: Option<&[u8]>,
+    new_backing: Option<&[u8]>,
+    (autoclear_set, autoclear_clear): (u64, u64),
 ) -> Result<Vec<u8>> {
     let bad = |what: &str| Error::malformed(format!("header: {what}"), 0);
     let version = be_u32(cluster0, at::VERSION as usize).ok_or_else(|| bad("too short"))?;
@@ -63,10 +99,22 @@ pub(crate) fn with_extension(
         out.extend(encode(magic, new).ok_or_else(|| bad("extension too large"))?);
     }
     out.extend(encode_end());
-    if let Some(name) = backing {
-        let offset = out.len() as u64;
-        put(&mut out, at::BACKING_FILE_OFFSET, &offset.to_be_bytes());
-        out.extend(name);
+    let backing = match new_backing {
+        Some(name) => (!name.is_empty()).then(|| name.to_vec()),
+        None => backing,
+    };
+    match backing {
+        Some(name) => {
+            let offset = out.len() as u64;
+            put(&mut out, at::BACKING_FILE_OFFSET, &offset.to_be_bytes());
+            let len = u32::try_from(name.len()).map_err(|_| bad("backing file name too long"))?;
+            put(&mut out, at::BACKING_FILE_SIZE, &len.to_be_bytes());
+            out.extend(name);
+        }
+        None => {
+            put(&mut out, at::BACKING_FILE_OFFSET, &0u64.to_be_bytes());
+            put(&mut out, at::BACKING_FILE_SIZE, &0u32.to_be_bytes());
+        }
     }
     if out.len() > cluster0.len() {
         return Err(Error::UnsupportedWrite {
@@ -167,5 +215,35 @@ mod tests {
         assert!(h.bitmaps().is_none());
         assert_eq!(h.backing_file(), Some("base.qcow2"));
         assert_eq!(h.autoclear_features() & AUTOCLEAR_BITMAPS, 0);
+    }
+
+    #[test]
+    fn changes_and_removes_the_backing_file_keeping_other_extensions() {
+        let before = with_extension(
+            &image(Some("base.qcow2")),
+            EXT_BITMAPS,
+            Some(&bitmaps(1, 0x50000)),
+            AUTOCLEAR_BITMAPS,
+            0,
+        )
+        .unwrap();
+        let moved = with_backing(&before, Some(b"../other/new-base.img"), Some("raw")).unwrap();
+        let h = Header::parse(&moved, &Limits::default()).unwrap();
+        assert_eq!(h.backing_file(), Some("../other/new-base.img"));
+        assert_eq!(h.backing_format(), Some("raw"));
+        assert_eq!(h.bitmaps().unwrap().directory_offset, 0x50000);
+        let unformatted = with_backing(&moved, Some(b"b"), None).unwrap();
+        let h = Header::parse(&unformatted, &Limits::default()).unwrap();
+        assert_eq!((h.backing_file(), h.backing_format()), (Some("b"), None));
+        let removed = with_backing(&moved, None, Some("qcow2")).unwrap();
+        let h = Header::parse(&removed, &Limits::default()).unwrap();
+        assert_eq!((h.backing_file(), h.backing_format()), (None, None));
+        assert_eq!(h.bitmaps().unwrap().nb_bitmaps, 1);
+        let added = with_backing(&image(None), Some(b"base.qcow2"), Some("qcow2")).unwrap();
+        let h = Header::parse(&added, &Limits::default()).unwrap();
+        assert_eq!(h.backing_file(), Some("base.qcow2"));
+        assert_eq!(h.backing_format(), Some("qcow2"));
+        let long = vec![b'x'; 70000];
+        assert!(with_backing(&image(None), Some(&long), None).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! create, commit, ...). Built on the guest views and the image below them.
 
 pub(crate) mod check;
+pub(crate) mod commit;
 pub(crate) mod compare;
 pub(crate) mod convert;
 pub(crate) mod hole_aware;
@@ -9,3 +10,4 @@ pub(crate) mod human;
 pub(crate) mod info;
 #[cfg(feature = "serde")]
 pub(crate) mod qjson;
+pub(crate) mod rebase;

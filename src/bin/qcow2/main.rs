@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bitmap;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -20,6 +21,7 @@ mod disk;
 mod info;
 mod io;
 mod map;
+mod rebase;
 mod snapshot;
 // Secrets for encrypted images (`--object secret,...`, `--secret-file`); the subcommands
 // that read guest data flatten `secret::SecretArgs` into their `Args`.
@@ -56,6 +58,10 @@ enum Command {
     Compare(compare::Args),
     /// Run qemu-io's commands (read, write, discard, flush, map, info) on an image, like `qemu-io`.
     Io(io::Args),
+    /// Write an overlay's data into its backing file, like `qemu-img commit`.
+    Commit(commit::Args),
+    /// Change an image's backing file, like `qemu-img rebase`.
+    Rebase(rebase::Args),
 }
 
 fn main() -> ExitCode {
@@ -83,5 +89,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::run(args),
         Command::Create(args) => create::run(args),
         Command::Io(args) => io::run(args),
+        Command::Commit(args) => commit::run(args),
+        Command::Rebase(args) => rebase::run(args),
     }
 }

@@ -1,0 +1,321 @@
+//! Merge an overlay into a layer below it, as `qemu-img commit` does.
+//!
+//! Every stretch that a layer above the base decides (data or zeros) is written into the
+//! base through its [`Writer`]: data as data, zeros as zeros (unmapped), as QEMU's commit
+//! job (the mirror job of an active commit) writes them; the base grows first when it is
+//! shorter than the top. The base is flushed, then the top is emptied (every cluster
+//! dropped, as `qemu-img commit` leaves it) unless it is kept (`-d`, implied by `-b`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use positioned_io::ReadAt;
+
+use crate::base::io::Storage;
+use crate::error::{Error, Result};
+use crate::guest::chain::{self, Found};
+use crate::image::layer::Below;
+use crate::image::open::canonical;
+use crate::image::options::OpenOptions;
+use crate::image::qcow2::Qcow2;
+use crate::image::reader::Reader;
+use crate::image::write::Writer;
+
+/// The most bytes copied at once (qemu-img commit copies 512 KiB at a time; larger reads
+/// cost fewer calls).
+const CHUNK: u64 = 2 << 20;
+
+/// A progress callback: bytes done and bytes in all.
+pub(crate) type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
+
+/// How [`commit`] runs: which layer receives the data, whether the top is emptied after, a
+/// progress callback, and how the images are opened (secrets, limits, file policy).
+///
+/// ```
+/// let options = qcow2::CommitOptions::new()
+///     .keep_top(true) // qemu-img commit -d
+///     .progress(|done, total| eprintln!("{done}/{total}"));
+/// # let _ = options;
+/// ```
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct CommitOptions {
+    pub(crate) base: Option<PathBuf>,
+    pub(crate) keep_top: bool,
+    pub(crate) progress: Option<Arc<ProgressFn>>,
+    pub(crate) open: OpenOptions,
+}
+
+impl fmt::Debug for CommitOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommitOptions")
+            .field("base", &self.base)
+            .field("keep_top", &self.keep_top)
+            .field("progress", &self.progress.is_some())
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
+impl CommitOptions {
+    /// Commit into the top's immediate backing file, then empty the top.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Commit into this image of the top's backing chain instead (`qemu-img commit -b`):
+    /// every layer above it is merged into it. As in qemu-img, naming a base keeps the top
+    /// as it is ([`CommitOptions::keep_top`]): the layers between would no longer read
+    /// right over an emptied top. The name matches a layer by the name its overlay records,
+    /// or as a path (relative to the current directory or to the top's directory).
+    #[must_use]
+    pub fn base(mut self, base: impl Into<PathBuf>) -> Self {
+        self.base = Some(base.into());
+        self
+    }
+
+    /// Leave the top image as it is after the commit (`qemu-img commit -d`) instead of
+    /// emptying it.
+    #[must_use]
+    pub fn keep_top(mut self, yes: bool) -> Self {
+        self.keep_top = yes;
+        self
+    }
+
+    /// Call `f(done, total)` as the copy goes on (bytes of the top's guest).
+    #[must_use]
+    pub fn progress(mut self, f: impl Fn(u64, u64) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    /// Open the images with these options (secrets of encrypted images, limits, file
+    /// policy); whether they say to write is ignored: the base is opened for writing, the
+    /// layers above it for reading.
+    #[must_use]
+    pub fn open_options(mut self, options: OpenOptions) -> Self {
+        self.open = options;
+        self
+    }
+}
+
+/// Write the data of the image at `top` into a layer of its backing chain (its backing file,
+/// or [`CommitOptions::base`]), then empty the top unless it is kept, as `qemu-img commit`
+/// does. The guest the top shows does not change; the base then shows it too.
+///
+/// Fails before writing anything when the top has no backing file, when the named base is
+/// not in its chain, or when the base is not a qcow2 image (the crate writes only qcow2).
+///
+/// ```
+/// use qcow2::positioned_io::ReadAt;
+/// # let dir = std::env::temp_dir().join(format!("qcow2-doc-commit-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
+/// qcow2::create(&base, &qcow2::CreateOptions::new(1 << 20))?;
+/// qcow2::create(&top, &qcow2::CreateOptions::new(1 << 20).backing_file("base.qcow2").backing_format("qcow2"))?;
+/// let writer = qcow2::Qcow2::open_path_with(&top, &qcow2::OpenOptions::new().write(true))?
+///     .into_writer()?;
+/// writer.write_all_at(4096, b"committed")?;
+/// writer.close()?;
+///
+/// qcow2::commit(&top, &qcow2::CommitOptions::new())?;
+///
+/// let mut buf = [0u8; 9];
+/// qcow2::Qcow2::open_path(&base)?.reader()?.read_exact_at(4096, &mut buf)?;
+/// assert_eq!(&buf, b"committed");
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn commit(top: impl AsRef<Path>, options: &CommitOptions) -> Result<()> {
+    let top = top.as_ref();
+    let read = options.open.clone().write(false);
+    let chain = Qcow2::open_path_with(top, &read)?;
+    let (depth, base_path) = find_base(&chain, top, options.base.as_deref())?;
+    let base = Qcow2::open_path_with(&base_path, &options.open.clone().write(true))?;
+    let base = base.into_writer()?;
+    commit_into(&chain.reader()?, depth, &base, options)?;
+    base.close()?;
+    // The chain holds the base's file open: closed after the base's writer, whose lock
+    // closing any descriptor of the file would drop.
+    drop(chain);
+    if options.keep_top || options.base.is_some() {
+        return Ok(());
+    }
+    let top_image = Qcow2::open_path_with(top, &options.open.clone().write(true))?;
+    make_empty(&top_image)
+}
+
+/// Write what the layers above depth `base_depth` of `top`'s chain decide into `base`, the
+/// writer on the image at that depth, and flush it: the part of [`commit`] that copies, over
+/// images already open (any [`Storage`]). `base` grows to the top's size first when shorter.
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("qcow2-doc-commit-into-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
+/// # qcow2::create(&base, &qcow2::CreateOptions::new(1 << 20))?;
+/// # qcow2::create(&top, &qcow2::CreateOptions::new(1 << 20).backing_file("base.qcow2").backing_format("qcow2"))?;
+/// let chain = qcow2::Qcow2::open_path(&top)?;
+/// let writer = qcow2::Qcow2::open_path_with(&base, &qcow2::OpenOptions::new().write(true))?
+///     .into_writer()?;
+/// qcow2::commit_into(&chain.reader()?, 1, &writer, &qcow2::CommitOptions::new())?;
+/// writer.close()?;
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn commit_into<I: ReadAt, B: Storage>(
+    top: &Reader<'_, I>,
+    base_depth: u32,
+    base: &Writer<B>,
+    options: &CommitOptions,
+) -> Result<()> {
+    if base_depth == 0 {
+        return Err(Error::InvalidOption {
+            option: "base".to_owned(),
+            message: "the base must lie below the top image".to_owned(),
+        });
+    }
+    let size = top.guest_size();
+    if base.guest_size() < size {
+        base.resize(size)?;
+    }
+    let report = |done: u64| {
+        if let Some(f) = &options.progress {
+            f(done, size);
+        }
+    };
+    report(0);
+    let mut buf = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let found = chain::walk(top, pos, CHUNK.min(size.saturating_sub(pos)))?;
+        let len = found
+            .layer
+            .extent
+            .length
+            .max(1)
+            .min(size.saturating_sub(pos));
+        if decided_above(found.found, found.depth, base_depth) {
+            let status = chain::block_status(&found);
+            if status.zero && !status.data {
+                base.write_zeroes(pos, len, true)?;
+            } else {
+                let n = usize::try_from(len)
+                    .map_err(|_| Error::Internal("a copy chunk larger than memory"))?;
+                buf.resize(n, 0);
+                top.read_guest(pos, &mut buf)?;
+                base.write_all_at(pos, &buf)?;
+            }
+        }
+        pos = pos.saturating_add(len);
+        report(pos);
+    }
+    base.flush()
+}
+
+/// Whether a layer above depth `base_depth` decides a stretch the walk found at `depth`:
+/// one that has it, or (QEMU's `bdrv_is_allocated_above`) a shorter layer above the base
+/// past whose end it lies, which reads it as zeros.
+fn decided_above(found: Found, depth: u32, base_depth: u32) -> bool {
+    match found {
+        Found::Here => depth < base_depth,
+        Found::PastShorterLayer => depth.saturating_add(1) < base_depth,
+        Found::Nowhere => false,
+    }
+}
+
+/// The depth and path of the base: the top's backing file, or the layer `named`.
+fn find_base<I: ReadAt>(
+    chain: &Qcow2<I>,
+    top: &Path,
+    named: Option<&Path>,
+) -> Result<(u32, PathBuf)> {
+    let refuse = |message: String| Error::InvalidOption {
+        option: "base".to_owned(),
+        message,
+    };
+    if chain.header().backing_file().is_none() {
+        return Err(refuse("Image does not have a backing file".to_owned()));
+    }
+    let mut layer = match chain.below() {
+        Below::Layer(layer) => layer,
+        Below::Missing(name) => {
+            return Err(Error::BackingMissing {
+                name: name.to_owned(),
+            })
+        }
+        Below::Nothing => return Err(refuse("Image does not have a backing file".to_owned())),
+    };
+    let mut recorded = chain.header().backing_file().map(str::to_owned);
+    let mut depth = 1u32;
+    let wanted = named.map(|n| Wanted::new(n, top));
+    loop {
+        let here = layer.path().map(Path::to_path_buf);
+        let matches = match &wanted {
+            None => true,
+            Some(w) => w.matches(recorded.as_deref(), here.as_deref()),
+        };
+        if matches {
+            if layer.as_image().is_none() {
+                return Err(Error::UnsupportedWrite {
+                    what: "committing into a raw backing file".to_owned(),
+                });
+            }
+            let path = here.ok_or(Error::Internal("a backing layer opened without a path"))?;
+            return Ok((depth, path));
+        }
+        recorded = layer
+            .as_image()
+            .and_then(|image| image.header().backing_file().map(str::to_owned));
+        layer = match layer.below() {
+            Below::Layer(next) => next,
+            _ => break,
+        };
+        depth = depth.saturating_add(1);
+    }
+    Err(refuse(format!(
+        "Did not find '{}' in the backing chain of '{}'",
+        named.unwrap_or(Path::new("")).display(),
+        top.display()
+    )))
+}
+
+/// A base named by the caller, as QEMU's `bdrv_find_backing_image` matches it: the name an
+/// overlay records, or the same file by path.
+struct Wanted {
+    name: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Wanted {
+    fn new(name: &Path, top: &Path) -> Wanted {
+        let beside_top = top.parent().map(|dir| dir.join(name));
+        let files = [Some(name.to_path_buf()), beside_top]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| canonical(&p).ok())
+            .collect();
+        Wanted {
+            name: name.to_path_buf(),
+            files,
+        }
+    }
+
+    fn matches(&self, recorded: Option<&str>, path: Option<&Path>) -> bool {
+        recorded.is_some_and(|r| Path::new(r) == self.name)
+            || path
+                .and_then(|p| canonical(p).ok())
+                .is_some_and(|p| self.files.contains(&p))
+    }
+}
+
+/// Drop every cluster the active tables of `image` map, as QEMU's `bdrv_make_empty` leaves
+/// an image after a commit: every stretch unallocated, reading from the backing file.
+pub fn make_empty<I: Storage>(image: &Qcow2<I>) -> Result<()> {
+    let _ = image;
+    Err(Error::UnsupportedWrite {
+        what: "emptying an image".to_owned(),
+    })
+}
