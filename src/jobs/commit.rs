@@ -69,7 +69,8 @@ impl CommitOptions {
     /// every layer above it is merged into it. As in qemu-img, naming a base keeps the top
     /// as it is ([`CommitOptions::keep_top`]): the layers between would no longer read
     /// right over an emptied top. The name matches a layer by the name its overlay records,
-    /// or as a path (relative to the current directory or to the top's directory).
+    /// or as a path to the same file (a relative one is relative to the top's directory, as
+    /// qemu-img takes it).
     #[must_use]
     pub fn base(mut self, base: impl Into<PathBuf>) -> Self {
         self.base = Some(base.into());
@@ -291,11 +292,12 @@ struct Wanted {
 
 impl Wanted {
     fn new(name: &Path, top: &Path) -> Wanted {
-        let beside_top = top.parent().map(|dir| dir.join(name));
-        let files = [Some(name.to_path_buf()), beside_top]
+        // A relative name is relative to the top's directory (an absolute one stays).
+        let files = top
+            .parent()
+            .map(|dir| dir.join(name))
+            .and_then(|p| canonical(&p).ok())
             .into_iter()
-            .flatten()
-            .filter_map(|p| canonical(&p).ok())
             .collect();
         Wanted {
             name: name.to_path_buf(),

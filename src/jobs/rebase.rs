@@ -186,7 +186,7 @@ pub fn rebase(image: impl AsRef<Path>, options: &RebaseOptions) -> Result<()> {
 
 /// The new backing file, opened for the comparison.
 enum NewBacking {
-    Image(Qcow2<File>),
+    Image(Box<Qcow2<File>>),
     Raw(RawDisk<File>),
 }
 
@@ -194,7 +194,9 @@ impl NewBacking {
     fn open(path: &Path, format: Option<&str>, options: &OpenOptions) -> Result<NewBacking> {
         match format {
             Some("raw") => Ok(NewBacking::Raw(RawDisk::open_path(path)?)),
-            Some("qcow2") => Ok(NewBacking::Image(Qcow2::open_path_with(path, options)?)),
+            Some("qcow2") => Ok(NewBacking::Image(Box::new(Qcow2::open_path_with(
+                path, options,
+            )?))),
             other => Err(Error::UnsupportedBackingFormat {
                 format: other.unwrap_or_default().to_owned(),
                 path: path.to_path_buf(),
@@ -260,7 +262,7 @@ fn copy_differences<I: Storage>(
         let (allocated, run) = writer.is_allocated(pos, CHUNK.min(size.saturating_sub(pos)))?;
         let run = run.max(1);
         if !allocated {
-            let start = pos / unit * unit;
+            let start = pos.saturating_sub(pos.checked_rem(unit).unwrap_or(0));
             let end = pos.saturating_add(run).next_multiple_of(unit).min(size);
             copy_range(writer, start, end, unit, old_end, new)?;
         }

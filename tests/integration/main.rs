@@ -33,6 +33,8 @@ mod cli_manners;
 mod cli_map;
 #[cfg(all(feature = "cli", feature = "encryption"))]
 mod cli_secret;
+#[cfg(all(feature = "cli", feature = "encryption", feature = "zlib"))]
+mod commit;
 #[cfg(feature = "cli")]
 mod compare_strict;
 #[cfg(any(feature = "zlib", feature = "zstd"))]
@@ -71,6 +73,8 @@ mod owned_reader;
 mod parallel;
 mod partitions;
 mod qemu_refusals;
+#[cfg(all(feature = "cli", feature = "encryption", feature = "zlib"))]
+mod rebase;
 mod threads;
 mod write;
 mod zero_walks;

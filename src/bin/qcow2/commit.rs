@@ -141,11 +141,10 @@ impl Progress {
                 t => (u128::from(done.min(t)) * 10_000 / u128::from(t)) as u64,
             };
             let before = last.load(Ordering::Relaxed);
-            if before == u64::MAX || hundredths >= before + 100 || hundredths == 10_000 {
-                if before != hundredths {
-                    last.store(hundredths, Ordering::Relaxed);
-                    print_line(hundredths);
-                }
+            let step = before == u64::MAX || hundredths >= before + 100 || hundredths == 10_000;
+            if step && before != hundredths {
+                last.store(hundredths, Ordering::Relaxed);
+                print_line(hundredths);
             }
         }
     }
@@ -160,7 +159,9 @@ impl Progress {
     /// The last line: 100%, then the newline.
     pub fn end(&self) {
         if self.shown {
-            print_line(10_000);
+            if self.last.load(Ordering::Relaxed) != 10_000 {
+                print_line(10_000);
+            }
             let _ = writeln!(std::io::stdout().lock());
         }
     }
