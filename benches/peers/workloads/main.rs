@@ -19,6 +19,7 @@ mod bench;
 mod child;
 mod contest;
 mod inputs;
+mod jobs;
 mod rows;
 mod write;
 

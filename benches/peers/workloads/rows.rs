@@ -13,7 +13,7 @@ use crate::Config;
 type MakeWorkload = fn(&Config) -> Res<Workload>;
 
 /// Every workload, by the name `--only` matches.
-pub const ALL: [(&str, MakeWorkload); 19] = [
+pub const ALL: [(&str, MakeWorkload); 21] = [
     ("seq-64k", seq_plain),
     ("seq-zlib", seq_zlib),
     ("seq-zstd", seq_zstd),
@@ -33,6 +33,8 @@ pub const ALL: [(&str, MakeWorkload); 19] = [
     ("bench-4k-new-flush", crate::bench::new_4k_flush),
     ("bench-4k-over", crate::bench::over_4k),
     ("bench-read", crate::bench::read),
+    ("commit-1g", crate::jobs::commit),
+    ("rebase-1g", crate::jobs::rebase),
 ];
 
 const ONE_MIB: &str = "1048576";
