@@ -11,3 +11,4 @@ pub(crate) mod info;
 #[cfg(feature = "serde")]
 pub(crate) mod qjson;
 pub(crate) mod rebase;
+pub(crate) mod snapshot;

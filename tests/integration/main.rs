@@ -75,6 +75,13 @@ mod partitions;
 mod qemu_refusals;
 #[cfg(all(feature = "cli", feature = "encryption", feature = "zlib"))]
 mod rebase;
+#[cfg(all(
+    feature = "cli",
+    feature = "encryption",
+    feature = "zlib",
+    feature = "zstd"
+))]
+mod snapshot_jobs;
 mod threads;
 mod write;
 mod zero_walks;
