@@ -198,7 +198,7 @@ pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use image::owned::OwnedReader;
 pub use image::qcow2::Qcow2;
 pub use jobs::check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
-pub use jobs::commit::{commit, commit_into, make_empty, CommitOptions};
+pub use jobs::commit::{commit, commit_into, CommitOptions};
 pub use jobs::compare::{compare, CompareOptions, Comparison};
 pub use jobs::convert::{
     convert_into_qcow2, convert_overlay_into_qcow2, convert_stream_into_qcow2, convert_to_file,

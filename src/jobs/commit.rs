@@ -14,17 +14,24 @@ use positioned_io::ReadAt;
 
 use crate::base::io::Storage;
 use crate::error::{Error, Result};
+use crate::format::header::at;
+use crate::format::new_header::put;
 use crate::guest::chain::{self, Found};
 use crate::image::layer::Below;
 use crate::image::open::canonical;
 use crate::image::options::OpenOptions;
 use crate::image::qcow2::Qcow2;
 use crate::image::reader::Reader;
+use crate::image::rewrite::{l1_bytes, Rewrite};
 use crate::image::write::Writer;
+use crate::jobs::snapshot::count_mapping;
 
 /// The most bytes copied at once (qemu-img commit copies 512 KiB at a time; larger reads
 /// cost fewer calls).
 const CHUNK: u64 = 2 << 20;
+
+/// The smallest block of QEMU's dirty bitmap (`bdrv_get_default_bitmap_granularity`).
+const MIN_GRANULE: u64 = 4096;
 
 /// A progress callback: bytes done and bytes in all.
 pub(crate) type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
@@ -144,8 +151,8 @@ pub fn commit(top: impl AsRef<Path>, options: &CommitOptions) -> Result<()> {
     if options.keep_top || options.base.is_some() {
         return Ok(());
     }
-    let top_image = Qcow2::open_path_with(top, &options.open.clone().write(true))?;
-    make_empty(&top_image)
+    let mut top_image = Qcow2::open_path_with(top, &options.open.clone().write(true))?;
+    top_image.make_empty()
 }
 
 /// Write what the layers above depth `base_depth` of `top`'s chain decide into `base`, the
@@ -188,32 +195,78 @@ pub fn commit_into<I: ReadAt, B: Storage>(
         }
     };
     report(0);
+    let granule = base.cluster_size().max(MIN_GRANULE);
     let mut buf = Vec::new();
+    for (start, end) in dirty_runs(top, base_depth, granule)? {
+        let mut pos = start;
+        while pos < end {
+            let step = mirror_step(top, base, pos, end, granule, &mut buf)?;
+            pos = pos.saturating_add(step.max(1));
+            report(pos);
+        }
+    }
+    report(size);
+    base.flush()
+}
+
+/// The runs of `granule`-sized blocks (QEMU's dirty bitmap of the commit, cut at the base's
+/// cluster size and at least 4 KiB) that hold something a layer above depth `base_depth`
+/// decides, in order, merged.
+fn dirty_runs<I: ReadAt>(
+    top: &Reader<'_, I>,
+    base_depth: u32,
+    granule: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let size = top.guest_size();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut pos = 0u64;
     while pos < size {
         let found = chain::walk(top, pos, CHUNK.min(size.saturating_sub(pos)))?;
-        let len = found
-            .layer
-            .extent
-            .length
-            .max(1)
-            .min(size.saturating_sub(pos));
+        let len = found.layer.extent.length.max(1);
+        let end = pos.saturating_add(len).min(size);
         if decided_above(found.found, found.depth, base_depth) {
-            let status = chain::block_status(&found);
-            if status.zero && !status.data {
-                base.write_zeroes(pos, len, true)?;
-            } else {
-                let n = usize::try_from(len)
-                    .map_err(|_| Error::Internal("a copy chunk larger than memory"))?;
-                buf.resize(n, 0);
-                top.read_guest(pos, &mut buf)?;
-                base.write_all_at(pos, &buf)?;
+            let from = pos.saturating_sub(pos.checked_rem(granule).unwrap_or(0));
+            let to = end
+                .checked_next_multiple_of(granule)
+                .unwrap_or(end)
+                .min(size);
+            match runs.last_mut() {
+                Some(last) if last.1 >= from => last.1 = last.1.max(to),
+                _ => runs.push((from, to)),
             }
         }
-        pos = pos.saturating_add(len);
-        report(pos);
+        pos = end;
     }
-    base.flush()
+    Ok(runs)
+}
+
+/// One step of QEMU's mirror over the dirty run `pos..end`: the chain's status at `pos`
+/// decides: whole granules that read as zeros without data are written as zeros (unmapped),
+/// anything else is copied as data, a granule at least. Returns the bytes done.
+fn mirror_step<I: ReadAt, B: Storage>(
+    top: &Reader<'_, I>,
+    base: &Writer<B>,
+    pos: u64,
+    end: u64,
+    granule: u64,
+    buf: &mut Vec<u8>,
+) -> Result<u64> {
+    let left = end.saturating_sub(pos);
+    let found = chain::walk(top, pos, CHUNK.max(granule).min(left))?;
+    let status = chain::block_status(&found);
+    let len = found.layer.extent.length.max(1).min(left);
+    let whole = len.saturating_sub(len.checked_rem(granule).unwrap_or(0));
+    if status.zero && !status.data && whole > 0 {
+        base.write_zeroes(pos, whole, true)?;
+        return Ok(whole);
+    }
+    let n = whole.max(granule).min(left).min(CHUNK.max(granule));
+    let bytes =
+        usize::try_from(n).map_err(|_| Error::Internal("a copy chunk larger than memory"))?;
+    buf.resize(bytes, 0);
+    top.read_guest(pos, buf)?;
+    base.write_all_at(pos, buf)?;
+    Ok(n)
 }
 
 /// Whether a layer above depth `base_depth` decides a stretch the walk found at `depth`:
@@ -313,11 +366,51 @@ impl Wanted {
     }
 }
 
-/// Drop every cluster the active tables of `image` map, as QEMU's `bdrv_make_empty` leaves
-/// an image after a commit: every stretch unallocated, reading from the backing file.
-pub fn make_empty<I: Storage>(image: &Qcow2<I>) -> Result<()> {
-    let _ = image;
-    Err(Error::UnsupportedWrite {
-        what: "emptying an image".to_owned(),
-    })
+impl<S: Storage> Qcow2<S> {
+    /// Drop everything the image holds, as QEMU's `bdrv_make_empty` leaves an overlay after
+    /// `qemu-img commit`: every stretch unallocated, reading from the backing file again
+    /// (snapshots and bitmaps kept). The image must be open for writing
+    /// ([`OpenOptions::write`](crate::OpenOptions::write)) and no [`Writer`] open on it.
+    ///
+    /// It lands whole or not at all: an empty active L1 table is written into free
+    /// clusters, then one header write switches to it and to refcounts without the dropped
+    /// clusters. A crash before leaves the image as it was.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("qcow2-doc-empty-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let path = dir.join("disk.qcow2");
+    /// qcow2::create(&path, &qcow2::CreateOptions::new(1 << 20))?;
+    /// let options = qcow2::OpenOptions::new().write(true);
+    /// let disk = qcow2::Qcow2::open_path_with(&path, &options)?.into_writer()?;
+    /// disk.write_all_at(0, b"gone soon")?;
+    /// let mut image = disk.close()?;
+    /// image.make_empty()?;
+    /// assert!(image.reader()?.map(..).all(|e| e.map_or(false, |e| !e.present)));
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn make_empty(&mut self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        self.repair_if_dirty()?;
+        let l1_size = self.header.l1_size();
+        if self.l1.iter().all(|&entry| entry == 0) {
+            return Ok(());
+        }
+        let mut rw = Rewrite::new(self)?;
+        let active = self.l1.to_vec();
+        count_mapping(self, &mut rw, &active, -1)?;
+        rw.release(self.header.l1_table_offset(), l1_bytes(l1_size));
+        let bytes = usize::try_from(l1_bytes(l1_size))
+            .map_err(|_| Error::Internal("an L1 table larger than memory"))?;
+        let empty = rw.allocate(l1_bytes(l1_size))?;
+        rw.write(empty, &vec![0u8; bytes])?;
+        rw.commit(|header| {
+            put(header, at::L1_TABLE_OFFSET, &empty.to_be_bytes());
+            Ok(())
+        })?;
+        self.reload()
+    }
 }

@@ -248,7 +248,7 @@ fn padded_len(len: usize) -> usize {
 
 /// Add `delta` to the refcount of every L2 table `l1` names and of every cluster those
 /// tables map (compressed data: each cluster it touches).
-fn count_mapping<S: Storage>(
+pub(crate) fn count_mapping<S: Storage>(
     image: &Qcow2<S>,
     rw: &mut Rewrite<'_, S>,
     l1: &[u64],

@@ -65,7 +65,7 @@ fn safe_rebase_matches_qemu_img_for_every_image_kind() {
         let env = Env::new("rebase_kind").expect("tools");
         three_images(&env, kind);
         let files = ["old.qcow2", "new.qcow2", "top.qcow2"];
-        copies(&env, &files, &["q", "lib", "cli", "qn", "libn"]);
+        copies(&env, kind, &files, &["q", "lib", "cli", "qn", "libn"]);
         let before = kind.guest(&env, "top.qcow2", 1);
         // Onto the new base.
         // Encrypted chains name their files absolutely (see `Kind::create`).
@@ -144,7 +144,7 @@ fn safe_rebase_onto_a_deeper_layer_and_onto_raw() {
         .set_len(3 * MIB + 512)
         .unwrap();
     let files = ["a.qcow2", "b.qcow2", "c.qcow2", "flat.raw"];
-    copies(&env, &files, &["q", "lib", "cli", "qr", "libr"]);
+    copies(&env, kind, &files, &["q", "lib", "cli", "qr", "libr"]);
     let before = kind.guest(&env, "c.qcow2", 2);
     env.img(&["rebase", "-b", "a.qcow2", "-F", "qcow2", "q/c.qcow2"]);
     let options = RebaseOptions::new()
@@ -200,6 +200,7 @@ fn unsafe_rebase_only_changes_the_header() {
         std::fs::rename(env.path("old.qcow2"), env.path("moved.qcow2")).unwrap();
         copies(
             &env,
+            kind,
             &["moved.qcow2", "new.qcow2", "top.qcow2"],
             &["q", "lib", "cli"],
         );
