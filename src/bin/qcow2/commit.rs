@@ -58,9 +58,13 @@ pub fn run(args: Args) -> ExitCode {
         Ok(pair) => pair,
         Err(message) => return common::fail(message),
     };
-    // Opened once first for qemu-img's message when the image (or its chain) does not open.
-    if let Err(e) = Qcow2::open_path_with(&path, &open) {
-        return common::fail(common::could_not_open(&path, common::chain(&e)));
+    // Opened once first for qemu-img's message when the image (or its chain) does not open
+    // (with options of its own: `--image-opts` hands out its secrets in the order of opens).
+    let first = open_options(&args.image, args.image_opts, &args.secret).map(|(_, o)| o);
+    if let Err(e) =
+        first.and_then(|o| Qcow2::open_path_with(&path, &o).map_err(|e| common::chain(&e)))
+    {
+        return common::fail(common::could_not_open(&path, e));
     }
     let progress = Progress::new(args.progress && !args.quiet);
     let mut options = CommitOptions::new()

@@ -70,9 +70,13 @@ pub fn run(args: Args) -> ExitCode {
         return common::fail("Compressed writes are not supported by this tool's rebase");
     }
     // Opened first for qemu-img's messages when a file does not open.
-    let alone = open.clone().backing_as_zeros(args.unsafe_mode);
-    if let Err(e) = Qcow2::open_path_with(&path, &alone) {
-        return common::fail(common::could_not_open(&path, common::chain(&e)));
+    // (With options of its own: `--image-opts` hands out its secrets in the order of opens.)
+    let first = open_options(&args.image, args.image_opts, &args.secret).map(|(_, o)| o);
+    if let Err(e) = first.and_then(|o| {
+        Qcow2::open_path_with(&path, &o.backing_as_zeros(args.unsafe_mode))
+            .map_err(|e| common::chain(&e))
+    }) {
+        return common::fail(common::could_not_open(&path, e));
     }
     let backing = args.backing.clone().filter(|b| !b.is_empty());
     if let (Some(name), false) = (&backing, args.unsafe_mode) {
