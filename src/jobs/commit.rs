@@ -337,24 +337,22 @@ fn find_base<I: ReadAt>(
 }
 
 /// A base named by the caller, as QEMU's `bdrv_find_backing_image` matches it: the name an
-/// overlay records, or the same file by path.
+/// overlay records, or the same file by path (a relative name is relative to the top's
+/// directory).
 struct Wanted {
     name: PathBuf,
-    files: Vec<PathBuf>,
+    file: Option<PathBuf>,
 }
 
 impl Wanted {
     fn new(name: &Path, top: &Path) -> Wanted {
-        // A relative name is relative to the top's directory (an absolute one stays).
-        let files = top
+        let file = top
             .parent()
             .map(|dir| dir.join(name))
-            .and_then(|p| canonical(&p).ok())
-            .into_iter()
-            .collect();
+            .and_then(|p| canonical(&p).ok());
         Wanted {
             name: name.to_path_buf(),
-            files,
+            file,
         }
     }
 
@@ -362,7 +360,7 @@ impl Wanted {
         recorded.is_some_and(|r| Path::new(r) == self.name)
             || path
                 .and_then(|p| canonical(p).ok())
-                .is_some_and(|p| self.files.contains(&p))
+                .is_some_and(|p| self.file.as_ref() == Some(&p))
     }
 }
 
