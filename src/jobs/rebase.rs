@@ -242,7 +242,9 @@ pub fn rebase_image<I: Storage>(
 }
 
 /// Write into the image every unit (cluster, or subcluster with extended L2) it does not
-/// hold whose old content differs from the new backing file's, then flush.
+/// hold whose old content differs from the new backing file's, then flush. The guest is
+/// taken a chunk at a time: the units the image does not hold found first, then both
+/// contents of the stretch that covers them read at once, into buffers used throughout.
 fn copy_differences<I: Storage>(
     writer: &Writer<I>,
     old_end: u64,
@@ -257,16 +259,20 @@ fn copy_differences<I: Storage>(
         }
     };
     report(0);
+    let chunk = CHUNK.next_multiple_of(unit);
+    let mut buffers = Buffers::default();
     let mut pos = 0u64;
     while pos < size {
-        let (allocated, run) = writer.is_allocated(pos, CHUNK.min(size.saturating_sub(pos)))?;
-        let run = run.max(1);
-        if !allocated {
-            let start = pos.saturating_sub(pos.checked_rem(unit).unwrap_or(0));
-            let end = pos.saturating_add(run).next_multiple_of(unit).min(size);
-            copy_range(writer, start, end, unit, old_end, new)?;
+        let end = pos.saturating_add(chunk).min(size);
+        let holes = unallocated_units(writer, pos, end, unit)?;
+        if let (Some(first), Some(last)) = (holes.first(), holes.last()) {
+            let span = (first.0, last.1);
+            buffers.read(writer, new, span, &holes)?;
+            for &(from, to) in &holes {
+                write_differences(writer, &buffers, span.0, (from, to), unit, old_end)?;
+            }
         }
-        pos = pos.saturating_add(run);
+        pos = end;
         report(pos);
     }
     writer.flush()
@@ -281,44 +287,109 @@ fn write_unit<I: Storage>(writer: &Writer<I>) -> u64 {
     }
 }
 
-/// Compare `start..end` under the old chain and the new backing file, unit by unit, and
-/// write the old content of each run of differing units.
-fn copy_range<I: Storage>(
+/// The stretches of `pos..end` (unit-aligned, `pos` too) the image does not hold, widened to
+/// whole units.
+fn unallocated_units<I: Storage>(
     writer: &Writer<I>,
-    start: u64,
+    pos: u64,
     end: u64,
     unit: u64,
-    old_end: u64,
-    new: Option<&dyn GuestDisk>,
-) -> Result<()> {
-    let len = usize::try_from(end.saturating_sub(start))
-        .map_err(|_| Error::Internal("a rebase chunk larger than memory"))?;
-    let mut old = vec![0u8; len];
-    let mut fresh = vec![0u8; len];
-    writer.read_exact_at(start, &mut old)?;
-    if let Some(new) = new {
-        new.read_disk(start, &mut fresh)?;
+) -> Result<Vec<(u64, u64)>> {
+    let mut holes: Vec<(u64, u64)> = Vec::new();
+    let mut at = pos;
+    while at < end {
+        let (allocated, run) = writer.is_allocated(at, end.saturating_sub(at))?;
+        let run = run.max(1);
+        if !allocated {
+            let from = at.saturating_sub(at.checked_rem(unit).unwrap_or(0));
+            let to = at
+                .saturating_add(run)
+                .checked_next_multiple_of(unit)
+                .unwrap_or(end)
+                .min(end);
+            match holes.last_mut() {
+                Some(last) if last.1 >= from => last.1 = last.1.max(to),
+                _ => holes.push((from, to)),
+            }
+        }
+        at = at.saturating_add(run);
     }
-    let unit_len = usize::try_from(unit).unwrap_or(usize::MAX);
-    let differs: Vec<bool> = old
-        .chunks(unit_len)
-        .zip(fresh.chunks(unit_len))
-        .map(|(a, b)| a != b)
-        .collect();
-    let mut i = 0usize;
-    while i < differs.len() {
-        if !differs.get(i).copied().unwrap_or(false) {
-            i = i.saturating_add(1);
+    Ok(holes)
+}
+
+/// The old and the new content of one stretch, in buffers kept from chunk to chunk.
+#[derive(Default)]
+struct Buffers {
+    old: Vec<u8>,
+    new: Vec<u8>,
+}
+
+impl Buffers {
+    /// Read the `holes` of `start..end` through the image (its old chain) and from the new
+    /// backing file (zeros without one).
+    fn read<I: Storage>(
+        &mut self,
+        writer: &Writer<I>,
+        new: Option<&dyn GuestDisk>,
+        (start, end): (u64, u64),
+        holes: &[(u64, u64)],
+    ) -> Result<()> {
+        let len = usize::try_from(end.saturating_sub(start))
+            .map_err(|_| Error::Internal("a rebase chunk larger than memory"))?;
+        self.old.resize(len, 0);
+        self.new.resize(len, 0);
+        for &(from, to) in holes {
+            let range = usize::try_from(from.saturating_sub(start)).unwrap_or(len)
+                ..usize::try_from(to.saturating_sub(start)).unwrap_or(len);
+            let old = self
+                .old
+                .get_mut(range.clone())
+                .ok_or(Error::Internal("a hole outside its chunk"))?;
+            writer.read_exact_at(from, old)?;
+            let fresh = self
+                .new
+                .get_mut(range)
+                .ok_or(Error::Internal("a hole outside its chunk"))?;
+            match new {
+                Some(disk) => disk.read_disk(from, fresh)?,
+                None => fresh.fill(0),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Compare the units of `from..to` (inside the buffers, which start at `base`) and write the
+/// old content of each run of units that differ.
+fn write_differences<I: Storage>(
+    writer: &Writer<I>,
+    buffers: &Buffers,
+    base: u64,
+    (from, to): (u64, u64),
+    unit: u64,
+    old_end: u64,
+) -> Result<()> {
+    let offset = |at: u64| usize::try_from(at.saturating_sub(base)).unwrap_or(usize::MAX);
+    let differs = |a: u64| {
+        let b = a.saturating_add(unit).min(to);
+        buffers.old.get(offset(a)..offset(b)) != buffers.new.get(offset(a)..offset(b))
+    };
+    let mut at = from;
+    while at < to {
+        if !differs(at) {
+            at = at.saturating_add(unit);
             continue;
         }
-        let first = i;
-        while differs.get(i).copied().unwrap_or(false) {
-            i = i.saturating_add(1);
+        let first = at;
+        while at < to && differs(at) {
+            at = at.saturating_add(unit);
         }
-        let from = first.saturating_mul(unit_len);
-        let to = i.saturating_mul(unit_len).min(len);
-        let bytes = old.get(from..to).unwrap_or_default();
-        write_old(writer, start.saturating_add(from as u64), bytes, old_end)?;
+        let end = at.min(to);
+        let old = buffers
+            .old
+            .get(offset(first)..offset(end))
+            .unwrap_or_default();
+        write_old(writer, first, old, old_end)?;
     }
     Ok(())
 }
