@@ -372,7 +372,9 @@ impl<S: Storage> Qcow2<S> {
     ///
     /// It lands whole or not at all: an empty active L1 table is written into free
     /// clusters, then one header write switches to it and to refcounts without the dropped
-    /// clusters. A crash before leaves the image as it was.
+    /// clusters. A crash before leaves the image as it was. The (empty) tables then move
+    /// down into the space freed, the same way, and the file is cut after its last cluster
+    /// in use.
     ///
     /// ```
     /// # let dir = std::env::temp_dir().join(format!("qcow2-doc-empty-{}", std::process::id()));
@@ -393,13 +395,26 @@ impl<S: Storage> Qcow2<S> {
             return Err(Error::ReadOnly);
         }
         self.repair_if_dirty()?;
-        let l1_size = self.header.l1_size();
         if self.l1.iter().all(|&entry| entry == 0) {
             return Ok(());
         }
-        let mut rw = Rewrite::new(self)?;
         let active = self.l1.to_vec();
-        count_mapping(self, &mut rw, &active, -1)?;
+        self.replace_l1_with_zeros(|image, rw| count_mapping(image, rw, &active, -1))?;
+        // Everything dropped lies free below the new tables, which went where the old
+        // structures left no room: moved down again, the file ends sooner.
+        self.replace_l1_with_zeros(|_, _| Ok(()))?;
+        self.cut_free_tail()
+    }
+
+    /// One [`Rewrite`]: `drop` takes away references, the active L1 table is replaced by an
+    /// empty one in free clusters (the refcounts moved with it), one header write.
+    fn replace_l1_with_zeros(
+        &mut self,
+        drop: impl FnOnce(&Self, &mut Rewrite<'_, S>) -> Result<()>,
+    ) -> Result<()> {
+        let l1_size = self.header.l1_size();
+        let mut rw = Rewrite::new(self)?;
+        drop(self, &mut rw)?;
         rw.release(self.header.l1_table_offset(), l1_bytes(l1_size));
         let bytes = usize::try_from(l1_bytes(l1_size))
             .map_err(|_| Error::Internal("an L1 table larger than memory"))?;
@@ -410,5 +425,30 @@ impl<S: Storage> Qcow2<S> {
             Ok(())
         })?;
         self.reload()
+    }
+
+    /// Shorten the file to the end of its last cluster in use (what lies past it is
+    /// referenced by nothing), as qemu-img leaves an emptied image small.
+    fn cut_free_tail(&mut self) -> Result<()> {
+        let len = self
+            .io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        let cluster = self.cluster_size();
+        let rw = Rewrite::new(self)?;
+        let mut end = len.next_multiple_of(cluster);
+        while end > cluster && rw.refcount(end.saturating_sub(cluster)) == 0 {
+            end = end.saturating_sub(cluster);
+        }
+        drop(rw);
+        if end >= len {
+            return Ok(());
+        }
+        self.io
+            .set_len(end)
+            .map_err(|e| Error::io("shortening the emptied image", e))?;
+        self.io
+            .sync()
+            .map_err(|e| Error::io("syncing the emptied image", e))
     }
 }

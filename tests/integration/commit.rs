@@ -413,9 +413,18 @@ fn commit_matches_qemu_img_for_every_image_kind() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout), "Image committed.\n");
+        let len = |p: &str| std::fs::metadata(env.path(p)).unwrap().len();
         for dir in ["lib", "cli"] {
             assert_same_layer(&env, kind, "base.qcow2", 0, dir, "q", "commit");
             assert_same_layer(&env, kind, "top.qcow2", 1, dir, "q", "commit");
+            // The emptied top as small as qemu-img leaves it (or smaller).
+            let top = format!("{dir}/top.qcow2");
+            assert!(
+                len(&top) <= len("q/top.qcow2"),
+                "{}: {} bytes",
+                kind.name,
+                len(&top)
+            );
         }
     }
     drop(env);
