@@ -452,3 +452,22 @@ impl<S: Storage> Qcow2<S> {
             .map_err(|e| Error::io("syncing the emptied image", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stretch_is_committed_when_a_layer_above_the_base_decides_it() {
+        // Base at depth 2: layers 0 and 1 are above it.
+        assert!(decided_above(Found::Here, 0, 2));
+        assert!(decided_above(Found::Here, 1, 2));
+        assert!(!decided_above(Found::Here, 2, 2));
+        assert!(!decided_above(Found::Here, 3, 2));
+        // Past the end of layer 1 (asked last at depth 0): zeros decided above the base.
+        assert!(decided_above(Found::PastShorterLayer, 0, 2));
+        // Past the end of the base itself: the base decides.
+        assert!(!decided_above(Found::PastShorterLayer, 1, 2));
+        assert!(!decided_above(Found::Nowhere, 0, 2));
+    }
+}

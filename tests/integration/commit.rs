@@ -779,3 +779,44 @@ fn emptying_the_top_survives_a_crash_at_every_write() {
         assert_eq!(e["depth"], 1, "the emptied top holds nothing: {e}");
     }
 }
+
+/// Encrypted layers named by `--image-opts` (the secret in `encrypt.key-secret`), as
+/// qemu-img takes them.
+#[test]
+fn commit_and_rebase_take_image_opts() {
+    let Some(env) = Env::new("commit_image_opts") else {
+        return;
+    };
+    let kind = &KINDS[8];
+    two_layers(&env, kind);
+    let before = kind.guest(&env, "top.qcow2", 1);
+    let opts = "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=sec0";
+    let out = ours(
+        &env,
+        &["commit", "-d", "--object", SECRET, "--image-opts", opts],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        kind.guest(&env, "base.qcow2", 0) == before,
+        "the base after commit"
+    );
+    let out = ours(
+        &env,
+        &["rebase", "-b", "", "--object", SECRET, "--image-opts", opts],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        kind.guest(&env, "top.qcow2", 0) == before,
+        "the top after rebase"
+    );
+    kind.assert_clean(&env, "top.qcow2", 0, "rebased by --image-opts");
+    kind.assert_clean(&env, "base.qcow2", 0, "committed by --image-opts");
+}
