@@ -206,9 +206,9 @@ impl NewBacking {
 }
 
 /// [`rebase`] over an image already open for writing (any [`Storage`]): in safe mode with its
-/// old backing chain attached (none attached reads as no backing file) and `new_backing`
-/// the disk the new backing file shows (`None`: no backing file after). Returns the image,
-/// read-only, as it now is.
+/// old backing chain attached ([`Qcow2::set_backing_image`]; an image that names a backing
+/// file but has none attached fails to read it) and `new_backing` the disk the new backing
+/// file shows (`None`: no backing file after). Returns the image as it now is.
 ///
 /// ```
 /// # let dir = std::env::temp_dir().join(format!("qcow2-doc-rebase-image-{}", std::process::id()));
