@@ -47,7 +47,7 @@ pub struct Args {
         value_name = "GRANULARITY",
         allow_hyphen_values = true
     )]
-    granularity: Option<String>,
+    granularity: Vec<String>,
     /// Image format (qcow2).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
@@ -156,10 +156,11 @@ fn operations(args: &Args) -> Result<Vec<Op>, String> {
 
 /// qemu-img's checks of the command line, in its order, then the operations.
 fn manage(args: &Args) -> Result<(), String> {
-    let granularity = match &args.granularity {
-        Some(text) => common::cvtnum("granularity", text)?,
-        None => 0,
-    };
+    // Each -g is read as it comes, as getopt hands it over; the last one counts.
+    let mut granularity = 0;
+    for text in &args.granularity {
+        granularity = common::cvtnum("granularity", text)?;
+    }
     let ops = operations(args)?;
     if ops.is_empty() {
         return Err(
