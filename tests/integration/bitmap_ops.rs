@@ -609,6 +609,8 @@ fn library_refusals() {
             .contains("Granularity exceeds maximum (2147483648 bytes)"),
         "{err}"
     );
+    let err = w.add_bitmap("x\0y", &BitmapOptions::new()).unwrap_err();
+    assert!(err.to_string().contains("NUL"), "{err}");
     let err = w.merge_bitmap("a", BitmapSource::here("nope")).unwrap_err();
     assert!(matches!(err, qcow2::Error::NoSuchBitmap { name } if name == "nope"));
     w.close().unwrap();
@@ -683,6 +685,45 @@ fn a_bitmap_left_in_use() {
             ("fresh".to_owned(), vec!["auto".to_owned()])
         ]
     );
+}
+
+/// An inconsistent bitmap whose table names the image's own metadata (the L1 table, the
+/// refcount table, a refcount block): removing it frees none of them (QEMU would free them
+/// all and corrupt the image); only what is safe is freed, the rest leaks.
+#[test]
+fn removing_an_inconsistent_bitmap_never_frees_metadata() {
+    let Some(env) = Env::new("bmo_stale_table") else {
+        return;
+    };
+    let size = 8 * MIB;
+    env.create("base.qcow2", size, "");
+    env.img(&["bitmap", "--add", "-g", "512", "base.qcow2", "stale"]);
+    env.io("base.qcow2", &["write -q 0 1M"]);
+    env.qemu
+        .io_crash(env.dir.path(), "qcow2", "base.qcow2", &["write -q 2M 4k"]);
+    let image = Qcow2::open_path(env.path("base.qcow2")).unwrap();
+    let table_at = image.bitmaps()[0].table_offset;
+    let h = image.header().clone();
+    let refblock = {
+        let bytes = env.read_file("base.qcow2");
+        let at = h.refcount_table_offset() as usize;
+        u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
+    };
+    drop(image);
+    for target in [h.l1_table_offset(), h.refcount_table_offset(), refblock] {
+        env.copy("base.qcow2", "img.qcow2");
+        env.patch("img.qcow2", table_at, &target.to_be_bytes());
+        let w = open_writer(&env, "img.qcow2");
+        w.write_all_at(4 * MIB, &[7; 65536]).unwrap();
+        w.remove_bitmap("stale").unwrap();
+        w.write_all_at(5 * MIB, &[8; 65536]).unwrap();
+        w.close().unwrap();
+        check(&env, "img.qcow2", true);
+        assert_eq!(info_bitmaps(&env, "img.qcow2"), []);
+        let data = env.convert("img.qcow2", &[]);
+        assert!(data[4 * MIB as usize..][..65536].iter().all(|&b| b == 7));
+        assert!(data[5 * MIB as usize..][..65536].iter().all(|&b| b == 8));
+    }
 }
 
 /// While a writer is open, a bitmap it added is on disk already (in use, as QEMU marks

@@ -10,6 +10,8 @@
 //! old bitmap list or the new one. While the writer is open the bitmaps stay marked in use
 //! on disk, as QEMU keeps them; closing the writer stores them cleanly.
 
+use std::collections::HashSet;
+
 use positioned_io::ReadAt;
 
 use super::bitmaps::Bitmaps;
@@ -137,7 +139,8 @@ fn entry_bytes(name_len: usize) -> u64 {
 impl<I: Storage> Writer<I> {
     /// Add a persistent dirty bitmap named `name`, clean, as `qemu-img bitmap --add` does
     /// (enabled unless `options.disabled`). Refused as QEMU refuses it, with its message: an
-    /// empty name, a granularity that is not a power of two of 512 B to 2 GiB, a name in
+    /// empty name (or one holding a NUL byte, which QEMU cannot be given), a granularity that
+    /// is not a power of two of 512 B to 2 GiB, a name in
     /// use, a version 2 image, a name over 1023 bytes, a bitmap too big for its granularity,
     /// a 65536th bitmap, or a directory over 64 MiB.
     pub fn add_bitmap(&self, name: &str, options: &BitmapOptions) -> Result<()> {
@@ -165,9 +168,11 @@ impl<I: Storage> Writer<I> {
         let set = bitmaps.as_mut().ok_or_else(|| Error::NoSuchBitmap {
             name: name.to_owned(),
         })?;
-        let (index, dropped) = set.remove(name, &image.io, image.limits.max_bitmap_table_bytes)?;
+        let removal = set.remove(name, &image.io, image.limits.max_bitmap_table_bytes)?;
+        let mut dropped = removal.dropped;
+        dropped.extend(safe_to_free(image, &mut meta, set, removal.untrusted)?);
         let taken = set
-            .take(index)
+            .take(removal.index)
             .ok_or(Error::Internal("bitmap index out of range"))?;
         if let Err(e) = self.write_bitmaps(image, &mut meta, set, dropped) {
             set.put_back(taken);
@@ -253,6 +258,11 @@ impl<I: Storage> Writer<I> {
     ) -> Result<u64> {
         if name.is_empty() {
             return Err(refused("Bitmap name cannot be empty".to_owned()));
+        }
+        if name.contains('\0') {
+            // A C string cannot hold one: QEMU never meets such a name, and the image
+            // would keep only the part before it.
+            return Err(refused("Bitmap name cannot contain a NUL byte".to_owned()));
         }
         let granularity = match options.granularity {
             Some(g) if g < MIN_GRANULARITY || !g.is_power_of_two() => {
@@ -357,4 +367,73 @@ impl<I: Storage> Writer<I> {
         meta.write_back(&image.io, data)?;
         self.refresh_header(image)
     }
+}
+
+/// Of the data clusters an inconsistent bitmap's table names (untrusted: a crash or a
+/// corrupt image may have left anything there), those that are safe to free: a stored
+/// refcount of exactly 1, and none of the image's metadata (header, L1 and L2 tables,
+/// refcount structures, snapshot table and snapshot L1 tables, bitmap directory and tables,
+/// encryption header). QEMU frees them all; a cluster left out is only a leak.
+fn safe_to_free<I: Storage>(
+    image: &Qcow2<I>,
+    meta: &mut Metadata,
+    bitmaps: &Bitmaps,
+    clusters: Vec<(u64, u64)>,
+) -> Result<Vec<(u64, u64)>> {
+    if clusters.is_empty() {
+        return Ok(clusters);
+    }
+    let bits = image.header.cluster_bits();
+    let mut metadata = HashSet::new();
+    let mut add = |offset: u64, len: u64| {
+        let first = offset >> bits;
+        let last = offset.saturating_add(len.max(1).saturating_sub(1)) >> bits;
+        // A structure claiming a huge length: its first clusters are enough.
+        for c in first..=last.min(first.saturating_add(1 << 16)) {
+            metadata.insert(c);
+        }
+    };
+    add(0, 1);
+    let (l1, l1_offset) = meta.tables.l1();
+    add(l1_offset, (l1.len() as u64).saturating_mul(8));
+    for &entry in l1 {
+        let l2 = entry & crate::format::table::L1_OFFSET_MASK;
+        if l2 != 0 {
+            add(l2, 1);
+        }
+    }
+    let (table, table_clusters) = meta.refs.table_location();
+    add(table, table_clusters.saturating_mul(image.cluster_size()));
+    for block in meta.refs.blocks()? {
+        add(block, 1);
+    }
+    let header = &image.header;
+    add(
+        header.snapshots_offset(),
+        super::recount::snapshot_table_len(image)?,
+    );
+    for snap in &image.snapshots {
+        add(
+            snap.l1_table_offset,
+            u64::from(snap.l1_size).saturating_mul(8),
+        );
+    }
+    if let Some(e) = header.encryption() {
+        add(e.offset, e.length);
+    }
+    for b in bitmaps.bitmaps() {
+        add(b.table_offset, u64::from(b.table_size).saturating_mul(8));
+        add(b.entry_offset, entry_bytes(b.raw_name.len()));
+    }
+    let mut safe = Vec::with_capacity(clusters.len());
+    for (offset, len) in clusters {
+        let cluster = offset >> bits;
+        if offset < meta.file_len
+            && !metadata.contains(&cluster)
+            && meta.refs.get(&image.io, cluster)? == 1
+        {
+            safe.push((offset, len));
+        }
+    }
+    Ok(safe)
 }

@@ -693,18 +693,19 @@ impl Bitmaps {
         self.entries.pop();
     }
 
-    /// Take the bitmap named `name` out of the directory (an inconsistent one too, as QEMU
-    /// allows): its index, entry, and the clusters it held (its table and data clusters),
-    /// to free once the directory without it is on disk. The table of an inconsistent
-    /// bitmap is read from `io`; what cannot be read of it, or is over `max_table_bytes`,
-    /// is left allocated (a leak, as QEMU leaves it), and a data cluster another bitmap
-    /// names is never freed.
+    /// Find the bitmap named `name` to remove (an inconsistent one too, as QEMU allows):
+    /// its index, the clusters it holds (its table, and the data clusters of a consistent
+    /// bitmap) and, for an inconsistent one, the data clusters its table names (untrusted:
+    /// the caller checks them before freeing). They are freed once the directory without it
+    /// is on disk. The table of an inconsistent bitmap is read from `io`; what cannot be
+    /// read of it, or is over `max_table_bytes`, is left allocated (a leak), and a data
+    /// cluster another bitmap names is never freed.
     pub(super) fn remove<I: ReadAt>(
         &mut self,
         name: &str,
         io: &I,
         max_table_bytes: u64,
-    ) -> Result<(usize, Vec<(u64, u64)>)> {
+    ) -> Result<Removal> {
         let index = self.find(name)?;
         let cluster_size = 1u64.checked_shl(self.cluster_bits).unwrap_or(0);
         let Some(entry) = self.entries.get(index) else {
@@ -726,7 +727,7 @@ impl Bitmaps {
                 _ => None,
             })
             .collect();
-        let mut dropped: Vec<(u64, u64)> = table
+        let data: Vec<(u64, u64)> = table
             .iter()
             .filter_map(|c| match *c {
                 DataCluster::At(offset) if !named_elsewhere.contains(&offset) => {
@@ -735,10 +736,18 @@ impl Bitmaps {
                 _ => None,
             })
             .collect();
+        let (mut dropped, untrusted) = match entry.bits {
+            Some(_) => (data, Vec::new()),
+            None => (Vec::new(), data),
+        };
         if entry.bitmap.table_offset != 0 {
             dropped.push((entry.bitmap.table_offset, table_bytes(&entry.bitmap)));
         }
-        Ok((index, dropped))
+        Ok(Removal {
+            index,
+            dropped,
+            untrusted,
+        })
     }
 
     /// Take out entry `index` (after [`Bitmaps::remove`] found it); put it back with
@@ -829,6 +838,17 @@ impl Bitmaps {
         });
         Ok(())
     }
+}
+
+/// What [`Bitmaps::remove`] found.
+#[derive(Debug)]
+pub(super) struct Removal {
+    /// The entry's index.
+    pub(super) index: usize,
+    /// Its table, and the data clusters of a consistent bitmap.
+    pub(super) dropped: Vec<(u64, u64)>,
+    /// The data clusters an inconsistent bitmap's table names.
+    pub(super) untrusted: Vec<(u64, u64)>,
 }
 
 /// An entry taken out by [`Bitmaps::take`].
