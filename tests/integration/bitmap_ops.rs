@@ -687,6 +687,71 @@ fn a_bitmap_left_in_use() {
     );
 }
 
+/// A LUKS image, named by `--image-opts` with its secret from `--object`: the command adds,
+/// merges and removes as qemu-img does, and the image stays clean.
+#[test]
+fn cli_on_an_encrypted_image() {
+    let Some(env) = Env::new("bmo_luks") else {
+        return;
+    };
+    let object = "secret,id=sec0,data=hunter2";
+    let opts = |f: &str| format!("driver=qcow2,file.filename={f},encrypt.key-secret=sec0");
+    env.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        object,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "theirs.qcow2",
+        "16M",
+    ]);
+    env.copy("theirs.qcow2", "cli.qcow2");
+    let calls: [&[&str]; 4] = [
+        &["--add", "-g", "4096"],
+        &["--add"],
+        &["--merge", "b0", "--disable"],
+        &["--remove"],
+    ];
+    for (i, args) in calls.iter().enumerate() {
+        let name = if i == 1 || i == 2 { "b1" } else { "b0" };
+        for (tool, image) in [("qemu", "theirs.qcow2"), ("cli", "cli.qcow2")] {
+            let image_opts = opts(image);
+            let mut all = vec!["bitmap", "--object", object, "--image-opts"];
+            all.extend_from_slice(args);
+            all.extend([image_opts.as_str(), name]);
+            let out = if tool == "qemu" {
+                qemu_img(&env, &all)
+            } else {
+                cli(&env, &all)
+            };
+            assert!(
+                out.status.success(),
+                "{tool} {all:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(
+            info_bitmaps(&env, "cli.qcow2"),
+            info_bitmaps(&env, "theirs.qcow2"),
+            "{args:?}"
+        );
+        let image_opts = opts("cli.qcow2");
+        let out = qemu_img(
+            &env,
+            &["check", "--object", object, "--image-opts", &image_opts],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(info_bitmaps(&env, "cli.qcow2").len(), 1);
+}
+
 /// An inconsistent bitmap whose table names the image's own metadata (the L1 table, the
 /// refcount table, a refcount block): removing it frees none of them (QEMU would free them
 /// all and corrupt the image); only what is safe is freed, the rest leaks.

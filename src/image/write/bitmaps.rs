@@ -1761,6 +1761,49 @@ mod tests {
         );
     }
 
+    /// Runs of set bits, across words and chunks, as a merge reads them.
+    #[test]
+    fn runs_of_set_bits() {
+        let mut words = vec![0u64; 4];
+        set_bits(&mut words, 3, 70);
+        set_bits(&mut words, 128, 129);
+        set_bits(&mut words, 200, 256);
+        assert_eq!(next_set(&words, 0, 256, true), Some(3));
+        assert_eq!(next_set(&words, 3, 256, false), Some(70));
+        assert_eq!(next_set(&words, 200, 256, false), None);
+        assert_eq!(next_set(&words, 200, 230, true), Some(200));
+        assert_eq!(next_set(&words, 130, 200, true), None);
+        let bits = Bits {
+            enabled: true,
+            granularity_bits: 9,
+            granules: 256 + 100,
+            table: Vec::new(),
+            chunks: vec![Chunk::Bits(words.into_boxed_slice()), Chunk::Ones],
+            changed: vec![false; 2],
+        };
+        let mut runs = Vec::new();
+        bits.for_each_run(8, |from, to| runs.push((from, to)));
+        assert_eq!(runs, [(3, 70), (128, 129), (200, 256), (256, 356)]);
+        // Merged into a coarser bitmap: each run sets the granules it overlaps.
+        let mut coarse = Bits {
+            granularity_bits: 12,
+            granules: 356usize.div_ceil(8) as u64,
+            chunks: vec![Chunk::Zeros],
+            ..bits.clone()
+        };
+        for (from, to) in runs {
+            coarse.set(from << 9, to << 9, 8);
+        }
+        let Chunk::Bits(w) = &coarse.chunks[0] else {
+            panic!("{:?}", coarse.chunks[0])
+        };
+        let mut expected = vec![0u64; 4];
+        set_bits(&mut expected, 0, 9);
+        set_bits(&mut expected, 16, 17);
+        set_bits(&mut expected, 25, 45);
+        assert_eq!(&w[..], &expected[..]);
+    }
+
     #[test]
     fn a_data_cluster_named_twice_is_refused() {
         let test = "twice";
