@@ -554,6 +554,14 @@ fn cli_refuses_as_qemu_img() {
         vec!["--add", "IMG", &longest],
         vec!["--add", "-g", "4294967808", "IMG", "trunc"],
         vec!["--add", "-g", "2G", "IMG", "huge"],
+        vec![
+            "--image-opts",
+            "-f",
+            "qcow2",
+            "--add",
+            "driver=qcow2,file.filename=IMG",
+            "x",
+        ],
     ];
     for case in cases {
         env.copy("theirs.qcow2", "a.qcow2");

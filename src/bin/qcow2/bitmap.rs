@@ -181,6 +181,9 @@ fn manage(args: &Args) -> Result<(), String> {
         return Err("Expecting filename and bitmap name".to_owned());
     };
     let bitmap = bitmap.to_string_lossy().into_owned();
+    if args.image_opts && args.format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".to_owned());
+    }
     if let Some(format) = args.format.as_deref().filter(|f| *f != "qcow2") {
         return Err(format!(
             "unsupported image format '{format}' (only qcow2 bitmaps are managed)"

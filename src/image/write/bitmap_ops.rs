@@ -139,10 +139,11 @@ fn entry_bytes(name_len: usize) -> u64 {
 impl<I: Storage> Writer<I> {
     /// Add a persistent dirty bitmap named `name`, clean, as `qemu-img bitmap --add` does
     /// (enabled unless `options.disabled`). Refused as QEMU refuses it, with its message: an
-    /// empty name (or one holding a NUL byte, which QEMU cannot be given), a granularity that
-    /// is not a power of two of 512 B to 2 GiB, a name in
-    /// use, a version 2 image, a name over 1023 bytes, a bitmap too big for its granularity,
-    /// a 65536th bitmap, or a directory over 64 MiB.
+    /// empty name (or one holding a NUL byte, which QEMU cannot be given), a granularity
+    /// that is not a power of two of 512 B to 2 GiB, a name in use, a version 2 image, a
+    /// name over 1023 bytes, a bitmap too big for its granularity, a 65536th bitmap, or a
+    /// directory over 64 MiB. Durable when it returns: written in use, as every bitmap is on
+    /// disk while a writer is open, and stored clean at close.
     pub fn add_bitmap(&self, name: &str, options: &BitmapOptions) -> Result<()> {
         let image = self.image()?;
         let _exclusive = self.exclusive();
