@@ -179,6 +179,61 @@ fn extents(env: &Env, image: &str) -> Vec<(String, Vec<(u64, u64)>)> {
         .collect()
 }
 
+/// A `qemu-nbd` child, killed when dropped.
+struct NbdServer(std::process::Child);
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The dirty extents of `bitmap` as QEMU exports them: `qemu-nbd -r -B BITMAP`, read with
+/// `qemu-img map` over NBD with `x-dirty-bitmap` (dirty stretches show as holes).
+fn nbd_extents(env: &Env, nbd: &std::path::Path, image: &str, bitmap: &str) -> Vec<(u64, u64)> {
+    let sock = env.path(&format!("{image}-{bitmap}.sock"));
+    let server = NbdServer(
+        Command::new(nbd)
+            .current_dir(env.dir.path())
+            .args(["-r", "-f", "qcow2", "-B", bitmap, "--socket"])
+            .arg(&sock)
+            .arg(image)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd {image} {bitmap}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
+        sock.display()
+    );
+    let map = env.img(&["map", "--output=json", "--image-opts", &opts]);
+    drop(server);
+    let _ = std::fs::remove_file(&sock);
+    let map: serde_json::Value = serde_json::from_slice(&map).unwrap();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in map.as_array().unwrap() {
+        if e["data"].as_bool() != Some(false) {
+            continue;
+        }
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        match runs.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += len,
+            _ => runs.push((start, len)),
+        }
+    }
+    runs
+}
+
 /// `qemu-img check`: no corruption, no leaks unless allowed.
 fn check(env: &Env, image: &str, leaks_allowed: bool) {
     let out = Command::new(&env.qemu.img)
@@ -295,6 +350,16 @@ fn assert_same(env: &Env, what: &str) {
         assert_eq!(extents(env, side), theirs_extents, "{what}: {side}");
         check(env, side, false);
         env.img(&["compare", "-q", "theirs.qcow2", side]);
+    }
+    // The reader that gave the extents, against QEMU's own export of the library's image.
+    match common::find_tool("qemu-nbd", "QEMU_NBD") {
+        Some(nbd) => {
+            for (name, runs) in extents(env, "ours.qcow2") {
+                let exported = nbd_extents(env, &nbd, "ours.qcow2", &name);
+                assert_eq!(exported, runs, "{what}: qemu-nbd -B {name}");
+            }
+        }
+        None => common::missing_tool(what, "qemu-nbd"),
     }
 }
 
