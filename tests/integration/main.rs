@@ -11,6 +11,8 @@ mod info_cases;
 mod api;
 mod api_style;
 mod bitmap;
+#[cfg(feature = "cli")]
+mod bitmap_ops;
 mod bitmap_write;
 mod chain_reads;
 mod check;

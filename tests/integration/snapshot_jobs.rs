@@ -295,7 +295,11 @@ fn info_fields(env: &Env, kind: &Kind, image: &str) -> String {
     let mut args = vec!["info".to_owned(), "--output=json".to_owned()];
     args.extend(image_args(kind, image));
     let out = qemu_img(env, &args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info json");
     let mut data = json["format-specific"]["data"].clone();
     if let Some(map) = data.as_object_mut() {

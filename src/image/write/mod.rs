@@ -5,6 +5,7 @@
 //! (`guest.rs`), and writes them back in the order that keeps every crash harmless
 //! (`writeback.rs`) when flushed, when they outgrow their budget, and when closed.
 
+pub(crate) mod bitmap_ops;
 pub(crate) mod bitmaps;
 pub(crate) mod space;
 
