@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use positioned_io::ReadAt;
 
@@ -173,7 +173,7 @@ pub fn commit(top: impl AsRef<Path>, options: &CommitOptions) -> Result<()> {
 /// # std::fs::remove_dir_all(&dir)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn commit_into<I: ReadAt, B: Storage>(
+pub fn commit_into<I: ReadAt + Send + Sync, B: Storage>(
     top: &Reader<'_, I>,
     base_depth: u32,
     base: &Writer<B>,
@@ -196,15 +196,26 @@ pub fn commit_into<I: ReadAt, B: Storage>(
     };
     report(0);
     let granule = base.cluster_size().max(MIN_GRANULE);
-    let mut buf = Vec::new();
-    for (start, end) in dirty_runs(top, base_depth, granule)? {
-        let mut pos = start;
-        while pos < end {
-            let step = mirror_step(top, base, pos, end, granule, &mut buf)?;
-            pos = pos.saturating_add(step.max(1));
-            report(pos);
+    let runs = dirty_runs(top, base_depth, granule)?;
+    // The top is read on a thread of its own, a few steps ahead of the writes into the
+    // base (QEMU's mirror keeps several requests in flight too).
+    let (steps_out, steps_in) = mpsc::sync_channel::<Result<Step>>(STEPS_AHEAD);
+    let (spent_out, spent_in) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || read_steps(top, &runs, granule, &steps_out, &spent_in));
+        for step in steps_in {
+            let step = step?;
+            match step.data {
+                Some(buf) => {
+                    base.write_all_at(step.pos, &buf)?;
+                    let _ = spent_out.send(buf);
+                }
+                None => base.write_zeroes(step.pos, step.len, true)?,
+            }
+            report(step.pos.saturating_add(step.len));
         }
-    }
+        Ok::<(), Error>(())
+    })?;
     report(size);
     base.flush()
 }
@@ -240,33 +251,72 @@ fn dirty_runs<I: ReadAt>(
     Ok(runs)
 }
 
+/// Steps read ahead of the writes.
+const STEPS_AHEAD: usize = 2;
+
+/// One step of QEMU's mirror: `len` bytes at `pos`, as data read from the top, or zeros.
+struct Step {
+    pos: u64,
+    len: u64,
+    data: Option<Vec<u8>>,
+}
+
+/// Read the steps of every dirty run in order and send them (an error ends it; so does a
+/// writer that stopped listening). Buffers come back through `spent` to be used again.
+fn read_steps<I: ReadAt>(
+    top: &Reader<'_, I>,
+    runs: &[(u64, u64)],
+    granule: u64,
+    steps: &mpsc::SyncSender<Result<Step>>,
+    spent: &mpsc::Receiver<Vec<u8>>,
+) {
+    for &(start, end) in runs {
+        let mut pos = start;
+        while pos < end {
+            let buf = spent.try_recv().unwrap_or_default();
+            let step = mirror_step(top, pos, end, granule, buf);
+            let len = step.as_ref().map_or(0, |s| s.len);
+            let failed = step.is_err();
+            if steps.send(step).is_err() || failed {
+                return;
+            }
+            pos = pos.saturating_add(len.max(1));
+        }
+    }
+}
+
 /// One step of QEMU's mirror over the dirty run `pos..end`: the chain's status at `pos`
 /// decides: whole granules that read as zeros without data are written as zeros (unmapped),
-/// anything else is copied as data, a granule at least. Returns the bytes done.
-fn mirror_step<I: ReadAt, B: Storage>(
+/// anything else is copied as data (read here into `buf`), a granule at least.
+fn mirror_step<I: ReadAt>(
     top: &Reader<'_, I>,
-    base: &Writer<B>,
     pos: u64,
     end: u64,
     granule: u64,
-    buf: &mut Vec<u8>,
-) -> Result<u64> {
+    mut buf: Vec<u8>,
+) -> Result<Step> {
     let left = end.saturating_sub(pos);
     let found = chain::walk(top, pos, CHUNK.max(granule).min(left))?;
     let status = chain::block_status(&found);
     let len = found.layer.extent.length.max(1).min(left);
     let whole = len.saturating_sub(len.checked_rem(granule).unwrap_or(0));
     if status.zero && !status.data && whole > 0 {
-        base.write_zeroes(pos, whole, true)?;
-        return Ok(whole);
+        return Ok(Step {
+            pos,
+            len: whole,
+            data: None,
+        });
     }
     let n = whole.max(granule).min(left).min(CHUNK.max(granule));
     let bytes =
         usize::try_from(n).map_err(|_| Error::Internal("a copy chunk larger than memory"))?;
     buf.resize(bytes, 0);
-    top.read_guest(pos, buf)?;
-    base.write_all_at(pos, buf)?;
-    Ok(n)
+    top.read_guest(pos, &mut buf)?;
+    Ok(Step {
+        pos,
+        len: n,
+        data: Some(buf),
+    })
 }
 
 /// Whether a layer above depth `base_depth` decides a stretch the walk found at `depth`:
