@@ -18,7 +18,7 @@ use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::header::{at, SNAPSHOT_HEADER_LEN};
 use crate::format::new_header::put;
-use crate::format::refcount::{RefcountLayout, REFT_OFFSET_MASK};
+use crate::format::refcount::{RefTableEntry, RefcountLayout, REFT_OFFSET_MASK};
 use crate::format::snapshot;
 use crate::image::qcow2::Qcow2;
 
@@ -121,6 +121,67 @@ impl<'a, S: Storage> Rewrite<'a, S> {
         };
         rewrite.protect_structures(image)?;
         Ok(rewrite)
+    }
+
+    /// Start a change of `image` whose new refcounts are `counts` (one per cluster of the
+    /// file, and the one just past it), as a repair sets them, instead of the stored ones.
+    /// `in_use` holds the references a check counted: a cluster no live structure
+    /// references is free for the new structures even if its stored refcount says
+    /// otherwise (a leak stays a leak until the header switches), as QEMU's rebuild of the
+    /// refcount structure places them. The stored table is read as the check reads it: the
+    /// blocks it counted (aligned, inside the file) are the ones replaced; refcounts stored
+    /// past the end of the file are dropped, the check never sees them either.
+    pub(crate) fn with_counts(
+        image: &'a Qcow2<S>,
+        in_use: Vec<u64>,
+        counts: Vec<u64>,
+    ) -> Result<Self> {
+        let header = &image.header;
+        let io = &image.io;
+        let bits = header.cluster_bits();
+        let layout = RefcountLayout {
+            cluster_bits: bits,
+            order: header.refcount_order(),
+        };
+        let cluster = 1u64 << bits;
+        let file_len = io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        let file_clusters = file_len.div_ceil(cluster);
+        check_memory(file_clusters, &image.limits)?;
+        let header_bytes = read_metadata(io, 0, cluster.min(file_len), "header")?;
+        let table_offset = header.refcount_table_offset();
+        let table_clusters = u64::from(header.refcount_table_clusters());
+        let table = read_metadata(io, table_offset, table_clusters << bits, "refcount table")?;
+        let old_blocks = be_u64_words(&table)
+            .filter_map(|entry| match RefTableEntry::decode(entry, bits) {
+                RefTableEntry::Block(at) if at >> bits < file_clusters => Some(at),
+                _ => None,
+            })
+            .collect();
+        let mut rewrite = Rewrite {
+            io,
+            cluster_bits: bits,
+            old_layout: layout,
+            layout,
+            header_bytes,
+            old: in_use,
+            counts,
+            mine: BTreeSet::new(),
+            protected: BTreeSet::new(),
+            old_table: (table_offset, table_clusters),
+            old_blocks,
+            changed: true,
+            hint: 0,
+            max_table_bytes: image.limits.max_refcount_table_bytes,
+        };
+        rewrite.protect_structures(image)?;
+        Ok(rewrite)
+    }
+
+    /// Write a new refcount structure at commit even if no count changed (to move it).
+    pub(crate) fn rewrite_refcounts(&mut self) {
+        self.changed = true;
     }
 
     /// Keep the allocator off every structure the header, the snapshots and the bitmaps

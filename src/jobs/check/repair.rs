@@ -1,0 +1,623 @@
+//! Repairing what a check found, as `qemu-img check -r leaks | -r all` does (QEMU's
+//! `qcow2_check_refcounts` with a fix mode): refcounts higher than the references (leaks),
+//! lower ones and a broken refcount structure (`-r all`), and the COPIED flags of the active
+//! tables.
+//!
+//! QEMU mends refcounts and flags in place. Here every change lands whole or not at all
+//! ([`Rewrite`]): a new refcount structure holding the counted references, new copies of the
+//! L1 and L2 tables whose flags change, then one header write. Where QEMU would have changed
+//! the tables in place, a second such change moves the new structures down into the clusters
+//! the first one freed, so the repaired image ends where QEMU's does (the check's "Image end
+//! offset"). A crash leaves the old image, the repaired one, or (between the two changes) the
+//! repaired one with its structures further up the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use positioned_io::{ReadAt, Size};
+
+use super::{check_counting, copied_problems, CheckReport, Problem, ProblemClass, ProblemKind};
+use crate::base::io::{read_metadata, Storage};
+use crate::base::limits::Limits;
+use crate::error::{Error, Result};
+use crate::format::feature::INCOMPAT_DIRTY;
+use crate::format::header::at;
+use crate::format::new_header::put;
+use crate::format::refcount::RefTableEntry;
+use crate::format::table::{L1_OFFSET_MASK, OFLAG_COPIED};
+use crate::image::options::OpenOptions;
+use crate::image::qcow2::Qcow2;
+use crate::image::rewrite::{l1_bytes, Rewrite};
+use crate::jobs::snapshot::{rebuild_active, set_l1};
+
+/// What [`Qcow2::repair`] may change: `qemu-img check -r leaks` or `-r all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Repair {
+    /// Lower refcounts that are higher than the references to their cluster (leaks), and set
+    /// the COPIED flags right when nothing else is wrong. A used cluster with refcount 0
+    /// needs [`Repair::All`]: the repair then stops before changing anything.
+    Leaks,
+    /// Everything `Leaks` repairs, and refcounts lower than the references, a refcount
+    /// structure QEMU would rebuild, and every wrong COPIED flag of the active tables.
+    All,
+}
+
+/// One line of what a repairing check reports, in the order `qemu-img check -r` prints them
+/// on stderr. Its `Display` is qemu-img's line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RepairStep {
+    /// A problem found, left as it is (printed as [`Problem`] prints it).
+    Found(Problem),
+    /// A problem repaired (`Repairing ...`).
+    Repaired(Problem),
+    /// The refcount table and blocks are built again from the references counted.
+    Rebuilding,
+    /// [`Repair::Leaks`] met a used cluster with refcount 0: the repair stops, nothing changed.
+    NeedsRebuild,
+}
+
+impl fmt::Display for RepairStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ProblemKind as K;
+        match self {
+            RepairStep::Found(problem) => problem.fmt(f),
+            RepairStep::Rebuilding => f.write_str("Rebuilding refcount structure"),
+            RepairStep::NeedsRebuild => f.write_str("ERROR need to rebuild refcount structures"),
+            RepairStep::Repaired(problem) => match &problem.kind {
+                K::LeakedCluster {
+                    cluster,
+                    refcount,
+                    references,
+                }
+                | K::RefcountTooLow {
+                    cluster,
+                    refcount,
+                    references,
+                } => write!(
+                    f,
+                    "Repairing cluster {cluster} refcount={refcount} reference={references}"
+                ),
+                K::CopiedFlagL2Table {
+                    l1_index,
+                    l1_entry,
+                    refcount,
+                } => write!(
+                    f,
+                    "Repairing OFLAG_COPIED L2 cluster: l1_index={l1_index} \
+                     l1_entry={l1_entry:x} refcount={refcount}"
+                ),
+                K::CopiedFlagData { l2_entry, refcount } => write!(
+                    f,
+                    "Repairing OFLAG_COPIED data cluster: l2_entry={l2_entry:x} \
+                     refcount={refcount}"
+                ),
+                other => {
+                    let text = other.to_string();
+                    let rest = text.strip_prefix("ERROR").unwrap_or(&text);
+                    write!(f, "Repairing{rest}")
+                }
+            },
+        }
+    }
+}
+
+/// What [`Qcow2::repair`] did and how the image stands now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RepairReport {
+    /// What the repairing check found and did, line by line, in qemu-img's order.
+    pub steps: Vec<RepairStep>,
+    /// Leaked clusters repaired.
+    pub leaks_fixed: u64,
+    /// Corruptions repaired (refcounts too low, COPIED flags, a rebuilt refcount structure).
+    pub corruptions_fixed: u64,
+    /// False when the repair stopped before changing anything: [`Repair::Leaks`] and a used
+    /// cluster with refcount 0 (qemu-img then fails with "Input/output error", status 1).
+    pub completed: bool,
+    /// The image now. When anything was repaired, a new check of the repaired image
+    /// (qemu-img's "Double checking the fixed image now..."); otherwise what the repairing
+    /// check left (its problems are the steps found). Its `leaks_fixed` and
+    /// `corruptions_fixed` are this repair's.
+    pub report: CheckReport,
+}
+
+impl RepairReport {
+    /// Whether anything was repaired (qemu-img then checks the image again).
+    pub fn repaired(&self) -> bool {
+        self.leaks_fixed > 0 || self.corruptions_fixed > 0
+    }
+
+    /// What `qemu-img check -r` prints on stdout before the check of the repaired image
+    /// (human output), or nothing when nothing was repaired.
+    pub fn repaired_summary(&self) -> String {
+        if !self.repaired() {
+            return String::new();
+        }
+        format!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked \
+             clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+            self.leaks_fixed, self.corruptions_fixed
+        )
+    }
+}
+
+/// The storage seen through `ReadAt + Size`, for the check.
+struct Measured<'a, S>(&'a S);
+
+impl<S: Storage> ReadAt for Measured<'_, S> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read_at(pos, buf)
+    }
+}
+
+impl<S: Storage> Size for Measured<'_, S> {
+    fn size(&self) -> std::io::Result<Option<u64>> {
+        self.0.length().map(Some)
+    }
+}
+
+/// Counts of what is still wrong, as QEMU's `BdrvCheckResult` keeps them during a repair.
+#[derive(Debug, Default, Clone, Copy)]
+struct Left {
+    corruptions: u64,
+    leaks: u64,
+    check_errors: u64,
+}
+
+impl Left {
+    fn count(&mut self, class: ProblemClass) {
+        let n = match class {
+            ProblemClass::Corruption => &mut self.corruptions,
+            ProblemClass::Leak => &mut self.leaks,
+            ProblemClass::CheckError => &mut self.check_errors,
+        };
+        *n = n.saturating_add(1);
+    }
+
+    fn any(&self) -> bool {
+        self.corruptions > 0 || self.leaks > 0 || self.check_errors > 0
+    }
+}
+
+/// What the repairing check decided.
+struct Plan {
+    steps: Vec<RepairStep>,
+    left: Left,
+    leaks_fixed: u64,
+    corruptions_fixed: u64,
+    /// The references counted to each host cluster (and the one past the file).
+    references: Vec<u64>,
+    /// The new refcount of each host cluster.
+    counts: Vec<u64>,
+    rebuild: bool,
+    /// The active tables get new COPIED flags.
+    fix_copied: bool,
+}
+
+impl<S: Storage> Qcow2<S> {
+    /// Check the image and repair what `mode` allows, as `qemu-img check -r leaks | -r all`
+    /// does: the same problems repaired, the same lines reported, and when anything was
+    /// repaired a new check of the repaired image. The image must be open for writing
+    /// ([`OpenOptions::write`](crate::OpenOptions::write)); a crash leaves it as it was or
+    /// repaired (never worse). A dirty image (lazy refcounts) is marked clean once nothing
+    /// is left wrong.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("qcow2-doc-repair-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let path = dir.join("disk.qcow2");
+    /// qcow2::create(&path, &qcow2::CreateOptions::new(64 << 20))?;
+    /// // Leak a cluster: give cluster 4 (just past the file) refcount 1 (16-bit refcounts,
+    /// // the refcount block at 128 KiB).
+    /// let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    /// file.set_len(5 << 16)?;
+    /// std::os::unix::fs::FileExt::write_all_at(&file, &1u16.to_be_bytes(), (2 << 16) + 8)?;
+    ///
+    /// let options = qcow2::OpenOptions::new().write(true);
+    /// let mut image = qcow2::Qcow2::open_path_with(&path, &options)?;
+    /// assert_eq!(image.check()?.leaks, 1);
+    /// let repair = image.repair(qcow2::Repair::Leaks)?;
+    /// assert_eq!(repair.leaks_fixed, 1);
+    /// assert_eq!(repair.steps[1].to_string(), "Repairing cluster 4 refcount=1 reference=0");
+    /// assert!(repair.report.is_clean() && image.check()?.is_clean());
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn repair(&mut self, mode: Repair) -> Result<RepairReport> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        if let Some(crypt) = &self.crypt {
+            crypt.check_unlocked()?;
+        }
+        let (first, plan) = {
+            let view = self.measured_view()?;
+            let (first, references) = check_counting(&view)?;
+            let plan = plan_repair(&view, &first, references, mode)?;
+            (first, plan)
+        };
+        if plan.steps.contains(&RepairStep::NeedsRebuild) {
+            let mut report = first;
+            report.check_errors = report.check_errors.saturating_add(1);
+            return Ok(RepairReport {
+                steps: plan.steps,
+                leaks_fixed: 0,
+                corruptions_fixed: 0,
+                completed: false,
+                report,
+            });
+        }
+        let changes = plan.leaks_fixed > 0 || plan.corruptions_fixed > 0;
+        let mark_clean = plan.left.check_errors == 0 && plan.left.corruptions == 0;
+        let clear_dirty = mark_clean && self.header.is_dirty();
+        if changes {
+            self.apply(&plan, clear_dirty)?;
+        } else if clear_dirty {
+            Rewrite::new(self)?
+                .commit(|h| clear_dirty_bit(h, self.header.incompatible_features()))?;
+            self.reload_writable()?;
+        }
+        let mut report = if changes {
+            let view = self.measured_view()?;
+            super::Checker::new(&view, &super::CheckOptions::default())?.run()?
+        } else {
+            unrepaired_report(first, &plan)
+        };
+        report.leaks_fixed = plan.leaks_fixed;
+        report.corruptions_fixed = plan.corruptions_fixed;
+        Ok(RepairReport {
+            steps: plan.steps,
+            leaks_fixed: plan.leaks_fixed,
+            corruptions_fixed: plan.corruptions_fixed,
+            completed: true,
+            report,
+        })
+    }
+
+    /// The image opened again over the same storage, read-only, for the check (which needs
+    /// the file's length as `Size`). The walk reads metadata only: no secret is needed.
+    fn measured_view(&self) -> Result<Qcow2<Measured<'_, S>>> {
+        let file_clusters = self
+            .io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?
+            .div_ceil(self.cluster_size());
+        // The repair holds two counts a cluster (the references and the new refcounts).
+        Limits::check(
+            "refcounts of a repair",
+            file_clusters.saturating_mul(16),
+            self.limits.max_refcount_table_bytes.saturating_mul(64),
+        )?;
+        let options = OpenOptions::new().limits(self.limits.clone());
+        let mut view = Qcow2::open_with(Measured(&self.io), &options)?;
+        view.path = self.path.clone();
+        Ok(view)
+    }
+
+    /// Write the repair: the new refcounts and COPIED flags in one change, then (unless the
+    /// refcount structure was rebuilt, which QEMU does not do in place either) a second
+    /// change moving what the first one wrote into the lowest free clusters.
+    fn apply(&mut self, plan: &Plan, clear_dirty: bool) -> Result<()> {
+        let original_l1 = self.l1.to_vec();
+        let original_l1_offset = self.header.l1_table_offset();
+        let l1_size = self.header.l1_size();
+        let features = self.header.incompatible_features();
+        {
+            let in_use = plan.references.clone();
+            let mut rw = Rewrite::with_counts(self, in_use, plan.counts.clone())?;
+            let new_l1 = if plan.fix_copied {
+                let moved = rebuild_active(self, &mut rw, &original_l1, Some(original_l1_offset))?;
+                if moved.is_some() {
+                    rw.release(original_l1_offset, l1_bytes(l1_size));
+                }
+                moved
+            } else {
+                None
+            };
+            rw.commit(|h| {
+                if let Some(l1) = new_l1 {
+                    set_l1(h, l1, l1_size);
+                }
+                if clear_dirty {
+                    clear_dirty_bit(h, features)?;
+                }
+                Ok(())
+            })?;
+        }
+        self.reload_writable()?;
+        if !plan.rebuild {
+            self.move_down(&original_l1)?;
+        }
+        Ok(())
+    }
+
+    /// Move the refcount structure, and the active L1 and L2 tables that are not where they
+    /// were (`original_l1`'s), into the lowest clusters free now and before.
+    fn move_down(&mut self, original_l1: &[u64]) -> Result<()> {
+        let cluster = self.cluster_size();
+        let l1_size = self.header.l1_size();
+        let current_l1 = self.header.l1_table_offset();
+        let mut rw = Rewrite::new(self)?;
+        rw.rewrite_refcounts();
+        let mut entries = self.l1.to_vec();
+        let mut moved = false;
+        for (i, entry) in entries.iter_mut().enumerate() {
+            let l2 = *entry & L1_OFFSET_MASK;
+            let before = original_l1.get(i).map_or(0, |e| e & L1_OFFSET_MASK);
+            if l2 == 0 || l2 == before {
+                continue;
+            }
+            let bytes = read_metadata(&self.io, l2, cluster, "L2 table")?;
+            let to = rw.allocate(cluster)?;
+            rw.write(to, &bytes)?;
+            rw.release(l2, cluster);
+            *entry = to | (*entry & OFLAG_COPIED);
+            moved = true;
+        }
+        let new_l1 = if moved || entries.len() != original_l1.len() {
+            let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+            let at = rw.allocate(l1_bytes(l1_size).max(1))?;
+            if !bytes.is_empty() {
+                rw.write(at, &bytes)?;
+            }
+            rw.release(current_l1, l1_bytes(l1_size));
+            Some(at)
+        } else {
+            None
+        };
+        rw.commit(|h| {
+            if let Some(l1) = new_l1 {
+                set_l1(h, l1, l1_size);
+            }
+            Ok(())
+        })?;
+        self.reload_writable()
+    }
+
+    /// Read the tables again after a change, still writable.
+    fn reload_writable(&mut self) -> Result<()> {
+        let writable = self.writable;
+        self.reload()?;
+        self.writable = writable;
+        Ok(())
+    }
+}
+
+/// Clear the dirty bit in the header's incompatible features (QEMU's `qcow2_mark_clean`).
+fn clear_dirty_bit(header: &mut [u8], features: u64) -> Result<()> {
+    put(
+        header,
+        at::INCOMPATIBLE_FEATURES,
+        &(features & !INCOMPAT_DIRTY).to_be_bytes(),
+    );
+    Ok(())
+}
+
+/// Where a problem comes from in the check: the walk, the refcount comparison, or the COPIED
+/// flags.
+fn is_comparison(kind: &ProblemKind) -> bool {
+    matches!(
+        kind,
+        ProblemKind::LeakedCluster { .. }
+            | ProblemKind::RefcountTooLow { .. }
+            | ProblemKind::RefcountUnreadable { .. }
+    )
+}
+
+fn is_copied_flag(kind: &ProblemKind) -> bool {
+    matches!(
+        kind,
+        ProblemKind::CopiedFlagL2Table { .. } | ProblemKind::CopiedFlagData { .. }
+    )
+}
+
+/// A problem of the refcount structure itself, which QEMU mends by rebuilding it.
+fn breaks_refcount_structure(kind: &ProblemKind) -> bool {
+    matches!(
+        kind,
+        ProblemKind::RefcountTableEntryReserved { .. }
+            | ProblemKind::RefcountBlockUnaligned { .. }
+            | ProblemKind::RefcountBlockShared { .. }
+            | ProblemKind::RefcountTooLow { refcount: 0, .. }
+    )
+}
+
+/// Decide what to repair from the first check, in QEMU's order: the walk's problems, the
+/// comparison (reported, then repaired), a rebuild, the COPIED flags against the new counts.
+fn plan_repair<I: ReadAt + Size>(
+    image: &Qcow2<I>,
+    first: &CheckReport,
+    references: Vec<u64>,
+    mode: Repair,
+) -> Result<Plan> {
+    let walk: Vec<&Problem> = first
+        .problems
+        .iter()
+        .filter(|p| !is_comparison(&p.kind) && !is_copied_flag(&p.kind))
+        .collect();
+    let compared: Vec<&Problem> = first
+        .problems
+        .iter()
+        .filter(|p| is_comparison(&p.kind))
+        .collect();
+    let mut steps: Vec<RepairStep> = walk
+        .iter()
+        .chain(&compared)
+        .map(|p| RepairStep::Found((*p).clone()))
+        .collect();
+    let mut left = Left::default();
+    walk.iter().for_each(|p| left.count(p.kind.class()));
+    // A refcount block past the end of the file: QEMU's `-r all` grows the file to hold it,
+    // whose zeros then need a rebuild; here the rebuild alone mends it.
+    let outside = |p: &&Problem| matches!(p.kind, ProblemKind::RefcountBlockOutsideImage { .. });
+    let rebuild = first
+        .problems
+        .iter()
+        .any(|p| breaks_refcount_structure(&p.kind))
+        || (mode == Repair::All && walk.iter().any(outside));
+    let mut plan = Plan {
+        steps: Vec::new(),
+        left,
+        leaks_fixed: 0,
+        corruptions_fixed: 0,
+        counts: references.clone(),
+        references,
+        rebuild,
+        fix_copied: false,
+    };
+    if rebuild {
+        if mode == Repair::Leaks {
+            steps.push(RepairStep::NeedsRebuild);
+            plan.steps = steps;
+            return Ok(plan);
+        }
+        steps.push(RepairStep::Rebuilding);
+        steps.extend(old_structure_leaks(image, &plan.references)?);
+        // The walk's problems with the old structure are gone with it.
+        let mut after = Left::default();
+        walk.iter()
+            .filter(|p| !breaks_refcount_structure(&p.kind) && !outside(p))
+            .for_each(|p| after.count(p.kind.class()));
+        let mut before = left;
+        compared.iter().for_each(|p| before.count(p.kind.class()));
+        plan.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+        plan.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+        after.check_errors = before.check_errors;
+        plan.left = after;
+    } else if plan.left.corruptions > 0 || !compared.is_empty() {
+        for problem in &compared {
+            let repaired = match problem.kind {
+                ProblemKind::LeakedCluster { .. } => {
+                    plan.leaks_fixed = plan.leaks_fixed.saturating_add(1);
+                    true
+                }
+                ProblemKind::RefcountTooLow {
+                    cluster, refcount, ..
+                } => {
+                    if mode == Repair::All {
+                        plan.corruptions_fixed = plan.corruptions_fixed.saturating_add(1);
+                        true
+                    } else {
+                        set_count(&mut plan.counts, cluster, refcount);
+                        plan.left.count(ProblemClass::Corruption);
+                        false
+                    }
+                }
+                _ => {
+                    plan.left.count(problem.kind.class());
+                    false
+                }
+            };
+            steps.push(if repaired {
+                RepairStep::Repaired((*problem).clone())
+            } else {
+                RepairStep::Found((*problem).clone())
+            });
+        }
+    }
+    // QEMU's check_oflag_copied, against the refcounts as repaired.
+    let fix_copied = mode == Repair::All || !plan.left.any();
+    for problem in copied_problems(image, &plan.counts)? {
+        if fix_copied {
+            plan.corruptions_fixed = plan.corruptions_fixed.saturating_add(1);
+            plan.fix_copied = true;
+            steps.push(RepairStep::Repaired(problem));
+        } else {
+            plan.left.count(problem.kind.class());
+            steps.push(RepairStep::Found(problem));
+        }
+    }
+    plan.steps = steps;
+    Ok(plan)
+}
+
+fn set_count(counts: &mut [u64], cluster: u64, value: u64) {
+    if let Some(slot) = usize::try_from(cluster)
+        .ok()
+        .and_then(|c| counts.get_mut(c))
+    {
+        *slot = value;
+    }
+}
+
+/// The clusters of the old refcount table and blocks, which a rebuild leaves unreferenced:
+/// QEMU reports each as a leak it repairs right after rebuilding, in cluster order.
+fn old_structure_leaks<I: ReadAt + Size>(
+    image: &Qcow2<I>,
+    references: &[u64],
+) -> Result<Vec<RepairStep>> {
+    let header = image.header();
+    let bits = header.cluster_bits();
+    let file_clusters = image
+        .io
+        .size()
+        .map_err(|e| Error::io("reading the file length", e))?
+        .unwrap_or(0)
+        .div_ceil(image.cluster_size());
+    let mut dropped: BTreeMap<u64, u64> = BTreeMap::new();
+    let table_at = header.refcount_table_offset();
+    let table_clusters = u64::from(header.refcount_table_clusters());
+    let first = table_at >> bits;
+    for c in first..first.saturating_add(table_clusters) {
+        bump(&mut dropped, c);
+    }
+    let table = read_metadata(
+        &image.io,
+        table_at,
+        table_clusters << bits,
+        "refcount table",
+    )?;
+    for chunk in table.chunks_exact(8) {
+        let entry = chunk.try_into().map(u64::from_be_bytes).unwrap_or(0);
+        if let RefTableEntry::Block(at) = RefTableEntry::decode(entry, bits) {
+            if at >> bits < file_clusters {
+                bump(&mut dropped, at >> bits);
+            }
+        }
+    }
+    Ok(dropped
+        .into_iter()
+        .filter_map(|(cluster, k)| {
+            let refcount = usize::try_from(cluster)
+                .ok()
+                .and_then(|c| references.get(c))
+                .copied()?;
+            (refcount > 0).then(|| {
+                RepairStep::Repaired(Problem {
+                    kind: ProblemKind::LeakedCluster {
+                        cluster,
+                        refcount,
+                        references: refcount.saturating_sub(k),
+                    },
+                    offset: cluster << bits,
+                })
+            })
+        })
+        .collect())
+}
+
+fn bump(counts: &mut BTreeMap<u64, u64>, cluster: u64) {
+    let n = counts.entry(cluster).or_default();
+    *n = n.saturating_add(1);
+}
+
+/// The report when nothing was repaired: the first check's statistics, with what is left
+/// wrong counted as QEMU counts it after its repair attempts.
+fn unrepaired_report(first: CheckReport, plan: &Plan) -> CheckReport {
+    let mut report = first;
+    report.corruptions = plan.left.corruptions;
+    report.leaks = plan.left.leaks;
+    report.check_errors = plan.left.check_errors;
+    report.problems = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            RepairStep::Found(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    report.problems_omitted = 0;
+    report
+}
