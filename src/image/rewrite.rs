@@ -47,6 +47,8 @@ pub(crate) struct Rewrite<'a, S: Storage> {
     changed: bool,
     /// Where the search for free clusters starts.
     hint: u64,
+    /// Where the new refcount table and blocks (by index) go if those clusters are free.
+    prefer: Option<(u64, Vec<u64>)>,
     /// The largest refcount table the limits allow, in bytes.
     max_table_bytes: u64,
 }
@@ -117,6 +119,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             old_blocks,
             changed: false,
             hint: 0,
+            prefer: None,
             max_table_bytes: image.limits.max_refcount_table_bytes,
         };
         rewrite.protect_structures(image)?;
@@ -173,15 +176,52 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             old_blocks,
             changed: true,
             hint: 0,
+            prefer: None,
             max_table_bytes: image.limits.max_refcount_table_bytes,
         };
         rewrite.protect_structures(image)?;
         Ok(rewrite)
     }
 
-    /// Write a new refcount structure at commit even if no count changed (to move it).
-    pub(crate) fn rewrite_refcounts(&mut self) {
+    /// Write a new refcount structure at commit even if no count changed, its table at
+    /// `table` and block `i` at `blocks[i]` where those clusters are free (elsewhere if not):
+    /// to put it back where it was.
+    pub(crate) fn place_refcounts(&mut self, table: u64, blocks: Vec<u64>) {
+        self.prefer = Some((table, blocks));
         self.changed = true;
+    }
+
+    /// `len` bytes of clusters at `offset` if they are free both now and in the new image
+    /// (given refcount 1), else `len` bytes wherever [`Rewrite::allocate`] finds them.
+    pub(crate) fn allocate_preferring(&mut self, offset: u64, len: u64) -> Result<u64> {
+        let n = len.div_ceil(self.cluster_size()).max(1);
+        let first = offset >> self.cluster_bits;
+        let aligned = offset != 0 && first << self.cluster_bits == offset;
+        if !aligned || (first..first.saturating_add(n)).any(|c| self.in_use(c)) {
+            return self.allocate(len);
+        }
+        let end = first.saturating_add(n);
+        let needed = to_usize(end)?;
+        if self.counts.len() < needed {
+            self.counts.resize(needed, 0);
+        }
+        for c in first..end {
+            if let Some(slot) = usize::try_from(c).ok().and_then(|i| self.counts.get_mut(i)) {
+                *slot = 1;
+            }
+            self.mine.insert(c);
+        }
+        self.changed = true;
+        Ok(offset)
+    }
+
+    /// Where the preferred placement puts refcount block `index` (0: nowhere).
+    fn preferred_block(&self, index: usize) -> u64 {
+        self.prefer
+            .as_ref()
+            .and_then(|(_, blocks)| blocks.get(index))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Keep the allocator off every structure the header, the snapshots and the bitmaps
@@ -431,6 +471,37 @@ impl<'a, S: Storage> Rewrite<'a, S> {
 
     /// Write the new refcount table and blocks; returns the table's `(offset, clusters)`.
     fn write_refcounts(&mut self) -> Result<(u64, u64)> {
+        let (blocks, (table_at, table_clusters)) = self.place_refcount_structure()?;
+        let per_block_bits = self.layout.block_bits();
+        let mut table_bytes = vec![0u8; to_usize(table_clusters << self.cluster_bits)?];
+        for (index, block) in blocks.iter().enumerate() {
+            let Some(block_at) = block else { continue };
+            let first = (index as u64) << per_block_bits;
+            let bytes = self.encode_block(first)?;
+            self.write(*block_at, &bytes)?;
+            put(
+                &mut table_bytes,
+                (index as u64).saturating_mul(8),
+                &block_at.to_be_bytes(),
+            );
+        }
+        self.write(table_at, &table_bytes)?;
+        Ok((table_at, table_clusters))
+    }
+
+    /// Where a commit of this change would put the new refcount structure, nothing written:
+    /// the table's offset and clusters, and each block's offset by table index (0: none).
+    pub(crate) fn planned_refcounts(mut self) -> Result<(u64, u64, Vec<u64>)> {
+        let (blocks, (table_at, table_clusters)) = self.place_refcount_structure()?;
+        let blocks = blocks.iter().map(|b| b.unwrap_or(0)).collect();
+        Ok((table_at, table_clusters, blocks))
+    }
+
+    /// Release the old refcount table and blocks and allocate the new ones: each block by
+    /// table index (`None`: no cluster it covers is in use), and the table's
+    /// `(offset, clusters)`.
+    #[allow(clippy::type_complexity)]
+    fn place_refcount_structure(&mut self) -> Result<(Vec<Option<u64>>, (u64, u64))> {
         let cluster = self.cluster_size();
         // The old table and blocks are replaced.
         let (old_table, old_table_clusters) = self.old_table;
@@ -455,7 +526,8 @@ impl<'a, S: Storage> Rewrite<'a, S> {
                 let any = self.any_in_use(first, 1u64 << per_block_bits);
                 let slot = blocks.get_mut(index).ok_or(Error::Internal("blocks"))?;
                 if any && slot.is_none() {
-                    *slot = Some(self.allocate(cluster)?);
+                    let at = self.allocate_preferring(self.preferred_block(index), cluster)?;
+                    *blocks.get_mut(index).ok_or(Error::Internal("blocks"))? = Some(at);
                     grew = true;
                 }
             }
@@ -468,7 +540,9 @@ impl<'a, S: Storage> Rewrite<'a, S> {
                     if let Some((at, have)) = table.take() {
                         self.unallocate(at, have << self.cluster_bits);
                     }
-                    let at = self.allocate(table_clusters << self.cluster_bits)?;
+                    let preferred = self.prefer.as_ref().map_or(0, |(t, _)| *t);
+                    let at =
+                        self.allocate_preferring(preferred, table_clusters << self.cluster_bits)?;
                     table = Some((at, table_clusters));
                     grew = true;
                 }
@@ -477,21 +551,8 @@ impl<'a, S: Storage> Rewrite<'a, S> {
                 break;
             }
         }
-        let (table_at, table_clusters) = table.ok_or(Error::Internal("no refcount table"))?;
-        let mut table_bytes = vec![0u8; to_usize(table_clusters << self.cluster_bits)?];
-        for (index, block) in blocks.iter().enumerate() {
-            let Some(block_at) = block else { continue };
-            let first = (index as u64) << per_block_bits;
-            let bytes = self.encode_block(first)?;
-            self.write(*block_at, &bytes)?;
-            put(
-                &mut table_bytes,
-                (index as u64).saturating_mul(8),
-                &block_at.to_be_bytes(),
-            );
-        }
-        self.write(table_at, &table_bytes)?;
-        Ok((table_at, table_clusters))
+        let table = table.ok_or(Error::Internal("no refcount table"))?;
+        Ok((blocks, table))
     }
 
     fn any_in_use(&self, first: u64, n: u64) -> bool {

@@ -296,23 +296,55 @@ impl<S: Storage> Qcow2<S> {
         Ok(view)
     }
 
-    /// Write the repair: the new refcounts and COPIED flags in one change, then (unless the
-    /// refcount structure was rebuilt, which QEMU does not do in place either) a second
-    /// change moving what the first one wrote into the lowest free clusters.
+    /// Write the repair. QEMU mends in place; here each change writes new structures, so
+    /// a last change puts what moved back where QEMU leaves it: the active L1 and L2 tables
+    /// where they were, the refcount structure where it was (or, after a rebuild, where
+    /// QEMU's rebuild puts it: where the first change put it).
     fn apply(&mut self, plan: &Plan, clear_dirty: bool) -> Result<()> {
-        let original_l1 = self.l1.to_vec();
-        let original_l1_offset = self.header.l1_table_offset();
+        let original = self.placement()?;
+        if plan.rebuild && !plan.fix_copied {
+            // Where QEMU's rebuild puts the new structure, and nothing else moves.
+            return self.write_counts(plan, clear_dirty, None);
+        }
+        let mut refcounts_at = original.clone();
+        let mut keep_free = None;
+        if plan.rebuild {
+            // Where QEMU's rebuild would put the new structure: kept free by the first
+            // change (which also copies tables), taken by the last.
+            let dry = Rewrite::with_counts(self, plan.references.clone(), plan.counts.clone())?;
+            let (table, clusters, blocks) = dry.planned_refcounts()?;
+            refcounts_at.refcount_table = table;
+            refcounts_at.refcount_blocks = blocks;
+            keep_free = Some((table, clusters));
+        }
+        self.write_counts(plan, clear_dirty, keep_free.map(|t| (t, &refcounts_at)))?;
+        self.put_back(&original, &refcounts_at)
+    }
+
+    /// The first change: the new refcounts, the dirty bit cleared if asked, and (when the
+    /// flags need it) the active tables' COPIED flags set right; with `keep_free` (the
+    /// refcount table's offset and clusters, and the placement holding the blocks) those
+    /// clusters are left alone.
+    fn write_counts(
+        &mut self,
+        plan: &Plan,
+        clear_dirty: bool,
+        keep_free: Option<((u64, u64), &Placement)>,
+    ) -> Result<()> {
         let l1_size = self.header.l1_size();
         let features = self.header.incompatible_features();
+        let active = self.l1.to_vec();
+        let cluster = self.cluster_size();
         {
-            let in_use = plan.references.clone();
-            let mut rw = Rewrite::with_counts(self, in_use, plan.counts.clone())?;
-            let new_l1 = if plan.fix_copied {
-                let moved = rebuild_active(self, &mut rw, &original_l1, Some(original_l1_offset))?;
-                if moved.is_some() {
-                    rw.release(original_l1_offset, l1_bytes(l1_size));
+            let mut rw = Rewrite::with_counts(self, plan.references.clone(), plan.counts.clone())?;
+            if let Some(((table, clusters), placed)) = keep_free {
+                rw.protect(table, clusters.saturating_mul(cluster));
+                for &block in placed.refcount_blocks.iter().filter(|&&b| b != 0) {
+                    rw.protect(block, cluster);
                 }
-                moved
+            }
+            let new_l1 = if plan.fix_copied {
+                new_active_tables(self, &mut rw, &active)?
             } else {
                 None
             };
@@ -326,53 +358,81 @@ impl<S: Storage> Qcow2<S> {
                 Ok(())
             })?;
         }
-        self.reload_writable()?;
-        if !plan.rebuild {
-            self.move_down(&original_l1)?;
-        }
-        Ok(())
+        self.reload_writable()
     }
 
-    /// Move the refcount structure, and the active L1 and L2 tables that are not where they
-    /// were (`original_l1`'s), into the lowest clusters free now and before.
-    fn move_down(&mut self, original_l1: &[u64]) -> Result<()> {
+    /// Where the active L1 table, its L2 tables and the refcount structure are now.
+    fn placement(&self) -> Result<Placement> {
+        let header = &self.header;
+        let bits = header.cluster_bits();
+        let table_at = header.refcount_table_offset();
+        let table = read_metadata(
+            &self.io,
+            table_at,
+            u64::from(header.refcount_table_clusters()) << bits,
+            "refcount table",
+        )?;
+        let blocks = table
+            .chunks_exact(8)
+            .map(|chunk| {
+                let entry = chunk.try_into().map(u64::from_be_bytes).unwrap_or(0);
+                match RefTableEntry::decode(entry, bits) {
+                    RefTableEntry::Block(at) => at,
+                    _ => 0,
+                }
+            })
+            .collect();
+        Ok(Placement {
+            l1_offset: header.l1_table_offset(),
+            l1: self.l1.to_vec(),
+            refcount_table: table_at,
+            refcount_blocks: blocks,
+        })
+    }
+
+    /// A last change moving the active L2 tables and L1 table back to where `original` had
+    /// them, and the refcount structure to where `refcounts` has it, where those clusters
+    /// are free (the earlier changes freed them).
+    fn put_back(&mut self, original: &Placement, refcounts: &Placement) -> Result<()> {
         let cluster = self.cluster_size();
         let l1_size = self.header.l1_size();
         let current_l1 = self.header.l1_table_offset();
-        let mut rw = Rewrite::new(self)?;
-        rw.rewrite_refcounts();
-        let mut entries = self.l1.to_vec();
-        let mut moved = false;
-        for (i, entry) in entries.iter_mut().enumerate() {
-            let l2 = *entry & L1_OFFSET_MASK;
-            let before = original_l1.get(i).map_or(0, |e| e & L1_OFFSET_MASK);
-            if l2 == 0 || l2 == before {
-                continue;
+        {
+            let mut rw = Rewrite::new(self)?;
+            rw.place_refcounts(refcounts.refcount_table, refcounts.refcount_blocks.clone());
+            let mut entries = self.l1.to_vec();
+            let mut moved = false;
+            for (i, entry) in entries.iter_mut().enumerate() {
+                let l2 = *entry & L1_OFFSET_MASK;
+                let before = original.l1.get(i).map_or(0, |e| e & L1_OFFSET_MASK);
+                if l2 == 0 || l2 == before {
+                    continue;
+                }
+                let bytes = read_metadata(&self.io, l2, cluster, "L2 table")?;
+                let to = rw.allocate_preferring(before, cluster)?;
+                rw.write(to, &bytes)?;
+                rw.release(l2, cluster);
+                *entry = to | (*entry & OFLAG_COPIED);
+                moved = true;
             }
-            let bytes = read_metadata(&self.io, l2, cluster, "L2 table")?;
-            let to = rw.allocate(cluster)?;
-            rw.write(to, &bytes)?;
-            rw.release(l2, cluster);
-            *entry = to | (*entry & OFLAG_COPIED);
-            moved = true;
+            let new_l1 = if moved || current_l1 != original.l1_offset {
+                let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+                let at = rw.allocate_preferring(original.l1_offset, l1_bytes(l1_size).max(1))?;
+                if !bytes.is_empty() {
+                    rw.write(at, &bytes)?;
+                }
+                rw.release(current_l1, l1_bytes(l1_size));
+                Some(at)
+            } else {
+                None
+            };
+            rw.commit(|h| {
+                if let Some(l1) = new_l1 {
+                    set_l1(h, l1, l1_size);
+                }
+                Ok(())
+            })?;
         }
-        let new_l1 = if moved || entries.len() != original_l1.len() {
-            let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
-            let at = rw.allocate(l1_bytes(l1_size).max(1))?;
-            if !bytes.is_empty() {
-                rw.write(at, &bytes)?;
-            }
-            rw.release(current_l1, l1_bytes(l1_size));
-            Some(at)
-        } else {
-            None
-        };
-        rw.commit(|h| {
-            if let Some(l1) = new_l1 {
-                set_l1(h, l1, l1_size);
-            }
-            Ok(())
-        })?;
         self.reload_writable()
     }
 
@@ -383,6 +443,32 @@ impl<S: Storage> Qcow2<S> {
         self.writable = writable;
         Ok(())
     }
+}
+
+/// Where an image's active tables and refcount structure are.
+#[derive(Debug, Clone)]
+struct Placement {
+    l1_offset: u64,
+    l1: Vec<u64>,
+    refcount_table: u64,
+    /// Each refcount table entry's block (0 for none).
+    refcount_blocks: Vec<u64>,
+}
+
+/// New copies of the active L2 tables whose COPIED flags change, and of the L1 table, with
+/// the flags set right for the new counts; the old L1 table released. The new L1 table's
+/// offset, `None` when nothing changed.
+fn new_active_tables<S: Storage>(
+    image: &Qcow2<S>,
+    rw: &mut Rewrite<'_, S>,
+    active: &[u64],
+) -> Result<Option<u64>> {
+    let current = image.header().l1_table_offset();
+    let moved = rebuild_active(image, rw, active, Some(current))?;
+    if moved.is_some() {
+        rw.release(current, l1_bytes(image.header().l1_size()));
+    }
+    Ok(moved)
 }
 
 /// Clear the dirty bit in the header's incompatible features (QEMU's `qcow2_mark_clean`).
