@@ -72,6 +72,13 @@ mod owned_reader;
 mod parallel;
 mod partitions;
 mod qemu_refusals;
+#[cfg(all(
+    feature = "cli",
+    feature = "encryption",
+    feature = "zlib",
+    feature = "zstd"
+))]
+mod snapshot_jobs;
 mod threads;
 mod write;
 mod zero_walks;

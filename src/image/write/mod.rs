@@ -71,7 +71,7 @@ const AUTOCLEAR_FIELD: u64 = 88;
 /// let mut back = [0u8; 11];
 /// disk.read_exact_at(1 << 20, &mut back)?;
 /// assert_eq!(&back, b"hello, disk");
-/// let image = disk.close()?; // read-only again
+/// let image = disk.close()?; // everything written back
 /// assert_eq!(image.guest_size(), 1 << 30);
 /// # std::fs::remove_dir_all(&dir)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -602,7 +602,8 @@ impl<I: Storage> Writer<I> {
     }
 
     /// Write everything back, clear the marks an open writer leaves (the dirty bit of lazy
-    /// refcounts), and give the image back, read-only, as it now is.
+    /// refcounts), and give the image back as it now is, still open for writing (and
+    /// locked): a snapshot job or another writer may follow.
     pub fn close(mut self) -> Result<Qcow2<I>> {
         self.finish()?;
         let mut image = self
