@@ -156,14 +156,12 @@ const NONE: Damage = Damage {
     copied: false,
 };
 
-/// An image with data (a compressed cluster where the build has zlib, a snapshot where the
-/// refcount width allows one), then `damage` done to it.
+/// An image with data (a compressed cluster among it, a snapshot where the refcount width
+/// allows one), then `damage` done to it.
 fn make(env: &Env, name: &str, opts: &str, damage: Damage) {
     env.create(name, 16 << 20, opts);
     env.io(name, &["write -P 1 0 300k"]);
-    if cfg!(feature = "zlib") {
-        env.io(name, &["write -c -P 2 1M 64k"]);
-    }
+    env.io(name, &["write -c -P 2 1M 64k"]);
     let snapshots = !opts.contains("refcount_bits=1,") && !opts.ends_with("refcount_bits=1");
     if snapshots {
         env.img(&["snapshot", "-c", "s1", name]);

@@ -257,7 +257,7 @@ impl<S: Storage> Qcow2<S> {
         } else if clear_dirty {
             Rewrite::new(self)?
                 .commit(|h| clear_dirty_bit(h, self.header.incompatible_features()))?;
-            self.reload_writable()?;
+            self.reload()?;
         }
         let mut report = if changes {
             let view = self.measured_view()?;
@@ -284,10 +284,11 @@ impl<S: Storage> Qcow2<S> {
             .length()
             .map_err(|e| Error::io("reading the image file's length", e))?
             .div_ceil(self.cluster_size());
-        // The repair holds two counts a cluster (the references and the new refcounts).
+        // The repair holds up to five counts a cluster at once (the check's counters, the
+        // references, the new refcounts, and the rewrite's two).
         Limits::check(
             "refcounts of a repair",
-            file_clusters.saturating_mul(16),
+            file_clusters.saturating_mul(40),
             self.limits.max_refcount_table_bytes.saturating_mul(64),
         )?;
         let options = OpenOptions::new().limits(self.limits.clone());
@@ -358,7 +359,7 @@ impl<S: Storage> Qcow2<S> {
                 Ok(())
             })?;
         }
-        self.reload_writable()
+        self.reload()
     }
 
     /// Where the active L1 table, its L2 tables and the refcount structure are now.
@@ -433,15 +434,7 @@ impl<S: Storage> Qcow2<S> {
                 Ok(())
             })?;
         }
-        self.reload_writable()
-    }
-
-    /// Read the tables again after a change, still writable.
-    fn reload_writable(&mut self) -> Result<()> {
-        let writable = self.writable;
-        self.reload()?;
-        self.writable = writable;
-        Ok(())
+        self.reload()
     }
 }
 
@@ -706,4 +699,109 @@ fn unrepaired_report(first: CheckReport, plan: &Plan) -> CheckReport {
         .collect();
     report.problems_omitted = 0;
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(kind: ProblemKind) -> Problem {
+        Problem { kind, offset: 0 }
+    }
+
+    #[test]
+    fn steps_print_as_qemu_img_prints_them() {
+        let leak = problem(ProblemKind::LeakedCluster {
+            cluster: 9,
+            refcount: 2,
+            references: 1,
+        });
+        assert_eq!(
+            RepairStep::Found(leak.clone()).to_string(),
+            "Leaked cluster 9 refcount=2 reference=1"
+        );
+        assert_eq!(
+            RepairStep::Repaired(leak).to_string(),
+            "Repairing cluster 9 refcount=2 reference=1"
+        );
+        let low = problem(ProblemKind::RefcountTooLow {
+            cluster: 6,
+            refcount: 1,
+            references: 2,
+        });
+        assert_eq!(
+            RepairStep::Repaired(low).to_string(),
+            "Repairing cluster 6 refcount=1 reference=2"
+        );
+        let l1 = problem(ProblemKind::CopiedFlagL2Table {
+            l1_index: 0,
+            l1_entry: 0x40000,
+            refcount: 1,
+        });
+        assert_eq!(
+            RepairStep::Repaired(l1).to_string(),
+            "Repairing OFLAG_COPIED L2 cluster: l1_index=0 l1_entry=40000 refcount=1"
+        );
+        let data = problem(ProblemKind::CopiedFlagData {
+            l2_entry: 0x60000,
+            refcount: 1,
+        });
+        assert_eq!(
+            RepairStep::Repaired(data).to_string(),
+            "Repairing OFLAG_COPIED data cluster: l2_entry=60000 refcount=1"
+        );
+        assert_eq!(
+            RepairStep::Rebuilding.to_string(),
+            "Rebuilding refcount structure"
+        );
+        assert_eq!(
+            RepairStep::NeedsRebuild.to_string(),
+            "ERROR need to rebuild refcount structures"
+        );
+    }
+
+    #[test]
+    fn only_a_refcount_of_zero_or_a_broken_structure_needs_a_rebuild() {
+        let low = |refcount| ProblemKind::RefcountTooLow {
+            cluster: 1,
+            refcount,
+            references: 2,
+        };
+        assert!(breaks_refcount_structure(&low(0)));
+        assert!(!breaks_refcount_structure(&low(1)));
+        assert!(breaks_refcount_structure(
+            &ProblemKind::RefcountBlockShared {
+                index: 0,
+                references: 2
+            }
+        ));
+        assert!(!breaks_refcount_structure(&ProblemKind::LeakedCluster {
+            cluster: 1,
+            refcount: 1,
+            references: 0
+        }));
+    }
+
+    #[test]
+    fn nothing_repaired_prints_no_repair_summary() {
+        let report = RepairReport {
+            steps: Vec::new(),
+            leaks_fixed: 0,
+            corruptions_fixed: 0,
+            completed: true,
+            report: CheckReport::new("x".into()),
+        };
+        assert!(!report.repaired());
+        assert_eq!(report.repaired_summary(), "");
+        let fixed = RepairReport {
+            leaks_fixed: 2,
+            corruptions_fixed: 1,
+            ..report
+        };
+        assert_eq!(
+            fixed.repaired_summary(),
+            "The following inconsistencies were found and repaired:\n\n    2 leaked clusters\n    \
+             1 corruptions\n\nDouble checking the fixed image now...\n"
+        );
+    }
 }
