@@ -45,6 +45,8 @@ pub(crate) struct Rewrite<'a, S: Storage> {
     old_blocks: Vec<u64>,
     /// Counts or the width changed: a new refcount structure is written at commit.
     changed: bool,
+    /// The counts already leave the old refcount table and blocks out.
+    old_released: bool,
     /// Where the search for free clusters starts.
     hint: u64,
     /// Where the new refcount table and blocks (by index) go if those clusters are free.
@@ -118,6 +120,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             old_table: (table_offset, table_clusters),
             old_blocks,
             changed: false,
+            old_released: false,
             hint: 0,
             prefer: None,
             max_table_bytes: image.limits.max_refcount_table_bytes,
@@ -127,7 +130,9 @@ impl<'a, S: Storage> Rewrite<'a, S> {
     }
 
     /// Start a change of `image` whose new refcounts are `counts` (one per cluster of the
-    /// file, and the one just past it), as a repair sets them, instead of the stored ones.
+    /// file, and the one just past it), as a repair sets them, instead of the stored ones;
+    /// `counts` leave out the references of the old refcount table and blocks, which the
+    /// change replaces.
     /// `in_use` holds the references a check counted: a cluster no live structure
     /// references is free for the new structures even if its stored refcount says
     /// otherwise (a leak stays a leak until the header switches), as QEMU's rebuild of the
@@ -175,6 +180,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             old_table: (table_offset, table_clusters),
             old_blocks,
             changed: true,
+            old_released: true,
             hint: 0,
             prefer: None,
             max_table_bytes: image.limits.max_refcount_table_bytes,
@@ -504,10 +510,13 @@ impl<'a, S: Storage> Rewrite<'a, S> {
     fn place_refcount_structure(&mut self) -> Result<(Vec<Option<u64>>, (u64, u64))> {
         let cluster = self.cluster_size();
         // The old table and blocks are replaced.
-        let (old_table, old_table_clusters) = self.old_table;
-        self.release(old_table, old_table_clusters << self.cluster_bits);
-        for block in self.old_blocks.clone() {
-            self.release(block, cluster);
+        if !self.old_released {
+            let (old_table, old_table_clusters) = self.old_table;
+            self.release(old_table, old_table_clusters << self.cluster_bits);
+            for block in self.old_blocks.clone() {
+                self.release(block, cluster);
+            }
+            self.old_released = true;
         }
         let per_block_bits = self.layout.block_bits();
         let mut blocks: Vec<Option<u64>> = Vec::new();

@@ -198,6 +198,74 @@ fn make(env: &Env, name: &str, opts: &str, damage: Damage) {
     std::fs::write(env.path(name), bytes).unwrap();
 }
 
+/// What a refcount table entry is broken into.
+#[derive(Clone, Copy, Debug)]
+enum Refblock {
+    /// A block past the end of the file.
+    Outside,
+    /// A block offset not cluster aligned.
+    Unaligned,
+    /// The active L2 table's cluster as a refcount block too.
+    Shared,
+    /// A reserved bit set.
+    Reserved,
+}
+
+/// An image with leaks whose refcount table's second entry (covering no cluster of the file)
+/// is broken as `how` says.
+fn make_broken_table(env: &Env, name: &str, how: Refblock) {
+    make(
+        env,
+        name,
+        "",
+        Damage {
+            leaks: true,
+            ..NONE
+        },
+    );
+    let mut bytes = env.read_file(name);
+    let l = layout(&bytes);
+    let cluster = 1u64 << l.cluster_bits;
+    let l2 = be64(&bytes, l.l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = match how {
+        Refblock::Outside => (bytes.len() as u64).div_ceil(cluster) * cluster + 100 * cluster,
+        Refblock::Unaligned => l2 + 512,
+        Refblock::Shared => l2,
+        Refblock::Reserved => l2 | 1,
+    };
+    let at = (l.reftable + 8) as usize;
+    bytes[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(env.path(name), bytes).unwrap();
+}
+
+/// The one case where the crate repairs more than qemu-img: under `-r leaks`, a refcount
+/// table entry naming a block past the end of the file is dropped with the old table (the
+/// new table holds only blocks in use); qemu-img leaves it, and its double check reports it.
+fn known_difference(image: &str, leaks: bool) -> bool {
+    leaks && image == "refblock-Outside.qcow2"
+}
+
+/// Every case's image, made in the test's dir: their names.
+fn make_all(env: &Env) -> Vec<String> {
+    let mut images = Vec::new();
+    for (name, opts, damage) in cases() {
+        let image = format!("{name}.qcow2");
+        make(env, &image, opts, damage);
+        images.push(image);
+    }
+    for how in [
+        Refblock::Outside,
+        Refblock::Unaligned,
+        Refblock::Shared,
+        Refblock::Reserved,
+    ] {
+        let image = format!("refblock-{how:?}.qcow2");
+        make_broken_table(env, &image, how);
+        images.push(image);
+    }
+    images
+}
+
 /// An image a crash left dirty under lazy refcounts (qemu-io killed after its writes).
 fn make_dirty(env: &Env, name: &str) {
     env.create(name, 16 << 20, "lazy_refcounts=on,cluster_size=4096");
@@ -368,16 +436,14 @@ fn cli_repairs_as_qemu_img_does() {
     let Some(env) = Env::new("check_repair_cli") else {
         return;
     };
-    let mut images: Vec<String> = Vec::new();
-    for (name, opts, damage) in cases() {
-        let image = format!("{name}.qcow2");
-        make(&env, &image, opts, damage);
-        images.push(image);
-    }
+    let mut images = make_all(&env);
     make_dirty(&env, "dirty.qcow2");
     images.push("dirty.qcow2".into());
     for image in &images {
         for mode in ["leaks", "all"] {
+            if known_difference(image, mode == "leaks") {
+                continue;
+            }
             compare_cli(&env, image, &["-r", mode]);
             compare_cli(&env, image, &["-r", mode, "--output=json"]);
         }
@@ -392,10 +458,12 @@ fn library_repair_reports_what_qemu_img_reports() {
     let Some(env) = Env::new("check_repair_lib") else {
         return;
     };
-    for (name, opts, damage) in cases() {
-        let image = format!("{name}.qcow2");
-        make(&env, &image, opts, damage);
+    for image in make_all(&env) {
+        let name = image.trim_end_matches(".qcow2");
         for mode in [Repair::Leaks, Repair::All] {
+            if known_difference(&image, mode == Repair::Leaks) {
+                continue;
+            }
             env.copy(&image, "q.qcow2");
             env.copy(&image, "o.qcow2");
             let flag = if mode == Repair::Leaks {

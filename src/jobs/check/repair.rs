@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::format::feature::INCOMPAT_DIRTY;
 use crate::format::header::at;
 use crate::format::new_header::put;
-use crate::format::refcount::RefTableEntry;
+use crate::format::refcount::{RefTableEntry, REFT_OFFSET_MASK};
 use crate::format::table::{L1_OFFSET_MASK, OFLAG_COPIED};
 use crate::image::options::OpenOptions;
 use crate::image::qcow2::Qcow2;
@@ -511,31 +511,47 @@ fn plan_repair<I: ReadAt + Size>(
     references: Vec<u64>,
     mode: Repair,
 ) -> Result<Plan> {
+    let old = old_structure(image)?;
     let walk: Vec<&Problem> = first
         .problems
         .iter()
         .filter(|p| !is_comparison(&p.kind) && !is_copied_flag(&p.kind))
         .collect();
-    let compared: Vec<&Problem> = first
+    let mut compared: Vec<Problem> = first
         .problems
         .iter()
         .filter(|p| is_comparison(&p.kind))
-        .collect();
-    let mut steps: Vec<RepairStep> = walk
-        .iter()
-        .chain(&compared)
-        .map(|p| RepairStep::Found((*p).clone()))
+        .cloned()
         .collect();
     let mut left = Left::default();
     walk.iter().for_each(|p| left.count(p.kind.class()));
-    // A refcount block past the end of the file: QEMU's `-r all` grows the file to hold it,
-    // whose zeros then need a rebuild; here the rebuild alone mends it.
-    let outside = |p: &&Problem| matches!(p.kind, ProblemKind::RefcountBlockOutsideImage { .. });
-    let rebuild = first
-        .problems
+    let mut steps = Vec::new();
+    let mut grown = Vec::new();
+    for problem in &walk {
+        // A refcount block past the end of the file: QEMU's `-r all` grows the file to hold
+        // it (counted as repaired), and the block's zeros then call for a rebuild.
+        if let (Repair::All, Some(cluster)) = (mode, outside_block(image, problem)?) {
+            steps.push(RepairStep::Repaired((*problem).clone()));
+            grown.push(cluster);
+            compared.push(Problem {
+                kind: ProblemKind::RefcountTooLow {
+                    cluster,
+                    refcount: 0,
+                    references: 1,
+                },
+                offset: cluster << image.header().cluster_bits(),
+            });
+        } else {
+            steps.push(RepairStep::Found((*problem).clone()));
+        }
+    }
+    compared.sort_by_key(|p| p.offset);
+    steps.extend(compared.iter().cloned().map(RepairStep::Found));
+    let rebuild = walk
         .iter()
-        .any(|p| breaks_refcount_structure(&p.kind))
-        || (mode == Repair::All && walk.iter().any(outside));
+        .map(|p| &p.kind)
+        .chain(compared.iter().map(|p| &p.kind))
+        .any(breaks_refcount_structure);
     let mut plan = Plan {
         steps: Vec::new(),
         left,
@@ -553,11 +569,14 @@ fn plan_repair<I: ReadAt + Size>(
             return Ok(plan);
         }
         steps.push(RepairStep::Rebuilding);
-        steps.extend(old_structure_leaks(image, &plan.references)?);
+        steps.extend(old_structure_leaks(image, &old, &grown, &plan.references));
         // The walk's problems with the old structure are gone with it.
         let mut after = Left::default();
         walk.iter()
-            .filter(|p| !breaks_refcount_structure(&p.kind) && !outside(p))
+            .filter(|p| {
+                !breaks_refcount_structure(&p.kind)
+                    && !matches!(p.kind, ProblemKind::RefcountBlockOutsideImage { .. })
+            })
             .for_each(|p| after.count(p.kind.class()));
         let mut before = left;
         compared.iter().for_each(|p| before.count(p.kind.class()));
@@ -566,7 +585,7 @@ fn plan_repair<I: ReadAt + Size>(
         after.check_errors = before.check_errors;
         plan.left = after;
     } else if plan.left.corruptions > 0 || !compared.is_empty() {
-        for problem in &compared {
+        for problem in compared {
             let repaired = match problem.kind {
                 ProblemKind::LeakedCluster { .. } => {
                     plan.leaks_fixed = plan.leaks_fixed.saturating_add(1);
@@ -590,10 +609,19 @@ fn plan_repair<I: ReadAt + Size>(
                 }
             };
             steps.push(if repaired {
-                RepairStep::Repaired((*problem).clone())
+                RepairStep::Repaired(problem)
             } else {
-                RepairStep::Found((*problem).clone())
+                RepairStep::Found(problem)
             });
+        }
+    }
+    // The new structure replaces the old one: its references leave the counts.
+    for (&cluster, &k) in &old {
+        if let Some(n) = usize::try_from(cluster)
+            .ok()
+            .and_then(|c| plan.counts.get_mut(c))
+        {
+            *n = n.saturating_sub(k);
         }
     }
     // QEMU's check_oflag_copied, against the refcounts as repaired.
@@ -612,6 +640,24 @@ fn plan_repair<I: ReadAt + Size>(
     Ok(plan)
 }
 
+/// The cluster of the refcount block past the end of the file `problem` reports, if it
+/// reports one.
+fn outside_block<I: ReadAt + Size>(image: &Qcow2<I>, problem: &Problem) -> Result<Option<u64>> {
+    if !matches!(problem.kind, ProblemKind::RefcountBlockOutsideImage { .. }) {
+        return Ok(None);
+    }
+    // The problem's offset is the refcount table entry's.
+    let entry = read_metadata(&image.io, problem.offset, 8, "refcount table entry")?;
+    let entry = entry
+        .as_slice()
+        .try_into()
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    Ok(Some(
+        (entry & REFT_OFFSET_MASK) >> image.header().cluster_bits(),
+    ))
+}
+
 fn set_count(counts: &mut [u64], cluster: u64, value: u64) {
     if let Some(slot) = usize::try_from(cluster)
         .ok()
@@ -621,12 +667,9 @@ fn set_count(counts: &mut [u64], cluster: u64, value: u64) {
     }
 }
 
-/// The clusters of the old refcount table and blocks, which a rebuild leaves unreferenced:
-/// QEMU reports each as a leak it repairs right after rebuilding, in cluster order.
-fn old_structure_leaks<I: ReadAt + Size>(
-    image: &Qcow2<I>,
-    references: &[u64],
-) -> Result<Vec<RepairStep>> {
+/// The clusters of the refcount table and of the blocks the check counted (aligned, inside
+/// the file), each with how many of those references it has.
+fn old_structure<I: ReadAt + Size>(image: &Qcow2<I>) -> Result<BTreeMap<u64, u64>> {
     let header = image.header();
     let bits = header.cluster_bits();
     let file_clusters = image
@@ -635,12 +678,12 @@ fn old_structure_leaks<I: ReadAt + Size>(
         .map_err(|e| Error::io("reading the file length", e))?
         .unwrap_or(0)
         .div_ceil(image.cluster_size());
-    let mut dropped: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut old: BTreeMap<u64, u64> = BTreeMap::new();
     let table_at = header.refcount_table_offset();
     let table_clusters = u64::from(header.refcount_table_clusters());
     let first = table_at >> bits;
     for c in first..first.saturating_add(table_clusters) {
-        bump(&mut dropped, c);
+        bump(&mut old, c);
     }
     let table = read_metadata(
         &image.io,
@@ -652,17 +695,38 @@ fn old_structure_leaks<I: ReadAt + Size>(
         let entry = chunk.try_into().map(u64::from_be_bytes).unwrap_or(0);
         if let RefTableEntry::Block(at) = RefTableEntry::decode(entry, bits) {
             if at >> bits < file_clusters {
-                bump(&mut dropped, at >> bits);
+                bump(&mut old, at >> bits);
             }
         }
     }
-    Ok(dropped
+    Ok(old)
+}
+
+/// What a rebuild leaves unreferenced, which QEMU reports as leaks it repairs right after
+/// rebuilding, in cluster order: the old table and blocks (`old`), and the blocks past the
+/// end of the file it grew the file for (`grown`).
+fn old_structure_leaks(
+    image: &Qcow2<impl ReadAt>,
+    old: &BTreeMap<u64, u64>,
+    grown: &[u64],
+    references: &[u64],
+) -> Vec<RepairStep> {
+    let bits = image.header().cluster_bits();
+    let mut dropped = old.clone();
+    grown.iter().for_each(|&c| bump(&mut dropped, c));
+    dropped
         .into_iter()
         .filter_map(|(cluster, k)| {
-            let refcount = usize::try_from(cluster)
+            let counted = usize::try_from(cluster)
                 .ok()
                 .and_then(|c| references.get(c))
-                .copied()?;
+                .copied()
+                .unwrap_or(0);
+            let refcount = if grown.contains(&cluster) {
+                counted.saturating_add(1)
+            } else {
+                counted
+            };
             (refcount > 0).then(|| {
                 RepairStep::Repaired(Problem {
                     kind: ProblemKind::LeakedCluster {
@@ -674,7 +738,7 @@ fn old_structure_leaks<I: ReadAt + Size>(
                 })
             })
         })
-        .collect())
+        .collect()
 }
 
 fn bump(counts: &mut BTreeMap<u64, u64>, cluster: u64) {
