@@ -633,6 +633,18 @@ fn crash_at_every_write_leaves_the_old_image_or_the_repaired_one() {
         },
     );
     judged += crash_case(&env, "zero.qcow2", Repair::All);
+    // Leaks only, under -r leaks (then the COPIED flags too, nothing else being wrong).
+    make(
+        &env,
+        "leaks.qcow2",
+        "extended_l2=on",
+        Damage {
+            leaks: true,
+            copied: true,
+            ..NONE
+        },
+    );
+    judged += crash_case(&env, "leaks.qcow2", Repair::Leaks);
     // A crash under lazy refcounts (refcounts of 0 on used clusters: a rebuild), marked clean.
     make_dirty(&env, "dirty.qcow2");
     judged += crash_case(&env, "dirty.qcow2", Repair::All);
