@@ -132,8 +132,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
     /// Start a change of `image` whose new refcounts are `counts` (one per cluster of the
     /// file, and the one just past it), as a repair sets them, instead of the stored ones;
     /// `counts` leave out the references of the old refcount table and blocks, which the
-    /// change replaces.
-    /// `in_use` holds the references a check counted: a cluster no live structure
+    /// change replaces. `in_use` holds the references a check counted: a cluster no live structure
     /// references is free for the new structures even if its stored refcount says
     /// otherwise (a leak stays a leak until the header switches), as QEMU's rebuild of the
     /// refcount structure places them. The stored table is read as the check reads it: the
@@ -206,18 +205,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
         if !aligned || (first..first.saturating_add(n)).any(|c| self.in_use(c)) {
             return self.allocate(len);
         }
-        let end = first.saturating_add(n);
-        let needed = to_usize(end)?;
-        if self.counts.len() < needed {
-            self.counts.resize(needed, 0);
-        }
-        for c in first..end {
-            if let Some(slot) = usize::try_from(c).ok().and_then(|i| self.counts.get_mut(i)) {
-                *slot = 1;
-            }
-            self.mine.insert(c);
-        }
-        self.changed = true;
+        self.claim(first, n)?;
         Ok(offset)
     }
 
@@ -339,6 +327,12 @@ impl<'a, S: Storage> Rewrite<'a, S> {
     pub(crate) fn allocate(&mut self, len: u64) -> Result<u64> {
         let n = len.div_ceil(self.cluster_size()).max(1);
         let start = self.find_free(n);
+        self.claim(start, n)?;
+        Ok(start << self.cluster_bits)
+    }
+
+    /// Give the `n` clusters from `start` refcount 1, as this change's.
+    fn claim(&mut self, start: u64, n: u64) -> Result<()> {
         let end = start.saturating_add(n);
         let needed = to_usize(end)?;
         if self.counts.len() < needed {
@@ -351,7 +345,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             self.mine.insert(c);
         }
         self.changed = true;
-        Ok(start << self.cluster_bits)
+        Ok(())
     }
 
     /// Drop one reference to each cluster of `len` bytes at `offset`: the structure there
@@ -506,8 +500,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
     /// Release the old refcount table and blocks and allocate the new ones: each block by
     /// table index (`None`: no cluster it covers is in use), and the table's
     /// `(offset, clusters)`.
-    #[allow(clippy::type_complexity)]
-    fn place_refcount_structure(&mut self) -> Result<(Vec<Option<u64>>, (u64, u64))> {
+    fn place_refcount_structure(&mut self) -> Result<PlacedRefcounts> {
         let cluster = self.cluster_size();
         // The old table and blocks are replaced.
         if !self.old_released {
@@ -596,6 +589,10 @@ impl<'a, S: Storage> Rewrite<'a, S> {
         Ok(bytes)
     }
 }
+
+/// Where a new refcount structure goes: each block by table index (`None`: not needed), and
+/// the table's `(offset, clusters)`.
+type PlacedRefcounts = (Vec<Option<u64>>, (u64, u64));
 
 /// Two counts a cluster of the file: bounded by what the file holds and by the limits.
 fn check_memory(file_clusters: u64, limits: &Limits) -> Result<()> {
