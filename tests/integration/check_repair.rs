@@ -3,8 +3,8 @@
 //! every kind (snapshots, compressed clusters, extended L2, refcount widths 1 and 64, 512-byte
 //! clusters, version 2). qemu-img repairs one copy, the crate another: the same lines on
 //! stderr, the same stdout (human and JSON), the same exit status; then both images check the
-//! same (`qemu-img check`), hold the same guest (`qemu-img compare`) and agree on the dirty
-//! flag. And the crash test: the repair over a storage logging every write, cut at each of
+//! same (`qemu-img check`), hold the same guest (`qemu-img compare`), have the same length
+//! and agree on the dirty flag. And the crash test: the repair over a storage logging every write, cut at each of
 //! them (killed or power lost, any pending writes kept): every cut image is the old one or the
 //! repaired one, by `qemu-img check` and by its guest, never worse.
 
@@ -422,6 +422,8 @@ fn compare_cli(env: &Env, image: &str, args: &[&str]) {
             "{what}: dirty flag cleared"
         );
     }
+    let len = |dir: &Path| std::fs::metadata(dir.join("img.qcow2")).unwrap().len();
+    assert_eq!(len(&ours), len(&theirs), "{what}: file length");
     let compare = run_in(
         env.dir.path(),
         &env.qemu.img,

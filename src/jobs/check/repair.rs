@@ -16,6 +16,7 @@ use std::fmt;
 
 use positioned_io::{ReadAt, Size};
 
+use super::stored::{Stored, StoredRefcounts};
 use super::{check_counting, copied_problems, CheckReport, Problem, ProblemClass, ProblemKind};
 use crate::base::io::{read_metadata, Storage};
 use crate::base::limits::Limits;
@@ -23,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::format::feature::INCOMPAT_DIRTY;
 use crate::format::header::at;
 use crate::format::new_header::put;
-use crate::format::refcount::{RefTableEntry, REFT_OFFSET_MASK};
+use crate::format::refcount::{RefTableEntry, RefcountLayout, REFT_OFFSET_MASK};
 use crate::format::table::{L1_OFFSET_MASK, OFLAG_COPIED};
 use crate::image::options::OpenOptions;
 use crate::image::qcow2::Qcow2;
@@ -194,6 +195,8 @@ struct Plan {
     rebuild: bool,
     /// The active tables get new COPIED flags.
     fix_copied: bool,
+    /// The length QEMU grows the file to for a refcount block past its end (0: none).
+    grown_len: u64,
 }
 
 impl<S: Storage> Qcow2<S> {
@@ -303,9 +306,14 @@ impl<S: Storage> Qcow2<S> {
     /// QEMU's rebuild puts it: where the first change put it).
     fn apply(&mut self, plan: &Plan, clear_dirty: bool) -> Result<()> {
         let original = self.placement()?;
+        let original_len = self
+            .io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
         if plan.rebuild && !plan.fix_copied {
             // Where QEMU's rebuild puts the new structure, and nothing else moves.
-            return self.write_counts(plan, clear_dirty, None);
+            self.write_counts(plan, clear_dirty, None)?;
+            return self.grow(plan.grown_len);
         }
         let mut refcounts_at = original.clone();
         let mut keep_free = None;
@@ -319,7 +327,72 @@ impl<S: Storage> Qcow2<S> {
             keep_free = Some((table, clusters));
         }
         self.write_counts(plan, clear_dirty, keep_free.map(|t| (t, &refcounts_at)))?;
-        self.put_back(&original, &refcounts_at)
+        self.put_back(&original, &refcounts_at)?;
+        self.trim(original_len)?;
+        self.grow(plan.grown_len)
+    }
+
+    /// Make the file `len` bytes long if it is shorter, as QEMU's `-r all` grows it to hold
+    /// a refcount block that lay past its end (the block's clusters stay free).
+    fn grow(&self, len: u64) -> Result<()> {
+        let now = self
+            .io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        if now < len {
+            self.io
+                .set_len(len)
+                .map_err(|e| Error::io("growing the image file", e))?;
+            self.io
+                .sync()
+                .map_err(|e| Error::io("syncing the image", e))?;
+        }
+        Ok(())
+    }
+
+    /// Cut off the clusters the first change appended that the last one left free, so the
+    /// file is no longer than before (or than what it holds now): QEMU's repair in place
+    /// leaves the file's length alone.
+    fn trim(&self, original_len: u64) -> Result<()> {
+        let len = self
+            .io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        if len <= original_len {
+            return Ok(());
+        }
+        let header = &self.header;
+        let layout = RefcountLayout {
+            cluster_bits: header.cluster_bits(),
+            order: header.refcount_order(),
+        };
+        let table = read_metadata(
+            &self.io,
+            header.refcount_table_offset(),
+            u64::from(header.refcount_table_clusters()) << layout.cluster_bits,
+            "refcount table",
+        )?;
+        let table: Vec<u64> = table
+            .chunks_exact(8)
+            .map(|c| c.try_into().map(u64::from_be_bytes).unwrap_or(0))
+            .collect();
+        let mut stored = StoredRefcounts::new(&self.io, layout, &table);
+        let first = original_len.div_ceil(self.cluster_size());
+        let mut keep = original_len;
+        for c in first..len.div_ceil(self.cluster_size()) {
+            if stored.get(c)? != Stored::Refcount(0) {
+                keep = c.saturating_add(1) << layout.cluster_bits;
+            }
+        }
+        if keep < len {
+            self.io
+                .set_len(keep)
+                .map_err(|e| Error::io("cutting the image file short", e))?;
+            self.io
+                .sync()
+                .map_err(|e| Error::io("syncing the image", e))?;
+        }
+        Ok(())
     }
 
     /// The first change: the new refcounts, the dirty bit cleared if asked, and (when the
@@ -561,6 +634,11 @@ fn plan_repair<I: ReadAt + Size>(
         references,
         rebuild,
         fix_copied: false,
+        grown_len: grown
+            .iter()
+            .map(|c| c.saturating_add(1) << image.header().cluster_bits())
+            .max()
+            .unwrap_or(0),
     };
     if rebuild {
         if mode == Repair::Leaks {
