@@ -197,7 +197,9 @@ pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use image::owned::OwnedReader;
 pub use image::qcow2::Qcow2;
-pub use jobs::check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
+pub use jobs::check::{
+    CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind, Repair, RepairReport, RepairStep,
+};
 pub use jobs::compare::{compare, CompareOptions, Comparison};
 pub use jobs::convert::{
     convert_into_qcow2, convert_overlay_into_qcow2, convert_stream_into_qcow2, convert_to_file,

@@ -19,6 +19,7 @@ mod check;
 mod check_bound;
 #[cfg(feature = "cli")]
 mod check_cli;
+mod check_repair;
 #[cfg(feature = "cli")]
 mod cli_bench;
 #[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
