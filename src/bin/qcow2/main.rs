@@ -20,6 +20,7 @@ mod disk;
 mod info;
 mod io;
 mod map;
+mod resize;
 mod snapshot;
 // Secrets for encrypted images (`--object secret,...`, `--secret-file`); the subcommands
 // that read guest data flatten `secret::SecretArgs` into their `Args`.
@@ -56,6 +57,8 @@ enum Command {
     Compare(compare::Args),
     /// Run qemu-io's commands (read, write, discard, flush, map, info) on an image, like `qemu-io`.
     Io(io::Args),
+    /// Change an image's virtual size, like `qemu-img resize`.
+    Resize(resize::Args),
 }
 
 fn main() -> ExitCode {
@@ -83,5 +86,6 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::run(args),
         Command::Create(args) => create::run(args),
         Command::Io(args) => io::run(args),
+        Command::Resize(args) => resize::run(args),
     }
 }

@@ -11,6 +11,7 @@ pub(crate) mod space;
 mod guest;
 mod recount;
 mod refcounts;
+mod shrink;
 mod subclusters;
 mod tables;
 mod writeback;
@@ -440,8 +441,9 @@ impl<I: Storage> Writer<I> {
 
     /// Change the guest size, as qemu-io's `truncate` does: the new space reads as zeros
     /// (the L1 table moves to a larger one when it must grow: written, then named by the
-    /// header, then the old one freed). Shrinking is not supported yet
-    /// ([`Error::UnsupportedWrite`]); the size must be a multiple of 512.
+    /// header, then the old one freed). Shrinking drops every cluster past the new end and
+    /// cuts the file after its last used cluster, as QEMU does. The size must be a multiple
+    /// of 512; a version 2 image with snapshots is refused either way, as QEMU refuses it.
     pub fn resize(&self, size: u64) -> Result<()> {
         let image = self.image()?;
         let _exclusive = self.exclusive();
@@ -452,11 +454,7 @@ impl<I: Storage> Writer<I> {
                 message: "The new size must be a multiple of 512".to_owned(),
             });
         }
-        if size < old {
-            return Err(Error::UnsupportedWrite {
-                what: "shrinking the disk".to_owned(),
-            });
-        }
+        Self::refuse_resize(image)?;
         if size > i64::MAX as u64 {
             return Err(Error::InvalidOption {
                 option: "size".to_owned(),
@@ -471,6 +469,9 @@ impl<I: Storage> Writer<I> {
             bitmaps.resize(size)?;
         }
         let resized = (|| {
+            if size < old {
+                self.shrink_tables(image, &mut meta, size, old)?;
+            }
             let needed = size.div_ceil(1u64 << image.geometry.l2_bits());
             if needed > meta.tables.l1().0.len() as u64 {
                 self.grow_l1(image, &mut meta, needed)?;
