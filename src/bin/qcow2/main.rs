@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod amend;
 mod bench;
 mod bitmap;
 mod check;
@@ -37,6 +38,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Change an image's options in place, like `qemu-img amend`.
+    Amend(amend::Args),
     /// Time COUNT reads or writes of the image, like `qemu-img bench`.
     Bench(bench::Args),
     /// Dump the dirty extents of a persistent dirty bitmap.
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Amend(args) => amend::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Bitmap(args) => bitmap::run(args),
         Command::Info(args) => info::run(args),
