@@ -108,6 +108,67 @@ pub(crate) fn parse_entry(entry: &[u8], at: u64) -> Result<Snapshot> {
     })
 }
 
+/// Bytes of extra data QEMU writes after each entry's fixed part: the 64-bit VM state size,
+/// the disk size and the instruction count.
+const EXTRA_LEN: usize = 24;
+
+/// A snapshot table entry as QEMU writes it (with 24 bytes of extra data), padded to 8
+/// bytes; `None` when the id or the name is longer than 65535 bytes.
+pub(crate) fn encode_entry(s: &Snapshot) -> Option<Vec<u8>> {
+    let id_len = u16::try_from(s.id.len()).ok()?;
+    let name_len = u16::try_from(s.name.len()).ok()?;
+    let mut out = vec![0u8; at::EXTRA_DATA + EXTRA_LEN];
+    let small_vm_state = u32::try_from(s.vm_state_size).unwrap_or(u32::MAX);
+    put(
+        &mut out,
+        at::L1_TABLE_OFFSET,
+        &s.l1_table_offset.to_be_bytes(),
+    );
+    put(&mut out, at::L1_SIZE, &s.l1_size.to_be_bytes());
+    put(&mut out, at::ID_LEN, &id_len.to_be_bytes());
+    put(&mut out, at::NAME_LEN, &name_len.to_be_bytes());
+    put(&mut out, at::DATE_SEC, &s.date_sec.to_be_bytes());
+    put(&mut out, at::DATE_NSEC, &s.date_nsec.to_be_bytes());
+    put(&mut out, at::VM_CLOCK_NSEC, &s.vm_clock_nsec.to_be_bytes());
+    put(
+        &mut out,
+        at::VM_STATE_SIZE_32,
+        &small_vm_state.to_be_bytes(),
+    );
+    put(
+        &mut out,
+        at::EXTRA_DATA_SIZE,
+        &(EXTRA_LEN as u32).to_be_bytes(),
+    );
+    let extra = at::EXTRA_DATA;
+    put(
+        &mut out,
+        extra + at::EXTRA_VM_STATE_SIZE,
+        &s.vm_state_size.to_be_bytes(),
+    );
+    put(
+        &mut out,
+        extra + at::EXTRA_DISK_SIZE,
+        &s.disk_size.unwrap_or(0).to_be_bytes(),
+    );
+    put(
+        &mut out,
+        extra + at::EXTRA_ICOUNT,
+        &s.icount.unwrap_or(u64::MAX).to_be_bytes(),
+    );
+    out.extend_from_slice(s.id.as_bytes());
+    out.extend_from_slice(s.name.as_bytes());
+    out.resize(out.len().div_ceil(8).saturating_mul(8), 0);
+    Some(out)
+}
+
+/// Copy `bytes` into `buf` at `at` (the fixed part is long enough for every field).
+fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
+    if let Some(dst) = buf.get_mut(at..at.saturating_add(bytes.len())) {
+        dst.copy_from_slice(bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +228,26 @@ mod tests {
             entry_len(&huge, 0, &Limits::default()),
             Err(Error::LimitExceeded { .. })
         ));
+    }
+
+    #[test]
+    fn encoded_entries_parse_back() {
+        let snap = Snapshot {
+            id: "7".into(),
+            name: "before upgrade".into(),
+            l1_table_offset: 0x30000,
+            l1_size: 2,
+            date_sec: 1_796_546_032,
+            date_nsec: 697_425_000,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(16 << 20),
+            icount: Some(0),
+        };
+        let bytes = encode_entry(&snap).unwrap();
+        assert_eq!(bytes.len() % 8, 0);
+        let (len, padded) = entry_len(&bytes, 0, &Limits::default()).unwrap();
+        assert_eq!(padded, bytes.len() as u64);
+        assert_eq!(parse_entry(&bytes[..len as usize], 0).unwrap(), snap);
     }
 }

@@ -15,4 +15,5 @@ pub(crate) mod plan;
 pub(crate) mod prealloc;
 pub(crate) mod qcow2;
 pub(crate) mod reader;
+pub(crate) mod rewrite;
 pub(crate) mod write;

@@ -10,3 +10,4 @@ pub(crate) mod human;
 pub(crate) mod info;
 #[cfg(feature = "serde")]
 pub(crate) mod qjson;
+pub(crate) mod snapshot;

@@ -121,38 +121,7 @@ impl<I: Storage> Qcow2<I> {
             crypt.check_unlocked()?;
         }
         let header = self.header.clone();
-        let file_len = self
-            .io
-            .length()
-            .map_err(|e| Error::io("reading the image file's length", e))?;
-        let layout = RefcountLayout {
-            cluster_bits: header.cluster_bits(),
-            order: header.refcount_order(),
-        };
-        let refs = Refcounts::load(
-            &self.io,
-            layout,
-            header.refcount_table_offset(),
-            u64::from(header.refcount_table_clusters()),
-            file_len,
-            &self.limits,
-        )?;
-        let mut refs = refs;
-        protect_metadata(&self, &mut refs)?;
-        let tables = Tables::new(
-            self.geometry,
-            self.l1.to_vec(),
-            header.l1_table_offset(),
-            self.limits
-                .l2_cache_bytes
-                .max(self.cluster_size().saturating_mul(4)),
-        );
-        let mut meta = Metadata {
-            tables,
-            refs,
-            unsynced: false,
-            file_len,
-        };
+        let (mut meta, file_len) = load_metadata(&self)?;
         if header.is_dirty() {
             // Refcounts left unwritten by a crash (lazy refcounts): counted again first,
             // as QEMU repairs a dirty image it opens for writing.
@@ -180,6 +149,67 @@ impl<I: Storage> Qcow2<I> {
             header: Mutex::new(header),
             image: Some(self),
         })
+    }
+}
+
+/// The refcounts and tables of `image` as a writer keeps them, and the file's length.
+fn load_metadata<I: Storage>(image: &Qcow2<I>) -> Result<(Metadata, u64)> {
+    let header = &image.header;
+    let file_len = image
+        .io
+        .length()
+        .map_err(|e| Error::io("reading the image file's length", e))?;
+    let layout = RefcountLayout {
+        cluster_bits: header.cluster_bits(),
+        order: header.refcount_order(),
+    };
+    let mut refs = Refcounts::load(
+        &image.io,
+        layout,
+        header.refcount_table_offset(),
+        u64::from(header.refcount_table_clusters()),
+        file_len,
+        &image.limits,
+    )?;
+    protect_metadata(image, &mut refs)?;
+    let tables = Tables::new(
+        image.geometry,
+        image.l1.to_vec(),
+        header.l1_table_offset(),
+        image
+            .limits
+            .l2_cache_bytes
+            .max(image.cluster_size().saturating_mul(4)),
+    );
+    let meta = Metadata {
+        tables,
+        refs,
+        unsynced: false,
+        file_len,
+    };
+    Ok((meta, file_len))
+}
+
+impl<I: Storage> Qcow2<I> {
+    /// Count the refcounts of a dirty image (lazy refcounts, its writer killed) again and
+    /// clear the dirty bit, as opening a writer does; the jobs that change metadata run
+    /// on clean refcounts.
+    pub(crate) fn repair_if_dirty(&mut self) -> Result<()> {
+        if !self.header.is_dirty() {
+            return Ok(());
+        }
+        let (mut meta, file_len) = load_metadata(self)?;
+        recount::rebuild(self, &mut meta.refs, file_len)?;
+        meta.flush(&self.io, self.data_storage.as_deref())?;
+        let incompatible = self.header.incompatible_features() & !INCOMPAT_DIRTY;
+        write(
+            &self.io,
+            INCOMPATIBLE_FIELD,
+            &incompatible.to_be_bytes(),
+            "header",
+        )?;
+        barrier(&self.io)?;
+        self.reload()
     }
 }
 
