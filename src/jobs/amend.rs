@@ -14,6 +14,7 @@
 
 use std::path::Path;
 
+use crate::base::bytes::{be_u32, be_u64};
 use crate::base::io::{be_u64_words, read_metadata, Storage};
 use crate::error::{Error, Result};
 use crate::format::extension::EXT_BITMAPS;
@@ -28,6 +29,7 @@ use crate::format::table::{l2_table_offset, ClusterType, Geometry};
 use crate::image::create::{parse_bool, parse_number, size_option, split_options};
 use crate::image::options::OpenOptions;
 use crate::image::qcow2::Qcow2;
+use crate::image::rewrite::Rewrite;
 
 /// The refcount width version 2 images have.
 const V2_REFCOUNT_ORDER: u32 = 4;
@@ -234,6 +236,8 @@ struct Plan {
     lazy_refcounts: bool,
     data_file: Option<Option<String>>,
     data_file_raw: bool,
+    /// A new refcount width (its order), when it changes.
+    refcount_order: Option<u32>,
 }
 
 impl Plan {
@@ -286,9 +290,6 @@ impl Plan {
                      above (use compat=1.1 or greater)",
                 ));
             }
-            return Err(Error::UnsupportedWrite {
-                what: "changing the refcount width (refcount_bits) is not done yet".to_owned(),
-            });
         }
         check_backing(h, o)?;
         let lazy_refcounts = o.lazy_refcounts.unwrap_or(h.has_lazy_refcounts());
@@ -302,9 +303,11 @@ impl Plan {
         if size % 512 != 0 {
             return Err(invalid("size", "The new size must be a multiple of 512"));
         }
+        // A power of two up to 64: its order is 0 to 6.
+        let refcount_order = refcount_bits.trailing_zeros();
         let downgrade = version < old_version;
         if downgrade {
-            check_downgrade(image, size)?;
+            check_downgrade(image, size, refcount_order)?;
         }
         Ok(Plan {
             version,
@@ -316,6 +319,7 @@ impl Plan {
                 .as_ref()
                 .map(|name| Some(name.clone()).filter(|n| !n.is_empty())),
             data_file_raw: o.data_file_raw.unwrap_or(h.is_data_file_raw()),
+            refcount_order: (refcount_order != h.refcount_order()).then_some(refcount_order),
         })
     }
 
@@ -356,9 +360,9 @@ fn check_backing(h: &Header, o: &AmendOptions) -> Result<()> {
 }
 
 /// What QEMU's `qcow2_downgrade` refuses, and what this crate does not downgrade.
-fn check_downgrade<S: Storage>(image: &Qcow2<S>, size: u64) -> Result<()> {
+fn check_downgrade<S: Storage>(image: &Qcow2<S>, size: u64, refcount_order: u32) -> Result<()> {
     let h = &image.header;
-    if h.refcount_order() != V2_REFCOUNT_ORDER {
+    if refcount_order != V2_REFCOUNT_ORDER {
         return Err(invalid("compat", "compat=0.10 requires refcount_bits=16"));
     }
     if h.has_data_file_bit() {
@@ -511,32 +515,83 @@ fn rewrite_guest<S: Storage>(image: Qcow2<S>, plan: &Plan, zeros: &[u64]) -> Res
 }
 
 /// Step 2: the header as QEMU's `qcow2_update_header` writes it with the new version and
-/// features, written in one piece (only the bytes that change), then a sync.
+/// features, written in one piece (only the bytes that change), then a sync; with a new
+/// refcount width, every refcount first written again at that width into free clusters
+/// (a [`Rewrite`]), which the same header write switches to.
 fn write_header<S: Storage>(image: &Qcow2<S>, plan: &Plan) -> Result<()> {
-    let h = &image.header;
     let cluster = image.cluster_size();
-    let old = read_metadata(&image.io, 0, cluster, "header")?;
-    let new = amended_header(h, plan, cluster)?;
-    let first = old.iter().zip(&new).position(|(a, b)| a != b);
-    let last = old.iter().zip(&new).rposition(|(a, b)| a != b);
-    let (Some(first), Some(last)) = (first, last) else {
-        return Ok(());
-    };
-    let changed = new
-        .get(first..=last)
-        .ok_or(Error::Internal("the header changed past its cluster"))?;
-    image
+    let mut rewrite = Rewrite::new(image)?;
+    if let Some(order) = plan.refcount_order {
+        check_refcounts_fit(image, &rewrite, order)?;
+        rewrite.set_refcount_order(order);
+    }
+    rewrite.commit(|bytes| {
+        let refcounts = RefcountFields::read(bytes)?;
+        *bytes = amended_header(&image.header, plan, cluster, refcounts)?;
+        Ok(())
+    })
+}
+
+/// QEMU's refusal to narrow the refcounts below a count in use (the first such cluster).
+fn check_refcounts_fit<S: Storage>(
+    image: &Qcow2<S>,
+    rewrite: &Rewrite<'_, S>,
+    order: u32,
+) -> Result<()> {
+    let bits = 1u64 << order;
+    let max = u64::MAX >> 64u64.saturating_sub(bits);
+    let file_len = image
         .io
-        .write_all_at(first as u64, changed)
-        .map_err(|e| Error::io("writing the header", e))?;
-    image
-        .io
-        .sync()
-        .map_err(|e| Error::io("making the header durable", e))
+        .length()
+        .map_err(|e| Error::io("reading the image file's length", e))?;
+    let cluster = image.cluster_size();
+    let mut offset = 0;
+    while offset < file_len {
+        let count = rewrite.refcount(offset);
+        if count > max {
+            return Err(invalid(
+                "refcount_bits",
+                format!(
+                    "Cannot decrease refcount entry width to {bits} bits: Cluster at offset \
+                     {offset:#x} has a refcount of {count}"
+                ),
+            ));
+        }
+        offset = offset.saturating_add(cluster);
+    }
+    Ok(())
+}
+
+/// The refcount fields of a header: where the table is, its clusters, and the width.
+#[derive(Debug, Clone, Copy)]
+struct RefcountFields {
+    table_offset: u64,
+    table_clusters: u32,
+    order: u32,
+}
+
+impl RefcountFields {
+    fn read(bytes: &[u8]) -> Result<Self> {
+        let short = || Error::Internal("the header is too short for its refcount fields");
+        Ok(RefcountFields {
+            table_offset: be_u64(bytes, at::REFCOUNT_TABLE_OFFSET as usize).ok_or_else(short)?,
+            table_clusters: be_u32(bytes, at::REFCOUNT_TABLE_CLUSTERS as usize)
+                .ok_or_else(short)?,
+            // Version 2 headers have no field: 16 bits.
+            order: be_u32(bytes, at::REFCOUNT_ORDER as usize)
+                .filter(|_| be_u32(bytes, at::VERSION as usize) == Some(3))
+                .unwrap_or(V2_REFCOUNT_ORDER),
+        })
+    }
 }
 
 /// The first cluster of the amended image (pure).
-fn amended_header(h: &Header, plan: &Plan, cluster: u64) -> Result<Vec<u8>> {
+fn amended_header(
+    h: &Header,
+    plan: &Plan,
+    cluster: u64,
+    refcounts: RefcountFields,
+) -> Result<Vec<u8>> {
     let v3 = plan.version >= 3;
     let backing_file = match (h.backing_file_bytes(), h.backing_file()) {
         (Some(_), None) => {
@@ -561,8 +616,8 @@ fn amended_header(h: &Header, plan: &Plan, cluster: u64) -> Result<Vec<u8>> {
         crypt_method: h.crypt_method(),
         l1_size: h.l1_size(),
         l1_table_offset: h.l1_table_offset(),
-        refcount_table_offset: h.refcount_table_offset(),
-        refcount_table_clusters: h.refcount_table_clusters(),
+        refcount_table_offset: refcounts.table_offset,
+        refcount_table_clusters: refcounts.table_clusters,
         incompatible_features: if v3 { h.incompatible_features() } else { 0 },
         compatible_features: if plan.lazy_refcounts {
             COMPAT_LAZY_REFCOUNTS
@@ -570,7 +625,7 @@ fn amended_header(h: &Header, plan: &Plan, cluster: u64) -> Result<Vec<u8>> {
             0
         },
         autoclear_features: autoclear,
-        refcount_order: h.refcount_order(),
+        refcount_order: plan.refcount_order.unwrap_or(refcounts.order),
         compression_type: v3.then(|| h.compression_type()),
         backing_file,
         backing_format: h.backing_format(),
