@@ -485,6 +485,7 @@ impl<I: Storage> Writer<I> {
             });
         }
         Self::refuse_resize(image)?;
+        let zero_grown_part = size > old && Self::grown_part_needs_zeros(image, old)?;
         if size > i64::MAX as u64 {
             return Err(Error::InvalidOption {
                 option: "size".to_owned(),
@@ -505,6 +506,9 @@ impl<I: Storage> Writer<I> {
             let needed = size.div_ceil(1u64 << image.geometry.l2_bits());
             if needed > meta.tables.l1().0.len() as u64 {
                 self.grow_l1(image, &mut meta, needed)?;
+            }
+            if zero_grown_part {
+                self.zero_grown_part(image, &mut meta, old, size)?;
             }
             write(&image.io, SIZE_FIELD, &size.to_be_bytes(), "header")?;
             barrier(&image.io)

@@ -1,6 +1,9 @@
-//! Shrinking the guest, in the steps of QEMU's `qcow2_co_truncate`: the clusters past the
+//! Resizing, in the steps of QEMU's `qcow2_co_truncate`. Shrinking: the clusters past the
 //! new end are dropped, the L1 entries past it cleared and their L2 tables freed, and the
-//! file cut after its last used cluster; the header's size changes last.
+//! file cut after its last used cluster; the header's size changes last. Growing over a
+//! backing file longer than the old size: the new part is made to read as zeros first, as
+//! the block layer asks QEMU to (`BDRV_REQ_ZERO_WRITE`), so that the backing file's data
+//! past the old end does not appear.
 //!
 //! Every step goes through the writer's ordered write-back: a reference is dropped on disk
 //! (durably) before the refcount of what it named is lowered. A crash part-way leaves the
@@ -29,6 +32,39 @@ impl<I: Storage> Writer<I> {
             });
         }
         Ok(())
+    }
+
+    /// Whether growing from `old` needs the new part zeroed (a backing file reaches past
+    /// `old`), and QEMU's refusal where it cannot be (version 2 has no zero clusters).
+    pub(super) fn grown_part_needs_zeros(image: &Qcow2<I>, old: u64) -> Result<bool> {
+        let exposed = image
+            .backing_source()
+            .is_some_and(|backing| backing.guest_size() > old);
+        if exposed && image.header.version() < 3 {
+            return Err(Error::InvalidOption {
+                option: "size".to_owned(),
+                message: "Failed to zero out new clusters: Operation not supported".to_owned(),
+            });
+        }
+        Ok(exposed)
+    }
+
+    /// Make the guest from `old` to `size` read as zeros (the L1 table already covers
+    /// `size`), durably, before the header names the new size.
+    pub(super) fn zero_grown_part(
+        &self,
+        image: &Qcow2<I>,
+        meta: &mut Metadata,
+        old: u64,
+        size: u64,
+    ) -> Result<()> {
+        let guest = Guest {
+            image,
+            state: &self.read_state,
+            size,
+        };
+        guest.write_zeroes(meta, old, size.saturating_sub(old), false)?;
+        meta.flush(&image.io, image.data_storage.as_deref())
     }
 
     /// Drop everything the guest holds from `size` to `old` (`size < old`), before the
