@@ -282,14 +282,13 @@ impl Plan {
         if version > old_version {
             refuse_snapshots_without_v3_fields(image)?;
         }
-        if refcount_bits != u64::from(h.refcount_bits()) {
-            if version < 3 && refcount_bits != 16 {
-                return Err(invalid(
-                    "refcount_bits",
-                    "Refcount widths other than 16 bits require compatibility level 1.1 or \
-                     above (use compat=1.1 or greater)",
-                ));
-            }
+        let width_changes = refcount_bits != u64::from(h.refcount_bits());
+        if width_changes && version < 3 && refcount_bits != 16 {
+            return Err(invalid(
+                "refcount_bits",
+                "Refcount widths other than 16 bits require compatibility level 1.1 or \
+                 above (use compat=1.1 or greater)",
+            ));
         }
         check_backing(h, o)?;
         let lazy_refcounts = o.lazy_refcounts.unwrap_or(h.has_lazy_refcounts());
