@@ -482,3 +482,47 @@ fn check_report(env: &Env, image: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| panic!("{image}: {}", String::from_utf8_lossy(&out.stderr)))
 }
+
+/// An external data file grows and shrinks with the guest, as QEMU truncates it.
+#[test]
+fn an_external_data_file_follows_the_guest_size() {
+    let Some(env) = Env::new("resize::data_file") else {
+        return;
+    };
+    for dir in ["theirs", "ours"] {
+        std::fs::create_dir(env.path(dir)).unwrap();
+        // qemu-img creates a relative data file name from its own directory but opens it
+        // from the image's: an absolute one is the same for both.
+        let data = env.path(dir).join("d.raw");
+        env.img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", data.display()),
+            &format!("{dir}/e.qcow2"),
+            "16M",
+        ]);
+        env.io(&format!("{dir}/e.qcow2"), &["write -P 1 0 12M".to_owned()]);
+    }
+    let data_len = |dir: &str| {
+        std::fs::metadata(env.path(dir).join("d.raw"))
+            .unwrap()
+            .len()
+    };
+    for (size, flags) in [("32M", &[][..]), ("4M", &["--shrink"][..])] {
+        let mut theirs = vec!["resize", "-q"];
+        theirs.extend(flags);
+        theirs.extend(["theirs/e.qcow2", size]);
+        env.img(&theirs);
+        let mut cli: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        cli.extend(["-q".to_owned(), "ours/e.qcow2".to_owned(), size.to_owned()]);
+        assert!(ours(&env, &cli).status.success());
+        assert_eq!(data_len("ours"), data_len("theirs"), "{size}");
+        let size_of = |i: &str| info(&env, i)["virtual-size"].clone();
+        assert_eq!(size_of("ours/e.qcow2"), size_of("theirs/e.qcow2"));
+        assert_clean(&env, &kind("data file", "", 0), "ours/e.qcow2");
+        assert!(env.convert("ours/e.qcow2", &[]) == env.convert("theirs/e.qcow2", &[]));
+    }
+}

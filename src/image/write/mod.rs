@@ -510,6 +510,9 @@ impl<I: Storage> Writer<I> {
             if zero_grown_part {
                 self.zero_grown_part(image, &mut meta, old, size)?;
             }
+            if size > old {
+                Self::resize_data_file(image, size)?;
+            }
             write(&image.io, SIZE_FIELD, &size.to_be_bytes(), "header")?;
             barrier(&image.io)
         })();

@@ -67,6 +67,17 @@ impl<I: Storage> Writer<I> {
         meta.flush(&image.io, image.data_storage.as_deref())
     }
 
+    /// Give an external data file the guest's new size, as QEMU truncates it (growing or
+    /// shrinking) before the header names the size.
+    pub(super) fn resize_data_file(image: &Qcow2<I>, size: u64) -> Result<()> {
+        match image.data_storage.as_deref() {
+            Some(data) => data
+                .set_len(size)
+                .map_err(|e| Error::io("resizing the external data file", e)),
+            None => Ok(()),
+        }
+    }
+
     /// Drop everything the guest holds from `size` to `old` (`size < old`), before the
     /// header names the new size: the clusters past the end, the L2 tables wholly past it,
     /// the external data file's tail, and the image file's unused tail.
@@ -103,10 +114,7 @@ impl<I: Storage> Writer<I> {
         // The references are gone on disk: lower the refcounts, and write them.
         meta.flush(io, data)?;
         meta.write_back(io, data)?;
-        if let Some(data) = data {
-            data.set_len(size)
-                .map_err(|e| Error::io("truncating the external data file", e))?;
-        }
+        Self::resize_data_file(image, size)?;
         cut_unused_tail(io, meta, self.cluster_size)
     }
 }
