@@ -22,7 +22,7 @@ use crate::format::feature::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
     INCOMPAT_DIRTY,
 };
-use crate::format::header::{at, CompressionType, Header};
+use crate::format::header::{at, CompressionType, Header, CRYPT_LUKS};
 use crate::format::header_edit::with_extension;
 use crate::format::new_header::{put, NewHeader};
 use crate::format::table::{l2_table_offset, ClusterType, Geometry};
@@ -62,6 +62,8 @@ pub struct AmendOptions {
     data_file_raw: Option<bool>,
     lazy_refcounts: Option<bool>,
     refcount_bits: Option<u64>,
+    /// A LUKS key slot option was given.
+    luks_key_slots: bool,
 }
 
 impl AmendOptions {
@@ -153,6 +155,7 @@ impl AmendOptions {
             "data_file_raw" => self.data_file_raw = Some(parse_bool(key, value)?),
             "lazy_refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "refcount_bits" => self.refcount_bits = Some(parse_number(key, value)?),
+            _ if LUKS_AMEND.contains(&key) => self.luks_key_slots = true,
             _ if CREATE_ONLY.contains(&key) || key.starts_with("encrypt.") => {
                 return Err(invalid(
                     key,
@@ -176,8 +179,18 @@ impl AmendOptions {
     }
 }
 
+/// The LUKS key slot options QEMU amends (not done here: [`amend`] refuses them after
+/// QEMU's own checks).
+const LUKS_AMEND: [&str; 5] = [
+    "encrypt.state",
+    "encrypt.keyslot",
+    "encrypt.old-secret",
+    "encrypt.new-secret",
+    "encrypt.iter-time",
+];
+
 /// The options `qemu-img create` takes for qcow2 that amend refuses as creation-only
-/// (`encrypt.*` too, but LUKS key slot changes, which QEMU amends, are not done here).
+/// (and every other `encrypt.*`).
 const CREATE_ONLY: [&str; 7] = [
     "cluster_size",
     "extended_l2",
@@ -244,6 +257,9 @@ impl Plan {
     /// The checks of QEMU's `qcow2_amend_options`, `qcow2_upgrade` and `qcow2_downgrade`.
     fn new<S: Storage>(image: &Qcow2<S>, o: &AmendOptions) -> Result<Plan> {
         let h = &image.header;
+        if o.luks_key_slots {
+            refuse_key_slot_changes(h)?;
+        }
         let old_version = h.version();
         let version = match o.compat.as_deref() {
             None => old_version,
@@ -325,6 +341,24 @@ impl Plan {
     /// Whether the guest or the refcounts change (else only the header does).
     fn needs_writer(&self, h: &Header, zeros: &[u64]) -> bool {
         self.size != h.size() || !zeros.is_empty() || h.is_dirty()
+    }
+}
+
+/// QEMU's refusals of LUKS key slot options, then this crate's: it does not change key
+/// slots.
+fn refuse_key_slot_changes(h: &Header) -> Result<()> {
+    match h.crypt_method() {
+        0 => Err(invalid(
+            "encrypt",
+            "Can't amend encryption options - encryption not present",
+        )),
+        CRYPT_LUKS => Err(Error::UnsupportedWrite {
+            what: "changing LUKS key slots (encrypt.* options)".to_owned(),
+        }),
+        _ => Err(invalid(
+            "encrypt",
+            "Only LUKS encryption options can be amended",
+        )),
     }
 }
 
@@ -519,16 +553,40 @@ fn rewrite_guest<S: Storage>(image: Qcow2<S>, plan: &Plan, zeros: &[u64]) -> Res
 /// (a [`Rewrite`]), which the same header write switches to.
 fn write_header<S: Storage>(image: &Qcow2<S>, plan: &Plan) -> Result<()> {
     let cluster = image.cluster_size();
+    let Some(order) = plan.refcount_order else {
+        let file_len = image
+            .io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        let old = read_metadata(&image.io, 0, cluster.min(file_len), "header")?;
+        let new = amended_header(&image.header, plan, cluster, RefcountFields::read(&old)?)?;
+        return write_changed_bytes(&image.io, &old, &new);
+    };
     let mut rewrite = Rewrite::new(image)?;
-    if let Some(order) = plan.refcount_order {
-        check_refcounts_fit(image, &rewrite, order)?;
-        rewrite.set_refcount_order(order);
-    }
+    check_refcounts_fit(image, &rewrite, order)?;
+    rewrite.set_refcount_order(order);
     rewrite.commit(|bytes| {
         let refcounts = RefcountFields::read(bytes)?;
         *bytes = amended_header(&image.header, plan, cluster, refcounts)?;
         Ok(())
     })
+}
+
+/// Write the bytes from the first that differs between `old` and `new` to the last, in one
+/// write, then a sync (nothing when none differs).
+fn write_changed_bytes<S: Storage>(io: &S, old: &[u8], new: &[u8]) -> Result<()> {
+    let first = old.iter().zip(new).position(|(a, b)| a != b);
+    let last = old.iter().zip(new).rposition(|(a, b)| a != b);
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(());
+    };
+    let changed = new
+        .get(first..=last)
+        .ok_or(Error::Internal("the header changed past its cluster"))?;
+    io.write_all_at(first as u64, changed)
+        .map_err(|e| Error::io("writing the header", e))?;
+    io.sync()
+        .map_err(|e| Error::io("making the header durable", e))
 }
 
 /// QEMU's refusal to narrow the refcounts below a count in use (the first such cluster).

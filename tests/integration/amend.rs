@@ -347,6 +347,8 @@ fn messages_and_exit_codes_match_qemu_img() {
         &["-o", "size=1000", "IMG"],
         &["-o", "size=0", "IMG"],
         &["-o", "encrypt.format=luks", "IMG"],
+        &["-o", "encrypt.new-secret=sec0", "IMG"],
+        &["-o", "encrypt.cipher-alg=aes-128", "IMG"],
         &["-o", "compat=0.10", "-o", "lazy_refcounts=on", "IMG"],
         &["-o", "", "IMG"],
         &["IMG"],
