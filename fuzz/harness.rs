@@ -642,5 +642,20 @@ pub fn open_and_write(bytes: &[u8]) {
             }
         }
     }
-    let _ = writer.close();
+    if let Ok(mut image) = writer.close() {
+        snapshot_jobs(&mut image);
+    }
+}
+
+/// The snapshot jobs on whatever the image has become: a snapshot made, an existing one
+/// applied and deleted, the new one applied and deleted; each done or refused, never a panic.
+fn snapshot_jobs(image: &mut Qcow2<MemStorage>) {
+    let existing = image.snapshots().first().map(|s| s.id.clone());
+    let _ = image.create_snapshot("fuzz");
+    if let Some(id) = existing {
+        let _ = image.apply_snapshot(&id);
+        let _ = image.delete_snapshot(&id);
+    }
+    let _ = image.apply_snapshot("fuzz");
+    let _ = image.delete_snapshot("fuzz");
 }

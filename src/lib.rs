@@ -214,4 +214,5 @@ pub use jobs::info::{
 pub type ParallelRead = ParallelReadOptions;
 pub use format::snapshot::Snapshot;
 pub use image::reader::Reader;
+pub use image::write::bitmap_ops::{BitmapOptions, BitmapSource};
 pub use image::write::Writer;

@@ -198,7 +198,6 @@ impl<I: ReadAt> Qcow2<I> {
         self.chain_state = ReadState::new();
         self.compressed = Arc::new(ClusterCache::new());
         self.metadata_preallocated = OnceLock::new();
-        self.writable = false;
         if let Some(Backing::Source { source, .. }) = self.backing.as_mut() {
             source.share_caches(&self.l2_cache, &self.compressed);
         }

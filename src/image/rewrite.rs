@@ -484,11 +484,12 @@ pub(crate) fn l1_bytes(entries: u32) -> u64 {
     u64::from(entries).saturating_mul(8)
 }
 
-/// Where the snapshot table is and how long it is (its entries, the last one's padding
-/// included).
+/// Where the snapshot table is and how long it is: its entries up to the end of the last
+/// one's data (QEMU does not write the last entry's padding).
 pub(crate) fn snapshot_table_extent<S: Storage>(image: &Qcow2<S>) -> Result<(u64, u64)> {
     let start = image.header.snapshots_offset();
     let mut offset = start;
+    let mut end = start;
     for _ in 0..image.header.nb_snapshots() {
         let fixed = read_metadata(
             &image.io,
@@ -496,10 +497,11 @@ pub(crate) fn snapshot_table_extent<S: Storage>(image: &Qcow2<S>) -> Result<(u64
             SNAPSHOT_HEADER_LEN,
             "snapshot table entry",
         )?;
-        let (_, padded) = snapshot::entry_len(&fixed, offset, &image.limits)?;
+        let (len, padded) = snapshot::entry_len(&fixed, offset, &image.limits)?;
+        end = offset.saturating_add(len);
         offset = offset
             .checked_add(padded)
             .ok_or_else(|| Error::malformed("snapshot table offset overflows", offset))?;
     }
-    Ok((start, offset.saturating_sub(start)))
+    Ok((start, end.saturating_sub(start)))
 }

@@ -13,6 +13,8 @@ mod amend;
 mod api;
 mod api_style;
 mod bitmap;
+#[cfg(feature = "cli")]
+mod bitmap_ops;
 mod bitmap_write;
 mod chain_reads;
 mod check;
@@ -75,6 +77,13 @@ mod partitions;
 mod qemu_refusals;
 #[cfg(feature = "cli")]
 mod resize;
+#[cfg(all(
+    feature = "cli",
+    feature = "encryption",
+    feature = "zlib",
+    feature = "zstd"
+))]
+mod snapshot_jobs;
 mod threads;
 mod write;
 mod zero_walks;

@@ -42,7 +42,7 @@ enum Command {
     Amend(amend::Args),
     /// Time COUNT reads or writes of the image, like `qemu-img bench`.
     Bench(bench::Args),
-    /// Dump the dirty extents of a persistent dirty bitmap.
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps, like `qemu-img bitmap`; or dump one's dirty extents.
     Bitmap(bitmap::Args),
     /// Show what an image holds, like `qemu-img info`.
     Info(info::Args),

@@ -27,8 +27,8 @@ use crate::base::io::read_metadata;
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::bitmap::{
-    all_set, bytes_to_words, clear_from, encode_directory, encode_table, set_bits, table_fits,
-    words_to_bytes, Bitmap, DataCluster, FLAG_AUTO, FLAG_IN_USE,
+    all_set, bytes_to_words, clear_from, decode_table_entry, encode_directory, encode_table,
+    set_bits, table_fits, words_to_bytes, Bitmap, DataCluster, FLAG_AUTO, FLAG_IN_USE,
 };
 use crate::format::extension::BitmapsExtension;
 use crate::format::header::TABLE_ENTRY_LEN;
@@ -41,8 +41,8 @@ use crate::image::qcow2::Qcow2;
 pub(crate) struct Bitmaps {
     /// The directory's entries in order, as last written to disk.
     entries: Vec<Entry>,
-    /// Where the directory is now.
-    extension: BitmapsExtension,
+    /// Where the directory is now (`None`: the image has no bitmaps extension).
+    extension: Option<BitmapsExtension>,
     cluster_bits: u32,
 }
 
@@ -55,7 +55,7 @@ struct Entry {
 }
 
 /// A consistent bitmap's bits, one chunk per cluster of bitmap data (one table entry).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Bits {
     /// The auto flag: guest writes are recorded.
     enabled: bool,
@@ -123,7 +123,7 @@ impl Bitmaps {
         }
         Ok(Some(Bitmaps {
             entries,
-            extension,
+            extension: Some(extension),
             cluster_bits,
         }))
     }
@@ -149,11 +149,11 @@ impl Bitmaps {
                 any = true;
             }
         }
-        if !any {
+        let Some(extension) = self.extension.filter(|_| any) else {
             return Ok(());
-        }
+        };
         let dir = encode_directory(&marked);
-        if dir.len() as u64 != self.extension.directory_size {
+        if dir.len() as u64 != extension.directory_size {
             // A name stored with bytes after a NUL: QEMU writes names up to the NUL, and so
             // fails here too ("Can't update bitmap directory").
             return Err(Error::UnsupportedWrite {
@@ -162,7 +162,7 @@ impl Bitmaps {
                     .into(),
             });
         }
-        space.write(self.extension.directory_offset, &dir)?;
+        space.write(extension.directory_offset, &dir)?;
         space.barrier()?;
         for (e, b) in self.entries.iter_mut().zip(marked) {
             e.bitmap.flags = b.flags;
@@ -232,8 +232,24 @@ impl Bitmaps {
         if !self.needs_store() {
             return Ok(());
         }
-        let mut plan = Plan::default();
-        let written = match self.write_new(space, &mut plan) {
+        self.write_directory(space, false, Vec::new())
+    }
+
+    /// Write the whole directory anew, as [`Bitmaps::store`] does (`in_use`: with the in-use
+    /// flag on every bitmap, as on disk while a writer is open), and free `dropped` (the
+    /// clusters of removed bitmaps) with what the new directory replaces, once the header
+    /// points at it.
+    pub(super) fn write_directory(
+        &mut self,
+        space: &mut dyn Space,
+        in_use: bool,
+        dropped: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let mut plan = Plan {
+            replaced: dropped,
+            ..Plan::default()
+        };
+        let written = match self.write_new(space, &mut plan, in_use) {
             Ok(written) => written,
             Err(e) => {
                 plan.roll_back(space);
@@ -242,7 +258,9 @@ impl Bitmaps {
         };
         let old = self.extension;
         self.commit(written);
-        space.free(old.directory_offset, old.directory_size)?;
+        if let Some(old) = old {
+            space.free(old.directory_offset, old.directory_size)?;
+        }
         for (offset, len) in plan.replaced {
             space.free(offset, len)?;
         }
@@ -261,8 +279,9 @@ impl Bitmaps {
         })
     }
 
-    /// Write the new data clusters, tables and directory, and move the header to it.
-    fn write_new(&self, space: &mut dyn Space, plan: &mut Plan) -> Result<Written> {
+    /// Write the new data clusters, tables and directory, and move the header to it (or
+    /// drop the extension when no bitmap is left).
+    fn write_new(&self, space: &mut dyn Space, plan: &mut Plan, in_use: bool) -> Result<Written> {
         let cluster_size = 1u64.checked_shl(self.cluster_bits).unwrap_or(0);
         let mut directory = Vec::with_capacity(self.entries.len());
         let mut tables = Vec::with_capacity(self.entries.len());
@@ -275,13 +294,15 @@ impl Bitmaps {
                         let bytes = encode_table(&table);
                         let offset = plan.allocate(space, bytes.len() as u64)?;
                         space.write(offset, &bytes)?;
-                        plan.replaced
-                            .push((bitmap.table_offset, table_bytes(&bitmap)));
+                        if bitmap.table_offset != 0 {
+                            plan.replaced
+                                .push((bitmap.table_offset, table_bytes(&bitmap)));
+                        }
                         bitmap.table_offset = offset;
                         bitmap.table_size = u32::try_from(table.len())
                             .map_err(|_| Error::Internal("bitmap table over 2^32 entries"))?;
                     }
-                    bitmap.flags = bits.stored_flags();
+                    bitmap.flags = bits.stored_flags() | if in_use { FLAG_IN_USE } else { 0 };
                     Some(table)
                 }
                 None => None,
@@ -289,17 +310,22 @@ impl Bitmaps {
             directory.push(bitmap);
             tables.push(table);
         }
-        let bytes = encode_directory(&directory);
-        let directory_size = bytes.len() as u64;
-        let directory_offset = plan.allocate(space, directory_size)?;
-        space.write(directory_offset, &bytes)?;
-        space.barrier()?;
-        let extension = BitmapsExtension {
-            nb_bitmaps: self.extension.nb_bitmaps,
-            directory_size,
-            directory_offset,
+        let extension = if directory.is_empty() {
+            None
+        } else {
+            let bytes = encode_directory(&directory);
+            let directory_size = bytes.len() as u64;
+            let directory_offset = plan.allocate(space, directory_size)?;
+            space.write(directory_offset, &bytes)?;
+            Some(BitmapsExtension {
+                nb_bitmaps: u32::try_from(directory.len())
+                    .map_err(|_| Error::Internal("over 2^32 bitmaps"))?,
+                directory_size,
+                directory_offset,
+            })
         };
-        space.set_bitmaps_extension(Some(extension))?;
+        space.barrier()?;
+        space.set_bitmaps_extension(extension)?;
         Ok(Written {
             directory,
             tables,
@@ -309,7 +335,7 @@ impl Bitmaps {
 
     /// Take what [`Bitmaps::write_new`] wrote as the state on disk.
     fn commit(&mut self, written: Written) {
-        let mut entry_offset = written.extension.directory_offset;
+        let mut entry_offset = written.extension.map_or(0, |e| e.directory_offset);
         for ((e, mut bitmap), table) in self
             .entries
             .iter_mut()
@@ -333,7 +359,7 @@ impl Bitmaps {
 struct Written {
     directory: Vec<Bitmap>,
     tables: Vec<Option<Vec<DataCluster>>>,
-    extension: BitmapsExtension,
+    extension: Option<BitmapsExtension>,
 }
 
 /// The clusters one store allocates, and those it replaces (freed once the header points at
@@ -588,6 +614,309 @@ fn table_bytes(b: &Bitmap) -> u64 {
 /// Bytes of a directory entry as written (fixed part, name, padding to 8).
 fn entry_len(b: &Bitmap) -> u64 {
     (24u64.saturating_add(b.raw_name.len() as u64)).next_multiple_of(8)
+}
+
+/// The changes `qemu-img bitmap` makes (add, remove, clear, enable, disable, merge), made on
+/// the bitmaps in memory; the writer then writes the whole directory anew
+/// ([`Bitmaps::write_directory`], in `bitmap_ops.rs`).
+impl Bitmaps {
+    /// No bitmaps yet (the image has no bitmaps extension).
+    pub(super) fn empty(cluster_bits: u32) -> Bitmaps {
+        Bitmaps {
+            entries: Vec::new(),
+            extension: None,
+            cluster_bits,
+        }
+    }
+
+    /// The directory's entries, in order.
+    pub(super) fn bitmaps(&self) -> impl Iterator<Item = &Bitmap> {
+        self.entries.iter().map(|e| &e.bitmap)
+    }
+
+    /// Index of the bitmap named `name` (the first, as QEMU finds it).
+    fn find(&self, name: &str) -> Result<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.bitmap.raw_name == name.as_bytes())
+            .ok_or_else(|| Error::NoSuchBitmap {
+                name: name.to_owned(),
+            })
+    }
+
+    /// The bits of the bitmap named `name`: refused when there is none, or when it is
+    /// inconsistent (in use since a crash), as QEMU refuses to use it.
+    fn bits_mut(&mut self, name: &str) -> Result<&mut Bits> {
+        let index = self.find(name)?;
+        self.entries
+            .get_mut(index)
+            .and_then(|e| e.bits.as_mut())
+            .ok_or_else(|| Error::BitmapInUse {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Append a new bitmap, all clean, of `granularity` bytes per bit (a power of two
+    /// within QEMU's bounds, checked by the caller) for a guest of `guest_size` bytes.
+    pub(super) fn add(&mut self, name: &str, granularity: u64, enabled: bool, guest_size: u64) {
+        let granularity_bits = granularity.trailing_zeros();
+        let granules = guest_size.div_ceil(granularity.max(1));
+        let chunk_bits = self.cluster_bits.saturating_add(3);
+        let chunks = usize::try_from(granules.div_ceil(1u64 << chunk_bits.min(63))).unwrap_or(0);
+        let bitmap = Bitmap {
+            name: name.to_owned(),
+            granularity,
+            flags: 0,
+            bitmap_type: 1,
+            table_offset: 0,
+            table_size: 0,
+            extra_data_size: 0,
+            entry_offset: 0,
+            raw_name: name.as_bytes().to_vec(),
+        };
+        let bits = Bits {
+            enabled,
+            granularity_bits,
+            granules,
+            table: Vec::new(),
+            chunks: vec![Chunk::Zeros; chunks],
+            changed: vec![false; chunks],
+        };
+        self.entries.push(Entry {
+            bitmap,
+            bits: Some(bits),
+        });
+    }
+
+    /// Undo [`Bitmaps::add`] of a bitmap that never reached the disk.
+    pub(super) fn drop_last(&mut self) {
+        self.entries.pop();
+    }
+
+    /// Find the bitmap named `name` to remove (an inconsistent one too, as QEMU allows):
+    /// its index, the clusters it holds (its table, and the data clusters of a consistent
+    /// bitmap) and, for an inconsistent one, the data clusters its table names (untrusted:
+    /// the caller checks them before freeing). They are freed once the directory without it
+    /// is on disk. The table of an inconsistent bitmap is read from `io`; what cannot be
+    /// read of it, or is over `max_table_bytes`, is left allocated (a leak), and a data
+    /// cluster another bitmap names is never freed.
+    pub(super) fn remove<I: ReadAt>(
+        &mut self,
+        name: &str,
+        io: &I,
+        max_table_bytes: u64,
+    ) -> Result<Removal> {
+        let index = self.find(name)?;
+        let cluster_size = 1u64.checked_shl(self.cluster_bits).unwrap_or(0);
+        let Some(entry) = self.entries.get(index) else {
+            return Err(Error::Internal("bitmap index out of range"));
+        };
+        let table = match &entry.bits {
+            Some(bits) => bits.table.clone(),
+            None => self.inconsistent_table(&entry.bitmap, io, max_table_bytes),
+        };
+        let named_elsewhere: HashSet<u64> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != index)
+            .filter_map(|(_, e)| e.bits.as_ref())
+            .flat_map(|b| b.table.iter())
+            .filter_map(|c| match *c {
+                DataCluster::At(offset) => Some(offset),
+                _ => None,
+            })
+            .collect();
+        let data: Vec<(u64, u64)> = table
+            .iter()
+            .filter_map(|c| match *c {
+                DataCluster::At(offset) if !named_elsewhere.contains(&offset) => {
+                    Some((offset, cluster_size))
+                }
+                _ => None,
+            })
+            .collect();
+        let (mut dropped, untrusted) = match entry.bits {
+            Some(_) => (data, Vec::new()),
+            None => (Vec::new(), data),
+        };
+        if entry.bitmap.table_offset != 0 {
+            dropped.push((entry.bitmap.table_offset, table_bytes(&entry.bitmap)));
+        }
+        Ok(Removal {
+            index,
+            dropped,
+            untrusted,
+        })
+    }
+
+    /// Take out entry `index` (after [`Bitmaps::remove`] found it); put it back with
+    /// [`Bitmaps::put_back`] when the new directory could not be written.
+    pub(super) fn take(&mut self, index: usize) -> Option<TakenBitmap> {
+        (index < self.entries.len()).then(|| TakenBitmap {
+            index,
+            entry: self.entries.remove(index),
+        })
+    }
+
+    /// Undo [`Bitmaps::take`].
+    pub(super) fn put_back(&mut self, taken: TakenBitmap) {
+        let index = taken.index.min(self.entries.len());
+        self.entries.insert(index, taken.entry);
+    }
+
+    /// The data clusters an inconsistent bitmap's table names, as far as it can be read
+    /// (entries that do not decode are skipped: QEMU would refuse them too).
+    fn inconsistent_table<I: ReadAt>(
+        &self,
+        b: &Bitmap,
+        io: &I,
+        max_table_bytes: u64,
+    ) -> Vec<DataCluster> {
+        let bytes = table_bytes(b);
+        if bytes > max_table_bytes || b.table_offset == 0 {
+            return Vec::new();
+        }
+        let Ok(raw) = read_metadata(io, b.table_offset, bytes, "bitmap table") else {
+            return Vec::new();
+        };
+        raw.chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_be_bytes))
+            .filter_map(|e| decode_table_entry(e, self.cluster_bits).ok())
+            .collect()
+    }
+
+    /// Clear every bit of the bitmap named `name` (QEMU's `block-dirty-bitmap-clear`).
+    pub(super) fn clear(&mut self, name: &str) -> Result<()> {
+        self.bits_mut(name)?.clear();
+        Ok(())
+    }
+
+    /// Enable (record guest writes) or disable the bitmap named `name`.
+    pub(super) fn set_enabled(&mut self, name: &str, enabled: bool) -> Result<()> {
+        self.bits_mut(name)?.enabled = enabled;
+        Ok(())
+    }
+
+    /// Check that the bitmap named `name` exists and is consistent (QEMU checks the
+    /// destination of a merge before its source).
+    pub(super) fn check_usable(&mut self, name: &str) -> Result<()> {
+        self.bits_mut(name).map(|_| ())
+    }
+
+    /// A consistent copy of the bits of the bitmap named `source`, to merge.
+    pub(super) fn snapshot(&mut self, source: &str) -> Result<BitsCopy> {
+        Ok(BitsCopy(self.bits_mut(source)?.clone()))
+    }
+
+    /// Clean bits of the same granularity and size as the bitmap named `target`, to
+    /// gather a source in before merging it.
+    pub(super) fn clean_copy(&mut self, target: &str) -> Result<BitsCopy> {
+        let bits = self.bits_mut(target)?;
+        let chunks = bits.chunks.len();
+        Ok(BitsCopy(Bits {
+            enabled: false,
+            granularity_bits: bits.granularity_bits,
+            granules: bits.granules,
+            table: Vec::new(),
+            chunks: vec![Chunk::Zeros; chunks],
+            changed: vec![false; chunks],
+        }))
+    }
+
+    /// Merge a copy of bits into the bitmap named `target` (`target |= source`, each set
+    /// granule of the source setting the target's granules it overlaps, as QEMU's
+    /// `hbitmap_merge` does across granularities).
+    pub(super) fn merge_copy(&mut self, target: &str, source: &BitsCopy) -> Result<()> {
+        let chunk_bits = self.cluster_bits.saturating_add(3);
+        let bits = self.bits_mut(target)?;
+        let shift = source.0.granularity_bits;
+        source.0.for_each_run(chunk_bits, |from, to| {
+            let pos = from.checked_shl(shift).unwrap_or(u64::MAX);
+            let end = to.checked_shl(shift).unwrap_or(u64::MAX);
+            bits.set(pos, end, chunk_bits);
+        });
+        Ok(())
+    }
+}
+
+/// What [`Bitmaps::remove`] found.
+#[derive(Debug)]
+pub(super) struct Removal {
+    /// The entry's index.
+    pub(super) index: usize,
+    /// Its table, and the data clusters of a consistent bitmap.
+    pub(super) dropped: Vec<(u64, u64)>,
+    /// The data clusters an inconsistent bitmap's table names.
+    pub(super) untrusted: Vec<(u64, u64)>,
+}
+
+/// An entry taken out by [`Bitmaps::take`].
+#[derive(Debug)]
+pub(super) struct TakenBitmap {
+    index: usize,
+    entry: Entry,
+}
+
+/// A copy of a bitmap's bits ([`Bitmaps::snapshot`]).
+#[derive(Debug)]
+pub(super) struct BitsCopy(Bits);
+
+impl BitsCopy {
+    /// Set the granules that guest bytes `[pos, end)` touch.
+    pub(super) fn set(&mut self, pos: u64, end: u64, cluster_bits: u32) {
+        self.0.set(pos, end, cluster_bits.saturating_add(3));
+    }
+}
+
+impl Bits {
+    /// Clear every bit.
+    fn clear(&mut self) {
+        for (chunk, changed) in self.chunks.iter_mut().zip(self.changed.iter_mut()) {
+            if *chunk != Chunk::Zeros {
+                *chunk = Chunk::Zeros;
+                *changed = true;
+            }
+        }
+    }
+
+    /// Call `f(from, to)` for every run of set granules `[from, to)`, in order (a run may
+    /// be split where chunks meet).
+    fn for_each_run(&self, chunk_bits: u32, mut f: impl FnMut(u64, u64)) {
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            let base = (i as u64).checked_shl(chunk_bits).unwrap_or(u64::MAX);
+            let limit = chunk_limit(self.granules, i as u64, chunk_bits);
+            match chunk {
+                Chunk::Zeros => {}
+                Chunk::Ones => f(base, base.saturating_add(limit)),
+                Chunk::Bits(words) => {
+                    let mut bit = 0u64;
+                    while let Some(start) = next_set(words, bit, limit, true) {
+                        let end = next_set(words, start, limit, false).unwrap_or(limit);
+                        f(base.saturating_add(start), base.saturating_add(end));
+                        bit = end;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first bit at or after `from` and before `limit` that is set (`set`) or clear.
+fn next_set(words: &[u64], from: u64, limit: u64, set: bool) -> Option<u64> {
+    let mut bit = from;
+    while bit < limit {
+        let word_index = usize::try_from(bit / 64).ok()?;
+        let word = *words.get(word_index)?;
+        let word = if set { word } else { !word };
+        let rest = word.checked_shr((bit % 64) as u32).unwrap_or(0);
+        if rest != 0 {
+            let found = bit.saturating_add(u64::from(rest.trailing_zeros()));
+            return (found < limit).then_some(found);
+        }
+        bit = (bit / 64).saturating_add(1).saturating_mul(64);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -1087,11 +1416,11 @@ mod tests {
                 },
                 Entry { bitmap, bits: None },
             ],
-            extension: BitmapsExtension {
+            extension: Some(BitmapsExtension {
                 nb_bitmaps: 3,
                 directory_size: 0,
                 directory_offset: 0,
-            },
+            }),
             cluster_bits: 16,
         };
         assert!(records_writes(&bitmaps));
@@ -1430,6 +1759,49 @@ mod tests {
             failed_before_move > 5 && failed_before_move < total,
             "{failed_before_move}"
         );
+    }
+
+    /// Runs of set bits, across words and chunks, as a merge reads them.
+    #[test]
+    fn runs_of_set_bits() {
+        let mut words = vec![0u64; 4];
+        set_bits(&mut words, 3, 70);
+        set_bits(&mut words, 128, 129);
+        set_bits(&mut words, 200, 256);
+        assert_eq!(next_set(&words, 0, 256, true), Some(3));
+        assert_eq!(next_set(&words, 3, 256, false), Some(70));
+        assert_eq!(next_set(&words, 200, 256, false), None);
+        assert_eq!(next_set(&words, 200, 230, true), Some(200));
+        assert_eq!(next_set(&words, 130, 200, true), None);
+        let bits = Bits {
+            enabled: true,
+            granularity_bits: 9,
+            granules: 256 + 100,
+            table: Vec::new(),
+            chunks: vec![Chunk::Bits(words.into_boxed_slice()), Chunk::Ones],
+            changed: vec![false; 2],
+        };
+        let mut runs = Vec::new();
+        bits.for_each_run(8, |from, to| runs.push((from, to)));
+        assert_eq!(runs, [(3, 70), (128, 129), (200, 256), (256, 356)]);
+        // Merged into a coarser bitmap: each run sets the granules it overlaps.
+        let mut coarse = Bits {
+            granularity_bits: 12,
+            granules: 356usize.div_ceil(8) as u64,
+            chunks: vec![Chunk::Zeros],
+            ..bits.clone()
+        };
+        for (from, to) in runs {
+            coarse.set(from << 9, to << 9, 8);
+        }
+        let Chunk::Bits(w) = &coarse.chunks[0] else {
+            panic!("{:?}", coarse.chunks[0])
+        };
+        let mut expected = vec![0u64; 4];
+        set_bits(&mut expected, 0, 9);
+        set_bits(&mut expected, 16, 17);
+        set_bits(&mut expected, 25, 45);
+        assert_eq!(&w[..], &expected[..]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (`guest.rs`), and writes them back in the order that keeps every crash harmless
 //! (`writeback.rs`) when flushed, when they outgrow their budget, and when closed.
 
+pub(crate) mod bitmap_ops;
 pub(crate) mod bitmaps;
 pub(crate) mod space;
 
@@ -72,7 +73,7 @@ const AUTOCLEAR_FIELD: u64 = 88;
 /// let mut back = [0u8; 11];
 /// disk.read_exact_at(1 << 20, &mut back)?;
 /// assert_eq!(&back, b"hello, disk");
-/// let image = disk.close()?; // read-only again
+/// let image = disk.close()?; // everything written back
 /// assert_eq!(image.guest_size(), 1 << 30);
 /// # std::fs::remove_dir_all(&dir)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -610,7 +611,8 @@ impl<I: Storage> Writer<I> {
     }
 
     /// Write everything back, clear the marks an open writer leaves (the dirty bit of lazy
-    /// refcounts), and give the image back, read-only, as it now is.
+    /// refcounts), and give the image back as it now is, still open for writing (and
+    /// locked): a snapshot job or another writer may follow.
     pub fn close(mut self) -> Result<Qcow2<I>> {
         self.finish()?;
         let mut image = self
