@@ -197,6 +197,7 @@ pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use image::owned::OwnedReader;
 pub use image::qcow2::Qcow2;
+pub use jobs::amend::{amend, amend_image, AmendOptions};
 pub use jobs::check::{
     CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind, Repair, RepairReport, RepairStep,
 };

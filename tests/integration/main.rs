@@ -8,6 +8,8 @@ mod common;
 mod holes;
 mod info_cases;
 
+#[cfg(feature = "cli")]
+mod amend;
 mod api;
 mod api_style;
 mod bitmap;
@@ -74,6 +76,8 @@ mod owned_reader;
 mod parallel;
 mod partitions;
 mod qemu_refusals;
+#[cfg(feature = "cli")]
+mod resize;
 #[cfg(all(
     feature = "cli",
     feature = "encryption",

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod amend;
 mod bench;
 mod bitmap;
 mod check;
@@ -20,6 +21,7 @@ mod disk;
 mod info;
 mod io;
 mod map;
+mod resize;
 mod snapshot;
 // Secrets for encrypted images (`--object secret,...`, `--secret-file`); the subcommands
 // that read guest data flatten `secret::SecretArgs` into their `Args`.
@@ -36,6 +38,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Change an image's options in place, like `qemu-img amend`.
+    Amend(amend::Args),
     /// Time COUNT reads or writes of the image, like `qemu-img bench`.
     Bench(bench::Args),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps, like `qemu-img bitmap`; or dump one's dirty extents.
@@ -56,6 +60,8 @@ enum Command {
     Compare(compare::Args),
     /// Run qemu-io's commands (read, write, discard, flush, map, info) on an image, like `qemu-io`.
     Io(io::Args),
+    /// Change an image's virtual size, like `qemu-img resize`.
+    Resize(resize::Args),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Amend(args) => amend::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Bitmap(args) => bitmap::run(args),
         Command::Info(args) => info::run(args),
@@ -83,5 +90,6 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::run(args),
         Command::Create(args) => create::run(args),
         Command::Io(args) => io::run(args),
+        Command::Resize(args) => resize::run(args),
     }
 }
