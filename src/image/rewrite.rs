@@ -315,7 +315,6 @@ impl<'a, S: Storage> Rewrite<'a, S> {
 
     /// Count every cluster at the new refcount width (checked at commit). The caller's
     /// header edit must make the header one that has the field (version 3).
-    #[allow(dead_code)] // amend's refcount_bits (issue 24) is its user
     pub(crate) fn set_refcount_order(&mut self, order: u32) {
         if order != self.layout.order {
             self.layout.order = order;
