@@ -197,7 +197,10 @@ pub use image::open::{open_file, CorruptBitHidden};
 pub use image::options::{FilePolicy, FileRole, OpenFileFn, OpenOptions};
 pub use image::owned::OwnedReader;
 pub use image::qcow2::Qcow2;
-pub use jobs::check::{CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind};
+pub use jobs::amend::{amend, amend_image, AmendOptions};
+pub use jobs::check::{
+    CheckOptions, CheckReport, Problem, ProblemClass, ProblemKind, Repair, RepairReport, RepairStep,
+};
 pub use jobs::commit::{commit, commit_into, CommitOptions};
 pub use jobs::compare::{compare, CompareOptions, Comparison};
 pub use jobs::convert::{

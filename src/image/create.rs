@@ -283,7 +283,7 @@ fn on_off(value: bool) -> String {
 }
 
 /// `on`/`off` (and QEMU's other spellings) as `qemu_opt_set` reads a boolean.
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
+pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool> {
     match value {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
@@ -295,7 +295,7 @@ fn parse_bool(key: &str, value: &str) -> Result<bool> {
 }
 
 /// A number as `qemu_strtou64` reads one: decimal, `0x` hexadecimal or `0` octal.
-fn parse_number(key: &str, value: &str) -> Result<u64> {
+pub(crate) fn parse_number(key: &str, value: &str) -> Result<u64> {
     let bad = || invalid(key, format!("Parameter '{key}' expects a number"));
     let text = value.trim_start();
     let parsed = if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
@@ -360,7 +360,7 @@ pub(crate) fn parse_size(text: &str) -> Option<u64> {
     Some(bytes)
 }
 
-fn size_option(key: &str, value: &str) -> Result<u64> {
+pub(crate) fn size_option(key: &str, value: &str) -> Result<u64> {
     parse_size(value).ok_or_else(|| {
         invalid(
             key,
@@ -789,7 +789,7 @@ impl CreateOptions {
 }
 
 /// `key=value,key=value` with `,,` for a comma in a value, as QEMU's option parser reads it.
-fn split_options(text: &str) -> Result<Vec<(String, String)>> {
+pub(crate) fn split_options(text: &str) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     let mut chars = text.chars().peekable();
     let mut current = String::new();

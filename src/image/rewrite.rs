@@ -18,7 +18,7 @@ use crate::base::limits::Limits;
 use crate::error::{Error, Result};
 use crate::format::header::{at, SNAPSHOT_HEADER_LEN};
 use crate::format::new_header::put;
-use crate::format::refcount::{RefcountLayout, REFT_OFFSET_MASK};
+use crate::format::refcount::{RefTableEntry, RefcountLayout, REFT_OFFSET_MASK};
 use crate::format::snapshot;
 use crate::image::qcow2::Qcow2;
 
@@ -45,8 +45,12 @@ pub(crate) struct Rewrite<'a, S: Storage> {
     old_blocks: Vec<u64>,
     /// Counts or the width changed: a new refcount structure is written at commit.
     changed: bool,
+    /// The counts already leave the old refcount table and blocks out.
+    old_released: bool,
     /// Where the search for free clusters starts.
     hint: u64,
+    /// Where the new refcount table and blocks (by index) go if those clusters are free.
+    prefer: Option<(u64, Vec<u64>)>,
     /// The largest refcount table the limits allow, in bytes.
     max_table_bytes: u64,
 }
@@ -116,11 +120,102 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             old_table: (table_offset, table_clusters),
             old_blocks,
             changed: false,
+            old_released: false,
             hint: 0,
+            prefer: None,
             max_table_bytes: image.limits.max_refcount_table_bytes,
         };
         rewrite.protect_structures(image)?;
         Ok(rewrite)
+    }
+
+    /// Start a change of `image` whose new refcounts are `counts` (one per cluster of the
+    /// file, and the one just past it), as a repair sets them, instead of the stored ones;
+    /// `counts` leave out the references of the old refcount table and blocks, which the
+    /// change replaces. `in_use` holds the references a check counted: a cluster no live structure
+    /// references is free for the new structures even if its stored refcount says
+    /// otherwise (a leak stays a leak until the header switches), as QEMU's rebuild of the
+    /// refcount structure places them. The stored table is read as the check reads it: the
+    /// blocks it counted (aligned, inside the file) are the ones replaced; refcounts stored
+    /// past the end of the file are dropped, the check never sees them either.
+    pub(crate) fn with_counts(
+        image: &'a Qcow2<S>,
+        in_use: Vec<u64>,
+        counts: Vec<u64>,
+    ) -> Result<Self> {
+        let header = &image.header;
+        let io = &image.io;
+        let bits = header.cluster_bits();
+        let layout = RefcountLayout {
+            cluster_bits: bits,
+            order: header.refcount_order(),
+        };
+        let cluster = 1u64 << bits;
+        let file_len = io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        let file_clusters = file_len.div_ceil(cluster);
+        check_memory(file_clusters, &image.limits)?;
+        let header_bytes = read_metadata(io, 0, cluster.min(file_len), "header")?;
+        let table_offset = header.refcount_table_offset();
+        let table_clusters = u64::from(header.refcount_table_clusters());
+        let table = read_metadata(io, table_offset, table_clusters << bits, "refcount table")?;
+        let old_blocks = be_u64_words(&table)
+            .filter_map(|entry| match RefTableEntry::decode(entry, bits) {
+                RefTableEntry::Block(at) if at >> bits < file_clusters => Some(at),
+                _ => None,
+            })
+            .collect();
+        let mut rewrite = Rewrite {
+            io,
+            cluster_bits: bits,
+            old_layout: layout,
+            layout,
+            header_bytes,
+            old: in_use,
+            counts,
+            mine: BTreeSet::new(),
+            protected: BTreeSet::new(),
+            old_table: (table_offset, table_clusters),
+            old_blocks,
+            changed: true,
+            old_released: true,
+            hint: 0,
+            prefer: None,
+            max_table_bytes: image.limits.max_refcount_table_bytes,
+        };
+        rewrite.protect_structures(image)?;
+        Ok(rewrite)
+    }
+
+    /// Write a new refcount structure at commit even if no count changed, its table at
+    /// `table` and block `i` at `blocks[i]` where those clusters are free (elsewhere if not):
+    /// to put it back where it was.
+    pub(crate) fn place_refcounts(&mut self, table: u64, blocks: Vec<u64>) {
+        self.prefer = Some((table, blocks));
+        self.changed = true;
+    }
+
+    /// `len` bytes of clusters at `offset` if they are free both now and in the new image
+    /// (given refcount 1), else `len` bytes wherever [`Rewrite::allocate`] finds them.
+    pub(crate) fn allocate_preferring(&mut self, offset: u64, len: u64) -> Result<u64> {
+        let n = len.div_ceil(self.cluster_size()).max(1);
+        let first = offset >> self.cluster_bits;
+        let aligned = offset != 0 && first << self.cluster_bits == offset;
+        if !aligned || (first..first.saturating_add(n)).any(|c| self.in_use(c)) {
+            return self.allocate(len);
+        }
+        self.claim(first, n)?;
+        Ok(offset)
+    }
+
+    /// Where the preferred placement puts refcount block `index` (0: nowhere).
+    fn preferred_block(&self, index: usize) -> u64 {
+        self.prefer
+            .as_ref()
+            .and_then(|(_, blocks)| blocks.get(index))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Keep the allocator off every structure the header, the snapshots and the bitmaps
@@ -220,7 +315,6 @@ impl<'a, S: Storage> Rewrite<'a, S> {
 
     /// Count every cluster at the new refcount width (checked at commit). The caller's
     /// header edit must make the header one that has the field (version 3).
-    #[allow(dead_code)] // amend's refcount_bits (issue 24) is its user
     pub(crate) fn set_refcount_order(&mut self, order: u32) {
         if order != self.layout.order {
             self.layout.order = order;
@@ -232,6 +326,12 @@ impl<'a, S: Storage> Rewrite<'a, S> {
     pub(crate) fn allocate(&mut self, len: u64) -> Result<u64> {
         let n = len.div_ceil(self.cluster_size()).max(1);
         let start = self.find_free(n);
+        self.claim(start, n)?;
+        Ok(start << self.cluster_bits)
+    }
+
+    /// Give the `n` clusters from `start` refcount 1, as this change's.
+    fn claim(&mut self, start: u64, n: u64) -> Result<()> {
         let end = start.saturating_add(n);
         let needed = to_usize(end)?;
         if self.counts.len() < needed {
@@ -244,7 +344,7 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             self.mine.insert(c);
         }
         self.changed = true;
-        Ok(start << self.cluster_bits)
+        Ok(())
     }
 
     /// Drop one reference to each cluster of `len` bytes at `offset`: the structure there
@@ -370,12 +470,45 @@ impl<'a, S: Storage> Rewrite<'a, S> {
 
     /// Write the new refcount table and blocks; returns the table's `(offset, clusters)`.
     fn write_refcounts(&mut self) -> Result<(u64, u64)> {
+        let (blocks, (table_at, table_clusters)) = self.place_refcount_structure()?;
+        let per_block_bits = self.layout.block_bits();
+        let mut table_bytes = vec![0u8; to_usize(table_clusters << self.cluster_bits)?];
+        for (index, block) in blocks.iter().enumerate() {
+            let Some(block_at) = block else { continue };
+            let first = (index as u64) << per_block_bits;
+            let bytes = self.encode_block(first)?;
+            self.write(*block_at, &bytes)?;
+            put(
+                &mut table_bytes,
+                (index as u64).saturating_mul(8),
+                &block_at.to_be_bytes(),
+            );
+        }
+        self.write(table_at, &table_bytes)?;
+        Ok((table_at, table_clusters))
+    }
+
+    /// Where a commit of this change would put the new refcount structure, nothing written:
+    /// the table's offset and clusters, and each block's offset by table index (0: none).
+    pub(crate) fn planned_refcounts(mut self) -> Result<(u64, u64, Vec<u64>)> {
+        let (blocks, (table_at, table_clusters)) = self.place_refcount_structure()?;
+        let blocks = blocks.iter().map(|b| b.unwrap_or(0)).collect();
+        Ok((table_at, table_clusters, blocks))
+    }
+
+    /// Release the old refcount table and blocks and allocate the new ones: each block by
+    /// table index (`None`: no cluster it covers is in use), and the table's
+    /// `(offset, clusters)`.
+    fn place_refcount_structure(&mut self) -> Result<PlacedRefcounts> {
         let cluster = self.cluster_size();
         // The old table and blocks are replaced.
-        let (old_table, old_table_clusters) = self.old_table;
-        self.release(old_table, old_table_clusters << self.cluster_bits);
-        for block in self.old_blocks.clone() {
-            self.release(block, cluster);
+        if !self.old_released {
+            let (old_table, old_table_clusters) = self.old_table;
+            self.release(old_table, old_table_clusters << self.cluster_bits);
+            for block in self.old_blocks.clone() {
+                self.release(block, cluster);
+            }
+            self.old_released = true;
         }
         let per_block_bits = self.layout.block_bits();
         let mut blocks: Vec<Option<u64>> = Vec::new();
@@ -394,7 +527,8 @@ impl<'a, S: Storage> Rewrite<'a, S> {
                 let any = self.any_in_use(first, 1u64 << per_block_bits);
                 let slot = blocks.get_mut(index).ok_or(Error::Internal("blocks"))?;
                 if any && slot.is_none() {
-                    *slot = Some(self.allocate(cluster)?);
+                    let at = self.allocate_preferring(self.preferred_block(index), cluster)?;
+                    *blocks.get_mut(index).ok_or(Error::Internal("blocks"))? = Some(at);
                     grew = true;
                 }
             }
@@ -407,7 +541,9 @@ impl<'a, S: Storage> Rewrite<'a, S> {
                     if let Some((at, have)) = table.take() {
                         self.unallocate(at, have << self.cluster_bits);
                     }
-                    let at = self.allocate(table_clusters << self.cluster_bits)?;
+                    let preferred = self.prefer.as_ref().map_or(0, |(t, _)| *t);
+                    let at =
+                        self.allocate_preferring(preferred, table_clusters << self.cluster_bits)?;
                     table = Some((at, table_clusters));
                     grew = true;
                 }
@@ -416,21 +552,8 @@ impl<'a, S: Storage> Rewrite<'a, S> {
                 break;
             }
         }
-        let (table_at, table_clusters) = table.ok_or(Error::Internal("no refcount table"))?;
-        let mut table_bytes = vec![0u8; to_usize(table_clusters << self.cluster_bits)?];
-        for (index, block) in blocks.iter().enumerate() {
-            let Some(block_at) = block else { continue };
-            let first = (index as u64) << per_block_bits;
-            let bytes = self.encode_block(first)?;
-            self.write(*block_at, &bytes)?;
-            put(
-                &mut table_bytes,
-                (index as u64).saturating_mul(8),
-                &block_at.to_be_bytes(),
-            );
-        }
-        self.write(table_at, &table_bytes)?;
-        Ok((table_at, table_clusters))
+        let table = table.ok_or(Error::Internal("no refcount table"))?;
+        Ok((blocks, table))
     }
 
     fn any_in_use(&self, first: u64, n: u64) -> bool {
@@ -465,6 +588,10 @@ impl<'a, S: Storage> Rewrite<'a, S> {
         Ok(bytes)
     }
 }
+
+/// Where a new refcount structure goes: each block by table index (`None`: not needed), and
+/// the table's `(offset, clusters)`.
+type PlacedRefcounts = (Vec<Option<u64>>, (u64, u64));
 
 /// Two counts a cluster of the file: bounded by what the file holds and by the limits.
 fn check_memory(file_clusters: u64, limits: &Limits) -> Result<()> {

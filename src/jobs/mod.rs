@@ -1,6 +1,7 @@
 //! What `qemu-img` does with an image, read-only: info, check, convert, compare (and later
 //! create, commit, ...). Built on the guest views and the image below them.
 
+pub(crate) mod amend;
 pub(crate) mod check;
 pub(crate) mod commit;
 pub(crate) mod compare;

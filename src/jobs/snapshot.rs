@@ -291,7 +291,7 @@ fn words_per_entry<S>(image: &Qcow2<S>) -> usize {
 /// new refcount is 1: each L2 table whose flags change is copied (the copy referenced
 /// instead), and a new L1 table is written unless it would equal the one at `current`.
 /// Returns the new L1 table's offset, `None` when the one at `current` stays.
-fn rebuild_active<S: Storage>(
+pub(crate) fn rebuild_active<S: Storage>(
     image: &Qcow2<S>,
     rw: &mut Rewrite<'_, S>,
     l1: &[u64],
@@ -387,7 +387,7 @@ fn replace_snapshot_table<S: Storage>(
     Ok((at, count))
 }
 
-fn set_l1(header: &mut [u8], offset: u64, entries: u32) {
+pub(crate) fn set_l1(header: &mut [u8], offset: u64, entries: u32) {
     put(header, at::L1_SIZE, &entries.to_be_bytes());
     put(header, at::L1_TABLE_OFFSET, &offset.to_be_bytes());
 }

@@ -2,8 +2,7 @@
 //! aside; qemu-io's `qemu-io: ` prefix is `qcow2: ` here) and end with the same status, for
 //! the commands' errors (missing file, read-only file, unknown command, bad options and
 //! counts, writes past the end, bad patterns), for `-r` on every committed fixture, and for
-//! commands read from stdin. What `qcow2 io` does differently (shrinking `truncate`) is
-//! asserted too.
+//! commands read from stdin; `truncate` growing and shrinking.
 
 use crate::common;
 
@@ -385,7 +384,7 @@ fn report_lines_have_qemu_io_layout() {
 }
 
 #[test]
-fn truncate_grows_as_qemu_io_does_and_refuses_to_shrink() {
+fn truncate_grows_and_shrinks_as_qemu_io_does() {
     let Some(env) = Env::new("cli_io::truncate") else {
         return;
     };
@@ -415,14 +414,18 @@ fn truncate_grows_as_qemu_io_does_and_refuses_to_shrink() {
         env.convert("theirs.qcow2", &[]),
         env.convert("ours.qcow2", &[])
     );
-    // Shrinking: QEMU does it, the writer refuses it (for now) and changes nothing.
-    let shrink = ["truncate 1M".to_owned(), "length".to_owned()];
+    // Shrinking, then growing back: the part past the shrunk end reads as zeros.
+    let shrink: Vec<String> = ["truncate 1M", "length", "truncate 2M", "read -P 0 1M 1M"]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let theirs = run_io(&env.qemu.io, &[], dir, &args, "theirs.qcow2", &shrink);
     let ours = run_io(Path::new(BIN), &["io"], dir, &args, "ours.qcow2", &shrink);
-    assert_eq!(ours.status, Some(1));
-    assert_eq!(ours.stdout, "64 MiB\n");
+    assert_same_output("truncate smaller", &theirs, &ours);
+    assert_eq!(ours.stdout.lines().next(), Some("1 MiB"));
     assert_eq!(
-        ours.stderr,
-        "qcow2: Image format driver does not support resize\n"
+        env.convert("theirs.qcow2", &[]),
+        env.convert("ours.qcow2", &[])
     );
 }
 

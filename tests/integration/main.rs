@@ -8,6 +8,8 @@ mod common;
 mod holes;
 mod info_cases;
 
+#[cfg(feature = "cli")]
+mod amend;
 mod api;
 mod api_style;
 mod bitmap;
@@ -19,6 +21,7 @@ mod check;
 mod check_bound;
 #[cfg(feature = "cli")]
 mod check_cli;
+mod check_repair;
 #[cfg(feature = "cli")]
 mod cli_bench;
 #[cfg(all(feature = "cli", feature = "zlib", feature = "zstd"))]
@@ -77,6 +80,8 @@ mod partitions;
 mod qemu_refusals;
 #[cfg(all(feature = "cli", feature = "encryption", feature = "zlib"))]
 mod rebase;
+#[cfg(feature = "cli")]
+mod resize;
 #[cfg(all(
     feature = "cli",
     feature = "encryption",

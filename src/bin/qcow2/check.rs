@@ -1,4 +1,5 @@
-//! `qcow2 check`: a read-only consistency check, like `qemu-img check` without `-r`.
+//! `qcow2 check`: a consistency check, like `qemu-img check`; with `-r leaks|all` it repairs
+//! what qemu-img repairs.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -7,7 +8,10 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::{Parser, ValueEnum};
-use qcow2::{CheckReport, CorruptBitHidden, Error, FilePolicy, FileRole, OpenOptions, Qcow2};
+use qcow2::{
+    CheckReport, CorruptBitHidden, Error, FilePolicy, FileRole, OpenOptions, Qcow2, Repair,
+    RepairReport,
+};
 
 /// qemu-img's status for an image format without checks.
 const NOT_SUPPORTED: u8 = 63;
@@ -21,13 +25,26 @@ pub enum Output {
     Json,
 }
 
-/// Check an image's metadata for consistency (read-only). Exit status as qemu-img: 0 clean,
-/// 1 check not completed, 2 corruptions, 3 leaked clusters only, 63 not a qcow2 image.
+/// What `-r` repairs, as qemu-img spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RepairMode {
+    /// Leaked clusters (refcounts higher than the references).
+    Leaks,
+    /// Every inconsistency qemu-img repairs: leaks, refcounts too low, COPIED flags.
+    All,
+}
+
+/// Check an image's metadata for consistency (read-only unless `-r`). Exit status as
+/// qemu-img: 0 clean, 1 check not completed, 2 corruptions, 3 leaked clusters only, 63 not a
+/// qcow2 image; after a repair, the status of the repaired image.
 #[derive(Parser, Debug)]
 pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     pub output: Output,
+    /// Repair the image: `leaks` or `all` (opens it for writing).
+    #[arg(short = 'r', value_enum, value_name = "leaks|all")]
+    pub repair: Option<RepairMode>,
     /// Image format (only qcow2 is checked).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
@@ -58,38 +75,36 @@ pub fn run(args: Args) -> ExitCode {
         Ok(opened) => opened,
         Err(message) => return fail(&message),
     };
+    if let Some(mode) = args.repair {
+        let mode = match mode {
+            RepairMode::Leaks => Repair::Leaks,
+            RepairMode::All => Repair::All,
+        };
+        return match open_and_repair(&path, &options, mode) {
+            Ok(Ok(repair)) => print_repair(&args, repair),
+            Ok(Err(e)) => fail(&format!("Check failed: {}", crate::common::chain(&e))),
+            Err(failure) => open_failure(&args, failure),
+        };
+    }
     let mut report = match open_and_check(&path, &options) {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => return fail(&format!("Check failed: {}", crate::common::chain(&e))),
-        // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
-        Err(Failure::Open(e)) if e.is_not_qcow2() && args.format.is_none() => {
-            crate::common::error(format_args!(
-                "This image format does not support checks ({})",
-                crate::common::chain(&e)
-            ));
-            return ExitCode::from(NOT_SUPPORTED);
-        }
-        Err(Failure::Open(e)) => {
-            let e = crate::common::chain(&e);
-            return fail(&crate::common::could_not_open(&args.image, e));
-        }
-        Err(Failure::Chain(message)) => {
-            return fail(&crate::common::could_not_open(&args.image, message))
-        }
+        Err(failure) => return open_failure(&args, failure),
     };
     report.filename = args.image.display().to_string();
     print_problems(&report);
+    finish(&args, &report)
+}
+
+/// Print the report on stdout (unless quiet) and give qemu-img's status for it.
+fn finish(args: &Args, report: &CheckReport) -> ExitCode {
     if !args.quiet {
         let printed = match args.output {
             Output::Human => Ok(report.summary()),
-            Output::Json => json(&report),
+            Output::Json => json(report),
         };
         match printed {
-            Ok(text) => {
-                // A reader that left (`| head`) is not an error: qemu-img ignores it too.
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-            }
+            Ok(text) => print_out(&text),
             Err(e) => return fail(&format!("cannot write the report: {e}")),
         }
     }
@@ -97,6 +112,54 @@ pub fn run(args: Args) -> ExitCode {
         crate::common::error("Check failed");
     }
     ExitCode::from(report.exit_status())
+}
+
+fn print_out(text: &str) {
+    // A reader that left (`| head`) is not an error: qemu-img ignores it too.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// What `qemu-img check -r` prints: the repairing check's lines on stderr; when anything was
+/// repaired, what was and the problems of the check run again; then the result.
+fn print_repair(args: &Args, repair: RepairReport) -> ExitCode {
+    {
+        let mut err = std::io::stderr().lock();
+        for step in &repair.steps {
+            let _ = writeln!(err, "{step}");
+        }
+    }
+    if !repair.completed {
+        return fail("Check failed: Input/output error");
+    }
+    let mut report = repair.report.clone();
+    report.filename = args.image.display().to_string();
+    if repair.repaired() {
+        if !args.quiet && args.output == Output::Human {
+            print_out(&repair.repaired_summary());
+        }
+        print_problems(&report);
+    }
+    finish(args, &report)
+}
+
+/// Report an image that did not open, as qemu-img does.
+fn open_failure(args: &Args, failure: Failure) -> ExitCode {
+    match failure {
+        // Without -f, qemu-img probes such a file as raw, which has no check: status 63.
+        Failure::Open(e) if e.is_not_qcow2() && args.format.is_none() => {
+            crate::common::error(format_args!(
+                "This image format does not support checks ({})",
+                crate::common::chain(&e)
+            ));
+            ExitCode::from(NOT_SUPPORTED)
+        }
+        Failure::Open(e) => {
+            let e = crate::common::chain(&e);
+            fail(&crate::common::could_not_open(&args.image, e))
+        }
+        Failure::Chain(message) => fail(&crate::common::could_not_open(&args.image, message)),
+    }
 }
 
 /// The image's path and the options to open it with: its secrets, from `--object` or
@@ -162,6 +225,34 @@ fn open_and_check(
         ));
     }
     Ok(opened.check())
+}
+
+/// Open the image for writing, with its backing chain as `qemu-img check -r` opens it, and
+/// repair it.
+fn open_and_repair(
+    path: &Path,
+    options: &OpenOptions,
+    mode: Repair,
+) -> Result<qcow2::Result<RepairReport>, Failure> {
+    let log = Arc::new(Mutex::new(OpenLog::default()));
+    let chain = options.clone().write(true).files(logged_opens(&log));
+    let mut image = match Qcow2::open_path_with(path, &chain) {
+        Ok(image) => image,
+        Err(e) => {
+            let log = log_of(&log);
+            let top_only = log.backing_files == 0 && log.failed.is_none();
+            if top_only && !matches!(e, Error::WrongSecret { .. }) {
+                return Err(Failure::Open(e));
+            }
+            return Err(Failure::Chain(chain_message(&e, &log, path)));
+        }
+    };
+    if image.encryption().is_some() && !image.is_unlocked() {
+        return Err(Failure::Chain(
+            "Parameter 'encrypt.key-secret' is required for cipher".to_owned(),
+        ));
+    }
+    Ok(image.repair(mode))
 }
 
 /// The files below the image that the open of its chain asked for.

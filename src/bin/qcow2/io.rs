@@ -793,8 +793,8 @@ impl Session {
                 common::error(message);
                 Err(Failed)
             }
-            // Shrinking (QEMU does it; the writer does not yet): QEMU's message for a driver
-            // that cannot resize.
+            // What the writer refuses to resize (a v2 image over a longer backing file):
+            // QEMU's message for a driver that cannot.
             Err(qcow2::Error::UnsupportedWrite { .. }) => {
                 common::error("Image format driver does not support resize");
                 Err(Failed)

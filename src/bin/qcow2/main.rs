@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod amend;
 mod bench;
 mod bitmap;
 mod check;
@@ -22,6 +23,7 @@ mod info;
 mod io;
 mod map;
 mod rebase;
+mod resize;
 mod snapshot;
 // Secrets for encrypted images (`--object secret,...`, `--secret-file`); the subcommands
 // that read guest data flatten `secret::SecretArgs` into their `Args`.
@@ -38,6 +40,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // One variant per subcommand, e.g. `Info(info::Args)`, dispatched in `main`.
+    /// Change an image's options in place, like `qemu-img amend`.
+    Amend(amend::Args),
     /// Time COUNT reads or writes of the image, like `qemu-img bench`.
     Bench(bench::Args),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps, like `qemu-img bitmap`; or dump one's dirty extents.
@@ -62,6 +66,8 @@ enum Command {
     Commit(commit::Args),
     /// Change an image's backing file, like `qemu-img rebase`.
     Rebase(rebase::Args),
+    /// Change an image's virtual size, like `qemu-img resize`.
+    Resize(resize::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Amend(args) => amend::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Bitmap(args) => bitmap::run(args),
         Command::Info(args) => info::run(args),
@@ -91,5 +98,6 @@ fn main() -> ExitCode {
         Command::Io(args) => io::run(args),
         Command::Commit(args) => commit::run(args),
         Command::Rebase(args) => rebase::run(args),
+        Command::Resize(args) => resize::run(args),
     }
 }

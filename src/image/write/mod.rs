@@ -12,6 +12,7 @@ pub(crate) mod space;
 mod guest;
 mod recount;
 mod refcounts;
+mod shrink;
 mod subclusters;
 mod tables;
 mod writeback;
@@ -471,8 +472,9 @@ impl<I: Storage> Writer<I> {
 
     /// Change the guest size, as qemu-io's `truncate` does: the new space reads as zeros
     /// (the L1 table moves to a larger one when it must grow: written, then named by the
-    /// header, then the old one freed). Shrinking is not supported yet
-    /// ([`Error::UnsupportedWrite`]); the size must be a multiple of 512.
+    /// header, then the old one freed). Shrinking drops every cluster past the new end and
+    /// cuts the file after its last used cluster, as QEMU does. The size must be a multiple
+    /// of 512; a version 2 image with snapshots is refused either way, as QEMU refuses it.
     pub fn resize(&self, size: u64) -> Result<()> {
         let image = self.image()?;
         let _exclusive = self.exclusive();
@@ -483,11 +485,8 @@ impl<I: Storage> Writer<I> {
                 message: "The new size must be a multiple of 512".to_owned(),
             });
         }
-        if size < old {
-            return Err(Error::UnsupportedWrite {
-                what: "shrinking the disk".to_owned(),
-            });
-        }
+        Self::refuse_resize(image)?;
+        let zero_grown_part = size > old && Self::grown_part_needs_zeros(image, old)?;
         if size > i64::MAX as u64 {
             return Err(Error::InvalidOption {
                 option: "size".to_owned(),
@@ -502,9 +501,18 @@ impl<I: Storage> Writer<I> {
             bitmaps.resize(size)?;
         }
         let resized = (|| {
+            if size < old {
+                self.shrink_tables(image, &mut meta, size, old)?;
+            }
             let needed = size.div_ceil(1u64 << image.geometry.l2_bits());
             if needed > meta.tables.l1().0.len() as u64 {
                 self.grow_l1(image, &mut meta, needed)?;
+            }
+            if zero_grown_part {
+                self.zero_grown_part(image, &mut meta, old, size)?;
+            }
+            if size > old {
+                Self::resize_data_file(image, size)?;
             }
             write(&image.io, SIZE_FIELD, &size.to_be_bytes(), "header")?;
             barrier(&image.io)

@@ -75,7 +75,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         result
     }
 
-    fn copied_with(&mut self, stored: &mut StoredRefcounts<'_, I>) -> Result<()> {
+    pub(super) fn copied_with(&mut self, stored: &mut impl RefcountSource) -> Result<()> {
         let image = self.image;
         let bits = self.layout.cluster_bits;
         let l1_offset = image.header().l1_table_offset();
@@ -88,7 +88,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
             if l2_offset == 0 {
                 continue;
             }
-            let Stored::Refcount(refcount) = stored.get(l2_offset >> bits)? else {
+            let Stored::Refcount(refcount) = stored.refcount(l2_offset >> bits)? else {
                 continue;
             };
             seq = seq.saturating_add(1);
@@ -136,7 +136,7 @@ impl<I: ReadAt + Size> Checker<'_, I> {
                 let refcount = if self.geometry.external_data {
                     1
                 } else {
-                    match stored.get((l2_entry & L2_OFFSET_MASK) >> bits) {
+                    match stored.refcount((l2_entry & L2_OFFSET_MASK) >> bits) {
                         Ok(Stored::Refcount(r)) => r,
                         Ok(Stored::Unreadable) => continue,
                         Err(e) => {
@@ -157,5 +157,31 @@ impl<I: ReadAt + Size> Checker<'_, I> {
         }
         self.l2_buf = l2;
         Ok(())
+    }
+}
+
+/// Where the COPIED flags' check reads refcounts: the image's, or a repair's new ones.
+pub(super) trait RefcountSource {
+    /// The refcount of host cluster `cluster`.
+    fn refcount(&mut self, cluster: u64) -> Result<Stored>;
+}
+
+impl<I: ReadAt> RefcountSource for StoredRefcounts<'_, I> {
+    fn refcount(&mut self, cluster: u64) -> Result<Stored> {
+        self.get(cluster)
+    }
+}
+
+/// A repair's new refcounts, one per host cluster (0 past them).
+pub(super) struct NewCounts<'a>(pub(super) &'a [u64]);
+
+impl RefcountSource for NewCounts<'_> {
+    fn refcount(&mut self, cluster: u64) -> Result<Stored> {
+        let count = usize::try_from(cluster)
+            .ok()
+            .and_then(|c| self.0.get(c))
+            .copied()
+            .unwrap_or(0);
+        Ok(Stored::Refcount(count))
     }
 }

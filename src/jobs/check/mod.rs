@@ -9,6 +9,7 @@
 
 mod compare;
 mod counters;
+mod repair;
 mod report;
 mod stored;
 mod walk;
@@ -28,6 +29,7 @@ use crate::image::qcow2::Qcow2;
 
 use counters::Counters;
 
+pub use repair::{Repair, RepairReport, RepairStep};
 pub use report::{CheckReport, Problem, ProblemClass, ProblemKind};
 
 /// QEMU refuses to check files of more than `INT_MAX` clusters (`EFBIG`).
@@ -234,7 +236,13 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
         })
     }
 
-    fn run(mut self) -> Result<CheckReport> {
+    fn run(self) -> Result<CheckReport> {
+        Ok(self.run_counting()?.0)
+    }
+
+    /// Run the check; also returns the references counted in the last window (the whole
+    /// file when one window holds it).
+    fn run_counting(mut self) -> Result<(CheckReport, Counters)> {
         let window_len = self.counters_len();
         self.budget = self.walk_budget()?;
         for window in counters::windows(self.file_clusters.saturating_add(1), window_len) {
@@ -251,7 +259,7 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
             .saturating_mul(self.image.cluster_size());
         self.found.sort_by_key(|(key, _)| *key);
         self.report.problems = self.found.into_iter().map(|(_, p)| p).collect();
-        Ok(self.report)
+        Ok((self.report, self.counters))
     }
 
     fn counters_len(&self) -> u64 {
@@ -292,6 +300,39 @@ impl<'a, I: ReadAt + Size> Checker<'a, I> {
             self.problem(key, kind, offset);
         }
     }
+}
+
+/// Check the whole image in one window, every problem kept, and count the references to each
+/// host cluster of the file (and to the one just past it): what a repair starts from. The
+/// counts take 8 bytes a cluster; the caller bounds the file's size first.
+pub(crate) fn check_counting<I: ReadAt + Size>(
+    image: &Qcow2<I>,
+) -> Result<(CheckReport, Vec<u64>)> {
+    let options = CheckOptions {
+        memory_budget: u64::MAX,
+        max_problems: usize::MAX,
+    };
+    let checker = Checker::new(image, &options)?;
+    let slots = checker.file_clusters.saturating_add(1);
+    let (report, counters) = checker.run_counting()?;
+    let len = usize::try_from(slots).map_err(|_| Error::Internal("cluster count"))?;
+    Ok((report, (0..len).map(|i| counters.get(i)).collect()))
+}
+
+/// The problems of the active tables' COPIED flags judged against `counts` (a repair's new
+/// refcounts, one per host cluster) instead of the stored refcounts, in the check's order.
+pub(crate) fn copied_problems<I: ReadAt + Size>(
+    image: &Qcow2<I>,
+    counts: &[u64],
+) -> Result<Vec<Problem>> {
+    let options = CheckOptions {
+        memory_budget: 1,
+        max_problems: usize::MAX,
+    };
+    let mut checker = Checker::new(image, &options)?;
+    checker.copied_with(&mut compare::NewCounts(counts))?;
+    checker.found.sort_by_key(|(key, _)| *key);
+    Ok(checker.found.into_iter().map(|(_, p)| p).collect())
 }
 
 /// The refcount table, as QEMU holds it (its size was checked against the limits on open).

@@ -7,7 +7,7 @@ use std::fmt;
 ///
 /// With the `serde` feature it serializes to the JSON `qemu-img check --output=json` prints:
 /// the same field names, zero counts left out as qemu-img leaves them out, and the fields in
-/// the order qemu-img prints them.
+/// the order qemu-img prints them (its dictionary's hash order).
 ///
 /// ```
 /// let image = qcow2::Qcow2::open_path("fixtures/snap.qcow2")?;
@@ -44,12 +44,24 @@ pub struct CheckReport {
     /// malformed table entries, references past the end of the file, wrong COPIED flags.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "is_zero"))]
     pub corruptions: u64,
+    /// Corruptions repaired ([`Qcow2::repair`](crate::Qcow2::repair); 0 for a check).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "corruptions-fixed", skip_serializing_if = "is_zero")
+    )]
+    pub corruptions_fixed: u64,
     /// Problems that kept part of the check from running (a refcount that could not be read).
     #[cfg_attr(feature = "serde", serde(rename = "check-errors"))]
     pub check_errors: u64,
     /// Clusters whose refcount is higher than the references to them: wasted space.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "is_zero"))]
     pub leaks: u64,
+    /// Leaks repaired ([`Qcow2::repair`](crate::Qcow2::repair); 0 for a check).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "leaks-fixed", skip_serializing_if = "is_zero")
+    )]
+    pub leaks_fixed: u64,
     /// Clusters of the active image that hold data (compressed, or allocated zeros included).
     #[cfg_attr(
         feature = "serde",
@@ -67,18 +79,6 @@ pub struct CheckReport {
         serde(rename = "fragmented-clusters", skip_serializing_if = "is_zero")
     )]
     pub fragmented_clusters: u64,
-    /// Corruptions repaired: always 0, the check is read-only.
-    #[cfg_attr(
-        feature = "serde",
-        serde(rename = "corruptions-fixed", skip_serializing_if = "is_zero")
-    )]
-    pub corruptions_fixed: u64,
-    /// Leaks repaired: always 0, the check is read-only.
-    #[cfg_attr(
-        feature = "serde",
-        serde(rename = "leaks-fixed", skip_serializing_if = "is_zero")
-    )]
-    pub leaks_fixed: u64,
     /// The problems found, in the order `qemu-img check` reports them (at most
     /// [`CheckOptions::max_problems`](crate::CheckOptions::max_problems) of them).
     #[cfg_attr(feature = "serde", serde(skip))]
