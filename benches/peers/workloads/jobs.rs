@@ -290,3 +290,64 @@ pub fn rebase(cfg: &Config) -> Res<Workload> {
     );
     copy_job_workload(cfg, &job, title)
 }
+
+/// The base master with 16 snapshots: before each, 8 MiB written at a place of its own.
+fn with_snapshots(base: &Path, out: &Path, size: u64) -> Res<()> {
+    if usable_image(out, size) {
+        println!("reusing {}", out.display());
+        return Ok(());
+    }
+    println!("16 snapshots: {}", out.display());
+    let tmp = out.with_extension("qcow2.tmp");
+    std::fs::copy(base, &tmp)?;
+    let step = (size / 17 / CLUSTER).max(1) * CLUSTER;
+    for i in 1..=16u64 {
+        let write = format!("write -q -P {i} {} {}", i * step, (8 * MIB).min(step));
+        qemu_img(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", &write])
+                .arg(&tmp),
+        )?;
+        qemu_img(
+            Command::new("qemu-img")
+                .args(["snapshot", "-c", &format!("s{i}")])
+                .arg(&tmp),
+        )?;
+    }
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// `snapshot -c` or `-d` on a copy of the master with 16 snapshots.
+fn snapshot_job(cfg: &Config, tag: &str, flag: &str, name: &str) -> Res<Workload> {
+    let m = masters(cfg)?;
+    let master = cfg
+        .dir
+        .join(format!("jobs-snapshots-{}m.qcow2", cfg.size / MIB));
+    with_snapshots(&m.base, &master, cfg.size)?;
+    let label = format!("snapshot {flag} {name}");
+    let job = CopyJob {
+        tag,
+        label: &label,
+        masters: &[&master],
+        fixups: &[],
+        args: &["snapshot", flag, name, "{0}"],
+        checked: &[(0, &master)],
+        work: (cfg.size / MIB) as f64,
+    };
+    let title = format!(
+        "{tag}: snapshot {flag} on a {} MiB image (every cluster allocated) with 16 snapshots",
+        cfg.size / MIB
+    );
+    copy_job_workload(cfg, &job, title)
+}
+
+/// `snapshot -c` of a 1 GiB image with 16 snapshots.
+pub fn snapshot_create(cfg: &Config) -> Res<Workload> {
+    snapshot_job(cfg, "snapshot-c", "-c", "s17")
+}
+
+/// `snapshot -d` of the 8th of 16 snapshots of a 1 GiB image.
+pub fn snapshot_delete(cfg: &Config) -> Res<Workload> {
+    snapshot_job(cfg, "snapshot-d", "-d", "s8")
+}

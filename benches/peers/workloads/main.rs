@@ -20,6 +20,7 @@ mod child;
 mod contest;
 mod inputs;
 mod jobs;
+mod jobs_check;
 mod rows;
 mod write;
 

@@ -13,7 +13,7 @@ use crate::Config;
 type MakeWorkload = fn(&Config) -> Res<Workload>;
 
 /// Every workload, by the name `--only` matches.
-pub const ALL: [(&str, MakeWorkload); 21] = [
+pub const ALL: [(&str, MakeWorkload); 24] = [
     ("seq-64k", seq_plain),
     ("seq-zlib", seq_zlib),
     ("seq-zstd", seq_zstd),
@@ -35,6 +35,9 @@ pub const ALL: [(&str, MakeWorkload); 21] = [
     ("bench-read", crate::bench::read),
     ("commit-1g", crate::jobs::commit),
     ("rebase-1g", crate::jobs::rebase),
+    ("snapshot-c", crate::jobs::snapshot_create),
+    ("snapshot-d", crate::jobs::snapshot_delete),
+    ("check-r-all", crate::jobs_check::repair_all),
 ];
 
 const ONE_MIB: &str = "1048576";
