@@ -58,32 +58,19 @@ pub(crate) struct Rewrite<'a, S: Storage> {
 impl<'a, S: Storage> Rewrite<'a, S> {
     /// Start a change of `image`: its stored refcounts and first cluster read.
     pub(crate) fn new(image: &'a Qcow2<S>) -> Result<Self> {
-        let header = &image.header;
-        let io = &image.io;
-        let bits = header.cluster_bits();
-        let layout = RefcountLayout {
-            cluster_bits: bits,
-            order: header.refcount_order(),
-        };
+        let file = FileStart::read(image)?;
+        let layout = file.layout;
+        let bits = layout.cluster_bits;
         let cluster = 1u64 << bits;
-        let file_len = io
-            .length()
-            .map_err(|e| Error::io("reading the image file's length", e))?;
-        let file_clusters = file_len.div_ceil(cluster);
-        check_memory(file_clusters, &image.limits)?;
-        let header_bytes = read_metadata(io, 0, cluster.min(file_len), "header")?;
-        let table_offset = header.refcount_table_offset();
-        let table_clusters = u64::from(header.refcount_table_clusters());
-        let table = read_metadata(io, table_offset, table_clusters << bits, "refcount table")?;
-        let mut old = vec![0u64; to_usize(file_clusters)?];
+        let mut old = vec![0u64; to_usize(file.clusters)?];
         let mut old_blocks = Vec::new();
         let per_block = 1u64 << layout.block_bits();
-        for (index, entry) in be_u64_words(&table).enumerate() {
+        for (index, entry) in be_u64_words(&file.table).enumerate() {
             let block_at = entry & REFT_OFFSET_MASK;
             if block_at == 0 {
                 continue;
             }
-            let block = read_metadata(io, block_at, cluster, "refcount block")?;
+            let block = read_metadata(&image.io, block_at, cluster, "refcount block")?;
             let first = (index as u64).saturating_mul(per_block);
             for i in 0..per_block {
                 let count = layout.get(&block, i);
@@ -107,26 +94,8 @@ impl<'a, S: Storage> Rewrite<'a, S> {
             }
             old_blocks.push(block_at);
         }
-        let mut rewrite = Rewrite {
-            io,
-            cluster_bits: bits,
-            old_layout: layout,
-            layout,
-            header_bytes,
-            counts: old.clone(),
-            old,
-            mine: BTreeSet::new(),
-            protected: BTreeSet::new(),
-            old_table: (table_offset, table_clusters),
-            old_blocks,
-            changed: false,
-            old_released: false,
-            hint: 0,
-            prefer: None,
-            max_table_bytes: image.limits.max_refcount_table_bytes,
-        };
-        rewrite.protect_structures(image)?;
-        Ok(rewrite)
+        let counts = old.clone();
+        Self::assemble(image, file, old, counts, old_blocks, false)
     }
 
     /// Start a change of `image` whose new refcounts are `counts` (one per cluster of the
@@ -143,43 +112,40 @@ impl<'a, S: Storage> Rewrite<'a, S> {
         in_use: Vec<u64>,
         counts: Vec<u64>,
     ) -> Result<Self> {
-        let header = &image.header;
-        let io = &image.io;
-        let bits = header.cluster_bits();
-        let layout = RefcountLayout {
-            cluster_bits: bits,
-            order: header.refcount_order(),
-        };
-        let cluster = 1u64 << bits;
-        let file_len = io
-            .length()
-            .map_err(|e| Error::io("reading the image file's length", e))?;
-        let file_clusters = file_len.div_ceil(cluster);
-        check_memory(file_clusters, &image.limits)?;
-        let header_bytes = read_metadata(io, 0, cluster.min(file_len), "header")?;
-        let table_offset = header.refcount_table_offset();
-        let table_clusters = u64::from(header.refcount_table_clusters());
-        let table = read_metadata(io, table_offset, table_clusters << bits, "refcount table")?;
-        let old_blocks = be_u64_words(&table)
+        let file = FileStart::read(image)?;
+        let bits = file.layout.cluster_bits;
+        let old_blocks = be_u64_words(&file.table)
             .filter_map(|entry| match RefTableEntry::decode(entry, bits) {
-                RefTableEntry::Block(at) if at >> bits < file_clusters => Some(at),
+                RefTableEntry::Block(at) if at >> bits < file.clusters => Some(at),
                 _ => None,
             })
             .collect();
+        Self::assemble(image, file, in_use, counts, old_blocks, true)
+    }
+
+    /// The change over what [`FileStart::read`] found, its structures protected.
+    fn assemble(
+        image: &'a Qcow2<S>,
+        file: FileStart,
+        old: Vec<u64>,
+        counts: Vec<u64>,
+        old_blocks: Vec<u64>,
+        repair: bool,
+    ) -> Result<Self> {
         let mut rewrite = Rewrite {
-            io,
-            cluster_bits: bits,
-            old_layout: layout,
-            layout,
-            header_bytes,
-            old: in_use,
+            io: &image.io,
+            cluster_bits: file.layout.cluster_bits,
+            old_layout: file.layout,
+            layout: file.layout,
+            header_bytes: file.header_bytes,
+            old,
             counts,
             mine: BTreeSet::new(),
             protected: BTreeSet::new(),
-            old_table: (table_offset, table_clusters),
+            old_table: file.table_location,
             old_blocks,
-            changed: true,
-            old_released: true,
+            changed: repair,
+            old_released: repair,
             hint: 0,
             prefer: None,
             max_table_bytes: image.limits.max_refcount_table_bytes,
@@ -592,6 +558,46 @@ impl<'a, S: Storage> Rewrite<'a, S> {
 /// Where a new refcount structure goes: each block by table index (`None`: not needed), and
 /// the table's `(offset, clusters)`.
 type PlacedRefcounts = (Vec<Option<u64>>, (u64, u64));
+
+/// What every change reads first: the first cluster, the refcount table, the file's length.
+struct FileStart {
+    layout: RefcountLayout,
+    /// Clusters of the file.
+    clusters: u64,
+    header_bytes: Vec<u8>,
+    /// The refcount table's `(offset, clusters)` and bytes.
+    table_location: (u64, u64),
+    table: Vec<u8>,
+}
+
+impl FileStart {
+    fn read<S: Storage>(image: &Qcow2<S>) -> Result<Self> {
+        let header = &image.header;
+        let io = &image.io;
+        let bits = header.cluster_bits();
+        let layout = RefcountLayout {
+            cluster_bits: bits,
+            order: header.refcount_order(),
+        };
+        let cluster = 1u64 << bits;
+        let file_len = io
+            .length()
+            .map_err(|e| Error::io("reading the image file's length", e))?;
+        let clusters = file_len.div_ceil(cluster);
+        check_memory(clusters, &image.limits)?;
+        let header_bytes = read_metadata(io, 0, cluster.min(file_len), "header")?;
+        let table_offset = header.refcount_table_offset();
+        let table_clusters = u64::from(header.refcount_table_clusters());
+        let table = read_metadata(io, table_offset, table_clusters << bits, "refcount table")?;
+        Ok(FileStart {
+            layout,
+            clusters,
+            header_bytes,
+            table_location: (table_offset, table_clusters),
+            table,
+        })
+    }
+}
 
 /// Two counts a cluster of the file: bounded by what the file holds and by the limits.
 fn check_memory(file_clusters: u64, limits: &Limits) -> Result<()> {
