@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use positioned_io::{ReadAt, Size};
 
 use crate::base::holes::HoleQuery;
-use crate::base::io::read_up_to;
+use crate::base::io::{read_up_to, PositionalSink, Storage};
 use crate::base::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::header::MAGIC;
@@ -377,6 +377,9 @@ pub struct CorruptBitHidden<I> {
     io: I,
     /// A version 3 (or later) header, where the bit lies.
     v3: bool,
+    /// The bit is kept in the file by writes of its byte until it is cleared
+    /// ([`CorruptBitHidden::clear_corrupt_bit`]).
+    cleared: std::sync::atomic::AtomicBool,
 }
 
 /// The header byte that holds incompatible feature bits 0-7 (bytes 72-79, big-endian), and
@@ -394,6 +397,7 @@ impl<I: ReadAt> CorruptBitHidden<I> {
         Ok(CorruptBitHidden {
             io,
             v3: u32::from_be_bytes(version) >= 3,
+            cleared: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -419,6 +423,84 @@ impl<I: ReadAt> ReadAt for CorruptBitHidden<I> {
             *byte &= !CORRUPT_BIT;
         }
         Ok(n)
+    }
+}
+
+/// Writes pass through, but a write of the header byte that holds the corrupt bit keeps the
+/// bit set in the file (whatever the writer read) until it is cleared on purpose: a job that
+/// rewrites the header of an image it is repairing does not clear it part-way.
+impl<I: Storage> PositionalSink for CorruptBitHidden<I> {
+    fn write_all_at(&self, pos: u64, buf: &[u8]) -> io::Result<()> {
+        let at = INCOMPAT_LOW_BYTE
+            .checked_sub(pos)
+            .and_then(|at| usize::try_from(at).ok())
+            .filter(|&at| self.v3 && at < buf.len());
+        match at {
+            Some(at) if !self.cleared.load(std::sync::atomic::Ordering::SeqCst) => {
+                let mut bytes = buf.to_vec();
+                if let Some(byte) = bytes.get_mut(at) {
+                    *byte |= CORRUPT_BIT;
+                }
+                self.io.write_all_at(pos, &bytes)
+            }
+            _ => self.io.write_all_at(pos, buf),
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.io.set_len(len)
+    }
+}
+
+impl<I: Storage> Storage for CorruptBitHidden<I> {
+    fn length(&self) -> io::Result<u64> {
+        self.io.length()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.io.sync()
+    }
+}
+
+impl<I: Storage> CorruptBitHidden<I> {
+    /// Clear the corrupt bit in the file itself, as `qemu-img check -r` does once a repair
+    /// leaves nothing corrupt: its header byte written, then synced.
+    pub fn clear_corrupt_bit(&self) -> Result<()> {
+        self.cleared
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if !self.v3 {
+            return Ok(());
+        }
+        let mut byte = [0u8; 1];
+        self.io
+            .read_exact_at(INCOMPAT_LOW_BYTE, &mut byte)
+            .map_err(|e| Error::io("reading the header", e))?;
+        if byte[0] & CORRUPT_BIT == 0 {
+            return Ok(());
+        }
+        let [b] = byte;
+        self.io
+            .write_all_at(INCOMPAT_LOW_BYTE, &[b & !CORRUPT_BIT])
+            .and_then(|()| self.io.sync())
+            .map_err(|e| Error::io("clearing the corrupt bit", e))
+    }
+}
+
+impl Qcow2<CorruptBitHidden<File>> {
+    /// Open an image whose corrupt bit is set to repair it, as `qemu-img check -r` opens it:
+    /// read-write and locked (as [`OpenOptions::write`] opens), the bit hidden from the
+    /// reading but kept in the file until [`CorruptBitHidden::clear_corrupt_bit`] (through
+    /// [`Qcow2::get_ref`]) clears it. No backing file or data file is opened: a repair
+    /// reads only the image's metadata.
+    pub fn open_path_to_repair(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let file = checked_open_rw(path, options.allow_devices)?;
+        let options = options.clone().write(true);
+        let mut image = Qcow2::open_with(CorruptBitHidden::new(file)?, &options)?;
+        if image.header.backing_file().is_some() {
+            image.set_backing_zeros();
+        }
+        Ok(image)
     }
 }
 

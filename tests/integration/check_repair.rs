@@ -653,3 +653,47 @@ fn crash_at_every_write_leaves_the_old_image_or_the_repaired_one() {
     eprintln!("{judged} cut images judged");
     assert!(judged > 50, "only {judged} cut images judged");
 }
+
+/// An image QEMU marked corrupt (the header's corrupt bit), repaired: qemu-img opens it for
+/// the repair and clears the bit once nothing corrupt is left; the crate does the same
+/// (`Qcow2::open_path_to_repair`, `CorruptBitHidden::clear_corrupt_bit`).
+#[cfg(feature = "cli")]
+#[test]
+fn an_image_marked_corrupt_is_repaired_and_unmarked() {
+    let Some(env) = Env::new("check_repair_corrupt_bit") else {
+        return;
+    };
+    let images = make_all(&env);
+    let mut tried = 0;
+    for image in images
+        .iter()
+        .filter(|i| !i.starts_with("refblock-"))
+        .take(6)
+    {
+        let marked = format!("marked-{image}");
+        let mut bytes = env.read_file(image);
+        if be32(&bytes, 4) < 3 {
+            continue;
+        }
+        bytes[79] |= 2;
+        std::fs::write(env.path(&marked), &bytes).unwrap();
+        for mode in ["leaks", "all"] {
+            if known_difference(image, mode == "leaks") {
+                continue;
+            }
+            compare_cli(&env, &marked, &["-r", mode]);
+            let corrupt = |dir: &str| {
+                env.qemu.info_json(&env.path(dir), "img.qcow2", false)["format-specific"]["data"]
+                    ["corrupt"]
+                    .clone()
+            };
+            assert_eq!(
+                corrupt("ours"),
+                corrupt("theirs"),
+                "{marked} -r {mode}: corrupt bit"
+            );
+            tried += 1;
+        }
+    }
+    assert!(tried >= 6, "too few marked images tried: {tried}");
+}

@@ -238,6 +238,9 @@ fn open_and_repair(
     let chain = options.clone().write(true).files(logged_opens(&log));
     let mut image = match Qcow2::open_path_with(path, &chain) {
         Ok(image) => image,
+        Err(Error::Corrupt) if log_of(&log).backing_files == 0 => {
+            return Ok(repair_corrupt(path, options, mode));
+        }
         Err(e) => {
             let log = log_of(&log);
             let top_only = log.backing_files == 0 && log.failed.is_none();
@@ -253,6 +256,17 @@ fn open_and_repair(
         ));
     }
     Ok(image.repair(mode))
+}
+
+/// Repair an image whose corrupt bit is set, as qemu-img does: the bit cleared once the
+/// repair leaves no corruption.
+fn repair_corrupt(path: &Path, options: &OpenOptions, mode: Repair) -> qcow2::Result<RepairReport> {
+    let mut image = Qcow2::open_path_to_repair(path, options)?;
+    let repair = image.repair(mode)?;
+    if repair.report.corruptions == 0 && repair.report.check_errors == 0 {
+        image.get_ref().clear_corrupt_bit()?;
+    }
+    Ok(repair)
 }
 
 /// The files below the image that the open of its chain asked for.
