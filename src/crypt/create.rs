@@ -15,7 +15,7 @@ use super::Secret;
 use crate::error::{Error, Result};
 
 /// QEMU's default `encrypt.iter-time`, in milliseconds.
-const DEFAULT_ITER_TIME_MS: u64 = 2000;
+pub(crate) const DEFAULT_ITER_TIME_MS: u64 = 2000;
 
 /// A cipher `encrypt.cipher-alg` may name: QEMU's whole enum, of which a LUKS header can hold
 /// all but `des`, `3des` and `sm4` (QEMU refuses those when it creates the header).
@@ -149,7 +149,7 @@ fn enum_value<T>(key: &str, value: &str, parse: impl Fn(&str) -> Option<T>) -> R
 /// A number option as QEMU's option parser reads it (`qemu_strtou64`, base 0): leading
 /// blanks, an optional sign (a minus wraps around, as `strtoull`'s does), then decimal,
 /// `0x` hexadecimal or `0` octal digits and nothing after them.
-fn number_value(key: &str, value: &str) -> Result<u64> {
+pub(crate) fn number_value(key: &str, value: &str) -> Result<u64> {
     let not_a_number = || refused(key, format!("Parameter 'encrypt.{key}' expects a number"));
     let text = value.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
     let (negative, text) = match text.strip_prefix('-') {
@@ -181,7 +181,7 @@ fn number_value(key: &str, value: &str) -> Result<u64> {
 }
 
 #[cfg(feature = "encryption")]
-pub(crate) use build::new_luks;
+pub(crate) use build::{new_luks, random, slot_iterations, slot_material};
 
 #[cfg(feature = "encryption")]
 mod build {
@@ -353,7 +353,7 @@ mod build {
     }
 
     /// Fill `buf` with the operating system's random bytes.
-    fn random(buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn random(buf: &mut [u8]) -> Result<()> {
         getrandom::fill(buf).map_err(|e| Error::Io {
             context: "getting random bytes for a LUKS header".to_owned(),
             source: std::io::Error::other(e.to_string()),
@@ -507,6 +507,24 @@ mod build {
         Ok(scaled.max(u32::try_from(min).unwrap_or(u32::MAX)))
     }
 
+    /// QEMU's PBKDF2 iteration count for a key slot of `key_bytes` bytes, calibrated on this
+    /// machine for `iter_time_ms` (as `qcrypto_block_luks_store_key` counts it).
+    pub(crate) fn slot_iterations(
+        hash: HashAlg,
+        key_bytes: usize,
+        iter_time_ms: u64,
+    ) -> Result<u32> {
+        let blocks_per_second = pbkdf2_blocks_per_second(hash)?;
+        iterations(
+            blocks_per_second,
+            hash,
+            key_bytes,
+            iter_time_ms,
+            1,
+            MIN_SLOT_KEY_ITERS,
+        )
+    }
+
     /// Make a new LUKS header for `options`: QEMU's `qcrypto_block_luks_create` with slot 0
     /// opened by the options' secret.
     pub(crate) fn new_luks(options: &LuksOptions) -> Result<NewLuks> {
@@ -602,7 +620,7 @@ mod build {
 
     /// Slot 0's key material: the master key split into [`STRIPES`] stripes, encrypted with
     /// the key PBKDF2 derives from the password, sector numbers from 0.
-    fn slot_material(
+    pub(crate) fn slot_material(
         header: &LuksHeader,
         password: &[u8],
         master_key: &[u8],

@@ -413,7 +413,7 @@ impl LuksHeader {
 mod unlock {
     use positioned_io::ReadAt;
 
-    use super::{LuksHeader, DIGEST_LEN, SECTOR_SIZE};
+    use super::{KeySlot, LuksHeader, DIGEST_LEN, SECTOR_SIZE};
     use crate::base::io::read_metadata;
     use crate::crypt::cipher::SectorCipher;
     use crate::crypt::hash;
@@ -432,55 +432,93 @@ mod unlock {
             passphrase: &[u8],
             kdf: &KdfBudget,
         ) -> Result<SectorCipher> {
-            let key_len = self.key_bytes as usize;
+            let master = self.find_master_key(io, ext, passphrase, kdf)?;
+            self.cipher_with(&master)
+        }
+
+        /// The master key, from the first active slot `passphrase` opens (QEMU's
+        /// `qcrypto_block_luks_find_key`).
+        pub(crate) fn find_master_key<I: ReadAt>(
+            &self,
+            io: &I,
+            ext: &EncryptionExtension,
+            passphrase: &[u8],
+            kdf: &KdfBudget,
+        ) -> Result<Zeroizing<Vec<u8>>> {
             for slot in self.slots.iter().filter(|s| s.active) {
                 // Count the slot's work before doing any (QEMU tries every active slot, so
                 // a wrong secret pays for them all).
                 kdf.spend(self.slot_work(slot))?;
-                let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
-                hash::pbkdf2(
-                    self.hash,
-                    passphrase,
-                    &slot.salt,
-                    slot.iterations,
-                    &mut slot_key,
-                )?;
-                let material_len =
-                    u64::from(self.key_bytes).saturating_mul(u64::from(slot.stripes));
-                let material_at = u64::from(slot.key_offset_sector).saturating_mul(SECTOR_SIZE);
-                if material_at.saturating_add(material_len) > ext.length {
-                    // QEMU: "Request for data outside of extension header".
-                    return Err(Error::malformed(
-                        format!(
-                            "LUKS key material at {material_at:#x} ({material_len} bytes) lies outside the encryption header area of {} bytes",
-                            ext.length
-                        ),
-                        ext.offset,
-                    ));
-                }
-                let mut split = Zeroizing::new(read_metadata(
-                    io,
-                    ext.offset.saturating_add(material_at),
-                    material_len,
-                    "LUKS key material",
-                )?);
-                self.cipher_with(&slot_key)?.decrypt(0, &mut split);
-                let master = hash::af_merge(self.hash, key_len, slot.stripes as usize, &split)?;
-                let mut digest = Zeroizing::new([0u8; DIGEST_LEN]);
-                hash::pbkdf2(
-                    self.hash,
-                    &master,
-                    &self.mk_salt,
-                    self.mk_iterations,
-                    digest.as_mut(),
-                )?;
-                if *digest == self.mk_digest {
-                    return self.cipher_with(&master);
+                if let Some(master) = self.open_slot(io, ext, slot, passphrase)? {
+                    return Ok(master);
                 }
             }
             Err(Error::WrongSecret {
                 slots_tried: self.slots.iter().filter(|s| s.active).count() as u32,
             })
+        }
+
+        /// The master key if `passphrase` opens `slot` (QEMU's `qcrypto_block_luks_load_key`:
+        /// an inactive slot opens with nothing).
+        pub(crate) fn open_slot<I: ReadAt>(
+            &self,
+            io: &I,
+            ext: &EncryptionExtension,
+            slot: &KeySlot,
+            passphrase: &[u8],
+        ) -> Result<Option<Zeroizing<Vec<u8>>>> {
+            if !slot.active {
+                return Ok(None);
+            }
+            let key_len = self.key_bytes as usize;
+            let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
+            hash::pbkdf2(
+                self.hash,
+                passphrase,
+                &slot.salt,
+                slot.iterations,
+                &mut slot_key,
+            )?;
+            let (material_at, material_len) = self.material_range(ext, slot)?;
+            let mut split = Zeroizing::new(read_metadata(
+                io,
+                material_at,
+                material_len,
+                "LUKS key material",
+            )?);
+            self.cipher_with(&slot_key)?.decrypt(0, &mut split);
+            let master = hash::af_merge(self.hash, key_len, slot.stripes as usize, &split)?;
+            let mut digest = Zeroizing::new([0u8; DIGEST_LEN]);
+            hash::pbkdf2(
+                self.hash,
+                &master,
+                &self.mk_salt,
+                self.mk_iterations,
+                digest.as_mut(),
+            )?;
+            Ok((*digest == self.mk_digest).then_some(master))
+        }
+
+        /// The file offset and length of `slot`'s key material, checked to lie inside the
+        /// encryption header area `ext`.
+        pub(crate) fn material_range(
+            &self,
+            ext: &EncryptionExtension,
+            slot: &KeySlot,
+        ) -> Result<(u64, u64)> {
+            let material_len = u64::from(self.key_bytes).saturating_mul(u64::from(slot.stripes));
+            let material_at = u64::from(slot.key_offset_sector).saturating_mul(SECTOR_SIZE);
+            if material_at.saturating_add(material_len) > ext.length {
+                // QEMU: "Request for data outside of extension header".
+                return Err(Error::malformed(
+                    format!(
+                        "LUKS key material at {material_at:#x} ({material_len} bytes) lies outside the encryption header area of {} bytes",
+                        ext.length
+                    ),
+                    ext.offset,
+                ));
+            }
+            Ok((ext.offset.saturating_add(material_at), material_len))
         }
 
         /// The cipher of this header keyed with `key` (a slot key or the master key).

@@ -10,13 +10,14 @@
 // Without the `encryption` feature the secret and the IV rules are kept but unused.
 #![cfg_attr(not(feature = "encryption"), allow(dead_code))]
 
+pub(crate) mod amend;
 #[cfg(feature = "encryption")]
 mod cipher;
 pub(crate) mod create;
 #[cfg(feature = "encryption")]
 mod hash;
 mod legacy;
-mod luks;
+pub(crate) mod luks;
 mod names;
 
 use std::fmt;
@@ -337,6 +338,10 @@ pub(crate) struct Encryption {
     /// The payload cipher, once unlocked.
     #[cfg(feature = "encryption")]
     key: Option<cipher::SectorCipher>,
+    /// The secret that unlocked a LUKS image: amending its key slots finds the master key
+    /// with it again, as QEMU does.
+    #[cfg(feature = "encryption")]
+    pub(crate) secret: Option<Secret>,
     /// Whether a secret was given, which this build cannot use.
     #[cfg(not(feature = "encryption"))]
     secret_given: bool,
@@ -366,6 +371,8 @@ impl Encryption {
                     physical: false,
                     #[cfg(feature = "encryption")]
                     key,
+                    #[cfg(feature = "encryption")]
+                    secret: None,
                     #[cfg(not(feature = "encryption"))]
                     secret_given: secret.is_some(),
                 }))
@@ -397,6 +404,8 @@ impl Encryption {
                     info: parsed.info(),
                     method: 2,
                     physical: true,
+                    #[cfg(feature = "encryption")]
+                    secret: key.as_ref().and(secret.cloned()),
                     #[cfg(feature = "encryption")]
                     key,
                     #[cfg(not(feature = "encryption"))]

@@ -1,6 +1,7 @@
 //! Changing an existing image's options in place, as `qemu-img amend -o ...` does (QEMU's
 //! `qcow2_amend_options`): the version (`compat`), lazy refcounts, the virtual size, the
-//! external data file's name and raw flag; the backing file only as it already is.
+//! external data file's name and raw flag; the backing file only as it already is; LUKS key
+//! slots added or erased (`encrypt.*`, done first, in `crypt/amend.rs`).
 //!
 //! Every request is checked before anything changes (QEMU checks some only after earlier
 //! steps were made: a refused request may leave it part-way). Then, crash-safe:
@@ -16,6 +17,12 @@ use std::path::Path;
 
 use crate::base::bytes::{be_u32, be_u64};
 use crate::base::io::{be_u64_words, read_metadata, Storage};
+#[cfg(feature = "encryption")]
+use crate::crypt::amend::amend_key_slots;
+use crate::crypt::amend::KeySlotRequest;
+#[cfg(feature = "encryption")]
+use crate::crypt::KdfBudget;
+use crate::crypt::Secret;
 use crate::error::{Error, Result};
 use crate::format::extension::EXT_BITMAPS;
 use crate::format::feature::{
@@ -62,9 +69,56 @@ pub struct AmendOptions {
     data_file_raw: Option<bool>,
     lazy_refcounts: Option<bool>,
     refcount_bits: Option<u64>,
-    /// A LUKS key slot option was given.
-    luks_key_slots: bool,
+    /// The LUKS key slot options (`encrypt.*`).
+    key_slots: KeySlotOptions,
 }
+
+/// A secret named by an `encrypt.*-secret` option: given, or the id of one given to
+/// [`AmendOptions::secret_object`].
+#[derive(Debug, Clone)]
+enum SecretRef {
+    Given(Secret),
+    Id(String),
+}
+
+impl PartialEq for SecretRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (SecretRef::Id(a), SecretRef::Id(b)) => a == b,
+            (SecretRef::Given(a), SecretRef::Given(b)) => std::ptr::eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for SecretRef {}
+
+/// QEMU's LUKS amend options, as given (checked by [`amend_image`]).
+#[derive(Debug, Clone, Default)]
+struct KeySlotOptions {
+    given: bool,
+    state: Option<bool>,
+    keyslot: Option<i64>,
+    old_secret: Option<SecretRef>,
+    new_secret: Option<SecretRef>,
+    iter_time_ms: Option<u64>,
+    /// The secrets the `*-secret` options may name by id.
+    objects: Vec<(String, Secret)>,
+}
+
+/// Equal when the same is asked (the secret objects offered aside).
+impl PartialEq for KeySlotOptions {
+    fn eq(&self, other: &Self) -> bool {
+        self.given == other.given
+            && self.state == other.state
+            && self.keyslot == other.keyslot
+            && self.old_secret == other.old_secret
+            && self.new_secret == other.new_secret
+            && self.iter_time_ms == other.iter_time_ms
+    }
+}
+
+impl Eq for KeySlotOptions {}
 
 impl AmendOptions {
     /// Nothing to change yet.
@@ -126,6 +180,62 @@ impl AmendOptions {
         self
     }
 
+    /// The LUKS key slot to change (`encrypt.keyslot`, 0 to 7): without it, adding takes
+    /// the first inactive slot and erasing takes every slot the old secret opens.
+    pub fn encrypt_keyslot(mut self, slot: i64) -> Self {
+        self.key_slots.given = true;
+        self.key_slots.keyslot = Some(slot);
+        self
+    }
+
+    /// Add a LUKS key slot opened by `secret` (`encrypt.state=active`,
+    /// `encrypt.new-secret`): the master key is found with the secret the image was opened
+    /// with.
+    pub fn encrypt_add_secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.key_slots.given = true;
+        self.key_slots.state = Some(true);
+        self.key_slots.new_secret = Some(SecretRef::Given(secret.into()));
+        self
+    }
+
+    /// Erase the LUKS key slots (or the one [`AmendOptions::encrypt_keyslot`] names) that
+    /// `secret` opens (`encrypt.state=inactive`, `encrypt.old-secret`).
+    pub fn encrypt_erase_secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.key_slots.given = true;
+        self.key_slots.state = Some(false);
+        self.key_slots.old_secret = Some(SecretRef::Given(secret.into()));
+        self
+    }
+
+    /// Erase the LUKS key slot [`AmendOptions::encrypt_keyslot`] names, whatever secret
+    /// opens it (`encrypt.state=inactive`).
+    pub fn encrypt_erase(mut self) -> Self {
+        self.key_slots.given = true;
+        self.key_slots.state = Some(false);
+        self
+    }
+
+    /// The time PBKDF2 should take to open a new key slot (`encrypt.iter-time`; QEMU's
+    /// default is 2 s), which sets its iteration count on this machine.
+    pub fn encrypt_iter_time(mut self, time: std::time::Duration) -> Self {
+        self.key_slots.given = true;
+        self.key_slots.iter_time_ms = Some(u64::try_from(time.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// A secret that `encrypt.old-secret=ID` and `encrypt.new-secret=ID` given to
+    /// [`AmendOptions::set`] may name, as `qemu-img` takes `--object secret,id=ID,data=...`.
+    ///
+    /// ```
+    /// let mut options = qcow2::AmendOptions::new().secret_object("sec1", "new passphrase");
+    /// options.set_all("encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10")?;
+    /// # Ok::<(), qcow2::Error>(())
+    /// ```
+    pub fn secret_object(mut self, id: &str, secret: impl Into<Secret>) -> Self {
+        self.key_slots.objects.push((id.to_owned(), secret.into()));
+        self
+    }
+
     /// Whether no option is set.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -155,7 +265,7 @@ impl AmendOptions {
             "data_file_raw" => self.data_file_raw = Some(parse_bool(key, value)?),
             "lazy_refcounts" => self.lazy_refcounts = Some(parse_bool(key, value)?),
             "refcount_bits" => self.refcount_bits = Some(parse_number(key, value)?),
-            _ if LUKS_AMEND.contains(&key) => self.luks_key_slots = true,
+            _ if LUKS_AMEND.contains(&key) => self.key_slots.set(key, value)?,
             _ if CREATE_ONLY.contains(&key) || key.starts_with("encrypt.") => {
                 return Err(invalid(
                     key,
@@ -179,8 +289,7 @@ impl AmendOptions {
     }
 }
 
-/// The LUKS key slot options QEMU amends (not done here: [`amend`] refuses them after
-/// QEMU's own checks).
+/// The LUKS key slot options QEMU amends.
 const LUKS_AMEND: [&str; 5] = [
     "encrypt.state",
     "encrypt.keyslot",
@@ -188,6 +297,89 @@ const LUKS_AMEND: [&str; 5] = [
     "encrypt.new-secret",
     "encrypt.iter-time",
 ];
+
+impl KeySlotOptions {
+    /// One `encrypt.*` key slot option, with QEMU's messages for values it cannot parse.
+    fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        self.given = true;
+        let number = || {
+            value
+                .parse::<i64>()
+                .map_err(|_| invalid(key, format!("Parameter '{key}' expects a number")))
+        };
+        match key {
+            "encrypt.state" => {
+                self.state = Some(match value {
+                    "active" => true,
+                    "inactive" => false,
+                    _ => {
+                        return Err(invalid(
+                            key,
+                            format!("Parameter 'state' does not accept value '{value}'"),
+                        ))
+                    }
+                })
+            }
+            "encrypt.keyslot" => self.keyslot = Some(number()?),
+            "encrypt.old-secret" => self.old_secret = Some(SecretRef::Id(value.to_owned())),
+            "encrypt.new-secret" => self.new_secret = Some(SecretRef::Id(value.to_owned())),
+            _ => {
+                let ms = u64::try_from(number()?)
+                    .map_err(|_| invalid(key, format!("Parameter '{key}' expects a number")))?;
+                self.iter_time_ms = Some(ms);
+            }
+        }
+        Ok(())
+    }
+
+    /// The secret `reference` names, or QEMU's message for an unknown id.
+    fn resolve(&self, reference: &Option<SecretRef>) -> Result<Option<Secret>> {
+        match reference {
+            None => Ok(None),
+            Some(SecretRef::Given(secret)) => Ok(Some(secret.clone())),
+            Some(SecretRef::Id(id)) => self
+                .objects
+                .iter()
+                .rev()
+                .find(|(name, _)| name == id)
+                .map(|(_, secret)| Some(secret.clone()))
+                .ok_or_else(|| invalid("encrypt", format!("No secret with id '{id}'"))),
+        }
+    }
+
+    /// The checked request: QEMU's refusals for images without LUKS, then for a missing
+    /// state, then the secrets looked up.
+    fn request(&self, h: &Header) -> Result<Option<KeySlotRequest>> {
+        if !self.given {
+            return Ok(None);
+        }
+        match h.crypt_method() {
+            0 => {
+                return Err(invalid(
+                    "encrypt",
+                    "Can't amend encryption options - encryption not present",
+                ))
+            }
+            CRYPT_LUKS => {}
+            _ => {
+                return Err(invalid(
+                    "encrypt",
+                    "Only LUKS encryption options can be amended",
+                ))
+            }
+        }
+        let Some(active) = self.state else {
+            return Err(invalid("encrypt.state", "Parameter 'state' is missing"));
+        };
+        Ok(Some(KeySlotRequest {
+            active,
+            keyslot: self.keyslot,
+            old_secret: self.resolve(&self.old_secret)?,
+            new_secret: self.resolve(&self.new_secret)?,
+            iter_time_ms: self.iter_time_ms,
+        }))
+    }
+}
 
 /// The options `qemu-img create` takes for qcow2 that amend refuses as creation-only
 /// (and every other `encrypt.*`).
@@ -226,6 +418,9 @@ pub fn amend_image<S: Storage>(image: Qcow2<S>, options: &AmendOptions) -> Resul
         return Err(Error::ReadOnly);
     }
     let plan = Plan::new(&image, options)?;
+    if let Some(request) = &plan.key_slots {
+        change_key_slots(&image, request)?;
+    }
     let zeros = match plan.downgrade {
         true => zero_clusters(&image, plan.size)?,
         false => Vec::new(),
@@ -240,6 +435,26 @@ pub fn amend_image<S: Storage>(image: Qcow2<S>, options: &AmendOptions) -> Resul
     Ok(image)
 }
 
+/// The LUKS key slots added or erased (QEMU amends them before the other options).
+#[cfg(feature = "encryption")]
+fn change_key_slots<S: Storage>(image: &Qcow2<S>, request: &KeySlotRequest) -> Result<()> {
+    let ext = image
+        .header
+        .encryption()
+        .ok_or(Error::Internal("a LUKS image without its header extension"))?;
+    let unlock = image.crypt.as_ref().and_then(|c| c.secret.as_ref());
+    let kdf = KdfBudget::new(image.limits.max_kdf_blocks);
+    amend_key_slots(&image.io, ext, unlock, request, &kdf)
+}
+
+/// Without the `encryption` feature, no key slot is changed.
+#[cfg(not(feature = "encryption"))]
+fn change_key_slots<S: Storage>(_: &Qcow2<S>, _: &KeySlotRequest) -> Result<()> {
+    Err(Error::FeatureDisabled {
+        feature: "encryption",
+    })
+}
+
 /// What an amend does, checked.
 #[derive(Debug)]
 struct Plan {
@@ -251,15 +466,15 @@ struct Plan {
     data_file_raw: bool,
     /// A new refcount width (its order), when it changes.
     refcount_order: Option<u32>,
+    /// The LUKS key slot change, done first.
+    key_slots: Option<KeySlotRequest>,
 }
 
 impl Plan {
     /// The checks of QEMU's `qcow2_amend_options`, `qcow2_upgrade` and `qcow2_downgrade`.
     fn new<S: Storage>(image: &Qcow2<S>, o: &AmendOptions) -> Result<Plan> {
         let h = &image.header;
-        if o.luks_key_slots {
-            refuse_key_slot_changes(h)?;
-        }
+        let key_slots = o.key_slots.request(h)?;
         let old_version = h.version();
         let version = match o.compat.as_deref() {
             None => old_version,
@@ -335,30 +550,13 @@ impl Plan {
                 .map(|name| Some(name.clone()).filter(|n| !n.is_empty())),
             data_file_raw: o.data_file_raw.unwrap_or(h.is_data_file_raw()),
             refcount_order: (refcount_order != h.refcount_order()).then_some(refcount_order),
+            key_slots,
         })
     }
 
     /// Whether the guest or the refcounts change (else only the header does).
     fn needs_writer(&self, h: &Header, zeros: &[u64]) -> bool {
         self.size != h.size() || !zeros.is_empty() || h.is_dirty()
-    }
-}
-
-/// QEMU's refusals of LUKS key slot options, then this crate's: it does not change key
-/// slots.
-fn refuse_key_slot_changes(h: &Header) -> Result<()> {
-    match h.crypt_method() {
-        0 => Err(invalid(
-            "encrypt",
-            "Can't amend encryption options - encryption not present",
-        )),
-        CRYPT_LUKS => Err(Error::UnsupportedWrite {
-            what: "changing LUKS key slots (encrypt.* options)".to_owned(),
-        }),
-        _ => Err(invalid(
-            "encrypt",
-            "Only LUKS encryption options can be amended",
-        )),
     }
 }
 

@@ -10,6 +10,8 @@ mod info_cases;
 
 #[cfg(feature = "cli")]
 mod amend;
+#[cfg(all(feature = "cli", feature = "encryption"))]
+mod amend_luks;
 mod api;
 mod api_style;
 mod bitmap;
