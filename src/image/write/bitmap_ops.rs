@@ -409,10 +409,8 @@ fn safe_to_free<I: Storage>(
         add(block, 1);
     }
     let header = &image.header;
-    add(
-        header.snapshots_offset(),
-        super::recount::snapshot_table_len(image)?,
-    );
+    let (table_at, table_len) = crate::image::rewrite::snapshot_table_extent(image)?;
+    add(table_at, table_len);
     for snap in &image.snapshots {
         add(
             snap.l1_table_offset,

@@ -234,10 +234,8 @@ fn protect_metadata<I: Storage>(image: &Qcow2<I>, refs: &mut Refcounts) -> Resul
             refs.protect(l2, cluster);
         }
     }
-    refs.protect(
-        header.snapshots_offset(),
-        recount::snapshot_table_len(image)?,
-    );
+    let (table_at, table_len) = crate::image::rewrite::snapshot_table_extent(image)?;
+    refs.protect(table_at, table_len);
     for snap in &image.snapshots {
         refs.protect(
             snap.l1_table_offset,

@@ -13,10 +13,10 @@ use std::collections::HashMap;
 use crate::base::io::{be_u64_words, read_metadata, Storage};
 use crate::base::limits::Limits;
 use crate::error::{Error, Result};
-use crate::format::header::{SNAPSHOT_HEADER_LEN, TABLE_ENTRY_LEN};
-use crate::format::snapshot;
+use crate::format::header::TABLE_ENTRY_LEN;
 use crate::format::table::{self, ClusterType};
 use crate::image::qcow2::Qcow2;
+use crate::image::rewrite::snapshot_table_extent;
 use crate::image::write::refcounts::Refcounts;
 
 /// References per host cluster: a dense count for clusters inside the file, a sparse one
@@ -94,7 +94,8 @@ pub(crate) fn rebuild<I: Storage>(
     for snap in &image.snapshots {
         count_mapping(image, &mut counts, snap.l1_table_offset, snap.l1_size)?;
     }
-    counts.add(header.snapshots_offset(), snapshot_table_len(image)?)?;
+    let (table_at, table_len) = snapshot_table_extent(image)?;
+    counts.add(table_at, table_len)?;
     let (table_offset, table_clusters) = refs.table_location();
     counts.add(table_offset, table_clusters << bits)?;
     for block in refs.blocks()? {
@@ -142,25 +143,6 @@ fn count_mapping<I: Storage>(
         }
     }
     Ok(())
-}
-
-/// The bytes of the snapshot table (its entries, padded to 8 bytes).
-pub(crate) fn snapshot_table_len<I: Storage>(image: &Qcow2<I>) -> Result<u64> {
-    let mut offset = image.header.snapshots_offset();
-    let start = offset;
-    for _ in 0..image.header.nb_snapshots() {
-        let fixed = read_metadata(
-            &image.io,
-            offset,
-            SNAPSHOT_HEADER_LEN,
-            "snapshot table entry",
-        )?;
-        let (_, padded) = snapshot::entry_len(&fixed, offset, &image.limits)?;
-        offset = offset
-            .checked_add(padded)
-            .ok_or_else(|| Error::malformed("snapshot table offset overflows", offset))?;
-    }
-    Ok(offset.saturating_sub(start))
 }
 
 /// The bitmap directory, each bitmap's table, and the data clusters the tables name.
